@@ -1,0 +1,9 @@
+//! Host-side bindings for the `offsite:backup` world, generated once here and
+//! used by every capability module.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "script",
+});
+
+pub use offsite::backup::{archive, clock, log, meta, params, types};

@@ -1,0 +1,327 @@
+//! `archive.tar-gz`: a streamed, parallel-gzipped tar of read-root sources.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
+use cap_std::fs::{Dir, MetadataExt, OpenOptions};
+use tar::{EntryType, Header};
+
+use super::{Caps, io_error};
+use crate::bindings::archive::Host;
+use crate::bindings::types::{Error, FileInfo};
+use crate::compress::ParallelGz;
+use crate::policy::{Call, Grant};
+
+/// gzip's default level, the one `tar czf` uses.
+const GZIP_LEVEL: u32 = 6;
+
+impl Host for Caps {
+    fn tar_gz(&mut self, sources: Vec<String>, dest: String) -> Result<FileInfo, Error> {
+        let mut reads = Vec::with_capacity(sources.len());
+        for source in &sources {
+            match self.decide(Call::ArchiveRead { source })? {
+                Grant::Read { root, rel, member } => reads.push((root, rel, member)),
+                other => unreachable!("archive read granted as {other:?}"),
+            }
+        }
+        let rel_dest = match self.decide(Call::StoreWrite { dest: &dest })? {
+            Grant::Write { rel } => rel,
+            other => unreachable!("store write granted as {other:?}"),
+        };
+        if reads.is_empty() {
+            return Err(Error::InvalidArgument("tar-gz needs at least one source".into()));
+        }
+        let deadline = Deadline::after(self.call_timeout);
+        let started = Instant::now();
+
+        if self.dry_run {
+            let mut entries = 0u64;
+            for (root, rel, member) in &reads {
+                let dir = self.read_dir(*root)?.try_clone().map_err(|e| io_error("read root", e))?;
+                entries += walk(&dir, rel, member, &deadline, &mut Sink::<io::Sink>::CheckOnly)?;
+            }
+            ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
+            return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
+        }
+
+        let store = self.store()?.clone();
+        let pending = store.create(&rel_dest).map_err(|e| io_error(&dest, e))?;
+        let mut builder = tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0));
+        let mut entries = 0u64;
+        for (root, rel, member) in &reads {
+            let dir = self.read_dir(*root)?.try_clone().map_err(|e| io_error("read root", e))?;
+            entries += walk(&dir, rel, member, &deadline, &mut Sink::Tar(&mut builder))?;
+        }
+        let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
+        let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
+        let stored = pending.commit().map_err(|e| io_error(&dest, e))?;
+        ::log::info!(
+            target: "offsite::archive",
+            "stored {} ({} entries, {} bytes, sha256 {}) in {:.1?}",
+            stored.path,
+            entries,
+            stored.bytes,
+            stored.sha256,
+            started.elapsed()
+        );
+        self.outputs.push(stored.clone());
+        Ok(FileInfo { path: stored.path, bytes: stored.bytes, sha256: stored.sha256 })
+    }
+}
+
+/// The per-call timeout, checked between entries and on every read.
+struct Deadline(Instant);
+
+impl Deadline {
+    fn after(d: std::time::Duration) -> Deadline {
+        Deadline(Instant::now() + d)
+    }
+    fn check(&self, what: &Path) -> Result<(), Error> {
+        if Instant::now() > self.0 {
+            return Err(Error::Timeout(format!("tar-gz ran past its call timeout at {}", what.display())));
+        }
+        Ok(())
+    }
+}
+
+enum Sink<'a, W: io::Write> {
+    Tar(&'a mut tar::Builder<W>),
+    /// Dry run: open everything that would be read, write nothing.
+    CheckOnly,
+}
+
+/// Archives `rel` (beneath `dir`) and, for a directory, everything below it,
+/// without following any symbolic link. Returns the number of entries.
+fn walk<W: io::Write>(
+    dir: &Dir,
+    rel: &Path,
+    member: &Path,
+    deadline: &Deadline,
+    sink: &mut Sink<'_, W>,
+) -> Result<u64, Error> {
+    let mut stack: Vec<(PathBuf, PathBuf)> = vec![(rel.to_path_buf(), member.to_path_buf())];
+    let mut entries = 0u64;
+    while let Some((rel, member)) = stack.pop() {
+        deadline.check(&member)?;
+        let shown = member.display().to_string();
+        let meta = dir.symlink_metadata(&rel).map_err(|e| io_error(&shown, e))?;
+        let file_type = meta.file_type();
+        let mut header = Header::new_gnu();
+        header.set_mode(meta.mode() & 0o7777);
+        header.set_uid(meta.uid().into());
+        header.set_gid(meta.gid().into());
+        header.set_mtime(meta.mtime().max(0) as u64);
+        header.set_size(0);
+        entries += 1;
+        if file_type.is_dir() {
+            header.set_entry_type(EntryType::Directory);
+            let mut names: Vec<_> = dir
+                .read_dir(&rel)
+                .map_err(|e| io_error(&shown, e))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| io_error(&shown, e))?;
+            names.sort();
+            for name in names.into_iter().rev() {
+                stack.push((rel.join(&name), member.join(&name)));
+            }
+            if let Sink::Tar(b) = sink {
+                b.append_data(&mut header, &member, io::empty()).map_err(|e| io_error(&shown, e))?;
+            }
+        } else if file_type.is_symlink() {
+            let target = dir.read_link_contents(&rel).map_err(|e| io_error(&shown, e))?;
+            header.set_entry_type(EntryType::Symlink);
+            if let Sink::Tar(b) = sink {
+                b.append_link(&mut header, &member, &target).map_err(|e| io_error(&shown, e))?;
+            }
+        } else if file_type.is_file() {
+            let mut options = OpenOptions::new();
+            options.read(true).follow(FollowSymlinks::No);
+            let file = dir.open_with(&rel, &options).map_err(|e| io_error(&shown, e))?;
+            if let Sink::Tar(b) = sink {
+                // Size from the open file, so header and data agree.
+                let size = file.metadata().map_err(|e| io_error(&shown, e))?.len();
+                header.set_entry_type(EntryType::Regular);
+                header.set_size(size);
+                let mut reader = ExactReader { inner: file, remaining: size, member: &member, deadline };
+                b.append_data(&mut header, &member, &mut reader).map_err(|e| map_read_error(&shown, e))?;
+                if reader.inner.metadata().map(|m| m.len()).unwrap_or(size) > size {
+                    ::log::warn!(target: "offsite::archive", "{shown}: file grew while being archived; stored its first {size} bytes");
+                }
+            }
+        } else {
+            use cap_std::fs::FileTypeExt;
+            let kind = if file_type.is_fifo() {
+                EntryType::Fifo
+            } else if file_type.is_char_device() {
+                EntryType::Char
+            } else if file_type.is_block_device() {
+                EntryType::Block
+            } else {
+                ::log::info!(target: "offsite::archive", "{shown}: socket ignored");
+                entries -= 1;
+                continue;
+            };
+            header.set_entry_type(kind);
+            if kind != EntryType::Fifo {
+                let rdev = meta.rdev();
+                let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+                header.set_device_major(major).map_err(|e| io_error(&shown, e))?;
+                header.set_device_minor(minor).map_err(|e| io_error(&shown, e))?;
+            }
+            if let Sink::Tar(b) = sink {
+                b.append_data(&mut header, &member, io::empty()).map_err(|e| io_error(&shown, e))?;
+            }
+        }
+    }
+    Ok(entries)
+}
+
+fn map_read_error(what: &str, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::TimedOut {
+        return Error::Timeout(format!("{what}: {e}"));
+    }
+    io_error(what, e)
+}
+
+/// Yields exactly `remaining` bytes of `inner`, failing if the file ends
+/// early (it shrank while being read) or the call's deadline passes. A short
+/// file would otherwise produce a tar whose header lies about its data.
+struct ExactReader<'a> {
+    inner: cap_std::fs::File,
+    remaining: u64,
+    member: &'a Path,
+    deadline: &'a Deadline,
+}
+
+impl Read for ExactReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        if Instant::now() > self.deadline.0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "tar-gz ran past its call timeout"));
+        }
+        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} shrank by {} bytes while being archived", self.member.display(), self.remaining),
+            ));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::caps::Clock;
+    use crate::policy::Policy;
+    use crate::site::Site;
+    use crate::store::Store;
+
+    fn caps_in(dir: &Path) -> Caps {
+        let site = Site::current_dir(dir).unwrap();
+        let mut caps = Caps::new("t", "s", Policy::for_site(&site, BTreeMap::new()), Clock::System);
+        caps.store = Some(Arc::new(Store::open(&site.store).unwrap()));
+        caps
+    }
+
+    fn list(archive: &Path) -> Vec<(String, EntryType, Vec<u8>)> {
+        let file = std::fs::File::open(archive).unwrap();
+        let mut ar = tar::Archive::new(flate2::read::MultiGzDecoder::new(file));
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                let kind = e.header().entry_type();
+                let mut data = Vec::new();
+                if kind == EntryType::Symlink {
+                    data = e.link_name_bytes().unwrap().into_owned();
+                } else {
+                    e.read_to_end(&mut data).unwrap();
+                }
+                (name, kind, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn archives_files_dirs_and_symlinks_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("beoserver");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("book1.dat"), b"chapter one").unwrap();
+        std::fs::write(src.join("sub/deep.txt"), vec![7u8; 3 << 20]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", src.join("passwd-link")).unwrap();
+        let mut caps = caps_in(dir.path());
+        let info = caps.tar_gz(vec!["beoserver".into()], "out.tgz".into()).unwrap();
+        assert_eq!(info.path, "out.tgz");
+        let on_disk = std::fs::read(dir.path().join("out.tgz")).unwrap();
+        assert_eq!(info.bytes, on_disk.len() as u64);
+        assert_eq!(caps.outputs.len(), 1);
+        let entries = list(&dir.path().join("out.tgz"));
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["beoserver", "beoserver/book1.dat", "beoserver/passwd-link", "beoserver/sub", "beoserver/sub/deep.txt"]
+        );
+        assert_eq!(entries[1].2, b"chapter one");
+        assert_eq!(entries[2].1, EntryType::Symlink);
+        assert_eq!(entries[2].2, b"/etc/passwd", "the link is stored, not followed");
+        assert_eq!(entries[4].2.len(), 3 << 20);
+    }
+
+    #[test]
+    fn denied_sources_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut caps = caps_in(dir.path());
+        let err = caps.tar_gz(vec!["/etc".into()], "x.tgz".into()).unwrap_err();
+        assert!(matches!(err, Error::Denied(_)), "{err:?}");
+        let err = caps.tar_gz(vec!["../x".into()], "x.tgz".into()).unwrap_err();
+        assert!(matches!(err, Error::Denied(_)), "{err:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(caps.denials, 2);
+    }
+
+    #[test]
+    fn a_missing_source_fails_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        let mut caps = caps_in(dir.path());
+        let err = caps.tar_gz(vec!["a".into(), "nope".into()], "x.tgz".into()).unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn an_expired_deadline_is_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let mut caps = caps_in(dir.path());
+        caps.call_timeout = std::time::Duration::ZERO;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let err = caps.tar_gz(vec!["f".into()], "x.tgz".into()).unwrap_err();
+        assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+    }
+
+    #[test]
+    fn dry_run_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let mut caps = caps_in(dir.path());
+        caps.dry_run = true;
+        caps.tar_gz(vec!["f".into()], "x.tgz".into()).unwrap();
+        assert!(!dir.path().join("x.tgz").exists());
+    }
+}

@@ -1,0 +1,208 @@
+//! Parallel gzip: the input is cut into fixed-size blocks, each block is
+//! compressed on a worker thread as a complete gzip member, and the members
+//! are written out in order. Concatenated members are one valid gzip stream
+//! (RFC 1952 §2.2), which `gzip -d` and GNU tar read as a whole.
+//!
+//! Memory is bounded by the block size times the number of blocks in flight,
+//! whatever the size of the input.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+
+/// Size of one independently compressed block.
+pub const BLOCK_SIZE: usize = 1 << 20;
+
+type Job = (u64, Vec<u8>);
+type Done = (u64, io::Result<Vec<u8>>);
+
+/// A `Write` that gzips onto `out` using `workers` threads.
+pub struct ParallelGz<W: Write> {
+    out: Option<W>,
+    block: Vec<u8>,
+    level: Compression,
+    jobs: Option<SyncSender<Job>>,
+    done: Receiver<Done>,
+    workers: Vec<JoinHandle<()>>,
+    next_submit: u64,
+    next_write: u64,
+    finished: BTreeMap<u64, Vec<u8>>,
+    max_in_flight: u64,
+}
+
+impl<W: Write> ParallelGz<W> {
+    /// `workers` of 0 means one per available core. `level` is gzip's 1..=9.
+    pub fn new(out: W, level: u32, workers: usize) -> Self {
+        let workers = if workers == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { workers };
+        let (job_tx, job_rx) = sync_channel::<Job>(workers);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = channel::<Done>();
+        let level = Compression::new(level.clamp(1, 9));
+        let handles = (0..workers)
+            .map(|i| {
+                let rx = Arc::clone(&job_rx);
+                let tx: Sender<Done> = done_tx.clone();
+                std::thread::Builder::new()
+                    .name(format!("gzip-{i}"))
+                    .spawn(move || worker(rx, tx, level))
+                    .expect("spawn gzip worker")
+            })
+            .collect();
+        ParallelGz {
+            out: Some(out),
+            block: Vec::with_capacity(BLOCK_SIZE),
+            level,
+            jobs: Some(job_tx),
+            done: done_rx,
+            workers: handles,
+            next_submit: 0,
+            next_write: 0,
+            finished: BTreeMap::new(),
+            max_in_flight: 2 * workers as u64,
+        }
+    }
+
+    fn submit_block(&mut self) -> io::Result<()> {
+        let data = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK_SIZE));
+        while self.next_submit - self.next_write >= self.max_in_flight {
+            self.wait_one()?;
+        }
+        let jobs = self.jobs.as_ref().expect("not finished");
+        jobs.send((self.next_submit, data)).map_err(|_| io::Error::other("gzip worker stopped"))?;
+        self.next_submit += 1;
+        self.drain_ready()
+    }
+
+    /// Blocks until at least one more member has been written out.
+    fn wait_one(&mut self) -> io::Result<()> {
+        let before = self.next_write;
+        while self.next_write == before {
+            let (seq, result) = self.done.recv().map_err(|_| io::Error::other("gzip worker stopped"))?;
+            self.finished.insert(seq, result?);
+            self.write_in_order()?;
+        }
+        Ok(())
+    }
+
+    fn drain_ready(&mut self) -> io::Result<()> {
+        while let Ok((seq, result)) = self.done.try_recv() {
+            self.finished.insert(seq, result?);
+        }
+        self.write_in_order()
+    }
+
+    fn write_in_order(&mut self) -> io::Result<()> {
+        while let Some(member) = self.finished.remove(&self.next_write) {
+            self.out.as_mut().expect("not finished").write_all(&member)?;
+            self.next_write += 1;
+        }
+        Ok(())
+    }
+
+    /// Compresses what is left, writes every member and returns the output.
+    /// An empty input still produces one (empty) gzip member.
+    pub fn finish(mut self) -> io::Result<W> {
+        if !self.block.is_empty() || self.next_submit == 0 {
+            self.submit_block()?;
+        }
+        while self.next_write < self.next_submit {
+            self.wait_one()?;
+        }
+        self.shutdown();
+        let mut out = self.out.take().expect("finish called once");
+        out.flush()?;
+        Ok(out)
+    }
+
+    fn shutdown(&mut self) {
+        self.jobs = None;
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    /// The compression level in use.
+    pub fn level(&self) -> u32 {
+        self.level.level()
+    }
+}
+
+impl<W: Write> Write for ParallelGz<W> {
+    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
+        let total = buf.len();
+        while !buf.is_empty() {
+            let room = BLOCK_SIZE - self.block.len();
+            let take = room.min(buf.len());
+            self.block.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.block.len() == BLOCK_SIZE {
+                self.submit_block()?;
+            }
+        }
+        Ok(total)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> Drop for ParallelGz<W> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, level: Compression) {
+    loop {
+        let job = jobs.lock().map(|rx| rx.recv());
+        let Ok(Ok((seq, data))) = job else { return };
+        let result = (|| {
+            let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 2 + 64), level);
+            enc.write_all(&data)?;
+            enc.finish()
+        })();
+        if done.send((seq, result)).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn roundtrip(input: &[u8], workers: usize) -> Vec<u8> {
+        let mut gz = ParallelGz::new(Vec::new(), 6, workers);
+        // Uneven write sizes cross block boundaries.
+        for chunk in input.chunks(777_777) {
+            gz.write_all(chunk).unwrap();
+        }
+        let compressed = gz.finish().unwrap();
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&compressed[..]).read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn multi_block_output_decodes_to_the_input_in_order() {
+        let input: Vec<u8> = (0..5 * BLOCK_SIZE + 1234).map(|i| (i / 4099 % 251) as u8).collect();
+        assert_eq!(roundtrip(&input, 2), input);
+        assert_eq!(roundtrip(&input, 1), input);
+        assert_eq!(roundtrip(&input, 3), input);
+    }
+
+    #[test]
+    fn empty_input_is_a_valid_gzip_stream() {
+        assert_eq!(roundtrip(b"", 2), b"");
+        let gz = ParallelGz::new(Vec::new(), 6, 2);
+        let out = gz.finish().unwrap();
+        assert_eq!(&out[..2], &[0x1f, 0x8b]);
+    }
+}

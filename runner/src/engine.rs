@@ -1,0 +1,309 @@
+//! The wasmtime side: one `Engine` and one `Linker` per process, a cache of
+//! compiled components, and a fresh `Store` with limits for every call into a
+//! script.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::{Script as ScriptWorld, ScriptPre, meta::ScriptInfo};
+use crate::caps::Caps;
+use crate::output::ScriptOutput;
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const TICK: Duration = Duration::from_millis(10);
+/// Deadline for `describe`, which must not do any work.
+const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Sandbox limits for one store.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxLimits {
+    pub deadline: Duration,
+    pub memory: u64,
+}
+
+/// The process-wide runtime.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<RunState>,
+    cache: Option<PathBuf>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+/// A loaded, validated script.
+pub struct Script {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub component: Component,
+    pre: ScriptPre<RunState>,
+}
+
+/// Why a call into a script failed.
+#[derive(Debug)]
+pub enum ScriptFailure {
+    /// The script hit a sandbox limit (deadline, memory, stack): exit 3.
+    Limit(String),
+    /// The script trapped or otherwise failed: exit 1.
+    Trap(String),
+}
+
+/// Store data for one call into a script.
+pub struct RunState {
+    pub caps: Caps,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl Runtime {
+    /// Builds the engine, the linker with every capability, and the epoch
+    /// ticker. `cache` is the compiled-component cache directory, if any.
+    pub fn new(cache: Option<PathBuf>) -> Result<Runtime> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        ScriptWorld::add_to_linker::<RunState, HasSelf<Caps>>(&mut linker, |s: &mut RunState| &mut s.caps)?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), Arc::clone(&stop_ticker));
+        std::thread::Builder::new().name("epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            }
+        })?;
+        Ok(Runtime { engine, linker, cache, stop_ticker })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Reads, compiles (or loads from the cache) and type-checks a script.
+    /// Every error names the file and says why it is not a usable script.
+    pub fn load(&self, path: &Path) -> Result<Script> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read script {}", path.display()))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let component = self
+            .compile_cached(&bytes, &sha256)
+            .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            anyhow!(
+                "{} cannot run under offsite: it needs something this runner does not provide: {e:#}",
+                path.display()
+            )
+        })?;
+        let pre = ScriptPre::new(instance_pre)
+            .map_err(|e| anyhow!("{} is not an offsite:backup/script component: {e:#}", path.display()))?;
+        Ok(Script { path: path.to_path_buf(), sha256, component, pre })
+    }
+
+    fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Component> {
+        let Some(dir) = &self.cache else {
+            return Ok(Component::new(&self.engine, bytes)?);
+        };
+        let mut key = Sha256::new();
+        key.update(sha256.as_bytes());
+        self.engine.precompile_compatibility_hash().hash(&mut HashInto(&mut key));
+        let file = dir.join(format!("{}.cwasm", hex::encode(&key.finalize()[..16])));
+        if trusted_cache_file(&file) {
+            // SAFETY: the file is one this runner wrote (owner and mode are
+            // checked above, names are derived from the content hash and the
+            // engine's compatibility hash, writes go through a rename), so
+            // it holds a precompiled component for this exact engine.
+            match unsafe { Component::deserialize_file(&self.engine, &file) } {
+                Ok(c) => return Ok(c),
+                Err(e) => log::debug!(target: "offsite::engine", "ignoring cache entry {}: {e:#}", file.display()),
+            }
+        }
+        let compiled = self.engine.precompile_component(bytes)?;
+        if let Err(e) = write_cache_file(dir, &file, &compiled) {
+            log::info!(target: "offsite::engine", "cannot write compile cache {}: {e:#}", file.display());
+        }
+        // SAFETY: `compiled` was produced by this engine just now.
+        Ok(unsafe { Component::deserialize(&self.engine, &compiled) }?)
+    }
+
+    /// Calls the script's `describe` with every capability denied.
+    pub fn describe(&self, script: &Script, caps: Caps) -> Result<ScriptInfo, ScriptFailure> {
+        let limits = SandboxLimits { deadline: DESCRIBE_DEADLINE, memory: 64 << 20 };
+        let (result, _) = self.call(script, caps, limits, |bindings, store| bindings.call_describe(store));
+        result
+    }
+
+    /// Calls the script's `run`. Returns the script's own verdict (its `err`
+    /// string) inside `Ok`, and the capability state for reporting.
+    pub fn run(
+        &self,
+        script: &Script,
+        caps: Caps,
+        limits: SandboxLimits,
+    ) -> (Result<Result<(), String>, ScriptFailure>, Caps) {
+        self.call(script, caps, limits, |bindings, store| bindings.call_run(store))
+    }
+
+    fn call<R>(
+        &self,
+        script: &Script,
+        caps: Caps,
+        limits: SandboxLimits,
+        f: impl FnOnce(&ScriptWorld, &mut Store<RunState>) -> wasmtime::Result<R>,
+    ) -> (Result<R, ScriptFailure>, Caps) {
+        let output = ScriptOutput::new(&caps.script, caps.secrets.clone());
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(output.stdout()).stderr(output.stderr());
+        wasi.wall_clock(crate::output::WasiClock(caps.clock));
+        let state = RunState {
+            caps,
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter { memory: limits.memory as usize, hit: None },
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = (limits.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let result = script
+            .pre
+            .instantiate(&mut store)
+            .and_then(|bindings| f(&bindings, &mut store))
+            .map_err(|e| classify(e, store.data().limiter.hit.as_deref(), limits));
+        output.flush();
+        (result, store.into_data().caps)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+fn classify(e: wasmtime::Error, limit_hit: Option<&str>, limits: SandboxLimits) -> ScriptFailure {
+    if let Some(hit) = limit_hit {
+        return ScriptFailure::Limit(hit.to_string());
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => ScriptFailure::Limit(format!(
+            "the script ran past its deadline of {}",
+            humantime::format_duration(limits.deadline)
+        )),
+        Some(Trap::StackOverflow) => ScriptFailure::Limit("the script overflowed its stack".into()),
+        _ => ScriptFailure::Trap(format!("{e:#}")),
+    }
+}
+
+/// Caps memory and table growth and instance counts, and remembers which
+/// limit was hit so that the run can report it (exit 3) rather than a bare
+/// trap.
+struct Limiter {
+    memory: usize,
+    hit: Option<String>,
+}
+
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            let msg = format!(
+                "the script tried to grow its memory to {} MiB, over its limit of {} MiB",
+                desired >> 20,
+                self.memory >> 20
+            );
+            self.hit = Some(msg.clone());
+            return Err(wasmtime::Error::msg(msg));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            let msg = format!(
+                "the script tried to grow a table to {desired} elements, over the limit of {MAX_TABLE_ELEMENTS}"
+            );
+            self.hit = Some(msg.clone());
+            return Err(wasmtime::Error::msg(msg));
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+    fn tables(&self) -> usize {
+        64
+    }
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
+/// Only a regular file owned by us and writable by nobody else is loaded.
+fn trusted_cache_file(file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(file) else { return false };
+    let uid = rustix::process::geteuid().as_raw();
+    meta.file_type().is_file() && meta.uid() == uid && meta.mode() & 0o022 == 0
+}
+
+fn write_cache_file(dir: &Path, file: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let tmp = dir.join(format!(".tmp.{}.{}", std::process::id(), file.file_name().unwrap().to_string_lossy()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let result = f.write_all(bytes).and_then(|_| f.sync_all()).and_then(|_| std::fs::rename(&tmp, file));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(result?)
+}
+
+/// Feeds a `Hash` implementation into SHA-256.
+struct HashInto<'a>(&'a mut Sha256);
+
+impl std::hash::Hasher for HashInto<'_> {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+use std::hash::Hash as _;
+
+/// The default cache directory: `$OFFSITE_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/offsite`, else `~/.cache/offsite`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("OFFSITE_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("offsite"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/offsite"))
+}

@@ -1,0 +1,311 @@
+//! Site files: the TOML that grants one site's script what it may touch.
+//!
+//! Parsing is strict. An unknown key or a bad value is an error that names
+//! the file, the line and the key, because a typo in a grant must never
+//! silently widen or narrow what a backup does.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// Limits applied to one run of a site's script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock deadline for the whole run (guest code and host calls).
+    pub deadline: Duration,
+    /// Maximum linear memory of the script, in bytes.
+    pub memory: u64,
+    /// Timeout for any single host call.
+    pub call_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { deadline: Duration::from_secs(6 * 3600), memory: 128 << 20, call_timeout: Duration::from_secs(3600) }
+    }
+}
+
+/// A site, resolved: every path is absolute and every root exists.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Short name used in logs and reports.
+    pub name: String,
+    /// The file it came from; `None` for the implicit current-directory site.
+    pub file: Option<PathBuf>,
+    /// The one directory backups are written into.
+    pub store: PathBuf,
+    /// Directories the script may archive from (canonical paths).
+    pub read_roots: Vec<PathBuf>,
+    /// Directory relative source paths resolve against.
+    pub base_dir: PathBuf,
+    pub params: BTreeMap<String, String>,
+    pub limits: Limits,
+    /// When set, the script's SHA-256 must equal this (lower-case hex).
+    pub script_sha256: Option<String>,
+}
+
+impl Site {
+    /// The implicit site used without `--site`: what a shell script started
+    /// in `cwd` could do. It reads beneath `cwd`, writes into `cwd` and has
+    /// no hosts.
+    pub fn current_dir(cwd: &Path) -> Result<Site> {
+        let cwd =
+            cwd.canonicalize().with_context(|| format!("cannot resolve the current directory {}", cwd.display()))?;
+        Ok(Site {
+            name: cwd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into()),
+            file: None,
+            store: cwd.clone(),
+            read_roots: vec![cwd.clone()],
+            base_dir: cwd,
+            params: BTreeMap::new(),
+            limits: Limits::default(),
+            script_sha256: None,
+        })
+    }
+
+    /// Reads and validates a site file. Relative paths in it resolve against
+    /// the file's own directory; relative archive sources resolve against
+    /// `cwd`.
+    pub fn load(path: &Path, cwd: &Path) -> Result<Site> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read site file {}", path.display()))?;
+        Site::parse(&text, path, cwd)
+    }
+
+    /// Parses site file text; `path` names it in errors and anchors relative
+    /// paths.
+    pub fn parse(text: &str, path: &Path, cwd: &Path) -> Result<Site> {
+        let raw: SiteFile = toml::from_str(text).map_err(|e| anyhow::anyhow!(describe_toml_error(path, text, &e)))?;
+        let file_dir = path
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { cwd.to_path_buf() } else { cwd.join(p) })
+            .unwrap_or_else(|| cwd.to_path_buf());
+        let at = |key: &str| format!("{}: key `{key}`", path.display());
+
+        let store = file_dir.join(&raw.store);
+        let mut read_roots = Vec::new();
+        for root in &raw.read.roots {
+            let abs = file_dir.join(root);
+            let canonical = abs.canonicalize().with_context(|| {
+                format!("{}: read root {} does not exist or cannot be resolved", at("read.roots"), abs.display())
+            })?;
+            if !canonical.is_dir() {
+                bail!("{}: read root {} is not a directory", at("read.roots"), abs.display());
+            }
+            read_roots.push(canonical);
+        }
+        if let Some(pin) = &raw.script_sha256
+            && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            bail!("{}: expected 64 hex digits, got {pin:?}", at("script_sha256"));
+        }
+        let defaults = Limits::default();
+        let limits = Limits {
+            deadline: raw.limits.deadline.map_or(defaults.deadline, |d| d.0),
+            memory: raw.limits.memory.map_or(defaults.memory, |m| m.0),
+            call_timeout: raw.limits.call_timeout.map_or(defaults.call_timeout, |d| d.0),
+        };
+        let name = match raw.name {
+            Some(n) => n,
+            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "site".into()),
+        };
+        Ok(Site {
+            name,
+            file: Some(path.to_path_buf()),
+            store,
+            read_roots,
+            base_dir: cwd.to_path_buf(),
+            params: raw.params,
+            limits,
+            script_sha256: raw.script_sha256.map(|s| s.to_ascii_lowercase()),
+        })
+    }
+}
+
+/// The on-disk schema. `deny_unknown_fields` everywhere: a misspelt key is an
+/// error, not a silently ignored grant.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteFile {
+    name: Option<String>,
+    store: PathBuf,
+    script_sha256: Option<String>,
+    #[serde(default)]
+    read: ReadSection,
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+    #[serde(default)]
+    limits: LimitsSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReadSection {
+    #[serde(default)]
+    roots: Vec<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    deadline: Option<HumanDuration>,
+    memory: Option<ByteSize>,
+    call_timeout: Option<HumanDuration>,
+}
+
+/// A duration written as `90s`, `30m`, `6h` or `1h 30m`.
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match humantime::parse_duration(&s) {
+            Ok(v) if !v.is_zero() => Ok(HumanDuration(v)),
+            Ok(_) => Err(serde::de::Error::custom("a duration must be greater than zero")),
+            Err(e) => Err(serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write it like \"90s\", \"30m\" or \"6h\""
+            ))),
+        }
+    }
+}
+
+/// A size written as a number of bytes or with a unit: `512MiB`, `2G`.
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `123`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10M` (units are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}; write it like \"512MiB\""))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KB" | "KiB" | "k" => 10,
+        "M" | "MB" | "MiB" => 20,
+        "G" | "GB" | "GiB" => 30,
+        "T" | "TB" | "TiB" => 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Renders a TOML error as `FILE:LINE:COL: key `K`: message`, the way a
+/// compiler would, so the user can jump straight to it.
+fn describe_toml_error(path: &Path, text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim_end();
+    let Some(span) = err.span() else {
+        return format!("{}: {message}", path.display());
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let col = text[line_start..start].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty() && !k.starts_with('['));
+    let key = match key {
+        Some(k) => format!(" key `{k}`:"),
+        None => String::new(),
+    };
+    format!("{}:{line_no}:{col}:{key} {message}\n    {line}", path.display())
+}
+
+impl fmt::Display for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "deadline {}, memory {} MiB, call timeout {}",
+            humantime::format_duration(self.deadline),
+            self.memory >> 20,
+            humantime::format_duration(self.call_timeout)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Site> {
+        let dir = std::env::temp_dir();
+        Site::parse(text, Path::new("/etc/offsite/web1.toml"), &dir)
+    }
+
+    #[test]
+    fn minimal_site_uses_defaults_and_file_stem() {
+        let site = parse("store = \"/srv/backup/web1\"\n").unwrap();
+        assert_eq!(site.name, "web1");
+        assert_eq!(site.store, Path::new("/srv/backup/web1"));
+        assert_eq!(site.limits, Limits::default());
+        assert!(site.read_roots.is_empty());
+    }
+
+    #[test]
+    fn relative_store_resolves_against_the_site_file() {
+        let site = parse("store = \"backups\"\n").unwrap();
+        assert_eq!(site.store, Path::new("/etc/offsite/backups"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("store = \"/x\"\n\n[limits]\ndeadlin = \"1h\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("/etc/offsite/web1.toml:4:1: key `deadlin`:"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_file_line_and_key() {
+        let err = parse("store = \"/x\"\n[limits]\nmemory = \"12 parsecs\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("/etc/offsite/web1.toml:3:"), "{err}");
+        assert!(err.contains("key `memory`"), "{err}");
+        assert!(err.contains("unknown size unit"), "{err}");
+    }
+
+    #[test]
+    fn limits_parse_units() {
+        let site =
+            parse("store = \"/x\"\n[limits]\ndeadline = \"90s\"\nmemory = \"64MiB\"\ncall_timeout = \"5m\"\n").unwrap();
+        assert_eq!(site.limits.deadline, Duration::from_secs(90));
+        assert_eq!(site.limits.memory, 64 << 20);
+        assert_eq!(site.limits.call_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn missing_read_root_is_an_error() {
+        let err = parse("store = \"/x\"\n[read]\nroots = [\"/definitely/not/here\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("read.roots"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_pin_is_rejected() {
+        let err = parse("store = \"/x\"\nscript_sha256 = \"abc\"\n").unwrap_err().to_string();
+        assert!(err.contains("script_sha256"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
