@@ -40,10 +40,7 @@ impl Log for StderrLog {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let who = match record.target().strip_prefix("script:") {
-            Some(name) => name,
-            None => "offsite",
-        };
+        let who = record.target().strip_prefix("script:").unwrap_or("offsite");
         let level = match record.level() {
             Level::Error => "error: ",
             Level::Warn => "warning: ",

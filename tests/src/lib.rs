@@ -1,1 +1,129 @@
+//! Test harness for Offsite's end-to-end scenarios.
+//!
+//! It builds the guest scripts (once per test process; cargo serialises
+//! concurrent builds), gives every test its own scratch directory, and runs
+//! the real `offsite` binary with a compile cache shared by all tests so a
+//! script is compiled by wasmtime only once per test run.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Path of the built component for script crate `name` (in `scripts/`),
+/// building the scripts workspace first if this process has not yet.
+pub fn script(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let out = BUILT.get_or_init(|| {
+        let dir = repo_root().join("scripts");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "--quiet"])
+            // .cargo/config.toml (the wasm32-wasip2 target) is found from the cwd.
+            .current_dir(&dir)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .status()
+            .expect("run cargo to build scripts/");
+        assert!(status.success(), "building scripts/ for wasm32-wasip2 failed");
+        dir.join("target/wasm32-wasip2/release")
+    });
+    let path = out.join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Compiles WebAssembly text to binary, for hand-made bad modules.
+pub fn wat(text: &str) -> Vec<u8> {
+    wat::parse_str(text).expect("valid WAT")
+}
+
+/// A compile cache shared by every test of this run.
+pub fn shared_cache_dir() -> PathBuf {
+    repo_root().join("target/offsite-test-cache")
+}
+
+/// `offsite` at `bin`, with the shared compile cache and a clean
+/// environment for what the runner reads.
+pub fn offsite(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env("OFFSITE_CACHE_DIR", shared_cache_dir()).env_remove("RUST_LOG").env("TZ", "UTC");
+    cmd
+}
+
+/// The result of one run, with helpers for assertions.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn from_output(out: Output) -> Ran {
+        Ran {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with both streams unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Ran {
+        assert_eq!(self.code, code, "exit code\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn expect_stderr(&self, needle: &str) -> &Ran {
+        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}:\n{}", self.stderr);
+        self
+    }
+}
+
+/// Every file and directory below `dir`, relative, sorted.
+pub fn tree(dir: &Path) -> Vec<PathBuf> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            out.push(path.strip_prefix(base).unwrap().to_path_buf());
+            if entry.file_type().unwrap().is_dir() {
+                walk(base, &path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Asserts that two trees have the same entries, file bytes, modes and
+/// symlink targets.
+#[track_caller]
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let (a, b) = (tree(expected), tree(actual));
+    assert_eq!(a, b, "entries differ");
+    for rel in &a {
+        let (x, y) = (expected.join(rel), actual.join(rel));
+        let (mx, my) = (std::fs::symlink_metadata(&x).unwrap(), std::fs::symlink_metadata(&y).unwrap());
+        assert_eq!(mx.file_type().is_symlink(), my.file_type().is_symlink(), "{}", rel.display());
+        if mx.file_type().is_symlink() {
+            assert_eq!(std::fs::read_link(&x).unwrap(), std::fs::read_link(&y).unwrap(), "{}", rel.display());
+            continue;
+        }
+        assert_eq!(mx.permissions().mode() & 0o7777, my.permissions().mode() & 0o7777, "mode of {}", rel.display());
+        if mx.is_file() {
+            assert!(std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(), "contents of {} differ", rel.display());
+        }
+    }
+}
+
+pub use tempfile;

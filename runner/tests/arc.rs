@@ -1,0 +1,208 @@
+//! The arc script end to end: real runner binary, real component, archives
+//! read back with GNU tar.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use offsite_testkit::{Ran, assert_same_tree, offsite, script, tempfile, tree};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+
+fn run_in(dir: &Path, args: &[&str]) -> Ran {
+    let out = offsite(Path::new(BIN)).current_dir(dir).arg("run").args(args).output().expect("run offsite");
+    Ran::from_output(out)
+}
+
+/// A tree with the awkward cases: nesting, empty and binary files, a large
+/// file spanning many gzip blocks, long and odd names, modes and symlinks.
+fn sample_tree(root: &Path) {
+    let b = root.join("beoserver");
+    std::fs::create_dir_all(b.join("data/deeper/still")).unwrap();
+    std::fs::create_dir_all(b.join("empty-dir")).unwrap();
+    std::fs::write(b.join("bookl.dat"), b"customer ledger\n").unwrap();
+    std::fs::write(b.join("beoserver_ab_off"), b"").unwrap();
+    std::fs::write(b.join("name with spaces & $(quotes)'\""), b"odd\n").unwrap();
+    let long = format!("{}.txt", "n".repeat(150));
+    std::fs::write(b.join("data/deeper").join(long), b"long name\n").unwrap();
+    let mut big = Vec::with_capacity(5 << 20);
+    let mut x: u32 = 12345;
+    for i in 0..(5 << 20) {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        big.push(if i % 3 == 0 { (x >> 16) as u8 } else { b'a' + (i % 26) as u8 });
+    }
+    std::fs::write(b.join("data/big.bin"), &big).unwrap();
+    std::fs::write(b.join("data/deeper/still/script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(b.join("data/deeper/still/script.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink("bookl.dat", b.join("relative-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", b.join("absolute-link")).unwrap();
+    std::os::unix::fs::symlink("../../outside", b.join("data/escaping-link")).unwrap();
+}
+
+#[test]
+fn arc_round_trip_with_gnu_tar() {
+    let arc = script("arc");
+    let dir = tempfile::tempdir().unwrap();
+    sample_tree(dir.path());
+
+    let ran = run_in(dir.path(), &[arc.to_str().unwrap(), "--param", "path=beoserver", "--now", "2004-03-21T01:48:44"]);
+    ran.expect_code(0);
+    assert_eq!(ran.stdout, "", "quiet on success");
+    assert_eq!(ran.stderr, "", "quiet on success");
+    let archive = dir.path().join("beoserver.20040321-014844.tgz");
+    assert!(archive.is_file(), "exact name from --now; have {:?}", tree(dir.path()));
+    let top: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(top.len(), 2, "only the source and the archive, no temporary files: {top:?}");
+
+    // GNU tar lists it, and the gzip stream is intact.
+    let list = Command::new("tar").arg("-tzf").arg(&archive).output().unwrap();
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    let listing = String::from_utf8(list.stdout).unwrap();
+    assert!(listing.lines().any(|l| l.trim_end_matches('/') == "beoserver"), "{listing}");
+    assert!(listing.contains("beoserver/data/big.bin"), "{listing}");
+    assert!(Command::new("gzip").arg("-t").arg(&archive).status().unwrap().success());
+
+    // GNU tar extracts it byte for byte, with modes and symlinks.
+    let out = tempfile::tempdir().unwrap();
+    let x = Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(out.path()).output().unwrap();
+    assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
+    assert_same_tree(&dir.path().join("beoserver"), &out.path().join("beoserver"));
+}
+
+#[test]
+fn arc_names_the_archive_after_the_local_clock() {
+    let arc = script("arc");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    std::fs::write(dir.path().join("www/index.html"), "<html>").unwrap();
+    run_in(dir.path(), &[arc.to_str().unwrap(), "--param", "path=www"]).expect_code(0);
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let name = names.iter().find(|n| n.ends_with(".tgz")).expect("an archive");
+    // www.YYYYMMDD-HHMMSS.tgz
+    let stamp = name.strip_prefix("www.").unwrap().strip_suffix(".tgz").unwrap();
+    assert_eq!(stamp.len(), 15, "{name}");
+    assert!(stamp.chars().enumerate().all(|(i, c)| if i == 8 { c == '-' } else { c.is_ascii_digit() }), "{name}");
+}
+
+#[test]
+fn arc_with_a_site_file_writes_into_the_store_and_reports_json() {
+    let arc = script("arc");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("srv/www");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("index.html"), "<html>").unwrap();
+    let site = dir.path().join("web1.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"backups/web1\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"{}\"\n",
+            src.display(),
+            src.display()
+        ),
+    )
+    .unwrap();
+    let ran = run_in(
+        dir.path(),
+        &[arc.to_str().unwrap(), "--site", site.to_str().unwrap(), "--now", "2004-03-21T01:48:44Z", "--json"],
+    );
+    ran.expect_code(0);
+    let summary: serde_json::Value = serde_json::from_str(ran.stdout.trim()).expect("one JSON line");
+    assert_eq!(summary["status"], "ok");
+    assert_eq!(summary["site"], "web1");
+    let out = &summary["outputs"][0];
+    assert_eq!(out["path"], "www.20040321-014844.tgz");
+    let stored = dir.path().join("backups/web1/www.20040321-014844.tgz");
+    let bytes = std::fs::read(&stored).unwrap();
+    assert_eq!(out["bytes"], bytes.len() as u64);
+    let sha = Command::new("sha256sum").arg(&stored).output().unwrap();
+    assert!(String::from_utf8_lossy(&sha.stdout).starts_with(out["sha256"].as_str().unwrap()));
+    // Member names drop the leading slash, as GNU tar does.
+    let list = Command::new("tar").arg("-tzf").arg(&stored).output().unwrap();
+    let listing = String::from_utf8(list.stdout).unwrap();
+    let expected = format!("{}/index.html", src.display().to_string().trim_start_matches('/'));
+    assert!(listing.lines().any(|l| l == expected), "{listing}");
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let arc = script("arc");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    run_in(dir.path(), &[arc.to_str().unwrap(), "--param", "path=www", "--dry-run"]).expect_code(0);
+    assert_eq!(tree(dir.path()), vec![Path::new("www").to_path_buf()]);
+}
+
+#[test]
+fn a_missing_source_fails_with_exit_1_and_no_file() {
+    let arc = script("arc");
+    let dir = tempfile::tempdir().unwrap();
+    run_in(dir.path(), &[arc.to_str().unwrap(), "--param", "path=nowhere"])
+        .expect_code(1)
+        .expect_stderr("backup failed")
+        .expect_stderr("nowhere");
+    assert!(tree(dir.path()).is_empty(), "{:?}", tree(dir.path()));
+}
+
+#[test]
+fn inspect_shows_metadata_hash_and_imports() {
+    let arc = script("arc");
+    let out = offsite(Path::new(BIN)).arg("inspect").arg(&arc).output().unwrap();
+    let ran = Ran::from_output(out);
+    ran.expect_code(0);
+    let sha = Command::new("sha256sum").arg(&arc).output().unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout).split_whitespace().next().unwrap().to_string();
+    assert!(ran.stdout.contains(&format!("sha256:      {sha}")), "{}", ran.stdout);
+    assert!(ran.stdout.contains("script:      arc "), "{}", ran.stdout);
+    assert!(ran.stdout.contains("path (required)"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("offsite:backup/archive@0.1.0"), "{}", ran.stdout);
+}
+
+#[test]
+fn the_compile_cache_is_used_on_the_second_run() {
+    let noop = script("noop");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let run = || {
+        let out = offsite(Path::new(BIN))
+            .env("OFFSITE_CACHE_DIR", &cache)
+            .current_dir(dir.path())
+            .arg("run")
+            .arg(&noop)
+            .output()
+            .unwrap();
+        Ran::from_output(out).expect_code(0);
+    };
+    run();
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].extension().is_some_and(|e| e == "cwasm"));
+    let mode = std::fs::metadata(&entries[0]).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "cache files are private");
+    let before = std::fs::metadata(&entries[0]).unwrap().modified().unwrap();
+    run();
+    assert_eq!(std::fs::metadata(&entries[0]).unwrap().modified().unwrap(), before, "reused, not rewritten");
+}
+
+#[test]
+fn a_cache_file_writable_by_others_is_never_loaded() {
+    let noop = script("noop");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let run = || {
+        let out = offsite(Path::new(BIN))
+            .env("OFFSITE_CACHE_DIR", &cache)
+            .arg("run")
+            .arg(&noop)
+            .current_dir(dir.path())
+            .output();
+        Ran::from_output(out.unwrap()).expect_code(0);
+    };
+    run();
+    let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    // Tamper: garbage that would crash if deserialised, made group-writable.
+    std::fs::write(&entry, b"not a compiled component").unwrap();
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o664)).unwrap();
+    run();
+    assert_ne!(std::fs::read(&entry).unwrap(), b"not a compiled component", "recompiled and replaced");
+}
