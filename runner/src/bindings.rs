@@ -6,4 +6,4 @@ wasmtime::component::bindgen!({
     world: "script",
 });
 
-pub use offsite::backup::{archive, clock, log, meta, params, types};
+pub use self::offsite::backup::{archive, clock, log, meta, params, types};

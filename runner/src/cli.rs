@@ -203,6 +203,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             dry_run: args.dry_run,
             outputs: &caps.outputs,
             denials: caps.denials,
+            peak_rss_kib: peak_rss_kib(),
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
         };
         println!("{}", serde_json::to_string(&summary).expect("summary serialises"));
@@ -228,8 +229,19 @@ struct RunSummary<'a> {
     dry_run: bool,
     outputs: &'a [StoredFile],
     denials: u32,
+    /// High-water mark of this process's resident memory (`VmHWM`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+/// This process's peak resident set size, from `/proc/self/status`. (Unlike
+/// `getrusage`, `VmHWM` does not include what the parent had before `exec`.)
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn site_label(site: &Site) -> String {

@@ -158,51 +158,42 @@ fn inspect_shows_metadata_hash_and_imports() {
     assert!(ran.stdout.contains("offsite:backup/archive@0.1.0"), "{}", ran.stdout);
 }
 
+/// Runs the noop script in `dir` with its own compile cache `cache`.
+fn run_noop_with_cache(dir: &Path, cache: &Path) {
+    let out = offsite(Path::new(BIN))
+        .env("OFFSITE_CACHE_DIR", cache)
+        .current_dir(dir)
+        .arg("run")
+        .arg(script("noop"))
+        .output()
+        .unwrap();
+    Ran::from_output(out).expect_code(0);
+}
+
 #[test]
 fn the_compile_cache_is_used_on_the_second_run() {
-    let noop = script("noop");
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let run = || {
-        let out = offsite(Path::new(BIN))
-            .env("OFFSITE_CACHE_DIR", &cache)
-            .current_dir(dir.path())
-            .arg("run")
-            .arg(&noop)
-            .output()
-            .unwrap();
-        Ran::from_output(out).expect_code(0);
-    };
-    run();
+    run_noop_with_cache(dir.path(), &cache);
     let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert!(entries[0].extension().is_some_and(|e| e == "cwasm"));
     let mode = std::fs::metadata(&entries[0]).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "cache files are private");
     let before = std::fs::metadata(&entries[0]).unwrap().modified().unwrap();
-    run();
+    run_noop_with_cache(dir.path(), &cache);
     assert_eq!(std::fs::metadata(&entries[0]).unwrap().modified().unwrap(), before, "reused, not rewritten");
 }
 
 #[test]
 fn a_cache_file_writable_by_others_is_never_loaded() {
-    let noop = script("noop");
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let run = || {
-        let out = offsite(Path::new(BIN))
-            .env("OFFSITE_CACHE_DIR", &cache)
-            .arg("run")
-            .arg(&noop)
-            .current_dir(dir.path())
-            .output();
-        Ran::from_output(out.unwrap()).expect_code(0);
-    };
-    run();
+    run_noop_with_cache(dir.path(), &cache);
     let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
     // Tamper: garbage that would crash if deserialised, made group-writable.
     std::fs::write(&entry, b"not a compiled component").unwrap();
     std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o664)).unwrap();
-    run();
+    run_noop_with_cache(dir.path(), &cache);
     assert_ne!(std::fs::read(&entry).unwrap(), b"not a compiled component", "recompiled and replaced");
 }
