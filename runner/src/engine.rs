@@ -2,6 +2,7 @@
 //! compiled components, and a fresh `Store` with limits for every call into a
 //! script.
 
+use std::hash::Hash as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,8 +171,13 @@ impl Runtime {
         f: impl FnOnce(&ScriptWorld, &mut Store<RunState>) -> wasmtime::Result<R>,
     ) -> (Result<R, ScriptFailure>, Caps) {
         let output = ScriptOutput::new(&caps.script, caps.secrets.clone());
+        // WASI with nothing granted: no preopened directories, no environment,
+        // no arguments, no sockets, no name lookups. Everything a script may
+        // touch goes through the offsite:backup interfaces and the policy.
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.stdout()).stderr(output.stderr());
+        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        wasi.socket_addr_check(|_, _| Box::pin(async { false }));
         wasi.wall_clock(crate::output::WasiClock(caps.clock));
         let state = RunState {
             caps,
@@ -293,8 +299,6 @@ impl std::hash::Hasher for HashInto<'_> {
         self.0.update(bytes);
     }
 }
-
-use std::hash::Hash as _;
 
 /// The default cache directory: `$OFFSITE_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/offsite`, else `~/.cache/offsite`.

@@ -65,6 +65,16 @@ pub enum Denial {
     NotFound(String),
 }
 
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denial::Denied(m) => write!(f, "denied: {m}"),
+            Denial::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            Denial::NotFound(m) => write!(f, "not found: {m}"),
+        }
+    }
+}
+
 impl From<Denial> for WitError {
     fn from(d: Denial) -> Self {
         match d {

@@ -131,10 +131,13 @@ fn reading_outside_the_roots_through_a_symlink_is_denied() {
 #[test]
 fn wasi_gives_no_filesystem_environment_or_network() {
     let s = Scratch::new();
+    // A listener the script could reach if sockets were granted.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let arg = format!("arg={}", listener.local_addr().unwrap());
     let out = offsite(Path::new(BIN))
         .current_dir(&s.work)
         .env("OFFSITE_TEST_SECRET_ENV", "leak")
-        .args(["run", script("fixture").to_str().unwrap(), "--param", "case=wasi-escape"])
+        .args(["run", script("fixture").to_str().unwrap(), "--param", "case=wasi-escape", "--param", &arg])
         .output()
         .unwrap();
     Ran::from_output(out).expect_code(0);

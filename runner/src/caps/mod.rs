@@ -68,7 +68,7 @@ impl Caps {
             }
             Err(denial) => {
                 self.denials += 1;
-                ::log::warn!(target: "offsite::policy", "site {}: denied {} call: {}", self.site, call.interface(), self.redact(&format!("{denial:?}")));
+                ::log::warn!(target: "offsite::policy", "site {}: refused {} call: {}", self.site, call.interface(), self.redact(&denial.to_string()));
             }
         }
         decision.map_err(WitError::from)
