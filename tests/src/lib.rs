@@ -126,4 +126,6 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
     }
 }
 
+pub mod sshd;
+
 pub use tempfile;
