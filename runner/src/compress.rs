@@ -25,7 +25,6 @@ type Done = (u64, io::Result<Vec<u8>>);
 pub struct ParallelGz<W: Write> {
     out: Option<W>,
     block: Vec<u8>,
-    level: Compression,
     jobs: Option<SyncSender<Job>>,
     done: Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
@@ -56,7 +55,6 @@ impl<W: Write> ParallelGz<W> {
         ParallelGz {
             out: Some(out),
             block: Vec::with_capacity(BLOCK_SIZE),
-            level,
             jobs: Some(job_tx),
             done: done_rx,
             workers: handles,
@@ -124,11 +122,6 @@ impl<W: Write> ParallelGz<W> {
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
-    }
-
-    /// The compression level in use.
-    pub fn level(&self) -> u32 {
-        self.level.level()
     }
 }
 

@@ -95,10 +95,7 @@ impl Lines {
         if self.pending.is_empty() {
             return;
         }
-        let mut line = String::from_utf8_lossy(&self.pending).into_owned();
-        for secret in self.secrets.iter().filter(|s| !s.is_empty()) {
-            line = line.replace(secret.as_str(), "***");
-        }
+        let line = crate::caps::redact(&self.secrets, &String::from_utf8_lossy(&self.pending));
         log::log!(target: &self.target, self.level, "{}", line.trim_end_matches('\r'));
         self.pending.clear();
     }

@@ -76,11 +76,7 @@ impl Caps {
 
     /// Replaces every secret value in `text` with `***`.
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for secret in self.secrets.iter().filter(|s| !s.is_empty()) {
-            out = out.replace(secret.as_str(), "***");
-        }
-        out
+        redact(&self.secrets, text)
     }
 
     fn store(&self) -> Result<&Arc<Store>, WitError> {
@@ -97,6 +93,15 @@ impl Caps {
         }
         Ok(self.read_dirs[index].as_ref().expect("opened above"))
     }
+}
+
+/// Replaces every one of `secrets` in `text` with `***`.
+pub fn redact(secrets: &[String], text: &str) -> String {
+    let mut out = text.to_string();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(secret.as_str(), "***");
+    }
+    out
 }
 
 /// Maps an I/O failure on `what` to the WIT error the script sees.
