@@ -197,3 +197,25 @@ fn a_cache_file_writable_by_others_is_never_loaded() {
     run_noop_with_cache(dir.path(), &cache);
     assert_ne!(std::fs::read(&entry).unwrap(), b"not a compiled component", "recompiled and replaced");
 }
+
+#[test]
+fn now_is_local_time_unless_an_offset_is_given() {
+    let arc = script("arc");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("b")).unwrap();
+    let run = |now: &str| {
+        let out = offsite(Path::new(BIN))
+            .env("TZ", "Asia/Kolkata")
+            .current_dir(dir.path())
+            .args(["run", arc.to_str().unwrap(), "--param", "path=b", "--now", now])
+            .output()
+            .unwrap();
+        Ran::from_output(out).expect_code(0);
+    };
+    // Local wall-clock time in, the same wall-clock time in the name.
+    run("2004-03-21T01:48:44");
+    assert!(dir.path().join("b.20040321-014844.tgz").is_file(), "{:?}", tree(dir.path()));
+    // An explicit UTC instant is named in local time (+05:30), like `date`.
+    run("2004-03-21T01:48:44Z");
+    assert!(dir.path().join("b.20040321-071844.tgz").is_file(), "{:?}", tree(dir.path()));
+}
