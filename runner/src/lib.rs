@@ -18,3 +18,4 @@ pub mod output;
 pub mod policy;
 pub mod site;
 pub mod store;
+pub mod transport;
