@@ -3,6 +3,12 @@
 use crate::HostError;
 use crate::wit::offsite::backup::clock as raw;
 
+/// ```no_run
+/// use offsite_sdk::clock::{Zone, now};
+/// let utc = now().format_in("%Y%m%d", Zone::Utc)?;
+/// # Ok::<(), offsite_sdk::HostError>(())
+/// ```
+#[doc(inline)]
 pub use raw::Zone;
 
 /// A point in time, as returned by [`now`].

@@ -54,8 +54,38 @@ pub mod __private {
 
 pub use anyhow::{Context, Error, Result, anyhow, bail, ensure};
 
-pub use crate::wit::offsite::backup::meta::{ParamSpec, ScriptInfo};
-pub use crate::wit::offsite::backup::types::{Error as HostErrorKind, FileInfo};
+/// ```
+/// use offsite_sdk::{Param, ParamSpec};
+/// let spec: ParamSpec = Param::required("path", "what to archive").into();
+/// assert_eq!(spec.name, "path");
+/// ```
+#[doc(inline)]
+pub use crate::wit::offsite::backup::meta::ParamSpec;
+/// ```
+/// let info = offsite_sdk::ScriptInfo::new("arc", "0.1.0");
+/// assert_eq!(info.version, "0.1.0");
+/// ```
+#[doc(inline)]
+pub use crate::wit::offsite::backup::meta::ScriptInfo;
+/// The cases of a [`HostError`], to match on.
+///
+/// ```
+/// use offsite_sdk::{HostError, HostErrorKind};
+/// let e = HostError::from(HostErrorKind::NotFound("beoserver".into()));
+/// match e.kind() {
+///     HostErrorKind::NotFound(what) => assert_eq!(what, "beoserver"),
+///     other => panic!("{other:?}"),
+/// }
+/// ```
+#[doc(inline)]
+pub use crate::wit::offsite::backup::types::Error as HostErrorKind;
+/// ```no_run
+/// let stored: offsite_sdk::FileInfo = offsite_sdk::archive::tar_gz(&["www"], "www.tgz")?;
+/// assert_eq!(stored.sha256.len(), 64);
+/// # Ok::<(), offsite_sdk::HostError>(())
+/// ```
+#[doc(inline)]
+pub use crate::wit::offsite::backup::types::FileInfo;
 
 pub mod archive;
 pub mod clock;
