@@ -5,7 +5,7 @@ use crate::HostError;
 use crate::wit::offsite::backup::params as raw;
 
 /// The value of a declared parameter, or `None` when it has no value.
-/// Reading an undeclared parameter is [`HostError::Denied`].
+/// Reading an undeclared parameter is denied ([`HostError::is_denied`]).
 ///
 /// ```no_run
 /// let prefix = offsite_sdk::params::get("prefix")?.unwrap_or_else(|| "backup".into());
