@@ -163,11 +163,14 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         info.name, info.version, script.sha256, site.name, site.limits
     );
 
-    let store = Store::open(&site.store)
-        .with_context(|| format!("cannot open the store {}", site.store.display()))
-        .exit(Exit::Usage)?;
     let mut caps = Caps::new(&info.name, &site.name, Policy::for_site(&site, params), clock);
-    caps.store = Some(Arc::new(store));
+    // A dry run writes nothing, not even a missing store directory.
+    if !(args.dry_run && !site.store.exists()) {
+        let store = Store::open(&site.store)
+            .with_context(|| format!("cannot open the store {}", site.store.display()))
+            .exit(Exit::Usage)?;
+        caps.store = Some(Arc::new(store));
+    }
     caps.call_timeout = site.limits.call_timeout;
     caps.dry_run = args.dry_run;
     caps.secrets = secrets;

@@ -131,6 +131,12 @@ fn dry_run_writes_nothing() {
     std::fs::create_dir(dir.path().join("www")).unwrap();
     run_in(dir.path(), &[arc.to_str().unwrap(), "--param", "path=www", "--dry-run"]).expect_code(0);
     assert_eq!(tree(dir.path()), vec![Path::new("www").to_path_buf()]);
+    // Not even a missing store directory is created.
+    let site = dir.path().join("site.toml");
+    std::fs::write(&site, "store = \"new-store\"\n[read]\nroots = [\".\"]\n").unwrap();
+    run_in(dir.path(), &[arc.to_str().unwrap(), "--site", site.to_str().unwrap(), "--param", "path=www", "--dry-run"])
+        .expect_code(0);
+    assert!(!dir.path().join("new-store").exists());
 }
 
 #[test]
