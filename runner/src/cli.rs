@@ -165,7 +165,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
 
     let mut caps = Caps::new(&info.name, &site.name, Policy::for_site(&site, params), clock);
     // A dry run writes nothing, not even a missing store directory.
-    if !(args.dry_run && !site.store.exists()) {
+    if !args.dry_run || site.store.exists() {
         let store = Store::open(&site.store)
             .with_context(|| format!("cannot open the store {}", site.store.display()))
             .exit(Exit::Usage)?;
