@@ -177,26 +177,20 @@ fn run(args: RunArgs) -> Result<(), Failure> {
 
     let limits = SandboxLimits { deadline: site.limits.deadline, memory: site.limits.memory };
     let (result, caps) = runtime.run(&script, caps, limits);
-    let (status, failure) = match result {
-        Ok(Ok(())) => ("ok", None),
-        Ok(Err(msg)) => (
-            "failed",
-            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) }),
-        ),
-        Err(ScriptFailure::Trap(msg)) => (
-            "failed",
-            Some(Failure {
-                exit: Exit::BackupFailed,
-                error: anyhow!("backup failed: the script trapped: {}", caps.redact(&msg)),
-            }),
-        ),
-        Err(ScriptFailure::Limit(msg)) => {
-            ("failed", Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }))
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(msg)) => {
+            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
         }
+        Err(ScriptFailure::Trap(msg)) => Some(Failure {
+            exit: Exit::BackupFailed,
+            error: anyhow!("backup failed: the script trapped: {}", caps.redact(&msg)),
+        }),
+        Err(ScriptFailure::Limit(msg)) => Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }),
     };
     if args.json {
         let summary = RunSummary {
-            status,
+            status: if failure.is_none() { "ok" } else { "failed" },
             site: &site.name,
             script: &info.name,
             script_version: &info.version,

@@ -36,24 +36,22 @@ impl Host for Caps {
         let deadline = Deadline::after(self.call_timeout);
         let started = Instant::now();
 
-        if self.dry_run {
-            let mut entries = 0u64;
-            for (root, rel, member) in &reads {
-                let dir = self.read_dir(*root)?.try_clone().map_err(|e| io_error("read root", e))?;
-                entries += walk(&dir, rel, member, &deadline, &mut Sink::<io::Sink>::CheckOnly)?;
-            }
-            ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
-            return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
-        }
-
-        let store = self.store()?.clone();
-        let pending = store.create(&rel_dest).map_err(|e| io_error(&dest, e))?;
-        let mut builder = tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0));
+        // A dry run walks and opens the same entries, writing nothing.
+        let mut builder = if self.dry_run {
+            None
+        } else {
+            let pending = self.store()?.create(&rel_dest).map_err(|e| io_error(&dest, e))?;
+            Some(tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0)))
+        };
         let mut entries = 0u64;
         for (root, rel, member) in &reads {
-            let dir = self.read_dir(*root)?.try_clone().map_err(|e| io_error("read root", e))?;
-            entries += walk(&dir, rel, member, &deadline, &mut Sink::Tar(&mut builder))?;
+            let dir = self.read_dir(*root)?;
+            entries += walk(dir, rel, member, &deadline, builder.as_mut())?;
         }
+        let Some(builder) = builder else {
+            ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
+            return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
+        };
         let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
         let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
         let stored = pending.commit().map_err(|e| io_error(&dest, e))?;
@@ -86,20 +84,15 @@ impl Deadline {
     }
 }
 
-enum Sink<'a, W: io::Write> {
-    Tar(&'a mut tar::Builder<W>),
-    /// Dry run: open everything that would be read, write nothing.
-    CheckOnly,
-}
-
 /// Archives `rel` (beneath `dir`) and, for a directory, everything below it,
-/// without following any symbolic link. Returns the number of entries.
+/// without following any symbolic link, into `tar`; with no `tar` (a dry run)
+/// it only checks that every entry can be read. Returns the number of entries.
 fn walk<W: io::Write>(
     dir: &Dir,
     rel: &Path,
     member: &Path,
     deadline: &Deadline,
-    sink: &mut Sink<'_, W>,
+    mut tar: Option<&mut tar::Builder<W>>,
 ) -> Result<u64, Error> {
     let mut stack: Vec<(PathBuf, PathBuf)> = vec![(rel.to_path_buf(), member.to_path_buf())];
     let mut entries = 0u64;
@@ -127,20 +120,20 @@ fn walk<W: io::Write>(
             for name in names.into_iter().rev() {
                 stack.push((rel.join(&name), member.join(&name)));
             }
-            if let Sink::Tar(b) = sink {
+            if let Some(b) = tar.as_deref_mut() {
                 b.append_data(&mut header, &member, io::empty()).map_err(|e| io_error(&shown, e))?;
             }
         } else if file_type.is_symlink() {
             let target = dir.read_link_contents(&rel).map_err(|e| io_error(&shown, e))?;
             header.set_entry_type(EntryType::Symlink);
-            if let Sink::Tar(b) = sink {
+            if let Some(b) = tar.as_deref_mut() {
                 b.append_link(&mut header, &member, &target).map_err(|e| io_error(&shown, e))?;
             }
         } else if file_type.is_file() {
             let mut options = OpenOptions::new();
             options.read(true).follow(FollowSymlinks::No);
             let file = dir.open_with(&rel, &options).map_err(|e| io_error(&shown, e))?;
-            if let Sink::Tar(b) = sink {
+            if let Some(b) = tar.as_deref_mut() {
                 // Size from the open file, so header and data agree.
                 let size = file.metadata().map_err(|e| io_error(&shown, e))?.len();
                 header.set_entry_type(EntryType::Regular);
@@ -171,7 +164,7 @@ fn walk<W: io::Write>(
                 header.set_device_major(major).map_err(|e| io_error(&shown, e))?;
                 header.set_device_minor(minor).map_err(|e| io_error(&shown, e))?;
             }
-            if let Sink::Tar(b) = sink {
+            if let Some(b) = tar.as_deref_mut() {
                 b.append_data(&mut header, &member, io::empty()).map_err(|e| io_error(&shown, e))?;
             }
         }
