@@ -2,7 +2,8 @@
 //!
 //! A script is a `cdylib` crate built for `wasm32-wasip2`. It implements
 //! [`Script`] and registers it with [`script!`]. Everything it can do goes
-//! through the modules here ([`clock`], [`log`], [`params`], [`archive`]),
+//! through the modules here ([`clock`], [`log`], [`params`], [`archive`],
+//! [`ssh`], [`scp`]),
 //! and every call is checked against the site's grants by the runner. A
 //! refusal is an ordinary [`HostError`], so `?` works on every call.
 //!
@@ -92,6 +93,8 @@ pub mod clock;
 pub mod log;
 mod meta;
 pub mod params;
+pub mod scp;
+pub mod ssh;
 
 pub use meta::Param;
 

@@ -4,6 +4,9 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "script",
+    with: {
+        "offsite:backup/ssh.pending": crate::caps::remote::Job,
+    },
 });
 
-pub use self::offsite::backup::{archive, clock, log, meta, params, types};
+pub use self::offsite::backup::{archive, clock, log, meta, params, scp, ssh, types};

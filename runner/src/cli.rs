@@ -18,11 +18,13 @@ use chrono::{DateTime, Local, NaiveDateTime, TimeZone};
 use clap::{Args, Parser, Subcommand};
 
 use crate::bindings::meta::ScriptInfo;
+use crate::caps::remote::Slots;
 use crate::caps::{Caps, Clock};
 use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure, default_cache_dir};
 use crate::policy::{ParamGrant, Policy};
 use crate::site::Site;
 use crate::store::{Store, StoredFile};
+use crate::transport::openssh::OpenSsh;
 
 /// Process exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,10 +176,30 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     caps.call_timeout = site.limits.call_timeout;
     caps.dry_run = args.dry_run;
     caps.secrets = secrets;
+    caps.captured_output = site.limits.captured_output;
+    caps.slots = Arc::new(Slots::new(site.limits.parallel));
+    if !site.hosts.is_empty() {
+        let transport = OpenSsh::new(&site.hosts, site.ssh_config.as_deref())
+            .context("cannot create a private directory for SSH control sockets")
+            .exit(Exit::BackupFailed)?;
+        caps.transport = Some(Arc::new(transport));
+        caps.idle_timeouts = site.hosts.iter().map(|(n, h)| (n.clone(), h.idle_timeout)).collect();
+    }
 
     let limits = SandboxLimits { deadline: site.limits.deadline, memory: site.limits.memory };
-    let (result, caps) = runtime.run(&script, caps, limits);
+    let (result, mut caps) = runtime.run(&script, caps, limits);
+    // Background transfers finish (or fail) before the run is judged.
+    let unseen = caps.settle();
+    caps.transport = None;
+    let outputs = caps.outputs();
     let failure = match result {
+        Ok(Ok(())) if !unseen.is_empty() => Some(Failure {
+            exit: Exit::BackupFailed,
+            error: anyhow!(
+                "backup failed: background transfer(s) failed and the script never waited for them: {}",
+                caps.redact(&unseen.join("; "))
+            ),
+        }),
         Ok(Ok(())) => None,
         Ok(Err(msg)) => {
             Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
@@ -198,7 +220,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             started: DateTime::<Local>::from(started_wall).to_rfc3339(),
             duration_s: started.elapsed().as_secs_f64(),
             dry_run: args.dry_run,
-            outputs: &caps.outputs,
+            outputs: &outputs,
             denials: caps.denials,
             peak_rss_kib: peak_rss_kib(),
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
@@ -207,7 +229,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     }
     match failure {
         None => {
-            log::info!(target: "offsite::run", "done in {:.1?}: {} file(s) stored", started.elapsed(), caps.outputs.len());
+            log::info!(target: "offsite::run", "done in {:.1?}: {} file(s) stored", started.elapsed(), outputs.len());
             Ok(())
         }
         Some(f) => Err(f),

@@ -29,6 +29,16 @@ pub enum Call<'a> {
     StoreWrite {
         dest: &'a str,
     },
+    /// Run `argv` on the host the script calls `host`.
+    SshExec {
+        host: &'a str,
+        argv: &'a [String],
+    },
+    /// Copy the remote file `path` from `host`.
+    ScpFetch {
+        host: &'a str,
+        path: &'a str,
+    },
 }
 
 impl Call<'_> {
@@ -39,6 +49,8 @@ impl Call<'_> {
             Call::Log => "log",
             Call::ParamGet { .. } => "params",
             Call::ArchiveRead { .. } | Call::StoreWrite { .. } => "archive",
+            Call::SshExec { .. } => "ssh",
+            Call::ScpFetch { .. } => "scp",
         }
     }
 }
@@ -55,6 +67,10 @@ pub enum Grant {
     Read { root: usize, rel: PathBuf, member: PathBuf },
     /// Write `rel` beneath the store.
     Write { rel: PathBuf },
+    /// Run the (checked) argv on the named host.
+    Exec { host: String },
+    /// Fetch the normalised absolute `path` from the named host.
+    Fetch { host: String, path: String },
 }
 
 /// Why a call was refused or malformed.
@@ -94,6 +110,15 @@ pub struct Policy {
     base_dir: PathBuf,
     /// Parameters the script declared, with their values and secrecy.
     params: BTreeMap<String, ParamGrant>,
+    /// Remote hosts by the name scripts use.
+    hosts: BTreeMap<String, HostGrants>,
+}
+
+/// What may be done on one host, compiled from its site section.
+#[derive(Debug, Clone)]
+struct HostGrants {
+    commands: Vec<CommandPattern>,
+    fetch: Vec<PathPattern>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,11 +130,28 @@ pub struct ParamGrant {
 impl Policy {
     /// A policy that denies everything: used while calling `describe`.
     pub fn deny_all() -> Policy {
-        Policy { read_roots: Vec::new(), base_dir: PathBuf::from("/nonexistent"), params: BTreeMap::new() }
+        Policy {
+            read_roots: Vec::new(),
+            base_dir: PathBuf::from("/nonexistent"),
+            params: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+        }
     }
 
     pub fn for_site(site: &Site, params: BTreeMap<String, ParamGrant>) -> Policy {
-        Policy { read_roots: site.read_roots.clone(), base_dir: site.base_dir.clone(), params }
+        let hosts = site
+            .hosts
+            .iter()
+            .map(|(name, h)| {
+                let grants = HostGrants {
+                    // Validated when the site was parsed.
+                    commands: h.commands.iter().map(|c| CommandPattern::new(c).expect("validated")).collect(),
+                    fetch: h.fetch.iter().map(|p| PathPattern::new(p).expect("validated")).collect(),
+                };
+                (name.clone(), grants)
+            })
+            .collect();
+        Policy { read_roots: site.read_roots.clone(), base_dir: site.base_dir.clone(), params, hosts }
     }
 
     pub fn read_roots(&self) -> &[PathBuf] {
@@ -130,7 +172,49 @@ impl Policy {
             },
             Call::ArchiveRead { source } => self.check_read(source),
             Call::StoreWrite { dest } => store_path(dest).map(|rel| Grant::Write { rel }),
+            Call::SshExec { host, argv } => self.check_exec(host, argv),
+            Call::ScpFetch { host, path } => self.check_fetch(host, path),
         }
+    }
+
+    fn host(&self, host: &str) -> Result<&HostGrants, Denial> {
+        self.hosts.get(host).ok_or_else(|| {
+            let known = self.hosts.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+            Denial::Denied(format!(
+                "host {host:?} is not granted to this site (granted: {})",
+                if known.is_empty() { "none" } else { &known }
+            ))
+        })
+    }
+
+    fn check_exec(&self, host: &str, argv: &[String]) -> Result<Grant, Denial> {
+        let grants = self.host(host)?;
+        if argv.is_empty() {
+            return Err(Denial::InvalidArgument("an empty argv names no command".into()));
+        }
+        if let Some(index) = argv.iter().position(|a| a.contains('\0')) {
+            return Err(Denial::InvalidArgument(format!(
+                "argument {index} contains a NUL byte, which a remote command cannot receive"
+            )));
+        }
+        if grants.commands.iter().any(|p| p.matches(argv)) {
+            return Ok(Grant::Exec { host: host.to_string() });
+        }
+        let same_program = grants.commands.iter().any(|p| p.program == argv[0]);
+        Err(Denial::Denied(if same_program {
+            format!("host {host:?}: the arguments of {argv:?} match no granted pattern for {:?}", argv[0])
+        } else {
+            format!("host {host:?}: program {:?} is not granted", argv[0])
+        }))
+    }
+
+    fn check_fetch(&self, host: &str, path: &str) -> Result<Grant, Denial> {
+        let grants = self.host(host)?;
+        let normal = remote_path(path)?;
+        if grants.fetch.iter().any(|p| p.matches(&normal)) {
+            return Ok(Grant::Fetch { host: host.to_string(), path: normal });
+        }
+        Err(Denial::Denied(format!("host {host:?}: fetching {normal:?} is not granted")))
     }
 
     fn check_read(&self, source: &str) -> Result<Grant, Denial> {
@@ -184,6 +268,112 @@ fn plain_path(p: &str) -> Result<PathBuf, Denial> {
     Ok(path.components().filter(|c| *c != Component::CurDir).collect())
 }
 
+/// An allowed command: the program exactly, then one glob per argument.
+/// A last pattern ending in `...` matches zero or more further arguments,
+/// each against the glob before the dots. Only glob syntax (`*`, `?`,
+/// `[...]`, `{a,b}`, `\\`) is special; shell characters such as `$`, `;` or
+/// `|` are plain characters, and the host quotes every argument anyway.
+#[derive(Debug, Clone)]
+pub struct CommandPattern {
+    program: String,
+    args: Vec<globset::GlobMatcher>,
+    rest: Option<globset::GlobMatcher>,
+}
+
+impl CommandPattern {
+    pub fn new(pattern: &[String]) -> Result<CommandPattern, String> {
+        let (program, args) = pattern.split_first().ok_or("an empty command pattern allows nothing")?;
+        if program.is_empty() {
+            return Err("the program name is empty".into());
+        }
+        let glob = |p: &str| {
+            globset::GlobBuilder::new(p)
+                .literal_separator(false)
+                .backslash_escape(true)
+                .build()
+                .map(|g| g.compile_matcher())
+                .map_err(|e| format!("bad pattern {p:?}: {e}"))
+        };
+        let mut compiled = Vec::new();
+        let mut rest = None;
+        for (i, arg) in args.iter().enumerate() {
+            match arg.strip_suffix("...") {
+                Some(repeated) if i + 1 == args.len() => rest = Some(glob(repeated)?),
+                Some(_) => return Err(format!("only the last argument pattern may end in `...` ({arg:?})")),
+                None => compiled.push(glob(arg)?),
+            }
+        }
+        Ok(CommandPattern { program: program.clone(), args: compiled, rest })
+    }
+
+    pub fn matches(&self, argv: &[String]) -> bool {
+        let Some((program, args)) = argv.split_first() else { return false };
+        if *program != self.program || args.len() < self.args.len() {
+            return false;
+        }
+        let (fixed, extra) = args.split_at(self.args.len());
+        if !fixed.iter().zip(&self.args).all(|(a, g)| g.is_match(a)) {
+            return false;
+        }
+        match &self.rest {
+            None => extra.is_empty(),
+            Some(g) => extra.iter().all(|a| g.is_match(a)),
+        }
+    }
+}
+
+/// A remote path glob. `*` and `?` stay within one path component; `**`
+/// crosses directories.
+#[derive(Debug, Clone)]
+pub struct PathPattern(globset::GlobMatcher);
+
+impl PathPattern {
+    pub fn new(pattern: &str) -> Result<PathPattern, String> {
+        if !pattern.starts_with('/') {
+            return Err(format!("remote path pattern {pattern:?} must be absolute"));
+        }
+        if pattern.split('/').any(|c| c == "..") {
+            return Err(format!("remote path pattern {pattern:?} contains `..`"));
+        }
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("bad pattern {pattern:?}: {e}"))?;
+        Ok(PathPattern(glob.compile_matcher()))
+    }
+
+    pub fn matches(&self, normalised: &str) -> bool {
+        self.0.is_match(normalised)
+    }
+}
+
+/// Normalises a remote path: absolute, no NUL, no `..`; `.` and repeated
+/// slashes are dropped.
+pub fn remote_path(path: &str) -> Result<String, Denial> {
+    if path.contains('\0') {
+        return Err(Denial::InvalidArgument(format!(
+            "remote path {:?} contains a NUL byte",
+            path.replace('\0', "\\0")
+        )));
+    }
+    if !path.starts_with('/') {
+        return Err(Denial::Denied(format!("remote path {path:?} must be absolute")));
+    }
+    let mut out = String::with_capacity(path.len());
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return Err(Denial::Denied(format!("remote path {path:?} contains `..`, which is never allowed")));
+        }
+        out.push('/');
+        out.push_str(part);
+    }
+    if out.is_empty() {
+        return Err(Denial::InvalidArgument(format!("remote path {path:?} names no file")));
+    }
+    Ok(out)
+}
+
 /// Validates a destination in the store: relative, plain components only,
 /// and not one of the runner's own temporary names.
 pub fn store_path(dest: &str) -> Result<PathBuf, Denial> {
@@ -215,7 +405,74 @@ mod tests {
             read_roots: roots.iter().map(|r| r.canonicalize().unwrap()).collect(),
             base_dir: base.to_path_buf(),
             params: BTreeMap::from([("path".to_string(), ParamGrant { value: Some("x".into()), secret: false })]),
+            hosts: BTreeMap::new(),
         }
+    }
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn remote_policy() -> Policy {
+        let mut p = Policy::deny_all();
+        let commands = [
+            argv(&["mysqldump", "--single-transaction", "sitedb", "[a-z_]*..."]),
+            argv(&["/usr/local/bin/dbbackup.sh"]),
+            argv(&["echo", "$(id)"]),
+        ];
+        p.hosts.insert(
+            "server1".into(),
+            HostGrants {
+                commands: commands.iter().map(|c| CommandPattern::new(c).unwrap()).collect(),
+                fetch: vec![PathPattern::new("/var/backups/*.tgz").unwrap()],
+            },
+        );
+        p
+    }
+
+    #[test]
+    fn commands_match_program_exactly_and_arguments_by_glob() {
+        let p = remote_policy();
+        let exec = |host: &str, a: &[&str]| p.check(&Call::SshExec { host, argv: &argv(a) });
+        assert!(exec("server1", &["mysqldump", "--single-transaction", "sitedb"]).is_ok());
+        assert!(exec("server1", &["mysqldump", "--single-transaction", "sitedb", "users", "news_items"]).is_ok());
+        assert!(exec("server1", &["/usr/local/bin/dbbackup.sh"]).is_ok());
+        // Wrong program, extra argument, argument outside the glob, other host.
+        assert!(matches!(exec("server1", &["mysql"]), Err(Denial::Denied(m)) if m.contains("not granted")));
+        assert!(exec("server1", &["/usr/local/bin/dbbackup.sh", "--all"]).is_err());
+        assert!(exec("server1", &["mysqldump", "--single-transaction", "sitedb", "Users;rm"]).is_err());
+        assert!(exec("server1", &["mysqldump", "--single-transaction", "otherdb"]).is_err());
+        assert!(exec("server2", &["/usr/local/bin/dbbackup.sh"]).is_err());
+        assert!(exec("server1", &["dbbackup.sh"]).is_err(), "program names are exact, not basenames");
+        // Shell syntax in a pattern is literal.
+        assert!(exec("server1", &["echo", "$(id)"]).is_ok());
+        assert!(exec("server1", &["echo", "root"]).is_err());
+        assert!(matches!(exec("server1", &["echo", "a\0b"]), Err(Denial::InvalidArgument(_))));
+        assert!(matches!(exec("server1", &[]), Err(Denial::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn fetch_paths_are_normalised_then_matched() {
+        let p = remote_policy();
+        let fetch = |path: &str| p.check(&Call::ScpFetch { host: "server1", path });
+        assert_eq!(
+            fetch("/var//backups/./db.tgz"),
+            Ok(Grant::Fetch { host: "server1".into(), path: "/var/backups/db.tgz".into() })
+        );
+        assert!(fetch("/var/backups/sub/db.tgz").is_err(), "* stays inside one directory");
+        assert!(matches!(fetch("/var/backups/../../etc/x.tgz"), Err(Denial::Denied(_))));
+        assert!(matches!(fetch("var/backups/db.tgz"), Err(Denial::Denied(_))));
+        assert!(matches!(fetch("/var/backups/a\0.tgz"), Err(Denial::InvalidArgument(_))));
+        assert!(fetch("/etc/shadow").is_err());
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        assert!(CommandPattern::new(&[]).is_err());
+        assert!(CommandPattern::new(&argv(&["a", "x...", "y"])).is_err());
+        assert!(CommandPattern::new(&argv(&["a", "[z"])).is_err());
+        assert!(PathPattern::new("relative").is_err());
+        assert!(PathPattern::new("/a/../b").is_err());
     }
 
     #[test]

@@ -21,11 +21,22 @@ pub struct Limits {
     pub memory: u64,
     /// Timeout for any single host call.
     pub call_timeout: Duration,
+    /// Remote transfers that may run at the same time (hosts in parallel).
+    pub parallel: usize,
+    /// Largest stdout or stderr `ssh.exec` captures; bigger output must be
+    /// streamed with `exec-to-file`.
+    pub captured_output: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_secs(6 * 3600), memory: 128 << 20, call_timeout: Duration::from_secs(3600) }
+        Limits {
+            deadline: Duration::from_secs(6 * 3600),
+            memory: 128 << 20,
+            call_timeout: Duration::from_secs(3600),
+            parallel: 4,
+            captured_output: 1 << 20,
+        }
     }
 }
 
@@ -46,6 +57,44 @@ pub struct Site {
     pub limits: Limits,
     /// When set, the script's SHA-256 must equal this (lower-case hex).
     pub script_sha256: Option<String>,
+    /// The remote hosts the script may name, with their grants.
+    pub hosts: BTreeMap<String, HostConfig>,
+    /// `ssh_config` file for every host (`ssh -F`); `None` means the
+    /// user's own `~/.ssh/config`.
+    pub ssh_config: Option<PathBuf>,
+}
+
+/// One `[hosts.NAME]` section: how to reach the host and what may be done
+/// there. Scripts only ever see `NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    pub name: String,
+    /// Address or `~/.ssh/config` alias; defaults to `NAME`.
+    pub address: String,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    /// Private key file; without one the agent and ssh_config decide.
+    pub identity: Option<PathBuf>,
+    pub passphrase: Option<SecretSource>,
+    /// `None`: OpenSSH's default (`~/.ssh/known_hosts`).
+    pub known_hosts: Option<PathBuf>,
+    /// `SHA256:...` fingerprint the host key must have.
+    pub host_key: Option<String>,
+    pub connect_timeout: Duration,
+    /// A remote call that sends nothing for this long is abandoned.
+    pub idle_timeout: Duration,
+    /// Allowed commands: each an argv pattern (see `policy`).
+    pub commands: Vec<Vec<String>>,
+    /// Remote paths `scp.fetch` may copy: glob patterns on absolute paths.
+    pub fetch: Vec<String>,
+}
+
+/// Where a secret comes from. The value is read when it is needed and never
+/// stored in the site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
 }
 
 impl Site {
@@ -64,6 +113,8 @@ impl Site {
             params: BTreeMap::new(),
             limits: Limits::default(),
             script_sha256: None,
+            hosts: BTreeMap::new(),
+            ssh_config: None,
         })
     }
 
@@ -104,11 +155,22 @@ impl Site {
             bail!("{}: expected 64 hex digits, got {pin:?}", at("script_sha256"));
         }
         let defaults = Limits::default();
+        if raw.limits.parallel == Some(0) {
+            bail!("{}: must be at least 1", at("limits.parallel"));
+        }
         let limits = Limits {
             deadline: raw.limits.deadline.map_or(defaults.deadline, |d| d.0),
             memory: raw.limits.memory.map_or(defaults.memory, |m| m.0),
             call_timeout: raw.limits.call_timeout.map_or(defaults.call_timeout, |d| d.0),
+            parallel: raw.limits.parallel.unwrap_or(defaults.parallel),
+            captured_output: raw.limits.captured_output.map_or(defaults.captured_output, |m| m.0),
         };
+        let mut hosts = BTreeMap::new();
+        for (name, h) in raw.hosts {
+            let host =
+                h.resolve(&name, &file_dir).map_err(|e| anyhow::anyhow!("{}: {e}", at(&format!("hosts.{name}"))))?;
+            hosts.insert(name, host);
+        }
         let name = match raw.name {
             Some(n) => n,
             None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "site".into()),
@@ -122,6 +184,8 @@ impl Site {
             params: raw.params,
             limits,
             script_sha256: raw.script_sha256.map(|s| s.to_ascii_lowercase()),
+            hosts,
+            ssh_config: raw.ssh_config.map(|p| expand_home(&p, &file_dir)),
         })
     }
 }
@@ -140,6 +204,82 @@ struct SiteFile {
     params: BTreeMap<String, String>,
     #[serde(default)]
     limits: LimitsSection,
+    ssh_config: Option<PathBuf>,
+    #[serde(default)]
+    hosts: BTreeMap<String, HostSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostSection {
+    address: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    identity: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
+    passphrase_env: Option<String>,
+    known_hosts: Option<PathBuf>,
+    host_key: Option<String>,
+    connect_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    commands: Vec<Vec<String>>,
+    #[serde(default)]
+    fetch: Vec<String>,
+}
+
+impl HostSection {
+    fn resolve(self, name: &str, file_dir: &Path) -> Result<HostConfig, String> {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(format!("host name {name:?} may only use letters, digits, `-`, `_` and `.`"));
+        }
+        let passphrase = match (self.passphrase_file, self.passphrase_env) {
+            (Some(_), Some(_)) => return Err("set passphrase_file or passphrase_env, not both".into()),
+            (Some(f), None) => Some(SecretSource::File(expand_home(&f, file_dir))),
+            (None, Some(v)) => Some(SecretSource::Env(v)),
+            (None, None) => None,
+        };
+        if passphrase.is_some() && self.identity.is_none() {
+            return Err("a passphrase needs an `identity` key file".into());
+        }
+        if let Some(fp) = &self.host_key
+            && !fp.starts_with("SHA256:")
+        {
+            return Err(format!(
+                "host_key {fp:?} must be a SHA256 fingerprint as `ssh-keygen -lf` prints it, like \"SHA256:...\""
+            ));
+        }
+        for (i, pattern) in self.commands.iter().enumerate() {
+            crate::policy::CommandPattern::new(pattern).map_err(|e| format!("commands[{i}]: {e}"))?;
+        }
+        for (i, pattern) in self.fetch.iter().enumerate() {
+            crate::policy::PathPattern::new(pattern).map_err(|e| format!("fetch[{i}]: {e}"))?;
+        }
+        Ok(HostConfig {
+            name: name.to_string(),
+            address: self.address.unwrap_or_else(|| name.to_string()),
+            port: self.port,
+            user: self.user,
+            identity: self.identity.map(|p| expand_home(&p, file_dir)),
+            passphrase,
+            known_hosts: self.known_hosts.map(|p| expand_home(&p, file_dir)),
+            host_key: self.host_key,
+            connect_timeout: self.connect_timeout.map_or(Duration::from_secs(15), |d| d.0),
+            idle_timeout: self.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
+            commands: self.commands,
+            fetch: self.fetch,
+        })
+    }
+}
+
+/// `~/x` against `$HOME`, other relative paths against `base`.
+fn expand_home(p: &Path, base: &Path) -> PathBuf {
+    if let Ok(rest) = p.strip_prefix("~")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return PathBuf::from(home).join(rest);
+    }
+    base.join(p)
 }
 
 #[derive(Deserialize, Default)]
@@ -155,6 +295,8 @@ struct LimitsSection {
     deadline: Option<HumanDuration>,
     memory: Option<ByteSize>,
     call_timeout: Option<HumanDuration>,
+    parallel: Option<usize>,
+    captured_output: Option<ByteSize>,
 }
 
 /// A duration written as `90s`, `30m`, `6h` or `1h 30m`.
@@ -232,10 +374,11 @@ impl fmt::Display for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "deadline {}, memory {} MiB, call timeout {}",
+            "deadline {}, memory {} MiB, call timeout {}, {} parallel transfer(s)",
             humantime::format_duration(self.deadline),
             self.memory >> 20,
-            humantime::format_duration(self.call_timeout)
+            humantime::format_duration(self.call_timeout),
+            self.parallel
         )
     }
 }
@@ -298,6 +441,39 @@ mod tests {
     fn bad_pin_is_rejected() {
         let err = parse("store = \"/x\"\nscript_sha256 = \"abc\"\n").unwrap_err().to_string();
         assert!(err.contains("script_sha256"), "{err}");
+    }
+
+    #[test]
+    fn hosts_with_grants() {
+        let site = parse(
+            "store = \"/x\"\n[hosts.server1]\naddress = \"127.0.0.2\"\nport = 2222\nuser = \"backup\"\n\
+             identity = \"keys/id\"\npassphrase_env = \"OFFSITE_PASS\"\nconnect_timeout = \"5s\"\n\
+             commands = [[\"mysqldump\", \"--single-transaction\", \"*\"]]\nfetch = [\"/var/backups/*.tgz\"]\n\
+             [hosts.web]\n",
+        )
+        .unwrap();
+        let h = &site.hosts["server1"];
+        assert_eq!(h.address, "127.0.0.2");
+        assert_eq!(h.port, Some(2222));
+        assert_eq!(h.identity.as_deref(), Some(Path::new("/etc/offsite/keys/id")));
+        assert_eq!(h.passphrase, Some(SecretSource::Env("OFFSITE_PASS".into())));
+        assert_eq!(h.connect_timeout, Duration::from_secs(5));
+        assert_eq!(h.commands.len(), 1);
+        assert_eq!(site.hosts["web"].address, "web", "the name doubles as an ssh_config alias");
+    }
+
+    #[test]
+    fn bad_host_sections_are_refused() {
+        let err = parse("store = \"/x\"\n[hosts.a]\nadress = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains(":3:1: key `adress`"), "{err}");
+        let err = parse("store = \"/x\"\n[hosts.a]\nhost_key = \"abc\"\n").unwrap_err().to_string();
+        assert!(err.contains("hosts.a") && err.contains("SHA256"), "{err}");
+        let err = parse("store = \"/x\"\n[hosts.a]\npassphrase_env = \"P\"\n").unwrap_err().to_string();
+        assert!(err.contains("identity"), "{err}");
+        let err = parse("store = \"/x\"\n[hosts.a]\ncommands = [[]]\n").unwrap_err().to_string();
+        assert!(err.contains("commands[0]"), "{err}");
+        let err = parse("store = \"/x\"\n[hosts.a]\nfetch = [\"relative/*\"]\n").unwrap_err().to_string();
+        assert!(err.contains("fetch[0]"), "{err}");
     }
 
     #[test]

@@ -2,13 +2,18 @@
 //!
 //! Each instance has its own host key, its own client key in its
 //! `authorized_keys`, a `known_hosts` line for it, and logs into a scratch
-//! directory that disappears with it. It listens on a free port of the
+//! directory that disappears with it. The client key logs into a dedicated
+//! unprivileged account, [`LOGIN_USER`], created on first use when the tests
+//! run as root (as CI does); otherwise into the current user. It listens on a free port of the
 //! address it is given (127.0.0.2, 127.0.0.3, ...), so tests run in parallel.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The account backups log into on the test "servers".
+pub const LOGIN_USER: &str = "offsite-backup";
 
 /// A running `sshd`; stopped when dropped.
 pub struct Sshd {
@@ -27,11 +32,17 @@ impl Sshd {
     /// connections. Panics with sshd's log if it does not come up.
     pub fn start(ip: &str) -> Sshd {
         let sshd = find_sshd();
+        let user = login_user();
         let dir = tempfile::tempdir().expect("scratch dir for sshd");
         let d = dir.path();
+        // The login user reads authorized_keys and the files under `files`.
+        set_mode(d, 0o755);
         keygen(&d.join("host_ed25519"));
         keygen(&d.join("client_ed25519"));
         std::fs::copy(d.join("client_ed25519.pub"), d.join("authorized_keys")).unwrap();
+        set_mode(&d.join("authorized_keys"), 0o644);
+        std::fs::create_dir(d.join("files")).unwrap();
+        set_mode(&d.join("files"), 0o777);
         // The privilege-separation directory sshd insists on.
         std::fs::create_dir_all("/run/sshd").ok();
 
@@ -62,8 +73,7 @@ impl Sshd {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", sshd.display()));
         let host_pub = std::fs::read_to_string(d.join("host_ed25519.pub")).unwrap();
         let key = host_pub.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        let mut server =
-            Sshd { child, dir, addr, user: current_user(), known_hosts_line: format!("[{ip}]:{port} {key}") };
+        let mut server = Sshd { child, dir, addr, user, known_hosts_line: format!("[{ip}]:{port} {key}") };
         server.wait_ready();
         std::fs::write(server.dir.path().join("known_hosts"), format!("{}\n", server.known_hosts_line)).unwrap();
         server
@@ -86,6 +96,38 @@ impl Sshd {
     /// Private key that `authorized_keys` accepts (mode 0600, no passphrase).
     pub fn client_key(&self) -> PathBuf {
         self.dir.path().join("client_ed25519")
+    }
+
+    /// A directory on the "server" that the login user can read and write:
+    /// where tests put files to fetch and scripts to run.
+    pub fn files(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+
+    /// This server's host key (public part), as `type base64`.
+    pub fn host_key(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("host_ed25519.pub")).unwrap();
+        text.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    }
+
+    /// `SHA256:...` fingerprint of the host key, from `ssh-keygen -l`.
+    pub fn host_fingerprint(&self) -> String {
+        let out = Command::new("ssh-keygen").arg("-lf").arg(self.dir.path().join("host_ed25519.pub")).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    /// Stops sshd at once, as if the server died (sessions die with it).
+    pub fn kill_all(&mut self) {
+        let mut doomed = vec![self.child.id()];
+        let mut i = 0;
+        while i < doomed.len() {
+            doomed.extend(children_of(doomed[i]));
+            i += 1;
+        }
+        for pid in doomed {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        let _ = self.child.wait();
     }
 
     /// A `known_hosts` file holding exactly this server's key.
@@ -157,6 +199,59 @@ fn keygen(path: &Path) {
 fn free_port(ip: &str) -> u16 {
     let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}"));
     listener.local_addr().unwrap().port()
+}
+
+/// Direct children of `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// [`LOGIN_USER`], created if missing, when running as root; else the
+/// current user.
+fn login_user() -> String {
+    static ONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let me = current_user();
+        if me != "root" {
+            return me;
+        }
+        for _ in 0..20 {
+            if Command::new("id")
+                .arg(LOGIN_USER)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+            {
+                return LOGIN_USER.to_string();
+            }
+            // A password of `*` is "no password" rather than "locked", so
+            // sshd accepts the key.
+            let _ = Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/sh", "--password", "*", LOGIN_USER])
+                .stderr(Stdio::null())
+                .status();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("cannot create the test login user {LOGIN_USER} (useradd)");
+    })
+    .clone()
 }
 
 fn current_user() -> String {

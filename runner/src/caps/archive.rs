@@ -64,7 +64,7 @@ impl Host for Caps {
             stored.sha256,
             started.elapsed()
         );
-        self.outputs.push(stored.clone());
+        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
         Ok(FileInfo { path: stored.path, bytes: stored.bytes, sha256: stored.sha256 })
     }
 }
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(info.path, "out.tgz");
         let on_disk = std::fs::read(dir.path().join("out.tgz")).unwrap();
         assert_eq!(info.bytes, on_disk.len() as u64);
-        assert_eq!(caps.outputs.len(), 1);
+        assert_eq!(caps.outputs().len(), 1);
         let entries = list(&dir.path().join("out.tgz"));
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(

@@ -6,12 +6,21 @@ mod archive;
 mod clock;
 mod log;
 mod params;
+pub mod remote;
+mod scp;
+mod ssh;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cap_std::fs::Dir;
+use wasmtime::component::{Resource, ResourceTable};
+
+use self::remote::{Job, JobSlot, Remote, Slots};
+use crate::transport::Transport;
 
 use crate::bindings::types::Error as WitError;
 use crate::bindings::{meta, types};
@@ -34,11 +43,22 @@ pub struct Caps {
     pub dry_run: bool,
     /// Values that must never appear in a log line.
     pub secrets: Vec<String>,
-    /// Files this run has stored, in order.
-    pub outputs: Vec<StoredFile>,
+    /// Files this run has stored, in order of completion.
+    pub outputs: Arc<Mutex<Vec<StoredFile>>>,
     /// Calls refused by the policy during this run.
     pub denials: u32,
     read_dirs: Vec<Option<Dir>>,
+    /// SSH connections; `None` when the site has no hosts.
+    pub transport: Option<Arc<dyn Transport>>,
+    /// Per-host idle timeouts.
+    pub idle_timeouts: BTreeMap<String, Duration>,
+    /// Bounds remote transfers running at once.
+    pub slots: Arc<Slots>,
+    pub captured_output: u64,
+    /// `pending` resources handed to the script.
+    table: ResourceTable,
+    jobs: Vec<Arc<JobSlot>>,
+    job_failures: Arc<AtomicU32>,
 }
 
 impl Caps {
@@ -53,10 +73,62 @@ impl Caps {
             call_timeout: Duration::from_secs(3600),
             dry_run: false,
             secrets: Vec::new(),
-            outputs: Vec::new(),
+            outputs: Arc::new(Mutex::new(Vec::new())),
             denials: 0,
             read_dirs: (0..roots).map(|_| None).collect(),
+            transport: None,
+            idle_timeouts: BTreeMap::new(),
+            slots: Arc::new(Slots::new(4)),
+            captured_output: 1 << 20,
+            table: ResourceTable::new(),
+            jobs: Vec::new(),
+            job_failures: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// The files stored so far.
+    pub fn outputs(&self) -> Vec<StoredFile> {
+        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for every background transfer; returns the failures the
+    /// script never saw (they fail the run).
+    pub fn settle(&mut self) -> Vec<String> {
+        remote::settle(&self.jobs)
+    }
+
+    /// What a remote call to `host` needs, detached from `self`.
+    fn remote(&self, host: &str) -> Result<Remote, WitError> {
+        let transport =
+            self.transport.clone().ok_or_else(|| WitError::Denied(format!("host {host:?}: this site has no hosts")))?;
+        Ok(Remote {
+            transport,
+            store: self.store.clone(),
+            secrets: Arc::new(self.secrets.clone()),
+            outputs: Arc::clone(&self.outputs),
+            slots: Arc::clone(&self.slots),
+            call_timeout: self.call_timeout,
+            idle_timeout: self.idle_timeouts.get(host).copied().unwrap_or(Duration::from_secs(600)),
+            captured_output: self.captured_output,
+            dry_run: self.dry_run,
+        })
+    }
+
+    /// Starts `work` in the background as a `pending` resource.
+    fn start_job(
+        &mut self,
+        what: String,
+        work: impl FnOnce() -> Result<types::FileInfo, WitError> + Send + 'static,
+    ) -> Result<Resource<Job>, WitError> {
+        if self.jobs.len() >= remote::MAX_JOBS {
+            return Err(WitError::LimitExceeded(format!(
+                "a run may start at most {} background transfers",
+                remote::MAX_JOBS
+            )));
+        }
+        let (job, slot) = Job::start(what, Arc::clone(&self.job_failures), work);
+        self.jobs.push(slot);
+        self.table.push(job).map_err(|e| WitError::LimitExceeded(format!("too many pending transfers: {e}")))
     }
 
     /// Asks the policy about `call` and records the decision in the log.
@@ -114,6 +186,19 @@ pub(crate) fn io_error(what: &str, e: std::io::Error) -> WitError {
             WitError::Io(format!("{what}: the store is full: {e}"))
         }
         _ => WitError::Io(format!("{what}: {e}")),
+    }
+}
+
+/// A WIT error as one line of text.
+pub fn describe_error(e: &WitError) -> String {
+    match e {
+        WitError::Denied(m) => format!("denied: {m}"),
+        WitError::NotFound(m) => format!("not found: {m}"),
+        WitError::Io(m) => format!("I/O error: {m}"),
+        WitError::Timeout(m) => format!("timeout: {m}"),
+        WitError::RemoteFailed(m) => format!("remote failure: {m}"),
+        WitError::InvalidArgument(m) => format!("invalid argument: {m}"),
+        WitError::LimitExceeded(m) => format!("limit exceeded: {m}"),
     }
 }
 

@@ -1,0 +1,579 @@
+//! What `ssh` and `scp` share: running one remote command through a
+//! [`Transport`] with its timeouts, keeping stderr apart from stdout,
+//! streaming into the store, and the background jobs behind `pending`.
+//!
+//! Everything here runs on plain data (`Remote`) so that a job can move to
+//! its own thread; none of it touches the wasm store.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::io_error;
+use crate::bindings::ssh::StreamOptions;
+use crate::bindings::types::{Error, FileInfo};
+use crate::compress::ParallelGz;
+use crate::store::{PendingFile, Store, StoredFile};
+use crate::transport::{Event, Exit, RemoteProcess, Transport, TransportError, quote};
+
+/// How much of the end of a stream `require-tail` looks at.
+pub const TAIL_BYTES: usize = 4096;
+/// How much stderr a streamed call keeps (the end of it) for logs and errors.
+const STDERR_KEEP: usize = 16 << 10;
+/// Most background transfers one run may have started.
+pub const MAX_JOBS: usize = 256;
+
+/// Everything a remote call needs, cheap to clone into a job thread.
+#[derive(Clone)]
+pub struct Remote {
+    pub transport: Arc<dyn Transport>,
+    pub store: Option<Arc<Store>>,
+    pub secrets: Arc<Vec<String>>,
+    pub outputs: Arc<Mutex<Vec<StoredFile>>>,
+    pub slots: Arc<Slots>,
+    pub call_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub captured_output: u64,
+    pub dry_run: bool,
+}
+
+impl Remote {
+    fn redact(&self, text: &str) -> String {
+        super::redact(&self.secrets, text)
+    }
+
+    /// `argv` as the log shows it: secrets masked, long lines cut.
+    fn show(&self, argv: &[String]) -> String {
+        let mut s = self.redact(&argv.join(" "));
+        if s.len() > 200 {
+            let cut = (0..=200).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+            s.truncate(cut);
+            s.push('…');
+        }
+        s
+    }
+
+    fn spawn(&self, host: &str, argv: &[String], stdin: bool) -> Result<Pump, Error> {
+        let line = quote::command_line(argv).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let process =
+            self.transport.spawn(host, &line, stdin).map_err(|e| transport_error(&self.redact(&e.to_string()), &e))?;
+        Ok(Pump::new(process, host, self.idle_timeout, self.call_timeout))
+    }
+
+    /// `ssh.exec`: runs `argv` and captures both streams, each capped.
+    pub fn exec(&self, host: &str, argv: &[String]) -> Result<(u32, Vec<u8>, String), Error> {
+        if self.dry_run {
+            self.connect(host)?;
+            ::log::info!(target: "offsite::ssh", "dry run: would run on {host}: {}", self.show(argv));
+            return Ok((0, Vec::new(), String::new()));
+        }
+        let _slot = self.slots.acquire();
+        let mut pump = self.spawn(host, argv, false)?;
+        pump.stderr_cap = self.captured_output as usize;
+        let mut stdout = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = pump.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if (stdout.len() + n) as u64 > self.captured_output {
+                pump.kill();
+                return Err(Error::LimitExceeded(format!(
+                    "host {host}: `{}` printed more than the captured_output limit of {} bytes; \
+                     stream large output into the store with exec-to-file",
+                    self.show(argv),
+                    self.captured_output
+                )));
+            }
+            stdout.extend_from_slice(&buf[..n]);
+        }
+        if pump.stderr_total > self.captured_output {
+            return Err(Error::LimitExceeded(format!(
+                "host {host}: `{}` wrote more than {} bytes to stderr",
+                self.show(argv),
+                self.captured_output
+            )));
+        }
+        let exit = pump.finish()?;
+        let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
+        match exit {
+            Exit::Status(status) => Ok((status, stdout, stderr)),
+            other => Err(Error::RemoteFailed(format!("host {host}: `{}` {other}; stderr: {stderr}", self.show(argv)))),
+        }
+    }
+
+    /// `ssh.exec-to-file`: streams stdout into `dest`; stores it only when
+    /// the command exited 0 and the checks passed.
+    pub fn exec_to_file(
+        &self,
+        host: &str,
+        argv: &[String],
+        dest: &Path,
+        options: &StreamOptions,
+    ) -> Result<FileInfo, Error> {
+        let shown_dest = dest.display().to_string();
+        if self.dry_run {
+            self.connect(host)?;
+            ::log::info!(target: "offsite::ssh", "dry run: would stream `{}` on {host} into {shown_dest}", self.show(argv));
+            return Ok(dry_info(dest));
+        }
+        let store = self.store.as_ref().ok_or_else(|| Error::Denied("no store is open".into()))?;
+        let _slot = self.slots.acquire();
+        let started = Instant::now();
+        let mut pump = self.spawn(host, argv, false)?;
+        let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
+        let mut sink = if options.gzip { Sink::Gz(ParallelGz::new(pending, 6, 0)) } else { Sink::Plain(pending) };
+        let mut tail = Tail::default();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut bytes = 0u64;
+        loop {
+            let n = pump.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            tail.push(&buf[..n]);
+            sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
+            bytes += n as u64;
+        }
+        let exit = pump.finish()?;
+        let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
+        log_stderr(host, &stderr);
+        if exit != Exit::Status(0) {
+            return Err(Error::RemoteFailed(format!(
+                "host {host}: `{}` {exit} after {bytes} bytes of output; nothing was stored{}",
+                self.show(argv),
+                stderr_suffix(&stderr)
+            )));
+        }
+        if let Some(want) = &options.require_tail
+            && !tail.contains(want.as_bytes())
+        {
+            return Err(Error::RemoteFailed(format!(
+                "host {host}: the output of `{}` does not end with {want:?} ({bytes} bytes): it is \
+                 incomplete, so nothing was stored",
+                self.show(argv)
+            )));
+        }
+        let stored = sink.finish().and_then(PendingFile::commit).map_err(|e| io_error(&shown_dest, e))?;
+        ::log::info!(
+            target: "offsite::ssh",
+            "host {host}: stored {} ({bytes} bytes from the command, {} stored, sha256 {}) in {:.1?}",
+            stored.path, stored.bytes, stored.sha256, started.elapsed()
+        );
+        Ok(self.record(stored))
+    }
+
+    /// `scp.fetch`: the sink side of the scp protocol over `scp -f`.
+    pub fn fetch(&self, host: &str, path: &str, dest: &Path) -> Result<FileInfo, Error> {
+        let shown_dest = dest.display().to_string();
+        if self.dry_run {
+            self.connect(host)?;
+            ::log::info!(target: "offsite::scp", "dry run: would fetch {host}:{path} into {shown_dest}");
+            return Ok(dry_info(dest));
+        }
+        let store = self.store.as_ref().ok_or_else(|| Error::Denied("no store is open".into()))?;
+        let _slot = self.slots.acquire();
+        let started = Instant::now();
+        let argv: Vec<String> = ["scp", "-f", "--", path].iter().map(|s| s.to_string()).collect();
+        let mut pump = self.spawn(host, &argv, true)?;
+        let failed = |what: String| Error::RemoteFailed(format!("host {host}: fetching {path}: {what}"));
+        pump.send(b"\0")?;
+        let header = loop {
+            let line = pump.read_line()?.ok_or_else(|| failed(pump.closed_early("before sending the file")))?;
+            match line.first() {
+                Some(b'C') => break line,
+                // Modification times (only with -p): acknowledge and go on.
+                Some(b'T') => pump.send(b"\0")?,
+                Some(1) | Some(2) => {
+                    let msg = String::from_utf8_lossy(&line[1..]).trim().to_string();
+                    return Err(if msg.contains("No such file") {
+                        Error::NotFound(format!("host {host}: {msg}"))
+                    } else {
+                        failed(msg)
+                    });
+                }
+                _ => return Err(failed(format!("unexpected reply {:?}", String::from_utf8_lossy(&line)))),
+            }
+        };
+        // "C0644 <size> <name>"
+        let header_text = String::from_utf8_lossy(&header[1..]).trim_end().to_string();
+        let size: u64 = header_text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| failed(format!("malformed scp header {header_text:?}")))?;
+        let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
+        let mut sink = Sink::Plain(pending);
+        pump.send(b"\0")?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0u64;
+        while got < size {
+            let want = buf.len().min((size - got) as usize);
+            let n = pump.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(failed(format!(
+                    "the transfer stopped after {got} of {size} bytes{}; nothing was stored",
+                    pump.closed_early("")
+                )));
+            }
+            sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
+            got += n as u64;
+        }
+        let mut ok = [0u8; 1];
+        if pump.read(&mut ok)? != 1 || ok[0] != 0 {
+            let msg = pump.read_line()?.map(|l| String::from_utf8_lossy(&l).trim().to_string()).unwrap_or_default();
+            return Err(failed(format!("the server reported an error after the data: {msg}")));
+        }
+        pump.send(b"\0")?;
+        pump.close_stdin();
+        if pump.read(&mut buf)? != 0 {
+            return Err(failed("unexpected data after the file".into()));
+        }
+        let exit = pump.finish()?;
+        if exit != Exit::Status(0) {
+            let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
+            return Err(failed(format!("scp {exit}; nothing was stored{}", stderr_suffix(&stderr))));
+        }
+        let stored = sink.finish().and_then(PendingFile::commit).map_err(|e| io_error(&shown_dest, e))?;
+        ::log::info!(
+            target: "offsite::scp",
+            "host {host}: stored {path} as {} ({} bytes, sha256 {}) in {:.1?}",
+            stored.path, stored.bytes, stored.sha256, started.elapsed()
+        );
+        Ok(self.record(stored))
+    }
+
+    fn connect(&self, host: &str) -> Result<(), Error> {
+        self.transport.connect(host).map_err(|e| transport_error(&self.redact(&e.to_string()), &e))
+    }
+
+    fn record(&self, stored: StoredFile) -> FileInfo {
+        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
+        FileInfo { path: stored.path, bytes: stored.bytes, sha256: stored.sha256 }
+    }
+}
+
+fn dry_info(dest: &Path) -> FileInfo {
+    FileInfo { path: dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() }
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() { String::new() } else { format!("; stderr: {s}") }
+}
+
+fn log_stderr(host: &str, stderr: &str) {
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        ::log::warn!(target: "offsite::ssh", "host {host}: stderr: {line}");
+    }
+}
+
+/// Maps a transport failure to the error the script sees.
+fn transport_error(message: &str, e: &TransportError) -> Error {
+    match e {
+        TransportError::Timeout { .. } => Error::Timeout(message.to_string()),
+        TransportError::Config { .. } => Error::InvalidArgument(message.to_string()),
+        _ => Error::RemoteFailed(message.to_string()),
+    }
+}
+
+/// Where streamed output goes: the pending file, maybe through gzip.
+enum Sink {
+    Plain(PendingFile),
+    Gz(ParallelGz<PendingFile>),
+}
+
+impl Sink {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Plain(f) => f.write_all(data),
+            Sink::Gz(g) => g.write_all(data),
+        }
+    }
+    fn finish(self) -> io::Result<PendingFile> {
+        match self {
+            Sink::Plain(f) => Ok(f),
+            Sink::Gz(g) => g.finish(),
+        }
+    }
+}
+
+/// The last [`TAIL_BYTES`] of a stream.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        if data.len() >= TAIL_BYTES {
+            self.0.clear();
+            self.0.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
+        } else {
+            self.0.extend_from_slice(data);
+            if self.0.len() > TAIL_BYTES {
+                self.0.drain(..self.0.len() - TAIL_BYTES);
+            }
+        }
+    }
+    fn contains(&self, needle: &[u8]) -> bool {
+        !needle.is_empty() && self.0.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+/// Reads one remote command's stdout with its idle and call timeouts,
+/// keeping stderr on the side.
+struct Pump {
+    process: Box<dyn RemoteProcess>,
+    host: String,
+    idle: Duration,
+    deadline: Instant,
+    stderr: Vec<u8>,
+    stderr_total: u64,
+    /// Keep at most this much stderr (its end).
+    stderr_cap: usize,
+    scratch: Vec<u8>,
+}
+
+impl Pump {
+    fn new(process: Box<dyn RemoteProcess>, host: &str, idle: Duration, call_timeout: Duration) -> Pump {
+        Pump {
+            process,
+            host: host.to_string(),
+            idle,
+            deadline: Instant::now() + call_timeout,
+            stderr: Vec::new(),
+            stderr_total: 0,
+            stderr_cap: STDERR_KEEP,
+            scratch: vec![0u8; 8192],
+        }
+    }
+
+    /// Reads stdout; 0 means both streams ended.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                self.kill();
+                return Err(Error::Timeout(format!("host {}: the call ran past its call_timeout", self.host)));
+            }
+            let wait = self.idle.min(self.deadline - now);
+            let event = self.process.next(buf, wait).map_err(|e| {
+                Error::RemoteFailed(format!("host {}: reading from the remote command: {e}", self.host))
+            })?;
+            match event {
+                Some(Event::Stdout(n)) => return Ok(n),
+                Some(Event::Stderr(n)) => {
+                    // Move it out of `buf`, which belongs to stdout.
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(&buf[..n]);
+                    self.push_stderr();
+                }
+                Some(Event::Closed) => return Ok(0),
+                None if Instant::now() >= self.deadline => continue,
+                None => {
+                    self.kill();
+                    return Err(Error::Timeout(format!(
+                        "host {}: nothing arrived for {} (idle_timeout); gave up",
+                        self.host,
+                        humantime::format_duration(self.idle)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn push_stderr(&mut self) {
+        self.stderr_total += self.scratch.len() as u64;
+        self.stderr.extend_from_slice(&self.scratch);
+        if self.stderr.len() > self.stderr_cap {
+            let cut = self.stderr.len() - self.stderr_cap;
+            self.stderr.drain(..cut);
+        }
+    }
+
+    /// One protocol line (up to `\n`), read a byte at a time so nothing
+    /// after it is consumed. `None` at end of stream.
+    fn read_line(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            if self.read(&mut byte)? == 0 {
+                return Ok(if line.is_empty() { None } else { Some(line) });
+            }
+            if byte[0] == b'\n' {
+                return Ok(Some(line));
+            }
+            if line.len() > 4096 {
+                return Err(Error::RemoteFailed(format!("host {}: protocol line too long", self.host)));
+            }
+            line.push(byte[0]);
+        }
+    }
+
+    fn send(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.process
+            .write_stdin(data)
+            .map_err(|e| Error::RemoteFailed(format!("host {}: the remote side stopped reading: {e}", self.host)))
+    }
+
+    fn close_stdin(&mut self) {
+        self.process.close_stdin();
+    }
+
+    /// Why the stream ended early, for a message.
+    fn closed_early(&mut self, when: &str) -> String {
+        let exit = self.process.finish(Duration::from_secs(5)).map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
+        let stderr = String::from_utf8_lossy(&self.stderr).trim().to_string();
+        let mut s = format!(" {when} ({exit})");
+        if !stderr.is_empty() {
+            s.push_str(&format!("; stderr: {stderr}"));
+        }
+        s
+    }
+
+    fn finish(&mut self) -> Result<Exit, Error> {
+        let left = self.deadline.saturating_duration_since(Instant::now()).min(self.idle);
+        self.process.finish(left).map_err(|e| match e {
+            TransportError::Timeout { .. } => Error::Timeout(e.to_string()),
+            _ => Error::RemoteFailed(e.to_string()),
+        })
+    }
+
+    fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// A counting semaphore bounding transfers that run at once.
+pub struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    pub fn new(n: usize) -> Slots {
+        Slots { free: Mutex::new(n.max(1)), freed: Condvar::new() }
+    }
+
+    pub fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+pub struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// A background transfer: the `pending` resource.
+pub struct Job {
+    slot: Arc<JobSlot>,
+}
+
+#[derive(Default)]
+pub struct JobSlot {
+    result: Mutex<Option<Result<FileInfo, Error>>>,
+    done: Condvar,
+    /// The script called `wait` and so saw the result.
+    observed: std::sync::atomic::AtomicBool,
+    pub what: String,
+}
+
+impl JobSlot {
+    fn wait(&self) -> Result<FileInfo, Error> {
+        let mut result = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        while result.is_none() {
+            result = self.done.wait(result).unwrap_or_else(|e| e.into_inner());
+        }
+        result.clone().expect("set")
+    }
+}
+
+impl Job {
+    /// Runs `work` on its own thread.
+    pub fn start(
+        what: String,
+        failures: Arc<AtomicU32>,
+        work: impl FnOnce() -> Result<FileInfo, Error> + Send + 'static,
+    ) -> (Job, Arc<JobSlot>) {
+        let slot = Arc::new(JobSlot { what, ..Default::default() });
+        let theirs = Arc::clone(&slot);
+        std::thread::spawn(move || {
+            let result = work();
+            if result.is_err() {
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+            *theirs.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+            theirs.done.notify_all();
+        });
+        (Job { slot: Arc::clone(&slot) }, slot)
+    }
+
+    pub fn wait(&self) -> Result<FileInfo, Error> {
+        self.slot.observed.store(true, Ordering::Relaxed);
+        self.slot.wait()
+    }
+}
+
+/// Waits for every job and returns the errors of those whose result the
+/// script never looked at: a failure it did not see still fails the run.
+pub fn settle(jobs: &[Arc<JobSlot>]) -> Vec<String> {
+    let mut unseen = Vec::new();
+    for job in jobs {
+        if let Err(e) = job.wait()
+            && !job.observed.load(Ordering::Relaxed)
+        {
+            unseen.push(format!("{}: {}", job.what, super::describe_error(&e)));
+        }
+    }
+    unseen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_end_across_pushes() {
+        let mut t = Tail::default();
+        t.push(&vec![b'x'; 10_000]);
+        t.push(b"-- Dump com");
+        t.push(b"pleted on 2026-11-26\n");
+        assert!(t.contains(b"-- Dump completed"));
+        assert_eq!(t.0.len(), TAIL_BYTES);
+        t.push(&vec![b'y'; TAIL_BYTES]);
+        assert!(!t.contains(b"-- Dump completed"));
+    }
+
+    #[test]
+    fn slots_bound_concurrency() {
+        let slots = Arc::new(Slots::new(2));
+        let running = Arc::new(AtomicU32::new(0));
+        let peak = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (slots, running, peak) = (Arc::clone(&slots), Arc::clone(&running), Arc::clone(&peak));
+                std::thread::spawn(move || {
+                    let _g = slots.acquire();
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(20));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+    }
+}

@@ -1,0 +1,33 @@
+//! `scp`: copying remote files into the store.
+
+use wasmtime::component::Resource;
+
+use super::Caps;
+use super::remote::Job;
+use crate::bindings::scp::Host;
+use crate::bindings::types::{Error, FileInfo};
+use crate::policy::{Call, Grant};
+
+impl Caps {
+    fn decide_fetch(&mut self, host: &str, remote_path: &str) -> Result<String, Error> {
+        match self.decide(Call::ScpFetch { host, path: remote_path })? {
+            Grant::Fetch { path, .. } => Ok(path),
+            other => unreachable!("fetch granted as {other:?}"),
+        }
+    }
+}
+
+impl Host for Caps {
+    fn fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<FileInfo, Error> {
+        let path = self.decide_fetch(&host, &remote_path)?;
+        let rel = self.decide_write(&dest)?;
+        self.remote(&host)?.fetch(&host, &path, &rel)
+    }
+
+    fn start_fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<Resource<Job>, Error> {
+        let path = self.decide_fetch(&host, &remote_path)?;
+        let rel = self.decide_write(&dest)?;
+        let remote = self.remote(&host)?;
+        self.start_job(format!("fetching {host}:{path} into {dest}"), move || remote.fetch(&host, &path, &rel))
+    }
+}

@@ -1,0 +1,69 @@
+//! `ssh`: remote commands, captured or streamed into the store.
+
+use wasmtime::component::Resource;
+
+use super::Caps;
+use super::remote::Job;
+use crate::bindings::ssh::{ExecOutput, Host, HostPending, StreamOptions};
+use crate::bindings::types::{Error, FileInfo};
+use crate::policy::{Call, Grant};
+
+impl Host for Caps {
+    fn exec(&mut self, host: String, argv: Vec<String>) -> Result<ExecOutput, Error> {
+        self.decide(Call::SshExec { host: &host, argv: &argv })?;
+        let (status, stdout, stderr) = self.remote(&host)?.exec(&host, &argv)?;
+        Ok(ExecOutput { status, stdout, stderr })
+    }
+
+    fn exec_to_file(
+        &mut self,
+        host: String,
+        argv: Vec<String>,
+        dest: String,
+        options: StreamOptions,
+    ) -> Result<FileInfo, Error> {
+        self.decide(Call::SshExec { host: &host, argv: &argv })?;
+        let rel = self.decide_write(&dest)?;
+        self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options)
+    }
+
+    fn start_exec_to_file(
+        &mut self,
+        host: String,
+        argv: Vec<String>,
+        dest: String,
+        options: StreamOptions,
+    ) -> Result<Resource<Job>, Error> {
+        self.decide(Call::SshExec { host: &host, argv: &argv })?;
+        let rel = self.decide_write(&dest)?;
+        let remote = self.remote(&host)?;
+        self.start_job(format!("streaming from {host} into {dest}"), move || {
+            remote.exec_to_file(&host, &argv, &rel, &options)
+        })
+    }
+}
+
+impl HostPending for Caps {
+    fn wait(&mut self, job: Resource<Job>) -> Result<FileInfo, Error> {
+        match self.table.get(&job) {
+            Ok(job) => job.wait(),
+            Err(e) => Err(Error::InvalidArgument(format!("no such pending transfer: {e}"))),
+        }
+    }
+
+    fn drop(&mut self, job: Resource<Job>) -> wasmtime::Result<()> {
+        // The job keeps running; `settle` waits for it at the end of the run.
+        self.table.delete(job)?;
+        Ok(())
+    }
+}
+
+impl Caps {
+    /// Asks the policy about writing `dest` into the store.
+    pub(super) fn decide_write(&mut self, dest: &str) -> Result<std::path::PathBuf, Error> {
+        match self.decide(Call::StoreWrite { dest })? {
+            Grant::Write { rel } => Ok(rel),
+            other => unreachable!("store write granted as {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The `ssh` and `scp` capabilities end to end: the real `offsite` binary
+//! runs the `probe` script against real OpenSSH `sshd`s on 127.0.0.2 and
+//! 127.0.0.3, logging into an unprivileged account with the harness's keys.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use offsite_testkit::sshd::Sshd;
+use offsite_testkit::{Ran, offsite, script};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+
+/// A site with some hosts, a store and a private HOME.
+struct Site {
+    dir: tempfile::TempDir,
+    hosts: Vec<String>,
+    extra: String,
+}
+
+impl Site {
+    fn new() -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("home")).unwrap();
+        std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+        Site { dir, hosts: Vec::new(), extra: String::new() }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// Adds `[hosts.NAME]` for `server` with its key and known_hosts, plus
+    /// `grants` (TOML lines).
+    fn host(&mut self, name: &str, server: &Sshd, grants: &str) -> &mut Site {
+        let section = format!(
+            "[hosts.{name}]\naddress = \"{ip}\"\nport = {port}\nuser = \"{user}\"\nidentity = \"{key}\"\n\
+             known_hosts = \"{kh}\"\nconnect_timeout = \"3s\"\n{grants}\n",
+            ip = server.addr.ip(),
+            port = server.addr.port(),
+            user = server.user,
+            key = server.client_key().display(),
+            kh = server.known_hosts().display(),
+        );
+        self.hosts.push(section);
+        self
+    }
+
+    fn write(&self) -> PathBuf {
+        let text = format!(
+            "name = \"test\"\nstore = \"{}\"\nssh_config = \"{}\"\n{}\n{}",
+            self.store().display(),
+            self.path("ssh_config").display(),
+            self.extra,
+            self.hosts.join("\n")
+        );
+        let file = self.path("site.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    /// Runs the probe with `params`.
+    fn run(&self, params: &[(&str, &str)]) -> Ran {
+        let site = self.write();
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("-v").arg("run").arg(script("probe")).arg("--site").arg(&site);
+        for (k, v) in params {
+            cmd.arg("--param").arg(format!("{k}={v}"));
+        }
+        cmd.env("HOME", self.path("home")).env_remove("SSH_AUTH_SOCK");
+        Ran::from_output(cmd.output().unwrap())
+    }
+
+    /// Files in the store (temporary files included, so leftovers show).
+    fn stored(&self) -> Vec<String> {
+        let mut names: Vec<String> = match std::fs::read_dir(self.store()) {
+            Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+}
+
+fn argv(parts: &[&str]) -> String {
+    parts.join("\u{1f}")
+}
+
+fn gunzip(path: &Path) -> Vec<u8> {
+    let out = Command::new("gzip").arg("-dc").arg(path).output().unwrap();
+    assert!(out.status.success(), "gzip -dc {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn exec_returns_status_and_both_streams_with_hostile_arguments_intact() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"printf\", \"*...\"], [\"sh\", \"-c\", \"*\"], [\"id\", \"-un\"]]");
+    let hostile = ["a b", "it's", "$(id)", "`id`", "x;y|z&&w", "line1\nline2", "$HOME", "*", "\\"];
+    let mut cmd = vec!["printf", "[%s]"];
+    cmd.extend(hostile);
+    let ran = site.run(&[("op", "exec"), ("argv", &argv(&cmd))]);
+    ran.expect_code(0);
+    let expected: String = hostile.iter().map(|a| format!("[{a}]")).collect();
+    assert!(ran.stderr.contains(&format!("stdout={expected:?}")), "{}", ran.stderr);
+    assert!(ran.stderr.contains("status=0"), "{}", ran.stderr);
+
+    let ran = site.run(&[("op", "exec"), ("argv", &argv(&["sh", "-c", "echo out; echo err >&2; exit 7"]))]);
+    ran.expect_code(0);
+    for want in ["status=7", "stdout=\"out\\n\"", "stderr=\"err\\n\""] {
+        assert!(ran.stderr.contains(want), "missing {want}: {}", ran.stderr);
+    }
+
+    // The dedicated, unprivileged login account.
+    let ran = site.run(&[("op", "exec"), ("argv", &argv(&["id", "-un"]))]);
+    ran.expect_code(0);
+    assert!(ran.stderr.contains(&format!("stdout={:?}", format!("{}\n", server.user))), "{}", ran.stderr);
+}
+
+#[test]
+fn exec_output_over_the_cap_is_a_limit_error() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.extra = "[limits]\ncaptured_output = \"64KiB\"\n".into();
+    site.host("server1", &server, "commands = [[\"head\", \"-c\", \"*\", \"/dev/zero\"]]");
+    let ran = site.run(&[("op", "exec"), ("argv", &argv(&["head", "-c", "1000000", "/dev/zero"]))]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("limit exceeded") && ran.stderr.contains("exec-to-file"), "{}", ran.stderr);
+}
+
+#[test]
+fn exec_to_file_streams_stdout_only_through_gzip() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    let ran = site.run(&[
+        ("op", "stream"),
+        ("argv", &argv(&["sh", "-c", "echo noise >&2; seq 1 200000; echo more noise >&2"])),
+        ("dest", "seq.txt.gz"),
+        ("gzip", "true"),
+    ]);
+    ran.expect_code(0);
+    let data = gunzip(&site.store().join("seq.txt.gz"));
+    let expected: String = (1..=200000).map(|i| format!("{i}\n")).collect();
+    assert!(data == expected.as_bytes(), "stdout arrived intact and without stderr");
+    assert!(ran.stderr.contains("stderr: noise") && ran.stderr.contains("stderr: more noise"), "{}", ran.stderr);
+    let reported = ran.stderr.lines().find_map(|l| l.split("sha256=").nth(1)).unwrap().trim().to_string();
+    assert_eq!(reported, sha256sum(&site.store().join("seq.txt.gz")));
+    assert_eq!(site.stored(), ["seq.txt.gz"]);
+}
+
+#[test]
+fn failures_after_partial_output_store_nothing_and_keep_the_old_file() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    std::fs::create_dir_all(site.store()).unwrap();
+    std::fs::write(site.store().join("dump.sql"), "GOOD OLD BACKUP").unwrap();
+    let cases = [
+        ("seq 1 100000; echo failing >&2; exit 3", "exit status 3"),
+        // $PPID is the login shell sshd started: the session itself dies.
+        ("seq 1 100000; kill -9 $PPID", "killed by signal"),
+        ("seq 1 100000; kill -TERM $PPID", "killed by signal"),
+        // A command killed under the login shell: the shell reports 128+9.
+        ("seq 1 100000; kill -9 $$", "exit status 137"),
+        ("seq 1 100000", "does not end with"),
+    ];
+    for (command, reason) in cases {
+        let ran = site.run(&[
+            ("op", "stream"),
+            ("argv", &argv(&["sh", "-c", command])),
+            ("dest", "dump.sql"),
+            ("tail", "-- Dump completed"),
+        ]);
+        ran.expect_code(1);
+        assert!(ran.stderr.contains(reason), "{command}: expected {reason:?} in\n{}", ran.stderr);
+        assert!(ran.stderr.contains("remote command failed"), "{}", ran.stderr);
+        assert_eq!(std::fs::read_to_string(site.store().join("dump.sql")).unwrap(), "GOOD OLD BACKUP");
+        assert_eq!(site.stored(), ["dump.sql"], "no temporary file is left behind");
+    }
+    let ran = site.run(&[
+        ("op", "stream"),
+        ("argv", &argv(&["sh", "-c", "echo data; echo '-- Dump completed on 2026-11-26 21:00:00'"])),
+        ("dest", "dump.sql"),
+        ("tail", "-- Dump completed"),
+    ]);
+    ran.expect_code(0);
+    assert!(std::fs::read_to_string(site.store().join("dump.sql")).unwrap().starts_with("data\n"));
+}
+
+#[test]
+fn fetch_copies_a_file_exactly_and_refuses_paths_outside_the_grant() {
+    let server = Sshd::start("127.0.0.2");
+    let files = server.files();
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(files.join("db.tgz"), &data).unwrap();
+    std::fs::write(files.join("secret.key"), "no").unwrap();
+    let mut site = Site::new();
+    site.host("server1", &server, &format!("fetch = [\"{}/*.tgz\"]", files.display()));
+    let remote = format!("{}/db.tgz", files.display());
+    let ran = site.run(&[("op", "fetch"), ("path", &remote), ("dest", "server1/db.tgz")]);
+    ran.expect_code(0);
+    let stored = site.store().join("server1/db.tgz");
+    assert!(std::fs::read(&stored).unwrap() == data);
+    assert!(ran.stderr.contains(&format!("bytes={} sha256={}", data.len(), sha256sum(&stored))), "{}", ran.stderr);
+
+    let denied = [
+        format!("{}/secret.key", files.display()),
+        format!("{}/../files/db.tgz", files.display()),
+        "db.tgz".to_string(),
+    ];
+    for path in denied {
+        let ran = site.run(&[("op", "fetch"), ("path", &path), ("dest", "x")]);
+        ran.expect_code(1);
+        assert!(ran.stderr.contains("denied"), "{path}: {}", ran.stderr);
+    }
+    let ran = site.run(&[("op", "fetch"), ("path", &format!("{}/missing.tgz", files.display())), ("dest", "x")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("not found") && ran.stderr.contains("No such file"), "{}", ran.stderr);
+    assert!(!site.store().join("x").exists());
+}
+
+#[test]
+fn hosts_and_commands_outside_the_grants_are_denied_before_connecting() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"echo\", \"hello\"]]");
+    for (host, cmd, why) in [
+        ("server9", vec!["echo", "hello"], "not granted to this site"),
+        ("server1", vec!["cat", "/etc/shadow"], "program \"cat\" is not granted"),
+        ("server1", vec!["echo", "hello", "; rm -rf /"], "match no granted pattern"),
+    ] {
+        let ran = site.run(&[("op", "exec"), ("host", host), ("argv", &argv(&cmd))]);
+        ran.expect_code(1);
+        assert!(ran.stderr.contains("denied") && ran.stderr.contains(why), "{cmd:?}: {}", ran.stderr);
+    }
+    assert!(!server.log().contains("Accepted publickey"), "no connection was made:\n{}", server.log());
+}
+
+#[test]
+fn an_unknown_host_key_fails_with_the_line_to_add_and_known_hosts_is_untouched() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"true\"]]");
+    std::fs::write(server.known_hosts(), "").unwrap();
+    let ran = site.run(&[("op", "exec"), ("argv", "true")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("host key is not known"), "{}", ran.stderr);
+    assert!(ran.stderr.contains(&server.host_fingerprint()), "fingerprint shown: {}", ran.stderr);
+    assert!(ran.stderr.contains(&server.known_hosts_line), "exact line shown: {}", ran.stderr);
+    assert_eq!(std::fs::read_to_string(server.known_hosts()).unwrap(), "", "never written");
+}
+
+#[test]
+fn a_changed_or_unpinned_host_key_is_refused_loudly() {
+    let server1 = Sshd::start("127.0.0.2");
+    let server2 = Sshd::start("127.0.0.3");
+    let mut site = Site::new();
+    site.host("server1", &server1, "commands = [[\"true\"]]");
+    // server1's address with server2's key: what a man in the middle looks like.
+    let forged = format!("{} {}\n", server1.known_hosts_line.split(' ').next().unwrap(), server2.host_key());
+    std::fs::write(server1.known_hosts(), &forged).unwrap();
+    let ran = site.run(&[("op", "exec"), ("argv", "true")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("HOST KEY HAS CHANGED"), "{}", ran.stderr);
+    assert!(ran.stderr.contains(&server1.host_fingerprint()), "{}", ran.stderr);
+    assert_eq!(std::fs::read_to_string(server1.known_hosts()).unwrap(), forged, "never written");
+
+    // A pin that does not match refuses even a key known_hosts accepts.
+    std::fs::write(server1.known_hosts(), format!("{}\n", server1.known_hosts_line)).unwrap();
+    let mut pinned = Site::new();
+    let pin = format!("host_key = \"{}\"\ncommands = [[\"true\"]]", server2.host_fingerprint());
+    pinned.host("server1", &server1, &pin);
+    let ran = pinned.run(&[("op", "exec"), ("argv", "true")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("pins host_key"), "{}", ran.stderr);
+    let mut pinned = Site::new();
+    let pin = format!("host_key = \"{}\"\ncommands = [[\"true\"]]", server1.host_fingerprint());
+    pinned.host("server1", &server1, &pin);
+    pinned.run(&[("op", "exec"), ("argv", "true")]).expect_code(0);
+}
+
+#[test]
+fn a_wrong_or_exposed_key_is_refused() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"true\"]]");
+    let key = site.path("home/id_other");
+    let status = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(site.write()).unwrap();
+    std::fs::write(
+        site.path("site.toml"),
+        text.replace(&server.client_key().display().to_string(), &key.display().to_string()),
+    )
+    .unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["run"]).arg(script("probe")).arg("--site").arg(site.path("site.toml"));
+    cmd.args(["--param", "op=exec", "--param", "argv=true"]).env("HOME", site.path("home")).env_remove("SSH_AUTH_SOCK");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("authentication failed"), "{}", ran.stderr);
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("mode 0644") && ran.stderr.contains("chmod 600"), "{}", ran.stderr);
+}
+
+#[test]
+fn a_silent_port_and_a_closed_port_fail_within_the_timeout() {
+    let server = Sshd::start("127.0.0.2");
+    let silent = TcpListener::bind("127.0.0.2:0").unwrap();
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"true\"]]");
+    let text = std::fs::read_to_string(site.write()).unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::fs::write(
+        site.path("site.toml"),
+        text.replace(&format!("port = {}", server.addr.port()), &format!("port = {silent_port}")),
+    )
+    .unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["run"]).arg(script("probe")).arg("--site").arg(site.path("site.toml"));
+    cmd.args(["--param", "op=exec", "--param", "argv=true"]).env("HOME", site.path("home"));
+    let started = Instant::now();
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("timed out"), "{}", ran.stderr);
+    // connect_timeout is 3 s; generous slack for a loaded machine.
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    drop(silent);
+
+    let closed = TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        site.path("site.toml"),
+        text.replace(&format!("port = {}", server.addr.port()), &format!("port = {closed}")),
+    )
+    .unwrap();
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("Connection refused"), "{}", ran.stderr);
+}
+
+#[test]
+fn sshd_dying_mid_transfer_stores_nothing() {
+    let mut server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    let site_file = site.write();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("run").arg(script("probe")).arg("--site").arg(&site_file);
+    cmd.args(["--param", "op=stream", "--param", "dest=big.bin"]);
+    cmd.arg("--param").arg(format!("argv={}", argv(&["sh", "-c", "head -c 50000000 /dev/zero; sleep 60"])));
+    cmd.env("HOME", site.path("home")).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // Wait until data is flowing into a temporary file, then kill sshd.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !site.stored().iter().any(|n| n.starts_with(".offsite-tmp")) {
+        assert!(Instant::now() < deadline, "the transfer never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill_all();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("remote command failed"), "{stderr}");
+    assert!(site.stored().is_empty(), "nothing stored, no temporary file left: {:?}", site.stored());
+}
+
+#[test]
+fn background_transfers_to_two_hosts_overlap_and_share_one_connection_each() {
+    let server1 = Sshd::start("127.0.0.2");
+    let server2 = Sshd::start("127.0.0.3");
+    let mut site = Site::new();
+    let grant = "commands = [[\"sh\", \"-c\", \"*\"]]";
+    site.host("server1", &server1, grant).host("server2", &server2, grant);
+    // Each command prints when it started and ended.
+    let timed = argv(&["sh", "-c", "date +%s.%N; sleep 1; date +%s.%N"]);
+    let run = |site: &Site| {
+        site.run(&[("op", "parallel-stream"), ("hosts", "server1,server2,server1"), ("argv", &timed), ("dest", "t")])
+            .expect_code(0);
+        let spans: Vec<(f64, f64)> = ["server1-t", "server2-t"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(site.store().join(f)).unwrap();
+                let v: Vec<f64> = text.lines().map(|l| l.parse().unwrap()).collect();
+                (v[0], v[1])
+            })
+            .collect();
+        spans[0].0 < spans[1].1 && spans[1].0 < spans[0].1
+    };
+    assert!(run(&site), "with parallel = 4 (the default) the two hosts overlap");
+    assert_eq!(server1.log().matches("Accepted publickey").count(), 1, "one connection for two sessions");
+    site.extra = "[limits]\nparallel = 1\n".into();
+    assert!(!run(&site), "with parallel = 1 they do not");
+}
+
+#[test]
+fn a_failed_background_transfer_the_script_never_waited_for_fails_the_run() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    let ran = site.run(&[("op", "unwaited"), ("argv", &argv(&["sh", "-c", "echo x; exit 2"])), ("dest", "u")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("never waited") && ran.stderr.contains("exit status 2"), "{}", ran.stderr);
+    assert!(site.stored().is_empty());
+}
+
+#[test]
+fn agent_from_keychain_file_and_passphrase_keys_work_without_prompting() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    // A passphrase-protected copy of the authorized key.
+    let key = site.path("home/id_pass");
+    std::fs::copy(server.client_key(), &key).unwrap();
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "", "-N", "correct horse", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(site.path("home/pass"), "correct horse\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(site.path("home/pass"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    site.host("server1", &server, "commands = [[\"true\"]]");
+    let text = std::fs::read_to_string(site.write()).unwrap().replace(
+        &format!("identity = \"{}\"", server.client_key().display()),
+        &format!("identity = \"{}\"\npassphrase_file = \"{}\"", key.display(), site.path("home/pass").display()),
+    );
+    std::fs::write(site.path("site.toml"), &text).unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("run").arg(script("probe")).arg("--site").arg(site.path("site.toml"));
+    cmd.args(["--param", "op=exec", "--param", "argv=true"]).env("HOME", site.path("home")).env_remove("SSH_AUTH_SOCK");
+    Ran::from_output(cmd.output().unwrap()).expect_code(0);
+    assert!(!text.contains("correct horse"));
+
+    // The same key held by an agent that only keychain's file names (cron).
+    let sock = site.path("home/agent.sock");
+    let agent = Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(std::process::Stdio::null()).spawn();
+    let mut agent = agent.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added = Command::new("ssh-add").arg(server.client_key()).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    std::fs::create_dir(site.path("home/.keychain")).unwrap();
+    let hostname = String::from_utf8(Command::new("uname").arg("-n").output().unwrap().stdout).unwrap();
+    std::fs::write(
+        site.path(&format!("home/.keychain/{}-sh", hostname.trim())),
+        format!(
+            "SSH_AUTH_SOCK={}; export SSH_AUTH_SOCK;\nSSH_AGENT_PID={}; export SSH_AGENT_PID;\n",
+            sock.display(),
+            agent.id()
+        ),
+    )
+    .unwrap();
+    let no_identity: String = text
+        .lines()
+        .filter(|l| !l.starts_with("identity") && !l.starts_with("passphrase"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(site.path("site.toml"), no_identity).unwrap();
+    let ran = Ran::from_output(cmd.output().unwrap());
+    let _ = agent.kill();
+    let _ = agent.wait();
+    ran.expect_code(0);
+}

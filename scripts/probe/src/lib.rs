@@ -1,0 +1,88 @@
+//! Test fixture: calls one remote capability as its parameters say and
+//! prints what came back, so the runner's end-to-end tests can check every
+//! case of `ssh` and `scp` against a real sshd. Not an example to copy.
+//!
+//! `argv` is split on the ASCII unit separator (U+001F), so arguments may
+//! hold spaces, quotes and newlines.
+
+use offsite_sdk::ssh::{self, Stream};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, params, scp};
+
+struct Probe;
+
+impl Script for Probe {
+    fn describe() -> ScriptInfo {
+        ScriptInfo::new("probe", env!("CARGO_PKG_VERSION"))
+            .description("drives ssh and scp for tests")
+            .param(Param::required("op", "exec, stream, fetch, parallel-stream, parallel-fetch, unwaited"))
+            .param(Param::optional("host", "host name").default("server1"))
+            .param(Param::optional("argv", "the command, split on U+001F"))
+            .param(Param::optional("dest", "store destination"))
+            .param(Param::optional("path", "remote path"))
+            .param(Param::optional("gzip", "compress: true or false").default("false"))
+            .param(Param::optional("tail", "required tail text"))
+            .param(Param::optional("hosts", "comma-separated hosts for the parallel ops"))
+            .capabilities(["ssh", "scp", "params"])
+    }
+
+    fn run() -> Result<()> {
+        let host = params::require("host")?;
+        let argv: Vec<String> =
+            params::get("argv")?.map(|a| a.split('\u{1f}').map(str::to_string).collect()).unwrap_or_default();
+        let dest = params::get("dest")?.unwrap_or_default();
+        let path = params::get("path")?.unwrap_or_default();
+        let mut stream = Stream::new();
+        if params::require("gzip")? == "true" {
+            stream = stream.gzip();
+        }
+        if let Some(tail) = params::get("tail")? {
+            stream = stream.require_tail(&tail);
+        }
+        let hosts: Vec<String> =
+            params::get("hosts")?.map(|h| h.split(',').map(str::to_string).collect()).unwrap_or_default();
+        match params::require("op")?.as_str() {
+            "exec" => {
+                let out = ssh::exec(&host, &argv)?;
+                // One line per field, escaped, for the test to parse.
+                println!("status={}", out.status);
+                println!("stdout={:?}", out.stdout_text());
+                println!("stderr={:?}", out.stderr);
+            }
+            "stream" => {
+                let info = ssh::exec_to_file(&host, &argv, &dest, &stream)?;
+                println!("stored={} bytes={} sha256={}", info.path, info.bytes, info.sha256);
+            }
+            "fetch" => {
+                let info = scp::fetch(&host, &path, &dest)?;
+                println!("stored={} bytes={} sha256={}", info.path, info.bytes, info.sha256);
+            }
+            "parallel-stream" => {
+                let jobs: Vec<_> = hosts
+                    .iter()
+                    .map(|h| ssh::start_exec_to_file(h, &argv, &format!("{h}-{dest}"), &stream))
+                    .collect::<std::result::Result<_, _>>()?;
+                for job in jobs {
+                    let info = job.wait()?;
+                    println!("stored={} bytes={}", info.path, info.bytes);
+                }
+            }
+            "parallel-fetch" => {
+                let jobs: Vec<_> = hosts
+                    .iter()
+                    .map(|h| scp::start_fetch(h, &path, &format!("{h}-{dest}")))
+                    .collect::<std::result::Result<_, _>>()?;
+                for job in jobs {
+                    job.wait()?;
+                }
+            }
+            // Starts a transfer and never waits for it.
+            "unwaited" => {
+                let _job = ssh::start_exec_to_file(&host, &argv, &dest, &stream)?;
+            }
+            other => bail!("unknown op {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+offsite_sdk::script!(Probe);
