@@ -33,7 +33,8 @@ pub fn script(name: &str) -> PathBuf {
         assert!(status.success(), "building scripts/ for wasm32-wasip2 failed");
         dir.join("target/wasm32-wasip2/release")
     });
-    let path = out.join(format!("{name}.wasm"));
+    // Cargo names a cdylib after the crate with `-` turned into `_`.
+    let path = out.join(format!("{}.wasm", name.replace('-', "_")));
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -126,6 +127,7 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
     }
 }
 
+pub mod mariadb;
 pub mod sshd;
 
 pub use tempfile;

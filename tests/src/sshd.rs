@@ -31,8 +31,15 @@ impl Sshd {
     /// Starts `sshd` on `ip` (a loopback address) and waits until it accepts
     /// connections. Panics with sshd's log if it does not come up.
     pub fn start(ip: &str) -> Sshd {
+        Sshd::start_as(ip, LOGIN_USER)
+    }
+
+    /// Like [`start`](Self::start), logging into the account `user`
+    /// (created if missing), so that two "servers" can have their own home
+    /// directories and `~/.my.cnf`.
+    pub fn start_as(ip: &str, user: &str) -> Sshd {
         let sshd = find_sshd();
-        let user = login_user();
+        let user = login_user(user);
         let dir = tempfile::tempdir().expect("scratch dir for sshd");
         let d = dir.path();
         // The login user reads authorized_keys and the files under `files`.
@@ -102,6 +109,13 @@ impl Sshd {
     /// where tests put files to fetch and scripts to run.
     pub fn files(&self) -> PathBuf {
         self.dir.path().join("files")
+    }
+
+    /// The login user's home directory on this "server".
+    pub fn home(&self) -> PathBuf {
+        let out = Command::new("getent").args(["passwd", &self.user]).output().unwrap();
+        let line = String::from_utf8(out.stdout).unwrap();
+        PathBuf::from(line.trim().split(':').nth(5).expect("home in passwd entry"))
     }
 
     /// This server's host key (public part), as `type base64`.
@@ -221,40 +235,34 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// [`LOGIN_USER`], created if missing, when running as root; else the
-/// current user.
-fn login_user() -> String {
-    static ONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let me = current_user();
-        if me != "root" {
-            return me;
-        }
-        for _ in 0..20 {
-            if Command::new("id")
-                .arg(LOGIN_USER)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap()
-                .success()
-            {
-                return LOGIN_USER.to_string();
-            }
-            // A password of `*` is "no password" rather than "locked", so
-            // sshd accepts the key.
-            let _ = Command::new("useradd")
-                .args(["--create-home", "--shell", "/bin/sh", "--password", "*", LOGIN_USER])
-                .stderr(Stdio::null())
-                .status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("cannot create the test login user {LOGIN_USER} (useradd)");
-    })
-    .clone()
-}
-
 fn current_user() -> String {
     let out = Command::new("id").arg("-un").output().expect("run id -un");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `wanted`, created if missing, when running as root; else the current
+/// user (who cannot create accounts).
+fn login_user(wanted: &str) -> String {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let me = current_user();
+    if me != "root" {
+        return me;
+    }
+    let exists =
+        || Command::new("id").arg(wanted).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success();
+    for _ in 0..20 {
+        if exists() {
+            return wanted.to_string();
+        }
+        // A password of `*` is "no password" rather than "locked", so sshd
+        // accepts the key. (Retried: another test process may hold the lock
+        // on /etc/passwd.)
+        let _ = Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", "--password", "*", wanted])
+            .stderr(Stdio::null())
+            .status();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot create the test login user {wanted} (useradd)");
 }

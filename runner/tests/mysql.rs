@@ -1,0 +1,206 @@
+//! The article's scenario end to end: one site file and the one shared
+//! `mysql-pull` script back up two servers, each a real sshd with its own
+//! login user and a real MariaDB. Every dump is restored into a fresh
+//! database and compared by row counts and `CHECKSUM TABLE`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use offsite_testkit::mariadb::MariaDb;
+use offsite_testkit::sshd::Sshd;
+use offsite_testkit::{Ran, offsite, script};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+const SITEDB_TABLES: [&str; 4] = ["tbl_ccode", "tbl_machine", "tbl_session", "tbl_stats"];
+
+/// One simulated server: sshd and MariaDB on the same loopback address.
+struct Server {
+    ssh: Sshd,
+    db: MariaDb,
+}
+
+fn start(ip: &'static str, user: &'static str) -> std::thread::JoinHandle<Server> {
+    std::thread::spawn(move || {
+        let ssh = Sshd::start_as(ip, user);
+        let db = MariaDb::start(ip);
+        // Credentials where mysqldump looks by default: the login user's
+        // ~/.my.cnf, mode 0600.
+        db.write_defaults_file(&ssh.home().join(".my.cnf"), &ssh.user);
+        Server { ssh, db }
+    })
+}
+
+/// The two servers. They log in as the same two accounts in every test,
+/// whose `~/.my.cnf` names this test's MariaDB sockets, so the tests here
+/// take turns: the guard is held for the whole test.
+fn two_servers() -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = (start("127.0.0.2", "offsite-srv1"), start("127.0.0.3", "offsite-srv2"));
+    let (server1, server2) = (a.join().unwrap(), b.join().unwrap());
+    populate_sitedb(&server1.db);
+    populate_transdb(&server2.db);
+    (server1, server2, turn)
+}
+
+fn populate_sitedb(db: &MariaDb) {
+    db.sql("CREATE DATABASE sitedb");
+    db.sql_in(
+        "sitedb",
+        "CREATE TABLE tbl_ccode (code CHAR(2) PRIMARY KEY, name VARCHAR(64) NOT NULL) ENGINE=InnoDB;\n\
+         INSERT INTO tbl_ccode VALUES ('US','United States'),('FR','France'),('IN','India'),('JP','日本'),('XX','O''Brien; DROP TABLE x; --');\n\
+         CREATE TABLE tbl_machine (id INT PRIMARY KEY, hostname VARCHAR(255), ip VARBINARY(16), notes TEXT NULL) ENGINE=InnoDB;\n\
+         INSERT INTO tbl_machine SELECT seq, CONCAT('web', seq, '.example.com'), UNHEX(LPAD(HEX(seq), 8, '0')), IF(seq % 3 = 0, NULL, REPEAT('x\\n\\t\"', seq % 7)) FROM seq_1_to_500;\n\
+         CREATE TABLE tbl_session (id BIGINT PRIMARY KEY, machine INT, started DATETIME, payload BLOB) ENGINE=InnoDB;\n\
+         INSERT INTO tbl_session SELECT seq, seq % 500 + 1, '2004-03-21 01:48:44' + INTERVAL seq SECOND, RANDOM_BYTES(32) FROM seq_1_to_20000;\n\
+         CREATE TABLE tbl_stats (day DATE, hits INT UNSIGNED, ratio DOUBLE, PRIMARY KEY (day)) ENGINE=InnoDB;\n\
+         INSERT INTO tbl_stats SELECT '2000-01-01' + INTERVAL seq DAY, seq * 37 % 10007, seq / 7 FROM seq_0_to_3000;\n\
+         CREATE TABLE tbl_private (secret TEXT);\n\
+         INSERT INTO tbl_private VALUES ('not part of the backup');",
+    );
+}
+
+fn populate_transdb(db: &MariaDb) {
+    db.sql("CREATE DATABASE transdb");
+    db.sql_in(
+        "transdb",
+        "CREATE TABLE transactions (id BIGINT PRIMARY KEY, amount DECIMAL(12,2), memo VARCHAR(200)) ENGINE=InnoDB;\n\
+         INSERT INTO transactions SELECT seq, seq * 1.25, CONCAT('payment #', seq, ' \\'quoted\\'') FROM seq_1_to_30000;\n\
+         CREATE TABLE accounts (id INT PRIMARY KEY, owner VARCHAR(100)) ENGINE=InnoDB;\n\
+         INSERT INTO accounts SELECT seq, CONCAT('owner ', seq) FROM seq_1_to_100;",
+    );
+}
+
+/// The site file: both hosts with exactly the grants the script needs.
+fn site_file(dir: &Path, server1: &Server, server2: &Server, grants1: &str, grants2: &str, params: &str) -> PathBuf {
+    let host = |name: &str, s: &Server, grants: &str| {
+        format!(
+            "[hosts.{name}]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n{grants}\n",
+            s.ssh.addr.ip(),
+            s.ssh.addr.port(),
+            s.ssh.user,
+            s.ssh.client_key().display(),
+            s.ssh.known_hosts().display()
+        )
+    };
+    std::fs::write(dir.join("ssh_config"), "").unwrap();
+    let text = format!(
+        "name = \"article\"\nstore = \"{}\"\nssh_config = \"{}\"\n\n[params]\n{params}\n\n{}\n{}",
+        dir.join("backups").display(),
+        dir.join("ssh_config").display(),
+        host("server1", server1, grants1),
+        host("server2", server2, grants2),
+    );
+    let file = dir.join("article.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn run(site: &Path) -> Ran {
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("run").arg(script("mysql-pull")).arg("--site").arg(site).args(["--now", "2004-03-21T01:48:44"]);
+    cmd.env("HOME", site.parent().unwrap()).env_remove("SSH_AUTH_SOCK");
+    Ran::from_output(cmd.output().unwrap())
+}
+
+fn gunzip(path: &Path) -> Vec<u8> {
+    let out = Command::new("gzip").arg("-dc").arg(path).output().unwrap();
+    assert!(out.status.success(), "gzip -dc {}", path.display());
+    out.stdout
+}
+
+const DUMP_GRANT_1: &str = "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"sitedb\", \"tbl_*...\"]]";
+const DUMP_GRANT_2: &str =
+    "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"transdb\"]]";
+
+#[test]
+fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
+    let (server1, server2, _turn) = two_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let params = "dumps = \"server1:sitedb:tbl_ccode,tbl_machine,tbl_session,tbl_stats server2:transdb\"";
+    let site = site_file(dir.path(), &server1, &server2, DUMP_GRANT_1, DUMP_GRANT_2, params);
+    let ran = run(&site);
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "", "silent on success, as cron wants");
+
+    let dump1 = dir.path().join("backups/server1/sitedb-20040321-014844.sql.gz");
+    let dump2 = dir.path().join("backups/server2/transdb-20040321-014844.sql.gz");
+    let sql1 = gunzip(&dump1);
+    let sql2 = gunzip(&dump2);
+    assert!(String::from_utf8_lossy(&sql1[sql1.len() - 100..]).contains("-- Dump completed"));
+    assert!(!String::from_utf8_lossy(&sql1).contains("tbl_private"), "only the named tables");
+    assert!(!String::from_utf8_lossy(&sql1).contains(server1.db.backup_password()));
+
+    // Restore each into a fresh database and compare.
+    server1.db.load("restored_sitedb", &sql1);
+    let original: Vec<_> =
+        server1.db.fingerprint("sitedb").into_iter().filter(|(t, _, _)| SITEDB_TABLES.contains(&t.as_str())).collect();
+    assert_eq!(original.len(), 4);
+    assert_eq!(server1.db.fingerprint("restored_sitedb"), original);
+    assert_eq!(original.iter().find(|t| t.0 == "tbl_session").unwrap().1, 20000);
+    server2.db.load("restored_transdb", &sql2);
+    assert_eq!(server2.db.fingerprint("restored_transdb"), server2.db.fingerprint("transdb"));
+}
+
+#[test]
+fn a_failing_dump_fails_the_run_but_the_other_server_is_still_backed_up() {
+    let (server1, server2, _turn) = two_servers();
+    let dir = tempfile::tempdir().unwrap();
+    // tbl_missing does not exist: mysqldump prints its header, then fails.
+    let params = "dumps = \"server1:sitedb:tbl_ccode,tbl_missing server2:transdb\"";
+    let site = site_file(dir.path(), &server1, &server2, DUMP_GRANT_1, DUMP_GRANT_2, params);
+    let ran = run(&site);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("1 backup(s) failed") && ran.stderr.contains("server1 sitedb"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("exit status 6") && ran.stderr.contains("Couldn't find table"), "{}", ran.stderr);
+    assert!(!dir.path().join("backups/server1/sitedb-20040321-014844.sql.gz").exists());
+    let stored: Vec<_> = std::fs::read_dir(dir.path().join("backups/server1")).unwrap().collect();
+    assert!(stored.is_empty(), "no partial or temporary file: {stored:?}");
+    assert!(dir.path().join("backups/server2/transdb-20040321-014844.sql.gz").exists());
+
+    // A table the grant does not cover is refused before anything runs.
+    let params = "dumps = \"server1:sitedb:tbl_ccode,mysql.user server2:transdb\"";
+    let site = site_file(dir.path(), &server1, &server2, DUMP_GRANT_1, DUMP_GRANT_2, params);
+    let ran = run(&site);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("denied") && ran.stderr.contains("match no granted pattern"), "{}", ran.stderr);
+}
+
+#[test]
+fn the_articles_remote_backup_command_then_fetch() {
+    let (server1, server2, _turn) = two_servers();
+    // The article's dbbackup.sh: dump, then tar czf into a known place.
+    for (s, db, name) in [(&server1, "sitedb", "userdb"), (&server2, "transdb", "transdb")] {
+        let files = s.ssh.files();
+        let script = format!(
+            "#!/bin/sh\nset -e\ncd {files}\nmysqldump --single-transaction {db} > {name}.sql\ntar czf {name}.tgz {name}.sql\n",
+            files = files.display()
+        );
+        std::fs::write(files.join("dbbackup.sh"), script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(files.join("dbbackup.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let grant = |s: &Server| {
+        let f = s.ssh.files();
+        format!("commands = [[\"{0}/dbbackup.sh\"]]\nfetch = [\"{0}/*.tgz\"]", f.display())
+    };
+    let (f1, f2) = (server1.ssh.files(), server2.ssh.files());
+    let params = format!(
+        "mode = \"command\"\ncommands = \"server1:{0}/dbbackup.sh:{0}/userdb.tgz server2:{1}/dbbackup.sh:{1}/transdb.tgz\"",
+        f1.display(),
+        f2.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let site = site_file(dir.path(), &server1, &server2, &grant(&server1), &grant(&server2), &params);
+    run(&site).expect_code(0);
+    for (s, db, file) in [
+        (&server1, "sitedb", "server1/userdb-20040321-014844.tgz"),
+        (&server2, "transdb", "server2/transdb-20040321-014844.tgz"),
+    ] {
+        let archive = dir.path().join("backups").join(file);
+        let out = Command::new("tar").arg("-xzOf").arg(&archive).output().unwrap();
+        assert!(out.status.success(), "GNU tar reads {}", archive.display());
+        s.db.load(&format!("restored_{db}"), &out.stdout);
+        assert_eq!(s.db.fingerprint(&format!("restored_{db}")), s.db.fingerprint(db));
+    }
+}
