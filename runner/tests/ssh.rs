@@ -482,3 +482,63 @@ fn agent_from_keychain_file_and_passphrase_keys_work_without_prompting() {
     let _ = agent.wait();
     ran.expect_code(0);
 }
+
+#[test]
+fn ssh_config_aliases_supply_address_port_user_key_and_known_hosts() {
+    let server = Sshd::start("127.0.0.2");
+    let site = Site::new();
+    std::fs::write(
+        site.path("ssh_config"),
+        format!(
+            "Host db1\n  HostName {}\n  Port {}\n  User {}\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n",
+            server.addr.ip(),
+            server.addr.port(),
+            server.user,
+            server.client_key().display(),
+            server.known_hosts().display()
+        ),
+    )
+    .unwrap();
+    // The site names only the alias; everything else comes from ssh_config.
+    std::fs::write(
+        site.path("site.toml"),
+        format!(
+            "store = \"{}\"\nssh_config = \"{}\"\n[hosts.server1]\naddress = \"db1\"\ncommands = [[\"id\", \"-un\"]]\n",
+            site.store().display(),
+            site.path("ssh_config").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["-v", "run"]).arg(script("probe")).arg("--site").arg(site.path("site.toml"));
+    cmd.args(["--param", "op=exec", "--param"]).arg(format!("argv={}", argv(&["id", "-un"])));
+    cmd.env("HOME", site.path("home")).env_remove("SSH_AUTH_SOCK");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(0);
+    assert!(ran.stderr.contains(&format!("stdout={:?}", format!("{}\n", server.user))), "{}", ran.stderr);
+}
+
+#[test]
+fn a_dry_run_connects_and_checks_but_runs_and_stores_nothing() {
+    let server = Sshd::start("127.0.0.2");
+    let marker = server.files().join("ran");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"touch\", \"*\"]]");
+    let site_file = site.write();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["run", "--dry-run"]).arg(script("probe")).arg("--site").arg(&site_file);
+    cmd.args(["--param", "op=stream", "--param", "dest=x"])
+        .arg("--param")
+        .arg(format!("argv=touch\u{1f}{}", marker.display()));
+    cmd.env("HOME", site.path("home"));
+    Ran::from_output(cmd.output().unwrap()).expect_code(0);
+    assert!(!marker.exists(), "the remote command did not run");
+    assert!(site.stored().is_empty());
+    assert_eq!(server.log().matches("Accepted publickey").count(), 1, "but it did connect and authenticate");
+
+    // And a host that cannot be reached fails the dry run.
+    std::fs::write(server.known_hosts(), "").unwrap();
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("host key is not known"), "{}", ran.stderr);
+}
