@@ -72,6 +72,17 @@ enum Command {
         /// The script component (.wasm).
         script: PathBuf,
     },
+    /// Check a site file (and a script against it): print what it allows
+    /// and every problem, with the file, line and fix. Exit 2 on problems.
+    Check {
+        /// The site file.
+        site: PathBuf,
+        /// The script the site will run.
+        script: Option<PathBuf>,
+        /// Also log into every host and look up each granted program.
+        #[arg(long)]
+        connect: bool,
+    },
 }
 
 #[derive(Args)]
@@ -110,6 +121,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { script } => inspect(&script),
+        Command::Check { site, script, connect } => check(&site, script.as_deref(), connect),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -334,6 +346,33 @@ fn parse_now(text: &str) -> Result<SystemTime> {
         .earliest()
         .ok_or_else(|| anyhow!("--now {text:?} does not exist in the local time zone (a DST gap)"))?;
     Ok(local.into())
+}
+
+fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let text = std::fs::read_to_string(site_file)
+        .with_context(|| format!("cannot read site file {}", site_file.display()))
+        .exit(Exit::Usage)?;
+    let site = Site::parse(&text, site_file, &cwd).exit(Exit::Usage)?;
+    let loaded = match script {
+        Some(path) => {
+            let runtime = runtime()?;
+            let script = runtime.load(path).exit(Exit::Usage)?;
+            let info = describe(&runtime, &script)?;
+            Some((runtime, script, info))
+        }
+        None => None,
+    };
+    let report = crate::check::check(&site, site_file, &text, loaded.as_ref().map(|(r, s, i)| (r, s, i)), connect);
+    print!("{}", report.text);
+    if report.problems.is_empty() {
+        println!("no problems found");
+        return Ok(());
+    }
+    for p in &report.problems {
+        eprintln!("offsite: problem: {p}");
+    }
+    Err(anyhow!("{}: {} problem(s) found", site_file.display(), report.problems.len())).exit(Exit::Usage)
 }
 
 fn inspect(path: &Path) -> Result<(), Failure> {

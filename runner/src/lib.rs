@@ -6,10 +6,13 @@
 //! - [`caps`]: one module per WIT interface, each asking [`policy`] first;
 //! - [`policy`]: the one place grants are decided;
 //! - [`store`]: atomic, hashed writes into the site's store;
-//! - [`site`]: site file parsing.
+//! - [`site`]: site file parsing;
+//! - [`check`]: `offsite check`, what a site allows and what is wrong with it;
+//! - [`transport`]: SSH connections (the OpenSSH client).
 
 pub mod bindings;
 pub mod caps;
+pub mod check;
 pub mod cli;
 pub mod compress;
 pub mod engine;

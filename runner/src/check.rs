@@ -1,0 +1,503 @@
+//! `offsite check SITE.toml [SCRIPT.wasm] [--connect]`: what a site allows,
+//! in plain words, and every problem found before a run would hit it.
+//!
+//! Without a script it checks the site file alone; with one it also checks
+//! the script's parameters and the interfaces it imports against the
+//! site's grants; with `--connect` it logs into each host (host key,
+//! authentication) and looks up each granted program there. Each problem
+//! names the file, the line when there is one, and the fix.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::bindings::meta::ScriptInfo;
+use crate::engine::{Runtime, Script};
+use crate::site::{HostConfig, SecretSource, Site};
+use crate::transport::openssh::OpenSsh;
+use crate::transport::{Event, Exit, Transport, check_key_file, quote};
+
+/// One thing wrong, with where and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `FILE` or `FILE:LINE`.
+    pub at: String,
+    pub what: String,
+    pub fix: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}\n    fix: {}", self.at, self.what, self.fix)
+    }
+}
+
+/// The result of a check: a report to print and the problems in it.
+pub struct Report {
+    pub text: String,
+    pub problems: Vec<Problem>,
+}
+
+/// Checks `site` (read from `site_file`, whose text is `text`), and, when
+/// given, `script` as loaded by `runtime` with `info` from its `describe`.
+pub fn check(
+    site: &Site,
+    site_file: &Path,
+    text: &str,
+    script: Option<(&Runtime, &Script, &ScriptInfo)>,
+    connect: bool,
+) -> Report {
+    let file = site_file.display().to_string();
+    let at_key = |section: &str, key: &str| match key_line(text, section, key) {
+        Some(line) => format!("{file}:{line}"),
+        None => file.clone(),
+    };
+    let mut problems = Vec::new();
+    let mut out = String::new();
+    let _ = writeln!(out, "site {} ({file})", site.name);
+
+    // What the site allows, in plain words.
+    let _ = writeln!(out, "  writes files only beneath {}", site.store.display());
+    if site.store.exists() {
+        if let Err(e) = probe_writable(&site.store) {
+            problems.push(Problem {
+                at: at_key("", "store"),
+                what: format!("the store {} is not writable: {e}", site.store.display()),
+                fix: "fix its ownership or mode, or point `store` elsewhere".into(),
+            });
+        }
+    } else {
+        let _ = writeln!(out, "    (it does not exist yet; the first run creates it, mode 0700)");
+    }
+    if site.read_roots.is_empty() {
+        let _ = writeln!(out, "  reads no local files");
+    }
+    for root in &site.read_roots {
+        let _ = writeln!(out, "  may archive anything beneath {}", root.display());
+    }
+    if site.hosts.is_empty() {
+        let _ = writeln!(out, "  reaches no remote hosts");
+    }
+    for host in site.hosts.values() {
+        describe_host(&mut out, host);
+        host_problems(host, &file, text, &mut problems);
+    }
+    let _ = writeln!(out, "  limits: {}", site.limits);
+
+    if let Some((runtime, script, info)) = script {
+        script_report(&mut out, &mut problems, site, &file, text, runtime, script, info);
+    }
+
+    if connect && !site.hosts.is_empty() {
+        connect_report(&mut out, &mut problems, site, &file, text);
+    }
+    Report { text: out, problems }
+}
+
+fn describe_host(out: &mut String, host: &HostConfig) {
+    let mut how = host.address.clone();
+    if let Some(user) = &host.user {
+        how = format!("{user}@{how}");
+    }
+    if let Some(port) = host.port {
+        how.push_str(&format!(":{port}"));
+    }
+    let _ = writeln!(out, "  host {} ({how}):", host.name);
+    if host.commands.is_empty() {
+        let _ = writeln!(out, "    may run no commands");
+    }
+    for pattern in &host.commands {
+        let _ = writeln!(out, "    may run: {}", plain_pattern(pattern));
+    }
+    if host.fetch.is_empty() {
+        let _ = writeln!(out, "    may copy no files");
+    }
+    for pattern in &host.fetch {
+        let _ = writeln!(out, "    may copy files matching {pattern}");
+    }
+    if let Some(pin) = &host.host_key {
+        let _ = writeln!(out, "    only if its host key is {pin}");
+    }
+}
+
+/// A command pattern in words: `mysqldump --single-transaction sitedb`
+/// followed by what the globs and the repeat mean.
+fn plain_pattern(pattern: &[String]) -> String {
+    let mut parts = Vec::new();
+    for (i, p) in pattern.iter().enumerate() {
+        if i + 1 == pattern.len()
+            && let Some(rest) = p.strip_suffix("...")
+        {
+            parts.push(format!("[any number of arguments matching {rest:?}]"));
+        } else if i > 0 && p.contains(['*', '?', '[', '{']) {
+            parts.push(format!("[one argument matching {p:?}]"));
+        } else {
+            parts.push(p.clone());
+        }
+    }
+    parts.join(" ")
+}
+
+fn host_problems(host: &HostConfig, file: &str, text: &str, problems: &mut Vec<Problem>) {
+    let section = format!("hosts.{}", host.name);
+    let at = |key: &str| match key_line(text, &section, key) {
+        Some(line) => format!("{file}:{line}"),
+        None => file.to_string(),
+    };
+    if let Some(key) = &host.identity
+        && let Err(e) = check_key_file(&host.name, key)
+    {
+        problems.push(Problem {
+            at: at("identity"),
+            what: e.to_string(),
+            fix: format!("chmod 600 {} (and make sure it exists)", key.display()),
+        });
+    }
+    if let Some(SecretSource::File(p)) = &host.passphrase
+        && check_key_file(&host.name, p).is_err()
+    {
+        problems.push(Problem {
+            at: at("passphrase_file"),
+            what: format!("passphrase file {} is missing or readable by others", p.display()),
+            fix: format!("create it with mode 0600: chmod 600 {}", p.display()),
+        });
+    }
+    if let Some(SecretSource::Env(name)) = &host.passphrase
+        && std::env::var_os(name).is_none()
+    {
+        problems.push(Problem {
+            at: at("passphrase_env"),
+            what: format!("the passphrase variable {name} is not set in this environment"),
+            fix: format!("export {name} where the runner starts (cron: in the crontab or a wrapper)"),
+        });
+    }
+    if let Some(kh) = &host.known_hosts
+        && !kh.exists()
+    {
+        problems.push(Problem {
+            at: at("known_hosts"),
+            what: format!("known_hosts file {} does not exist, so no host key can be verified", kh.display()),
+            fix: "create it with the server's key (offsite check --connect prints the line to add)".into(),
+        });
+    }
+}
+
+/// The WIT interfaces a component imports from our package, by short name.
+fn imported_interfaces(runtime: &Runtime, script: &Script) -> BTreeSet<String> {
+    let ty = script.component.component_type();
+    ty.imports(runtime.engine())
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix("offsite:backup/")?;
+            Some(rest.split('@').next().unwrap_or(rest).to_string())
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn script_report(
+    out: &mut String,
+    problems: &mut Vec<Problem>,
+    site: &Site,
+    file: &str,
+    text: &str,
+    runtime: &Runtime,
+    script: &Script,
+    info: &ScriptInfo,
+) {
+    let _ =
+        writeln!(out, "script {} {} ({}, sha256 {})", info.name, info.version, script.path.display(), script.sha256);
+    let imports = imported_interfaces(runtime, script);
+    let _ = writeln!(
+        out,
+        "  imports: {}",
+        if imports.is_empty() {
+            "nothing of ours".to_string()
+        } else {
+            imports.iter().cloned().collect::<Vec<_>>().join(", ")
+        }
+    );
+    if let Some(pin) = &site.script_sha256
+        && *pin != script.sha256
+    {
+        problems.push(Problem {
+            at: key_line(text, "", "script_sha256").map_or(file.to_string(), |l| format!("{file}:{l}")),
+            what: format!("the site pins script_sha256 = {pin}, but this script is {}", script.sha256),
+            fix: "update the pin if this build is the one you mean to run".into(),
+        });
+    }
+    // Parameters.
+    let declared: BTreeSet<&str> = info.params.iter().map(|p| p.name.as_str()).collect();
+    for name in site.params.keys() {
+        if !declared.contains(name.as_str()) {
+            let close = declared.iter().find(|d| similar(d, name));
+            problems.push(Problem {
+                at: key_line(text, "params", name).map_or(file.to_string(), |l| format!("{file}:{l}")),
+                what: format!(
+                    "[params] sets {name:?}, which script {} does not take (it takes: {})",
+                    info.name,
+                    if declared.is_empty() {
+                        "none".to_string()
+                    } else {
+                        declared.iter().copied().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+                fix: match close {
+                    Some(c) => format!("did you mean `{c}`? rename the key"),
+                    None => "remove the key".into(),
+                },
+            });
+        }
+    }
+    for spec in &info.params {
+        let value = site.params.get(&spec.name).or(spec.default.as_ref());
+        match value {
+            None if spec.required => problems.push(Problem {
+                at: file.to_string(),
+                what: format!(
+                    "script {} needs parameter {:?} ({}), and the site does not set it",
+                    info.name, spec.name, spec.description
+                ),
+                fix: format!(
+                    "add `{} = \"...\"` under [params] (or pass --param {}=... on every run)",
+                    spec.name, spec.name
+                ),
+            }),
+            None => {
+                let _ = writeln!(out, "  param {}: unset", spec.name);
+            }
+            Some(_) if spec.secret => {
+                let _ = writeln!(out, "  param {}: set (secret, not shown)", spec.name);
+            }
+            Some(v) => {
+                let from = if site.params.contains_key(&spec.name) { "site" } else { "default" };
+                let _ = writeln!(out, "  param {} = {v:?} ({from})", spec.name);
+            }
+        }
+    }
+    // Interfaces the script imports against what the site grants. With
+    // nothing of the kind granted every call is refused: a problem. With
+    // hosts but not this kind of grant, the script may simply not need it
+    // in this site's mode (mysql-pull's dump mode never fetches): a note.
+    let no_hosts = site.hosts.is_empty();
+    let needs = [
+        (
+            "ssh",
+            no_hosts,
+            site.hosts.values().all(|h| h.commands.is_empty()),
+            "no host grants any command",
+            "add `commands = [[...]]` to a [hosts.NAME] section",
+        ),
+        (
+            "scp",
+            no_hosts,
+            site.hosts.values().all(|h| h.fetch.is_empty()),
+            "no host grants any fetch path",
+            "add `fetch = [\"/path/*.tgz\"]` to a [hosts.NAME] section",
+        ),
+        (
+            "archive",
+            site.read_roots.is_empty(),
+            false,
+            "the site grants no read roots",
+            "add `[read]` with `roots = [\"/dir\"]`",
+        ),
+    ];
+    for (iface, nothing, none_of_kind, why, fix) in needs {
+        if !imports.contains(iface) {
+            continue;
+        }
+        if nothing {
+            let why =
+                if iface == "archive" { why.to_string() } else { "the site has no [hosts.NAME] section".to_string() };
+            problems.push(Problem {
+                at: file.to_string(),
+                what: format!(
+                    "script {} uses the {iface} capability, but {why}, so every such call will be denied",
+                    info.name
+                ),
+                fix: if iface == "archive" {
+                    fix.into()
+                } else {
+                    "add a [hosts.NAME] section with the grants the script needs".into()
+                },
+            });
+        } else if none_of_kind {
+            let _ = writeln!(
+                out,
+                "  note: script {} can use {iface}, but {why}: such calls will be denied ({fix} if it needs them)",
+                info.name
+            );
+        }
+    }
+}
+
+fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, file: &str, text: &str) {
+    let transport = match OpenSsh::new(&site.hosts, site.ssh_config.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(Problem {
+                at: file.to_string(),
+                what: format!("cannot prepare SSH connections: {e}"),
+                fix: "check that $TMPDIR is writable".into(),
+            });
+            return;
+        }
+    };
+    for host in site.hosts.values() {
+        let at =
+            key_line(text, &format!("hosts.{}", host.name), "").map_or(file.to_string(), |l| format!("{file}:{l}"));
+        if let Err(e) = transport.connect(&host.name) {
+            let _ = writeln!(out, "  host {}: cannot connect", host.name);
+            problems.push(Problem { at, what: e.to_string(), fix: connect_fix(&e) });
+            continue;
+        }
+        let _ = writeln!(out, "  host {}: connected, host key verified, authenticated", host.name);
+        let programs: BTreeSet<&str> = host.commands.iter().filter_map(|c| c.first().map(String::as_str)).collect();
+        for program in programs {
+            match remote_has(&transport, &host.name, program) {
+                Ok(true) => {
+                    let _ = writeln!(out, "    {program}: found");
+                }
+                Ok(false) => problems.push(Problem {
+                    at: at.clone(),
+                    what: format!(
+                        "host {}: program {program:?} is granted but not found there (`command -v` failed)",
+                        host.name
+                    ),
+                    fix: format!("install it on {}, or grant its full path", host.address),
+                }),
+                Err(e) => problems.push(Problem {
+                    at: at.clone(),
+                    what: format!("host {}: could not look up {program:?}: {e}", host.name),
+                    fix: "check the account's shell on the server".into(),
+                }),
+            }
+        }
+    }
+}
+
+fn connect_fix(e: &crate::transport::TransportError) -> String {
+    use crate::transport::TransportError as T;
+    match e {
+        T::UnknownHostKey { .. } => {
+            "check the fingerprint with the server's administrator, then add the line above".into()
+        }
+        T::ChangedHostKey { .. } => {
+            "find out why the key changed before trusting the new one; then replace the old line".into()
+        }
+        T::AuthFailed { .. } => {
+            "install the backup key's public half in the account's authorized_keys, or load it into the agent".into()
+        }
+        T::Config { .. } => "fix the host's settings as the message says".into(),
+        T::Timeout { .. } | T::Unreachable { .. } => "check the address, port, firewall and that sshd runs".into(),
+    }
+}
+
+/// Runs `command -v PROGRAM` on the host.
+fn remote_has(transport: &OpenSsh, host: &str, program: &str) -> Result<bool, String> {
+    let line = quote::command_line(&["command", "-v", program]).map_err(|e| e.to_string())?;
+    let mut process = transport.spawn(host, &line, false).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4096];
+    let wait = std::time::Duration::from_secs(30);
+    loop {
+        match process.next(&mut buf, wait).map_err(|e| e.to_string())? {
+            Some(Event::Closed) => break,
+            Some(_) => {}
+            None => {
+                process.kill();
+                return Err("no answer within 30 s".into());
+            }
+        }
+    }
+    match process.finish(wait).map_err(|e| e.to_string())? {
+        Exit::Status(0) => Ok(true),
+        Exit::Status(_) => Ok(false),
+        other => Err(other.to_string()),
+    }
+}
+
+/// Creates and removes a file in `dir` to see that it is writable.
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!("{}check.{}", crate::store::TEMP_PREFIX, std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+/// Two names that differ by one edit or a swap of neighbours.
+fn similar(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut prev2 = prev.clone();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                cur[j] = cur[j].min(prev2[j - 2] + 1);
+            }
+        }
+        prev2 = std::mem::replace(&mut prev, cur);
+    }
+    prev[b.len()] <= 1
+}
+
+/// The 1-based line of `key = ...` in `[section]` (`""` for the top level);
+/// with an empty `key`, the line of the section header itself.
+pub fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = header.trim().to_string();
+            if key.is_empty() && current == section {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if current == section
+            && !key.is_empty()
+            && let Some((k, _)) = line.split_once('=')
+            && k.trim().trim_matches('"') == key
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_lines_are_found_per_section() {
+        let text = "store = \"/x\"\n\n[params]\ndumps = \"a\"\n\"mode\" = \"b\"\n[hosts.server1]\ncommands = []\n";
+        assert_eq!(key_line(text, "", "store"), Some(1));
+        assert_eq!(key_line(text, "params", "dumps"), Some(4));
+        assert_eq!(key_line(text, "params", "mode"), Some(5));
+        assert_eq!(key_line(text, "hosts.server1", "commands"), Some(7));
+        assert_eq!(key_line(text, "hosts.server1", ""), Some(6));
+        assert_eq!(key_line(text, "params", "store"), None);
+    }
+
+    #[test]
+    fn similar_names() {
+        assert!(similar("dumps", "dumsp"));
+        assert!(similar("dumps", "dump"));
+        assert!(similar("path", "paht"));
+        assert!(!similar("dumps", "mode"));
+    }
+
+    #[test]
+    fn patterns_in_words() {
+        let p: Vec<String> = ["mysqldump", "--single-transaction", "sitedb", "tbl_*..."].map(String::from).to_vec();
+        assert_eq!(
+            plain_pattern(&p),
+            "mysqldump --single-transaction sitedb [any number of arguments matching \"tbl_*\"]"
+        );
+    }
+}

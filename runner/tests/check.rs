@@ -1,0 +1,125 @@
+//! `offsite check`: what a site allows, in words, and each problem with its
+//! file, line and fix; `--connect` against a real sshd.
+
+use std::path::Path;
+
+use offsite_testkit::sshd::Sshd;
+use offsite_testkit::{Ran, offsite, script};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+
+fn check(site: &Path, args: &[&str]) -> Ran {
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("check").arg(site).args(args).env_remove("SSH_AUTH_SOCK");
+    Ran::from_output(cmd.output().unwrap())
+}
+
+fn host_section(name: &str, server: &Sshd, grants: &str) -> String {
+    format!(
+        "[hosts.{name}]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"3s\"\n{grants}\n",
+        server.addr.ip(),
+        server.addr.port(),
+        server.user,
+        server.client_key().display(),
+        server.known_hosts().display()
+    )
+}
+
+#[test]
+fn a_good_site_and_script_are_described_in_plain_words() {
+    let server = Sshd::start("127.0.0.2");
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("db.toml");
+    std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"backups\"\nssh_config = \"ssh_config\"\n[params]\ndumps = \"server1:sitedb\"\n\n{}",
+            host_section(
+                "server1",
+                &server,
+                "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"sitedb\", \"tbl_*...\"]]\nfetch = [\"/var/backups/*.tgz\"]"
+            )
+        ),
+    )
+    .unwrap();
+    let ran = check(&site, &[script("mysql-pull").to_str().unwrap()]);
+    ran.expect_code(0);
+    for want in [
+        "writes files only beneath",
+        "reaches no remote hosts",
+        "may run: mysqldump --single-transaction --quick --add-drop-table sitedb [any number of arguments matching \"tbl_*\"]",
+        "may copy files matching /var/backups/*.tgz",
+        "param dumps = \"server1:sitedb\" (site)",
+        "param mode = \"dump\" (default)",
+        "no problems found",
+    ] {
+        if want == "reaches no remote hosts" {
+            assert!(!ran.stdout.contains(want), "{}", ran.stdout);
+        } else {
+            assert!(ran.stdout.contains(want), "missing {want:?} in\n{}", ran.stdout);
+        }
+    }
+    assert_eq!(ran.stderr, "");
+}
+
+#[test]
+fn problems_name_the_file_the_line_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("web1.toml");
+    // A typo in a param key, and a script that needs ssh on a site with no hosts.
+    std::fs::write(&site, "store = \"backups\"\n\n[params]\nmode = \"dump\"\ndumsp = \"server1:sitedb\"\n").unwrap();
+    let ran = check(&site, &[script("mysql-pull").to_str().unwrap()]);
+    ran.expect_code(2);
+    let file = site.display().to_string();
+    assert!(ran.stderr.contains(&format!("{file}:5: [params] sets \"dumsp\"")), "{}", ran.stderr);
+    assert!(ran.stderr.contains("did you mean `dumps`?"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("uses the ssh capability, but the site has no [hosts.NAME] section"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("3 problem(s) found"), "ssh and scp both: {}", ran.stderr);
+
+    // A required parameter nobody sets.
+    std::fs::write(&site, "store = \"backups\"\n").unwrap();
+    let ran = check(&site, &[script("arc").to_str().unwrap()]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("needs parameter \"path\"") && ran.stderr.contains("under [params]"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("uses the archive capability, but the site grants no read roots"), "{}", ran.stderr);
+
+    // A syntax error is reported with its line and column, like `run` does.
+    std::fs::write(&site, "store = \"backups\"\n[limits]\nmemroy = \"1GiB\"\n").unwrap();
+    let ran = check(&site, &[]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains(&format!("{file}:3:1: key `memroy`")), "{}", ran.stderr);
+}
+
+#[test]
+fn connect_logs_in_and_looks_up_every_granted_program() {
+    let server = Sshd::start("127.0.0.2");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+    let site = dir.path().join("s.toml");
+    let write = |grants: &str| {
+        std::fs::write(
+            &site,
+            format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", host_section("server1", &server, grants)),
+        )
+        .unwrap();
+    };
+    write("commands = [[\"tar\", \"*...\"], [\"sh\", \"-c\", \"*\"]]");
+    let ran = check(&site, &["--connect"]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("host server1: connected, host key verified, authenticated"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("tar: found") && ran.stdout.contains("sh: found"), "{}", ran.stdout);
+
+    write("commands = [[\"no-such-backup-tool\"]]");
+    let ran = check(&site, &["--connect"]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("program \"no-such-backup-tool\" is granted but not found"), "{}", ran.stderr);
+    assert!(ran.stderr.contains(&format!("{}:3", site.display())), "points at the host section: {}", ran.stderr);
+
+    // An unknown host key: the problem carries the line to add.
+    std::fs::write(server.known_hosts(), "").unwrap();
+    let ran = check(&site, &["--connect"]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains(&server.known_hosts_line), "{}", ran.stderr);
+    assert!(ran.stderr.contains("check the fingerprint"), "{}", ran.stderr);
+}
