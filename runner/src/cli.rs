@@ -83,6 +83,24 @@ enum Command {
         #[arg(long)]
         connect: bool,
     },
+    /// Key helpers for the servers a site reaches.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print the authorized_keys line to install on HOST for the backup key:
+    /// restrict, from= and, for fixed grants, a forced command.
+    AuthorizedLine {
+        /// The site file.
+        site: PathBuf,
+        /// The host's name in the site file.
+        host: String,
+        /// The public key (default: the host's identity file + .pub).
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -122,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Inspect { script } => inspect(&script),
         Command::Check { site, script, connect } => check(&site, script.as_deref(), connect),
+        Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -373,6 +392,17 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
         eprintln!("offsite: problem: {p}");
     }
     Err(anyhow!("{}: {} problem(s) found", site_file.display(), report.problems.len())).exit(Exit::Usage)
+}
+
+fn authorized_line(site_file: &Path, host: &str, key: Option<&Path>) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let site = Site::load(site_file, &cwd).exit(Exit::Usage)?;
+    let line = crate::keys::authorized_line(&site, host, key).exit(Exit::Usage)?;
+    for note in &line.notes {
+        println!("# {note}");
+    }
+    println!("{}", line.line);
+    Ok(())
 }
 
 fn inspect(path: &Path) -> Result<(), Failure> {

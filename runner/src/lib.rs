@@ -16,6 +16,7 @@ pub mod check;
 pub mod cli;
 pub mod compress;
 pub mod engine;
+pub mod keys;
 pub mod logging;
 pub mod output;
 pub mod policy;

@@ -87,6 +87,9 @@ pub struct HostConfig {
     pub commands: Vec<Vec<String>>,
     /// Remote paths `scp.fetch` may copy: glob patterns on absolute paths.
     pub fetch: Vec<String>,
+    /// Addresses this offsite server connects from, as the server sees
+    /// them, for the `from=` of `offsite keys authorized-line`.
+    pub from: Option<String>,
 }
 
 /// Where a secret comes from. The value is read when it is needed and never
@@ -226,6 +229,7 @@ struct HostSection {
     commands: Vec<Vec<String>>,
     #[serde(default)]
     fetch: Vec<String>,
+    from: Option<String>,
 }
 
 impl HostSection {
@@ -249,6 +253,13 @@ impl HostSection {
                 "host_key {fp:?} must be a SHA256 fingerprint as `ssh-keygen -lf` prints it, like \"SHA256:...\""
             ));
         }
+        if let Some(from) = &self.from
+            && (from.is_empty() || from.contains(['"', '\n', '\r', ' ']))
+        {
+            return Err(format!(
+                "from {from:?} must be an address list as authorized_keys takes it, like \"192.0.2.7\" or \"192.0.2.0/24,2001:db8::7\""
+            ));
+        }
         for (i, pattern) in self.commands.iter().enumerate() {
             crate::policy::CommandPattern::new(pattern).map_err(|e| format!("commands[{i}]: {e}"))?;
         }
@@ -268,6 +279,7 @@ impl HostSection {
             idle_timeout: self.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
             commands: self.commands,
             fetch: self.fetch,
+            from: self.from,
         })
     }
 }

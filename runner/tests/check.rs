@@ -123,3 +123,91 @@ fn connect_logs_in_and_looks_up_every_granted_program() {
     assert!(ran.stderr.contains(&server.known_hosts_line), "{}", ran.stderr);
     assert!(ran.stderr.contains("check the fingerprint"), "{}", ran.stderr);
 }
+
+fn authorized_line(site: &Path, host: &str) -> String {
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["keys", "authorized-line"]).arg(site).arg(host);
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(0);
+    ran.stdout.lines().find(|l| !l.starts_with('#')).unwrap().to_string()
+}
+
+#[test]
+fn the_authorized_keys_line_lets_the_key_do_only_what_the_site_grants() {
+    let server = Sshd::start("127.0.0.2");
+    let files = server.files();
+    std::fs::write(files.join("dbbackup.sh"), "#!/bin/sh\necho dumped\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(files.join("dbbackup.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(files.join("userdb.tgz"), "archive").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+    let site = dir.path().join("s.toml");
+    let write = |from: &str| {
+        let grants = format!(
+            "from = \"{from}\"\ncommands = [[\"{0}/dbbackup.sh\"]]\nfetch = [\"{0}/userdb.tgz\"]",
+            files.display()
+        );
+        std::fs::write(
+            &site,
+            format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", host_section("server1", &server, &grants)),
+        )
+        .unwrap();
+    };
+    write("127.0.0.0/8");
+    let line = authorized_line(&site, "server1");
+    assert!(line.starts_with("restrict,from=\"127.0.0.0/8\",command=\""), "{line}");
+    std::fs::write(server.authorized_keys(), format!("{line}\n")).unwrap();
+
+    // What the site grants still works through the runner...
+    let probe = |params: &[String]| {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("-v").arg("run").arg(script("probe")).arg("--site").arg(&site);
+        for p in params {
+            cmd.arg("--param").arg(p);
+        }
+        Ran::from_output(cmd.env_remove("SSH_AUTH_SOCK").output().unwrap())
+    };
+    let ran = probe(&["op=exec".into(), format!("argv={}/dbbackup.sh", files.display())]);
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("stdout=\"dumped\\n\""), "{}", ran.stderr);
+    probe(&["op=fetch".into(), format!("path={}/userdb.tgz", files.display()), "dest=u.tgz".into()]).expect_code(0);
+    assert_eq!(std::fs::read_to_string(dir.path().join("b/u.tgz")).unwrap(), "archive");
+
+    // ...while the key itself, used directly, can do nothing else.
+    let out = server.ssh().arg("id").output().unwrap();
+    assert_eq!(out.status.code(), Some(126), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may only run the commands its site grants"));
+
+    // And from= keeps it from working from anywhere else.
+    write("192.0.2.1");
+    std::fs::write(server.authorized_keys(), format!("{}\n", authorized_line(&site, "server1"))).unwrap();
+    let ran = probe(&["op=exec".into(), format!("argv={}/dbbackup.sh", files.display())]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("authentication failed"), "{}", ran.stderr);
+}
+
+#[test]
+fn patterns_get_no_forced_command_and_say_why() {
+    let server = Sshd::start("127.0.0.2");
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("s.toml");
+    std::fs::write(
+        &site,
+        format!("store = \"b\"\n{}", host_section("server1", &server, "commands = [[\"mysqldump\", \"*...\"]]")),
+    )
+    .unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["keys", "authorized-line"]).arg(&site).arg("server1");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("# no command=: the grants use patterns"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("# no from=:"), "{}", ran.stdout);
+    let line = ran.stdout.lines().last().unwrap();
+    let key = std::fs::read_to_string(server.client_key().with_extension("pub")).unwrap();
+    assert_eq!(line, format!("restrict {}", key.trim()));
+
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["keys", "authorized-line"]).arg(&site).arg("server9");
+    Ran::from_output(cmd.output().unwrap()).expect_code(2).expect_stderr("has no [hosts.server9]");
+}

@@ -144,6 +144,11 @@ impl Sshd {
         let _ = self.child.wait();
     }
 
+    /// The `authorized_keys` file sshd reads for the login user.
+    pub fn authorized_keys(&self) -> PathBuf {
+        self.dir.path().join("authorized_keys")
+    }
+
     /// A `known_hosts` file holding exactly this server's key.
     pub fn known_hosts(&self) -> PathBuf {
         self.dir.path().join("known_hosts")

@@ -1,0 +1,185 @@
+//! `offsite keys authorized-line SITE HOST`: the `authorized_keys` line to
+//! install on a server for the backup key, matching the site's grants.
+//!
+//! Defence in depth: even if the offsite server were taken over, the key
+//! could do on the server only what the site grants.
+//! - `restrict` always: no pty, no agent, X11 or port forwarding.
+//! - `from="..."` when the host section says where we connect from.
+//! - `command="..."` when every grant is a fixed command line (no glob):
+//!   one allowed line is forced directly; several go through a `case` on
+//!   `$SSH_ORIGINAL_COMMAND` that runs a request only if it is, byte for
+//!   byte, one of the lines the runner would send. Patterns cannot be
+//!   expressed that way safely (a shell `case` glob would also match
+//!   smuggled extra arguments), so with any pattern the line has no
+//!   `command=` and says why.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::site::{HostConfig, Site};
+use crate::transport::quote;
+
+/// The line, and notes to show the user (as `#` comments).
+pub struct AuthorizedLine {
+    pub line: String,
+    pub notes: Vec<String>,
+}
+
+/// Builds the line for `host` of `site`; the public key is `key` or the
+/// host's `identity` with `.pub` appended.
+pub fn authorized_line(site: &Site, host: &str, key: Option<&Path>) -> Result<AuthorizedLine> {
+    let h = site.hosts.get(host).ok_or_else(|| {
+        anyhow!(
+            "site {} has no [hosts.{host}] (it has: {})",
+            site.name,
+            site.hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let public = public_key(h, key)?;
+    let mut options = vec!["restrict".to_string()];
+    let mut notes = Vec::new();
+    match &h.from {
+        Some(from) => options.push(format!("from=\"{from}\"")),
+        None => notes.push(format!(
+            "no from=: set `from = \"ADDRESS\"` in [hosts.{host}] to accept this key only from the offsite server"
+        )),
+    }
+    match fixed_lines(h) {
+        Some(lines) if lines.is_empty() => {
+            notes.push("the site grants nothing on this host; the forced command refuses everything".into());
+            options.push(format!("command=\"{}\"", escape(&gate(&lines))));
+        }
+        Some(lines) if lines.len() == 1 => options.push(format!("command=\"{}\"", escape(&lines[0]))),
+        Some(lines) => options.push(format!("command=\"{}\"", escape(&gate(&lines)))),
+        None => notes.push(
+            "no command=: the grants use patterns, which a forced command cannot check safely; \
+             the key is limited by restrict (and from=, if set) and the runner's policy"
+                .into(),
+        ),
+    }
+    Ok(AuthorizedLine { line: format!("{} {public}", options.join(",")), notes })
+}
+
+/// `type base64 [comment]` from the .pub file.
+fn public_key(h: &HostConfig, key: Option<&Path>) -> Result<String> {
+    let path = match (key, &h.identity) {
+        (Some(k), _) => k.to_path_buf(),
+        (None, Some(id)) => {
+            let mut p = id.clone().into_os_string();
+            p.push(".pub");
+            p.into()
+        }
+        (None, None) => bail!(
+            "host {} has no `identity`, so the key is whatever the agent or ssh_config offers; \
+             name its public half with --key FILE.pub",
+            h.name
+        ),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read the public key {} (ssh-keygen -y -f KEY > KEY.pub makes it)", path.display())
+    })?;
+    let line = text.lines().find(|l| !l.trim().is_empty() && !l.starts_with('#')).unwrap_or("").trim().to_string();
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(kind), Some(_)) if kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-") => {
+            Ok(line)
+        }
+        _ => bail!("{} does not look like an OpenSSH public key", path.display()),
+    }
+}
+
+/// Every command line the runner could send for these grants, if they are
+/// all fixed; `None` if any is a pattern.
+fn fixed_lines(h: &HostConfig) -> Option<Vec<String>> {
+    let is_glob = |s: &str| s.contains(['*', '?', '[', ']', '{', '}', '\\']);
+    let mut lines = Vec::new();
+    for pattern in &h.commands {
+        if pattern.iter().skip(1).any(|a| is_glob(a) || a.ends_with("...")) {
+            return None;
+        }
+        lines.push(quote::command_line(pattern).ok()?);
+    }
+    for path in &h.fetch {
+        if is_glob(path) {
+            return None;
+        }
+        lines.push(quote::command_line(&["scp", "-f", "--", path.as_str()]).ok()?);
+    }
+    Some(lines)
+}
+
+/// A shell snippet that runs `$SSH_ORIGINAL_COMMAND` only if it is exactly
+/// one of `lines`.
+fn gate(lines: &[String]) -> String {
+    let allowed: Vec<String> = lines.iter().map(|l| quote::quote_arg(l).expect("no NUL")).collect();
+    let refuse = "*) echo 'offsite: this key may only run the commands its site grants' >&2; exit 126;;";
+    if allowed.is_empty() {
+        return format!("case x in {refuse} esac");
+    }
+    format!("case \"$SSH_ORIGINAL_COMMAND\" in {}) eval \"$SSH_ORIGINAL_COMMAND\";; {refuse} esac", allowed.join("|"))
+}
+
+/// Escapes for a double-quoted authorized_keys option: sshd only treats
+/// `\"` specially there.
+fn escape(s: &str) -> String {
+    s.replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(commands: &[&[&str]], fetch: &[&str]) -> HostConfig {
+        HostConfig {
+            name: "server1".into(),
+            address: "server1".into(),
+            port: None,
+            user: None,
+            identity: None,
+            passphrase: None,
+            known_hosts: None,
+            host_key: None,
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+            commands: commands.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect(),
+            fetch: fetch.iter().map(|s| s.to_string()).collect(),
+            from: None,
+        }
+    }
+
+    #[test]
+    fn fixed_grants_become_exact_lines_and_patterns_none() {
+        let h = host(&[&["/home/b/dbbackup.sh"]], &["/home/b/userdb.tgz"]);
+        assert_eq!(
+            fixed_lines(&h).unwrap(),
+            vec!["'/home/b/dbbackup.sh'".to_string(), "'scp' '-f' '--' '/home/b/userdb.tgz'".to_string()]
+        );
+        assert!(fixed_lines(&host(&[&["mysqldump", "sitedb", "tbl_*..."]], &[])).is_none());
+        assert!(fixed_lines(&host(&[], &["/var/backups/*.tgz"])).is_none());
+    }
+
+    #[test]
+    fn the_gate_accepts_exactly_the_granted_lines() {
+        // Run the gate under sh with SSH_ORIGINAL_COMMAND set, as sshd would.
+        let lines = vec!["'echo' 'it'\\''s \"fine\"'".to_string(), "'true'".to_string()];
+        let script = gate(&lines);
+        let run = |cmd: &str| {
+            std::process::Command::new("sh").arg("-c").arg(&script).env("SSH_ORIGINAL_COMMAND", cmd).output().unwrap()
+        };
+        let ok = run(&lines[0]);
+        assert!(ok.status.success());
+        assert_eq!(String::from_utf8_lossy(&ok.stdout), "it's \"fine\"\n");
+        assert!(run("'true'").status.success());
+        for bad in ["'true' ; id", "'true' 'x'", "id", "'echo' 'it'", ""] {
+            let out = run(bad);
+            assert_eq!(out.status.code(), Some(126), "{bad:?} must be refused");
+            assert!(out.stdout.is_empty());
+        }
+    }
+
+    #[test]
+    fn escaping_for_authorized_keys() {
+        assert_eq!(escape(r#"a "b" \c"#), r#"a \"b\" \c"#);
+    }
+}
