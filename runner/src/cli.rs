@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bindings::meta::ScriptInfo;
 use crate::caps::remote::Slots;
-use crate::caps::{Caps, Clock};
+use crate::caps::{AuditLog, Caps, Clock};
 use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure, default_cache_dir};
 use crate::policy::{ParamGrant, Policy};
 use crate::site::Site;
@@ -124,6 +124,9 @@ struct RunArgs {
     /// Print a JSON summary of the run on stdout.
     #[arg(long)]
     json: bool,
+    /// Append every policy decision (allow or deny) to FILE as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    audit: Option<PathBuf>,
 }
 
 /// Entry point of the binary.
@@ -203,6 +206,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             .with_context(|| format!("cannot open the store {}", site.store.display()))
             .exit(Exit::Usage)?;
         caps.store = Some(Arc::new(store));
+    }
+    caps.script_sha256 = script.sha256.clone();
+    if let Some(path) = &args.audit {
+        let log = AuditLog::open(path)
+            .with_context(|| format!("cannot open the audit log {}", path.display()))
+            .exit(Exit::Usage)?;
+        caps.audit = Some(Arc::new(log));
     }
     caps.call_timeout = site.limits.call_timeout;
     caps.dry_run = args.dry_run;

@@ -42,6 +42,21 @@ pub enum Call<'a> {
 }
 
 impl Call<'_> {
+    /// The call's arguments as JSON, for the audit log (the caller redacts).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Call::ClockNow => json!({"fn": "now"}),
+            Call::ClockFormat => json!({"fn": "format"}),
+            Call::Log => json!({"fn": "log"}),
+            Call::ParamGet { name } => json!({"fn": "get", "name": name}),
+            Call::ArchiveRead { source } => json!({"fn": "tar-gz", "read": source}),
+            Call::StoreWrite { dest } => json!({"fn": "write", "dest": dest}),
+            Call::SshExec { host, argv } => json!({"fn": "exec", "host": host, "argv": argv}),
+            Call::ScpFetch { host, path } => json!({"fn": "fetch", "host": host, "path": path}),
+        }
+    }
+
     /// The WIT interface the call belongs to, for logs.
     pub fn interface(&self) -> &'static str {
         match self {

@@ -33,6 +33,10 @@ pub use self::clock::Clock;
 pub struct Caps {
     /// Script name, used as the log target.
     pub script: String,
+    /// The script's SHA-256, for the log and the audit file.
+    pub script_sha256: String,
+    /// Where `--audit` writes every decision.
+    pub audit: Option<Arc<AuditLog>>,
     pub site: String,
     pub policy: Policy,
     pub clock: Clock,
@@ -66,6 +70,8 @@ impl Caps {
         let roots = policy.read_roots().len();
         Caps {
             script: script.to_string(),
+            script_sha256: String::new(),
+            audit: None,
             site: site.to_string(),
             policy,
             clock,
@@ -131,19 +137,52 @@ impl Caps {
         self.table.push(job).map_err(|e| WitError::LimitExceeded(format!("too many pending transfers: {e}")))
     }
 
-    /// Asks the policy about `call` and records the decision in the log.
+    /// Asks the policy about `call` and records the decision in the log
+    /// and, with `--audit`, the audit file.
     fn decide(&mut self, call: Call<'_>) -> Result<Grant, WitError> {
         let decision = self.policy.check(&call);
+        let shown = self.redact(&format!("{call:?}"));
         match &decision {
-            Ok(_) => {
-                ::log::debug!(target: "offsite::policy", "site {}: allow {}: {:?}", self.site, call.interface(), call)
-            }
+            Ok(_) => ::log::debug!(
+                target: "offsite::policy",
+                "site {} script {}: allow {}: {shown}",
+                self.site, self.script_sha256, call.interface()
+            ),
             Err(denial) => {
                 self.denials += 1;
-                ::log::warn!(target: "offsite::policy", "site {}: refused {} call: {}", self.site, call.interface(), self.redact(&denial.to_string()));
+                ::log::warn!(
+                    target: "offsite::policy",
+                    "site {}: refused {} call: {}",
+                    self.site, call.interface(), self.redact(&denial.to_string())
+                );
+                ::log::debug!(target: "offsite::policy", "site {} script {}: deny {shown}", self.site, self.script_sha256);
             }
         }
+        if let Some(audit) = &self.audit {
+            let record = serde_json::json!({
+                "time": chrono::Local::now().to_rfc3339(),
+                "site": self.site,
+                "script": self.script,
+                "script_sha256": self.script_sha256,
+                "interface": call.interface(),
+                "call": self.redact_json(call.to_json()),
+                "decision": if decision.is_ok() { "allow" } else { "deny" },
+                "reason": decision.as_ref().err().map(|d| self.redact(&d.to_string())),
+            });
+            audit.record(&record);
+        }
         decision.map_err(WitError::from)
+    }
+
+    /// `value` with every secret replaced in every string in it.
+    fn redact_json(&self, value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => Value::String(self.redact(&s)),
+            Value::Array(a) => Value::Array(a.into_iter().map(|v| self.redact_json(v)).collect()),
+            Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, self.redact_json(v))).collect()),
+            other => other,
+        }
     }
 
     /// Replaces every secret value in `text` with `***`.
@@ -164,6 +203,31 @@ impl Caps {
             self.read_dirs[index] = Some(dir);
         }
         Ok(self.read_dirs[index].as_ref().expect("opened above"))
+    }
+}
+
+/// `--audit FILE`: one JSON object per line, appended and flushed per
+/// decision, so a killed run keeps what it decided.
+pub struct AuditLog {
+    file: Mutex<std::fs::File>,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending, creating it with mode 0600.
+    pub fn open(path: &std::path::Path) -> std::io::Result<AuditLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        Ok(AuditLog { file: Mutex::new(file) })
+    }
+
+    fn record(&self, value: &serde_json::Value) {
+        use std::io::Write;
+        let mut line = value.to_string();
+        line.push('\n');
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            ::log::error!(target: "offsite::policy", "cannot write the audit log: {e}");
+        }
     }
 }
 
