@@ -23,7 +23,7 @@ use crate::caps::{AuditLog, Caps, Clock};
 use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure, default_cache_dir};
 use crate::policy::{ParamGrant, Policy};
 use crate::site::Site;
-use crate::store::{Store, StoredFile};
+use crate::store::{Budget, Store, StoredFile};
 use crate::transport::openssh::OpenSsh;
 
 /// Process exit codes.
@@ -204,7 +204,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     if !args.dry_run || site.store.exists() {
         let store = Store::open(&site.store)
             .with_context(|| format!("cannot open the store {}", site.store.display()))
-            .exit(Exit::Usage)?;
+            .exit(Exit::Usage)?
+            .with_budget(Budget::new(site.limits.max_bytes, site.limits.max_files));
         caps.store = Some(Arc::new(store));
     }
     caps.script_sha256 = script.sha256.clone();

@@ -26,6 +26,10 @@ pub struct Limits {
     /// Largest stdout or stderr `ssh.exec` captures; bigger output must be
     /// streamed with `exec-to-file`.
     pub captured_output: u64,
+    /// Most bytes one run may store.
+    pub max_bytes: u64,
+    /// Most files one run may create in the store.
+    pub max_files: u64,
 }
 
 impl Default for Limits {
@@ -36,6 +40,8 @@ impl Default for Limits {
             call_timeout: Duration::from_secs(3600),
             parallel: 4,
             captured_output: 1 << 20,
+            max_bytes: u64::MAX,
+            max_files: 100_000,
         }
     }
 }
@@ -167,6 +173,8 @@ impl Site {
             call_timeout: raw.limits.call_timeout.map_or(defaults.call_timeout, |d| d.0),
             parallel: raw.limits.parallel.unwrap_or(defaults.parallel),
             captured_output: raw.limits.captured_output.map_or(defaults.captured_output, |m| m.0),
+            max_bytes: raw.limits.max_bytes.map_or(defaults.max_bytes, |m| m.0),
+            max_files: raw.limits.max_files.unwrap_or(defaults.max_files),
         };
         let mut hosts = BTreeMap::new();
         for (name, h) in raw.hosts {
@@ -309,6 +317,8 @@ struct LimitsSection {
     call_timeout: Option<HumanDuration>,
     parallel: Option<usize>,
     captured_output: Option<ByteSize>,
+    max_bytes: Option<ByteSize>,
+    max_files: Option<u64>,
 }
 
 /// A duration written as `90s`, `30m`, `6h` or `1h 30m`.

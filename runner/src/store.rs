@@ -8,6 +8,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cap_std::ambient_authority;
@@ -22,6 +23,56 @@ pub const TEMP_PREFIX: &str = ".offsite-tmp.";
 pub struct Store {
     root: PathBuf,
     dir: Dir,
+    budget: Arc<Budget>,
+}
+
+/// What one run may still write: files created and bytes stored, shared by
+/// every pending file (and so by parallel transfers).
+#[derive(Debug)]
+pub struct Budget {
+    max_bytes: u64,
+    max_files: u64,
+    bytes: AtomicU64,
+    files: AtomicU64,
+}
+
+/// The error a [`Budget`] returns, inside an `io::Error`, so callers can
+/// tell it from the file system's own quota errors.
+#[derive(Debug)]
+pub struct BudgetExceeded(pub String);
+
+impl std::fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BudgetExceeded {}
+
+impl Budget {
+    pub fn new(max_bytes: u64, max_files: u64) -> Budget {
+        Budget { max_bytes, max_files, bytes: AtomicU64::new(0), files: AtomicU64::new(0) }
+    }
+
+    fn take_file(&self) -> io::Result<()> {
+        if self.files.fetch_add(1, Ordering::Relaxed) >= self.max_files {
+            return Err(io::Error::new(
+                io::ErrorKind::QuotaExceeded,
+                BudgetExceeded(format!("this run reached the site's max_files limit ({} files)", self.max_files)),
+            ));
+        }
+        Ok(())
+    }
+
+    fn take_bytes(&self, n: u64) -> io::Result<()> {
+        if self.bytes.fetch_add(n, Ordering::Relaxed).saturating_add(n) > self.max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::QuotaExceeded,
+                BudgetExceeded(format!("this run reached the site's max_bytes limit ({} bytes)", self.max_bytes)),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Store {
@@ -32,7 +83,13 @@ impl Store {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
         }
         let dir = Dir::open_ambient_dir(root, ambient_authority())?;
-        Ok(Store { root: root.to_path_buf(), dir })
+        Ok(Store { root: root.to_path_buf(), dir, budget: Arc::new(Budget::new(u64::MAX, u64::MAX)) })
+    }
+
+    /// Limits what this run may write from now on.
+    pub fn with_budget(mut self, budget: Budget) -> Store {
+        self.budget = Arc::new(budget);
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -44,6 +101,7 @@ impl Store {
     pub fn create(&self, rel: &Path) -> io::Result<PendingFile> {
         let file_name =
             rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination names no file"))?;
+        self.budget.take_file()?;
         let parent_rel = rel.parent().filter(|p| !p.as_os_str().is_empty());
         let parent = match parent_rel {
             Some(p) => {
@@ -78,6 +136,7 @@ impl Store {
             final_name: file_name.to_os_string().into(),
             rel: rel.to_path_buf(),
             writer: Some(HashingWriter::new(WriteBehind::new(file))),
+            budget: Arc::clone(&self.budget),
         })
     }
 }
@@ -92,6 +151,7 @@ pub struct PendingFile {
     final_name: PathBuf,
     rel: PathBuf,
     writer: Option<HashingWriter<WriteBehind>>,
+    budget: Arc<Budget>,
 }
 
 /// What was stored.
@@ -121,6 +181,7 @@ impl PendingFile {
 
 impl Write for PendingFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.budget.take_bytes(buf.len() as u64)?;
         self.writer.as_mut().expect("not committed").write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -286,6 +347,23 @@ mod tests {
         let on_disk = std::fs::read(dir.path().join("big.bin")).unwrap();
         assert_eq!(on_disk.len() as u64, written);
         assert_eq!(hex::encode(Sha256::digest(&on_disk)), stored.sha256);
+    }
+
+    #[test]
+    fn the_budget_caps_files_and_bytes_across_pending_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_budget(Budget::new(10, 2));
+        let mut a = store.create(Path::new("a")).unwrap();
+        let mut b = store.create(Path::new("b")).unwrap();
+        let err = store.create(Path::new("c")).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::QuotaExceeded);
+        assert!(err.to_string().contains("max_files"), "{err}");
+        a.write_all(b"123456").unwrap();
+        let err = b.write_all(b"12345").unwrap_err();
+        assert!(err.to_string().contains("max_bytes"), "{err}");
+        drop(b);
+        a.commit().unwrap();
+        assert_eq!(names(dir.path()), vec!["a"], "the over-budget file left nothing");
     }
 
     #[test]

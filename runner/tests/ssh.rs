@@ -542,3 +542,25 @@ fn a_dry_run_connects_and_checks_but_runs_and_stores_nothing() {
     ran.expect_code(1);
     assert!(ran.stderr.contains("host key is not known"), "{}", ran.stderr);
 }
+
+#[test]
+fn per_run_byte_and_file_limits_stop_a_run_without_storing_the_excess() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.extra = "[limits]\nmax_bytes = \"100KiB\"\nmax_files = 2\n".into();
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    let ran = site.run(&[("op", "stream"), ("argv", &argv(&["sh", "-c", "seq 1 200000"])), ("dest", "big.txt")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("limit exceeded") && ran.stderr.contains("max_bytes"), "{}", ran.stderr);
+    assert!(site.stored().is_empty(), "{:?}", site.stored());
+
+    // Three small files: the third is refused, the first two stand.
+    let ran = site.run(&[
+        ("op", "parallel-stream"),
+        ("hosts", "server1,server1,server1"),
+        ("argv", &argv(&["sh", "-c", "echo small"])),
+        ("dest", "s"),
+    ]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("max_files"), "{}", ran.stderr);
+}

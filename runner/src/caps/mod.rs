@@ -246,6 +246,8 @@ pub(crate) fn io_error(what: &str, e: std::io::Error) -> WitError {
         std::io::ErrorKind::NotFound => WitError::NotFound(format!("{what}: {e}")),
         std::io::ErrorKind::TimedOut => WitError::Timeout(format!("{what}: {e}")),
         std::io::ErrorKind::PermissionDenied => WitError::Denied(format!("{what}: {e}")),
+        // Our own per-run budget (see store::Budget).
+        std::io::ErrorKind::QuotaExceeded if e.get_ref().is_some() => WitError::LimitExceeded(format!("{what}: {e}")),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
             WitError::Io(format!("{what}: the store is full: {e}"))
         }
