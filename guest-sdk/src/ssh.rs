@@ -5,6 +5,7 @@
 //! reaches the remote program exactly as written: the runner quotes it for
 //! the remote shell, so there is nothing to escape here.
 
+use crate::secrets::Secret;
 use crate::wit::offsite::backup::ssh as raw;
 use crate::{FileInfo, HostError};
 
@@ -133,6 +134,50 @@ pub fn start_exec_to_file<S: AsRef<str>>(
     options: &Stream,
 ) -> Result<Pending, HostError> {
     raw::start_exec_to_file(host, &strings(argv), dest, &options.raw()).map(Pending).map_err(HostError::from)
+}
+
+/// [`exec_to_file`] with a secret on the command's stdin: the runner sends
+/// `stdin_template` with `{secret}` replaced by the value, then closes
+/// stdin. The script never sees the value, and it never appears in argv.
+///
+/// ```no_run
+/// use offsite_sdk::secrets::Secret;
+/// use offsite_sdk::ssh::{self, Stream};
+/// let password = Secret::open("db_password")?;
+/// ssh::exec_to_file_with_secret(
+///     "server1",
+///     &["mysqldump", "--defaults-extra-file=/dev/stdin", "--single-transaction", "sitedb"],
+///     "sitedb.sql.gz",
+///     &Stream::new().gzip().require_tail("-- Dump completed"),
+///     &password,
+///     "[client]\npassword={secret}\n",
+/// )?;
+/// # Ok::<(), offsite_sdk::HostError>(())
+/// ```
+pub fn exec_to_file_with_secret<S: AsRef<str>>(
+    host: &str,
+    argv: &[S],
+    dest: &str,
+    options: &Stream,
+    secret: &Secret,
+    stdin_template: &str,
+) -> Result<FileInfo, HostError> {
+    raw::exec_to_file_with_secret(host, &strings(argv), dest, &options.raw(), &secret.0, stdin_template)
+        .map_err(HostError::from)
+}
+
+/// [`exec_to_file_with_secret`] in the background.
+pub fn start_exec_to_file_with_secret<S: AsRef<str>>(
+    host: &str,
+    argv: &[S],
+    dest: &str,
+    options: &Stream,
+    secret: &Secret,
+    stdin_template: &str,
+) -> Result<Pending, HostError> {
+    raw::start_exec_to_file_with_secret(host, &strings(argv), dest, &options.raw(), &secret.0, stdin_template)
+        .map(Pending)
+        .map_err(HostError::from)
 }
 
 fn strings<S: AsRef<str>>(argv: &[S]) -> Vec<String> {

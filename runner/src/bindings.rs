@@ -6,7 +6,8 @@ wasmtime::component::bindgen!({
     world: "script",
     with: {
         "offsite:backup/ssh.pending": crate::caps::remote::Job,
+        "offsite:backup/secrets.secret": crate::caps::secrets::SecretHandle,
     },
 });
 
-pub use self::offsite::backup::{archive, clock, log, meta, params, scp, ssh, types};
+pub use self::offsite::backup::{archive, clock, log, meta, params, scp, secrets, ssh, types};

@@ -82,6 +82,32 @@ pub fn check(
         describe_host(&mut out, host);
         host_problems(host, &file, text, &mut problems);
     }
+    for (name, source) in &site.secrets {
+        let at = at_key("secrets", name);
+        match source {
+            SecretSource::File(path) => {
+                let _ =
+                    writeln!(out, "  secret {name}: from {} (scripts get a handle, never the value)", path.display());
+                if let Err(e) = check_key_file(name, path) {
+                    problems.push(Problem {
+                        at,
+                        what: format!("secret {name}: {}", e.to_string().trim_start_matches(&format!("host {name}: "))),
+                        fix: format!("create it readable by its owner only: chmod 600 {}", path.display()),
+                    });
+                }
+            }
+            SecretSource::Env(var) => {
+                let _ = writeln!(out, "  secret {name}: from ${var} (scripts get a handle, never the value)");
+                if std::env::var_os(var).is_none() {
+                    problems.push(Problem {
+                        at,
+                        what: format!("secret {name}: the variable {var} is not set in this environment"),
+                        fix: format!("export {var} where the runner starts"),
+                    });
+                }
+            }
+        }
+    }
     let _ = writeln!(out, "  limits: {}", site.limits);
 
     if let Some((runtime, script, info)) = script {

@@ -209,6 +209,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         caps.store = Some(Arc::new(store));
     }
     caps.script_sha256 = script.sha256.clone();
+    caps.secret_sources = site.secrets.clone();
     if let Some(path) = &args.audit {
         let log = AuditLog::open(path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))

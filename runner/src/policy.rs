@@ -39,6 +39,10 @@ pub enum Call<'a> {
         host: &'a str,
         path: &'a str,
     },
+    /// Open the secret the site calls `name`.
+    SecretOpen {
+        name: &'a str,
+    },
 }
 
 impl Call<'_> {
@@ -54,6 +58,7 @@ impl Call<'_> {
             Call::StoreWrite { dest } => json!({"fn": "write", "dest": dest}),
             Call::SshExec { host, argv } => json!({"fn": "exec", "host": host, "argv": argv}),
             Call::ScpFetch { host, path } => json!({"fn": "fetch", "host": host, "path": path}),
+            Call::SecretOpen { name } => json!({"fn": "open", "name": name}),
         }
     }
 
@@ -66,6 +71,7 @@ impl Call<'_> {
             Call::ArchiveRead { .. } | Call::StoreWrite { .. } => "archive",
             Call::SshExec { .. } => "ssh",
             Call::ScpFetch { .. } => "scp",
+            Call::SecretOpen { .. } => "secrets",
         }
     }
 }
@@ -86,6 +92,8 @@ pub enum Grant {
     Exec { host: String },
     /// Fetch the normalised absolute `path` from the named host.
     Fetch { host: String, path: String },
+    /// The secret exists; a handle may be made.
+    Secret,
 }
 
 /// Why a call was refused or malformed.
@@ -127,6 +135,8 @@ pub struct Policy {
     params: BTreeMap<String, ParamGrant>,
     /// Remote hosts by the name scripts use.
     hosts: BTreeMap<String, HostGrants>,
+    /// Names of the secrets the site declares.
+    secrets: std::collections::BTreeSet<String>,
 }
 
 /// What may be done on one host, compiled from its site section.
@@ -150,6 +160,7 @@ impl Policy {
             base_dir: PathBuf::from("/nonexistent"),
             params: BTreeMap::new(),
             hosts: BTreeMap::new(),
+            secrets: Default::default(),
         }
     }
 
@@ -166,7 +177,13 @@ impl Policy {
                 (name.clone(), grants)
             })
             .collect();
-        Policy { read_roots: site.read_roots.clone(), base_dir: site.base_dir.clone(), params, hosts }
+        Policy {
+            read_roots: site.read_roots.clone(),
+            base_dir: site.base_dir.clone(),
+            params,
+            hosts,
+            secrets: site.secrets.keys().cloned().collect(),
+        }
     }
 
     pub fn read_roots(&self) -> &[PathBuf] {
@@ -189,6 +206,12 @@ impl Policy {
             Call::StoreWrite { dest } => store_path(dest).map(|rel| Grant::Write { rel }),
             Call::SshExec { host, argv } => self.check_exec(host, argv),
             Call::ScpFetch { host, path } => self.check_fetch(host, path),
+            Call::SecretOpen { name } => match self.secrets.contains(*name) {
+                true => Ok(Grant::Secret),
+                false => {
+                    Err(Denial::Denied(format!("secret {name:?} is not declared under [secrets] in the site file")))
+                }
+            },
         }
     }
 
@@ -421,6 +444,7 @@ mod tests {
             base_dir: base.to_path_buf(),
             params: BTreeMap::from([("path".to_string(), ParamGrant { value: Some("x".into()), secret: false })]),
             hosts: BTreeMap::new(),
+            secrets: Default::default(),
         }
     }
 

@@ -68,6 +68,8 @@ pub struct Site {
     /// `ssh_config` file for every host (`ssh -F`); `None` means the
     /// user's own `~/.ssh/config`.
     pub ssh_config: Option<PathBuf>,
+    /// Named secrets a script may pass (by handle) to a capability.
+    pub secrets: BTreeMap<String, SecretSource>,
 }
 
 /// One `[hosts.NAME]` section: how to reach the host and what may be done
@@ -100,6 +102,8 @@ pub struct HostConfig {
 
 /// Where a secret comes from. The value is read when it is needed and never
 /// stored in the site.
+///
+/// A file must be readable by its owner only, like a private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     File(PathBuf),
@@ -124,6 +128,7 @@ impl Site {
             script_sha256: None,
             hosts: BTreeMap::new(),
             ssh_config: None,
+            secrets: BTreeMap::new(),
         })
     }
 
@@ -176,6 +181,15 @@ impl Site {
             max_bytes: raw.limits.max_bytes.map_or(defaults.max_bytes, |m| m.0),
             max_files: raw.limits.max_files.unwrap_or(defaults.max_files),
         };
+        let mut secrets = BTreeMap::new();
+        for (name, source) in raw.secrets {
+            let source = match (source.file, source.env) {
+                (Some(f), None) => SecretSource::File(expand_home(&f, &file_dir)),
+                (None, Some(v)) => SecretSource::Env(v),
+                _ => bail!("{}: give exactly one of `file` or `env`", at(&format!("secrets.{name}"))),
+            };
+            secrets.insert(name, source);
+        }
         let mut hosts = BTreeMap::new();
         for (name, h) in raw.hosts {
             let host =
@@ -197,6 +211,7 @@ impl Site {
             script_sha256: raw.script_sha256.map(|s| s.to_ascii_lowercase()),
             hosts,
             ssh_config: raw.ssh_config.map(|p| expand_home(&p, &file_dir)),
+            secrets,
         })
     }
 }
@@ -218,6 +233,16 @@ struct SiteFile {
     ssh_config: Option<PathBuf>,
     #[serde(default)]
     hosts: BTreeMap<String, HostSection>,
+    #[serde(default)]
+    secrets: BTreeMap<String, SecretSection>,
+}
+
+/// `name = { file = "..." }` or `name = { env = "VAR" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretSection {
+    file: Option<PathBuf>,
+    env: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -496,6 +521,17 @@ mod tests {
         assert!(err.contains("commands[0]"), "{err}");
         let err = parse("store = \"/x\"\n[hosts.a]\nfetch = [\"relative/*\"]\n").unwrap_err().to_string();
         assert!(err.contains("fetch[0]"), "{err}");
+    }
+
+    #[test]
+    fn secrets_name_a_file_or_a_variable() {
+        let site =
+            parse("store = \"/x\"\n[secrets]\ndb = { file = \"db.pass\" }\ntoken = { env = \"TOKEN\" }\n").unwrap();
+        assert_eq!(site.secrets["db"], SecretSource::File("/etc/offsite/db.pass".into()));
+        assert_eq!(site.secrets["token"], SecretSource::Env("TOKEN".into()));
+        let err = parse("store = \"/x\"\n[secrets]\ndb = { }\n").unwrap_err().to_string();
+        assert!(err.contains("secrets.db") && err.contains("exactly one"), "{err}");
+        assert!(parse("store = \"/x\"\n[secrets]\ndb = \"hunter2\"\n").is_err(), "values never inline");
     }
 
     #[test]

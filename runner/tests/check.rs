@@ -84,6 +84,16 @@ fn problems_name_the_file_the_line_and_the_fix() {
     assert!(ran.stderr.contains("needs parameter \"path\"") && ran.stderr.contains("under [params]"), "{}", ran.stderr);
     assert!(ran.stderr.contains("uses the archive capability, but the site grants no read roots"), "{}", ran.stderr);
 
+    // A secret file that others can read.
+    let pass = dir.path().join("db.pass");
+    std::fs::write(&pass, "pw").unwrap();
+    std::fs::write(&site, format!("store = \"backups\"\n[secrets]\ndb = {{ file = \"{}\" }}\n", pass.display()))
+        .unwrap();
+    let ran = check(&site, &[]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains(&format!("{file}:3: secret db")) && ran.stderr.contains("chmod 600"), "{}", ran.stderr);
+    assert!(!ran.stdout.contains("pw\n") && !ran.stderr.contains(": pw"), "never the value");
+
     // A syntax error is reported with its line and column, like `run` does.
     std::fs::write(&site, "store = \"backups\"\n[limits]\nmemroy = \"1GiB\"\n").unwrap();
     let ran = check(&site, &[]);

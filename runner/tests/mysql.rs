@@ -19,13 +19,13 @@ struct Server {
     db: MariaDb,
 }
 
-fn start(ip: &'static str, user: &'static str) -> std::thread::JoinHandle<Server> {
+fn start(ip: &'static str, user: &'static str, password_in_file: bool) -> std::thread::JoinHandle<Server> {
     std::thread::spawn(move || {
         let ssh = Sshd::start_as(ip, user);
         let db = MariaDb::start(ip);
         // Credentials where mysqldump looks by default: the login user's
         // ~/.my.cnf, mode 0600.
-        db.write_defaults_file(&ssh.home().join(".my.cnf"), &ssh.user);
+        db.write_defaults_file(&ssh.home().join(".my.cnf"), &ssh.user, password_in_file);
         Server { ssh, db }
     })
 }
@@ -34,9 +34,14 @@ fn start(ip: &'static str, user: &'static str) -> std::thread::JoinHandle<Server
 /// whose `~/.my.cnf` names this test's MariaDB sockets, so the tests here
 /// take turns: the guard is held for the whole test.
 fn two_servers() -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
+    servers(true)
+}
+
+fn servers(password_in_file: bool) -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    let (a, b) = (start("127.0.0.2", "offsite-srv1"), start("127.0.0.3", "offsite-srv2"));
+    let (a, b) =
+        (start("127.0.0.2", "offsite-srv1", password_in_file), start("127.0.0.3", "offsite-srv2", password_in_file));
     let (server1, server2) = (a.join().unwrap(), b.join().unwrap());
     populate_sitedb(&server1.db);
     populate_transdb(&server2.db);
@@ -203,4 +208,40 @@ fn the_articles_remote_backup_command_then_fetch() {
         s.db.load(&format!("restored_{db}"), &out.stdout);
         assert_eq!(s.db.fingerprint(&format!("restored_{db}")), s.db.fingerprint(db));
     }
+}
+
+#[test]
+fn the_password_can_live_in_the_site_as_a_secret_the_script_never_sees() {
+    let (server1, server2, _turn) = servers(false);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("db.pass");
+    std::fs::write(&secret, format!("{}\n", server1.db.backup_password())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let grant = |db: &str| {
+        format!(
+            "commands = [[\"mysqldump\", \"--defaults-extra-file=/dev/stdin\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"{db}\", \"tbl_*...\"],\n  [\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"{db}\", \"tbl_*...\"]]"
+        )
+    };
+    let params = format!(
+        "dumps = \"server1:sitedb:tbl_ccode,tbl_stats server2:transdb\"\npassword_secret = \"db\"\n\n[secrets]\ndb = {{ file = \"{}\" }}",
+        secret.display()
+    );
+    let site = site_file(dir.path(), &server1, &server2, &grant("sitedb"), &grant("transdb"), &params);
+    let ran = run(&site);
+    ran.expect_code(0);
+    let sql = gunzip(&dir.path().join("backups/server1/sitedb-20040321-014844.sql.gz"));
+    server1.db.load("restored_sitedb", &sql);
+    let original: Vec<_> =
+        server1.db.fingerprint("sitedb").into_iter().filter(|(t, _, _)| t == "tbl_ccode" || t == "tbl_stats").collect();
+    assert_eq!(server1.db.fingerprint("restored_sitedb"), original);
+    assert!(dir.path().join("backups/server2/transdb-20040321-014844.sql.gz").exists());
+
+    // Without the secret the same dump cannot log in: the password really
+    // came from the site.
+    let params = "dumps = \"server1:sitedb:tbl_ccode\"";
+    let site = site_file(dir.path(), &server1, &server2, &grant("sitedb"), &grant("transdb"), params);
+    let ran = run(&site);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("Access denied"), "{}", ran.stderr);
 }

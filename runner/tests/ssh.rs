@@ -564,3 +564,100 @@ fn per_run_byte_and_file_limits_stop_a_run_without_storing_the_excess() {
     ran.expect_code(1);
     assert!(ran.stderr.contains("max_files"), "{}", ran.stderr);
 }
+
+/// Waits for `started` to appear (the remote command is running), reads
+/// every process's command line once, then creates `scanned` to let the
+/// command finish. Returns the command lines that contained `needle`.
+fn scan_cmdlines_during(
+    needle: &'static str,
+    started: PathBuf,
+    scanned: PathBuf,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !started.exists() {
+            assert!(Instant::now() < deadline, "the remote command never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if text.contains(needle) {
+                    seen.push(text);
+                }
+            }
+        }
+        std::fs::write(&scanned, "").unwrap();
+        seen
+    })
+}
+
+#[test]
+fn secrets_reach_the_remote_only_on_stdin_and_appear_nowhere_else() {
+    const SECRET: &str = "s3cr3t-Value-42";
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    let token = site.path("home/token");
+    std::fs::write(&token, format!("{SECRET}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    site.extra = format!("[secrets]\ntoken = {{ file = \"{}\" }}\n", token.display());
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    let audit = site.path("audit.jsonl");
+    let (started, scanned) = (server.files().join("started"), server.files().join("scanned"));
+    // The remote side says it runs, then waits until the scan is done.
+    let gate = format!("touch {}; until [ -e {} ]; do sleep 0.02; done", started.display(), scanned.display());
+    let run = |command: &str, secret: &str| {
+        let _ = std::fs::remove_file(&started);
+        let _ = std::fs::remove_file(&scanned);
+        let site_file = site.write();
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.args(["-vv", "run", "--json", "--audit"]).arg(&audit).arg(script("probe")).arg("--site").arg(&site_file);
+        cmd.args(["--param", "op=stream-secret", "--param", "dest=out.cnf"]);
+        cmd.arg("--param").arg(format!("secret={secret}"));
+        cmd.arg("--param").arg("template=[client]\npassword={secret}\n");
+        cmd.arg("--param").arg(format!("argv={}", argv(&["sh", "-c", command])));
+        cmd.env("HOME", site.path("home")).env_remove("SSH_AUTH_SOCK");
+        let watcher = (secret == "token" && command.contains("until"))
+            .then(|| scan_cmdlines_during(SECRET, started.clone(), scanned.clone()));
+        let ran = Ran::from_output(cmd.output().unwrap());
+        if let Some(watcher) = watcher {
+            let seen = watcher.join().unwrap();
+            assert!(seen.is_empty(), "the secret was in a command line: {seen:?}");
+        }
+        for (what, text) in [("stdout", &ran.stdout), ("stderr", &ran.stderr)] {
+            assert!(!text.contains(SECRET), "the secret leaked into {what}:\n{text}");
+        }
+        ran
+    };
+    // Delivered: the remote command read it from stdin (and is slow enough
+    // for the watcher to look at every process meanwhile).
+    let ran = run(&format!("cat; {gate}"), "token");
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("\"status\":\"ok\""), "{}", ran.stdout);
+    assert!(ran.stderr.contains("secret name=token"), "{}", ran.stderr);
+    assert_eq!(
+        std::fs::read_to_string(site.store().join("out.cnf")).unwrap(),
+        format!("[client]\npassword={SECRET}\n")
+    );
+
+    // A failing command that echoes it to stderr: the error is masked.
+    let ran = run(&format!("cat >&2; {gate}; exit 3"), "token");
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("exit status 3") && ran.stderr.contains("password=***"), "{}", ran.stderr);
+
+    // An undeclared secret is denied.
+    let ran = run("cat", "other");
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("denied") && ran.stderr.contains("not declared under [secrets]"), "{}", ran.stderr);
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(!log.contains(SECRET), "{log}");
+    assert!(log.contains("\"interface\":\"secrets\""), "{log}");
+
+    // A secret file others can read is refused, without showing its value.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ran = run("cat", "token");
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("mode 0644"), "{}", ran.stderr);
+}

@@ -113,13 +113,12 @@ impl MariaDb {
     }
 
     /// Writes a client option file for the `backup` account at `path`,
-    /// mode 0600, owned by `owner`, as a sysadmin would on the server.
-    pub fn write_defaults_file(&self, path: &Path, owner: &str) {
-        std::fs::write(
-            path,
-            format!("[client]\nuser=backup\npassword={}\nsocket={}\n", self.backup_password(), self.socket().display()),
-        )
-        .unwrap();
+    /// mode 0600, owned by `owner`, as a sysadmin would on the server; with
+    /// `password` false it leaves the password out (it then comes from a
+    /// site secret).
+    pub fn write_defaults_file(&self, path: &Path, owner: &str, password: bool) {
+        let password = if password { format!("password={}\n", self.backup_password()) } else { String::new() };
+        std::fs::write(path, format!("[client]\nuser=backup\n{password}socket={}\n", self.socket().display())).unwrap();
         set_mode(path, 0o600);
         let status = Command::new("chown").arg(owner).arg(path).status().unwrap();
         assert!(status.success(), "chown {owner} {}", path.display());

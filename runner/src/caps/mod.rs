@@ -8,6 +8,7 @@ mod log;
 mod params;
 pub mod remote;
 mod scp;
+pub mod secrets;
 mod ssh;
 
 use std::collections::BTreeMap;
@@ -56,6 +57,8 @@ pub struct Caps {
     pub transport: Option<Arc<dyn Transport>>,
     /// Per-host idle timeouts.
     pub idle_timeouts: BTreeMap<String, Duration>,
+    /// Where each of the site's secrets comes from.
+    pub secret_sources: BTreeMap<String, crate::site::SecretSource>,
     /// Bounds remote transfers running at once.
     pub slots: Arc<Slots>,
     pub captured_output: u64,
@@ -84,6 +87,7 @@ impl Caps {
             read_dirs: (0..roots).map(|_| None).collect(),
             transport: None,
             idle_timeouts: BTreeMap::new(),
+            secret_sources: BTreeMap::new(),
             slots: Arc::new(Slots::new(4)),
             captured_output: 1 << 20,
             table: ResourceTable::new(),

@@ -113,6 +113,7 @@ impl Remote {
         argv: &[String],
         dest: &Path,
         options: &StreamOptions,
+        stdin: Option<&[u8]>,
     ) -> Result<FileInfo, Error> {
         let shown_dest = dest.display().to_string();
         if self.dry_run {
@@ -123,7 +124,13 @@ impl Remote {
         let store = self.store.as_ref().ok_or_else(|| Error::Denied("no store is open".into()))?;
         let _slot = self.slots.acquire();
         let started = Instant::now();
-        let mut pump = self.spawn(host, argv, false)?;
+        let mut pump = self.spawn(host, argv, stdin.is_some())?;
+        if let Some(input) = stdin {
+            // Small (an option file, a token): it fits in the pipe, so
+            // writing it all before reading cannot deadlock.
+            pump.send(input)?;
+            pump.close_stdin();
+        }
         let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
         let mut sink = if options.gzip { Sink::Gz(ParallelGz::new(pending, 6, 0)) } else { Sink::Plain(pending) };
         let mut tail = Tail::default();

@@ -4,6 +4,7 @@ use wasmtime::component::Resource;
 
 use super::Caps;
 use super::remote::Job;
+use super::secrets::SecretHandle;
 use crate::bindings::ssh::{ExecOutput, Host, HostPending, StreamOptions};
 use crate::bindings::types::{Error, FileInfo};
 use crate::policy::{Call, Grant};
@@ -24,7 +25,7 @@ impl Host for Caps {
     ) -> Result<FileInfo, Error> {
         self.decide(Call::SshExec { host: &host, argv: &argv })?;
         let rel = self.decide_write(&dest)?;
-        self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options)
+        self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, None)
     }
 
     fn start_exec_to_file(
@@ -38,7 +39,40 @@ impl Host for Caps {
         let rel = self.decide_write(&dest)?;
         let remote = self.remote(&host)?;
         self.start_job(format!("streaming from {host} into {dest}"), move || {
-            remote.exec_to_file(&host, &argv, &rel, &options)
+            remote.exec_to_file(&host, &argv, &rel, &options, None)
+        })
+    }
+
+    fn exec_to_file_with_secret(
+        &mut self,
+        host: String,
+        argv: Vec<String>,
+        dest: String,
+        options: StreamOptions,
+        secret: Resource<SecretHandle>,
+        stdin_template: String,
+    ) -> Result<FileInfo, Error> {
+        self.decide(Call::SshExec { host: &host, argv: &argv })?;
+        let rel = self.decide_write(&dest)?;
+        let stdin = self.secret_stdin(&secret, &stdin_template)?;
+        self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
+    }
+
+    fn start_exec_to_file_with_secret(
+        &mut self,
+        host: String,
+        argv: Vec<String>,
+        dest: String,
+        options: StreamOptions,
+        secret: Resource<SecretHandle>,
+        stdin_template: String,
+    ) -> Result<Resource<Job>, Error> {
+        self.decide(Call::SshExec { host: &host, argv: &argv })?;
+        let rel = self.decide_write(&dest)?;
+        let stdin = self.secret_stdin(&secret, &stdin_template)?;
+        let remote = self.remote(&host)?;
+        self.start_job(format!("streaming from {host} into {dest}"), move || {
+            remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
         })
     }
 }
@@ -59,6 +93,16 @@ impl HostPending for Caps {
 }
 
 impl Caps {
+    /// The bytes to send on stdin: the template with `{secret}` replaced.
+    fn secret_stdin(&self, secret: &Resource<SecretHandle>, template: &str) -> Result<Vec<u8>, Error> {
+        let handle =
+            self.table.get(secret).map_err(|e| Error::InvalidArgument(format!("no such secret handle: {e}")))?;
+        if !template.contains("{secret}") {
+            return Err(Error::InvalidArgument("the stdin template has no {secret} placeholder".into()));
+        }
+        Ok(template.replace("{secret}", handle.value()).into_bytes())
+    }
+
     /// Asks the policy about writing `dest` into the store.
     pub(super) fn decide_write(&mut self, dest: &str) -> Result<std::path::PathBuf, Error> {
         match self.decide(Call::StoreWrite { dest })? {

@@ -13,18 +13,22 @@
 //!   fetches FILE into the store as `HOST/NAME-YYYYMMDD-HHMMSS.EXT`: the
 //!   2004 article's `dbbackup.sh` followed by `scp`.
 //!
-//! Credentials never appear on a command line: mysqldump reads them from an
-//! option file on the server, the login user's `~/.my.cnf` or the file named
-//! by `defaults_file`.
+//! Credentials never appear on a command line. Either mysqldump reads them
+//! from an option file on the server (the login user's `~/.my.cnf`, or the
+//! file named by `defaults_file`), or the site holds the password as a
+//! secret named by `password_secret`: the runner then sends mysqldump an
+//! option file on its stdin (`password="..."`; the value must not contain
+//! `"` or `\`), and the script itself never sees it.
 //!
 //! The exact argv, for the site's `commands` grant:
 //!
 //! ```text
-//! mysqldump [--defaults-extra-file=FILE] --single-transaction --quick --add-drop-table DB [TABLE...]
+//! mysqldump [--defaults-extra-file=FILE | --defaults-extra-file=/dev/stdin] --single-transaction --quick --add-drop-table DB [TABLE...]
 //! ```
 //!
 //! Every host is attempted; the run fails if any of them failed.
 
+use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
 use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, clock, info, params, scp};
 
@@ -47,8 +51,12 @@ impl Script for MysqlPull {
                 "defaults_file",
                 "remote MySQL option file with the credentials (default: the login user's ~/.my.cnf)",
             ))
+            .param(Param::optional(
+                "password_secret",
+                "name of a site secret holding the MySQL password, sent to mysqldump on stdin",
+            ))
             .param(Param::optional("stamp", "strftime pattern for file names").default("%Y%m%d-%H%M%S"))
-            .capabilities(["ssh", "scp", "clock", "params", "log"])
+            .capabilities(["ssh", "scp", "secrets", "clock", "params", "log"])
     }
 
     fn run() -> Result<()> {
@@ -106,14 +114,33 @@ fn mysqldump_argv(dump: &Dump, defaults_file: Option<&str>) -> Vec<String> {
 /// Starts every dump, then waits for each; returns what failed.
 fn dump_all(spec: &str, stamp: &str) -> Result<Vec<String>> {
     let dumps = parse_dumps(spec)?;
-    let defaults_file = params::get("defaults_file")?;
+    let secret = match params::get("password_secret")? {
+        Some(name) => Some(Secret::open(&name)?),
+        None => None,
+    };
+    let defaults_file = match (params::get("defaults_file")?, &secret) {
+        (Some(_), Some(_)) => bail!("set defaults_file or password_secret, not both"),
+        (file, None) => file,
+        (None, Some(_)) => Some("/dev/stdin".to_string()),
+    };
     let stream = Stream::new().gzip().require_tail(TRAILER);
     let mut failures = Vec::new();
     let mut running = Vec::new();
     for dump in &dumps {
         let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.db);
         let argv = mysqldump_argv(dump, defaults_file.as_deref());
-        match ssh::start_exec_to_file(&dump.host, &argv, &dest, &stream) {
+        let started = match &secret {
+            Some(secret) => ssh::start_exec_to_file_with_secret(
+                &dump.host,
+                &argv,
+                &dest,
+                &stream,
+                secret,
+                "[client]\npassword=\"{secret}\"\n",
+            ),
+            None => ssh::start_exec_to_file(&dump.host, &argv, &dest, &stream),
+        };
+        match started {
             Ok(job) => running.push((dump, job)),
             Err(e) => failures.push(report(&dump.host, &dump.db, &e.to_string())),
         }

@@ -5,6 +5,7 @@
 //! `argv` is split on the ASCII unit separator (U+001F), so arguments may
 //! hold spaces, quotes and newlines.
 
+use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
 use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, params, scp};
 
@@ -22,7 +23,9 @@ impl Script for Probe {
             .param(Param::optional("gzip", "compress: true or false").default("false"))
             .param(Param::optional("tail", "required tail text"))
             .param(Param::optional("hosts", "comma-separated hosts for the parallel ops"))
-            .capabilities(["ssh", "scp", "params"])
+            .param(Param::optional("secret", "name of a site secret, for stream-secret"))
+            .param(Param::optional("template", "stdin template, for stream-secret").default("{secret}"))
+            .capabilities(["ssh", "scp", "secrets", "params"])
     }
 
     fn run() -> Result<()> {
@@ -74,6 +77,13 @@ impl Script for Probe {
                 for job in jobs {
                     job.wait()?;
                 }
+            }
+            "stream-secret" => {
+                let secret = Secret::open(&params::require("secret")?)?;
+                let template = params::require("template")?;
+                println!("secret name={}", secret.name());
+                let info = ssh::exec_to_file_with_secret(&host, &argv, &dest, &stream, &secret, &template)?;
+                println!("stored={} bytes={}", info.path, info.bytes);
             }
             // Starts a transfer and never waits for it.
             "unwaited" => {
