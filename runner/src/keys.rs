@@ -104,6 +104,8 @@ fn fixed_lines(h: &HostConfig) -> Option<Vec<String>> {
         if is_glob(path) {
             return None;
         }
+        // The runner resolves the path first, then copies it.
+        lines.push(quote::command_line(&["realpath", "-e", "--", path.as_str()]).ok()?);
         lines.push(quote::command_line(&["scp", "-f", "--", path.as_str()]).ok()?);
     }
     Some(lines)
@@ -153,7 +155,11 @@ mod tests {
         let h = host(&[&["/home/b/dbbackup.sh"]], &["/home/b/userdb.tgz"]);
         assert_eq!(
             fixed_lines(&h).unwrap(),
-            vec!["'/home/b/dbbackup.sh'".to_string(), "'scp' '-f' '--' '/home/b/userdb.tgz'".to_string()]
+            vec![
+                "'/home/b/dbbackup.sh'".to_string(),
+                "'realpath' '-e' '--' '/home/b/userdb.tgz'".to_string(),
+                "'scp' '-f' '--' '/home/b/userdb.tgz'".to_string()
+            ]
         );
         assert!(fixed_lines(&host(&[&["mysqldump", "sitedb", "tbl_*..."]], &[])).is_none());
         assert!(fixed_lines(&host(&[], &["/var/backups/*.tgz"])).is_none());

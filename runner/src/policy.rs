@@ -230,6 +230,13 @@ impl Policy {
         if argv.is_empty() {
             return Err(Denial::InvalidArgument("an empty argv names no command".into()));
         }
+        let bytes: usize = argv.iter().map(|a| a.len() + 3).sum();
+        if argv.len() > MAX_ARGS || bytes > MAX_COMMAND_BYTES {
+            return Err(Denial::InvalidArgument(format!(
+                "the command has {} arguments and {bytes} bytes; at most {MAX_ARGS} arguments and {MAX_COMMAND_BYTES} bytes may be sent",
+                argv.len()
+            )));
+        }
         if let Some(index) = argv.iter().position(|a| a.contains('\0')) {
             return Err(Denial::InvalidArgument(format!(
                 "argument {index} contains a NUL byte, which a remote command cannot receive"
@@ -305,6 +312,12 @@ fn plain_path(p: &str) -> Result<PathBuf, Denial> {
     }
     Ok(path.components().filter(|c| *c != Component::CurDir).collect())
 }
+
+/// Most arguments one remote command may have.
+pub const MAX_ARGS: usize = 4096;
+/// Most bytes one quoted remote command line may have (below what sshd and
+/// the remote kernel accept).
+pub const MAX_COMMAND_BYTES: usize = 256 << 10;
 
 /// An allowed command: the program exactly, then one glob per argument.
 /// A last pattern ending in `...` matches zero or more further arguments,

@@ -62,8 +62,9 @@ pub struct Caps {
     /// Bounds remote transfers running at once.
     pub slots: Arc<Slots>,
     pub captured_output: u64,
-    /// `pending` resources handed to the script.
+    /// `pending` and `secret` resources handed to the script.
     table: ResourceTable,
+    open_secrets: usize,
     jobs: Vec<Arc<JobSlot>>,
     job_failures: Arc<AtomicU32>,
 }
@@ -91,6 +92,7 @@ impl Caps {
             slots: Arc::new(Slots::new(4)),
             captured_output: 1 << 20,
             table: ResourceTable::new(),
+            open_secrets: 0,
             jobs: Vec::new(),
             job_failures: Arc::new(AtomicU32::new(0)),
         }

@@ -173,6 +173,39 @@ impl Remote {
         Ok(self.record(stored))
     }
 
+    /// The canonical form of `path` on `host` (`realpath -e`): symlinks and
+    /// `..` resolved by the server, so the policy can check where a fetch
+    /// really leads.
+    pub fn resolve(&self, host: &str, path: &str) -> Result<String, Error> {
+        if self.dry_run {
+            self.connect(host)?;
+        }
+        let argv: Vec<String> = ["realpath", "-e", "--", path].iter().map(|s| s.to_string()).collect();
+        let (status, stdout, stderr) = self.exec_unchecked(host, &argv)?;
+        if status != 0 {
+            let msg = stderr.trim().to_string();
+            return Err(if msg.contains("No such file") {
+                Error::NotFound(format!("host {host}: {path}: No such file or directory"))
+            } else {
+                Error::RemoteFailed(format!("host {host}: cannot resolve {path}: realpath exit status {status}: {msg}"))
+            });
+        }
+        let text = String::from_utf8(stdout)
+            .map_err(|_| Error::RemoteFailed(format!("host {host}: {path} resolves to a name that is not UTF-8")))?;
+        let resolved = text.strip_suffix('\n').unwrap_or(&text);
+        if resolved.is_empty() || resolved.contains('\n') {
+            return Err(Error::RemoteFailed(format!("host {host}: realpath gave an unexpected answer for {path}")));
+        }
+        Ok(resolved.to_string())
+    }
+
+    /// `exec` without the dry-run short cut, for the runner's own helpers.
+    fn exec_unchecked(&self, host: &str, argv: &[String]) -> Result<(u32, Vec<u8>, String), Error> {
+        let mut this = self.clone();
+        this.dry_run = false;
+        this.exec(host, argv)
+    }
+
     /// `scp.fetch`: the sink side of the scp protocol over `scp -f`.
     pub fn fetch(&self, host: &str, path: &str, dest: &Path) -> Result<FileInfo, Error> {
         let shown_dest = dest.display().to_string();

@@ -9,10 +9,23 @@ use crate::bindings::types::{Error, FileInfo};
 use crate::policy::{Call, Grant};
 
 impl Caps {
+    /// Checks the path as written, then where it really leads on the
+    /// server: a symlink inside a granted directory cannot reach outside.
     fn decide_fetch(&mut self, host: &str, remote_path: &str) -> Result<String, Error> {
-        match self.decide(Call::ScpFetch { host, path: remote_path })? {
-            Grant::Fetch { path, .. } => Ok(path),
+        let path = match self.decide(Call::ScpFetch { host, path: remote_path })? {
+            Grant::Fetch { path, .. } => path,
             other => unreachable!("fetch granted as {other:?}"),
+        };
+        let resolved = self.remote(host)?.resolve(host, &path)?;
+        if resolved == path {
+            return Ok(path);
+        }
+        match self.decide(Call::ScpFetch { host, path: &resolved }) {
+            Ok(_) => Ok(resolved),
+            Err(Error::Denied(m)) => {
+                Err(Error::Denied(format!("{path:?} resolves on the server to {resolved:?}: {m}")))
+            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -12,6 +12,9 @@ use crate::bindings::types::Error;
 use crate::policy::Call;
 use crate::site::SecretSource;
 
+/// Most secret handles a script may hold at once.
+pub const MAX_OPEN_SECRETS: usize = 64;
+
 /// A secret the script holds a handle to. Not `Debug`: it must never be
 /// printed.
 pub struct SecretHandle {
@@ -28,6 +31,11 @@ impl SecretHandle {
 impl Host for Caps {
     fn open(&mut self, name: String) -> Result<Resource<SecretHandle>, Error> {
         self.decide(Call::SecretOpen { name: &name })?;
+        if self.open_secrets >= MAX_OPEN_SECRETS {
+            return Err(Error::LimitExceeded(format!(
+                "a run may hold at most {MAX_OPEN_SECRETS} secret handles at once"
+            )));
+        }
         let source = self
             .secret_sources
             .get(&name)
@@ -38,10 +46,15 @@ impl Host for Caps {
             return Err(Error::InvalidArgument(format!("secret {name:?} is empty")));
         }
         // From now on every log line, error and report masks it.
-        self.secrets.push(value.clone());
-        self.table
+        if !self.secrets.contains(&value) {
+            self.secrets.push(value.clone());
+        }
+        let handle = self
+            .table
             .push(SecretHandle { name, value })
-            .map_err(|e| Error::LimitExceeded(format!("too many open secrets: {e}")))
+            .map_err(|e| Error::LimitExceeded(format!("too many open secrets: {e}")))?;
+        self.open_secrets += 1;
+        Ok(handle)
     }
 }
 
@@ -52,6 +65,7 @@ impl HostSecret for Caps {
 
     fn drop(&mut self, secret: Resource<SecretHandle>) -> wasmtime::Result<()> {
         self.table.delete(secret)?;
+        self.open_secrets -= 1;
         Ok(())
     }
 }

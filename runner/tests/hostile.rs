@@ -1,0 +1,202 @@
+//! The hostile-script suite: every case runs the `hostile` script with one
+//! attack against a fresh site and a real sshd, and checks
+//! - the exit code and the error it must produce;
+//! - that the site's secret appears nowhere in the output or audit log;
+//! - that nothing outside the store changed: the site's directories
+//!   (including an `outside` directory next to the read root) and the
+//!   server's files are snapshotted before and after.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use offsite_testkit::sshd::Sshd;
+use offsite_testkit::{Ran, offsite, script};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+const SECRET: &str = "T0ken-Value-77";
+
+struct Env {
+    dir: tempfile::TempDir,
+    /// Outside the snapshot: the audit log.
+    logs: tempfile::TempDir,
+    server: Option<Sshd>,
+}
+
+impl Env {
+    fn new(remote: bool) -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+            logs: tempfile::tempdir().unwrap(),
+            server: remote.then(|| Sshd::start("127.0.0.2")),
+        };
+        let d = env.dir.path();
+        for sub in ["base/root/www", "base/outside", "store", "home"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::write(d.join("base/root/www/index.html"), "hello").unwrap();
+        std::fs::write(d.join("base/outside/secret.txt"), "not yours").unwrap();
+        std::os::unix::fs::symlink("../outside", d.join("base/root/escape")).unwrap();
+        std::os::unix::fs::symlink("../base/outside", d.join("store/planted")).unwrap();
+        std::fs::write(d.join("home/token"), format!("{SECRET}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("home/token"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(d.join("ssh_config"), "").unwrap();
+        let mut site = String::from(
+            "name = \"hostile\"\nstore = \"store\"\nssh_config = \"ssh_config\"\n\n[read]\nroots = [\"base/root\"]\n\n\
+             [limits]\ndeadline = \"3s\"\nmemory = \"64MiB\"\n\n[secrets]\ntoken = { file = \"home/token\" }\n",
+        );
+        if let Some(server) = &env.server {
+            let files = server.files();
+            std::fs::write(files.join("a.tgz"), "archive").unwrap();
+            std::os::unix::fs::symlink("/etc/passwd", files.join("escape.tgz")).unwrap();
+            site.push_str(&format!(
+                "\n[hosts.server1]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n\
+                 commands = [[\"echo\", \"*\"], [\"sh\", \"-c\", \"*\"], [\"echo\", \"*...\"]]\nfetch = [\"{}/*.tgz\"]\n",
+                server.addr.ip(),
+                server.addr.port(),
+                server.user,
+                server.client_key().display(),
+                server.known_hosts().display(),
+                files.display()
+            ));
+        }
+        std::fs::write(d.join("site.toml"), site).unwrap();
+        env
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn files(&self) -> PathBuf {
+        self.server.as_ref().expect("a remote case").files()
+    }
+
+    /// Everything outside the store: the site's tree and the server's files.
+    fn snapshot(&self) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        walk(self.dir.path(), &self.path("store"), &mut out);
+        if let Some(server) = &self.server {
+            walk(&server.files(), Path::new("/nonexistent"), &mut out);
+        }
+        out
+    }
+}
+
+fn walk(dir: &Path, skip: &Path, out: &mut BTreeMap<PathBuf, String>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for path in entries {
+        if path == skip {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let what = if meta.file_type().is_symlink() {
+            format!("link {}", std::fs::read_link(&path).unwrap().display())
+        } else if meta.is_dir() {
+            walk(&path, skip, out);
+            "dir".to_string()
+        } else {
+            let data = std::fs::read(&path).unwrap();
+            format!("file of {} bytes: {:.60}", data.len(), String::from_utf8_lossy(&data))
+        };
+        out.insert(path, what);
+    }
+}
+
+/// Runs one case and checks everything the suite promises.
+fn case(name: &str, remote: bool, arg: impl Fn(&Env) -> String, code: i32, needles: &[&str]) {
+    let env = Env::new(remote);
+    let before = env.snapshot();
+    let audit = env.logs.path().join("audit.jsonl");
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.arg("--audit").arg(&audit).arg("--json");
+    cmd.args(["--param", &format!("case={name}")]).arg("--param").arg(format!("arg={}", arg(&env)));
+    cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(code);
+    for needle in needles {
+        assert!(ran.stderr.contains(needle), "case {name}: expected {needle:?} in stderr:\n{}", ran.stderr);
+    }
+    let audit_text = std::fs::read_to_string(&audit).unwrap_or_default();
+    for (what, text) in [("stdout", &ran.stdout), ("stderr", &ran.stderr), ("audit log", &audit_text)] {
+        assert!(!text.contains(SECRET), "case {name}: the secret leaked into the {what}:\n{text}");
+    }
+    let after = env.snapshot();
+    assert_eq!(before, after, "case {name}: something outside the store changed");
+    // The store holds no leftover temporary file.
+    let mut stored = BTreeMap::new();
+    walk(&env.path("store"), Path::new("/nonexistent"), &mut stored);
+    assert!(
+        stored.keys().all(|p| !p.to_string_lossy().contains(".offsite-tmp")),
+        "case {name}: temporary files left: {stored:?}"
+    );
+}
+
+fn none(_: &Env) -> String {
+    String::new()
+}
+
+macro_rules! hostile {
+    ($($name:ident: $remote:expr, $arg:expr => $code:expr, [$($needle:expr),*];)*) => {
+        $(
+            #[test]
+            fn $name() {
+                case(&stringify!($name).replace('_', "-"), $remote, $arg, $code, &[$($needle),*]);
+            }
+        )*
+    };
+}
+
+hostile! {
+    // The sandbox.
+    spin: false, none => 3, ["deadline"];
+    spin_between_host_calls: false, none => 3, ["deadline"];
+    hoard_memory: false, none => 3, ["memory"];
+    recurse: false, none => 3, ["stack"];
+    huge_param_name: false, none => 1, ["denied", "not declared"];
+    huge_argv: true, none => 1, ["invalid argument", "at most 4096 arguments"];
+    huge_source_list: false, none => 1, ["denied", "outside the read roots"];
+    secret_handle_flood: false, none => 1, ["limit exceeded", "secret handles"];
+    wasi_read_file: false, |e: &Env| e.path("base/outside/secret.txt").display().to_string() => 1, ["reading", "secret.txt"];
+    wasi_write_file: false, |e: &Env| e.path("base/outside/pwned").display().to_string() => 1, ["writing"];
+    wasi_env: false, none => 1, ["environment: empty"];
+    wasi_connect: true, |e: &Env| e.server.as_ref().unwrap().addr.to_string() => 1, ["connecting to"];
+    // The policy.
+    host_not_granted: true, none => 1, ["denied", "\"server9\" is not granted"];
+    program_not_granted: true, none => 1, ["denied", "program \"cat\" is not granted"];
+    argument_not_granted: true, none => 1, ["denied", "match no granted pattern"];
+    metacharacters_arrive_literally: true, |e: &Env| e.files().join("marker").display().to_string() => 0, [];
+    nul_in_argv: true, none => 1, ["invalid argument", "NUL"];
+    fetch_dotdot: true, |e: &Env| e.files().display().to_string() => 1, ["denied", "`..`"];
+    fetch_absolute_outside: true, none => 1, ["denied", "\"/etc/passwd\" is not granted"];
+    fetch_remote_symlink: true, |e: &Env| e.files().display().to_string() => 1, ["denied", "resolves on the server to \"/etc/passwd\""];
+    store_dotdot: false, none => 1, ["denied", "`..`"];
+    store_absolute: false, |e: &Env| e.path("base/outside").display().to_string() => 1, ["denied", "is absolute"];
+    store_nul: false, none => 1, ["invalid argument", "NUL"];
+    store_planted_symlink: false, none => 1, ["planted/pwned.tgz"];
+    store_reserved_name: false, none => 1, ["denied", "reserved prefix"];
+    read_dotdot: false, none => 1, ["denied", "`..`"];
+    read_absolute_outside: false, |e: &Env| e.path("base/outside").display().to_string() => 1, ["denied", "outside the read roots"];
+    read_through_symlink: false, none => 1, ["denied", "outside the read roots"];
+    undeclared_param: false, none => 1, ["denied", "not declared"];
+    connection_flood: true, none => 0, [];
+    // Secrets.
+    secret_undeclared: false, none => 1, ["denied", "\"root-password\" is not declared"];
+    secret_echoed_by_failing_command: true, none => 1, ["exit status 3", "value=***"];
+    secret_stored_then_script_fails: true, none => 1, ["failing on purpose after storing token"];
+    secret_template_without_placeholder: true, none => 1, ["invalid argument", "placeholder"];
+    secret_name_where_value_expected: true, none => 1, ["the command saw \"token\""];
+}
+
+#[test]
+fn forty_calls_to_one_host_share_one_connection() {
+    let env = Env::new(true);
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.args(["--param", "case=connection-flood"]).env("HOME", env.path("home"));
+    Ran::from_output(cmd.output().unwrap()).expect_code(0);
+    let log = env.server.as_ref().unwrap().log();
+    assert_eq!(log.matches("Accepted publickey").count(), 1, "{log}");
+}

@@ -1,0 +1,204 @@
+//! Test fixture: a hostile script. `--param case=NAME` picks one attack;
+//! the script attempts it and returns whatever the runner answered, so the
+//! end-to-end suite (runner/tests/hostile.rs) can check that every attack
+//! is contained, reported with the right error and exit code, and leaves
+//! nothing outside the store. Not an example to copy.
+
+use offsite_sdk::secrets::Secret;
+use offsite_sdk::ssh::{self, Stream};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, anyhow, archive, bail, clock, params, scp};
+
+struct Hostile;
+
+impl Script for Hostile {
+    fn describe() -> ScriptInfo {
+        ScriptInfo::new("hostile", env!("CARGO_PKG_VERSION"))
+            .description("attacks its sandbox, one case at a time")
+            .param(Param::required("case", "the attack"))
+            .param(Param::optional("arg", "a path or value the attack uses"))
+            .capabilities(["ssh", "scp", "archive", "secrets", "clock", "params"])
+    }
+
+    fn run() -> Result<()> {
+        let arg = params::get("arg")?.unwrap_or_default();
+        match params::require("case")?.as_str() {
+            // Sandbox.
+            "spin" => loop {
+                std::hint::black_box(0u64);
+            },
+            "spin-between-host-calls" => loop {
+                std::hint::black_box(clock::now());
+            },
+            "hoard-memory" => {
+                let mut hoard = Vec::new();
+                loop {
+                    let mut block = vec![1u8; 1 << 20];
+                    block[4095] = 2;
+                    hoard.push(std::hint::black_box(block));
+                }
+            }
+            #[allow(unconditional_recursion)]
+            "recurse" => {
+                fn down(n: u64) -> u64 {
+                    std::hint::black_box(down(std::hint::black_box(n + 1))) + 1
+                }
+                down(0);
+                Ok(())
+            }
+            "huge-param-name" => {
+                params::get(&"p".repeat(16 << 20))?;
+                Ok(())
+            }
+            "huge-argv" => {
+                let argv = vec!["echo".to_string(); 100_000];
+                ssh::exec("server1", &argv)?;
+                Ok(())
+            }
+            "huge-source-list" => {
+                let sources = vec!["nothing-here".to_string(); 200_000];
+                archive::tar_gz(&sources, "x.tgz")?;
+                Ok(())
+            }
+            "secret-handle-flood" => {
+                let mut held = Vec::new();
+                loop {
+                    held.push(Secret::open("token")?);
+                }
+            }
+            "connection-flood" => {
+                for _ in 0..40 {
+                    ssh::exec("server1", &["echo", "again"])?;
+                }
+                Ok(())
+            }
+            "wasi-read-file" => {
+                std::fs::read(&arg).map_err(|e| anyhow!("reading {arg}: {e}"))?;
+                bail!("read {arg} through WASI")
+            }
+            "wasi-write-file" => {
+                std::fs::write(&arg, "pwned").map_err(|e| anyhow!("writing {arg}: {e}"))?;
+                bail!("wrote {arg} through WASI")
+            }
+            "wasi-env" => match std::env::vars().next() {
+                Some((k, _)) => bail!("saw environment variable {k}"),
+                None => bail!("environment: empty"),
+            },
+            "wasi-connect" => {
+                std::net::TcpStream::connect(arg.as_str()).map_err(|e| anyhow!("connecting to {arg}: {e}"))?;
+                bail!("connected to {arg}")
+            }
+            // Policy.
+            "host-not-granted" => {
+                ssh::exec("server9", &["echo", "hi"])?;
+                Ok(())
+            }
+            "program-not-granted" => {
+                ssh::exec("server1", &["cat", "/etc/shadow"])?;
+                Ok(())
+            }
+            "argument-not-granted" => {
+                // `sh -c SCRIPT` is granted; a further argument is not.
+                ssh::exec("server1", &["sh", "-c", "true", "extra-argument"])?;
+                Ok(())
+            }
+            "metacharacters-arrive-literally" => {
+                let out = ssh::exec("server1", &["echo", &format!("$(touch {arg}); touch {arg} `touch {arg}`")])?;
+                if !out.success() || !out.stdout_text().contains("$(touch") {
+                    bail!("unexpected: {:?}", out.stdout_text());
+                }
+                Ok(())
+            }
+            "nul-in-argv" => {
+                ssh::exec("server1", &["echo", "a\0b"])?;
+                Ok(())
+            }
+            "fetch-dotdot" => {
+                scp::fetch("server1", &format!("{arg}/../../etc/passwd"), "passwd")?;
+                Ok(())
+            }
+            "fetch-absolute-outside" => {
+                scp::fetch("server1", "/etc/passwd", "passwd")?;
+                Ok(())
+            }
+            "fetch-remote-symlink" => {
+                scp::fetch("server1", &format!("{arg}/escape.tgz"), "escape.tgz")?;
+                Ok(())
+            }
+            "store-dotdot" => store_write("../outside/pwned.tgz"),
+            "store-absolute" => store_write(&format!("{arg}/pwned.tgz")),
+            "store-nul" => store_write("a\0b.tgz"),
+            "store-planted-symlink" => store_write("planted/pwned.tgz"),
+            "store-reserved-name" => store_write(".offsite-tmp.1.2.x"),
+            "read-dotdot" => {
+                archive::tar_gz(&["../outside"], "r.tgz")?;
+                Ok(())
+            }
+            "read-absolute-outside" => {
+                archive::tar_gz(&[&arg], "r.tgz")?;
+                Ok(())
+            }
+            "read-through-symlink" => {
+                archive::tar_gz(&["root/escape/secret.txt"], "r.tgz")?;
+                Ok(())
+            }
+            "undeclared-param" => {
+                params::get("not-declared")?;
+                Ok(())
+            }
+            // Secrets.
+            "secret-undeclared" => {
+                Secret::open("root-password")?;
+                Ok(())
+            }
+            "secret-echoed-by-failing-command" => {
+                let token = Secret::open("token")?;
+                ssh::exec_to_file_with_secret(
+                    "server1",
+                    &["sh", "-c", "cat >&2; exit 3"],
+                    "out",
+                    &Stream::new(),
+                    &token,
+                    "value={secret}\n",
+                )?;
+                Ok(())
+            }
+            "secret-stored-then-script-fails" => {
+                let token = Secret::open("token")?;
+                ssh::exec_to_file_with_secret(
+                    "server1",
+                    &["sh", "-c", "cat"],
+                    "leak.txt",
+                    &Stream::new(),
+                    &token,
+                    "{secret}",
+                )?;
+                bail!("failing on purpose after storing {}", token.name())
+            }
+            "secret-template-without-placeholder" => {
+                let token = Secret::open("token")?;
+                ssh::exec_to_file_with_secret(
+                    "server1",
+                    &["sh", "-c", "cat"],
+                    "t",
+                    &Stream::new(),
+                    &token,
+                    "no placeholder",
+                )?;
+                Ok(())
+            }
+            "secret-name-where-value-expected" => {
+                let token = Secret::open("token")?;
+                let out = ssh::exec("server1", &["echo", &token.name()])?;
+                bail!("the command saw {:?}", out.stdout_text().trim())
+            }
+            other => bail!("unknown case {other:?}"),
+        }
+    }
+}
+
+fn store_write(dest: &str) -> Result<()> {
+    archive::tar_gz(&["root"], dest)?;
+    Ok(())
+}
+
+offsite_sdk::script!(Hostile);
