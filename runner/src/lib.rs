@@ -9,15 +9,25 @@
 //! - [`site`]: site file parsing;
 //! - [`check`]: `offsite check`, what a site allows and what is wrong with it;
 //! - [`transport`]: SSH connections (the OpenSSH client).
+//!
+//! Without the default `runtime` feature only the parts that need no
+//! WebAssembly engine are built (site files, policy, store, quoting, keys):
+//! that is what the fuzz targets in `fuzz/` link against.
 
+#[cfg(feature = "runtime")]
 pub mod bindings;
+#[cfg(feature = "runtime")]
 pub mod caps;
+#[cfg(feature = "runtime")]
 pub mod check;
+#[cfg(feature = "runtime")]
 pub mod cli;
 pub mod compress;
+#[cfg(feature = "runtime")]
 pub mod engine;
 pub mod keys;
 pub mod logging;
+#[cfg(feature = "runtime")]
 pub mod output;
 pub mod policy;
 pub mod site;

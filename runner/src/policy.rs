@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use crate::bindings::types::Error as WitError;
 use crate::site::Site;
 
 /// Something a script asked the host to do.
@@ -110,16 +109,6 @@ impl std::fmt::Display for Denial {
             Denial::Denied(m) => write!(f, "denied: {m}"),
             Denial::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
             Denial::NotFound(m) => write!(f, "not found: {m}"),
-        }
-    }
-}
-
-impl From<Denial> for WitError {
-    fn from(d: Denial) -> Self {
-        match d {
-            Denial::Denied(m) => WitError::Denied(m),
-            Denial::InvalidArgument(m) => WitError::InvalidArgument(m),
-            Denial::NotFound(m) => WitError::NotFound(m),
         }
     }
 }

@@ -261,6 +261,17 @@ pub(crate) fn io_error(what: &str, e: std::io::Error) -> WitError {
     }
 }
 
+impl From<crate::policy::Denial> for WitError {
+    fn from(d: crate::policy::Denial) -> Self {
+        use crate::policy::Denial;
+        match d {
+            Denial::Denied(m) => WitError::Denied(m),
+            Denial::InvalidArgument(m) => WitError::InvalidArgument(m),
+            Denial::NotFound(m) => WitError::NotFound(m),
+        }
+    }
+}
+
 /// A WIT error as one line of text.
 pub fn describe_error(e: &WitError) -> String {
     match e {
