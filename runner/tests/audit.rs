@@ -17,19 +17,8 @@ fn every_decision_is_recorded_with_site_script_and_call() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ssh_config"), "").unwrap();
     let site = dir.path().join("audited.toml");
-    std::fs::write(
-        &site,
-        format!(
-            "store = \"b\"\nssh_config = \"ssh_config\"\n[hosts.server1]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\n\
-             identity = \"{}\"\nknown_hosts = \"{}\"\ncommands = [[\"echo\", \"*\"]]\n",
-            server.addr.ip(),
-            server.addr.port(),
-            server.user,
-            server.client_key().display(),
-            server.known_hosts().display()
-        ),
-    )
-    .unwrap();
+    let host = server.host_section("server1", "commands = [[\"echo\", \"*\"]]");
+    std::fs::write(&site, format!("store = \"b\"\nssh_config = \"ssh_config\"\n{host}")).unwrap();
     let audit = dir.path().join("audit.jsonl");
     let run = |argv: &str| {
         let mut cmd = offsite(Path::new(BIN));

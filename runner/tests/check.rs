@@ -14,17 +14,6 @@ fn check(site: &Path, args: &[&str]) -> Ran {
     Ran::from_output(cmd.output().unwrap())
 }
 
-fn host_section(name: &str, server: &Sshd, grants: &str) -> String {
-    format!(
-        "[hosts.{name}]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\nconnect_timeout = \"3s\"\n{grants}\n",
-        server.addr.ip(),
-        server.addr.port(),
-        server.user,
-        server.client_key().display(),
-        server.known_hosts().display()
-    )
-}
-
 #[test]
 fn a_good_site_and_script_are_described_in_plain_words() {
     let server = Sshd::start("127.0.0.2");
@@ -35,9 +24,8 @@ fn a_good_site_and_script_are_described_in_plain_words() {
         &site,
         format!(
             "store = \"backups\"\nssh_config = \"ssh_config\"\n[params]\ndumps = \"server1:sitedb\"\n\n{}",
-            host_section(
+            server.host_section(
                 "server1",
-                &server,
                 "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"sitedb\", \"tbl_*...\"]]\nfetch = [\"/var/backups/*.tgz\"]"
             )
         ),
@@ -110,7 +98,7 @@ fn connect_logs_in_and_looks_up_every_granted_program() {
     let write = |grants: &str| {
         std::fs::write(
             &site,
-            format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", host_section("server1", &server, grants)),
+            format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", server.host_section("server1", grants)),
         )
         .unwrap();
     };
@@ -160,7 +148,7 @@ fn the_authorized_keys_line_lets_the_key_do_only_what_the_site_grants() {
         );
         std::fs::write(
             &site,
-            format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", host_section("server1", &server, &grants)),
+            format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", server.host_section("server1", &grants)),
         )
         .unwrap();
     };
@@ -204,7 +192,7 @@ fn patterns_get_no_forced_command_and_say_why() {
     let site = dir.path().join("s.toml");
     std::fs::write(
         &site,
-        format!("store = \"b\"\n{}", host_section("server1", &server, "commands = [[\"mysqldump\", \"*...\"]]")),
+        format!("store = \"b\"\n{}", server.host_section("server1", "commands = [[\"mysqldump\", \"*...\"]]")),
     )
     .unwrap();
     let mut cmd = offsite(Path::new(BIN));

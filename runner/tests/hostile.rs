@@ -49,16 +49,12 @@ impl Env {
             let files = server.files();
             std::fs::write(files.join("a.tgz"), "archive").unwrap();
             std::os::unix::fs::symlink("/etc/passwd", files.join("escape.tgz")).unwrap();
-            site.push_str(&format!(
-                "\n[hosts.server1]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n\
-                 commands = [[\"echo\", \"*\"], [\"sh\", \"-c\", \"*\"], [\"echo\", \"*...\"]]\nfetch = [\"{}/*.tgz\"]\n",
-                server.addr.ip(),
-                server.addr.port(),
-                server.user,
-                server.client_key().display(),
-                server.known_hosts().display(),
+            let grants = format!(
+                "commands = [[\"echo\", \"*\"], [\"sh\", \"-c\", \"*\"], [\"echo\", \"*...\"]]\nfetch = [\"{}/*.tgz\"]",
                 files.display()
-            ));
+            );
+            site.push('\n');
+            site.push_str(&server.host_section("server1", &grants));
         }
         std::fs::write(d.join("site.toml"), site).unwrap();
         env

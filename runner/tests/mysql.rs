@@ -78,16 +78,7 @@ fn populate_transdb(db: &MariaDb) {
 
 /// The site file: both hosts with exactly the grants the script needs.
 fn site_file(dir: &Path, server1: &Server, server2: &Server, grants1: &str, grants2: &str, params: &str) -> PathBuf {
-    let host = |name: &str, s: &Server, grants: &str| {
-        format!(
-            "[hosts.{name}]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n{grants}\n",
-            s.ssh.addr.ip(),
-            s.ssh.addr.port(),
-            s.ssh.user,
-            s.ssh.client_key().display(),
-            s.ssh.known_hosts().display()
-        )
-    };
+    let host = |name: &str, s: &Server, grants: &str| s.ssh.host_section(name, grants);
     std::fs::write(dir.join("ssh_config"), "").unwrap();
     let text = format!(
         "name = \"article\"\nstore = \"{}\"\nssh_config = \"{}\"\n\n[params]\n{params}\n\n{}\n{}",

@@ -39,16 +39,7 @@ impl Site {
     /// Adds `[hosts.NAME]` for `server` with its key and known_hosts, plus
     /// `grants` (TOML lines).
     fn host(&mut self, name: &str, server: &Sshd, grants: &str) -> &mut Site {
-        let section = format!(
-            "[hosts.{name}]\naddress = \"{ip}\"\nport = {port}\nuser = \"{user}\"\nidentity = \"{key}\"\n\
-             known_hosts = \"{kh}\"\nconnect_timeout = \"3s\"\n{grants}\n",
-            ip = server.addr.ip(),
-            port = server.addr.port(),
-            user = server.user,
-            key = server.client_key().display(),
-            kh = server.known_hosts().display(),
-        );
-        self.hosts.push(section);
+        self.hosts.push(server.host_section(name, grants));
         self
     }
 

@@ -144,6 +144,21 @@ impl Sshd {
         let _ = self.child.wait();
     }
 
+    /// A site file's `[hosts.NAME]` section for this server: address, port,
+    /// login user, client key, known_hosts and a 3 s connect timeout, then
+    /// `grants` (TOML lines such as `commands = [...]`).
+    pub fn host_section(&self, name: &str, grants: &str) -> String {
+        format!(
+            "[hosts.{name}]\naddress = \"{}\"\nport = {}\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n\
+             connect_timeout = \"3s\"\n{grants}\n",
+            self.addr.ip(),
+            self.addr.port(),
+            self.user,
+            self.client_key().display(),
+            self.known_hosts().display()
+        )
+    }
+
     /// The `authorized_keys` file sshd reads for the login user.
     pub fn authorized_keys(&self) -> PathBuf {
         self.dir.path().join("authorized_keys")

@@ -23,8 +23,7 @@ impl Host for Caps {
         dest: String,
         options: StreamOptions,
     ) -> Result<FileInfo, Error> {
-        self.decide(Call::SshExec { host: &host, argv: &argv })?;
-        let rel = self.decide_write(&dest)?;
+        let rel = self.decide_stream(&host, &argv, &dest)?;
         self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, None)
     }
 
@@ -35,8 +34,7 @@ impl Host for Caps {
         dest: String,
         options: StreamOptions,
     ) -> Result<Resource<Job>, Error> {
-        self.decide(Call::SshExec { host: &host, argv: &argv })?;
-        let rel = self.decide_write(&dest)?;
+        let rel = self.decide_stream(&host, &argv, &dest)?;
         let remote = self.remote(&host)?;
         self.start_job(format!("streaming from {host} into {dest}"), move || {
             remote.exec_to_file(&host, &argv, &rel, &options, None)
@@ -52,8 +50,7 @@ impl Host for Caps {
         secret: Resource<SecretHandle>,
         stdin_template: String,
     ) -> Result<FileInfo, Error> {
-        self.decide(Call::SshExec { host: &host, argv: &argv })?;
-        let rel = self.decide_write(&dest)?;
+        let rel = self.decide_stream(&host, &argv, &dest)?;
         let stdin = self.secret_stdin(&secret, &stdin_template)?;
         self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
     }
@@ -67,8 +64,7 @@ impl Host for Caps {
         secret: Resource<SecretHandle>,
         stdin_template: String,
     ) -> Result<Resource<Job>, Error> {
-        self.decide(Call::SshExec { host: &host, argv: &argv })?;
-        let rel = self.decide_write(&dest)?;
+        let rel = self.decide_stream(&host, &argv, &dest)?;
         let stdin = self.secret_stdin(&secret, &stdin_template)?;
         let remote = self.remote(&host)?;
         self.start_job(format!("streaming from {host} into {dest}"), move || {
@@ -93,6 +89,13 @@ impl HostPending for Caps {
 }
 
 impl Caps {
+    /// The two grants a streamed call needs: running `argv` on `host`, and
+    /// writing `dest` into the store.
+    fn decide_stream(&mut self, host: &str, argv: &[String], dest: &str) -> Result<std::path::PathBuf, Error> {
+        self.decide(Call::SshExec { host, argv })?;
+        self.decide_write(dest)
+    }
+
     /// The bytes to send on stdin: the template with `{secret}` replaced.
     fn secret_stdin(&self, secret: &Resource<SecretHandle>, template: &str) -> Result<Vec<u8>, Error> {
         let handle =
