@@ -10,12 +10,14 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use crate::bindings::meta::ScriptInfo;
+use crate::caps::remote::{Remote, Slots};
 use crate::engine::{Runtime, Script};
 use crate::site::{HostConfig, SecretSource, Site};
 use crate::transport::openssh::OpenSsh;
-use crate::transport::{Event, Exit, Transport, check_key_file, quote};
+use crate::transport::{Transport, check_key_file};
 
 /// One thing wrong, with where and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,8 +360,8 @@ fn script_report(
 }
 
 fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, file: &str, text: &str) {
-    let transport = match OpenSsh::new(&site.hosts, site.ssh_config.as_deref()) {
-        Ok(t) => t,
+    let transport: Arc<dyn Transport> = match OpenSsh::new(&site.hosts, site.ssh_config.as_deref()) {
+        Ok(t) => Arc::new(t),
         Err(e) => {
             problems.push(Problem {
                 at: file.to_string(),
@@ -368,6 +370,18 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
             });
             return;
         }
+    };
+    let wait = std::time::Duration::from_secs(30);
+    let remote = Remote {
+        transport: Arc::clone(&transport),
+        store: None,
+        secrets: Arc::new(Vec::new()),
+        outputs: Arc::new(Mutex::new(Vec::new())),
+        slots: Arc::new(Slots::new(1)),
+        call_timeout: wait,
+        idle_timeout: wait,
+        captured_output: 64 << 10,
+        dry_run: false,
     };
     for host in site.hosts.values() {
         let at =
@@ -380,7 +394,7 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
         let _ = writeln!(out, "  host {}: connected, host key verified, authenticated", host.name);
         let programs: BTreeSet<&str> = host.commands.iter().filter_map(|c| c.first().map(String::as_str)).collect();
         for program in programs {
-            match remote_has(&transport, &host.name, program) {
+            match remote_has(&remote, &host.name, program) {
                 Ok(true) => {
                     let _ = writeln!(out, "    {program}: found");
                 }
@@ -419,27 +433,12 @@ fn connect_fix(e: &crate::transport::TransportError) -> String {
     }
 }
 
-/// Runs `command -v PROGRAM` on the host.
-fn remote_has(transport: &OpenSsh, host: &str, program: &str) -> Result<bool, String> {
-    let line = quote::command_line(&["command", "-v", program]).map_err(|e| e.to_string())?;
-    let mut process = transport.spawn(host, &line, false).map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 4096];
-    let wait = std::time::Duration::from_secs(30);
-    loop {
-        match process.next(&mut buf, wait).map_err(|e| e.to_string())? {
-            Some(Event::Closed) => break,
-            Some(_) => {}
-            None => {
-                process.kill();
-                return Err("no answer within 30 s".into());
-            }
-        }
-    }
-    match process.finish(wait).map_err(|e| e.to_string())? {
-        Exit::Status(0) => Ok(true),
-        Exit::Status(_) => Ok(false),
-        other => Err(other.to_string()),
-    }
+/// Runs `command -v PROGRAM` on the host, through the same `Remote::exec`
+/// the `ssh` capability uses (timeouts, capture and exit handling).
+fn remote_has(remote: &Remote, host: &str, program: &str) -> Result<bool, String> {
+    let argv: Vec<String> = ["command", "-v", program].iter().map(|s| s.to_string()).collect();
+    let (status, _, _) = remote.exec(host, &argv).map_err(|e| crate::caps::describe_error(&e))?;
+    Ok(status == 0)
 }
 
 /// Creates and removes a file in `dir` to see that it is writable.
