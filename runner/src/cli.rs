@@ -22,8 +22,13 @@ use crate::caps::remote::Slots;
 use crate::caps::{AuditLog, Caps, Clock};
 use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure, default_cache_dir};
 use crate::policy::{ParamGrant, Policy};
+use crate::report::{self, Event, Note};
 use crate::site::Site;
-use crate::store::{Budget, Store, StoredFile};
+use crate::store::lock::{Holder, Lock, LockError};
+use crate::store::manifest::ScriptRef;
+use crate::store::retention;
+use crate::store::run::{Outcome, RunHeader, hostname, kept_dir, new_run_id};
+use crate::store::{Budget, Manifest, Status, StoreRoot, StoredFile};
 use crate::transport::openssh::OpenSsh;
 
 /// Process exit codes.
@@ -82,6 +87,29 @@ enum Command {
         /// Also log into every host and look up each granted program.
         #[arg(long)]
         connect: bool,
+    },
+    /// Check a store against its manifests: re-hash every file, test gzip
+    /// files, list tar archives, and report missing, corrupt or unlisted
+    /// files. Exit 1 if anything is wrong.
+    Verify {
+        /// A site file, or a store directory.
+        target: PathBuf,
+        /// Also load MySQL/MariaDB dumps (.sql, .sql.gz) into this scratch
+        /// database, which must be missing or empty, and compare row counts.
+        #[arg(long, value_name = "DATABASE")]
+        restore_test: Option<String>,
+        /// Option file for the mysql client of --restore-test (credentials
+        /// stay out of the command line).
+        #[arg(long, value_name = "FILE", requires = "restore_test")]
+        mysql_defaults: Option<PathBuf>,
+    },
+    /// Apply the site's [retention] rules now and show what goes and why.
+    Prune {
+        /// The site file.
+        site: PathBuf,
+        /// Only show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Key helpers for the servers a site reaches.
     #[command(subcommand)]
@@ -143,6 +171,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Inspect { script } => inspect(&script),
         Command::Check { site, script, connect } => check(&site, script.as_deref(), connect),
+        Command::Verify { target, restore_test, mysql_defaults } => {
+            verify(&target, restore_test.as_deref(), mysql_defaults, cli.verbose > 0)
+        }
+        Command::Prune { site, dry_run } => prune(&site, dry_run),
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
     };
     match result {
@@ -200,13 +232,27 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     );
 
     let mut caps = Caps::new(&info.name, &site.name, Policy::for_site(&site, params), clock);
-    // A dry run writes nothing, not even a missing store directory.
-    if !args.dry_run || site.store.exists() {
-        let store = Store::open(&site.store)
-            .with_context(|| format!("cannot open the store {}", site.store.display()))
-            .exit(Exit::Usage)?
-            .with_budget(Budget::new(site.limits.max_bytes, site.limits.max_files));
+    let local_start = DateTime::<Local>::from(started_wall);
+    let header = RunHeader {
+        run_id: new_run_id(local_start),
+        site: site.name.clone(),
+        hostname: hostname(),
+        pid: std::process::id(),
+        script: ScriptRef { name: info.name.clone(), version: info.version.clone(), sha256: script.sha256.clone() },
+        grants_sha256: site.grants_digest(),
+        started: local_start.to_rfc3339(),
+    };
+    // A dry run writes nothing, not even a missing store directory, and so
+    // takes no lock and leaves no manifest.
+    let mut session = None;
+    if !args.dry_run {
+        let (root, lock) = open_locked(&site, &header)?;
+        let store = root
+            .begin_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files))
+            .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
+            .exit(Exit::BackupFailed)?;
         caps.store = Some(Arc::new(store));
+        session = Some((root, lock));
     }
     caps.script_sha256 = script.sha256.clone();
     caps.secret_sources = site.secrets.clone();
@@ -228,6 +274,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         caps.transport = Some(Arc::new(transport));
         caps.idle_timeouts = site.hosts.iter().map(|(n, h)| (n.clone(), h.idle_timeout)).collect();
     }
+    if session.is_some() {
+        let note = Note { site: &site.name, run_id: &header.run_id, status: None, tail: "" };
+        report::notify(&site.notify, Event::Start, &note);
+    }
 
     let limits = SandboxLimits { deadline: site.limits.deadline, memory: site.limits.memory };
     let (result, mut caps) = runtime.run(&script, caps, limits);
@@ -235,7 +285,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let unseen = caps.settle();
     caps.transport = None;
     let outputs = caps.outputs();
-    let failure = match result {
+    let mut failure = match result {
         Ok(Ok(())) if !unseen.is_empty() => Some(Failure {
             exit: Exit::BackupFailed,
             error: anyhow!(
@@ -253,17 +303,73 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         }),
         Err(ScriptFailure::Limit(msg)) => Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }),
     };
+
+    let mut manifest = None;
+    if let Some((root, _lock)) = &session {
+        let store = caps.store.take().expect("a run has a store");
+        let outcome = Outcome {
+            error: failure.as_ref().map(|f| format!("{:#}", f.error)),
+            warnings: crate::logging::capture_snapshot().warnings,
+        };
+        match root.finish_run(&header, &store, &outcome) {
+            Ok(m) => {
+                if failure.is_none() && !m.status.is_good() {
+                    let why = m.error.clone().unwrap_or_default();
+                    failure = Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {why}") });
+                }
+                manifest = Some(m);
+            }
+            Err(e) => {
+                let error = anyhow!(
+                    "{}the run could not be recorded in the store {}: {e}; its files stay in {} for the next run to \
+                     recover",
+                    failure
+                        .as_ref()
+                        .map(|f| format!("{:#}; and ", f.error))
+                        .unwrap_or_else(|| "backup failed: ".into()),
+                    site.store.display(),
+                    kept_dir(&header.run_id)
+                );
+                failure = Some(Failure { exit: failure.map_or(Exit::BackupFailed, |f| f.exit), error });
+            }
+        }
+        if let Some(m) = &manifest {
+            after_run(root, &site, m);
+        }
+    }
+    if session.is_some() {
+        let mut tail: Vec<String> = crate::logging::capture_snapshot().tail.into();
+        let status = manifest.as_ref().map_or(Status::Failed, |m| m.status);
+        let event = match &failure {
+            None => Event::Success,
+            Some(f) => {
+                tail.push(format!("offsite: error: {:#}", f.error));
+                Event::Failure
+            }
+        };
+        let tail = tail.join("\n");
+        let note = Note { site: &site.name, run_id: &header.run_id, status: Some(status), tail: &tail };
+        report::notify(&site.notify, event, &note);
+    }
     if args.json {
+        let status = match &manifest {
+            Some(m) => m.status,
+            None if failure.is_none() => Status::Ok,
+            None => Status::Failed,
+        };
         let summary = RunSummary {
-            status: if failure.is_none() { "ok" } else { "failed" },
+            status: status.as_str(),
+            run_id: manifest.as_ref().map(|m| m.run_id.as_str()),
             site: &site.name,
             script: &info.name,
             script_version: &info.version,
             script_sha256: &script.sha256,
-            started: DateTime::<Local>::from(started_wall).to_rfc3339(),
+            started: local_start.to_rfc3339(),
             duration_s: started.elapsed().as_secs_f64(),
             dry_run: args.dry_run,
             outputs: &outputs,
+            kept_in: manifest.as_ref().and_then(|m| m.kept_in.as_deref()),
+            warnings: manifest.as_ref().map_or(0, |m| m.warnings.len()),
             denials: caps.denials,
             peak_rss_kib: peak_rss_kib(),
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
@@ -279,9 +385,72 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
+/// Opens the site's store and takes its lock, then finishes whatever an
+/// interrupted run left (see `StoreRoot::recover`).
+fn open_locked(site: &Site, header: &RunHeader) -> Result<(StoreRoot, Lock), Failure> {
+    let root = StoreRoot::open(&site.store)
+        .with_context(|| format!("cannot open the store {}", site.store.display()))
+        .exit(Exit::Usage)?;
+    let me = Holder {
+        pid: header.pid,
+        hostname: header.hostname.clone(),
+        started: header.started.clone(),
+        site: header.site.clone(),
+        run_id: header.run_id.clone(),
+    };
+    let (lock, stale) = match root.lock(&me) {
+        Ok(taken) => taken,
+        Err(e @ LockError::Held(_)) => {
+            return Err(anyhow!("site {}: store {}: {e}; not running", site.name, site.store.display()))
+                .exit(Exit::Locked);
+        }
+        Err(e) => return Err(anyhow!("store {}: {e}", site.store.display())).exit(Exit::BackupFailed),
+    };
+    crate::logging::capture_start();
+    if let Some(dead) = stale {
+        log::warn!(target: "offsite::run", "took over the store's lock from {dead}: that run ended without releasing it (killed or crashed)");
+    }
+    let recovered = root
+        .recover()
+        .with_context(|| format!("cannot recover what an interrupted run left in {}", site.store.display()))
+        .exit(Exit::BackupFailed)?;
+    for line in recovered {
+        log::warn!(target: "offsite::run", "{line}");
+    }
+    Ok((root, lock))
+}
+
+/// After a run is recorded: retention (after good runs only) and the
+/// node_exporter textfile. Neither changes the run's status.
+fn after_run(root: &StoreRoot, site: &Site, manifest: &Manifest) {
+    if manifest.status.is_good() && !site.retention.is_empty() {
+        let pruned = retention::resume(root).and_then(|mut lines| {
+            let (manifests, _) = root.manifests()?;
+            let plan = retention::plan(&manifests, &site.name, &site.retention);
+            lines.extend(retention::apply(root, &plan)?);
+            Ok(lines)
+        });
+        match pruned {
+            Ok(lines) => lines.iter().for_each(|l| log::info!(target: "offsite::retention", "{l}")),
+            Err(e) => log::warn!(target: "offsite::report", "retention failed (nothing more was removed): {e}"),
+        }
+    }
+    if let Some(path) = &site.prometheus {
+        let last_good = root
+            .manifests()
+            .ok()
+            .and_then(|(all, _)| all.into_iter().rev().find(|m| m.site == site.name && m.status.is_good()));
+        if let Err(e) = report::write_prometheus(path, site, manifest, last_good.as_ref()) {
+            log::warn!(target: "offsite::report", "cannot write the node_exporter textfile {}: {e}", path.display());
+        }
+    }
+}
+
 #[derive(serde::Serialize)]
 struct RunSummary<'a> {
     status: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<&'a str>,
     site: &'a str,
     script: &'a str,
     script_version: &'a str,
@@ -290,6 +459,10 @@ struct RunSummary<'a> {
     duration_s: f64,
     dry_run: bool,
     outputs: &'a [StoredFile],
+    /// Where a run that did not succeed kept its files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kept_in: Option<&'a str>,
+    warnings: usize,
     denials: u32,
     /// High-water mark of this process's resident memory (`VmHWM`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -404,6 +577,118 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
         eprintln!("offsite: problem: {p}");
     }
     Err(anyhow!("{}: {} problem(s) found", site_file.display(), report.problems.len())).exit(Exit::Usage)
+}
+
+fn verify(
+    target: &Path,
+    restore_test: Option<&str>,
+    mysql_defaults: Option<PathBuf>,
+    verbose: bool,
+) -> Result<(), Failure> {
+    let store = if target.is_dir() {
+        target.to_path_buf()
+    } else {
+        let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+        Site::load(target, &cwd).exit(Exit::Usage)?.store
+    };
+    let options = crate::verify::Options {
+        restore_test: restore_test
+            .map(|db| crate::verify::mysql::Scratch::new(db, mysql_defaults))
+            .transpose()
+            .map_err(|e| anyhow!("--restore-test: {e}"))
+            .exit(Exit::Usage)?,
+    };
+    let root = StoreRoot::open_existing(&store).exit(Exit::Usage)?;
+    let report = crate::verify::verify(&root, &options)
+        .with_context(|| format!("cannot read the store {}", store.display()))
+        .exit(Exit::BackupFailed)?;
+    let summary = format!(
+        "{}: {} file(s) in {} run(s) checked, {} problem(s)",
+        store.display(),
+        report.files,
+        report.runs,
+        report.problems.len()
+    );
+    if verbose {
+        report.checked.iter().for_each(|l| println!("{l}"));
+    }
+    if verbose || std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("{summary}");
+    }
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    for p in &report.problems {
+        eprintln!("offsite: problem: {p}");
+    }
+    Err(anyhow!("verify failed: {summary}")).exit(Exit::BackupFailed)
+}
+
+fn prune(site_file: &Path, dry_run: bool) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let site = Site::load(site_file, &cwd).exit(Exit::Usage)?;
+    if site.retention.is_empty() {
+        println!("{}: no [retention] rules, so every run is kept", site_file.display());
+        return Ok(());
+    }
+    let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
+    // Pruning for real takes the lock, like a run; a dry run changes nothing.
+    let _lock = if dry_run {
+        None
+    } else {
+        let started = Local::now();
+        let me = Holder {
+            pid: std::process::id(),
+            hostname: hostname(),
+            started: started.to_rfc3339(),
+            site: site.name.clone(),
+            run_id: format!("prune-{}", new_run_id(started)),
+        };
+        match root.lock(&me) {
+            Ok((lock, _)) => Some(lock),
+            Err(e @ LockError::Held(_)) => return Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
+            Err(e) => return Err(anyhow!("{e}")).exit(Exit::BackupFailed),
+        }
+    };
+    let failed = |e: std::io::Error| anyhow!("pruning {}: {e}", site.store.display());
+    if !dry_run {
+        for line in retention::resume(&root).map_err(failed).exit(Exit::BackupFailed)? {
+            println!("{line}");
+        }
+    }
+    let (manifests, _) = root.manifests().map_err(failed).exit(Exit::BackupFailed)?;
+    let plan = retention::plan(&manifests, &site.name, &site.retention);
+    println!("rules: {}", site.retention);
+    for v in &plan {
+        match &v.pruned_because {
+            None => println!("keep  {} {:10} {}: {}", v.run_id, v.status, v.started, v.kept_because.join("; ")),
+            Some(why) => {
+                println!(
+                    "{} {} {:10} {}: {why}",
+                    if dry_run { "would prune" } else { "prune" },
+                    v.run_id,
+                    v.status,
+                    v.started
+                );
+                for (path, bytes) in &v.files {
+                    println!(
+                        "    {} {} ({bytes} bytes)",
+                        if dry_run { "would remove" } else { "remove" },
+                        path.display()
+                    );
+                }
+                for path in &v.shared {
+                    println!("    keep {} (a kept run lists it too)", path.display());
+                }
+            }
+        }
+    }
+    if !dry_run {
+        for line in retention::apply(&root, &plan).map_err(failed).exit(Exit::BackupFailed)? {
+            log::info!(target: "offsite::retention", "{line}");
+        }
+    }
+    Ok(())
 }
 
 fn authorized_line(site_file: &Path, host: &str, key: Option<&Path>) -> Result<(), Failure> {

@@ -5,7 +5,9 @@
 //! - [`engine`]: wasmtime engine, compile cache, limits and epochs;
 //! - [`caps`]: one module per WIT interface, each asking [`policy`] first;
 //! - [`policy`]: the one place grants are decided;
-//! - [`store`]: atomic, hashed writes into the site's store;
+//! - [`store`]: the site's store: staged, hashed writes, manifests, locks,
+//!   recovery and retention;
+//! - [`report`]: node_exporter textfile and notifications;
 //! - [`site`]: site file parsing;
 //! - [`check`]: `offsite check`, what a site allows and what is wrong with it;
 //! - [`transport`]: SSH connections (the OpenSSH client).
@@ -30,6 +32,8 @@ pub mod logging;
 #[cfg(feature = "runtime")]
 pub mod output;
 pub mod policy;
+pub mod report;
 pub mod site;
 pub mod store;
 pub mod transport;
+pub mod verify;

@@ -4,8 +4,9 @@
 //! nothing: the default level shows warnings and errors only, `-v` adds
 //! progress (`info`), `-vv` adds every policy decision (`debug`).
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -25,8 +26,57 @@ pub fn init(verbosity: u8) {
     };
     let logger = LOGGER.get_or_init(|| StderrLog { level });
     if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
+        // Progress lines always reach the logger, for a run's log tail.
+        log::set_max_level(level.max(LevelFilter::Info));
     }
+}
+
+/// What a run logged: its warnings (they make a good run's status
+/// `warning`) and the last lines, for a failure notification.
+#[derive(Debug, Default)]
+pub struct Capture {
+    pub warnings: Vec<String>,
+    pub tail: VecDeque<String>,
+}
+
+/// Lines kept for the tail, and warnings kept for the manifest.
+const TAIL_LINES: usize = 100;
+const MAX_WARNINGS: usize = 50;
+
+/// Targets whose warnings never change a run's status: a notification or
+/// report that failed after (or around) the run.
+const NOT_THE_RUNS: [&str; 2] = ["offsite::notify", "offsite::report"];
+
+static CAPTURE: Mutex<Option<Capture>> = Mutex::new(None);
+
+/// Starts collecting this process's warnings and log tail.
+pub fn capture_start() {
+    *CAPTURE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Capture::default());
+}
+
+/// What was collected since [`capture_start`]; collection goes on.
+pub fn capture_snapshot() -> Capture {
+    let guard = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
+    match &*guard {
+        Some(c) => Capture { warnings: c.warnings.clone(), tail: c.tail.clone() },
+        None => Capture::default(),
+    }
+}
+
+fn capture(record: &Record<'_>, line: &str) {
+    let mut guard = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = guard.as_mut() else { return };
+    if record.level() == Level::Warn && !NOT_THE_RUNS.contains(&record.target()) {
+        if c.warnings.len() < MAX_WARNINGS {
+            c.warnings.push(line.to_string());
+        } else if c.warnings.len() == MAX_WARNINGS {
+            c.warnings.push("(more warnings were left out)".to_string());
+        }
+    }
+    if c.tail.len() == TAIL_LINES {
+        c.tail.pop_front();
+    }
+    c.tail.push_back(line.to_string());
 }
 
 impl Log for StderrLog {
@@ -37,7 +87,10 @@ impl Log for StderrLog {
     }
 
     fn log(&self, record: &Record<'_>) {
-        if !self.enabled(record.metadata()) {
+        let ours = record.target().starts_with("offsite") || record.target().starts_with("script");
+        let shown = self.enabled(record.metadata());
+        let captured = ours && record.level() <= Level::Info;
+        if !shown && !captured {
             return;
         }
         let who = record.target().strip_prefix("script:").unwrap_or("offsite");
@@ -48,8 +101,13 @@ impl Log for StderrLog {
             Level::Debug => "debug: ",
             Level::Trace => "trace: ",
         };
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{who}: {level}{}", record.args());
+        let line = format!("{who}: {level}{}", record.args());
+        if captured {
+            capture(record, &line);
+        }
+        if shown {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
     }
 
     fn flush(&self) {}

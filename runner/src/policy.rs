@@ -433,6 +433,12 @@ pub fn store_path(dest: &str) -> Result<PathBuf, Denial> {
             return Err(Denial::Denied(format!("store destination {dest:?} uses the runner's reserved prefix")));
         }
     }
+    if rel.components().next() == Some(Component::Normal(crate::store::META_DIR.as_ref())) {
+        return Err(Denial::Denied(format!(
+            "store destination {dest:?} is inside {}, the runner's own directory",
+            crate::store::META_DIR
+        )));
+    }
     Ok(rel)
 }
 
@@ -580,5 +586,8 @@ mod tests {
         assert!(matches!(store_path("."), Err(Denial::InvalidArgument(_))));
         assert!(matches!(store_path(""), Err(Denial::InvalidArgument(_))));
         assert!(store_path(&format!("{}x", crate::store::TEMP_PREFIX)).is_err());
+        assert!(store_path(".offsite/manifests/x.json").is_err());
+        assert!(store_path("./.offsite/lock").is_err());
+        assert!(store_path("sub/.offsite/x").is_ok());
     }
 }

@@ -70,6 +70,22 @@ pub struct Site {
     pub ssh_config: Option<PathBuf>,
     /// Named secrets a script may pass (by handle) to a capability.
     pub secrets: BTreeMap<String, SecretSource>,
+    /// Which runs to keep after a good run (`[retention]`); empty keeps all.
+    pub retention: crate::store::retention::Keep,
+    /// node_exporter textfile to rewrite after every run (`[report]`).
+    pub prometheus: Option<PathBuf>,
+    /// Who to tell when a run starts, succeeds or fails (`[notify]`).
+    pub notify: Notify,
+}
+
+/// `[notify]`: a command, an HTTP URL (healthchecks.io style), or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notify {
+    /// Program and arguments; the event is in its environment.
+    pub command: Vec<String>,
+    /// Pinged at `URL/start`, `URL` and `URL/fail`.
+    pub url: Option<String>,
+    pub timeout: Duration,
 }
 
 /// One `[hosts.NAME]` section: how to reach the host and what may be done
@@ -129,6 +145,9 @@ impl Site {
             hosts: BTreeMap::new(),
             ssh_config: None,
             secrets: BTreeMap::new(),
+            retention: Default::default(),
+            prometheus: None,
+            notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
         })
     }
 
@@ -196,6 +215,19 @@ impl Site {
                 h.resolve(&name, &file_dir).map_err(|e| anyhow::anyhow!("{}: {e}", at(&format!("hosts.{name}"))))?;
             hosts.insert(name, host);
         }
+        if let Some(url) = &raw.notify.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("{}: {url:?} must be an http:// or https:// URL", at("notify.url"));
+        }
+        if raw.notify.command.as_ref().is_some_and(|c| c.is_empty()) {
+            bail!("{}: give the program and its arguments, like [\"/usr/local/bin/page-me\"]", at("notify.command"));
+        }
+        let notify = Notify {
+            command: raw.notify.command.unwrap_or_default(),
+            url: raw.notify.url,
+            timeout: raw.notify.timeout.map_or(NOTIFY_TIMEOUT, |d| d.0),
+        };
         let name = match raw.name {
             Some(n) => n,
             None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "site".into()),
@@ -212,9 +244,48 @@ impl Site {
             hosts,
             ssh_config: raw.ssh_config.map(|p| expand_home(&p, &file_dir)),
             secrets,
+            retention: crate::store::retention::Keep {
+                last: raw.retention.keep_last.unwrap_or(0),
+                daily: raw.retention.keep_daily.unwrap_or(0),
+                weekly: raw.retention.keep_weekly.unwrap_or(0),
+                monthly: raw.retention.keep_monthly.unwrap_or(0),
+            },
+            prometheus: raw.report.prometheus.map(|p| expand_home(&p, &file_dir)),
+            notify,
         })
     }
+
+    /// SHA-256 of what the site grants (store, read roots, hosts and their
+    /// commands and paths, secret and parameter names, limits), so a
+    /// manifest shows whether two runs had the same grants. Secret and
+    /// parameter values are left out.
+    pub fn grants_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let hosts: BTreeMap<&str, serde_json::Value> = self
+            .hosts
+            .iter()
+            .map(|(name, h)| {
+                let value = serde_json::json!({
+                    "address": h.address, "port": h.port, "user": h.user,
+                    "commands": h.commands, "fetch": h.fetch,
+                });
+                (name.as_str(), value)
+            })
+            .collect();
+        let grants = serde_json::json!({
+            "store": self.store,
+            "read_roots": self.read_roots,
+            "hosts": hosts,
+            "secrets": self.secrets.keys().collect::<Vec<_>>(),
+            "params": self.params.keys().collect::<Vec<_>>(),
+            "limits": self.limits.to_string(),
+        });
+        hex::encode(Sha256::digest(grants.to_string().as_bytes()))
+    }
 }
+
+/// How long a notification may take.
+pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The on-disk schema. `deny_unknown_fields` everywhere: a misspelt key is an
 /// error, not a silently ignored grant.
@@ -235,6 +306,35 @@ struct SiteFile {
     hosts: BTreeMap<String, HostSection>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretSection>,
+    #[serde(default)]
+    retention: RetentionSection,
+    #[serde(default)]
+    report: ReportSection,
+    #[serde(default)]
+    notify: NotifySection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetentionSection {
+    keep_last: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReportSection {
+    prometheus: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NotifySection {
+    command: Option<Vec<String>>,
+    url: Option<String>,
+    timeout: Option<HumanDuration>,
 }
 
 /// `name = { file = "..." }` or `name = { env = "VAR" }`.

@@ -52,7 +52,9 @@ fn arc_round_trip_with_gnu_tar() {
     let archive = dir.path().join("beoserver.20040321-014844.tgz");
     assert!(archive.is_file(), "exact name from --now; have {:?}", tree(dir.path()));
     let top: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(top.len(), 2, "only the source and the archive, no temporary files: {top:?}");
+    assert_eq!(top.len(), 3, "only the source, the archive and .offsite, no temporary files: {top:?}");
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join(".offsite/runs")).unwrap().collect();
+    assert!(runs.is_empty(), "nothing left in staging: {runs:?}");
 
     // GNU tar lists it, and the gzip stream is intact.
     let list = Command::new("tar").arg("-tzf").arg(&archive).output().unwrap();

@@ -136,6 +136,23 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     assert_eq!(original.iter().find(|t| t.0 == "tbl_session").unwrap().1, 20000);
     server2.db.load("restored_transdb", &sql2);
     assert_eq!(server2.db.fingerprint("restored_transdb"), server2.db.fingerprint("transdb"));
+
+    // `verify --restore-test` does the same from the store: it loads each
+    // dump into a scratch database, compares row counts, and cleans up.
+    let defaults = dir.path().join("verify.cnf");
+    std::fs::write(&defaults, format!("[client]\nuser=root\nsocket={}\n", server1.db.socket().display())).unwrap();
+    let verify = |db: &str| {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.args(["-v", "verify"]).arg(&site).args(["--restore-test", db, "--mysql-defaults"]).arg(&defaults);
+        Ran::from_output(cmd.output().unwrap())
+    };
+    let ran = verify("scratch_restore");
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("sitedb-20040321-014844.sql.gz: restore test ok (4 tables, "), "{}", ran.stdout);
+    assert!(ran.stdout.contains("transdb-20040321-014844.sql.gz: restore test ok"), "{}", ran.stdout);
+    assert_eq!(server1.db.sql("SHOW DATABASES LIKE 'scratch_restore'"), "", "the scratch database is dropped");
+    // A scratch database that holds tables is never loaded over.
+    verify("sitedb").expect_code(1).expect_stderr("the scratch database sitedb is not empty");
 }
 
 #[test]
@@ -149,10 +166,13 @@ fn a_failing_dump_fails_the_run_but_the_other_server_is_still_backed_up() {
     ran.expect_code(1);
     assert!(ran.stderr.contains("1 backup(s) failed") && ran.stderr.contains("server1 sitedb"), "{}", ran.stderr);
     assert!(ran.stderr.contains("exit status 6") && ran.stderr.contains("Couldn't find table"), "{}", ran.stderr);
-    assert!(!dir.path().join("backups/server1/sitedb-20040321-014844.sql.gz").exists());
-    let stored: Vec<_> = std::fs::read_dir(dir.path().join("backups/server1")).unwrap().collect();
-    assert!(stored.is_empty(), "no partial or temporary file: {stored:?}");
-    assert!(dir.path().join("backups/server2/transdb-20040321-014844.sql.gz").exists());
+    // The run is incomplete: nothing appears as a backup, and server2's
+    // complete dump is kept aside in the run's directory, not lost.
+    assert_eq!(offsite_testkit::tree(&dir.path().join("backups")), Vec::<PathBuf>::new());
+    let runs = dir.path().join("backups/.offsite/runs");
+    let kept: Vec<PathBuf> = offsite_testkit::tree(&runs).into_iter().filter(|p| runs.join(p).is_file()).collect();
+    assert_eq!(kept.len(), 1, "server2's dump and no temporary file: {kept:?}");
+    assert!(kept[0].ends_with("server2/transdb-20040321-014844.sql.gz"), "{kept:?}");
 
     // A table the grant does not cover is refused before anything runs.
     let params = "dumps = \"server1:sitedb:tbl_ccode,mysql.user server2:transdb\"";

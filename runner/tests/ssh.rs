@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use offsite_testkit::sshd::Sshd;
-use offsite_testkit::{Ran, offsite, script};
+use offsite_testkit::{Ran, offsite, script, tree};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 
@@ -68,12 +68,24 @@ impl Site {
         Ran::from_output(cmd.output().unwrap())
     }
 
-    /// Files in the store (temporary files included, so leftovers show).
+    /// Files in the store, and any temporary file left in the store's
+    /// staging area (so leftovers show).
     fn stored(&self) -> Vec<String> {
         let mut names: Vec<String> = match std::fs::read_dir(self.store()) {
-            Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+            Ok(rd) => {
+                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != ".offsite").collect()
+            }
             Err(_) => Vec::new(),
         };
+        let runs = self.store().join(".offsite/runs");
+        if runs.exists() {
+            for f in tree(&runs) {
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                if name.starts_with(".offsite-tmp.") {
+                    names.push(name);
+                }
+            }
+        }
         names.sort();
         names
     }
@@ -371,6 +383,51 @@ fn sshd_dying_mid_transfer_stores_nothing() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("remote command failed"), "{stderr}");
     assert!(site.stored().is_empty(), "nothing stored, no temporary file left: {:?}", site.stored());
+}
+
+#[test]
+fn a_runner_killed_mid_fetch_leaves_only_complete_files_and_the_next_run_cleans_up() {
+    let server = Sshd::start("127.0.0.2");
+    let files = server.files();
+    std::fs::write(files.join("small.bin"), "small and complete").unwrap();
+    // Sparse: cheap to make, and long enough to be caught in the middle.
+    let big = std::fs::File::create(files.join("big.bin")).unwrap();
+    big.set_len(8 << 30).unwrap();
+    let mut site = Site::new();
+    site.host("server1", &server, &format!("fetch = [\"{}/*.bin\"]", files.display()));
+    let small = format!("{}/small.bin", files.display());
+    site.run(&[("op", "fetch"), ("path", &small), ("dest", "good.bin")]).expect_code(0);
+
+    let site_file = site.write();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("run").arg(script("probe")).arg("--site").arg(&site_file);
+    cmd.args(["--param", "op=fetch", "--param", "dest=big.bin", "--param"]);
+    cmd.arg(format!("path={}/big.bin", files.display()));
+    cmd.env("HOME", site.path("home")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !site.stored().iter().any(|n| n.starts_with(".offsite-tmp")) {
+        assert!(Instant::now() < deadline, "the transfer never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stored = site.stored();
+    assert!(stored.contains(&"good.bin".to_string()) && !stored.contains(&"big.bin".to_string()), "{stored:?}");
+    assert!(stored.iter().any(|n| n.starts_with(".offsite-tmp")), "killed: its temporary file is still there");
+
+    // The next run takes over, records the killed run and removes its
+    // temporary file; the good backup is untouched.
+    let ran = site.run(&[("op", "fetch"), ("path", &small), ("dest", "again.bin")]);
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("took over the store's lock"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("was interrupted before storing anything"), "{}", ran.stderr);
+    assert_eq!(site.stored(), vec!["again.bin", "good.bin"]);
+    assert!(tree(&site.store().join(".offsite/runs")).is_empty());
+    assert_eq!(std::fs::read(site.store().join("good.bin")).unwrap(), b"small and complete");
+    let verify = offsite(Path::new(BIN)).arg("verify").arg(&site_file).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
 
 #[test]

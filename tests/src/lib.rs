@@ -87,12 +87,17 @@ impl Ran {
     }
 }
 
-/// Every file and directory below `dir`, relative, sorted.
+/// Every file and directory below `dir`, relative, sorted, leaving out
+/// the store's own `.offsite` directory (manifests, lock, and the files of
+/// runs that did not succeed): what a user sees as backups.
 pub fn tree(dir: &Path) -> Vec<PathBuf> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let entry = entry.unwrap();
             let path = entry.path();
+            if dir == base && entry.file_name() == ".offsite" {
+                continue;
+            }
             out.push(path.strip_prefix(base).unwrap().to_path_buf());
             if entry.file_type().unwrap().is_dir() {
                 walk(base, &path, out);

@@ -13,6 +13,7 @@ use crate::bindings::archive::Host;
 use crate::bindings::types::{Error, FileInfo};
 use crate::compress::ParallelGz;
 use crate::policy::{Call, Grant};
+use crate::store::Origin;
 
 /// gzip's default level, the one `tar czf` uses.
 const GZIP_LEVEL: u32 = 6;
@@ -54,7 +55,8 @@ impl Host for Caps {
         };
         let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
         let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
-        let stored = pending.commit().map_err(|e| io_error(&dest, e))?;
+        let origin = Origin { call: "archive.tar-gz".into(), sources: sources.clone(), ..Origin::default() };
+        let stored = pending.commit(origin).map_err(|e| io_error(&dest, e))?;
         ::log::info!(
             target: "offsite::archive",
             "stored {} ({} entries, {} bytes, sha256 {}) in {:.1?}",
@@ -64,8 +66,9 @@ impl Host for Caps {
             stored.sha256,
             started.elapsed()
         );
-        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
-        Ok(FileInfo { path: stored.path, bytes: stored.bytes, sha256: stored.sha256 })
+        let info = FileInfo { path: stored.path.clone(), bytes: stored.bytes, sha256: stored.sha256.clone() };
+        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored);
+        Ok(info)
     }
 }
 
@@ -219,13 +222,36 @@ mod tests {
     use crate::caps::Clock;
     use crate::policy::Policy;
     use crate::site::Site;
-    use crate::store::Store;
+    use crate::store::{Budget, StoreRoot, run::RunHeader};
 
     fn caps_in(dir: &Path) -> Caps {
         let site = Site::current_dir(dir).unwrap();
         let mut caps = Caps::new("t", "s", Policy::for_site(&site, BTreeMap::new()), Clock::System);
-        caps.store = Some(Arc::new(Store::open(&site.store).unwrap()));
+        let header = RunHeader {
+            run_id: "r".into(),
+            site: "s".into(),
+            hostname: "h".into(),
+            pid: 1,
+            script: crate::store::manifest::ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
+            grants_sha256: String::new(),
+            started: String::new(),
+        };
+        let store = StoreRoot::open(&site.store).unwrap().begin_run(&header, Budget::unlimited()).unwrap();
+        caps.store = Some(Arc::new(store));
         caps
+    }
+
+    /// The run's files (staged until it ends) and the source tree, without
+    /// the store's own directory.
+    fn staged(dir: &Path, name: &str) -> std::path::PathBuf {
+        dir.join(".offsite/runs/r").join(name)
+    }
+
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n != ".offsite").collect();
+        v.sort();
+        v
     }
 
     fn list(archive: &Path) -> Vec<(String, EntryType, Vec<u8>)> {
@@ -259,10 +285,10 @@ mod tests {
         let mut caps = caps_in(dir.path());
         let info = caps.tar_gz(vec!["beoserver".into()], "out.tgz".into()).unwrap();
         assert_eq!(info.path, "out.tgz");
-        let on_disk = std::fs::read(dir.path().join("out.tgz")).unwrap();
+        let on_disk = std::fs::read(staged(dir.path(), "out.tgz")).unwrap();
         assert_eq!(info.bytes, on_disk.len() as u64);
         assert_eq!(caps.outputs().len(), 1);
-        let entries = list(&dir.path().join("out.tgz"));
+        let entries = list(&staged(dir.path(), "out.tgz"));
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
             names,
@@ -282,7 +308,8 @@ mod tests {
         assert!(matches!(err, Error::Denied(_)), "{err:?}");
         let err = caps.tar_gz(vec!["../x".into()], "x.tgz".into()).unwrap_err();
         assert!(matches!(err, Error::Denied(_)), "{err:?}");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(names(dir.path()).is_empty());
+        assert!(names(&staged(dir.path(), "")).is_empty());
         assert_eq!(caps.denials, 2);
     }
 
@@ -293,8 +320,8 @@ mod tests {
         let mut caps = caps_in(dir.path());
         let err = caps.tar_gz(vec!["a".into(), "nope".into()], "x.tgz".into()).unwrap_err();
         assert!(matches!(err, Error::NotFound(_)), "{err:?}");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, ["a"]);
+        assert_eq!(names(dir.path()), ["a"]);
+        assert!(names(&staged(dir.path(), "")).is_empty());
     }
 
     #[test]
@@ -315,6 +342,6 @@ mod tests {
         let mut caps = caps_in(dir.path());
         caps.dry_run = true;
         caps.tar_gz(vec!["f".into()], "x.tgz".into()).unwrap();
-        assert!(!dir.path().join("x.tgz").exists());
+        assert!(!staged(dir.path(), "x.tgz").exists());
     }
 }

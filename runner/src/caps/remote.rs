@@ -15,7 +15,7 @@ use super::io_error;
 use crate::bindings::ssh::StreamOptions;
 use crate::bindings::types::{Error, FileInfo};
 use crate::compress::ParallelGz;
-use crate::store::{PendingFile, Store, StoredFile};
+use crate::store::{Origin, PendingFile, Store, StoredFile};
 use crate::transport::{Event, Exit, RemoteProcess, Transport, TransportError, quote};
 
 /// How much of the end of a stream `require-tail` looks at.
@@ -164,7 +164,14 @@ impl Remote {
                 self.show(argv)
             )));
         }
-        let stored = sink.finish().and_then(PendingFile::commit).map_err(|e| io_error(&shown_dest, e))?;
+        let origin = Origin {
+            call: "ssh.exec-to-file".into(),
+            host: Some(host.to_string()),
+            remote: Some(self.show(argv)),
+            exit_status: Some(0),
+            ..Origin::default()
+        };
+        let stored = sink.finish().and_then(|p| p.commit(origin)).map_err(|e| io_error(&shown_dest, e))?;
         ::log::info!(
             target: "offsite::ssh",
             "host {host}: stored {} ({bytes} bytes from the command, {} stored, sha256 {}) in {:.1?}",
@@ -277,7 +284,14 @@ impl Remote {
             let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
             return Err(failed(format!("scp {exit}; nothing was stored{}", stderr_suffix(&stderr))));
         }
-        let stored = sink.finish().and_then(PendingFile::commit).map_err(|e| io_error(&shown_dest, e))?;
+        let origin = Origin {
+            call: "scp.fetch".into(),
+            host: Some(host.to_string()),
+            remote: Some(path.to_string()),
+            exit_status: Some(0),
+            ..Origin::default()
+        };
+        let stored = sink.finish().and_then(|p| p.commit(origin)).map_err(|e| io_error(&shown_dest, e))?;
         ::log::info!(
             target: "offsite::scp",
             "host {host}: stored {path} as {} ({} bytes, sha256 {}) in {:.1?}",
@@ -291,8 +305,9 @@ impl Remote {
     }
 
     fn record(&self, stored: StoredFile) -> FileInfo {
-        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
-        FileInfo { path: stored.path, bytes: stored.bytes, sha256: stored.sha256 }
+        let info = FileInfo { path: stored.path.clone(), bytes: stored.bytes, sha256: stored.sha256.clone() };
+        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored);
+        info
     }
 }
 

@@ -62,7 +62,8 @@ impl Script for Probe {
             "parallel-stream" => {
                 let jobs: Vec<_> = hosts
                     .iter()
-                    .map(|h| ssh::start_exec_to_file(h, &argv, &format!("{h}-{dest}"), &stream))
+                    .enumerate()
+                    .map(|(i, h)| ssh::start_exec_to_file(h, &argv, &job_dest(&hosts, i, &dest), &stream))
                     .collect::<std::result::Result<_, _>>()?;
                 for job in jobs {
                     let info = job.wait()?;
@@ -72,7 +73,8 @@ impl Script for Probe {
             "parallel-fetch" => {
                 let jobs: Vec<_> = hosts
                     .iter()
-                    .map(|h| scp::start_fetch(h, &path, &format!("{h}-{dest}")))
+                    .enumerate()
+                    .map(|(i, h)| scp::start_fetch(h, &path, &job_dest(&hosts, i, &dest)))
                     .collect::<std::result::Result<_, _>>()?;
                 for job in jobs {
                     job.wait()?;
@@ -96,3 +98,13 @@ impl Script for Probe {
 }
 
 offsite_sdk::script!(Probe);
+
+/// `HOST-DEST` for a host's first job, `HOST-DEST-N` for its Nth (a run
+/// writes each file once).
+fn job_dest(hosts: &[String], i: usize, dest: &str) -> String {
+    let h = &hosts[i];
+    match hosts[..i].iter().filter(|x| *x == h).count() {
+        0 => format!("{h}-{dest}"),
+        n => format!("{h}-{dest}-{n}"),
+    }
+}

@@ -1,0 +1,546 @@
+//! The backup store: the one directory a site's scripts write into.
+//!
+//! Layout (`META_DIR` is `.offsite`):
+//!
+//! ```text
+//! STORE/
+//!   <the files of good runs, at the paths the scripts chose>
+//!   .offsite/lock                  one run at a time (see `lock`)
+//!   .offsite/manifests/<run>.json  one per finished run, written last
+//!   .offsite/runs/<run>/           files of a run in progress, or kept
+//!                                  from a run that did not succeed
+//!   .offsite/runs/<run>.journal    the files a run has completed so far
+//! ```
+//!
+//! A run writes each file under a temporary name inside its own staging
+//! directory, syncs it and renames it there, then notes it in its journal.
+//! Only when the whole run succeeds are its files renamed to the paths the
+//! script chose, after which its manifest is installed (see `run`). So a
+//! file of a failed or interrupted run never appears where a backup would,
+//! and never replaces one.
+//!
+//! All access goes through `cap_std::fs::Dir` handles opened on the store,
+//! so a symlink planted inside the store cannot redirect a write elsewhere.
+
+pub mod lock;
+pub mod manifest;
+pub mod retention;
+pub mod run;
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cap_std::fs::{Dir, DirBuilder, File, OpenOptions};
+use sha2::{Digest, Sha256};
+
+pub use self::manifest::{Manifest, Origin, Status};
+pub use self::run::StoreRoot;
+
+/// Prefix of in-progress files. Scripts may not name files with it.
+pub const TEMP_PREFIX: &str = ".offsite-tmp.";
+
+/// The runner's own directory at the store root. Scripts may not write
+/// beneath it.
+pub const META_DIR: &str = ".offsite";
+
+/// Where one run writes: its staging directory inside the store, the
+/// journal of files it has completed, and its budget.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    run_id: String,
+    staging: Dir,
+    shared: Arc<RunShared>,
+}
+
+/// What every pending file of a run updates when it completes.
+#[derive(Debug)]
+struct RunShared {
+    budget: Budget,
+    journal: Mutex<std::fs::File>,
+    /// Paths created in this run (pending or stored): each at most once.
+    claimed: Mutex<HashSet<PathBuf>>,
+    /// Files completed, in order.
+    stored: Mutex<Vec<StoredFile>>,
+}
+
+/// What one run may still write: files created and bytes stored, shared by
+/// every pending file (and so by parallel transfers).
+#[derive(Debug)]
+pub struct Budget {
+    max_bytes: u64,
+    max_files: u64,
+    bytes: AtomicU64,
+    files: AtomicU64,
+}
+
+/// The error a [`Budget`] returns, inside an `io::Error`, so callers can
+/// tell it from the file system's own quota errors.
+#[derive(Debug)]
+pub struct BudgetExceeded(pub String);
+
+impl std::fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BudgetExceeded {}
+
+impl Budget {
+    pub fn new(max_bytes: u64, max_files: u64) -> Budget {
+        Budget { max_bytes, max_files, bytes: AtomicU64::new(0), files: AtomicU64::new(0) }
+    }
+
+    pub fn unlimited() -> Budget {
+        Budget::new(u64::MAX, u64::MAX)
+    }
+
+    fn take_file(&self) -> io::Result<()> {
+        if self.files.fetch_add(1, Ordering::Relaxed) >= self.max_files {
+            return Err(io::Error::new(
+                io::ErrorKind::QuotaExceeded,
+                BudgetExceeded(format!("this run reached the site's max_files limit ({} files)", self.max_files)),
+            ));
+        }
+        Ok(())
+    }
+
+    fn take_bytes(&self, n: u64) -> io::Result<()> {
+        if self.bytes.fetch_add(n, Ordering::Relaxed).saturating_add(n) > self.max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::QuotaExceeded,
+                BudgetExceeded(format!("this run reached the site's max_bytes limit ({} bytes)", self.max_bytes)),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Opens (creating, mode 0700) the directory `rel` beneath `dir`.
+pub(crate) fn make_dirs(dir: &Dir, rel: &Path) -> io::Result<Dir> {
+    if rel.as_os_str().is_empty() {
+        return dir.try_clone();
+    }
+    let mut builder = DirBuilder::new();
+    builder.recursive(true);
+    {
+        use cap_std::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    dir.create_dir_with(rel, &builder)?;
+    dir.open_dir(rel)
+}
+
+/// Creates `name` in `dir` for writing, mode 0600; it must not exist.
+pub(crate) fn create_new(dir: &Dir, name: &str) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    {
+        use cap_std::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    dir.open_with(name, &options)
+}
+
+/// A fresh temporary name for `final_name` in this process.
+pub(crate) fn temp_name(final_name: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!("{TEMP_PREFIX}{}.{}.{final_name}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Syncs the directory itself, so renames and removals in it are durable.
+pub(crate) fn sync_dir(dir: &Dir) -> io::Result<()> {
+    dir.open(".")?.sync_all()
+}
+
+/// Writes a small file whole: temporary name, fsync, rename, fsync of the
+/// directory. Readers see the old content or the new, never a mix.
+pub(crate) fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = temp_name(name);
+    let result = (|| {
+        let mut f = create_new(dir, &tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        dir.rename(&tmp, dir, name)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = dir.remove_file(&tmp);
+    }
+    result
+}
+
+impl Store {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The files completed so far, in order.
+    pub fn stored(&self) -> Vec<StoredFile> {
+        self.shared.stored.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts writing `rel` (already validated by the policy) in this run's
+    /// staging directory. A run may write each path once.
+    pub fn create(&self, rel: &Path) -> io::Result<PendingFile> {
+        let file_name =
+            rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination names no file"))?;
+        if !self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(rel.to_path_buf()) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} was already written in this run; a run writes each file once", rel.display()),
+            ));
+        }
+        let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
+        self.shared.budget.take_file()?;
+        let parent = make_dirs(&self.staging, rel.parent().unwrap_or(Path::new("")))?;
+        let tmp_name = temp_name(&file_name.to_string_lossy());
+        let file = create_new(&parent, &tmp_name)?;
+        Ok(PendingFile {
+            parent,
+            tmp_name,
+            final_name: file_name.to_os_string().into(),
+            writer: Some(HashingWriter::new(WriteBehind::new(file))),
+            claim,
+        })
+    }
+}
+
+/// A path claimed by a pending file; released if the file is abandoned.
+struct Claim {
+    shared: Arc<RunShared>,
+    rel: PathBuf,
+}
+
+/// A file being written into the store. Dropping it without [`commit`]
+/// removes the temporary file, so a failed call leaves nothing behind.
+///
+/// [`commit`]: PendingFile::commit
+pub struct PendingFile {
+    parent: Dir,
+    tmp_name: String,
+    final_name: PathBuf,
+    writer: Option<HashingWriter<WriteBehind>>,
+    claim: Claim,
+}
+
+/// What was stored, and what produced it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredFile {
+    /// Relative to the store root, as the script named it.
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub origin: Origin,
+}
+
+impl PendingFile {
+    /// Syncs the data, renames it into place in the staging directory,
+    /// syncs the directory and notes the file in the run's journal.
+    pub fn commit(mut self, origin: Origin) -> io::Result<StoredFile> {
+        let writer = self.writer.take().expect("commit called once");
+        let (file, bytes, sha256) = writer.finish();
+        let file = file.into_inner();
+        file.sync_all()?;
+        drop(file);
+        if let Err(e) = self.parent.rename(&self.tmp_name, &self.parent, &self.final_name) {
+            let _ = self.parent.remove_file(&self.tmp_name);
+            return Err(e);
+        }
+        sync_dir(&self.parent)?;
+        let stored = StoredFile { path: self.claim.rel.to_string_lossy().into_owned(), bytes, sha256, origin };
+        let shared = &self.claim.shared;
+        {
+            let mut journal = shared.journal.lock().unwrap_or_else(|e| e.into_inner());
+            let mut line = serde_json::to_vec(&stored).expect("a stored file serialises");
+            line.push(b'\n');
+            journal.write_all(&line)?;
+            journal.sync_data()?;
+        }
+        shared.stored.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
+        // Stored: the claim stays.
+        self.claim.rel = PathBuf::new();
+        Ok(stored)
+    }
+}
+
+impl Write for PendingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.claim.shared.budget.take_bytes(buf.len() as u64)?;
+        self.writer.as_mut().expect("not committed").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.as_mut().expect("not committed").flush()
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = self.parent.remove_file(&self.tmp_name);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.rel.as_os_str().is_empty() {
+            self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.rel);
+        }
+    }
+}
+
+/// A file writer that starts writing data back to disk as it goes.
+///
+/// Every [`WINDOW`] bytes it asks the kernel to begin writeback of that
+/// window (without waiting), waits for the window before it, and drops that
+/// one from the page cache. The final `fsync` then has almost nothing left
+/// to do, dirty memory stays bounded whatever the file's size, and a backup
+/// does not push the server's working set out of the cache.
+pub struct WriteBehind {
+    file: File,
+    written: u64,
+    /// Start of the window not yet handed to writeback.
+    started: u64,
+    /// Everything before this is on disk and dropped from the cache.
+    settled: u64,
+}
+
+/// Write-behind granularity.
+const WINDOW: u64 = 8 << 20;
+
+impl WriteBehind {
+    fn new(file: File) -> WriteBehind {
+        WriteBehind { file, written: 0, started: 0, settled: 0 }
+    }
+
+    fn into_inner(self) -> File {
+        self.file
+    }
+
+    fn write_behind(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        // Advice only: errors (e.g. a file system without support) are
+        // ignored, and the final fsync still guarantees durability.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                self.started as i64,
+                (self.written - self.started) as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        if self.started > self.settled {
+            let (from, len) = (self.settled as i64, (self.started - self.settled) as i64);
+            unsafe {
+                libc::sync_file_range(
+                    fd,
+                    from,
+                    len,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+                libc::posix_fadvise(fd, from, len, libc::POSIX_FADV_DONTNEED);
+            }
+            self.settled = self.started;
+        }
+        self.started = self.written;
+    }
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= WINDOW {
+            self.write_behind();
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Counts and hashes everything written through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter { inner, hasher: Sha256::new(), bytes: 0 }
+    }
+
+    /// Returns the inner writer, the byte count and the lower-case hex SHA-256.
+    pub fn finish(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run::{Outcome, RunHeader};
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    fn header() -> RunHeader {
+        RunHeader {
+            run_id: "r".into(),
+            site: "s".into(),
+            hostname: "h".into(),
+            pid: 1,
+            script: manifest::ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
+            grants_sha256: String::new(),
+            started: "2026-11-26T23:00:00+00:00".into(),
+        }
+    }
+
+    fn begin(root: &Path, budget: Budget) -> (StoreRoot, Store) {
+        let store_root = StoreRoot::open(root).unwrap();
+        let store = store_root.begin_run(&header(), budget).unwrap();
+        (store_root, store)
+    }
+
+    fn origin() -> Origin {
+        Origin { call: "test".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn commit_stages_the_file_with_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_root, store) = begin(dir.path(), Budget::unlimited());
+        let staged = dir.path().join(".offsite/runs/r/sub");
+        let mut f = store.create(Path::new("sub/a.txt")).unwrap();
+        f.write_all(b"hello").unwrap();
+        assert_eq!(names(&staged).len(), 1);
+        assert!(!staged.join("a.txt").exists(), "invisible before commit");
+        let stored = f.commit(origin()).unwrap();
+        assert_eq!(stored.bytes, 5);
+        assert_eq!(stored.sha256, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+        assert_eq!(std::fs::read(staged.join("a.txt")).unwrap(), b"hello");
+        assert_eq!(names(&staged), vec!["a.txt"]);
+        assert_eq!(store.stored(), vec![stored.clone()]);
+        let journal = std::fs::read_to_string(dir.path().join(".offsite/runs/r.journal")).unwrap();
+        assert_eq!(journal.lines().count(), 2, "a header and one file: {journal}");
+        assert!(!dir.path().join("sub").exists(), "nothing at its path until the run ends");
+    }
+
+    #[test]
+    fn a_run_writes_each_path_once_but_may_retry_an_abandoned_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_root, store) = begin(dir.path(), Budget::unlimited());
+        let first = store.create(Path::new("a")).unwrap();
+        assert_eq!(store.create(Path::new("a")).err().unwrap().kind(), io::ErrorKind::AlreadyExists);
+        drop(first);
+        let mut again = store.create(Path::new("a")).unwrap();
+        again.write_all(b"x").unwrap();
+        again.commit(origin()).unwrap();
+        assert_eq!(store.create(Path::new("a")).err().unwrap().kind(), io::ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn large_files_written_behind_are_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_root, store) = begin(dir.path(), Budget::unlimited());
+        let mut f = store.create(Path::new("big.bin")).unwrap();
+        let mut expected = Sha256::new();
+        // Three and a half windows, in odd-sized pieces.
+        let mut written = 0u64;
+        let mut i = 0u32;
+        while written < WINDOW * 7 / 2 {
+            let chunk: Vec<u8> = (0..100_003u32).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+            f.write_all(&chunk).unwrap();
+            expected.update(&chunk);
+            written += chunk.len() as u64;
+            i += 1;
+        }
+        let stored = f.commit(origin()).unwrap();
+        assert_eq!(stored.bytes, written);
+        assert_eq!(stored.sha256, hex::encode(expected.finalize()));
+        let on_disk = std::fs::read(dir.path().join(".offsite/runs/r/big.bin")).unwrap();
+        assert_eq!(on_disk.len() as u64, written);
+        assert_eq!(hex::encode(Sha256::digest(&on_disk)), stored.sha256);
+    }
+
+    #[test]
+    fn the_budget_caps_files_and_bytes_across_pending_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, store) = begin(dir.path(), Budget::new(10, 2));
+        let mut a = store.create(Path::new("a")).unwrap();
+        let mut b = store.create(Path::new("b")).unwrap();
+        let err = store.create(Path::new("c")).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::QuotaExceeded);
+        assert!(err.to_string().contains("max_files"), "{err}");
+        a.write_all(b"123456").unwrap();
+        let err = b.write_all(b"12345").unwrap_err();
+        assert!(err.to_string().contains("max_bytes"), "{err}");
+        drop(b);
+        a.commit(origin()).unwrap();
+        root.finish_run(&header(), &store, &Outcome::default()).unwrap();
+        assert_eq!(names(dir.path()), vec![".offsite", "a"], "the over-budget file left nothing");
+    }
+
+    #[test]
+    fn dropping_an_uncommitted_file_keeps_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.tgz"), "good").unwrap();
+        let (root, store) = begin(dir.path(), Budget::unlimited());
+        let mut f = store.create(Path::new("a.tgz")).unwrap();
+        f.write_all(b"partial").unwrap();
+        drop(f);
+        let m = root.finish_run(&header(), &store, &Outcome { error: Some("x".into()), warnings: vec![] }).unwrap();
+        assert_eq!(m.status, Status::Failed);
+        assert_eq!(names(dir.path()), vec![".offsite", "a.tgz"]);
+        assert_eq!(names(&dir.path().join(".offsite/runs")), Vec::<String>::new());
+        assert_eq!(std::fs::read(dir.path().join("a.tgz")).unwrap(), b"good");
+    }
+
+    #[test]
+    fn a_planted_symlink_cannot_redirect_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let store_root = dir.path().join("store");
+        let (root, store) = begin(&store_root, Budget::unlimited());
+        // Planted where staging writes, and where installing writes.
+        std::os::unix::fs::symlink(outside.path(), store_root.join(".offsite/runs/r/evil")).unwrap();
+        assert!(store.create(Path::new("evil/x")).is_err());
+        std::fs::remove_file(store_root.join(".offsite/runs/r/evil")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), store_root.join("evil")).unwrap();
+        let mut f = store.create(Path::new("evil/x")).unwrap();
+        f.write_all(b"x").unwrap();
+        f.commit(origin()).unwrap();
+        let m = root.finish_run(&header(), &store, &Outcome::default()).unwrap();
+        assert_eq!(m.status, Status::Incomplete, "kept aside, not installed through the link");
+        assert!(m.error.unwrap().contains("evil is not a directory"));
+        assert!(names(outside.path()).is_empty());
+    }
+}

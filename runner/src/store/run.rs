@@ -1,0 +1,541 @@
+//! The life of a run in the store: lock, recovery of interrupted runs,
+//! staging, and the end of the run (promotion of a good run's files, or
+//! keeping a failed run's files aside), always finished by the manifest.
+
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use serde::{Deserialize, Serialize};
+
+use super::lock::{self, Holder, Lock, LockError};
+use super::manifest::{FORMAT, Manifest, ScriptRef, Status};
+use super::{Budget, META_DIR, RunShared, Store, StoredFile, TEMP_PREFIX, make_dirs, sync_dir, write_atomic};
+
+/// A site's store, opened with its `.offsite` directory.
+#[derive(Debug)]
+pub struct StoreRoot {
+    root: PathBuf,
+    pub(crate) dir: Dir,
+    pub(crate) meta: Dir,
+    pub(crate) runs: Dir,
+    pub(crate) manifests: Dir,
+}
+
+/// What a run is, as its journal's first line records it (so an
+/// interrupted run can be reported by the next one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunHeader {
+    pub run_id: String,
+    pub site: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub script: ScriptRef,
+    pub grants_sha256: String,
+    /// RFC 3339, local time.
+    pub started: String,
+}
+
+/// How the script's part of a run ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+    /// Warnings logged during the run.
+    pub warnings: Vec<String>,
+}
+
+/// A manifest file that could not be read.
+#[derive(Debug, Clone)]
+pub struct BadManifest {
+    pub name: String,
+    pub error: String,
+}
+
+/// The name of this machine, for lock notes and manifests.
+pub fn hostname() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+/// A run id: the UTC start time to the millisecond, and the pid. Ids sort
+/// in start order.
+pub fn new_run_id(started: chrono::DateTime<chrono::Local>) -> String {
+    format!("{}-{}", started.with_timezone(&chrono::Utc).format("%Y%m%dT%H%M%S%.3fZ"), std::process::id())
+}
+
+fn journal_name(run_id: &str) -> String {
+    format!("{run_id}.journal")
+}
+
+fn staged_manifest_name(run_id: &str) -> String {
+    format!("{run_id}.manifest")
+}
+
+/// `.offsite/runs/<run>`, relative to the store root.
+pub fn kept_dir(run_id: &str) -> String {
+    format!("{META_DIR}/runs/{run_id}")
+}
+
+impl StoreRoot {
+    /// Opens the store at `root`, creating it and its `.offsite` directory
+    /// (mode 0700) as needed.
+    pub fn open(root: &Path) -> io::Result<StoreRoot> {
+        if !root.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
+        }
+        let dir = Dir::open_ambient_dir(root, ambient_authority())?;
+        let meta = make_dirs(&dir, Path::new(META_DIR))?;
+        let runs = make_dirs(&meta, Path::new("runs"))?;
+        let manifests = make_dirs(&meta, Path::new("manifests"))?;
+        Ok(StoreRoot { root: root.to_path_buf(), dir, meta, runs, manifests })
+    }
+
+    /// Opens an existing store without creating anything.
+    pub fn open_existing(root: &Path) -> io::Result<StoreRoot> {
+        let dir = Dir::open_ambient_dir(root, ambient_authority())?;
+        let meta = dir.open_dir(META_DIR).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{} is not an offsite store (it has no {META_DIR} directory): {e}", root.display()),
+            )
+        })?;
+        let runs = meta.open_dir("runs")?;
+        let manifests = meta.open_dir("manifests")?;
+        Ok(StoreRoot { root: root.to_path_buf(), dir, meta, runs, manifests })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes the store's lock (see [`lock`]).
+    pub fn lock(&self, me: &Holder) -> Result<(Lock, Option<Holder>), LockError> {
+        lock::acquire(&self.meta, me)
+    }
+
+    /// Who holds the lock now, if anyone.
+    pub fn holder(&self) -> Option<Holder> {
+        lock::holder(&self.meta)
+    }
+
+    /// Finishes what interrupted runs left, under the lock: a run killed
+    /// while installing its files is installed; a run killed earlier gets
+    /// a manifest saying so, with its complete files kept aside; temporary
+    /// files are removed. Returns one line per thing done.
+    pub fn recover(&self) -> io::Result<Vec<String>> {
+        let mut done = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        for entry in self.runs.entries()? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        let kept: BTreeSet<String> =
+            self.manifests()?.0.into_iter().filter(|m| m.kept_in.is_some()).map(|m| m.run_id).collect();
+        for name in &names {
+            if name.starts_with(TEMP_PREFIX) {
+                self.runs.remove_file(name)?;
+            } else if let Some(run_id) = name.strip_suffix(".manifest") {
+                let manifest: Manifest = serde_json::from_slice(&self.runs.read(name)?)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {e}")))?;
+                self.install(&manifest)?;
+                done.push(format!(
+                    "run {run_id} was interrupted while installing its {} file(s); it is now installed",
+                    manifest.files.len()
+                ));
+            } else if let Some(run_id) = name.strip_suffix(".journal") {
+                if names.contains(&staged_manifest_name(run_id)) {
+                    continue;
+                }
+                done.push(self.record_interrupted(run_id)?);
+            } else if !kept.contains(name)
+                && !names.contains(&journal_name(name))
+                && !names.contains(&staged_manifest_name(name))
+                && self.runs.is_dir(name)
+            {
+                // A staging directory with no journal: nothing in it was
+                // completed.
+                self.runs.remove_dir_all(name)?;
+                done.push(format!("removed the empty staging directory of run {name}"));
+            }
+        }
+        for entry in self.manifests.entries()? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TEMP_PREFIX) {
+                self.manifests.remove_file(&name)?;
+            }
+        }
+        sync_dir(&self.runs)?;
+        Ok(done)
+    }
+
+    /// Writes the manifest of a run that stopped without finishing.
+    fn record_interrupted(&self, run_id: &str) -> io::Result<String> {
+        let journal = self.runs.open(journal_name(run_id))?.into_std();
+        let mut lines = BufReader::new(journal).lines();
+        let header: Option<RunHeader> = lines.next().transpose()?.and_then(|l| serde_json::from_str(&l).ok());
+        let mut files = Vec::new();
+        for line in lines {
+            // A torn last line is a file whose note never completed.
+            if let Ok(stored) = serde_json::from_str::<StoredFile>(&line?) {
+                files.push(stored);
+            }
+        }
+        if self.runs.is_dir(run_id) {
+            remove_temps(&self.runs.open_dir(run_id)?)?;
+            files.retain(|f| self.runs.open_dir(run_id).and_then(|d| d.metadata(&f.path)).is_ok());
+        }
+        let now = chrono::Local::now().to_rfc3339();
+        let header = header.unwrap_or_else(|| RunHeader {
+            run_id: run_id.to_string(),
+            site: String::new(),
+            hostname: String::new(),
+            pid: 0,
+            script: ScriptRef { name: String::new(), version: String::new(), sha256: String::new() },
+            grants_sha256: String::new(),
+            started: now.clone(),
+        });
+        let who = format!("pid {} on {}", header.pid, header.hostname);
+        let outcome = Outcome {
+            error: Some(format!(
+                "interrupted: the run ({who}, started {}) stopped before it finished; it was killed or crashed",
+                header.started
+            )),
+            warnings: Vec::new(),
+        };
+        let manifest = self.conclude(&header, files, &outcome, &now)?;
+        Ok(match &manifest.kept_in {
+            Some(dir) => format!(
+                "run {run_id} ({who}) was interrupted: recorded as {}, its {} complete file(s) kept in {dir}",
+                manifest.status,
+                manifest.files.len()
+            ),
+            None => format!("run {run_id} ({who}) was interrupted before storing anything: recorded as failed"),
+        })
+    }
+
+    /// Starts a run: its staging directory and journal.
+    pub fn begin_run(&self, header: &RunHeader, budget: Budget) -> io::Result<Store> {
+        let staging = make_dirs(&self.runs, Path::new(&header.run_id))?;
+        let mut journal = super::create_new(&self.runs, &journal_name(&header.run_id))?.into_std();
+        let mut line = serde_json::to_vec(header).expect("a header serialises");
+        line.push(b'\n');
+        io::Write::write_all(&mut journal, &line)?;
+        journal.sync_all()?;
+        sync_dir(&self.runs)?;
+        Ok(Store {
+            root: self.root.clone(),
+            run_id: header.run_id.clone(),
+            staging,
+            shared: Arc::new(RunShared {
+                budget,
+                journal: Mutex::new(journal),
+                claimed: Mutex::new(Default::default()),
+                stored: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Ends a run: a good run's files are moved to their paths and its
+    /// manifest installed; a failed run's files stay in its staging
+    /// directory, which its manifest names. The manifest comes last.
+    pub fn finish_run(&self, header: &RunHeader, store: &Store, outcome: &Outcome) -> io::Result<Manifest> {
+        let files = store.stored();
+        let ended = chrono::Local::now().to_rfc3339();
+        self.conclude(header, files, outcome, &ended)
+    }
+
+    fn conclude(
+        &self,
+        header: &RunHeader,
+        files: Vec<StoredFile>,
+        outcome: &Outcome,
+        ended: &str,
+    ) -> io::Result<Manifest> {
+        let mut manifest = manifest_for(header, files, outcome, ended);
+        if manifest.status.is_good()
+            && let Err(e) = self.check_destinations(&manifest)
+        {
+            manifest.status = Status::Incomplete;
+            manifest.error = Some(e.to_string());
+        }
+        let run_id = &header.run_id;
+        if manifest.status.is_good() {
+            write_atomic(&self.runs, &staged_manifest_name(run_id), &manifest.to_json())?;
+            self.install(&manifest)?;
+        } else {
+            if manifest.files.is_empty() {
+                if self.runs.is_dir(run_id) {
+                    self.runs.remove_dir_all(run_id)?;
+                }
+            } else {
+                manifest.kept_in = Some(kept_dir(run_id));
+            }
+            write_atomic(&self.manifests, &format!("{run_id}.json"), &manifest.to_json())?;
+            let _ = self.runs.remove_file(journal_name(run_id));
+            sync_dir(&self.runs)?;
+        }
+        Ok(manifest)
+    }
+
+    /// A good run may only be installed if every path it names can take a
+    /// file: nothing there, or a regular file (which it replaces).
+    fn check_destinations(&self, manifest: &Manifest) -> io::Result<()> {
+        for f in &manifest.files {
+            let path = Path::new(&f.path);
+            if let Ok(meta) = self.dir.symlink_metadata(path)
+                && !meta.is_file()
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("cannot install {}: something other than a regular file is in the way", f.path),
+                ));
+            }
+            for dir in path.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()) {
+                if let Ok(meta) = self.dir.symlink_metadata(dir)
+                    && !meta.is_dir()
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("cannot install {}: {} is not a directory", f.path, dir.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a good run's staged files to their paths, then installs its
+    /// staged manifest. Idempotent, so an interrupted install can be redone.
+    fn install(&self, manifest: &Manifest) -> io::Result<()> {
+        let run_id = &manifest.run_id;
+        let mut parents = BTreeSet::new();
+        if self.runs.is_dir(run_id) {
+            let staging = self.runs.open_dir(run_id)?;
+            for f in &manifest.files {
+                let rel = Path::new(&f.path);
+                let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+                let name = rel.file_name().expect("stored files have names");
+                let Ok(from) =
+                    staging.open_dir(if parent_rel.as_os_str().is_empty() { Path::new(".") } else { &parent_rel })
+                else {
+                    continue;
+                };
+                if from.symlink_metadata(name).is_err() {
+                    continue; // installed before an interruption
+                }
+                let to = make_dirs(&self.dir, &parent_rel)?;
+                from.rename(name, &to, name)?;
+                parents.insert(parent_rel);
+            }
+        }
+        for p in &parents {
+            sync_dir(&make_dirs(&self.dir, p)?)?;
+        }
+        let name = format!("{run_id}.json");
+        self.runs.rename(staged_manifest_name(run_id), &self.manifests, &name)?;
+        sync_dir(&self.manifests)?;
+        if self.runs.is_dir(run_id) {
+            self.runs.remove_dir_all(run_id)?;
+        }
+        let _ = self.runs.remove_file(journal_name(run_id));
+        sync_dir(&self.runs)
+    }
+
+    /// Every manifest, oldest run first, and the ones that cannot be read.
+    pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        let mut names = Vec::new();
+        for entry in self.manifests.entries()? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".json") && !name.starts_with(TEMP_PREFIX) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names {
+            let parsed = self
+                .manifests
+                .read(&name)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(m) if format!("{}.json", m.run_id) == name => good.push(m),
+                Ok(m) => bad.push(BadManifest { name, error: format!("it names run {}", m.run_id) }),
+                Err(error) => bad.push(BadManifest { name, error }),
+            }
+        }
+        Ok((good, bad))
+    }
+}
+
+/// The manifest of a run that ended with `outcome` after storing `files`.
+/// Its status follows from them: an error with files stored is
+/// incomplete, without any it is failed; warnings alone make a warning.
+pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcome, ended: &str) -> Manifest {
+    let status = match (&outcome.error, files.is_empty()) {
+        (Some(_), true) => Status::Failed,
+        (Some(_), false) => Status::Incomplete,
+        (None, _) if !outcome.warnings.is_empty() => Status::Warning,
+        (None, _) => Status::Ok,
+    };
+    Manifest {
+        format: FORMAT,
+        run_id: header.run_id.clone(),
+        site: header.site.clone(),
+        hostname: header.hostname.clone(),
+        pid: header.pid,
+        script: header.script.clone(),
+        grants_sha256: header.grants_sha256.clone(),
+        started: header.started.clone(),
+        ended: ended.to_string(),
+        status,
+        error: outcome.error.clone(),
+        warnings: outcome.warnings.clone(),
+        kept_in: None,
+        files,
+    }
+}
+
+/// Removes in-progress files beneath `dir` (never following links).
+fn remove_temps(dir: &Dir) -> io::Result<()> {
+    for entry in dir.entries()? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            remove_temps(&dir.open_dir(&name)?)?;
+        } else if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+            dir.remove_file(&name)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::store::Origin;
+
+    fn header(run_id: &str) -> RunHeader {
+        RunHeader {
+            run_id: run_id.into(),
+            site: "s".into(),
+            hostname: "h".into(),
+            pid: 1,
+            script: ScriptRef { name: "t".into(), version: "1".into(), sha256: "0".repeat(64) },
+            grants_sha256: "1".repeat(64),
+            started: "2026-11-26T23:00:00+00:00".into(),
+        }
+    }
+
+    fn write(store: &Store, rel: &str, data: &[u8]) {
+        let mut f = store.create(Path::new(rel)).unwrap();
+        f.write_all(data).unwrap();
+        f.commit(Origin { call: "test".into(), ..Default::default() }).unwrap();
+    }
+
+    fn tree(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    walk(base, &p, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        walk(root, root, &mut out);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_good_run_installs_its_files_then_its_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StoreRoot::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "old").unwrap();
+        let store = root.begin_run(&header("r1"), Budget::unlimited()).unwrap();
+        write(&store, "a.txt", b"new");
+        write(&store, "sub/b.txt", b"bee");
+        assert_eq!(std::fs::read(dir.path().join("a.txt")).unwrap(), b"old", "nothing replaced before the end");
+        assert!(!dir.path().join("sub").exists());
+        let m = root.finish_run(&header("r1"), &store, &Outcome::default()).unwrap();
+        assert_eq!(m.status, Status::Ok);
+        assert_eq!(m.files.len(), 2);
+        assert_eq!(std::fs::read(dir.path().join("a.txt")).unwrap(), b"new");
+        assert_eq!(tree(dir.path()), vec![".offsite/manifests/r1.json", "a.txt", "sub/b.txt"]);
+        let (manifests, bad) = root.manifests().unwrap();
+        assert!(bad.is_empty());
+        assert_eq!(manifests, vec![m]);
+    }
+
+    #[test]
+    fn a_failed_run_keeps_its_files_aside_and_replaces_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StoreRoot::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "good").unwrap();
+        let store = root.begin_run(&header("r1"), Budget::unlimited()).unwrap();
+        write(&store, "a.txt", b"newer");
+        let outcome = Outcome { error: Some("the second host failed".into()), warnings: vec![] };
+        let m = root.finish_run(&header("r1"), &store, &outcome).unwrap();
+        assert_eq!(m.status, Status::Incomplete);
+        assert_eq!(m.kept_in.as_deref(), Some(".offsite/runs/r1"));
+        assert_eq!(std::fs::read(dir.path().join("a.txt")).unwrap(), b"good");
+        assert_eq!(std::fs::read(dir.path().join(m.location(&m.files[0]))).unwrap(), b"newer");
+        // Nothing stored at all: failed, and nothing kept.
+        let store = root.begin_run(&header("r2"), Budget::unlimited()).unwrap();
+        let m = root.finish_run(&header("r2"), &store, &outcome).unwrap();
+        assert_eq!((m.status, m.kept_in), (Status::Failed, None));
+        assert!(!dir.path().join(".offsite/runs/r2").exists());
+    }
+
+    #[test]
+    fn recovery_records_a_killed_run_and_removes_its_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StoreRoot::open(dir.path()).unwrap();
+        let store = root.begin_run(&header("r1"), Budget::unlimited()).unwrap();
+        write(&store, "done.txt", b"complete");
+        let mut partial = store.create(Path::new("partial.txt")).unwrap();
+        partial.write_all(b"half").unwrap();
+        // "Kill": leak both without running any destructor.
+        std::mem::forget(partial);
+        std::mem::forget(store);
+        let done = root.recover().unwrap();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(done[0].contains("interrupted"), "{done:?}");
+        let (manifests, _) = root.manifests().unwrap();
+        assert_eq!(manifests[0].status, Status::Incomplete);
+        assert_eq!(tree(dir.path()), vec![".offsite/manifests/r1.json", ".offsite/runs/r1/done.txt"]);
+        assert!(root.recover().unwrap().is_empty(), "recovery is done once");
+    }
+
+    #[test]
+    fn recovery_finishes_an_interrupted_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StoreRoot::open(dir.path()).unwrap();
+        let store = root.begin_run(&header("r1"), Budget::unlimited()).unwrap();
+        write(&store, "x/a.txt", b"a");
+        write(&store, "b.txt", b"b");
+        let files = store.stored();
+        std::mem::forget(store);
+        // As if killed after the staged manifest and the first rename.
+        let m = manifest_for(&header("r1"), files, &Outcome::default(), "2026-11-26T23:00:01+00:00");
+        write_atomic(&root.runs, &staged_manifest_name("r1"), &m.to_json()).unwrap();
+        std::fs::create_dir(dir.path().join("x")).unwrap();
+        std::fs::rename(dir.path().join(".offsite/runs/r1/x/a.txt"), dir.path().join("x/a.txt")).unwrap();
+        let done = root.recover().unwrap();
+        assert!(done[0].contains("installed"), "{done:?}");
+        assert_eq!(tree(dir.path()), vec![".offsite/manifests/r1.json", "b.txt", "x/a.txt"]);
+        assert_eq!(root.manifests().unwrap().0, vec![m]);
+    }
+}

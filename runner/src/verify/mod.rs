@@ -1,0 +1,230 @@
+//! `offsite verify`: reads a store back and checks it against its
+//! manifests. Every file a manifest lists is re-hashed; gzip files are
+//! decompressed whole (which checks every member's CRC and length); tar
+//! archives are listed entry by entry. Files that are missing, corrupt or
+//! that no manifest lists are reported.
+//!
+//! When several manifests list the same path (a script that rewrites a
+//! fixed name), the newest one owns it: older entries were superseded.
+
+pub mod mysql;
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use cap_std::fs::Dir;
+use sha2::{Digest, Sha256};
+
+use crate::store::{META_DIR, Manifest, StoreRoot, StoredFile, TEMP_PREFIX};
+
+/// What to check beyond hashes and formats.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Load SQL dumps into this scratch database and compare row counts.
+    pub restore_test: Option<mysql::Scratch>,
+}
+
+/// The outcome: problems make `verify` exit non-zero.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub problems: Vec<String>,
+    /// One line per file checked, for `-v`.
+    pub checked: Vec<String>,
+    pub files: usize,
+    pub runs: usize,
+}
+
+/// Checks the store at `root`.
+pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
+    let mut report = Report::default();
+    let (manifests, bad) = root.manifests()?;
+    for b in bad {
+        report.problems.push(format!("{META_DIR}/manifests/{}: cannot be read: {}", b.name, b.error));
+    }
+    report.runs = manifests.len();
+    // The newest manifest listing a location owns it.
+    let mut owners: BTreeMap<PathBuf, (&Manifest, &StoredFile)> = BTreeMap::new();
+    for m in &manifests {
+        for f in &m.files {
+            owners.insert(m.location(f), (m, f));
+        }
+    }
+    for (location, (m, f)) in &owners {
+        report.files += 1;
+        match check_file(&root.dir, location, f) {
+            Ok(line) => {
+                report.checked.push(line);
+                if let Some(scratch) = &options.restore_test
+                    && m.status.is_good()
+                    && mysql::is_dump(location)
+                {
+                    match mysql::restore_test(&root.dir, location, scratch) {
+                        Ok(line) => report.checked.push(line),
+                        Err(e) => report.problems.push(format!("{}: restore test failed: {e}", location.display())),
+                    }
+                }
+            }
+            Err(e) => {
+                report.problems.push(format!("{}: {e} (run {}, status {})", location.display(), m.run_id, m.status))
+            }
+        }
+    }
+    let active = root.holder().map(|h| h.run_id);
+    let mut unlisted = Vec::new();
+    walk(&root.dir, Path::new(""), &mut |rel| {
+        if owners.contains_key(rel) || is_bookkeeping(rel, active.as_deref()) {
+            return;
+        }
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        unlisted.push(if name.starts_with(TEMP_PREFIX) {
+            format!("{}: a leftover temporary file of an interrupted run (the next run removes it)", rel.display())
+        } else if name.ends_with(".json.pruning") {
+            format!("{}: an interrupted prune (the next prune finishes it)", rel.display())
+        } else {
+            format!("{}: unlisted: no manifest lists this file", rel.display())
+        });
+    })?;
+    report.problems.extend(unlisted);
+    Ok(report)
+}
+
+/// The runner's own files, and the files of the run in progress.
+fn is_bookkeeping(rel: &Path, active_run: Option<&str>) -> bool {
+    let Ok(inner) = rel.strip_prefix(META_DIR) else { return false };
+    if inner == Path::new(crate::store::lock::LOCK_FILE) {
+        return true;
+    }
+    if let Ok(m) = inner.strip_prefix("manifests") {
+        let name = m.to_string_lossy();
+        return !m.as_os_str().is_empty() && name.ends_with(".json") && !name.starts_with(TEMP_PREFIX);
+    }
+    if let (Ok(r), Some(active)) = (inner.strip_prefix("runs"), active_run) {
+        let first = r.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+        return first == active || first == format!("{active}.journal") || first == format!("{active}.manifest");
+    }
+    false
+}
+
+/// Calls `found` with every non-directory beneath `dir` (links are not
+/// followed).
+fn walk(dir: &Dir, rel: &Path, found: &mut dyn FnMut(&Path)) -> io::Result<()> {
+    let mut entries = Vec::new();
+    for e in dir.entries()? {
+        let e = e?;
+        entries.push((e.file_name(), e.file_type()?.is_dir()));
+    }
+    entries.sort();
+    for (name, is_dir) in entries {
+        let path = rel.join(&name);
+        if is_dir {
+            walk(&dir.open_dir(&name)?, &path, found)?;
+        } else {
+            found(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Re-reads one file: size, SHA-256, and its format when the name says
+/// gzip or tar.
+fn check_file(dir: &Dir, rel: &Path, entry: &StoredFile) -> Result<String, String> {
+    let meta = dir.symlink_metadata(rel).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => "missing".to_string(),
+        _ => format!("cannot be read: {e}"),
+    })?;
+    if !meta.is_file() {
+        return Err("corrupt: it is no longer a regular file".into());
+    }
+    if meta.len() != entry.bytes {
+        return Err(format!("corrupt: {} bytes, the manifest says {}", meta.len(), entry.bytes));
+    }
+    let file = dir.open(rel).map_err(|e| format!("cannot be read: {e}"))?;
+    let mut reader = HashingReader { inner: file, hasher: Sha256::new(), bytes: 0 };
+    let format = Format::of(rel);
+    let checked = format.check(&mut reader);
+    // Whatever the format check read, hash the rest too.
+    io::copy(&mut reader, &mut io::sink()).map_err(|e| format!("cannot be read: {e}"))?;
+    let sha256 = hex::encode(reader.hasher.finalize());
+    if sha256 != entry.sha256 {
+        let detail = checked.err().map(|e| format!("; {e}")).unwrap_or_default();
+        return Err(format!("corrupt: sha256 {sha256}, the manifest says {}{detail}", entry.sha256));
+    }
+    let what = checked.map_err(|e| format!("corrupt: {e}, although its sha256 matches the manifest"))?;
+    Ok(format!("{}: ok ({} bytes, sha256 {}{what})", rel.display(), entry.bytes, entry.sha256))
+}
+
+/// What a file's name says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    TarGz,
+    Tar,
+    Gz,
+    Other,
+}
+
+impl Format {
+    fn of(path: &Path) -> Format {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        if name.ends_with(".tgz") || name.ends_with(".tar.gz") {
+            Format::TarGz
+        } else if name.ends_with(".tar") {
+            Format::Tar
+        } else if name.ends_with(".gz") {
+            Format::Gz
+        } else {
+            Format::Other
+        }
+    }
+
+    /// Reads the file through its format; returns a note for the report.
+    fn check(self, reader: &mut impl Read) -> Result<String, String> {
+        match self {
+            Format::Other => Ok(String::new()),
+            Format::Gz => {
+                let n = io::copy(&mut flate2::read::MultiGzDecoder::new(reader), &mut io::sink())
+                    .map_err(|e| format!("gzip: {e}"))?;
+                Ok(format!(", gzip ok, {n} bytes uncompressed"))
+            }
+            Format::Tar => list_tar(reader).map(|n| format!(", tar of {n} entries")),
+            Format::TarGz => {
+                let mut gz = flate2::read::MultiGzDecoder::new(reader);
+                let n = list_tar(&mut gz)?;
+                // The end of the archive is not the end of the gzip stream.
+                io::copy(&mut gz, &mut io::sink()).map_err(|e| format!("gzip: {e}"))?;
+                Ok(format!(", gzip ok, tar of {n} entries"))
+            }
+        }
+    }
+}
+
+/// Reads every entry of a tar stream; returns how many there are.
+fn list_tar(reader: &mut impl Read) -> Result<u64, String> {
+    let mut archive = tar::Archive::new(reader);
+    let mut n = 0;
+    for entry in archive.entries().map_err(|e| format!("tar: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("tar: entry {}: {e}", n + 1))?;
+        let size = entry.size();
+        let read = io::copy(&mut entry, &mut io::sink()).map_err(|e| format!("tar: entry {}: {e}", n + 1))?;
+        if read != size {
+            return Err(format!("tar: entry {} is cut short ({read} of {size} bytes)", n + 1));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}

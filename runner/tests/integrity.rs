@@ -1,0 +1,393 @@
+//! Backup integrity and lifecycle, end to end with the real binary:
+//! manifests, `verify`, incomplete runs, locks, retention, reports and the
+//! fault cases (a full disk, a flipped byte, failed runs, concurrent and
+//! killed runs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use offsite_testkit::{Ran, offsite, script, tempfile, tree};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+
+/// A site whose store and source live in one scratch directory.
+struct Site {
+    dir: tempfile::TempDir,
+    extra: String,
+}
+
+impl Site {
+    fn new() -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("src/www")).unwrap();
+        std::fs::write(dir.path().join("src/www/index.html"), "<html>hello</html>\n".repeat(100)).unwrap();
+        Site { dir, extra: String::new() }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    fn file(&self) -> PathBuf {
+        let file = self.path("site.toml");
+        let text = format!(
+            "name = \"web\"\nstore = \"{}\"\n[read]\nroots = [\"{}\"]\n{}",
+            self.store().display(),
+            self.path("src").display(),
+            self.extra
+        );
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    fn offsite(&self) -> Command {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.current_dir(self.path("src"));
+        cmd
+    }
+
+    /// `offsite run fixture --site ... case=CASE arg=ARG` (plus `extra` args).
+    fn fixture(&self, case: &str, arg: &str, extra: &[&str]) -> Ran {
+        let site = self.file();
+        let out = self
+            .offsite()
+            .arg("run")
+            .arg(script("fixture"))
+            .arg("--site")
+            .arg(&site)
+            .args(["--param", &format!("case={case}"), "--param", &format!("arg={arg}")])
+            .args(extra)
+            .output()
+            .unwrap();
+        Ran::from_output(out)
+    }
+
+    /// A good run storing `www.STAMP.tgz`.
+    fn arc(&self, now: &str) -> Ran {
+        let site = self.file();
+        let out = self
+            .offsite()
+            .arg("run")
+            .arg(script("arc"))
+            .arg("--site")
+            .arg(&site)
+            .args(["--param", "path=www", "--now", now])
+            .output()
+            .unwrap();
+        Ran::from_output(out)
+    }
+
+    fn verify(&self, extra: &[&str]) -> Ran {
+        let site = self.file();
+        Ran::from_output(self.offsite().arg("-v").arg("verify").arg(&site).args(extra).output().unwrap())
+    }
+
+    fn manifests(&self) -> Vec<Value> {
+        let dir = self.store().join(".offsite/manifests");
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        names.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
+    }
+
+    fn backups(&self) -> Vec<String> {
+        tree(&self.store()).iter().map(|p| p.display().to_string()).collect()
+    }
+}
+
+fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn a_good_run_writes_a_manifest_that_verify_and_sha256sum_agree_with() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    assert_eq!(site.backups(), vec!["www.20040321-014844.tgz"]);
+    let manifests = site.manifests();
+    assert_eq!(manifests.len(), 1);
+    let m = &manifests[0];
+    assert_eq!(m["status"], "ok");
+    assert_eq!(m["site"], "web");
+    assert_eq!(m["script"]["name"], "arc");
+    assert_eq!(m["script"]["sha256"].as_str().unwrap(), sha256sum(&script("arc")));
+    assert_eq!(m["grants_sha256"].as_str().unwrap().len(), 64);
+    assert!(m["started"].as_str().unwrap() <= m["ended"].as_str().unwrap());
+    let f = &m["files"][0];
+    assert_eq!(f["path"], "www.20040321-014844.tgz");
+    assert_eq!(f["sha256"].as_str().unwrap(), sha256sum(&site.store().join("www.20040321-014844.tgz")));
+    assert_eq!(f["origin"]["call"], "archive.tar-gz");
+    assert_eq!(f["origin"]["sources"][0], "www");
+    // Nothing left in staging, and the store's own files are private.
+    assert!(tree(&site.store().join(".offsite/runs")).is_empty());
+    let ran = site.verify(&[]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("www.20040321-014844.tgz: ok"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("gzip ok, tar of 2 entries"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("1 file(s) in 1 run(s) checked, 0 problem(s)"), "{}", ran.stdout);
+    // Verify names the store directory just as well.
+    Ran::from_output(offsite(Path::new(BIN)).arg("verify").arg(site.store()).output().unwrap()).expect_code(0);
+}
+
+#[test]
+fn verify_finds_a_flipped_byte_a_missing_file_and_an_unlisted_one() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    site.arc("2004-03-21T13:48:44").expect_code(0);
+    let first = site.store().join("www.20040321-014844.tgz");
+    let mut bytes = std::fs::read(&first).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&first, bytes).unwrap();
+    let ran = site.verify(&[]);
+    ran.expect_code(1).expect_stderr("www.20040321-014844.tgz: corrupt: sha256");
+    assert!(ran.stderr.contains("gzip") || ran.stderr.contains("tar"), "the format check says why too: {}", ran.stderr);
+    assert!(!ran.stderr.contains("20040321-134844"), "the other file is fine: {}", ran.stderr);
+
+    std::fs::remove_file(&first).unwrap();
+    std::fs::write(site.store().join("stray.txt"), "who put this here").unwrap();
+    site.verify(&[])
+        .expect_code(1)
+        .expect_stderr("www.20040321-014844.tgz: missing")
+        .expect_stderr("stray.txt: unlisted");
+}
+
+#[test]
+fn a_run_that_fails_after_storing_a_file_is_incomplete_and_replaces_nothing() {
+    let site = Site::new();
+    // A good backup under the same name first.
+    site.fixture("tar", "www", &[]).expect_code(0);
+    let good = std::fs::read(site.store().join("fixture.tgz")).unwrap();
+    std::fs::write(site.path("src/www/new.html"), "new").unwrap();
+    let ran = site.fixture("tar-then-fail", "www", &["--json"]);
+    ran.expect_code(1).expect_stderr("failing after storing fixture.tgz");
+    let summary: Value = serde_json::from_str(ran.stdout.trim()).unwrap();
+    assert_eq!(summary["status"], "incomplete");
+    let kept_in = summary["kept_in"].as_str().unwrap();
+    assert!(kept_in.starts_with(".offsite/runs/"), "{kept_in}");
+    assert_eq!(std::fs::read(site.store().join("fixture.tgz")).unwrap(), good, "the good backup is untouched");
+    assert!(site.store().join(kept_in).join("fixture.tgz").is_file(), "the complete file is kept aside");
+    let m = site.manifests();
+    assert_eq!((m[0]["status"].as_str(), m[1]["status"].as_str()), (Some("ok"), Some("incomplete")));
+    // Kept files are listed, so verify checks them and finds nothing wrong.
+    site.verify(&[]).expect_code(0);
+
+    // Nothing stored at all: failed.
+    site.fixture("fail", "x", &["--json"]).expect_code(1);
+    assert_eq!(site.manifests()[2]["status"], "failed");
+    // A warning the script logs makes a good run `warning`, exit 0.
+    site.fixture("warn", "www", &[]).expect_code(0).expect_stderr("something looked odd");
+    let m = site.manifests();
+    assert_eq!(m[3]["status"], "warning");
+    assert!(m[3]["warnings"][0].as_str().unwrap().contains("something looked odd"), "{}", m[3]);
+}
+
+/// Starts `offsite run fixture case=sleep` and waits until it holds the lock.
+fn hold_lock(site: &Site, millis: &str) -> std::process::Child {
+    let file = site.file();
+    let child = site
+        .offsite()
+        .arg("run")
+        .arg(script("fixture"))
+        .arg("--site")
+        .arg(&file)
+        .args(["--param", "case=sleep", "--param", &format!("arg={millis}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock = site.store().join(".offsite/lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read(&lock).map(|b| b.is_empty()).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "the first run never took the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+#[test]
+fn a_second_concurrent_run_exits_4_naming_the_holder() {
+    let site = Site::new();
+    let first = hold_lock(&site, "3000");
+    let ran = site.arc("2004-03-21T01:48:44");
+    ran.expect_code(4)
+        .expect_stderr(&format!("pid {}", first.id()))
+        .expect_stderr("another run holds the store's lock");
+    let host = Command::new("hostname").output().unwrap();
+    ran.expect_stderr(String::from_utf8_lossy(&host.stdout).trim());
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(site.backups().is_empty(), "the refused run wrote nothing: {:?}", site.backups());
+    assert_eq!(site.manifests().len(), 1, "only the run that ran is recorded");
+    // Once the holder is done, the next run goes ahead.
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+}
+
+#[test]
+fn a_lock_left_by_a_killed_run_is_taken_over_and_logged() {
+    let site = Site::new();
+    let mut first = hold_lock(&site, "60000");
+    let pid = first.id();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let ran = site.arc("2004-03-21T01:48:44");
+    ran.expect_code(0)
+        .expect_stderr(&format!("took over the store's lock from pid {pid}"))
+        .expect_stderr("was interrupted before storing anything: recorded as failed");
+    assert_eq!(site.backups(), vec!["www.20040321-014844.tgz"]);
+    let m = site.manifests();
+    assert_eq!(m[0]["status"], "failed");
+    assert!(m[0]["error"].as_str().unwrap().contains("interrupted"), "{}", m[0]);
+    // The takeover is worth a look: the new run's status says so.
+    assert_eq!(m[1]["status"], "warning");
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_older_backups_stay_intact() {
+    let site = Site::new();
+    std::fs::create_dir(site.store()).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "offsite-test", site.store().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "this test mounts a small tmpfs and needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(site.store());
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let good = std::fs::read(site.store().join("www.20040321-014844.tgz")).unwrap();
+    // 3 MiB that gzip cannot shrink does not fit in what is left.
+    let noise = Command::new("head").args(["-c", "3000000", "/dev/urandom"]).output().unwrap().stdout;
+    std::fs::write(site.path("src/www/noise.bin"), noise).unwrap();
+    let ran = site.arc("2004-03-21T13:48:44");
+    ran.expect_code(1).expect_stderr("the store is full").expect_stderr("No space left on device");
+    assert_eq!(site.backups(), vec!["www.20040321-014844.tgz"]);
+    assert_eq!(std::fs::read(site.store().join("www.20040321-014844.tgz")).unwrap(), good);
+    assert_eq!(site.manifests().last().unwrap()["status"], "failed");
+    site.verify(&[]).expect_code(0);
+}
+
+#[test]
+fn retention_keeps_the_last_good_backup_through_any_number_of_failures() {
+    let mut site = Site::new();
+    site.extra = "[retention]\nkeep_last = 2\n".into();
+    for hour in ["01", "02", "03"] {
+        site.arc(&format!("2004-03-21T{hour}:00:00")).expect_code(0);
+    }
+    // Retention ran after each good run: the oldest went.
+    assert_eq!(site.backups(), vec!["www.20040321-020000.tgz", "www.20040321-030000.tgz"]);
+    for _ in 0..4 {
+        site.fixture("fail", "x", &[]).expect_code(1);
+    }
+    site.extra = "[retention]\nkeep_last = 1\n".into();
+    let file = site.file();
+    let dry = Ran::from_output(site.offsite().args(["prune", "--dry-run"]).arg(&file).output().unwrap());
+    dry.expect_code(0);
+    assert!(dry.stdout.contains("would remove www.20040321-020000.tgz"), "{}", dry.stdout);
+    assert!(dry.stdout.contains("the newest good backup"), "{}", dry.stdout);
+    assert!(dry.stdout.contains("failed and no good run is newer"), "{}", dry.stdout);
+    assert_eq!(site.backups().len(), 2, "a dry run removes nothing");
+    std::fs::write(site.store().join("mine.txt"), "not offsite's").unwrap();
+    Ran::from_output(site.offsite().arg("prune").arg(&file).output().unwrap()).expect_code(0);
+    assert_eq!(site.backups(), vec!["mine.txt", "www.20040321-030000.tgz"], "unlisted files are never removed");
+    assert_eq!(site.manifests().len(), 5, "the newest good run and the four failures after it");
+}
+
+#[test]
+fn prometheus_textfile_and_notifications_report_each_run() {
+    let mut site = Site::new();
+    let prom = site.path("offsite-web.prom");
+    let events = site.path("events");
+    site.extra = format!(
+        "[report]\nprometheus = \"{}\"\n[notify]\ncommand = [\"sh\", \"-c\", \"{{ echo $OFFSITE_EVENT $OFFSITE_STATUS; cat; }} >> {}\"]\n",
+        prom.display(),
+        events.display()
+    );
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("offsite_last_run_status{site=\"web\",status=\"ok\"} 1"), "{text}");
+    assert!(text.contains("offsite_last_run_files{site=\"web\"} 1"), "{text}");
+    let success = metric(&text, "offsite_last_success_timestamp_seconds");
+    assert!(success > 1.7e9, "{text}");
+    assert_eq!(std::fs::read_to_string(&events).unwrap(), "start running\nsuccess ok\n");
+
+    site.fixture("fail", "boom", &[]).expect_code(1);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("offsite_last_run_status{site=\"web\",status=\"failed\"} 1"), "{text}");
+    assert_eq!(metric(&text, "offsite_last_success_timestamp_seconds"), success, "still the last good run");
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(log.contains("failure failed\n"), "{log}");
+    assert!(log.contains("failing on request: boom"), "the log tail comes with a failure: {log}");
+
+    // A broken notification never changes the run's status.
+    site.extra = "[notify]\ncommand = [\"false\"]\nurl = \"http://127.0.0.1:9/ping\"\ntimeout = \"2s\"\n".into();
+    let ran = site.arc("2004-03-21T02:48:44");
+    ran.expect_code(0)
+        .expect_stderr("notification command \"false\" failed")
+        .expect_stderr("ping to http://127.0.0.1:9/… failed");
+    assert_eq!(site.manifests().last().unwrap()["status"], "ok");
+}
+
+#[test]
+fn notifications_ping_a_url_healthchecks_style() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut length = 0;
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                if h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let mut stream = stream;
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK").unwrap();
+            seen.push((request_line.trim().to_string(), String::from_utf8_lossy(&body).into_owned()));
+        }
+        seen
+    });
+    let mut site = Site::new();
+    site.extra = format!("[notify]\nurl = \"http://127.0.0.1:{port}/ping/6f0c-uuid\"\n");
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    site.fixture("fail", "boom", &[]).expect_code(1);
+    let seen = server.join().unwrap();
+    let lines: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(
+        lines,
+        [
+            "POST /ping/6f0c-uuid/start HTTP/1.1",
+            "POST /ping/6f0c-uuid HTTP/1.1",
+            "POST /ping/6f0c-uuid/start HTTP/1.1",
+            "POST /ping/6f0c-uuid/fail HTTP/1.1"
+        ]
+    );
+    assert!(seen[3].1.contains("failing on request: boom"), "{}", seen[3].1);
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
