@@ -26,9 +26,9 @@ use crate::report::{self, Event, Note};
 use crate::site::Site;
 use crate::store::lock::{Holder, Lock, LockError};
 use crate::store::manifest::ScriptRef;
-use crate::store::retention;
 use crate::store::run::{Outcome, RunHeader, hostname, kept_dir, new_run_id};
 use crate::store::{Budget, Manifest, Status, StoreRoot, StoredFile};
+use crate::store::{protect, retention};
 use crate::transport::openssh::OpenSsh;
 
 /// Process exit codes.
@@ -102,6 +102,14 @@ enum Command {
         /// stay out of the command line).
         #[arg(long, value_name = "FILE", requires = "restore_test")]
         mysql_defaults: Option<PathBuf>,
+        /// Check manifest signatures with this public key (default: the
+        /// site's [protect] verify_key). Unsigned manifests are problems.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+        /// Decrypt .age files with this identity file, to check their
+        /// contents too (gzip, tar, restore test, plaintext hash).
+        #[arg(long, value_name = "FILE")]
+        age_identity: Option<PathBuf>,
     },
     /// Apply the site's [retention] rules now and show what goes and why.
     Prune {
@@ -171,8 +179,9 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Inspect { script } => inspect(&script),
         Command::Check { site, script, connect } => check(&site, script.as_deref(), connect),
-        Command::Verify { target, restore_test, mysql_defaults } => {
-            verify(&target, restore_test.as_deref(), mysql_defaults, cli.verbose > 0)
+        Command::Verify { target, restore_test, mysql_defaults, key, age_identity } => {
+            let keys = VerifyKeys { key, age_identity };
+            verify(&target, restore_test.as_deref(), mysql_defaults, keys, cli.verbose > 0)
         }
         Command::Prune { site, dry_run } => prune(&site, dry_run),
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
@@ -246,9 +255,18 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     // takes no lock and leaves no manifest.
     let mut session = None;
     if !args.dry_run {
-        let (root, lock) = open_locked(&site, &header)?;
+        let recipients = protect::recipients(&site.protect.recipients, None).exit(Exit::Usage)?;
+        let signer = site
+            .protect
+            .signing_key
+            .as_deref()
+            .map(protect::signing_key)
+            .transpose()
+            .context("[protect] signing_key")
+            .exit(Exit::Usage)?;
+        let (root, lock) = open_locked(&site, &header, signer)?;
         let store = root
-            .begin_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files))
+            .begin_encrypted_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files), recipients)
             .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
             .exit(Exit::BackupFailed)?;
         caps.store = Some(Arc::new(store));
@@ -387,10 +405,15 @@ fn run(args: RunArgs) -> Result<(), Failure> {
 
 /// Opens the site's store and takes its lock, then finishes whatever an
 /// interrupted run left (see `StoreRoot::recover`).
-fn open_locked(site: &Site, header: &RunHeader) -> Result<(StoreRoot, Lock), Failure> {
+fn open_locked(
+    site: &Site,
+    header: &RunHeader,
+    signer: Option<ssh_key::PrivateKey>,
+) -> Result<(StoreRoot, Lock), Failure> {
     let root = StoreRoot::open(&site.store)
         .with_context(|| format!("cannot open the store {}", site.store.display()))
-        .exit(Exit::Usage)?;
+        .exit(Exit::Usage)?
+        .with_signer(signer);
     let me = Holder {
         pid: header.pid,
         hostname: header.hostname.clone(),
@@ -579,17 +602,33 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
     Err(anyhow!("{}: {} problem(s) found", site_file.display(), report.problems.len())).exit(Exit::Usage)
 }
 
+/// `verify`'s keys: for signatures, and for decrypting.
+struct VerifyKeys {
+    key: Option<PathBuf>,
+    age_identity: Option<PathBuf>,
+}
+
 fn verify(
     target: &Path,
     restore_test: Option<&str>,
     mysql_defaults: Option<PathBuf>,
+    keys: VerifyKeys,
     verbose: bool,
 ) -> Result<(), Failure> {
-    let store = if target.is_dir() {
-        target.to_path_buf()
+    let (store, site_key) = if target.is_dir() {
+        (target.to_path_buf(), None)
     } else {
         let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
-        Site::load(target, &cwd).exit(Exit::Usage)?.store
+        let site = Site::load(target, &cwd).exit(Exit::Usage)?;
+        (site.store, site.protect.verify_key)
+    };
+    let identities = match &keys.age_identity {
+        Some(file) => age::IdentityFile::from_file(file.display().to_string())
+            .map_err(|e| e.to_string())
+            .and_then(|f| f.into_identities().map_err(|e| e.to_string()))
+            .map_err(|e| anyhow!("--age-identity {}: {e}", file.display()))
+            .exit(Exit::Usage)?,
+        None => Vec::new(),
     };
     let options = crate::verify::Options {
         restore_test: restore_test
@@ -597,6 +636,8 @@ fn verify(
             .transpose()
             .map_err(|e| anyhow!("--restore-test: {e}"))
             .exit(Exit::Usage)?,
+        verify_key: keys.key.or(site_key).as_deref().map(protect::verify_key).transpose().exit(Exit::Usage)?,
+        identities,
     };
     let root = StoreRoot::open_existing(&store).exit(Exit::Usage)?;
     let report = crate::verify::verify(&root, &options)

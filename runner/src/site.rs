@@ -76,6 +76,20 @@ pub struct Site {
     pub prometheus: Option<PathBuf>,
     /// Who to tell when a run starts, succeeds or fails (`[notify]`).
     pub notify: Notify,
+    /// At-rest protection (`[protect]`).
+    pub protect: Protect,
+}
+
+/// `[protect]`: encrypt outputs to age recipients, sign manifests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protect {
+    /// `age1...` recipients (from `age_recipients` and `age_recipients_file`).
+    pub recipients: Vec<String>,
+    /// OpenSSH ed25519 private key that signs every manifest.
+    pub signing_key: Option<PathBuf>,
+    /// Public key `verify` checks signatures with (default: the signing
+    /// key's `.pub`).
+    pub verify_key: Option<PathBuf>,
 }
 
 /// `[notify]`: a command, an HTTP URL (healthchecks.io style), or both.
@@ -148,6 +162,7 @@ impl Site {
             retention: Default::default(),
             prometheus: None,
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
+            protect: Protect::default(),
         })
     }
 
@@ -223,6 +238,20 @@ impl Site {
         if raw.notify.command.as_ref().is_some_and(|c| c.is_empty()) {
             bail!("{}: give the program and its arguments, like [\"/usr/local/bin/page-me\"]", at("notify.command"));
         }
+        let recipients_file = raw.protect.age_recipients_file.map(|p| expand_home(&p, &file_dir));
+        let mut recipients = raw.protect.age_recipients.clone();
+        let parsed = crate::store::protect::recipients(&recipients, recipients_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", at("protect.age_recipients")))?;
+        recipients = parsed.iter().map(|r| r.to_string()).collect();
+        let signing_key = raw.protect.signing_key.map(|p| expand_home(&p, &file_dir));
+        let verify_key = raw.protect.verify_key.map(|p| expand_home(&p, &file_dir)).or_else(|| {
+            signing_key.as_ref().map(|k| {
+                let mut pub_key = k.clone().into_os_string();
+                pub_key.push(".pub");
+                PathBuf::from(pub_key)
+            })
+        });
+        let protect = Protect { recipients, signing_key, verify_key };
         let notify = Notify {
             command: raw.notify.command.unwrap_or_default(),
             url: raw.notify.url,
@@ -252,6 +281,7 @@ impl Site {
             },
             prometheus: raw.report.prometheus.map(|p| expand_home(&p, &file_dir)),
             notify,
+            protect,
         })
     }
 
@@ -312,6 +342,18 @@ struct SiteFile {
     report: ReportSection,
     #[serde(default)]
     notify: NotifySection,
+    #[serde(default)]
+    protect: ProtectSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProtectSection {
+    #[serde(default)]
+    age_recipients: Vec<String>,
+    age_recipients_file: Option<PathBuf>,
+    signing_key: Option<PathBuf>,
+    verify_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]

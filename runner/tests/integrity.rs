@@ -90,7 +90,11 @@ impl Site {
 
     fn manifests(&self) -> Vec<Value> {
         let dir = self.store().join(".offsite/manifests");
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
         names.sort();
         names.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
     }
@@ -390,4 +394,71 @@ fn notifications_ping_a_url_healthchecks_style() {
 fn metric(text: &str, name: &str) -> f64 {
     let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {text}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn encrypted_outputs_open_with_age_and_signed_manifests_verify_with_ssh_keygen() {
+    let mut site = Site::new();
+    let keys = site.path("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let identity = keys.join("age.txt");
+    assert!(Command::new("age-keygen").arg("-o").arg(&identity).output().unwrap().status.success());
+    let recipient = Command::new("age-keygen").arg("-y").arg(&identity).output().unwrap().stdout;
+    let recipient = String::from_utf8(recipient).unwrap().trim().to_string();
+    let signing = keys.join("manifest_key");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "offsite", "-f"])
+        .arg(&signing)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    site.extra = format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display());
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    assert_eq!(site.backups(), vec!["www.20040321-014844.tgz.age"]);
+
+    // age itself decrypts it, and GNU tar reads what comes out.
+    let stored = site.store().join("www.20040321-014844.tgz.age");
+    let shell = format!("age -d -i {} {} | tar -tzf -", identity.display(), stored.display());
+    let listed = Command::new("sh").args(["-c", &shell]).output().unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("www/index.html"));
+    let m = &site.manifests()[0];
+    assert_eq!(m["files"][0]["path"], "www.20040321-014844.tgz.age");
+    assert_eq!(m["files"][0]["sha256"].as_str().unwrap(), sha256sum(&stored));
+    assert!(m["files"][0]["plain"]["sha256"].as_str().unwrap().len() == 64);
+
+    // ssh-keygen checks the manifest's signature on its own.
+    let manifests = site.store().join(".offsite/manifests");
+    let manifest = std::fs::read_dir(&manifests)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    let public = std::fs::read_to_string(signing.with_extension("pub")).unwrap();
+    let allowed = keys.join("allowed_signers");
+    std::fs::write(&allowed, format!("offsite {public}")).unwrap();
+    let mut sig = manifest.clone().into_os_string();
+    sig.push(".sig");
+    let checked = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-I", "offsite", "-n", "offsite-manifest", "-f"])
+        .arg(&allowed)
+        .arg("-s")
+        .arg(&sig)
+        .stdin(std::fs::File::open(&manifest).unwrap())
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+
+    // offsite verify: signatures by default (the site's key), contents with
+    // the identity.
+    let ran = site.verify(&[]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("signature ok") && ran.stdout.contains("contents not checked"), "{}", ran.stdout);
+    let ran = site.verify(&["--age-identity", identity.to_str().unwrap()]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("decrypted, gzip ok, tar of 2 entries"), "{}", ran.stdout);
+    // A manifest changed after signing is caught.
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("\"status\": \"ok\"", "\"status\": \"ok\" ");
+    std::fs::write(&manifest, text).unwrap();
+    site.verify(&[]).expect_code(1).expect_stderr("the signature does not verify");
 }

@@ -24,6 +24,7 @@
 
 pub mod lock;
 pub mod manifest;
+pub mod protect;
 pub mod retention;
 pub mod run;
 
@@ -48,7 +49,6 @@ pub const META_DIR: &str = ".offsite";
 
 /// Where one run writes: its staging directory inside the store, the
 /// journal of files it has completed, and its budget.
-#[derive(Debug)]
 pub struct Store {
     root: PathBuf,
     run_id: String,
@@ -57,9 +57,10 @@ pub struct Store {
 }
 
 /// What every pending file of a run updates when it completes.
-#[derive(Debug)]
 struct RunShared {
     budget: Budget,
+    /// Encrypt every file to these (none: store plain files).
+    recipients: Vec<age::x25519::Recipient>,
     journal: Mutex<std::fs::File>,
     /// Paths created in this run (pending or stored): each at most once.
     claimed: Mutex<HashSet<PathBuf>>,
@@ -202,15 +203,18 @@ impl Store {
         let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
         self.shared.budget.take_file()?;
         let parent = make_dirs(&self.staging, rel.parent().unwrap_or(Path::new("")))?;
-        let tmp_name = temp_name(&file_name.to_string_lossy());
-        let file = create_new(&parent, &tmp_name)?;
-        Ok(PendingFile {
-            parent,
-            tmp_name,
-            final_name: file_name.to_os_string().into(),
-            writer: Some(HashingWriter::new(WriteBehind::new(file))),
-            claim,
-        })
+        let mut final_name = file_name.to_string_lossy().into_owned();
+        let tmp_name = temp_name(&final_name);
+        let file = HashingWriter::new(WriteBehind::new(create_new(&parent, &tmp_name)?));
+        let writer = if self.shared.recipients.is_empty() {
+            Sink::Plain(file)
+        } else {
+            final_name.push_str(protect::AGE_SUFFIX);
+            let recipients = self.shared.recipients.iter().map(|r| r as &dyn age::Recipient);
+            let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
+            Sink::Age(HashingWriter::new(encryptor.wrap_output(file)?))
+        };
+        Ok(PendingFile { parent, tmp_name, final_name: final_name.into(), writer: Some(writer), claim })
     }
 }
 
@@ -228,18 +232,68 @@ pub struct PendingFile {
     parent: Dir,
     tmp_name: String,
     final_name: PathBuf,
-    writer: Option<HashingWriter<WriteBehind>>,
+    writer: Option<Sink>,
     claim: Claim,
+}
+
+/// Where a pending file's bytes go: straight to the file, or through age.
+/// Either way the stored bytes are counted and hashed; through age the
+/// plaintext is too.
+enum Sink {
+    Plain(HashingWriter<WriteBehind>),
+    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<WriteBehind>>>),
+}
+
+impl Sink {
+    /// The file, its stored size and hash, and the plaintext's if encrypted.
+    fn finish(self) -> io::Result<(File, u64, String, Option<Plain>)> {
+        let (file, plain) = match self {
+            Sink::Plain(file) => (file, None),
+            Sink::Age(plain) => {
+                let (stream, bytes, sha256) = plain.finish();
+                (stream.finish()?, Some(Plain { bytes, sha256 }))
+            }
+        };
+        let (file, bytes, sha256) = file.finish();
+        Ok((file.into_inner(), bytes, sha256, plain))
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(buf),
+            Sink::Age(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Age(w) => w.flush(),
+        }
+    }
 }
 
 /// What was stored, and what produced it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredFile {
-    /// Relative to the store root, as the script named it.
+    /// Relative to the store root: the path the script named, plus `.age`
+    /// when the site encrypts.
     pub path: String,
+    /// Size and SHA-256 of the stored bytes.
     pub bytes: u64,
     pub sha256: String,
+    /// Size and SHA-256 before encryption, for an encrypted file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain: Option<Plain>,
     pub origin: Origin,
+}
+
+/// The plaintext of an encrypted file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Plain {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 impl PendingFile {
@@ -247,8 +301,7 @@ impl PendingFile {
     /// syncs the directory and notes the file in the run's journal.
     pub fn commit(mut self, origin: Origin) -> io::Result<StoredFile> {
         let writer = self.writer.take().expect("commit called once");
-        let (file, bytes, sha256) = writer.finish();
-        let file = file.into_inner();
+        let (file, bytes, sha256, plain) = writer.finish()?;
         file.sync_all()?;
         drop(file);
         if let Err(e) = self.parent.rename(&self.tmp_name, &self.parent, &self.final_name) {
@@ -256,7 +309,8 @@ impl PendingFile {
             return Err(e);
         }
         sync_dir(&self.parent)?;
-        let stored = StoredFile { path: self.claim.rel.to_string_lossy().into_owned(), bytes, sha256, origin };
+        let path = self.claim.rel.with_file_name(&self.final_name).to_string_lossy().into_owned();
+        let stored = StoredFile { path, bytes, sha256, plain, origin };
         let shared = &self.claim.shared;
         {
             let mut journal = shared.journal.lock().unwrap_or_else(|e| e.into_inner());

@@ -165,6 +165,7 @@ pub fn apply(root: &StoreRoot, verdicts: &[Verdict]) -> io::Result<Vec<String>> 
         if root.meta.is_dir(&kept) {
             root.meta.remove_dir_all(&kept)?;
         }
+        let _ = root.manifests.remove_file(format!("{name}{}", super::protect::SIG_SUFFIX));
         root.manifests.remove_file(&pruning)?;
         sync_dir(&root.manifests)?;
         lines.push(format!("pruned run {} ({})", v.run_id, v.pruned_because.as_deref().unwrap_or_default()));
@@ -200,6 +201,7 @@ pub fn resume(root: &StoreRoot) -> io::Result<Vec<String>> {
         if root.meta.is_dir(&kept) {
             root.meta.remove_dir_all(&kept)?;
         }
+        let _ = root.manifests.remove_file(format!("{}.json{}", m.run_id, super::protect::SIG_SUFFIX));
         root.manifests.remove_file(&name)?;
         lines.push(format!("finished pruning run {}, which an earlier prune had started", m.run_id));
     }
@@ -271,6 +273,7 @@ mod tests {
                     path: p.to_string(),
                     bytes: 1,
                     sha256: String::new(),
+                    plain: None,
                     origin: Default::default(),
                 })
                 .collect(),

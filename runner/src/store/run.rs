@@ -13,16 +13,18 @@ use serde::{Deserialize, Serialize};
 
 use super::lock::{self, Holder, Lock, LockError};
 use super::manifest::{FORMAT, Manifest, ScriptRef, Status};
+use super::protect;
 use super::{Budget, META_DIR, RunShared, Store, StoredFile, TEMP_PREFIX, make_dirs, sync_dir, write_atomic};
 
 /// A site's store, opened with its `.offsite` directory.
-#[derive(Debug)]
 pub struct StoreRoot {
     root: PathBuf,
     pub(crate) dir: Dir,
     pub(crate) meta: Dir,
     pub(crate) runs: Dir,
     pub(crate) manifests: Dir,
+    /// Signs every manifest written (see `protect`).
+    signer: Option<ssh_key::PrivateKey>,
 }
 
 /// What a run is, as its journal's first line records it (so an
@@ -91,7 +93,20 @@ impl StoreRoot {
         let meta = make_dirs(&dir, Path::new(META_DIR))?;
         let runs = make_dirs(&meta, Path::new("runs"))?;
         let manifests = make_dirs(&meta, Path::new("manifests"))?;
-        Ok(StoreRoot { root: root.to_path_buf(), dir, meta, runs, manifests })
+        Ok(StoreRoot { root: root.to_path_buf(), dir, meta, runs, manifests, signer: None })
+    }
+
+    /// Signs every manifest written from now on with `key`.
+    pub fn with_signer(mut self, key: Option<ssh_key::PrivateKey>) -> StoreRoot {
+        self.signer = key;
+        self
+    }
+
+    /// The raw bytes of a manifest and of its signature, if it has one.
+    pub fn manifest_bytes(&self, run_id: &str) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+        let name = format!("{run_id}.json");
+        let sig = self.manifests.read(format!("{name}{}", protect::SIG_SUFFIX)).ok();
+        Ok((self.manifests.read(&name)?, sig))
     }
 
     /// Opens an existing store without creating anything.
@@ -105,7 +120,7 @@ impl StoreRoot {
         })?;
         let runs = meta.open_dir("runs")?;
         let manifests = meta.open_dir("manifests")?;
-        Ok(StoreRoot { root: root.to_path_buf(), dir, meta, runs, manifests })
+        Ok(StoreRoot { root: root.to_path_buf(), dir, meta, runs, manifests, signer: None })
     }
 
     pub fn root(&self) -> &Path {
@@ -138,6 +153,8 @@ impl StoreRoot {
         for name in &names {
             if name.starts_with(TEMP_PREFIX) {
                 self.runs.remove_file(name)?;
+            } else if name.ends_with(".manifest.sig") {
+                // Installed with its manifest.
             } else if let Some(run_id) = name.strip_suffix(".manifest") {
                 let manifest: Manifest = serde_json::from_slice(&self.runs.read(name)?)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {e}")))?;
@@ -219,6 +236,16 @@ impl StoreRoot {
 
     /// Starts a run: its staging directory and journal.
     pub fn begin_run(&self, header: &RunHeader, budget: Budget) -> io::Result<Store> {
+        self.begin_encrypted_run(header, budget, Vec::new())
+    }
+
+    /// Starts a run whose files are encrypted to `recipients`.
+    pub fn begin_encrypted_run(
+        &self,
+        header: &RunHeader,
+        budget: Budget,
+        recipients: Vec<age::x25519::Recipient>,
+    ) -> io::Result<Store> {
         let staging = make_dirs(&self.runs, Path::new(&header.run_id))?;
         let mut journal = super::create_new(&self.runs, &journal_name(&header.run_id))?.into_std();
         let mut line = serde_json::to_vec(header).expect("a header serialises");
@@ -232,6 +259,7 @@ impl StoreRoot {
             staging,
             shared: Arc::new(RunShared {
                 budget,
+                recipients,
                 journal: Mutex::new(journal),
                 claimed: Mutex::new(Default::default()),
                 stored: Mutex::new(Vec::new()),
@@ -264,7 +292,12 @@ impl StoreRoot {
         }
         let run_id = &header.run_id;
         if manifest.status.is_good() {
-            write_atomic(&self.runs, &staged_manifest_name(run_id), &manifest.to_json())?;
+            let json = manifest.to_json();
+            let staged = staged_manifest_name(run_id);
+            if let Some(key) = &self.signer {
+                write_atomic(&self.runs, &format!("{staged}{}", protect::SIG_SUFFIX), &protect::sign(key, &json)?)?;
+            }
+            write_atomic(&self.runs, &staged, &json)?;
             self.install(&manifest)?;
         } else {
             if manifest.files.is_empty() {
@@ -274,7 +307,12 @@ impl StoreRoot {
             } else {
                 manifest.kept_in = Some(kept_dir(run_id));
             }
-            write_atomic(&self.manifests, &format!("{run_id}.json"), &manifest.to_json())?;
+            let json = manifest.to_json();
+            let name = format!("{run_id}.json");
+            if let Some(key) = &self.signer {
+                write_atomic(&self.manifests, &format!("{name}{}", protect::SIG_SUFFIX), &protect::sign(key, &json)?)?;
+            }
+            write_atomic(&self.manifests, &name, &json)?;
             let _ = self.runs.remove_file(journal_name(run_id));
             sync_dir(&self.runs)?;
         }
@@ -336,7 +374,12 @@ impl StoreRoot {
             sync_dir(&make_dirs(&self.dir, p)?)?;
         }
         let name = format!("{run_id}.json");
-        self.runs.rename(staged_manifest_name(run_id), &self.manifests, &name)?;
+        let staged = staged_manifest_name(run_id);
+        let sig = format!("{staged}{}", protect::SIG_SUFFIX);
+        if self.runs.exists(&sig) {
+            self.runs.rename(&sig, &self.manifests, format!("{name}{}", protect::SIG_SUFFIX))?;
+        }
+        self.runs.rename(&staged, &self.manifests, &name)?;
         sync_dir(&self.manifests)?;
         if self.runs.is_dir(run_id) {
             self.runs.remove_dir_all(run_id)?;

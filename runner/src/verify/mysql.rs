@@ -14,8 +14,6 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cap_std::fs::Dir;
-
 /// Where dumps are loaded for the test.
 #[derive(Debug, Clone)]
 pub struct Scratch {
@@ -65,8 +63,9 @@ pub fn is_dump(path: &Path) -> bool {
     name.ends_with(".sql") || name.ends_with(".sql.gz")
 }
 
-/// Loads the dump at `rel` and compares row counts.
-pub fn restore_test(dir: &Dir, rel: &Path, scratch: &Scratch) -> Result<String, String> {
+/// Loads the dump `reader` yields (named `rel`: `.gz` is decompressed) and
+/// compares row counts.
+pub fn restore_test(reader: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
     let db = &scratch.database;
     let existed =
         scratch.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
@@ -80,7 +79,7 @@ pub fn restore_test(dir: &Dir, rel: &Path, scratch: &Scratch) -> Result<String, 
     } else {
         scratch.query(&format!("CREATE DATABASE `{db}`"))?;
     }
-    let result = load_and_count(dir, rel, scratch);
+    let result = load_and_count(reader, rel, scratch);
     let cleanup = match (&result, existed) {
         (_, false) => scratch.query(&format!("DROP DATABASE `{db}`")).map(drop),
         (Ok(counts), true) => {
@@ -101,12 +100,11 @@ pub fn restore_test(dir: &Dir, rel: &Path, scratch: &Scratch) -> Result<String, 
 
 /// Streams the dump into the client, counting rows per table on the way;
 /// then compares with `COUNT(*)` in the scratch database.
-fn load_and_count(dir: &Dir, rel: &Path, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
-    let file = dir.open(rel).map_err(|e| format!("cannot open it: {e}"))?.into_std();
+fn load_and_count(file: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
     let reader: Box<dyn Read> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
-        Box::new(file)
+        file
     };
     let mut child = scratch
         .client()
