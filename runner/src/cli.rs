@@ -377,7 +377,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         };
         let summary = RunSummary {
             status: status.as_str(),
-            run_id: manifest.as_ref().map(|m| m.run_id.as_str()),
+            run_id: manifest.as_ref().map(|m| m.run.run_id.as_str()),
             site: &site.name,
             script: &info.name,
             script_version: &info.version,
@@ -462,7 +462,7 @@ fn after_run(root: &StoreRoot, site: &Site, manifest: &Manifest) {
         let last_good = root
             .manifests()
             .ok()
-            .and_then(|(all, _)| all.into_iter().rev().find(|m| m.site == site.name && m.status.is_good()));
+            .and_then(|(all, _)| all.into_iter().rev().find(|m| m.run.site == site.name && m.status.is_good()));
         if let Err(e) = report::write_prometheus(path, site, manifest, last_good.as_ref()) {
             log::warn!(target: "offsite::report", "cannot write the node_exporter textfile {}: {e}", path.display());
         }

@@ -74,11 +74,10 @@ pub struct ScriptRef {
     pub sha256: String,
 }
 
-/// The record of one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Format version of this file.
-    pub format: u32,
+/// What a run is: known when it starts (its journal's first line records
+/// it, so an interrupted run can still be reported).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunHeader {
     pub run_id: String,
     pub site: String,
     /// The machine and process that ran it.
@@ -89,6 +88,15 @@ pub struct Manifest {
     pub grants_sha256: String,
     /// RFC 3339, local time with offset.
     pub started: String,
+}
+
+/// The record of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version of this file.
+    pub format: u32,
+    #[serde(flatten)]
+    pub run: RunHeader,
     pub ended: String,
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,7 +126,7 @@ impl Manifest {
     }
 
     pub fn started_at(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {
-        chrono::DateTime::parse_from_rfc3339(&self.started).ok()
+        chrono::DateTime::parse_from_rfc3339(&self.run.started).ok()
     }
 
     pub fn ended_at(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {

@@ -67,7 +67,7 @@ pub fn plan(manifests: &[Manifest], site: &str, keep: &Keep) -> Vec<Verdict> {
 }
 
 pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], site: &str, keep: &Keep, tz: &Tz) -> Vec<Verdict> {
-    let mine: Vec<&Manifest> = manifests.iter().filter(|m| m.site == site).collect();
+    let mine: Vec<&Manifest> = manifests.iter().filter(|m| m.run.site == site).collect();
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); mine.len()];
     let newest_good = mine.iter().rposition(|m| m.status.is_good());
     let (mut days, mut weeks, mut months) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
@@ -108,10 +108,10 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], site: &str, keep: &Keep, tz
     }
     // Every location a kept manifest lists, of any site sharing the store.
     let kept_ids: BTreeSet<&str> =
-        mine.iter().zip(&reasons).filter(|(_, r)| !r.is_empty()).map(|(m, _)| m.run_id.as_str()).collect();
+        mine.iter().zip(&reasons).filter(|(_, r)| !r.is_empty()).map(|(m, _)| m.run.run_id.as_str()).collect();
     let protected: BTreeSet<PathBuf> = manifests
         .iter()
-        .filter(|m| m.site != site || kept_ids.contains(m.run_id.as_str()))
+        .filter(|m| m.run.site != site || kept_ids.contains(m.run.run_id.as_str()))
         .flat_map(|m| m.files.iter().map(|f| m.location(f)))
         .collect();
     mine.iter()
@@ -121,7 +121,7 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], site: &str, keep: &Keep, tz
                 if m.status.is_good() {
                     format!("outside the rules ({keep})")
                 } else {
-                    let newer = newest_good.map(|g| mine[g].run_id.as_str()).unwrap_or("?");
+                    let newer = newest_good.map(|g| mine[g].run.run_id.as_str()).unwrap_or("?");
                     format!("{} and superseded by good run {newer}", m.status)
                 }
             });
@@ -137,9 +137,9 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], site: &str, keep: &Keep, tz
                 }
             }
             Verdict {
-                run_id: m.run_id.clone(),
+                run_id: m.run.run_id.clone(),
                 status: m.status,
-                started: m.started.clone(),
+                started: m.run.started.clone(),
                 kept_because,
                 pruned_because,
                 files,
@@ -197,13 +197,13 @@ pub fn resume(root: &StoreRoot) -> io::Result<Vec<String>> {
         let files: Vec<(PathBuf, u64)> =
             m.files.iter().map(|f| (m.location(f), f.bytes)).filter(|(loc, _)| !protected.contains(loc)).collect();
         remove_files(root, &files, &mut lines)?;
-        let kept = format!("runs/{}", m.run_id);
+        let kept = format!("runs/{}", m.run.run_id);
         if root.meta.is_dir(&kept) {
             root.meta.remove_dir_all(&kept)?;
         }
-        let _ = root.manifests.remove_file(format!("{}.json{}", m.run_id, super::protect::SIG_SUFFIX));
+        let _ = root.manifests.remove_file(format!("{}.json{}", m.run.run_id, super::protect::SIG_SUFFIX));
         root.manifests.remove_file(&name)?;
-        lines.push(format!("finished pruning run {}, which an earlier prune had started", m.run_id));
+        lines.push(format!("finished pruning run {}, which an earlier prune had started", m.run.run_id));
     }
     sync_dir(&root.manifests)?;
     Ok(lines)
@@ -250,18 +250,20 @@ fn remove_files(root: &StoreRoot, files: &[(PathBuf, u64)], lines: &mut Vec<Stri
 mod tests {
     use super::*;
     use crate::store::StoredFile;
-    use crate::store::manifest::{FORMAT, ScriptRef};
+    use crate::store::manifest::{FORMAT, RunHeader, ScriptRef};
 
     fn run(id: &str, started: &str, status: Status, files: &[&str]) -> Manifest {
         Manifest {
             format: FORMAT,
-            run_id: id.into(),
-            site: "s".into(),
-            hostname: "h".into(),
-            pid: 1,
-            script: ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
-            grants_sha256: String::new(),
-            started: started.into(),
+            run: RunHeader {
+                run_id: id.into(),
+                site: "s".into(),
+                hostname: "h".into(),
+                pid: 1,
+                script: ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
+                grants_sha256: String::new(),
+                started: started.into(),
+            },
             ended: started.into(),
             status,
             error: None,
@@ -347,7 +349,7 @@ mod tests {
     #[test]
     fn other_sites_in_the_same_store_are_untouched() {
         let mut other = run("0", "2026-11-19T03:00:00+00:00", Status::Ok, &["a"]);
-        other.site = "t".into();
+        other.run.site = "t".into();
         let runs = vec![other, run("1", "2026-11-20T03:00:00+00:00", Status::Ok, &["a"])];
         let v = plan_in(&runs, "s", &Keep { last: 1, ..Keep::default() }, &chrono::Utc);
         assert_eq!(v.len(), 1);

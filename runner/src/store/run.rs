@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
-use serde::{Deserialize, Serialize};
 
 use super::lock::{self, Holder, Lock, LockError};
+pub use super::manifest::RunHeader;
 use super::manifest::{FORMAT, Manifest, ScriptRef, Status};
 use super::protect;
 use super::{Budget, META_DIR, RunShared, Store, StoredFile, TEMP_PREFIX, make_dirs, sync_dir, write_atomic};
@@ -25,20 +25,6 @@ pub struct StoreRoot {
     pub(crate) manifests: Dir,
     /// Signs every manifest written (see `protect`).
     signer: Option<ssh_key::PrivateKey>,
-}
-
-/// What a run is, as its journal's first line records it (so an
-/// interrupted run can be reported by the next one).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunHeader {
-    pub run_id: String,
-    pub site: String,
-    pub hostname: String,
-    pub pid: u32,
-    pub script: ScriptRef,
-    pub grants_sha256: String,
-    /// RFC 3339, local time.
-    pub started: String,
 }
 
 /// How the script's part of a run ended.
@@ -149,7 +135,7 @@ impl StoreRoot {
         }
         names.sort();
         let kept: BTreeSet<String> =
-            self.manifests()?.0.into_iter().filter(|m| m.kept_in.is_some()).map(|m| m.run_id).collect();
+            self.manifests()?.0.into_iter().filter(|m| m.kept_in.is_some()).map(|m| m.run.run_id).collect();
         for name in &names {
             if name.starts_with(TEMP_PREFIX) {
                 self.runs.remove_file(name)?;
@@ -349,7 +335,7 @@ impl StoreRoot {
     /// Moves a good run's staged files to their paths, then installs its
     /// staged manifest. Idempotent, so an interrupted install can be redone.
     fn install(&self, manifest: &Manifest) -> io::Result<()> {
-        let run_id = &manifest.run_id;
+        let run_id = &manifest.run.run_id;
         let mut parents = BTreeSet::new();
         if self.runs.is_dir(run_id) {
             let staging = self.runs.open_dir(run_id)?;
@@ -407,8 +393,8 @@ impl StoreRoot {
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()));
             match parsed {
-                Ok(m) if format!("{}.json", m.run_id) == name => good.push(m),
-                Ok(m) => bad.push(BadManifest { name, error: format!("it names run {}", m.run_id) }),
+                Ok(m) if format!("{}.json", m.run.run_id) == name => good.push(m),
+                Ok(m) => bad.push(BadManifest { name, error: format!("it names run {}", m.run.run_id) }),
                 Err(error) => bad.push(BadManifest { name, error }),
             }
         }
@@ -428,13 +414,7 @@ pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcom
     };
     Manifest {
         format: FORMAT,
-        run_id: header.run_id.clone(),
-        site: header.site.clone(),
-        hostname: header.hostname.clone(),
-        pid: header.pid,
-        script: header.script.clone(),
-        grants_sha256: header.grants_sha256.clone(),
-        started: header.started.clone(),
+        run: header.clone(),
         ended: ended.to_string(),
         status,
         error: outcome.error.clone(),

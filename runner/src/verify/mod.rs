@@ -49,8 +49,8 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
     report.runs = manifests.len();
     if let Some(key) = &options.verify_key {
         for m in &manifests {
-            let name = format!("{META_DIR}/manifests/{}.json", m.run_id);
-            match root.manifest_bytes(&m.run_id) {
+            let name = format!("{META_DIR}/manifests/{}.json", m.run.run_id);
+            match root.manifest_bytes(&m.run.run_id) {
                 Ok((_, None)) => report.problems.push(format!("{name}: unsigned, but signatures are required")),
                 Ok((json, Some(sig))) => match protect::verify(key, &json, &sig) {
                     Ok(()) => report.checked.push(format!("{name}: signature ok")),
@@ -87,7 +87,7 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
                 }
             }
             Err(e) => {
-                report.problems.push(format!("{}: {e} (run {}, status {})", location.display(), m.run_id, m.status))
+                report.problems.push(format!("{}: {e} (run {}, status {})", location.display(), m.run.run_id, m.status))
             }
         }
     }
