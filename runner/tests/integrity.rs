@@ -52,35 +52,25 @@ impl Site {
         cmd
     }
 
-    /// `offsite run fixture --site ... case=CASE arg=ARG` (plus `extra` args).
-    fn fixture(&self, case: &str, arg: &str, extra: &[&str]) -> Ran {
+    /// `offsite run SCRIPT --site SITE ARGS...`.
+    fn run(&self, name: &str, args: &[&str]) -> Ran {
         let site = self.file();
-        let out = self
-            .offsite()
-            .arg("run")
-            .arg(script("fixture"))
-            .arg("--site")
-            .arg(&site)
-            .args(["--param", &format!("case={case}"), "--param", &format!("arg={arg}")])
-            .args(extra)
-            .output()
-            .unwrap();
-        Ran::from_output(out)
+        let mut cmd = self.offsite();
+        cmd.arg("run").arg(script(name)).arg("--site").arg(&site).args(args);
+        Ran::from_output(cmd.output().unwrap())
+    }
+
+    /// The fixture script's `case` with `arg` (plus `extra` args).
+    fn fixture(&self, case: &str, arg: &str, extra: &[&str]) -> Ran {
+        let (case, arg) = (format!("case={case}"), format!("arg={arg}"));
+        let mut args = vec!["--param", &case, "--param", &arg];
+        args.extend_from_slice(extra);
+        self.run("fixture", &args)
     }
 
     /// A good run storing `www.STAMP.tgz`.
     fn arc(&self, now: &str) -> Ran {
-        let site = self.file();
-        let out = self
-            .offsite()
-            .arg("run")
-            .arg(script("arc"))
-            .arg("--site")
-            .arg(&site)
-            .args(["--param", "path=www", "--now", now])
-            .output()
-            .unwrap();
-        Ran::from_output(out)
+        self.run("arc", &["--param", "path=www", "--now", now])
     }
 
     fn verify(&self, extra: &[&str]) -> Ran {
@@ -192,7 +182,8 @@ fn a_run_that_fails_after_storing_a_file_is_incomplete_and_replaces_nothing() {
     assert!(m[3]["warnings"][0].as_str().unwrap().contains("something looked odd"), "{}", m[3]);
 }
 
-/// Starts `offsite run fixture case=sleep` and waits until it holds the lock.
+/// Starts `offsite run fixture case=sleep` and waits until its run has begun
+/// (so it holds the lock).
 fn hold_lock(site: &Site, millis: &str) -> std::process::Child {
     let file = site.file();
     let child = site
@@ -206,10 +197,16 @@ fn hold_lock(site: &Site, millis: &str) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lock = site.store().join(".offsite/lock");
+    // Its run has started once its journal exists (the lock is taken before).
+    let runs = site.store().join(".offsite/runs");
+    let started = || {
+        std::fs::read_dir(&runs)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".journal")))
+            .unwrap_or(false)
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read(&lock).map(|b| b.is_empty()).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "the first run never took the lock");
+    while !started() {
+        assert!(Instant::now() < deadline, "the first run never started");
         std::thread::sleep(Duration::from_millis(10));
     }
     child
