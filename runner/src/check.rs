@@ -111,6 +111,7 @@ pub fn check(
         }
     }
     let _ = writeln!(out, "  limits: {}", site.limits);
+    lifecycle_report(&mut out, &mut problems, site, &at_key);
 
     if let Some((runtime, script, info)) = script {
         script_report(&mut out, &mut problems, site, &file, text, runtime, script, info);
@@ -164,6 +165,71 @@ fn plain_pattern(pattern: &[String]) -> String {
         }
     }
     parts.join(" ")
+}
+
+/// Retention, reports, notifications and at-rest protection: what they
+/// will do, and whatever would make them fail at run time.
+fn lifecycle_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, at_key: &dyn Fn(&str, &str) -> String) {
+    if site.retention.is_empty() {
+        let _ = writeln!(out, "  keeps every run (no [retention])");
+    } else {
+        let _ = writeln!(out, "  after each good run keeps: {} (and always the newest good run)", site.retention);
+    }
+    if let Some(path) = &site.prometheus {
+        let _ = writeln!(out, "  writes its node_exporter textfile to {}", path.display());
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            problems.push(Problem {
+                at: at_key("report", "prometheus"),
+                what: format!("the directory {} does not exist", dir.display()),
+                fix: "point it at node_exporter's --collector.textfile.directory".into(),
+            });
+        }
+    }
+    if let Some(program) = site.notify.command.first() {
+        let _ = writeln!(out, "  notifies by running {program} at start, success and failure");
+        if !on_path(program) {
+            problems.push(Problem {
+                at: at_key("notify", "command"),
+                what: format!("the notification program {program:?} is not found"),
+                fix: "give its full path, or install it".into(),
+            });
+        }
+    }
+    if site.notify.url.is_some() {
+        let _ = writeln!(out, "  pings its notification URL at start, success and failure (with curl)");
+        if !on_path("curl") {
+            problems.push(Problem {
+                at: at_key("notify", "url"),
+                what: "notification pings need curl, which is not installed".into(),
+                fix: "apt-get install curl".into(),
+            });
+        }
+    }
+    let protect = &site.protect;
+    if !protect.recipients.is_empty() {
+        let _ = writeln!(out, "  encrypts every file it stores to {} age recipient(s)", protect.recipients.len());
+    }
+    if let Some(key) = &protect.signing_key {
+        let _ = writeln!(out, "  signs every manifest with {}", key.display());
+        if let Err(e) = crate::store::protect::signing_key(key) {
+            problems.push(Problem {
+                at: at_key("protect", "signing_key"),
+                what: format!("{e:#}"),
+                fix: format!("ssh-keygen -t ed25519 -N '' -f {0} && chmod 600 {0}", key.display()),
+            });
+        }
+    }
+}
+
+/// Whether `program` names an executable, directly or on `$PATH`.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let runs = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return runs(Path::new(program));
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| runs(&d.join(program))))
 }
 
 fn host_problems(host: &HostConfig, file: &str, text: &str, problems: &mut Vec<Problem>) {

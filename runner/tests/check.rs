@@ -78,6 +78,46 @@ fn problems_name_the_file_the_line_and_the_fix() {
     assert!(ran.stderr.contains(&format!("{file}:3: secret db")) && ran.stderr.contains("chmod 600"), "{}", ran.stderr);
     assert!(!ran.stdout.contains("pw\n") && !ran.stderr.contains(": pw"), "never the value");
 
+    // Retention, reports, notifications and protection that would fail.
+    let key = dir.path().join("manifest_key");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"backups\"\n[retention]\nkeep_daily = 7\n[report]\nprometheus = \"/nonexistent/textfile/web1.prom\"\n\
+             [notify]\ncommand = [\"/nonexistent/page-me\"]\n[protect]\nsigning_key = \"{}\"\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let ran = check(&site, &[]);
+    ran.expect_code(2);
+    assert!(
+        ran.stdout.contains("after each good run keeps: daily 7 (and always the newest good run)"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stderr.contains(&format!("{file}:5: the directory /nonexistent/textfile does not exist")),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stderr.contains(&format!("{file}:7: the notification program")), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains(&format!("{file}:9: private key")) && ran.stderr.contains("mode 0640"),
+        "{}",
+        ran.stderr
+    );
+
     // A syntax error is reported with its line and column, like `run` does.
     std::fs::write(&site, "store = \"backups\"\n[limits]\nmemroy = \"1GiB\"\n").unwrap();
     let ran = check(&site, &[]);

@@ -173,6 +173,7 @@ hostile! {
     store_nul: false, none => 1, ["invalid argument", "NUL"];
     store_planted_symlink: false, none => 1, ["planted/pwned.tgz"];
     store_reserved_name: false, none => 1, ["denied", "reserved prefix"];
+    store_forge_manifest: false, none => 1, ["denied", "the runner's own directory"];
     read_dotdot: false, none => 1, ["denied", "`..`"];
     read_absolute_outside: false, |e: &Env| e.path("base/outside").display().to_string() => 1, ["denied", "outside the read roots"];
     read_through_symlink: false, none => 1, ["denied", "outside the read roots"];

@@ -29,7 +29,11 @@ pub fn recipients(list: &[String], file: Option<&Path>) -> Result<Vec<age::x2551
 /// Reads the manifest signing key: an unencrypted ed25519 key in OpenSSH
 /// format that only its owner can read.
 pub fn signing_key(path: &Path) -> Result<ssh_key::PrivateKey> {
-    crate::transport::check_key_file("signing_key", path).map_err(|e| anyhow!("{e}"))?;
+    if let Err(crate::transport::TransportError::Config { detail, .. }) =
+        crate::transport::check_key_file("signing_key", path)
+    {
+        bail!("{}", detail.replace("identity file", "signing key"));
+    }
     let key = ssh_key::PrivateKey::read_openssh_file(path)
         .map_err(|e| anyhow!("cannot read the signing key {}: {e}", path.display()))?;
     if key.algorithm() != ssh_key::Algorithm::Ed25519 {

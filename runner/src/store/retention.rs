@@ -34,7 +34,13 @@ impl Keep {
 
 impl std::fmt::Display for Keep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "last {}, daily {}, weekly {}, monthly {}", self.last, self.daily, self.weekly, self.monthly)
+        let rules: Vec<String> =
+            [("last", self.last), ("daily", self.daily), ("weekly", self.weekly), ("monthly", self.monthly)]
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(what, n)| format!("{what} {n}"))
+                .collect();
+        if rules.is_empty() { f.write_str("keep everything") } else { f.write_str(&rules.join(", ")) }
     }
 }
 

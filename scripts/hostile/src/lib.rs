@@ -129,6 +129,7 @@ impl Script for Hostile {
             "store-nul" => store_write("a\0b.tgz"),
             "store-planted-symlink" => store_write("planted/pwned.tgz"),
             "store-reserved-name" => store_write(".offsite-tmp.1.2.x"),
+            "store-forge-manifest" => store_write(".offsite/manifests/99999999T000000.000Z-1.json"),
             "read-dotdot" => {
                 archive::tar_gz(&["../outside"], "r.tgz")?;
                 Ok(())
