@@ -170,6 +170,12 @@ fn plain_pattern(pattern: &[String]) -> String {
 /// Retention, reports, notifications and at-rest protection: what they
 /// will do, and whatever would make them fail at run time.
 fn lifecycle_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, at_key: &dyn Fn(&str, &str) -> String) {
+    if let Some(schedule) = &site.schedule {
+        let next = schedule
+            .next_after(chrono::Utc::now())
+            .map_or("never".to_string(), |t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M %Z").to_string());
+        let _ = writeln!(out, "  is due at \"{}\" ({}); next: {next}", schedule.expression, schedule.zone);
+    }
     if site.retention.is_empty() {
         let _ = writeln!(out, "  keeps every run (no [retention])");
     } else {

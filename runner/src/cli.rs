@@ -111,6 +111,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         age_identity: Option<PathBuf>,
     },
+    /// For each site: its last run, last good run, whether it is running,
+    /// and its next scheduled run. Exit 1 if any site's last run failed.
+    Status {
+        /// Site files, or directories of them (default: /etc/offsite).
+        sites: Vec<PathBuf>,
+    },
     /// Apply the site's [retention] rules now and show what goes and why.
     Prune {
         /// The site file.
@@ -184,6 +190,7 @@ pub fn main() -> ExitCode {
             verify(&target, restore_test.as_deref(), mysql_defaults, keys, cli.verbose > 0)
         }
         Command::Prune { site, dry_run } => prune(&site, dry_run),
+        Command::Status { sites } => status(&sites),
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
     };
     match result {
@@ -663,6 +670,43 @@ fn verify(
         eprintln!("offsite: problem: {p}");
     }
     Err(anyhow!("verify failed: {summary}")).exit(Exit::BackupFailed)
+}
+
+fn status(args: &[PathBuf]) -> Result<(), Failure> {
+    let args = if args.is_empty() { vec![PathBuf::from("/etc/offsite")] } else { args.to_vec() };
+    let files = crate::status::site_files(&args).exit(Exit::Usage)?;
+    if files.is_empty() {
+        return Err(anyhow!(
+            "no site files in {}",
+            args.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+        ))
+        .exit(Exit::Usage);
+    }
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let now = chrono::Utc::now();
+    let (mut failing, mut unreadable) = (Vec::new(), 0);
+    for file in &files {
+        match Site::load(file, &cwd) {
+            Ok(site) => {
+                let s = crate::status::status(&site, file, now);
+                print!("{}", s.text);
+                if s.failing {
+                    failing.push(site.name);
+                }
+            }
+            Err(e) => {
+                eprintln!("offsite: error: {e:#}");
+                unreadable += 1;
+            }
+        }
+    }
+    if unreadable > 0 {
+        return Err(anyhow!("{unreadable} site file(s) could not be read")).exit(Exit::Usage);
+    }
+    if !failing.is_empty() {
+        return Err(anyhow!("the last run failed for: {}", failing.join(", "))).exit(Exit::BackupFailed);
+    }
+    Ok(())
 }
 
 fn prune(site_file: &Path, dry_run: bool) -> Result<(), Failure> {

@@ -8,6 +8,8 @@
 //! - [`store`]: the site's store: staged, hashed writes, manifests, locks,
 //!   recovery and retention;
 //! - [`report`]: node_exporter textfile and notifications;
+//! - [`schedule`]: cron expressions in a site's time zone, DST rules;
+//! - [`status`]: `offsite status`, each site's last and next run;
 //! - [`site`]: site file parsing;
 //! - [`check`]: `offsite check`, what a site allows and what is wrong with it;
 //! - [`transport`]: SSH connections (the OpenSSH client).
@@ -33,7 +35,9 @@ pub mod logging;
 pub mod output;
 pub mod policy;
 pub mod report;
+pub mod schedule;
 pub mod site;
+pub mod status;
 pub mod store;
 pub mod transport;
 pub mod verify;

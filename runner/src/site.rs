@@ -78,6 +78,10 @@ pub struct Site {
     pub notify: Notify,
     /// At-rest protection (`[protect]`).
     pub protect: Protect,
+    /// When `offsite watch` runs the site (`schedule`, `timezone`).
+    pub schedule: Option<crate::schedule::Schedule>,
+    /// What `watch` does about runs missed while it was not running.
+    pub missed: crate::schedule::Missed,
 }
 
 /// `[protect]`: encrypt outputs to age recipients, sign manifests.
@@ -163,6 +167,8 @@ impl Site {
             prometheus: None,
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
             protect: Protect::default(),
+            schedule: None,
+            missed: Default::default(),
         })
     }
 
@@ -252,6 +258,21 @@ impl Site {
             })
         });
         let protect = Protect { recipients, signing_key, verify_key };
+        if raw.timezone.is_some() && raw.schedule.is_none() {
+            bail!("{}: a time zone needs a `schedule`", at("timezone"));
+        }
+        let schedule = raw
+            .schedule
+            .as_deref()
+            .map(|expr| crate::schedule::Schedule::parse(expr, raw.timezone.as_deref()))
+            .transpose()
+            .map_err(|e| {
+                anyhow::anyhow!("{}: {e}", at(if raw.timezone.is_some() { "schedule/timezone" } else { "schedule" }))
+            })?;
+        let missed = match raw.missed.as_deref() {
+            None => Default::default(),
+            Some(text) => text.parse().map_err(|e| anyhow::anyhow!("{}: {e}", at("missed")))?,
+        };
         let notify = Notify {
             command: raw.notify.command.unwrap_or_default(),
             url: raw.notify.url,
@@ -282,6 +303,8 @@ impl Site {
             prometheus: raw.report.prometheus.map(|p| expand_home(&p, &file_dir)),
             notify,
             protect,
+            schedule,
+            missed,
         })
     }
 
@@ -324,6 +347,10 @@ pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 struct SiteFile {
     name: Option<String>,
     store: PathBuf,
+    /// Cron expression for `offsite watch`.
+    schedule: Option<String>,
+    timezone: Option<String>,
+    missed: Option<String>,
     script_sha256: Option<String>,
     #[serde(default)]
     read: ReadSection,
@@ -618,6 +645,19 @@ mod tests {
         assert_eq!(site.limits.deadline, Duration::from_secs(90));
         assert_eq!(site.limits.memory, 64 << 20);
         assert_eq!(site.limits.call_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn schedules_are_checked_when_the_site_is_read() {
+        let site = parse("store = \"s\"\nschedule = \"34 3,20 * * *\"\nmissed = \"skip\"\n").unwrap();
+        assert_eq!(site.schedule.unwrap().expression, "34 3,20 * * *");
+        assert_eq!(site.missed, crate::schedule::Missed::Skip);
+        let err = parse("store = \"s\"\nschedule = \"34 3,20 * *\"\n").unwrap_err().to_string();
+        assert!(err.contains("key `schedule`") && err.contains("five fields"), "{err}");
+        let err = parse("store = \"s\"\ntimezone = \"Europe/Berlin\"\n").unwrap_err().to_string();
+        assert!(err.contains("needs a `schedule`"), "{err}");
+        let err = parse("store = \"s\"\nschedule = \"0 3 * * *\"\nmissed = \"maybe\"\n").unwrap_err().to_string();
+        assert!(err.contains("key `missed`") && err.contains("run-once"), "{err}");
     }
 
     #[test]

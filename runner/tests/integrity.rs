@@ -459,3 +459,39 @@ fn encrypted_outputs_open_with_age_and_signed_manifests_verify_with_ssh_keygen()
     std::fs::write(&manifest, text).unwrap();
     site.verify(&[]).expect_code(1).expect_stderr("the signature does not verify");
 }
+
+#[test]
+fn status_shows_the_last_run_the_last_good_one_a_running_one_and_the_next() {
+    let site = Site::new();
+    let status = |site: &Site| {
+        let file = site.file();
+        Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&file).output().unwrap())
+    };
+    let ran = status(&site);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("last run:  never"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("next run:  not scheduled"), "{}", ran.stdout);
+
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    site.fixture("fail", "boom", &[]).expect_code(1);
+    // `schedule` is a top-level key: it must come before any [section].
+    let file = site.path("site.toml");
+    let text = format!(
+        "schedule = \"34 3,20 * * *\"\ntimezone = \"Europe/Berlin\"\nname = \"web\"\nstore = \"{}\"\n",
+        site.store().display()
+    );
+    std::fs::write(&file, text).unwrap();
+    let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(site.path("")).output().unwrap());
+    ran.expect_code(1).expect_stderr("the last run failed for: web");
+    assert!(ran.stdout.contains(" failed  (0 file(s)"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("failing on request: boom"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("last good: 20"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("running:   no"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("(34 3,20 * * *, Europe/Berlin)"), "{}", ran.stdout);
+    assert!(ran.stdout.contains(":34"), "the next run is at :34: {}", ran.stdout);
+
+    let first = hold_lock(&site, "3000");
+    let ran = status(&site);
+    assert!(ran.stdout.contains(&format!("running:   yes, pid {}", first.id())), "{}", ran.stdout);
+    first.wait_with_output().unwrap();
+}

@@ -1,0 +1,126 @@
+//! `offsite status`: for each site, its last run, its last good run, whether
+//! it is running now, and when it runs next. Read from the stores'
+//! manifests and locks, so it works whether or not a watcher is running.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+
+use crate::site::Site;
+use crate::store::{Manifest, StoreRoot};
+
+/// One site's state.
+pub struct SiteStatus {
+    pub text: String,
+    /// The last run did not succeed.
+    pub failing: bool,
+}
+
+/// The site files named by `args`: files as given, and every `*.toml` in a
+/// directory, sorted.
+pub fn site_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for arg in args {
+        if arg.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(arg)
+                .with_context(|| format!("cannot read {}", arg.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Describes `site` as of `now`.
+pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
+    let mut text = String::new();
+    let _ = writeln!(text, "site {} ({})", site.name, file.display());
+    let mut failing = false;
+    match StoreRoot::open_existing(&site.store) {
+        Err(_) => {
+            let _ = writeln!(text, "  last run:  never (no store at {} yet)", site.store.display());
+        }
+        Ok(root) => {
+            let mine: Vec<Manifest> = root
+                .manifests()
+                .map(|(all, _)| all.into_iter().filter(|m| m.run.site == site.name).collect())
+                .unwrap_or_default();
+            match mine.last() {
+                None => {
+                    let _ = writeln!(text, "  last run:  never");
+                }
+                Some(last) => {
+                    failing = !last.status.is_good();
+                    let _ = writeln!(
+                        text,
+                        "  last run:  {} {}  ({})",
+                        local(&last.run.started),
+                        last.status,
+                        summary(last)
+                    );
+                    if let Some(e) = &last.error {
+                        let _ = writeln!(text, "             {}", e.lines().next().unwrap_or_default());
+                    }
+                    match mine.iter().rev().find(|m| m.status.is_good()) {
+                        Some(good) => {
+                            let _ = writeln!(text, "  last good: {}", local(&good.ended));
+                        }
+                        None => {
+                            let _ = writeln!(text, "  last good: never");
+                        }
+                    }
+                }
+            }
+            match root.holder() {
+                Some(h) => {
+                    let _ =
+                        writeln!(text, "  running:   yes, pid {} on {} since {}", h.pid, h.hostname, local(&h.started));
+                }
+                None => {
+                    let _ = writeln!(text, "  running:   no");
+                }
+            }
+        }
+    }
+    match &site.schedule {
+        Some(s) => match s.next_after(now) {
+            Some(next) => {
+                let _ = writeln!(
+                    text,
+                    "  next run:  {} ({}, {})",
+                    next.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M %Z"),
+                    s.expression,
+                    s.zone
+                );
+            }
+            None => {
+                let _ = writeln!(text, "  next run:  never ({} has no future time)", s.expression);
+            }
+        },
+        None => {
+            let _ = writeln!(text, "  next run:  not scheduled (the site has no `schedule`; cron runs it)");
+        }
+    }
+    SiteStatus { text, failing }
+}
+
+fn local(rfc3339: &str) -> String {
+    DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S %Z").to_string())
+        .unwrap_or_else(|_| rfc3339.to_string())
+}
+
+fn summary(m: &Manifest) -> String {
+    let secs = match (m.started_at(), m.ended_at()) {
+        (Some(s), Some(e)) => (e - s).num_milliseconds() as f64 / 1000.0,
+        _ => 0.0,
+    };
+    format!("{} file(s), {:.1} MiB, {secs:.1} s", m.files.len(), m.bytes() as f64 / (1 << 20) as f64)
+}
