@@ -56,8 +56,8 @@ impl Site {
         file
     }
 
-    /// Runs the probe with `params`.
-    fn run(&self, params: &[(&str, &str)]) -> Ran {
+    /// The probe with `params`, ready to run.
+    fn probe(&self, params: &[(&str, &str)]) -> Command {
         let site = self.write();
         let mut cmd = offsite(Path::new(BIN));
         cmd.arg("-v").arg("run").arg(script("probe")).arg("--site").arg(&site);
@@ -65,7 +65,21 @@ impl Site {
             cmd.arg("--param").arg(format!("{k}={v}"));
         }
         cmd.env("HOME", self.path("home")).env_remove("SSH_AUTH_SOCK");
-        Ran::from_output(cmd.output().unwrap())
+        cmd
+    }
+
+    /// Runs the probe with `params`.
+    fn run(&self, params: &[(&str, &str)]) -> Ran {
+        Ran::from_output(self.probe(params).output().unwrap())
+    }
+
+    /// Waits until a transfer is writing a temporary file in the store.
+    fn wait_for_temporary_file(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.stored().iter().any(|n| n.starts_with(".offsite-tmp")) {
+            assert!(Instant::now() < deadline, "the transfer never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Files in the store, and any temporary file left in the store's
@@ -363,19 +377,11 @@ fn sshd_dying_mid_transfer_stores_nothing() {
     let mut server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
     site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
-    let site_file = site.write();
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.arg("run").arg(script("probe")).arg("--site").arg(&site_file);
-    cmd.args(["--param", "op=stream", "--param", "dest=big.bin"]);
-    cmd.arg("--param").arg(format!("argv={}", argv(&["sh", "-c", "head -c 50000000 /dev/zero; sleep 60"])));
-    cmd.env("HOME", site.path("home")).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    let slow = argv(&["sh", "-c", "head -c 50000000 /dev/zero; sleep 60"]);
+    let mut cmd = site.probe(&[("op", "stream"), ("dest", "big.bin"), ("argv", &slow)]);
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until data is flowing into a temporary file, then kill sshd.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !site.stored().iter().any(|n| n.starts_with(".offsite-tmp")) {
-        assert!(Instant::now() < deadline, "the transfer never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    site.wait_for_temporary_file();
     server.kill_all();
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
@@ -398,18 +404,10 @@ fn a_runner_killed_mid_fetch_leaves_only_complete_files_and_the_next_run_cleans_
     let small = format!("{}/small.bin", files.display());
     site.run(&[("op", "fetch"), ("path", &small), ("dest", "good.bin")]).expect_code(0);
 
-    let site_file = site.write();
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.arg("run").arg(script("probe")).arg("--site").arg(&site_file);
-    cmd.args(["--param", "op=fetch", "--param", "dest=big.bin", "--param"]);
-    cmd.arg(format!("path={}/big.bin", files.display()));
-    cmd.env("HOME", site.path("home")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !site.stored().iter().any(|n| n.starts_with(".offsite-tmp")) {
-        assert!(Instant::now() < deadline, "the transfer never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let big = format!("{}/big.bin", files.display());
+    let mut cmd = site.probe(&[("op", "fetch"), ("dest", "big.bin"), ("path", &big)]);
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    site.wait_for_temporary_file();
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -426,7 +424,7 @@ fn a_runner_killed_mid_fetch_leaves_only_complete_files_and_the_next_run_cleans_
     assert_eq!(site.stored(), vec!["again.bin", "good.bin"]);
     assert!(tree(&site.store().join(".offsite/runs")).is_empty());
     assert_eq!(std::fs::read(site.store().join("good.bin")).unwrap(), b"small and complete");
-    let verify = offsite(Path::new(BIN)).arg("verify").arg(&site_file).output().unwrap();
+    let verify = offsite(Path::new(BIN)).arg("verify").arg(site.write()).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
 
