@@ -258,27 +258,6 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         grants_sha256: site.grants_digest(),
         started: local_start.to_rfc3339(),
     };
-    // A dry run writes nothing, not even a missing store directory, and so
-    // takes no lock and leaves no manifest.
-    let mut session = None;
-    if !args.dry_run {
-        let recipients = protect::recipients(&site.protect.recipients, None).exit(Exit::Usage)?;
-        let signer = site
-            .protect
-            .signing_key
-            .as_deref()
-            .map(protect::signing_key)
-            .transpose()
-            .context("[protect] signing_key")
-            .exit(Exit::Usage)?;
-        let (root, lock) = open_locked(&site, &header, signer)?;
-        let store = root
-            .begin_encrypted_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files), recipients)
-            .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
-            .exit(Exit::BackupFailed)?;
-        caps.store = Some(Arc::new(store));
-        session = Some((root, lock));
-    }
     caps.script_sha256 = script.sha256.clone();
     caps.secret_sources = site.secrets.clone();
     if let Some(path) = &args.audit {
@@ -298,6 +277,28 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             .exit(Exit::BackupFailed)?;
         caps.transport = Some(Arc::new(transport));
         caps.idle_timeouts = site.hosts.iter().map(|(n, h)| (n.clone(), h.idle_timeout)).collect();
+    }
+    // A dry run writes nothing, not even a missing store directory, and so
+    // takes no lock and leaves no manifest. (Last, so nothing above can
+    // fail after the run has begun in the store.)
+    let mut session = None;
+    if !args.dry_run {
+        let recipients = protect::recipients(&site.protect.recipients, None).exit(Exit::Usage)?;
+        let signer = site
+            .protect
+            .signing_key
+            .as_deref()
+            .map(protect::signing_key)
+            .transpose()
+            .context("[protect] signing_key")
+            .exit(Exit::Usage)?;
+        let (root, lock) = open_locked(&site, &header, signer)?;
+        let store = root
+            .begin_encrypted_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files), recipients)
+            .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
+            .exit(Exit::BackupFailed)?;
+        caps.store = Some(Arc::new(store));
+        session = Some((root, lock));
     }
     if session.is_some() {
         let note = Note { site: &site.name, run_id: &header.run_id, status: None, tail: "" };
