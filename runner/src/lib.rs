@@ -8,6 +8,7 @@
 //! - [`store`]: the site's store: staged, hashed writes, manifests, locks,
 //!   recovery and retention;
 //! - [`report`]: node_exporter textfile and notifications;
+//! - [`reload`]: hot reload for `watch`: the last valid site + script pair;
 //! - [`schedule`]: cron expressions in a site's time zone, DST rules;
 //! - [`status`]: `offsite status`, each site's last and next run;
 //! - [`site`]: site file parsing;
@@ -34,6 +35,8 @@ pub mod logging;
 #[cfg(feature = "runtime")]
 pub mod output;
 pub mod policy;
+#[cfg(feature = "runtime")]
+pub mod reload;
 pub mod report;
 pub mod schedule;
 pub mod site;
