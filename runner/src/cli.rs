@@ -467,11 +467,19 @@ fn after_run(root: &StoreRoot, site: &Site, manifest: &Manifest) {
         }
     }
     if let Some(path) = &site.prometheus {
-        let last_good = root
-            .manifests()
-            .ok()
-            .and_then(|(all, _)| all.into_iter().rev().find(|m| m.run.site == site.name && m.status.is_good()));
-        if let Err(e) = report::write_prometheus(path, site, manifest, last_good.as_ref()) {
+        // A good run is its own last good run; only after a failure are the
+        // earlier manifests read.
+        let earlier;
+        let last_good = if manifest.status.is_good() {
+            Some(manifest)
+        } else {
+            earlier = root
+                .manifests()
+                .ok()
+                .and_then(|(all, _)| all.into_iter().rev().find(|m| m.run.site == site.name && m.status.is_good()));
+            earlier.as_ref()
+        };
+        if let Err(e) = report::write_prometheus(path, site, manifest, last_good) {
             log::warn!(target: "offsite::report", "cannot write the node_exporter textfile {}: {e}", path.display());
         }
     }

@@ -134,8 +134,6 @@ impl StoreRoot {
             names.push(entry?.file_name().to_string_lossy().into_owned());
         }
         names.sort();
-        let kept: BTreeSet<String> =
-            self.manifests()?.0.into_iter().filter(|m| m.kept_in.is_some()).map(|m| m.run.run_id).collect();
         for name in &names {
             if name.starts_with(TEMP_PREFIX) {
                 self.runs.remove_file(name)?;
@@ -154,13 +152,14 @@ impl StoreRoot {
                     continue;
                 }
                 done.push(self.record_interrupted(run_id)?);
-            } else if !kept.contains(name)
-                && !names.contains(&journal_name(name))
+            } else if !names.contains(&journal_name(name))
                 && !names.contains(&staged_manifest_name(name))
                 && self.runs.is_dir(name)
+                && !self.keeps_files_of(name)
             {
-                // A staging directory with no journal: nothing in it was
-                // completed.
+                // A staging directory with no journal, and no manifest
+                // keeping files in it: nothing in it was completed, or it
+                // is what an install left before it could remove it.
                 self.runs.remove_dir_all(name)?;
                 done.push(format!("removed the empty staging directory of run {name}"));
             }
@@ -173,6 +172,16 @@ impl StoreRoot {
         }
         sync_dir(&self.runs)?;
         Ok(done)
+    }
+
+    /// Whether run `run_id`'s manifest keeps its files in its staging
+    /// directory (a run that did not succeed).
+    fn keeps_files_of(&self, run_id: &str) -> bool {
+        self.manifests
+            .read(format!("{run_id}.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            .is_some_and(|m| m.kept_in.is_some())
     }
 
     /// Writes the manifest of a run that stopped without finishing.
