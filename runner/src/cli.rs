@@ -117,6 +117,29 @@ enum Command {
         /// Site files, or directories of them (default: /etc/offsite).
         sites: Vec<PathBuf>,
     },
+    /// Run sites on their schedules, in one long-running process, picking
+    /// up rebuilt scripts and edited site files as they change (each site
+    /// file names its `script`). SIGTERM/SIGINT: stop, letting runs finish
+    /// within --grace; SIGHUP: re-read everything.
+    Watch {
+        /// Site files, or directories of them.
+        #[arg(required = true)]
+        sites: Vec<PathBuf>,
+        /// Run a site again each time its script or site file changes
+        /// (the script author's edit, build, run loop).
+        #[arg(long)]
+        run_on_change: bool,
+        /// At most this many runs at once.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Wait this long after a file changes before reading it.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        debounce: std::time::Duration,
+        /// On SIGTERM/SIGINT, how long runs may go on before they are
+        /// stopped (cleanly, status failed).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
     /// Apply the site's [retention] rules now and show what goes and why.
     Prune {
         /// The site file.
@@ -169,6 +192,11 @@ struct RunArgs {
     /// Append every policy decision (allow or deny) to FILE as JSON lines.
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,
+    /// Read the site file's text from stdin; --site still names it (for
+    /// messages and relative paths). `offsite watch` passes the exact text
+    /// it validated this way.
+    #[arg(long, hide = true, requires = "site")]
+    site_stdin: bool,
 }
 
 /// Entry point of the binary.
@@ -180,7 +208,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { Exit::Usage as u8 } else { 0 });
         }
     };
-    crate::logging::init(cli.verbose);
+    // A watcher is a service: its own progress (reloads, runs) shows by
+    // default; the runs it starts stay as quiet as under cron.
+    let watching = matches!(cli.command, Command::Watch { .. });
+    crate::logging::init(cli.verbose + u8::from(watching));
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { script } => inspect(&script),
@@ -191,12 +222,16 @@ pub fn main() -> ExitCode {
         }
         Command::Prune { site, dry_run } => prune(&site, dry_run),
         Command::Status { sites } => status(&sites),
+        Command::Watch { sites, run_on_change, jobs, debounce, grace } => {
+            let options = crate::watch::Options { jobs, debounce, grace, run_on_change, verbose: cli.verbose };
+            crate::watch::watch(&sites, options).exit(Exit::Usage)
+        }
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("offsite: error: {:#}", f.error);
+            eprintln!("{}offsite: error: {:#}", crate::logging::prefix(), f.error);
             ExitCode::from(f.exit as u8)
         }
     }
@@ -207,10 +242,18 @@ fn runtime() -> Result<Runtime, Failure> {
 }
 
 fn run(args: RunArgs) -> Result<(), Failure> {
+    crate::abort::on_signals().context("cannot install the signal handlers").exit(Exit::Usage)?;
     let started_wall = SystemTime::now();
     let started = Instant::now();
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = match &args.site {
+        Some(file) if args.site_stdin => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the site file's text from stdin")
+                .exit(Exit::Usage)?;
+            Site::parse(&text, file, &cwd)
+        }
         Some(file) => Site::load(file, &cwd),
         None => Site::current_dir(&cwd),
     }
@@ -311,7 +354,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let unseen = caps.settle();
     caps.transport = None;
     let outputs = caps.outputs();
-    let mut failure = match result {
+    let stopped_in_script = matches!(result, Err(ScriptFailure::Aborted(_)));
+    let mut failure: Option<Failure> = match result {
         Ok(Ok(())) if !unseen.is_empty() => Some(Failure {
             exit: Exit::BackupFailed,
             error: anyhow!(
@@ -328,7 +372,16 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             error: anyhow!("backup failed: the script trapped: {}", caps.redact(&msg)),
         }),
         Err(ScriptFailure::Limit(msg)) => Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }),
+        Err(ScriptFailure::Aborted(msg)) => Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {msg}") }),
     };
+    // A stop asked for while the script ran fails the run, whatever the
+    // script made of the errors its calls got (it may have ignored them).
+    let aborted = crate::abort::requested();
+    if aborted && !stopped_in_script {
+        let after = failure.map(|f| format!(" ({:#})", f.error)).unwrap_or_default();
+        failure =
+            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {}{after}", crate::abort::message()) });
+    }
 
     let mut manifest = None;
     if let Some((root, _lock)) = &session {
@@ -336,6 +389,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         let outcome = Outcome {
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
             warnings: crate::logging::capture_snapshot().warnings,
+            aborted,
         };
         match root.finish_run(&header, &store, &outcome) {
             Ok(m) => {
@@ -529,7 +583,7 @@ fn describe(runtime: &Runtime, script: &Script) -> Result<ScriptInfo, Failure> {
     let caps = Caps::new("describe", "-", Policy::deny_all(), Clock::System);
     runtime.describe(script, caps).map_err(|f| {
         let msg = match f {
-            ScriptFailure::Limit(m) | ScriptFailure::Trap(m) => m,
+            ScriptFailure::Limit(m) | ScriptFailure::Trap(m) | ScriptFailure::Aborted(m) => m,
         };
         Failure { exit: Exit::Usage, error: anyhow!("{}: describe() failed: {msg}", script.path.display()) }
     })

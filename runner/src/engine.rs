@@ -6,12 +6,12 @@ use std::hash::Hash as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::{Script as ScriptWorld, ScriptPre, meta::ScriptInfo};
@@ -53,6 +53,8 @@ pub enum ScriptFailure {
     Limit(String),
     /// The script trapped or otherwise failed: exit 1.
     Trap(String),
+    /// The process was asked to stop (crate::abort): exit 1.
+    Aborted(String),
 }
 
 /// Store data for one call into a script.
@@ -104,9 +106,14 @@ impl Runtime {
     /// Every error names the file and says why it is not a usable script.
     pub fn load(&self, path: &Path) -> Result<Script> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read script {}", path.display()))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        self.load_bytes(path, &bytes)
+    }
+
+    /// Like [`Runtime::load`], for bytes already read from `path`.
+    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Script> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
         let component = self
-            .compile_cached(&bytes, &sha256)
+            .compile_cached(bytes, &sha256)
             .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             anyhow!(
@@ -187,9 +194,17 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let ticks = (limits.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Every tick: stop if the process is asked to (crate::abort), trap
+        // once the deadline has passed. Wall time, so that time spent in
+        // host calls counts too.
+        let deadline = Instant::now() + limits.deadline;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if crate::abort::requested() {
+                return Err(wasmtime::Error::msg(crate::abort::message()));
+            }
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(1) })
+        });
 
         let result = script
             .pre
@@ -210,6 +225,9 @@ impl Drop for Runtime {
 fn classify(e: wasmtime::Error, limit_hit: Option<&str>, limits: SandboxLimits) -> ScriptFailure {
     if let Some(hit) = limit_hit {
         return ScriptFailure::Limit(hit.to_string());
+    }
+    if crate::abort::requested() {
+        return ScriptFailure::Aborted(crate::abort::message());
     }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => ScriptFailure::Limit(format!(

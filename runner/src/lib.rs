@@ -20,6 +20,8 @@
 //! that is what the fuzz targets in `fuzz/` link against.
 
 #[cfg(feature = "runtime")]
+pub mod abort;
+#[cfg(feature = "runtime")]
 pub mod bindings;
 #[cfg(feature = "runtime")]
 pub mod caps;
@@ -44,3 +46,5 @@ pub mod status;
 pub mod store;
 pub mod transport;
 pub mod verify;
+#[cfg(feature = "runtime")]
+pub mod watch;

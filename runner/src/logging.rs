@@ -31,6 +31,13 @@ pub fn init(verbosity: u8) {
     }
 }
 
+/// What starts every line on stderr: `$OFFSITE_LOG_PREFIX`, which `offsite
+/// watch` sets to tell its sites' runs apart in one log.
+pub fn prefix() -> &'static str {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    PREFIX.get_or_init(|| std::env::var("OFFSITE_LOG_PREFIX").unwrap_or_default())
+}
+
 /// What a run logged: its warnings (they make a good run's status
 /// `warning`) and the last lines, for a failure notification.
 #[derive(Debug, Default)]
@@ -106,7 +113,7 @@ impl Log for StderrLog {
             capture(record, &line);
         }
         if shown {
-            let _ = writeln!(std::io::stderr().lock(), "{line}");
+            let _ = writeln!(std::io::stderr().lock(), "{}{line}", prefix());
         }
     }
 

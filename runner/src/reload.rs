@@ -27,9 +27,13 @@ use crate::site::Site;
 /// One validated pair.
 pub struct Version {
     pub site: Site,
-    /// SHA-256 of the site file's text.
+    /// The site file's text as validated, and its SHA-256.
+    pub site_text: String,
     pub site_sha256: String,
     pub script: Script,
+    /// The script file's bytes as validated (what a run must execute,
+    /// whatever the file holds by then).
+    pub script_bytes: Vec<u8>,
     pub info: ScriptInfo,
 }
 
@@ -47,19 +51,32 @@ pub enum Reload {
 /// A site and its script as `watch` keeps them.
 pub struct Slot {
     pub site_file: PathBuf,
-    pub script_file: PathBuf,
+    /// The script, when given apart from the site file; otherwise the
+    /// site's `script` key names it (and may change with the site).
+    script_file: Option<PathBuf>,
     current: Arc<Version>,
 }
 
 impl Slot {
     /// Loads and validates the pair; at start-up a bad pair is an error.
+    /// Relative paths are made absolute against the current directory.
     pub fn load(runtime: &Runtime, site_file: &Path, script_file: &Path) -> Result<Slot> {
-        let current = validate(runtime, site_file, script_file)?;
-        Ok(Slot {
-            site_file: site_file.to_path_buf(),
-            script_file: script_file.to_path_buf(),
-            current: Arc::new(current),
-        })
+        let site_file = std::path::absolute(site_file)?;
+        let script_file = Some(std::path::absolute(script_file)?);
+        let current = validate(runtime, &site_file, script_file.as_deref())?;
+        Ok(Slot { site_file, script_file, current: Arc::new(current) })
+    }
+
+    /// Like [`Slot::load`], for a site file that names its script.
+    pub fn for_site(runtime: &Runtime, site_file: &Path) -> Result<Slot> {
+        let site_file = std::path::absolute(site_file)?;
+        let current = validate(runtime, &site_file, None)?;
+        Ok(Slot { site_file, script_file: None, current: Arc::new(current) })
+    }
+
+    /// The script file the current version came from.
+    pub fn script_file(&self) -> &Path {
+        &self.current.script.path
     }
 
     /// The version a run should use (it keeps it until it ends).
@@ -70,7 +87,7 @@ impl Slot {
     /// Re-reads both files; swaps in the new pair only if it is valid.
     pub fn reload(&mut self, runtime: &Runtime) -> Reload {
         let old = (self.current.script.sha256.clone(), self.current.site_sha256.clone());
-        match validate(runtime, &self.site_file, &self.script_file) {
+        match validate(runtime, &self.site_file, self.script_file.as_deref()) {
             Ok(v) if (v.script.sha256.as_str(), v.site_sha256.as_str()) == (old.0.as_str(), old.1.as_str()) => {
                 Reload::Unchanged
             }
@@ -84,12 +101,22 @@ impl Slot {
     }
 }
 
-fn validate(runtime: &Runtime, site_file: &Path, script_file: &Path) -> Result<Version> {
+fn validate(runtime: &Runtime, site_file: &Path, script_file: Option<&Path>) -> Result<Version> {
     let text =
         std::fs::read_to_string(site_file).with_context(|| format!("cannot read site file {}", site_file.display()))?;
+    // `site_file` is absolute: relative paths in the site (and archive
+    // sources) resolve against its directory.
     let cwd = site_file.parent().unwrap_or(Path::new("/"));
     let site = Site::parse(&text, site_file, cwd)?;
-    let script = runtime.load(script_file)?;
+    let script_file = match script_file.or(site.script.as_deref()) {
+        Some(file) => file,
+        None => {
+            return Err(anyhow!("{}: no `script` key: name the script this site runs", site_file.display()));
+        }
+    };
+    let script_bytes =
+        std::fs::read(script_file).with_context(|| format!("cannot read script {}", script_file.display()))?;
+    let script = runtime.load_bytes(script_file, &script_bytes)?;
     if let Some(pin) = &site.script_sha256
         && *pin != script.sha256
     {
@@ -97,7 +124,7 @@ fn validate(runtime: &Runtime, site_file: &Path, script_file: &Path) -> Result<V
     }
     let caps = Caps::new("describe", "-", Policy::deny_all(), Clock::System);
     let info = runtime.describe(&script, caps).map_err(|f| match f {
-        ScriptFailure::Limit(m) | ScriptFailure::Trap(m) => {
+        ScriptFailure::Limit(m) | ScriptFailure::Trap(m) | ScriptFailure::Aborted(m) => {
             anyhow!("{}: describe() failed: {m}", script_file.display())
         }
     })?;
@@ -106,7 +133,7 @@ fn validate(runtime: &Runtime, site_file: &Path, script_file: &Path) -> Result<V
         return Err(anyhow!("{} problem(s); the first: {first}", report.problems.len()));
     }
     let site_sha256 = hex::encode(Sha256::digest(text.as_bytes()));
-    Ok(Version { site, site_sha256, script, info })
+    Ok(Version { site, site_text: text, site_sha256, script, script_bytes, info })
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 use std::str::FromStr;
 
 use anyhow::{Result, anyhow};
-use chrono::{DateTime, Duration, LocalResult, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Duration, LocalResult, NaiveDateTime, TimeZone, Timelike, Utc};
 
 /// A site's schedule.
 #[derive(Debug, Clone)]
@@ -105,7 +105,9 @@ impl Schedule {
     /// calendar without DST), and each match is then placed on the time
     /// line by [`resolve`].
     fn next_in<Tz: TimeZone>(&self, tz: &Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let wall = after.with_timezone(tz).naive_local();
+        // Whole seconds: a match is a minute's first instant, not `after`'s
+        // fraction of a second past it.
+        let wall = after.with_timezone(tz).naive_local().with_nanosecond(0)?;
         // Start before `after`'s wall time: after the clocks went back, the
         // wall time repeats, and a match in the first pass was already due.
         let mut probe = Utc.from_utc_datetime(&(wall - Duration::hours(3)));

@@ -78,6 +78,9 @@ pub struct Site {
     pub notify: Notify,
     /// At-rest protection (`[protect]`).
     pub protect: Protect,
+    /// The script `offsite watch` runs for this site (`script`; `offsite
+    /// run` takes it on its command line instead).
+    pub script: Option<PathBuf>,
     /// When `offsite watch` runs the site (`schedule`, `timezone`).
     pub schedule: Option<crate::schedule::Schedule>,
     /// What `watch` does about runs missed while it was not running.
@@ -167,6 +170,7 @@ impl Site {
             prometheus: None,
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
             protect: Protect::default(),
+            script: None,
             schedule: None,
             missed: Default::default(),
         })
@@ -303,6 +307,7 @@ impl Site {
             prometheus: raw.report.prometheus.map(|p| expand_home(&p, &file_dir)),
             notify,
             protect,
+            script: raw.script.as_deref().map(|p| expand_home(p, &file_dir)),
             schedule,
             missed,
         })
@@ -347,6 +352,8 @@ pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 struct SiteFile {
     name: Option<String>,
     store: PathBuf,
+    /// The script `offsite watch` runs for this site.
+    script: Option<PathBuf>,
     /// Cron expression for `offsite watch`.
     schedule: Option<String>,
     timezone: Option<String>,

@@ -72,7 +72,8 @@ impl Host for Caps {
     }
 }
 
-/// The per-call timeout, checked between entries and on every read.
+/// The per-call timeout, checked between entries and on every read; a stop
+/// asked for (crate::abort) ends the call there too.
 struct Deadline(Instant);
 
 impl Deadline {
@@ -80,6 +81,9 @@ impl Deadline {
         Deadline(Instant::now() + d)
     }
     fn check(&self, what: &Path) -> Result<(), Error> {
+        if crate::abort::requested() {
+            return Err(Error::Io(format!("tar-gz {} at {}", crate::abort::message(), what.display())));
+        }
         if Instant::now() > self.0 {
             return Err(Error::Timeout(format!("tar-gz ran past its call timeout at {}", what.display())));
         }

@@ -377,6 +377,9 @@ impl Tail {
     }
 }
 
+/// How often a quiet remote command looks whether the run must stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
 /// Reads one remote command's stdout with its idle and call timeouts,
 /// keeping stderr on the side.
 struct Pump {
@@ -405,16 +408,31 @@ impl Pump {
         }
     }
 
-    /// Reads stdout; 0 means both streams ended.
+    /// Reads stdout; 0 means both streams ended. Gives up when nothing
+    /// arrived for the idle timeout, at the call's deadline, or when the
+    /// process is asked to stop (crate::abort), killing the command.
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+        let mut quiet_since = Instant::now();
         loop {
+            if crate::abort::requested() {
+                self.kill();
+                return Err(Error::RemoteFailed(format!("host {}: {}", self.host, crate::abort::message())));
+            }
             let now = Instant::now();
             if now >= self.deadline {
                 self.kill();
                 return Err(Error::Timeout(format!("host {}: the call ran past its call_timeout", self.host)));
             }
-            let wait = self.idle.min(self.deadline - now);
-            let event = self.process.next(buf, wait).map_err(|e| {
+            if now >= quiet_since + self.idle {
+                self.kill();
+                return Err(Error::Timeout(format!(
+                    "host {}: nothing arrived for {} (idle_timeout); gave up",
+                    self.host,
+                    humantime::format_duration(self.idle)
+                )));
+            }
+            let wait = (quiet_since + self.idle).min(self.deadline) - now;
+            let event = self.process.next(buf, wait.min(STOP_POLL)).map_err(|e| {
                 Error::RemoteFailed(format!("host {}: reading from the remote command: {e}", self.host))
             })?;
             match event {
@@ -424,17 +442,10 @@ impl Pump {
                     self.scratch.clear();
                     self.scratch.extend_from_slice(&buf[..n]);
                     self.push_stderr();
+                    quiet_since = Instant::now();
                 }
                 Some(Event::Closed) => return Ok(0),
-                None if Instant::now() >= self.deadline => continue,
-                None => {
-                    self.kill();
-                    return Err(Error::Timeout(format!(
-                        "host {}: nothing arrived for {} (idle_timeout); gave up",
-                        self.host,
-                        humantime::format_duration(self.idle)
-                    )));
-                }
+                None => continue,
             }
         }
     }

@@ -571,7 +571,7 @@ mod tests {
         let mut f = store.create(Path::new("a.tgz")).unwrap();
         f.write_all(b"partial").unwrap();
         drop(f);
-        let m = root.finish_run(&header(), &store, &Outcome { error: Some("x".into()), warnings: vec![] }).unwrap();
+        let m = root.finish_run(&header(), &store, &Outcome { error: Some("x".into()), ..Outcome::default() }).unwrap();
         assert_eq!(m.status, Status::Failed);
         assert_eq!(names(dir.path()), vec![".offsite", "a.tgz"]);
         assert_eq!(names(&dir.path().join(".offsite/runs")), Vec::<String>::new());

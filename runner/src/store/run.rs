@@ -34,6 +34,8 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Warnings logged during the run.
     pub warnings: Vec<String>,
+    /// The run was stopped (a signal): `failed` even with complete files.
+    pub aborted: bool,
 }
 
 /// A manifest file that could not be read.
@@ -216,7 +218,7 @@ impl StoreRoot {
                 "interrupted: the run ({who}, started {}) stopped before it finished; it was killed or crashed",
                 header.started
             )),
-            warnings: Vec::new(),
+            ..Outcome::default()
         };
         let manifest = self.conclude(&header, files, &outcome, &now)?;
         Ok(match &manifest.kept_in {
@@ -416,6 +418,7 @@ impl StoreRoot {
 /// incomplete, without any it is failed; warnings alone make a warning.
 pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcome, ended: &str) -> Manifest {
     let status = match (&outcome.error, files.is_empty()) {
+        (Some(_), _) if outcome.aborted => Status::Failed,
         (Some(_), true) => Status::Failed,
         (Some(_), false) => Status::Incomplete,
         (None, _) if !outcome.warnings.is_empty() => Status::Warning,
@@ -518,7 +521,7 @@ mod tests {
         std::fs::write(dir.path().join("a.txt"), "good").unwrap();
         let store = root.begin_run(&header("r1"), Budget::unlimited()).unwrap();
         write(&store, "a.txt", b"newer");
-        let outcome = Outcome { error: Some("the second host failed".into()), warnings: vec![] };
+        let outcome = Outcome { error: Some("the second host failed".into()), ..Outcome::default() };
         let m = root.finish_run(&header("r1"), &store, &outcome).unwrap();
         assert_eq!(m.status, Status::Incomplete);
         assert_eq!(m.kept_in.as_deref(), Some(".offsite/runs/r1"));

@@ -1,0 +1,845 @@
+//! `offsite watch`: one long-running process that runs each site on its
+//! schedule and picks up a rebuilt script or an edited site file.
+//!
+//! - **Runs are child processes**: each run is `offsite run` started by the
+//!   watcher, the very path cron takes, with the same store lock, staging,
+//!   recovery, reports and exit codes. A run that crashes or runs out of
+//!   memory takes nothing else down, and its log lines carry the site's
+//!   name. The child runs the exact version the watcher validated: the
+//!   script from a private snapshot of the bytes that passed validation,
+//!   the site from the validated text (on its stdin), so a file replaced
+//!   a moment later cannot slip in unchecked.
+//! - **Reloads** (`crate::reload`): the parent directories of every site
+//!   and script file are watched (editors and cargo replace files by
+//!   rename, or delete and create). Events for a file are debounced, then
+//!   the pair is validated and swapped in only if good; a bad version is
+//!   logged and the last good one stays. A running run keeps its version.
+//! - **Timing** ([`Timer`]) is pure: it is given the current time, so the
+//!   tests drive it with an injected clock.
+//! - **Signals**: SIGTERM or SIGINT stops scheduling; runs get the grace
+//!   period, then SIGTERM (a clean abort, see `crate::abort`), then after
+//!   [`KILL_AFTER`] SIGKILL. A second SIGTERM/SIGINT skips the grace.
+//!   SIGHUP re-reads every site and script (and re-lists directories).
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::io::Write as _;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::{DateTime, Utc};
+
+use crate::engine::{Runtime, default_cache_dir};
+use crate::reload::{Reload, Slot, Version};
+use crate::schedule::{Missed, Schedule};
+use crate::store::StoreRoot;
+
+/// How late a scheduled run may start and still be on time. Later than
+/// this, the machine was asleep or the clock jumped: the run was missed
+/// and the site's `missed` policy decides.
+pub const LATE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// After its SIGTERM, how long an aborting run has before SIGKILL.
+pub const KILL_AFTER: Duration = Duration::from_secs(30);
+/// The longest the loop sleeps: a clock change or a resume from suspend
+/// is noticed within this.
+const TICK: Duration = Duration::from_secs(1);
+/// How often running children are looked at.
+const REAP_EVERY: Duration = Duration::from_millis(50);
+
+/// `offsite watch` settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// At most this many runs at once.
+    pub jobs: usize,
+    /// Quiet time after a file event before the file is read.
+    pub debounce: Duration,
+    /// How long runs may go on after SIGTERM/SIGINT before they are stopped.
+    pub grace: Duration,
+    /// Run a site as soon as a new version of it is in place.
+    pub run_on_change: bool,
+    /// `-v` count, passed on to the runs.
+    pub verbose: u8,
+}
+
+/// When one site runs, as of a time it is told (never the clock itself).
+#[derive(Debug, Clone)]
+pub struct Timer {
+    schedule: Schedule,
+    missed: Missed,
+    next: Option<DateTime<Utc>>,
+}
+
+/// Why a site is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fire {
+    /// Its scheduled time came.
+    OnTime(DateTime<Utc>),
+    /// A scheduled time passed unseen (the watcher was not running, or the
+    /// machine slept); `run` is what the site's `missed` policy says.
+    Missed { at: DateTime<Utc>, run: bool },
+}
+
+impl Fire {
+    pub fn runs(&self) -> bool {
+        matches!(self, Fire::OnTime(_) | Fire::Missed { run: true, .. })
+    }
+}
+
+impl Timer {
+    /// A timer from `now` on.
+    pub fn new(schedule: Schedule, missed: Missed, now: DateTime<Utc>) -> Timer {
+        let next = schedule.next_after(now);
+        Timer { schedule, missed, next }
+    }
+
+    /// At start-up: the timer, and what to do about the times that passed
+    /// since the site's last run (`last`, from its newest manifest). A
+    /// site that never ran has missed nothing.
+    pub fn start(
+        schedule: Schedule,
+        missed: Missed,
+        last: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> (Timer, Option<Fire>) {
+        let fire = last
+            .and_then(|l| schedule.next_after(l))
+            .filter(|at| *at <= now)
+            .map(|at| Fire::Missed { at, run: missed == Missed::RunOnce });
+        (Timer::new(schedule, missed, now), fire)
+    }
+
+    /// The next scheduled instant.
+    pub fn next(&self) -> Option<DateTime<Utc>> {
+        self.next
+    }
+
+    /// What is due at `now`, if anything, and the timer moves past `now`:
+    /// several times that passed at once (a suspend) are one firing.
+    pub fn poll(&mut self, now: DateTime<Utc>) -> Option<Fire> {
+        let at = self.next.filter(|at| *at <= now)?;
+        self.next = self.schedule.next_after(now);
+        Some(if now - at <= LATE { Fire::OnTime(at) } else { Fire::Missed { at, run: self.missed == Missed::RunOnce } })
+    }
+}
+
+/// The validated scripts the runs execute, by SHA-256, in a private
+/// directory that goes with the watcher.
+struct Snapshots {
+    dir: tempfile::TempDir,
+}
+
+impl Snapshots {
+    fn new() -> Result<Snapshots> {
+        let dir = tempfile::Builder::new()
+            .prefix("offsite-watch.")
+            .tempdir()
+            .context("cannot create a private directory for script snapshots")?;
+        Ok(Snapshots { dir })
+    }
+
+    fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.path().join(format!("{sha256}.wasm"))
+    }
+
+    /// The snapshot of `version`'s script, written on first use.
+    fn script(&self, version: &Version) -> Result<PathBuf> {
+        let path = self.path(&version.script.sha256);
+        if !path.exists() {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &version.script_bytes)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .with_context(|| format!("cannot write the script snapshot {}", path.display()))?;
+        }
+        Ok(path)
+    }
+
+    /// Removes every snapshot but those in `keep`.
+    fn prune(&self, keep: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let sha = name.strip_suffix(".wasm").unwrap_or(&name);
+            if !keep.contains(sha) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// A run in progress.
+struct Running {
+    child: Child,
+    started: Instant,
+    version: Arc<Version>,
+    why: String,
+    terminated: Option<Instant>,
+}
+
+/// One watched site.
+struct Entry {
+    slot: Slot,
+    timer: Option<Timer>,
+    running: Option<Running>,
+    /// Due, waiting for a free job (or for its store).
+    queued: Option<String>,
+    /// A new version arrived during a run (`--run-on-change`).
+    rerun: bool,
+    /// When to re-read the files (debounce), after an event.
+    reload_at: Option<Instant>,
+    /// Its file is no longer listed (SIGHUP): dropped when idle.
+    retired: bool,
+}
+
+impl Entry {
+    fn name(&self) -> String {
+        self.slot.current().site.name.clone()
+    }
+
+    fn files(&self) -> [PathBuf; 2] {
+        [self.slot.site_file.clone(), self.slot.script_file().to_path_buf()]
+    }
+}
+
+enum Message {
+    Files(Vec<PathBuf>),
+    Signal(i32),
+}
+
+/// Runs `offsite watch` until SIGTERM or SIGINT. Every site must load and
+/// validate at start-up; later, bad versions are refused one by one.
+pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
+    if options.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let runtime = Runtime::new(default_cache_dir())?;
+    let files = crate::status::site_files(args)?;
+    if files.is_empty() {
+        bail!("no site files in {}", args.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    let now = Utc::now();
+    for file in &files {
+        match load_entry(&runtime, file, &options, now) {
+            Ok((entry, fire)) => {
+                let queued = fire.and_then(|f| announce(&entry.name(), &f));
+                entries.push(Entry { queued, ..entry });
+            }
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    forward_signals(tx.clone())?;
+    let files_tx = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let _ = files_tx.send(Message::Files(event.paths));
+        }
+    })
+    .context("cannot watch files (inotify)")?;
+    let mut state = Watch {
+        runtime,
+        options,
+        args: args.to_vec(),
+        entries,
+        queue: VecDeque::new(),
+        snapshots: Snapshots::new()?,
+        watched: BTreeSet::new(),
+        stopping: None,
+    };
+    state.rewatch(&mut watcher);
+    for i in 0..state.entries.len() {
+        if state.entries[i].queued.is_some() {
+            state.queue.push_back(i);
+        }
+    }
+    for e in &state.entries {
+        let next = e.timer.as_ref().and_then(Timer::next).map(|t| local(&t));
+        log::info!(
+            target: "offsite::watch",
+            "watching site {} ({}) with {} {} (sha256 {}); next run: {}",
+            e.name(),
+            e.slot.site_file.display(),
+            e.slot.current().info.name,
+            e.slot.current().info.version,
+            e.slot.current().script.sha256,
+            next.as_deref().unwrap_or(if state.options.run_on_change { "on change" } else { "none" })
+        );
+    }
+    state.run(&rx, &mut watcher);
+    Ok(())
+}
+
+/// Logs what start-up found about missed runs; the reason to queue a run.
+fn announce(site: &str, fire: &Fire) -> Option<String> {
+    match fire {
+        Fire::Missed { at, run: true } => {
+            log::warn!(target: "offsite::watch", "site {site}: missed its run at {}: running it now (missed = \"run-once\")", local(at));
+            Some(format!("missed its run at {}", local(at)))
+        }
+        Fire::Missed { at, run: false } => {
+            log::warn!(target: "offsite::watch", "site {site}: missed its run at {}: skipped (missed = \"skip\")", local(at));
+            None
+        }
+        Fire::OnTime(at) => Some(format!("scheduled at {}", local(at))),
+    }
+}
+
+fn local(t: &DateTime<Utc>) -> String {
+    t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M %Z").to_string()
+}
+
+fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<Utc>) -> Result<(Entry, Option<Fire>)> {
+    let slot = Slot::for_site(runtime, file)?;
+    let version = slot.current();
+    let site = &version.site;
+    let (timer, fire) = match &site.schedule {
+        Some(schedule) => {
+            let (timer, fire) = Timer::start(schedule.clone(), site.missed, last_run(&site.store, &site.name), now);
+            (Some(timer), fire)
+        }
+        None if options.run_on_change => (None, None),
+        None => bail!(
+            "{}: no `schedule`: watch runs a site on its schedule (or on every change, with --run-on-change)",
+            file.display()
+        ),
+    };
+    let entry = Entry { slot, timer, running: None, queued: None, rerun: false, reload_at: None, retired: false };
+    Ok((entry, fire))
+}
+
+/// When the site last started a run, from its store's manifests.
+fn last_run(store: &Path, site: &str) -> Option<DateTime<Utc>> {
+    let root = StoreRoot::open_existing(store).ok()?;
+    let (manifests, _) = root.manifests().ok()?;
+    manifests.iter().rev().find(|m| m.run.site == site).and_then(|m| m.started_at()).map(|t| t.with_timezone(&Utc))
+}
+
+fn forward_signals(tx: Sender<Message>) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for signal in signals.forever() {
+            if tx.send(Message::Signal(signal)).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(())
+}
+
+struct Watch {
+    runtime: Runtime,
+    options: Options,
+    args: Vec<PathBuf>,
+    entries: Vec<Entry>,
+    queue: VecDeque<usize>,
+    snapshots: Snapshots,
+    watched: BTreeSet<PathBuf>,
+    /// Since SIGTERM/SIGINT: when the grace period ends.
+    stopping: Option<Instant>,
+}
+
+impl Watch {
+    fn run(&mut self, rx: &Receiver<Message>, watcher: &mut impl notify::Watcher) {
+        loop {
+            self.reap();
+            if let Some(grace_end) = self.stopping {
+                if self.entries.iter().all(|e| e.running.is_none()) {
+                    log::info!(target: "offsite::watch", "stopped");
+                    return;
+                }
+                self.stop_runs(grace_end);
+            } else {
+                self.reload_due(watcher);
+                self.fire_due(Utc::now());
+                self.start_queued();
+            }
+            let mut wait = TICK;
+            if self.entries.iter().any(|e| e.running.is_some()) {
+                wait = wait.min(REAP_EVERY);
+            }
+            let now = Instant::now();
+            for at in self.entries.iter().filter_map(|e| e.reload_at) {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
+            if let Some(next) = self.entries.iter().filter_map(|e| e.timer.as_ref()?.next()).min() {
+                let until = (next - Utc::now()).to_std().unwrap_or_default();
+                wait = wait.min(until);
+            }
+            match rx.recv_timeout(wait) {
+                Ok(Message::Files(paths)) => self.touched(&paths),
+                Ok(Message::Signal(signal)) => self.signal(signal, watcher),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Starts (or restarts) the debounce of every site whose file changed.
+    fn touched(&mut self, paths: &[PathBuf]) {
+        let at = Instant::now() + self.options.debounce;
+        for e in &mut self.entries {
+            if paths.iter().any(|p| e.files().contains(p)) {
+                e.reload_at = Some(at);
+            }
+        }
+    }
+
+    fn signal(&mut self, signal: i32, watcher: &mut impl notify::Watcher) {
+        use signal_hook::consts::SIGHUP;
+        let name = match signal {
+            SIGHUP => "SIGHUP",
+            signal_hook::consts::SIGINT => "SIGINT",
+            _ => "SIGTERM",
+        };
+        if signal == SIGHUP {
+            if self.stopping.is_none() {
+                log::info!(target: "offsite::watch", "received SIGHUP: re-reading every site and script");
+                self.reread(watcher);
+            }
+            return;
+        }
+        let running = self.entries.iter().filter(|e| e.running.is_some()).count();
+        match self.stopping {
+            None => {
+                self.queue.clear();
+                self.stopping = Some(Instant::now() + self.options.grace);
+                if running > 0 {
+                    log::warn!(
+                        target: "offsite::watch",
+                        "received {name}: no new runs; {running} run(s) in progress get {} to finish",
+                        humantime::format_duration(self.options.grace)
+                    );
+                } else {
+                    log::info!(target: "offsite::watch", "received {name}: stopping");
+                }
+            }
+            Some(_) => {
+                log::warn!(target: "offsite::watch", "received {name} again: stopping the runs now");
+                self.stopping = Some(Instant::now());
+            }
+        }
+    }
+
+    /// SIGHUP: every listed site file read again, new ones added, gone
+    /// ones dropped (after their run, if one is going).
+    fn reread(&mut self, watcher: &mut impl notify::Watcher) {
+        let files = match crate::status::site_files(&self.args) {
+            Ok(files) => files,
+            Err(e) => {
+                log::error!(target: "offsite::watch", "cannot list the site files: {e:#}; keeping the sites as they are");
+                return;
+            }
+        };
+        let listed: Vec<PathBuf> = files.iter().filter_map(|f| std::path::absolute(f).ok()).collect();
+        for e in &mut self.entries {
+            e.retired = !listed.contains(&e.slot.site_file);
+            if !e.retired {
+                e.reload_at = Some(Instant::now());
+            } else {
+                log::info!(target: "offsite::watch", "site {}: {} is no longer listed; dropping it", e.name(), e.slot.site_file.display());
+            }
+        }
+        let now = Utc::now();
+        for file in listed {
+            if self.entries.iter().any(|e| e.slot.site_file == file) {
+                continue;
+            }
+            match load_entry(&self.runtime, &file, &self.options, now) {
+                Ok((entry, _)) => {
+                    log::info!(target: "offsite::watch", "site {}: added ({})", entry.name(), file.display());
+                    self.entries.push(entry);
+                }
+                Err(e) => log::error!(target: "offsite::watch", "not adding {}: {e:#}", file.display()),
+            }
+        }
+        self.drop_retired();
+        self.reload_due(watcher);
+    }
+
+    fn drop_retired(&mut self) {
+        let before = self.entries.len();
+        if self.entries.iter().any(|e| e.retired && e.running.is_none()) {
+            self.entries.retain(|e| !(e.retired && e.running.is_none()));
+            self.queue.clear();
+            for (i, e) in self.entries.iter().enumerate() {
+                if e.queued.is_some() {
+                    self.queue.push_back(i);
+                }
+            }
+        }
+        if self.entries.len() != before {
+            self.prune_snapshots();
+        }
+    }
+
+    /// Re-reads the sites whose debounce ran out.
+    fn reload_due(&mut self, watcher: &mut impl notify::Watcher) {
+        let now = Instant::now();
+        let mut changed = false;
+        for i in 0..self.entries.len() {
+            let e = &mut self.entries[i];
+            if e.reload_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            e.reload_at = None;
+            let name = e.name();
+            let old_schedule = e.slot.current().site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
+            match e.slot.reload(&self.runtime) {
+                Reload::Unchanged => {}
+                Reload::Rejected { reason } => log::error!(
+                    target: "offsite::watch",
+                    "site {name}: the new version is not valid; keeping the running one (script sha256 {}): {reason}",
+                    e.slot.current().script.sha256
+                ),
+                Reload::Replaced { old, new } => {
+                    changed = true;
+                    let current = e.slot.current();
+                    log::info!(
+                        target: "offsite::watch",
+                        "site {}: reloaded {} {}: script sha256 {} -> {}, site sha256 {} -> {}",
+                        current.site.name, current.info.name, current.info.version, old.0, new.0, old.1, new.1
+                    );
+                    let schedule = current.site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
+                    if schedule != old_schedule {
+                        e.timer = current.site.schedule.clone().map(|s| Timer::new(s, current.site.missed, Utc::now()));
+                    }
+                    if self.options.run_on_change {
+                        if e.running.is_some() {
+                            e.rerun = true;
+                        } else if e.queued.is_none() {
+                            e.queued = Some("its files changed".into());
+                            self.queue.push_back(i);
+                        }
+                    }
+                }
+            }
+        }
+        if changed {
+            self.rewatch(watcher);
+            self.prune_snapshots();
+        }
+    }
+
+    /// Watches the directories of every site and script file, and only
+    /// those.
+    fn rewatch(&mut self, watcher: &mut impl notify::Watcher) {
+        let wanted: BTreeSet<PathBuf> =
+            self.entries.iter().flat_map(|e| e.files()).filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        for dir in self.watched.difference(&wanted) {
+            let _ = watcher.unwatch(dir);
+        }
+        for dir in wanted.difference(&self.watched) {
+            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                log::error!(target: "offsite::watch", "cannot watch {}: {e}; changes there are seen on SIGHUP only", dir.display());
+            }
+        }
+        self.watched = wanted;
+    }
+
+    fn fire_due(&mut self, now: DateTime<Utc>) {
+        for i in 0..self.entries.len() {
+            let e = &mut self.entries[i];
+            let Some(fire) = e.timer.as_mut().and_then(|t| t.poll(now)) else { continue };
+            let name = e.name();
+            let why = match &fire {
+                Fire::OnTime(at) => format!("scheduled at {}", local(at)),
+                Fire::Missed { at, run: true } => {
+                    log::warn!(target: "offsite::watch", "site {name}: its run at {} was missed (the machine slept or the clock jumped): running it now", local(at));
+                    format!("missed its run at {}", local(at))
+                }
+                Fire::Missed { at, run: false } => {
+                    log::warn!(target: "offsite::watch", "site {name}: its run at {} was missed (the machine slept or the clock jumped): skipped (missed = \"skip\")", local(at));
+                    continue;
+                }
+            };
+            if let Some(r) = &e.running {
+                log::warn!(
+                    target: "offsite::watch",
+                    "site {name}: {why}, but its previous run ({}) is still going after {}: this one is skipped",
+                    r.why,
+                    humantime::format_duration(Duration::from_secs(r.started.elapsed().as_secs()))
+                );
+            } else if e.queued.is_none() {
+                e.queued = Some(why);
+                self.queue.push_back(i);
+            }
+        }
+    }
+
+    /// Starts queued runs while jobs are free. A site whose store another
+    /// of our runs is using waits for it (they share the store's lock).
+    fn start_queued(&mut self) {
+        let mut waiting = VecDeque::new();
+        while let Some(i) = self.queue.pop_front() {
+            let busy = self.entries.iter().filter(|e| e.running.is_some()).count();
+            let store = self.entries[i].slot.current().site.store.clone();
+            let store_busy =
+                self.entries.iter().any(|e| e.running.as_ref().is_some_and(|r| r.version.site.store == store));
+            if busy >= self.options.jobs || store_busy {
+                waiting.push_back(i);
+                continue;
+            }
+            self.start(i);
+        }
+        self.queue = waiting;
+    }
+
+    fn start(&mut self, i: usize) {
+        let e = &mut self.entries[i];
+        let why = e.queued.take().unwrap_or_default();
+        let version = e.slot.current();
+        let name = version.site.name.clone();
+        match spawn_run(&self.snapshots, &e.slot.site_file, &version, self.options.verbose) {
+            Ok(child) => {
+                log::info!(
+                    target: "offsite::watch",
+                    "site {name}: run started ({why}), pid {}, {} {} (sha256 {})",
+                    child.id(),
+                    version.info.name,
+                    version.info.version,
+                    version.script.sha256
+                );
+                e.running = Some(Running { child, started: Instant::now(), version, why, terminated: None });
+            }
+            Err(err) => log::error!(target: "offsite::watch", "site {name}: cannot start a run: {err:#}"),
+        }
+    }
+
+    /// Collects finished runs and reports how each ended.
+    fn reap(&mut self) {
+        let mut finished = false;
+        for i in 0..self.entries.len() {
+            let e = &mut self.entries[i];
+            let Some(r) = &mut e.running else { continue };
+            let status = match r.child.try_wait() {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(err) => {
+                    log::error!(target: "offsite::watch", "site {}: cannot wait for run pid {}: {err}", r.version.site.name, r.child.id());
+                    continue;
+                }
+            };
+            let took = humantime::format_duration(Duration::from_millis(r.started.elapsed().as_millis() as u64));
+            let name = r.version.site.name.clone();
+            match (status.code(), status.signal()) {
+                (Some(0), _) => log::info!(target: "offsite::watch", "site {name}: run succeeded in {took}"),
+                (Some(4), _) => log::warn!(
+                    target: "offsite::watch",
+                    "site {name}: run skipped: another run of this store holds its lock (see above)"
+                ),
+                (Some(code), _) => log::error!(
+                    target: "offsite::watch",
+                    "site {name}: run failed (exit {code}) after {took}; its error is above"
+                ),
+                (None, Some(signal)) => log::error!(
+                    target: "offsite::watch",
+                    "site {name}: run killed by signal {signal} after {took}; the next run recovers what it left"
+                ),
+                (None, None) => log::error!(target: "offsite::watch", "site {name}: run ended without a status"),
+            }
+            e.running = None;
+            finished = true;
+            if std::mem::take(&mut e.rerun) && self.stopping.is_none() && e.queued.is_none() {
+                e.queued = Some("its files changed during the last run".into());
+                self.queue.push_back(i);
+            }
+        }
+        if finished {
+            self.drop_retired();
+            self.prune_snapshots();
+        }
+    }
+
+    /// After the grace period: SIGTERM each run (a clean abort), and
+    /// SIGKILL one that is still there [`KILL_AFTER`] later.
+    fn stop_runs(&mut self, grace_end: Instant) {
+        let now = Instant::now();
+        if now < grace_end {
+            return;
+        }
+        for e in &mut self.entries {
+            let Some(r) = &mut e.running else { continue };
+            let pid = rustix::process::Pid::from_child(&r.child);
+            match r.terminated {
+                None => {
+                    log::warn!(
+                        target: "offsite::watch",
+                        "site {}: run still going after the grace period: stopping it (SIGTERM)",
+                        r.version.site.name
+                    );
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                    r.terminated = Some(now);
+                }
+                Some(at) if now.duration_since(at) >= KILL_AFTER => {
+                    log::error!(
+                        target: "offsite::watch",
+                        "site {}: run did not stop {} after SIGTERM: killing it; the next run recovers what it left",
+                        r.version.site.name,
+                        humantime::format_duration(KILL_AFTER)
+                    );
+                    let _ = r.child.kill();
+                    r.terminated = Some(now + Duration::from_secs(3600));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn prune_snapshots(&self) {
+        let mut keep: HashSet<String> = self.entries.iter().map(|e| e.slot.current().script.sha256.clone()).collect();
+        keep.extend(self.entries.iter().filter_map(|e| Some(e.running.as_ref()?.version.script.sha256.clone())));
+        self.snapshots.prune(&keep);
+    }
+}
+
+/// Starts `offsite run` for `version`: the snapshot of its script, its
+/// site text on stdin, in its own process group (a Ctrl-C meant for the
+/// watcher does not reach the runs; the watcher decides when they stop).
+fn spawn_run(snapshots: &Snapshots, site_file: &Path, version: &Version, verbose: u8) -> Result<Child> {
+    let script = snapshots.script(version)?;
+    let mut cmd = Command::new("/proc/self/exe");
+    if verbose > 0 {
+        cmd.arg(format!("-{}", "v".repeat(verbose as usize)));
+    }
+    cmd.arg("run").arg(&script).arg("--site").arg(site_file).arg("--site-stdin");
+    cmd.current_dir(site_file.parent().unwrap_or(Path::new("/")));
+    cmd.env("OFFSITE_LOG_PREFIX", format!("[{}] ", version.site.name));
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+    cmd.process_group(0);
+    let mut child = cmd.spawn().map_err(|e| anyhow!("cannot start offsite run: {e}"))?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // The run reads its whole stdin before anything else.
+    if let Err(e) = stdin.write_all(version.site_text.as_bytes()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("cannot pass the site to the run: {e}");
+    }
+    Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// Drives `timer` minute by minute from `from` to `to` (an injected
+    /// clock) and returns when it fired.
+    fn fires(
+        timer: &mut Timer,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        step: chrono::TimeDelta,
+    ) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let mut now = from;
+        while now <= to {
+            if let Some(fire) = timer.poll(now) {
+                let on_time = matches!(fire, Fire::OnTime(_));
+                out.push((now.to_rfc3339(), on_time));
+            }
+            now += step;
+        }
+        out
+    }
+
+    fn article(tz: &str) -> Schedule {
+        Schedule::parse("34 3,20 * * *", Some(tz)).unwrap()
+    }
+
+    #[test]
+    fn fires_at_the_scheduled_instants() {
+        let start = utc("2026-03-01T00:00:00Z");
+        let mut timer = Timer::new(article("UTC"), Missed::RunOnce, start);
+        let got = fires(&mut timer, start, utc("2026-03-02T23:59:00Z"), chrono::TimeDelta::minutes(1));
+        let want: Vec<(String, bool)> = [
+            "2026-03-01T03:34:00+00:00",
+            "2026-03-01T20:34:00+00:00",
+            "2026-03-02T03:34:00+00:00",
+            "2026-03-02T20:34:00+00:00",
+        ]
+        .iter()
+        .map(|s| (s.to_string(), true))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn fires_across_dst_changes_in_the_sites_zone() {
+        // Europe/Berlin 2026: clocks go forward on 29 March at 02:00 and back
+        // on 25 October at 03:00. A 02:30 job has no 02:30 on 29 March (it
+        // runs at the change, 03:00 CEST = 01:00 UTC) and two on 25 October
+        // (it runs once, the first time, 02:30 CEST = 00:30 UTC).
+        let schedule = Schedule::parse("30 2 * * *", Some("Europe/Berlin")).unwrap();
+        let step = chrono::TimeDelta::minutes(1);
+        let from = utc("2026-03-28T00:00:00Z");
+        let mut timer = Timer::new(schedule.clone(), Missed::RunOnce, from);
+        let got: Vec<String> =
+            fires(&mut timer, from, utc("2026-03-30T12:00:00Z"), step).into_iter().map(|f| f.0).collect();
+        assert_eq!(got, ["2026-03-28T01:30:00+00:00", "2026-03-29T01:00:00+00:00", "2026-03-30T00:30:00+00:00"]);
+
+        let from = utc("2026-10-24T00:00:00Z");
+        let mut timer = Timer::new(schedule, Missed::RunOnce, from);
+        let got: Vec<String> =
+            fires(&mut timer, from, utc("2026-10-26T12:00:00Z"), step).into_iter().map(|f| f.0).collect();
+        assert_eq!(got, ["2026-10-24T00:30:00+00:00", "2026-10-25T00:30:00+00:00", "2026-10-26T01:30:00+00:00"]);
+    }
+
+    #[test]
+    fn a_sleep_over_several_runs_is_one_missed_firing_by_policy() {
+        let at = utc("2026-03-01T00:00:00Z");
+        let wake = utc("2026-03-03T12:00:00Z"); // slept through four runs
+        let mut timer = Timer::new(article("UTC"), Missed::RunOnce, at);
+        assert_eq!(timer.poll(wake), Some(Fire::Missed { at: utc("2026-03-01T03:34:00Z"), run: true }));
+        assert_eq!(timer.poll(wake), None, "the missed runs coalesce");
+        assert_eq!(timer.next(), Some(utc("2026-03-03T20:34:00Z")));
+
+        let mut timer = Timer::new(article("UTC"), Missed::Skip, at);
+        let fire = timer.poll(wake).unwrap();
+        assert!(!fire.runs(), "{fire:?}");
+        // Late by less than LATE (a busy machine) is still on time.
+        let mut timer = Timer::new(article("UTC"), Missed::Skip, at);
+        assert_eq!(timer.poll(utc("2026-03-01T03:34:59Z")), Some(Fire::OnTime(utc("2026-03-01T03:34:00Z"))));
+    }
+
+    #[test]
+    fn start_up_runs_once_for_missed_runs_or_skips_them() {
+        let now = utc("2026-03-05T12:00:00Z");
+        // Last ran three days ago: missed, run once.
+        let (timer, fire) = Timer::start(article("UTC"), Missed::RunOnce, Some(utc("2026-03-02T03:34:10Z")), now);
+        assert_eq!(fire, Some(Fire::Missed { at: utc("2026-03-02T20:34:00Z"), run: true }));
+        assert_eq!(timer.next(), Some(utc("2026-03-05T20:34:00Z")));
+        // The same with missed = skip: nothing runs now.
+        let (_, fire) = Timer::start(article("UTC"), Missed::Skip, Some(utc("2026-03-02T03:34:10Z")), now);
+        assert!(!fire.unwrap().runs());
+        // Last ran at the last scheduled time: nothing missed.
+        let (_, fire) = Timer::start(article("UTC"), Missed::RunOnce, Some(utc("2026-03-05T03:34:00Z")), now);
+        assert_eq!(fire, None);
+        // Never ran: nothing missed, the first run is the next scheduled one.
+        let (timer, fire) = Timer::start(article("UTC"), Missed::RunOnce, None, now);
+        assert_eq!((fire, timer.next()), (None, Some(utc("2026-03-05T20:34:00Z"))));
+    }
+
+    #[test]
+    fn local_time_is_the_default_zone() {
+        // Whatever TZ the tests run in, a local schedule fires at 03:34 local.
+        let schedule = Schedule::parse("34 3 * * *", None).unwrap();
+        let from = Utc::now();
+        let mut timer = Timer::new(schedule, Missed::RunOnce, from);
+        let next = timer.next().unwrap();
+        assert_eq!(next.with_timezone(&chrono::Local).format("%H:%M").to_string(), "03:34");
+        assert!(matches!(timer.poll(next), Some(Fire::OnTime(_))));
+    }
+}
