@@ -43,7 +43,9 @@ pub enum Reload {
     /// Neither file changed.
     Unchanged,
     /// The new pair replaced the old one (SHA-256s: script, then site).
-    Replaced { old: (String, String), new: (String, String) },
+    /// `script_kept` says why the script on disk was not taken when only
+    /// the site was (its new text is good with the script already held).
+    Replaced { old: (String, String), new: (String, String), script_kept: Option<String> },
     /// The new pair is not valid; the old one stays.
     Rejected { reason: String },
 }
@@ -94,14 +96,42 @@ impl Slot {
             Ok(v) => {
                 let new = (v.script.sha256.clone(), v.site_sha256.clone());
                 self.current = Arc::new(v);
-                Reload::Replaced { old, new }
+                Reload::Replaced { old, new, script_kept: None }
             }
-            Err(e) => Reload::Rejected { reason: format!("{e:#}") },
+            Err(e) => {
+                let reason = one_line(&format!("{e:#}"));
+                // An edited site is not held back by a script whose rebuild
+                // is broken: it may be good with the script already held.
+                match validate_with(runtime, &self.site_file, self.script_file.as_deref(), Some(&self.current)) {
+                    Ok(v) if v.site_sha256 != old.1 => {
+                        let new = (v.script.sha256.clone(), v.site_sha256.clone());
+                        self.current = Arc::new(v);
+                        Reload::Replaced { old, new, script_kept: Some(reason) }
+                    }
+                    _ => Reload::Rejected { reason },
+                }
+            }
         }
     }
 }
 
+/// An error message on one line (wasmtime's can span several).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn validate(runtime: &Runtime, site_file: &Path, script_file: Option<&Path>) -> Result<Version> {
+    validate_with(runtime, site_file, script_file, None)
+}
+
+/// Validates the site file on disk with the script on disk, or with the
+/// script of `kept` (when the site still names that file).
+fn validate_with(
+    runtime: &Runtime,
+    site_file: &Path,
+    script_file: Option<&Path>,
+    kept: Option<&Version>,
+) -> Result<Version> {
     let text =
         std::fs::read_to_string(site_file).with_context(|| format!("cannot read site file {}", site_file.display()))?;
     // `site_file` is absolute: relative paths in the site (and archive
@@ -114,8 +144,11 @@ fn validate(runtime: &Runtime, site_file: &Path, script_file: Option<&Path>) -> 
             return Err(anyhow!("{}: no `script` key: name the script this site runs", site_file.display()));
         }
     };
-    let script_bytes =
-        std::fs::read(script_file).with_context(|| format!("cannot read script {}", script_file.display()))?;
+    let script_bytes = match kept {
+        Some(v) if v.script.path == script_file => v.script_bytes.clone(),
+        Some(_) => return Err(anyhow!("the site names another script")),
+        None => std::fs::read(script_file).with_context(|| format!("cannot read script {}", script_file.display()))?,
+    };
     let script = runtime.load_bytes(script_file, &script_bytes)?;
     if let Some(pin) = &site.script_sha256
         && *pin != script.sha256
@@ -140,19 +173,7 @@ fn validate(runtime: &Runtime, site_file: &Path, script_file: Option<&Path>) -> 
 mod tests {
     use super::*;
 
-    /// The same component with a custom section appended: as valid, with
-    /// another SHA-256 (a rebuild that changed something).
-    fn rebuilt(bytes: &[u8], tag: &str) -> Vec<u8> {
-        let name = b"offsite-test";
-        let mut payload = vec![name.len() as u8];
-        payload.extend_from_slice(name);
-        payload.extend_from_slice(tag.as_bytes());
-        let mut out = bytes.to_vec();
-        out.push(0); // custom section
-        out.push(payload.len() as u8);
-        out.extend_from_slice(&payload);
-        out
-    }
+    use offsite_testkit::rebuilt;
 
     struct Dir {
         _tmp: tempfile::TempDir,
@@ -190,7 +211,7 @@ mod tests {
         let running = slot.current();
         assert_eq!(slot.reload(&rt), Reload::Unchanged);
         replace(&d.script, &rebuilt(&d.good, "v2"));
-        let Reload::Replaced { old, new } = slot.reload(&rt) else { panic!("not replaced") };
+        let Reload::Replaced { old, new, script_kept: None } = slot.reload(&rt) else { panic!("not replaced") };
         assert_eq!(old.0, running.script.sha256);
         assert_ne!(new.0, old.0);
         assert_eq!(new.1, old.1, "the site did not change");
@@ -238,6 +259,26 @@ mod tests {
         assert_eq!(slot.current().site.read_roots.len(), 2);
         // A syntax error, likewise.
         std::fs::write(&d.site, "store = \n").unwrap();
+        assert!(matches!(slot.reload(&rt), Reload::Rejected { .. }));
+    }
+
+    #[test]
+    fn a_site_edit_goes_in_with_the_held_script_while_the_script_on_disk_is_broken() {
+        let (d, rt) = (setup(), runtime());
+        let mut slot = Slot::load(&rt, &d.site, &d.script).unwrap();
+        let held = slot.current().script.sha256.clone();
+        std::fs::write(&d.script, b"a broken build").unwrap();
+        assert!(matches!(slot.reload(&rt), Reload::Rejected { .. }));
+        replace(&d.site, b"store = \"store\"\n[read]\nroots = [\"src\"]\n[params]\ncase = \"warn\"\n");
+        let Reload::Replaced { old, new, script_kept: Some(why) } = slot.reload(&rt) else {
+            panic!("the site edit was not taken")
+        };
+        assert_eq!((old.0.as_str(), new.0.as_str()), (held.as_str(), held.as_str()));
+        assert_ne!(old.1, new.1);
+        assert!(why.contains("fixture.wasm") && !why.contains('\n'), "{why}");
+        assert_eq!(slot.current().site.params["case"], "warn");
+        // A site the held script cannot run with is still refused.
+        replace(&d.site, b"store = \"store\"\n[read]\nroots = [\"src\"]\n");
         assert!(matches!(slot.reload(&rt), Reload::Rejected { .. }));
     }
 

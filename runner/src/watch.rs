@@ -501,13 +501,31 @@ impl Watch {
                     "site {name}: the new version is not valid; keeping the running one (script sha256 {}): {reason}",
                     e.slot.current().script.sha256
                 ),
-                Reload::Replaced { old, new } => {
+                Reload::Replaced { old, new, script_kept } => {
                     changed = true;
                     let current = e.slot.current();
+                    if let Some(reason) = script_kept {
+                        log::error!(
+                            target: "offsite::watch",
+                            "site {name}: the script on disk is not valid; keeping the running one (script sha256 {}) with the new site file: {reason}",
+                            old.0
+                        );
+                    }
+                    let change = |what: &str, old: &str, new: &str| {
+                        if old == new {
+                            format!("{what} sha256 {old} (unchanged)")
+                        } else {
+                            format!("{what} sha256 {old} -> {new}")
+                        }
+                    };
                     log::info!(
                         target: "offsite::watch",
-                        "site {}: reloaded {} {}: script sha256 {} -> {}, site sha256 {} -> {}",
-                        current.site.name, current.info.name, current.info.version, old.0, new.0, old.1, new.1
+                        "site {}: reloaded {} {}: {}, {}",
+                        current.site.name,
+                        current.info.name,
+                        current.info.version,
+                        change("script", &old.0, &new.0),
+                        change("site", &old.1, &new.1)
                     );
                     let schedule = current.site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
                     if schedule != old_schedule {

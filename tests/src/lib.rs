@@ -39,6 +39,21 @@ pub fn script(name: &str) -> PathBuf {
     path
 }
 
+/// The same component with a custom section appended: as valid, with
+/// another SHA-256 (a rebuild that changed something).
+pub fn rebuilt(bytes: &[u8], tag: &str) -> Vec<u8> {
+    let name = b"offsite-test";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    assert!(payload.len() < 128, "one-byte LEB128 length");
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.push(payload.len() as u8);
+    out.extend_from_slice(&payload);
+    out
+}
+
 /// Compiles WebAssembly text to binary, for hand-made bad modules.
 pub fn wat(text: &str) -> Vec<u8> {
     wat::parse_str(text).expect("valid WAT")
