@@ -488,7 +488,20 @@ fn status_shows_the_last_run_the_last_good_one_a_running_one_and_the_next() {
     assert!(ran.stdout.contains("last good: 20"), "{}", ran.stdout);
     assert!(ran.stdout.contains("running:   no"), "{}", ran.stdout);
     assert!(ran.stdout.contains("(34 3,20 * * *, Europe/Berlin)"), "{}", ran.stdout);
-    assert!(ran.stdout.contains(":34"), "the next run is at :34: {}", ran.stdout);
+    // The next run, shown in local time (UTC here), is 03:34 or 20:34 in
+    // Berlin, within the coming 17 hours (the longest gap between the two).
+    let line = ran.stdout.lines().find(|l| l.contains("next run:")).unwrap();
+    let shown = line.split("next run:").nth(1).unwrap().split('(').next().unwrap().trim();
+    let date = |tz: &str, fmt: &str| {
+        let out = std::process::Command::new("date").env("TZ", tz).args(["-d", shown, fmt]).output().unwrap();
+        assert!(out.status.success(), "date -d {shown:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let berlin = date("Europe/Berlin", "+%H:%M");
+    assert!(berlin == "03:34" || berlin == "20:34", "next run {shown} is {berlin} in Berlin");
+    let ahead = date("UTC", "+%s").parse::<i64>().unwrap()
+        - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((0..17 * 3600).contains(&ahead), "next run {shown} is {ahead} s away");
 
     let first = hold_lock(&site, "3000");
     let ran = status(&site);

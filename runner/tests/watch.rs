@@ -1,0 +1,549 @@
+//! `offsite watch` end to end: the real binary watching real files, reloading
+//! scripts replaced by rename, rebuilt by cargo or rewritten in place,
+//! refusing bad versions, sharing the store lock with `offsite run`, and
+//! stopping cleanly on SIGTERM. Runs are started with `--run-on-change`, so
+//! nothing here waits for a wall-clock schedule (the schedule itself is
+//! tested with an injected clock in `runner/src/watch.rs`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use offsite_testkit::sshd::Sshd;
+use offsite_testkit::{offsite, rebuilt, script, tree};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+/// Long enough for a debug build on a busy two-core machine.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A directory with a site file, its script (a copy of `fixture`) and a
+/// read root `src`.
+struct Site {
+    dir: tempfile::TempDir,
+    good: Vec<u8>,
+    /// Top-level lines added to site.toml.
+    top: String,
+}
+
+impl Site {
+    fn new(params: &str) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        std::fs::write(dir.path().join("src/file"), "data\n").unwrap();
+        let good = std::fs::read(script("fixture")).unwrap();
+        std::fs::write(dir.path().join("fixture.wasm"), &good).unwrap();
+        let site = Site { dir, good, top: String::new() };
+        site.write_site("[\"src\"]", params);
+        site
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn script(&self) -> PathBuf {
+        self.path("fixture.wasm")
+    }
+
+    /// Writes site.toml (by rename, as editors do).
+    fn write_site(&self, roots: &str, params: &str) {
+        let text = format!(
+            "name = \"w\"\nstore = \"store\"\nscript = \"fixture.wasm\"\n{}[read]\nroots = {roots}\n[params]\n{params}\n",
+            self.top
+        );
+        replace(&self.path("site.toml"), text.as_bytes());
+    }
+
+    /// The manifests of the site's runs, oldest first.
+    fn manifests(&self) -> Vec<serde_json::Value> {
+        let dir = self.path("store/.offsite/manifests");
+        let mut names: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
+    }
+
+    fn watch(&self, extra: &[&str]) -> Watcher {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("watch").arg(self.path("site.toml")).arg("--run-on-change").arg("--debounce").arg("50ms");
+        cmd.args(extra);
+        Watcher::start(cmd)
+    }
+}
+
+/// Replaces `path` the way cargo and most editors do: write aside, rename.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let mut child = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// A running `offsite watch`, its log collected line by line.
+struct Watcher {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Lines before this one were already matched by `wait_for`.
+    seen: usize,
+}
+
+impl Watcher {
+    fn start(mut cmd: Command) -> Watcher {
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (err, sink) = (child.stderr.take().unwrap(), Arc::clone(&lines));
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("watch| {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut w = Watcher { child, lines, seen: 0 };
+        w.wait_for("watching site");
+        w
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing `needle` after the last one matched.
+    #[track_caller]
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                if let Some(i) = lines[self.seen..].iter().position(|l| l.contains(needle)) {
+                    self.seen += i + 1;
+                    return lines[self.seen - 1].clone();
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("watch exited ({status}) before logging {needle:?}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "watch did not stop:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn scripts_replaced_by_rename_or_rewritten_in_place_reload_and_bad_ones_keep_the_old() {
+    let site = Site::new("case = \"tar\"\narg = \"src\"");
+    let mut w = site.watch(&[]);
+    let v1 = sha256(&site.good);
+
+    // Rebuilt and renamed into place: reloaded, and the next run uses it.
+    let v2_bytes = rebuilt(&site.good, "v2");
+    let v2 = sha256(&v2_bytes);
+    replace(&site.script(), &v2_bytes);
+    let line = w.wait_for("reloaded");
+    assert!(line.contains(&format!("script sha256 {v1} -> {v2}")), "{line}");
+    w.wait_for("run succeeded");
+    assert_eq!(site.manifests().last().unwrap()["script"]["sha256"], v2.as_str());
+
+    // Garbage written in place: refused with the reason, the old one kept,
+    // and no run.
+    std::fs::write(site.script(), b"not wasm").unwrap();
+    let line = w.wait_for("not valid");
+    assert!(line.contains(&v2) && line.contains("fixture.wasm"), "{line}");
+    // A site edit now runs with the kept script.
+    site.write_site("[\"src\"]", "case = \"tar\"\narg = \"src\"\n# edited");
+    w.wait_for("reloaded");
+    w.wait_for("run succeeded");
+    assert_eq!(site.manifests().len(), 2, "the bad script never ran");
+    assert_eq!(site.manifests().last().unwrap()["script"]["sha256"], v2.as_str());
+
+    // Truncated, then written in two halves with a pause longer than the
+    // debounce between them: the half-written file is refused, the whole
+    // one is taken.
+    let v3_bytes = rebuilt(&site.good, "v3");
+    let v3 = sha256(&v3_bytes);
+    let mut f = std::fs::File::create(site.script()).unwrap();
+    let half = v3_bytes.len() / 2;
+    f.write_all(&v3_bytes[..half]).unwrap();
+    f.flush().unwrap();
+    w.wait_for("not valid");
+    f.write_all(&v3_bytes[half..]).unwrap();
+    drop(f);
+    let line = w.wait_for("reloaded");
+    assert!(line.contains(&format!("-> {v3}")), "{line}");
+    w.wait_for("run succeeded");
+    let shas: Vec<String> =
+        site.manifests().iter().map(|m| m["script"]["sha256"].as_str().unwrap().to_string()).collect();
+    assert_eq!(shas, [v2.clone(), v2, v3], "no run ever used a half-written script");
+
+    assert!(w.stop().success(), "{}", w.log());
+}
+
+#[test]
+fn a_site_edit_that_changes_grants_applies_to_the_next_run() {
+    let site = Site::new("case = \"tar\"\narg = \"src\"");
+    std::fs::create_dir(site.path("www")).unwrap();
+    std::fs::write(site.path("www/index.html"), "<p>hi</p>\n").unwrap();
+    let mut w = site.watch(&[]);
+
+    // Archiving www without a grant for it: denied, the run fails.
+    site.write_site("[\"src\"]", "case = \"tar\"\narg = \"www\"");
+    w.wait_for("reloaded");
+    w.wait_for("run failed (exit 1)");
+    assert!(w.log().contains("denied"), "{}", w.log());
+    // The grant added: the same script now archives it.
+    site.write_site("[\"src\", \"www\"]", "case = \"tar\"\narg = \"www\"");
+    w.wait_for("reloaded");
+    w.wait_for("run succeeded");
+    let m = site.manifests();
+    assert_eq!((m[0]["status"].as_str(), m[1]["status"].as_str()), (Some("failed"), Some("ok")));
+    assert_ne!(m[0]["grants_sha256"], m[1]["grants_sha256"]);
+    assert_eq!(tree(&site.path("store")), [PathBuf::from("fixture.tgz")]);
+    assert!(w.stop().success());
+}
+
+#[test]
+fn a_run_keeps_the_version_it_started_with_and_the_next_run_takes_the_new_one() {
+    let site = Site::new("case = \"tar\"\narg = \"src\"");
+    let mut w = site.watch(&[]);
+    let v1 = sha256(&site.good);
+    // A run that holds on for a while...
+    site.write_site("[\"src\"]", "case = \"sleep\"\narg = \"2000\"");
+    w.wait_for("run started");
+    // ...while the script is replaced.
+    let v2_bytes = rebuilt(&site.good, "v2");
+    replace(&site.script(), &v2_bytes);
+    w.wait_for("reloaded");
+    w.wait_for("run succeeded");
+    w.wait_for("run started (its files changed during the last run)");
+    w.wait_for("run succeeded");
+    let shas: Vec<String> =
+        site.manifests().iter().map(|m| m["script"]["sha256"].as_str().unwrap().to_string()).collect();
+    assert_eq!(shas, [v1, sha256(&v2_bytes)]);
+    assert!(w.stop().success());
+}
+
+#[test]
+fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
+    // A script crate of its own, built with cargo against the SDK, sharing
+    // scripts/target so its dependencies are already compiled.
+    let krate = tempfile::tempdir().unwrap();
+    let repo = offsite_testkit::repo_root();
+    std::fs::create_dir(krate.path().join("src")).unwrap();
+    std::fs::write(
+        krate.path().join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"watched\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\noffsite-sdk = {{ path = \"{}\" }}\n\n[workspace]\n",
+            repo.join("guest-sdk").display()
+        ),
+    )
+    .unwrap();
+    std::fs::copy(repo.join("scripts/Cargo.lock"), krate.path().join("Cargo.lock")).unwrap();
+    let source = |version: &str| {
+        format!(
+            "use offsite_sdk::{{Result, Script, ScriptInfo}};\nstruct W;\nimpl Script for W {{\n    fn describe() -> \
+             ScriptInfo {{ ScriptInfo::new(\"watched\", \"{version}\") }}\n    fn run() -> Result<()> {{ Ok(()) }}\n}}\n\
+             offsite_sdk::script!(W);\n"
+        )
+    };
+    let target = repo.join("scripts/target");
+    let build = |version: &str| {
+        std::fs::write(krate.path().join("src/lib.rs"), source(version)).unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--offline", "--target", "wasm32-wasip2"])
+            .current_dir(krate.path())
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build of the watched crate failed");
+    };
+    build("1.0.0");
+    let built = target.join("wasm32-wasip2/debug/watched.wasm");
+
+    let dir = tempfile::tempdir().unwrap();
+    let site_file = dir.path().join("site.toml");
+    std::fs::write(&site_file, format!("name = \"w\"\nstore = \"store\"\nscript = \"{}\"\n", built.display())).unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("watch").arg(&site_file).arg("--run-on-change");
+    let mut w = Watcher::start(cmd);
+    build("2.0.0");
+    let line = w.wait_for("reloaded");
+    assert!(line.contains("watched 2.0.0"), "{line}");
+    w.wait_for("run succeeded");
+    let manifest: serde_json::Value = {
+        let dir = dir.path().join("store/.offsite/manifests");
+        let file = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
+        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+    };
+    assert_eq!(manifest["script"]["version"], "2.0.0");
+    assert_eq!(manifest["script"]["sha256"], sha256(&std::fs::read(&built).unwrap()).as_str());
+    assert!(w.stop().success());
+}
+
+#[test]
+fn watch_and_offsite_run_never_run_a_site_twice_at_once() {
+    let site = Site::new("case = \"tar\"\narg = \"src\"");
+    let mut w = site.watch(&[]);
+
+    // A cron run holds the store: the watcher's run is skipped.
+    let mut cron = offsite(Path::new(BIN))
+        .arg("run")
+        .arg(site.script())
+        .arg("--site")
+        .arg(site.path("site.toml"))
+        .args(["--param", "case=sleep", "--param", "arg=3000"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lock = site.path("store/.offsite/lock");
+    let deadline = Instant::now() + PATIENCE;
+    while std::fs::read_to_string(&lock).map_or(true, |t| t.trim().is_empty()) {
+        assert!(Instant::now() < deadline, "the cron run never took the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    site.write_site("[\"src\"]", "case = \"tar\"\narg = \"src\"\n# edited");
+    w.wait_for("run skipped: another run of this store holds its lock");
+    assert!(w.log().contains("another run holds the store's lock: pid"), "{}", w.log());
+    assert!(cron.wait().unwrap().success());
+
+    // The watcher's run holds it: `offsite run` exits 4.
+    site.write_site("[\"src\"]", "case = \"sleep\"\narg = \"3000\"");
+    w.wait_for("run started");
+    while std::fs::read_to_string(&lock).map_or(true, |t| t.trim().is_empty()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = offsite(Path::new(BIN))
+        .arg("run")
+        .arg(site.script())
+        .arg("--site")
+        .arg(site.path("site.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    w.wait_for("run succeeded");
+    // One run by cron, one by the watcher: nothing else.
+    assert_eq!(site.manifests().len(), 2);
+    assert!(w.stop().success());
+}
+
+/// A site whose `probe` streams a megabyte from a real sshd and then waits
+/// a minute before its command exits.
+fn slow_stream_site(server: &Sshd) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("home")).unwrap();
+    std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+    std::fs::copy(script("probe"), dir.path().join("probe.wasm")).unwrap();
+    let argv = ["sh", "-c", "head -c 1000000 /dev/zero; sleep 60"].join("\u{1f}");
+    let text = format!(
+        "name = \"slow\"\nstore = \"store\"\nscript = \"probe.wasm\"\nssh_config = \"{}\"\n[params]\nop = \
+         \"stream\"\nargv = \"{}\"\ndest = \"dump.bin\"\n{}\n",
+        dir.path().join("ssh_config").display(),
+        argv.replace('\u{1f}', "\\u001f"),
+        server.host_section("server1", "commands = [[\"sh\", \"-c\", \"*\"]]")
+    );
+    std::fs::write(dir.path().join("site.toml"), text).unwrap();
+    dir
+}
+
+/// Waits until the store's staging area holds a temporary file.
+fn wait_for_temporary_file(store: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let runs = store.join(".offsite/runs");
+        if runs.exists() && tree(&runs).iter().any(|f| f.to_string_lossy().contains(".offsite-tmp")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the transfer never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// After a clean abort: nothing visible, no temporary file, and a `failed`
+/// manifest that says why.
+#[track_caller]
+fn assert_aborted_cleanly(store: &Path) {
+    assert_eq!(tree(store), Vec::<PathBuf>::new(), "a partial file became visible");
+    let runs = store.join(".offsite/runs");
+    let leftovers: Vec<PathBuf> =
+        tree(&runs).into_iter().filter(|f| f.to_string_lossy().contains(".offsite-tmp")).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let manifests: Vec<PathBuf> = std::fs::read_dir(store.join(".offsite/manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(manifests.len(), 1);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifests[0]).unwrap()).unwrap();
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error"].as_str().unwrap().contains("aborted: received SIGTERM"), "{m}");
+    assert!(
+        !store.join(".offsite/lock").exists()
+            || std::fs::read_to_string(store.join(".offsite/lock")).unwrap().trim().is_empty()
+    );
+}
+
+#[test]
+fn sigterm_in_the_middle_of_a_run_leaves_nothing_partial() {
+    let server = Sshd::start("127.0.0.2");
+    let dir = slow_stream_site(&server);
+    let store = dir.path().join("store");
+
+    // Under watch: the run outlives the grace period and is aborted.
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("watch").arg(dir.path().join("site.toml")).args(["--run-on-change", "--grace", "1s"]);
+    cmd.env("HOME", dir.path().join("home")).env_remove("SSH_AUTH_SOCK");
+    let mut w = Watcher::start(cmd);
+    let text = std::fs::read_to_string(dir.path().join("site.toml")).unwrap();
+    replace(&dir.path().join("site.toml"), format!("{text}# go\n").as_bytes());
+    w.wait_for("run started");
+    wait_for_temporary_file(&store);
+    let started = Instant::now();
+    let status = w.stop();
+    assert!(status.success(), "{status}\n{}", w.log());
+    assert!(started.elapsed() < Duration::from_secs(30), "the abort took {:?}", started.elapsed());
+    let log = w.log();
+    assert!(log.contains("get 1s to finish") && log.contains("stopping it (SIGTERM)"), "{log}");
+    assert!(log.contains("run failed (exit 1)"), "{log}");
+    assert_aborted_cleanly(&store);
+    std::fs::remove_dir_all(&store).unwrap();
+
+    // `offsite run` itself (cron, a systemd timer being stopped).
+    let run = offsite(Path::new(BIN))
+        .arg("run")
+        .arg(dir.path().join("probe.wasm"))
+        .arg("--site")
+        .arg(dir.path().join("site.toml"))
+        .env("HOME", dir.path().join("home"))
+        .env_remove("SSH_AUTH_SOCK")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_temporary_file(&store);
+    assert!(Command::new("kill").arg("-TERM").arg(run.id().to_string()).status().unwrap().success());
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("backup aborted: received SIGTERM"), "{stderr}");
+    assert_aborted_cleanly(&store);
+}
+
+#[test]
+fn a_run_that_ends_within_the_grace_period_finishes_normally() {
+    let site = Site::new("case = \"tar\"\narg = \"src\"");
+    let mut w = site.watch(&["--grace", "30s"]);
+    site.write_site("[\"src\"]", "case = \"sleep\"\narg = \"1500\"");
+    w.wait_for("run started");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(w.stop().success());
+    assert!(w.log().contains("run succeeded"), "{}", w.log());
+    assert_eq!(site.manifests().last().unwrap()["status"], "ok");
+}
+
+#[test]
+fn sighup_rereads_and_picks_up_new_sites_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites");
+    std::fs::create_dir(&sites).unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
+    let site = |name: &str| {
+        format!(
+            "name = \"{name}\"\nstore = \"../store-{name}\"\nscript = \"../fixture.wasm\"\n[read]\nroots = \
+             [\"../src\"]\n[params]\ncase = \"tar\"\narg = \"../src\"\n"
+        )
+    };
+    std::fs::write(sites.join("a.toml"), site("a")).unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("watch").arg(&sites).arg("--run-on-change");
+    let mut w = Watcher::start(cmd);
+    std::fs::write(sites.join("b.toml"), site("b")).unwrap();
+    w.signal("HUP");
+    w.wait_for("re-reading every site and script");
+    w.wait_for("site b: added");
+    // Both sites share the script: a rebuild reloads both.
+    let good = std::fs::read(dir.path().join("fixture.wasm")).unwrap();
+    replace(&dir.path().join("fixture.wasm"), &rebuilt(&good, "shared"));
+    let first = w.wait_for("reloaded");
+    let second = w.wait_for("reloaded");
+    assert!(first.contains("site a:") != second.contains("site a:"), "{first}\n{second}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn a_thousand_reloads_grow_neither_memory_nor_file_descriptors() {
+    let mut site = Site::new("case = \"tar\"\narg = \"src\"");
+    // Without --run-on-change (this is about reloading), so with a schedule.
+    site.top = "schedule = \"0 0 1 1 *\"\n".into();
+    site.write_site("[\"src\"]", "case = \"tar\"\narg = \"src\"");
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("watch").arg(site.path("site.toml")).args(["--debounce", "0s"]);
+    let mut w = Watcher::start(cmd);
+    let versions = [rebuilt(&site.good, "a"), rebuilt(&site.good, "b")];
+    let reload = |w: &mut Watcher, bytes: &[u8]| {
+        replace(&site.script(), bytes);
+        w.wait_for("reloaded");
+    };
+    for v in versions.iter().cycle().take(20) {
+        reload(&mut w, v);
+    }
+    let (fds, rss) = (open_fds(w.pid()), rss_kib(w.pid()));
+    for v in versions.iter().cycle().take(1000) {
+        reload(&mut w, v);
+    }
+    let (fds_after, rss_after) = (open_fds(w.pid()), rss_kib(w.pid()));
+    assert!(fds_after <= fds + 2, "file descriptors went from {fds} to {fds_after} over 1000 reloads");
+    assert!(rss_after < rss + (32 << 10), "resident memory went from {rss} KiB to {rss_after} KiB over 1000 reloads");
+    assert!(w.stop().success());
+}
