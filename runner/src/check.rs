@@ -170,6 +170,16 @@ fn plain_pattern(pattern: &[String]) -> String {
 /// Retention, reports, notifications and at-rest protection: what they
 /// will do, and whatever would make them fail at run time.
 fn lifecycle_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, at_key: &dyn Fn(&str, &str) -> String) {
+    if let Some(script) = &site.script {
+        let _ = writeln!(out, "  runs {} under offsite watch", script.display());
+        if !script.is_file() {
+            problems.push(Problem {
+                at: at_key("", "script"),
+                what: format!("the script {} does not exist", script.display()),
+                fix: "build it, or fix the path (relative paths are relative to the site file)".into(),
+            });
+        }
+    }
     if let Some(schedule) = &site.schedule {
         let next = schedule
             .next_after(chrono::Utc::now())

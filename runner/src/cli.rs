@@ -82,7 +82,7 @@ enum Command {
     Check {
         /// The site file.
         site: PathBuf,
-        /// The script the site will run.
+        /// The script the site will run (default: the site's `script`).
         script: Option<PathBuf>,
         /// Also log into every host and look up each granted program.
         #[arg(long)]
@@ -651,6 +651,9 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
         .with_context(|| format!("cannot read site file {}", site_file.display()))
         .exit(Exit::Usage)?;
     let site = Site::parse(&text, site_file, &cwd).exit(Exit::Usage)?;
+    // Without a script argument, the script the site names (if it exists:
+    // a missing one is reported as a problem below).
+    let script = script.or(site.script.as_deref().filter(|p| p.is_file()));
     let loaded = match script {
         Some(path) => {
             let runtime = runtime()?;

@@ -68,6 +68,20 @@ fn problems_name_the_file_the_line_and_the_fix() {
     assert!(ran.stderr.contains("needs parameter \"path\"") && ran.stderr.contains("under [params]"), "{}", ran.stderr);
     assert!(ran.stderr.contains("uses the archive capability, but the site grants no read roots"), "{}", ran.stderr);
 
+    // Without a script argument, the site's own `script`: checked against
+    // the site when it exists, a problem when it does not.
+    std::fs::copy(script("arc"), dir.path().join("arc.wasm")).unwrap();
+    std::fs::write(&site, "store = \"backups\"\nscript = \"arc.wasm\"\n").unwrap();
+    let ran = check(&site, &[]);
+    ran.expect_code(2);
+    assert!(ran.stdout.contains("runs ") && ran.stdout.contains("arc.wasm under offsite watch"), "{}", ran.stdout);
+    assert!(ran.stderr.contains("needs parameter \"path\""), "{}", ran.stderr);
+    std::fs::write(&site, "store = \"backups\"\nscript = \"gone.wasm\"\n").unwrap();
+    let ran = check(&site, &[]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains(&format!("{file}:2: the script ")), "{}", ran.stderr);
+    assert!(ran.stderr.contains("gone.wasm does not exist"), "{}", ran.stderr);
+
     // A secret file that others can read.
     let pass = dir.path().join("db.pass");
     std::fs::write(&pass, "pw").unwrap();
