@@ -547,3 +547,92 @@ fn a_thousand_reloads_grow_neither_memory_nor_file_descriptors() {
     assert!(rss_after < rss + (32 << 10), "resident memory went from {rss} KiB to {rss_after} KiB over 1000 reloads");
     assert!(w.stop().success());
 }
+
+#[test]
+fn runs_are_bounded_by_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    let good = std::fs::read(script("fixture")).unwrap();
+    std::fs::write(dir.path().join("fixture.wasm"), &good).unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("watch").args(["--run-on-change", "--jobs", "1", "--debounce", "50ms"]);
+    for name in ["a", "b"] {
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\nstore = \"store-{name}\"\nscript = \"fixture.wasm\"\n[read]\nroots = \
+                 [\"src\"]\n[params]\ncase = \"sleep\"\narg = \"700\"\n"
+            ),
+        )
+        .unwrap();
+        cmd.arg(file);
+    }
+    let mut w = Watcher::start(cmd);
+    // One rebuild of the shared script makes both sites due at once.
+    replace(&dir.path().join("fixture.wasm"), &rebuilt(&good, "v2"));
+    for _ in 0..2 {
+        w.wait_for("run started");
+        w.wait_for("run succeeded");
+    }
+    let span = |name: &str| {
+        let dir = dir.path().join(format!("store-{name}/.offsite/manifests"));
+        let file = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        (m["started"].as_str().unwrap().to_string(), m["ended"].as_str().unwrap().to_string())
+    };
+    let (a, b) = (span("a"), span("b"));
+    // RFC 3339 in one zone with the same precision: ordered as strings.
+    assert!(a.1 <= b.0 || b.1 <= a.0, "the runs overlapped: a {a:?}, b {b:?}");
+    assert!(w.stop().success());
+}
+
+#[test]
+fn at_start_up_a_missed_run_runs_once_or_is_skipped_by_policy() {
+    for (policy, runs) in [("run-once", true), ("skip", false)] {
+        let mut site = Site::new("case = \"tar\"\narg = \"src\"");
+        site.top = format!("schedule = \"34 3,20 * * *\"\nmissed = \"{policy}\"\n");
+        site.write_site("[\"src\"]", "case = \"tar\"\narg = \"src\"");
+        // A run, then pretend it was three days ago: two runs a day were
+        // missed since.
+        let ran = offsite(Path::new(BIN))
+            .arg("run")
+            .arg(site.script())
+            .arg("--site")
+            .arg(site.path("site.toml"))
+            .current_dir(site.dir.path())
+            .output()
+            .unwrap();
+        assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+        let dir = site.path("store/.offsite/manifests");
+        let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let three_days_ago = {
+            let out = Command::new("date").args(["-u", "-d", "3 days ago", "+%Y-%m-%dT%H:%M:%S+00:00"]).output();
+            String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string()
+        };
+        m["started"] = three_days_ago.clone().into();
+        m["ended"] = three_days_ago.into();
+        std::fs::write(&file, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("watch").arg(site.path("site.toml"));
+        let mut w = Watcher::start(cmd);
+        // Start-up logs the missed run before it says it is watching.
+        if runs {
+            assert!(w.log().contains("running it now (missed = \"run-once\")"), "{}", w.log());
+            w.wait_for("run started (missed its run at");
+            w.wait_for("run succeeded");
+            assert_eq!(site.manifests().len(), 2);
+        } else {
+            assert!(w.log().contains("skipped (missed = \"skip\")"), "{}", w.log());
+            // A queued run starts before the loop first waits, so before it
+            // handles the SIGTERM: none may have started by the time it stops.
+            assert!(w.stop().success());
+            assert!(!w.log().contains("run started"), "{}", w.log());
+            assert_eq!(site.manifests().len(), 1);
+            continue;
+        }
+        assert!(w.stop().success());
+    }
+}
