@@ -271,10 +271,20 @@ fn a_run_keeps_the_version_it_started_with_and_the_next_run_takes_the_new_one() 
     assert!(w.stop().success());
 }
 
+/// The `[profile.release]` section of scripts/Cargo.toml.
+fn release_profile(repo: &Path) -> String {
+    let text = std::fs::read_to_string(repo.join("scripts/Cargo.toml")).unwrap();
+    let start = text.find("[profile.release]").expect("scripts/Cargo.toml has [profile.release]");
+    let rest = &text[start..];
+    let end = rest[1..].find("\n[").map_or(rest.len(), |i| i + 1);
+    rest[..end].to_string()
+}
+
 #[test]
 fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
     // A script crate of its own, built with cargo against the SDK, sharing
-    // scripts/target so its dependencies are already compiled.
+    // scripts/target and its release profile so that its dependencies are
+    // already compiled.
     let krate = tempfile::tempdir().unwrap();
     let repo = offsite_testkit::repo_root();
     std::fs::create_dir(krate.path().join("src")).unwrap();
@@ -282,8 +292,9 @@ fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
         krate.path().join("Cargo.toml"),
         format!(
             "[package]\nname = \"watched\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
-             [dependencies]\noffsite-sdk = {{ path = \"{}\" }}\n\n[workspace]\n",
-            repo.join("guest-sdk").display()
+             [dependencies]\noffsite-sdk = {{ path = \"{}\" }}\n\n[workspace]\n\n{}",
+            repo.join("guest-sdk").display(),
+            release_profile(&repo)
         ),
     )
     .unwrap();
@@ -300,7 +311,7 @@ fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
         std::fs::write(krate.path().join("src/lib.rs"), source(version)).unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--offline", "--target", "wasm32-wasip2"])
+            .args(["build", "--release", "--quiet", "--offline", "--target", "wasm32-wasip2"])
             .current_dir(krate.path())
             .env("CARGO_TARGET_DIR", &target)
             .env_remove("RUSTFLAGS")
@@ -310,7 +321,7 @@ fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
         assert!(status.success(), "cargo build of the watched crate failed");
     };
     build("1.0.0");
-    let built = target.join("wasm32-wasip2/debug/watched.wasm");
+    let built = target.join("wasm32-wasip2/release/watched.wasm");
 
     let dir = tempfile::tempdir().unwrap();
     let site_file = dir.path().join("site.toml");
