@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use offsite_testkit::sshd::Sshd;
 use offsite_testkit::{offsite, rebuilt, script, tree};
+use rustix::process::Signal;
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 /// Long enough for a debug build on a busy two-core machine.
@@ -138,14 +139,13 @@ impl Watcher {
         }
     }
 
-    fn signal(&self, signal: &str) {
-        let ok = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
-        assert!(ok.success());
+    fn signal(&self, signal: Signal) {
+        send(self.child.id(), signal);
     }
 
     /// SIGTERM, then the exit status.
     fn stop(&mut self) -> ExitStatus {
-        self.signal("TERM");
+        self.signal(Signal::TERM);
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -166,6 +166,11 @@ impl Drop for Watcher {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn send(pid: u32, signal: Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, signal).unwrap();
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -482,7 +487,7 @@ fn sigterm_in_the_middle_of_a_run_leaves_nothing_partial() {
         .spawn()
         .unwrap();
     wait_for_temporary_file(&store);
-    assert!(Command::new("kill").arg("-TERM").arg(run.id().to_string()).status().unwrap().success());
+    send(run.id(), Signal::TERM);
     let out = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -520,7 +525,7 @@ fn sighup_rereads_and_picks_up_new_sites_in_a_directory() {
     cmd.arg("watch").arg(&sites).arg("--run-on-change");
     let mut w = Watcher::start(cmd);
     std::fs::write(sites.join("b.toml"), site("b")).unwrap();
-    w.signal("HUP");
+    w.signal(Signal::HUP);
     w.wait_for("re-reading every site and script");
     w.wait_for("site b: added");
     // Both sites share the script: a rebuild reloads both.
