@@ -530,6 +530,9 @@ impl Watch {
                     let schedule = current.site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
                     if schedule != old_schedule {
                         e.timer = current.site.schedule.clone().map(|s| Timer::new(s, current.site.missed, Utc::now()));
+                        if e.timer.is_none() && !self.options.run_on_change {
+                            log::warn!(target: "offsite::watch", "site {name}: its site file has no `schedule` now: it will not run until it has one again");
+                        }
                     }
                     if self.options.run_on_change {
                         if e.running.is_some() {

@@ -145,7 +145,11 @@ impl Watcher {
 
     /// SIGTERM, then the exit status.
     fn stop(&mut self) -> ExitStatus {
-        self.signal(Signal::TERM);
+        self.stop_with(Signal::TERM)
+    }
+
+    fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        self.signal(signal);
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -501,8 +505,9 @@ fn a_run_that_ends_within_the_grace_period_finishes_normally() {
     let mut w = site.watch(&["--grace", "30s"]);
     site.write_site("[\"src\"]", "case = \"sleep\"\narg = \"1500\"");
     w.wait_for("run started");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(w.stop().success());
+    // SIGINT (Ctrl-C) is SIGTERM's twin.
+    assert!(w.stop_with(Signal::INT).success());
+    assert!(w.log().contains("received SIGINT: no new runs; 1 run(s) in progress get 30s to finish"), "{}", w.log());
     assert!(w.log().contains("run succeeded"), "{}", w.log());
     assert_eq!(site.manifests().last().unwrap()["status"], "ok");
 }
