@@ -5,13 +5,13 @@
 //! outright. It sets one process-wide flag, and everything that can take a
 //! while looks at it:
 //! - the script itself, at its next epoch tick (10 ms), traps;
+//! - a script asleep wakes within 100 ms (crate::sleep) and then traps;
 //! - a remote command being read kills its `ssh` and returns an error;
 //! - an archive stops between blocks.
 //!
 //! The run then ends the normal way: unfinished files are deleted with
 //! their temporary names, complete ones stay aside, and the manifest says
-//! `failed` with the reason. Only a script blocked in a WASI sleep is not
-//! interrupted (wasmtime cannot); it is caught when the sleep ends.
+//! `failed` with the reason.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};

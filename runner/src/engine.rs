@@ -61,8 +61,12 @@ pub enum ScriptFailure {
 pub struct RunState {
     pub caps: Caps,
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     limiter: Limiter,
+    /// When the call must end (its sandbox deadline).
+    pub(crate) deadline: Instant,
+    /// Zero of the script's monotonic clock (crate::sleep).
+    pub(crate) clock_base: Instant,
 }
 
 impl WasiView for RunState {
@@ -82,6 +86,8 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // Sleeps end at the deadline and on a stop request.
+        crate::sleep::add_to_linker(&mut linker)?;
         ScriptWorld::add_to_linker::<RunState, HasSelf<Caps>>(&mut linker, |s: &mut RunState| &mut s.caps)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -186,18 +192,20 @@ impl Runtime {
         wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         wasi.socket_addr_check(|_, _| Box::pin(async { false }));
         wasi.wall_clock(crate::output::WasiClock(caps.clock));
+        // Wall time, so that time spent in host calls counts too.
+        let deadline = Instant::now() + limits.deadline;
         let state = RunState {
             caps,
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: Limiter { memory: limits.memory as usize, hit: None },
+            deadline,
+            clock_base: Instant::now(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         // Every tick: stop if the process is asked to (crate::abort), trap
-        // once the deadline has passed. Wall time, so that time spent in
-        // host calls counts too.
-        let deadline = Instant::now() + limits.deadline;
+        // once the deadline has passed.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if crate::abort::requested() {

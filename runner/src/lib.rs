@@ -42,6 +42,8 @@ pub mod reload;
 pub mod report;
 pub mod schedule;
 pub mod site;
+#[cfg(feature = "runtime")]
+pub mod sleep;
 pub mod status;
 pub mod store;
 pub mod transport;

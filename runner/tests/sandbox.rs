@@ -68,6 +68,55 @@ fn a_script_error_fails_with_exit_1_and_its_reason() {
 }
 
 #[test]
+fn a_script_sleeping_past_its_deadline_is_stopped_at_the_deadline() {
+    let s = Scratch::new();
+    let site = s.site_with_limits("deadline = \"1s\"");
+    // A WASI sleep is a host call, which epochs cannot interrupt; the
+    // runner's own timers end it at the deadline.
+    let started = std::time::Instant::now();
+    s.fixture("sleep", &["--site", &site, "--param", "arg=120000"]).expect_code(3).expect_stderr("deadline of 1s");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "slept {:?}", started.elapsed());
+    // A sleep within the deadline lasts as long as asked.
+    let site = s.site_with_limits("deadline = \"30s\"");
+    let started = std::time::Instant::now();
+    s.fixture("sleep", &["--site", &site, "--param", "arg=700"]).expect_code(0);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(700), "slept {:?}", started.elapsed());
+}
+
+#[test]
+fn sigterm_stops_a_sleeping_script_and_the_run_fails_cleanly() {
+    let s = Scratch::new();
+    let site = s.site_with_limits("");
+    let mut run = offsite(Path::new(BIN))
+        .current_dir(&s.work)
+        .args(["run", script("fixture").to_str().unwrap(), "--site", &site])
+        .args(["--param", "case=sleep", "--param", "arg=120000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the run holds the store's lock, it is in the script.
+    let lock = s.work.join("store/.offsite/lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).map_or(true, |t| t.trim().is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let pid = rustix::process::Pid::from_raw(run.id() as i32).unwrap();
+    let sent = std::time::Instant::now();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = run.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("backup aborted: received SIGTERM"), "{stderr}");
+    assert!(sent.elapsed() < std::time::Duration::from_secs(30), "stopping took {:?}", sent.elapsed());
+    let manifests = s.work.join("store/.offsite/manifests");
+    let file = std::fs::read_dir(manifests).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains("\"status\": \"failed\""), "{text}");
+}
+
+#[test]
 fn an_infinite_loop_is_stopped_by_the_deadline_with_exit_3() {
     let s = Scratch::new();
     let site = s.site_with_limits("deadline = \"1s\"");
