@@ -103,7 +103,7 @@ impl Slot {
                 // An edited site is not held back by a script whose rebuild
                 // is broken: it may be good with the script already held.
                 match validate_with(runtime, &self.site_file, self.script_file.as_deref(), Some(&self.current)) {
-                    Ok(v) if v.site_sha256 != old.1 => {
+                    Ok(v) => {
                         let new = (v.script.sha256.clone(), v.site_sha256.clone());
                         self.current = Arc::new(v);
                         Reload::Replaced { old, new, script_kept: Some(reason) }
@@ -124,8 +124,8 @@ fn validate(runtime: &Runtime, site_file: &Path, script_file: Option<&Path>) -> 
     validate_with(runtime, site_file, script_file, None)
 }
 
-/// Validates the site file on disk with the script on disk, or with the
-/// script of `kept` (when the site still names that file).
+/// Validates the site file on disk with the script on disk, or, for a
+/// changed site that still names the same file, with the script of `kept`.
 fn validate_with(
     runtime: &Runtime,
     site_file: &Path,
@@ -138,12 +138,13 @@ fn validate_with(
     // sources) resolve against its directory.
     let cwd = site_file.parent().unwrap_or(Path::new("/"));
     let site = Site::parse(&text, site_file, cwd)?;
-    let script_file = match script_file.or(site.script.as_deref()) {
-        Some(file) => file,
-        None => {
-            return Err(anyhow!("{}: no `script` key: name the script this site runs", site_file.display()));
-        }
-    };
+    let site_sha256 = hex::encode(Sha256::digest(text.as_bytes()));
+    if kept.is_some_and(|v| v.site_sha256 == site_sha256) {
+        return Err(anyhow!("the site file did not change"));
+    }
+    let script_file = script_file
+        .or(site.script.as_deref())
+        .ok_or_else(|| anyhow!("{}: no `script` key: name the script this site runs", site_file.display()))?;
     let script_bytes = match kept {
         Some(v) if v.script.path == script_file => v.script_bytes.clone(),
         Some(_) => return Err(anyhow!("the site names another script")),
@@ -165,7 +166,6 @@ fn validate_with(
     if let Some(first) = report.problems.first() {
         return Err(anyhow!("{} problem(s); the first: {first}", report.problems.len()));
     }
-    let site_sha256 = hex::encode(Sha256::digest(text.as_bytes()));
     Ok(Version { site, site_text: text, site_sha256, script, script_bytes, info })
 }
 
