@@ -21,7 +21,7 @@
 //!   [`KILL_AFTER`] SIGKILL. A second SIGTERM/SIGINT skips the grace.
 //!   SIGHUP re-reads every site and script (and re-lists directories).
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write as _;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -184,8 +184,9 @@ struct Entry {
     slot: Slot,
     timer: Option<Timer>,
     running: Option<Running>,
-    /// Due, waiting for a free job (or for its store).
-    queued: Option<String>,
+    /// Due, waiting for a free job (or for its store): since when, and why.
+    /// Runs start in the order they came due.
+    queued: Option<(Instant, String)>,
     /// A new version arrived during a run (`--run-on-change`).
     rerun: bool,
     /// When to re-read the files (debounce), after an event.
@@ -197,6 +198,13 @@ struct Entry {
 impl Entry {
     fn name(&self) -> String {
         self.slot.current().site.name.clone()
+    }
+
+    /// Marks the site due (if it is not already waiting).
+    fn queue(&mut self, why: String) {
+        if self.queued.is_none() {
+            self.queued = Some((Instant::now(), why));
+        }
     }
 
     fn files(&self) -> [PathBuf; 2] {
@@ -226,7 +234,7 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
     for file in &files {
         match load_entry(&runtime, file, &options, now) {
             Ok((entry, fire)) => {
-                let queued = fire.and_then(|f| announce(&entry.name(), &f));
+                let queued = fire.and_then(|f| announce(&entry.name(), &f)).map(|why| (Instant::now(), why));
                 entries.push(Entry { queued, ..entry });
             }
             Err(e) => problems.push(format!("{e:#}")),
@@ -250,17 +258,11 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
         options,
         args: args.to_vec(),
         entries,
-        queue: VecDeque::new(),
         snapshots: Snapshots::new()?,
         watched: BTreeSet::new(),
         stopping: None,
     };
     state.rewatch(&mut watcher);
-    for i in 0..state.entries.len() {
-        if state.entries[i].queued.is_some() {
-            state.queue.push_back(i);
-        }
-    }
     for e in &state.entries {
         let next = e.timer.as_ref().and_then(Timer::next).map(|t| local(&t));
         log::info!(
@@ -341,7 +343,6 @@ struct Watch {
     options: Options,
     args: Vec<PathBuf>,
     entries: Vec<Entry>,
-    queue: VecDeque<usize>,
     snapshots: Snapshots,
     watched: BTreeSet<PathBuf>,
     /// Since SIGTERM/SIGINT: when the grace period ends.
@@ -411,7 +412,7 @@ impl Watch {
         let running = self.entries.iter().filter(|e| e.running.is_some()).count();
         match self.stopping {
             None => {
-                self.queue.clear();
+                self.entries.iter_mut().for_each(|e| e.queued = None);
                 self.stopping = Some(Instant::now() + self.options.grace);
                 if running > 0 {
                     log::warn!(
@@ -468,15 +469,7 @@ impl Watch {
 
     fn drop_retired(&mut self) {
         let before = self.entries.len();
-        if self.entries.iter().any(|e| e.retired && e.running.is_none()) {
-            self.entries.retain(|e| !(e.retired && e.running.is_none()));
-            self.queue.clear();
-            for (i, e) in self.entries.iter().enumerate() {
-                if e.queued.is_some() {
-                    self.queue.push_back(i);
-                }
-            }
-        }
+        self.entries.retain(|e| !(e.retired && e.running.is_none()));
         if self.entries.len() != before {
             self.prune_snapshots();
         }
@@ -486,8 +479,7 @@ impl Watch {
     fn reload_due(&mut self, watcher: &mut impl notify::Watcher) {
         let now = Instant::now();
         let mut changed = false;
-        for i in 0..self.entries.len() {
-            let e = &mut self.entries[i];
+        for e in &mut self.entries {
             if e.reload_at.is_none_or(|at| at > now) {
                 continue;
             }
@@ -537,9 +529,8 @@ impl Watch {
                     if self.options.run_on_change {
                         if e.running.is_some() {
                             e.rerun = true;
-                        } else if e.queued.is_none() {
-                            e.queued = Some("its files changed".into());
-                            self.queue.push_back(i);
+                        } else {
+                            e.queue("its files changed".into());
                         }
                     }
                 }
@@ -568,8 +559,7 @@ impl Watch {
     }
 
     fn fire_due(&mut self, now: DateTime<Utc>) {
-        for i in 0..self.entries.len() {
-            let e = &mut self.entries[i];
+        for e in &mut self.entries {
             let Some(fire) = e.timer.as_mut().and_then(|t| t.poll(now)) else { continue };
             let name = e.name();
             let why = match &fire {
@@ -590,9 +580,8 @@ impl Watch {
                     r.why,
                     humantime::format_duration(Duration::from_secs(r.started.elapsed().as_secs()))
                 );
-            } else if e.queued.is_none() {
-                e.queued = Some(why);
-                self.queue.push_back(i);
+            } else {
+                e.queue(why);
             }
         }
     }
@@ -600,24 +589,26 @@ impl Watch {
     /// Starts queued runs while jobs are free. A site whose store another
     /// of our runs is using waits for it (they share the store's lock).
     fn start_queued(&mut self) {
-        let mut waiting = VecDeque::new();
-        while let Some(i) = self.queue.pop_front() {
+        let mut due: Vec<(Instant, usize)> =
+            self.entries.iter().enumerate().filter_map(|(i, e)| Some((e.queued.as_ref()?.0, i))).collect();
+        due.sort();
+        for (_, i) in due {
             let busy = self.entries.iter().filter(|e| e.running.is_some()).count();
-            let store = self.entries[i].slot.current().site.store.clone();
-            let store_busy =
-                self.entries.iter().any(|e| e.running.as_ref().is_some_and(|r| r.version.site.store == store));
-            if busy >= self.options.jobs || store_busy {
-                waiting.push_back(i);
-                continue;
+            if busy >= self.options.jobs {
+                return;
             }
-            self.start(i);
+            let store = &self.entries[i].slot.current().site.store;
+            let store_busy =
+                self.entries.iter().any(|e| e.running.as_ref().is_some_and(|r| r.version.site.store == *store));
+            if !store_busy {
+                self.start(i);
+            }
         }
-        self.queue = waiting;
     }
 
     fn start(&mut self, i: usize) {
         let e = &mut self.entries[i];
-        let why = e.queued.take().unwrap_or_default();
+        let why = e.queued.take().map(|(_, why)| why).unwrap_or_default();
         let version = e.slot.current();
         let name = version.site.name.clone();
         match spawn_run(&self.snapshots, &e.slot.site_file, &version, self.options.verbose) {
@@ -639,8 +630,7 @@ impl Watch {
     /// Collects finished runs and reports how each ended.
     fn reap(&mut self) {
         let mut finished = false;
-        for i in 0..self.entries.len() {
-            let e = &mut self.entries[i];
+        for e in &mut self.entries {
             let Some(r) = &mut e.running else { continue };
             let status = match r.child.try_wait() {
                 Ok(Some(status)) => status,
@@ -670,9 +660,8 @@ impl Watch {
             }
             e.running = None;
             finished = true;
-            if std::mem::take(&mut e.rerun) && self.stopping.is_none() && e.queued.is_none() {
-                e.queued = Some("its files changed during the last run".into());
-                self.queue.push_back(i);
+            if std::mem::take(&mut e.rerun) && self.stopping.is_none() {
+                e.queue("its files changed during the last run".into());
             }
         }
         if finished {
