@@ -59,13 +59,7 @@ impl Site {
 
     /// The manifests of the site's runs, oldest first.
     fn manifests(&self) -> Vec<serde_json::Value> {
-        let dir = self.path("store/.offsite/manifests");
-        let mut names: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect(),
-            Err(_) => Vec::new(),
-        };
-        names.sort();
-        names.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
+        manifests(&self.path("store"))
     }
 
     fn watch(&self, extra: &[&str]) -> Watcher {
@@ -74,6 +68,21 @@ impl Site {
         cmd.args(extra);
         Watcher::start(cmd)
     }
+}
+
+/// The manifest files of the runs in `store`, oldest first.
+fn manifest_files(store: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(store.join(".offsite/manifests")) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    files
+}
+
+/// The manifests of the runs in `store`, oldest first.
+fn manifests(store: &Path) -> Vec<serde_json::Value> {
+    manifest_files(store).iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
 }
 
 /// Replaces `path` the way cargo and most editors do: write aside, rename.
@@ -342,11 +351,7 @@ fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
     let line = w.wait_for("reloaded");
     assert!(line.contains("watched 2.0.0"), "{line}");
     w.wait_for("run succeeded");
-    let manifest: serde_json::Value = {
-        let dir = dir.path().join("store/.offsite/manifests");
-        let file = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
-        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
-    };
+    let [manifest] = &manifests(&dir.path().join("store"))[..] else { panic!("not one run") };
     assert_eq!(manifest["script"]["version"], "2.0.0");
     assert_eq!(manifest["script"]["sha256"], sha256(&std::fs::read(&built).unwrap()).as_str());
     assert!(w.stop().success());
@@ -439,13 +444,7 @@ fn assert_aborted_cleanly(store: &Path) {
     let leftovers: Vec<PathBuf> =
         tree(&runs).into_iter().filter(|f| f.to_string_lossy().contains(".offsite-tmp")).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    let manifests: Vec<PathBuf> = std::fs::read_dir(store.join(".offsite/manifests"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    assert_eq!(manifests.len(), 1);
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifests[0]).unwrap()).unwrap();
+    let [m] = &manifests(store)[..] else { panic!("not one run: {:?}", manifest_files(store)) };
     assert_eq!(m["status"], "failed", "{m}");
     assert!(m["error"].as_str().unwrap().contains("aborted: received SIGTERM"), "{m}");
     assert!(
@@ -597,9 +596,7 @@ fn runs_are_bounded_by_jobs() {
         w.wait_for("run succeeded");
     }
     let span = |name: &str| {
-        let dir = dir.path().join(format!("store-{name}/.offsite/manifests"));
-        let file = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        let [m] = &manifests(&dir.path().join(format!("store-{name}")))[..] else { panic!("site {name}: not one run") };
         (m["started"].as_str().unwrap().to_string(), m["ended"].as_str().unwrap().to_string())
     };
     let (a, b) = (span("a"), span("b"));
@@ -625,16 +622,15 @@ fn at_start_up_a_missed_run_runs_once_or_is_skipped_by_policy() {
             .output()
             .unwrap();
         assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
-        let dir = site.path("store/.offsite/manifests");
-        let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
-        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let [file] = &manifest_files(&site.path("store"))[..] else { panic!("not one run") };
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
         let three_days_ago = {
             let out = Command::new("date").args(["-u", "-d", "3 days ago", "+%Y-%m-%dT%H:%M:%S+00:00"]).output();
             String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string()
         };
         m["started"] = three_days_ago.clone().into();
         m["ended"] = three_days_ago.into();
-        std::fs::write(&file, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        std::fs::write(file, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 
         let mut cmd = offsite(Path::new(BIN));
         cmd.arg("watch").arg(site.path("site.toml"));
