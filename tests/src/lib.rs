@@ -148,6 +148,7 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
 }
 
 pub mod mariadb;
+pub mod postgres;
 pub mod sshd;
 
 pub use tempfile;
