@@ -1,0 +1,134 @@
+//! `pg-pull`: backs up PostgreSQL databases on the site's hosts.
+//!
+//! For each `HOST:DB[:TABLE,...]` in `dumps`, runs `pg_dump` on HOST and
+//! streams its plain SQL output, gzip-compressed on the runner's side, into
+//! the store as `HOST/DB-YYYYMMDD-HHMMSS.sql.gz`. Hosts are dumped in
+//! parallel. A dump counts only if pg_dump exited 0 and its output ends with
+//! the `-- PostgreSQL database dump complete` trailer; with tables named, a
+//! name that matches no table fails the dump (`--strict-names`).
+//!
+//! Nothing secret is on a command line, and pg_dump never prompts
+//! (`--no-password`). The password comes from the login user's `~/.pgpass`
+//! on the server (mode 0600), or the login user needs none (peer
+//! authentication on the local socket). Where the server listens and as
+//! whom to log in can live beside it in `~/.pg_service.conf`: the `service`
+//! param names the section.
+//!
+//! The exact argv, for the site's `commands` grant:
+//!
+//! ```text
+//! pg_dump --no-password --strict-names --dbname=DB [--table=TABLE...]
+//! pg_dump --no-password --strict-names "--dbname=service=SERVICE dbname=DB" [--table=TABLE...]
+//! ```
+//!
+//! Restore one with `createdb NEW && gunzip -c FILE | psql -v ON_ERROR_STOP=1 NEW`.
+//! Every host is attempted; the run fails if any of them failed.
+
+use offsite_sdk::ssh::{self, Stream};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, clock, info, params};
+
+struct PgPull;
+
+/// pg_dump's closing comment in plain format.
+const TRAILER: &str = "-- PostgreSQL database dump complete";
+
+impl Script for PgPull {
+    fn describe() -> ScriptInfo {
+        ScriptInfo::new("pg-pull", env!("CARGO_PKG_VERSION"))
+            .description("PostgreSQL backups over SSH: pg_dump streamed into the store, gzip-compressed")
+            .param(Param::required("dumps", "space-separated HOST:DB[:TABLE,TABLE...] entries"))
+            .param(Param::optional(
+                "service",
+                "section of the login user's ~/.pg_service.conf on each server (host, port, user)",
+            ))
+            .param(Param::optional("stamp", "strftime pattern for file names").default("%Y%m%d-%H%M%S"))
+            .capabilities(["ssh", "clock", "params", "log"])
+    }
+
+    fn run() -> Result<()> {
+        let stamp = clock::now().format(&params::require("stamp")?)?;
+        let dumps = parse_dumps(&params::require("dumps")?)?;
+        let service = params::get("service")?;
+        let stream = Stream::new().gzip().require_tail(TRAILER);
+        let mut failures = Vec::new();
+        let mut running = Vec::new();
+        for dump in &dumps {
+            let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.db);
+            match ssh::start_exec_to_file(&dump.host, &pg_dump_argv(dump, service.as_deref()), &dest, &stream) {
+                Ok(job) => running.push((dump, job)),
+                Err(e) => failures.push(format!("{} {}: {e}", dump.host, dump.db)),
+            }
+        }
+        for (dump, job) in running {
+            match job.wait() {
+                Ok(file) => {
+                    info!("{}: {} → {} ({} bytes, sha256 {})", dump.host, dump.db, file.path, file.bytes, file.sha256)
+                }
+                Err(e) => failures.push(format!("{} {}: {e}", dump.host, dump.db)),
+            }
+        }
+        if !failures.is_empty() {
+            bail!("{} backup(s) failed: {}", failures.len(), failures.join("; "));
+        }
+        Ok(())
+    }
+}
+
+/// One `HOST:DB[:TABLE,...]` entry.
+struct Dump {
+    host: String,
+    db: String,
+    tables: Vec<String>,
+}
+
+fn parse_dumps(spec: &str) -> Result<Vec<Dump>> {
+    let mut dumps = Vec::new();
+    for entry in spec.split_whitespace() {
+        let mut parts = entry.splitn(3, ':');
+        let (Some(host), Some(db)) = (parts.next(), parts.next()) else {
+            bail!("dumps entry {entry:?} must be HOST:DB or HOST:DB:TABLE,TABLE");
+        };
+        if host.is_empty() || db.is_empty() {
+            bail!("dumps entry {entry:?} has an empty host or database");
+        }
+        let tables = parts.next().map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect());
+        dumps.push(Dump { host: host.into(), db: db.into(), tables: tables.unwrap_or_default() });
+    }
+    if dumps.is_empty() {
+        bail!("nothing to back up: set the dumps param, e.g. \"server1:sitedb server2:transdb\"");
+    }
+    Ok(dumps)
+}
+
+fn pg_dump_argv(dump: &Dump, service: Option<&str>) -> Vec<String> {
+    let mut argv: Vec<String> = ["pg_dump", "--no-password", "--strict-names"].map(String::from).into();
+    argv.push(match service {
+        // A connection string: libpq reads the rest from the service file.
+        Some(service) => format!("--dbname=service={} dbname={}", conninfo_value(service), conninfo_value(&dump.db)),
+        // A plain name is only ever a database name (a string with `=` in
+        // it would be read as a connection string), so quote that case too.
+        None if dump.db.contains('=') => format!("--dbname=dbname={}", conninfo_value(&dump.db)),
+        None => format!("--dbname={}", dump.db),
+    });
+    argv.extend(dump.tables.iter().map(|t| format!("--table={t}")));
+    argv
+}
+
+/// A value in a libpq connection string: bare when that is unambiguous,
+/// otherwise single-quoted with `\` and `'` escaped.
+fn conninfo_value(v: &str) -> String {
+    if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c)) {
+        return v.to_string();
+    }
+    let mut out = String::from("'");
+    for c in v.chars() {
+        if c == '\\' || c == '\'' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+offsite_sdk::script!(PgPull);
