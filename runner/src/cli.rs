@@ -94,8 +94,11 @@ enum Command {
     Verify {
         /// A site file, or a store directory.
         target: PathBuf,
-        /// Also load MySQL/MariaDB dumps (.sql, .sql.gz) into this scratch
-        /// database, which must be missing or empty, and compare row counts.
+        /// Also load SQL dumps (.sql, .sql.gz) into this scratch database and
+        /// compare row counts. MySQL/MariaDB: the database must be missing or
+        /// empty. PostgreSQL (told by pg_dump's header): it must be missing;
+        /// it is created and dropped, and psql connects the libpq way
+        /// (PGHOST, PGUSER, PGSERVICE, ~/.pgpass).
         #[arg(long, value_name = "DATABASE")]
         restore_test: Option<String>,
         /// Option file for the mysql client of --restore-test (credentials

@@ -109,7 +109,11 @@ fn gunzip(path: &Path) -> Vec<u8> {
 fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     let (server1, server2, _turn) = two_servers(true);
     server2.db.sql(&format!("CREATE DATABASE \"{}\"", ODD_DB.replace('"', "\"\"")));
-    server2.db.sql_in(ODD_DB, "CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('odd one');");
+    server2.db.sql_in(
+        ODD_DB,
+        "CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('odd one');\n\
+         CREATE TABLE \"we\"\"ird (name)\" (v INT); INSERT INTO \"we\"\"ird (name)\" VALUES (1), (2), (3);",
+    );
     let dir = tempfile::tempdir().unwrap();
     let params = format!(
         "dumps = \"server1:sitedb:tbl_ccode,tbl_machine,tbl_session,tbl_stats server2:transdb server2:{ODD_DB}\""
@@ -142,6 +146,31 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     let odd = gunzip(&backups.join(format!("server2/{ODD_DB}-20040321-014844.sql.gz")));
     server2.db.load("restored_odd", &odd);
     assert_eq!(server2.db.sql_in("restored_odd", "SELECT v FROM t").trim(), "odd one");
+
+    // `verify --restore-test` does it from the store: it tells pg_dump's
+    // format by its header, loads each dump into a scratch database it
+    // creates on the server libpq's environment names, compares row counts
+    // with the COPY data, and drops the database.
+    let verify = |db: &str| {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.args(["-v", "verify"]).arg(&site).args(["--restore-test", db]);
+        cmd.env("PGHOST", server1.db.socket_dir()).env("PGPORT", server1.db.addr.port().to_string());
+        cmd.env("PGUSER", "postgres");
+        Ran::from_output(cmd.output().unwrap())
+    };
+    let ran = verify("scratch_restore");
+    ran.expect_code(0);
+    for line in [
+        "sitedb-20040321-014844.sql.gz: restore test ok (4 tables, 23505 rows; PostgreSQL)",
+        "transdb-20040321-014844.sql.gz: restore test ok (2 tables, 30100 rows; PostgreSQL)",
+        "odd-20040321-014844.sql.gz: restore test ok (2 tables, 4 rows; PostgreSQL)",
+    ] {
+        assert!(ran.stdout.contains(line), "{line:?} in:\n{}", ran.stdout);
+    }
+    let left = server1.db.sql("SELECT count(*) FROM pg_database WHERE datname = 'scratch_restore'");
+    assert_eq!(left.trim(), "0", "the scratch database is dropped");
+    // A database that exists is never loaded into.
+    verify("sitedb").expect_code(1).expect_stderr("the scratch database sitedb exists");
 }
 
 #[test]

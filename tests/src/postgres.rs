@@ -87,6 +87,12 @@ impl Postgres {
         }
     }
 
+    /// The directory of the server's Unix socket (`PGHOST` for a client
+    /// that logs in as `postgres` without a password).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The server's log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

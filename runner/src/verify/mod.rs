@@ -8,9 +8,10 @@
 //! fixed name), the newest one owns it: older entries were superseded.
 
 pub mod mysql;
+pub mod postgres;
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
 
 use cap_std::fs::Dir;
@@ -77,10 +78,10 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
                 if let Some(scratch) = &options.restore_test
                     && m.status.is_good()
                     && readable
-                    && mysql::is_dump(&plain_name)
+                    && is_dump(&plain_name)
                 {
                     let opened = open_plain(&root.dir, location, &options.identities);
-                    match opened.and_then(|r| mysql::restore_test(r, &plain_name, scratch)) {
+                    match opened.and_then(|r| restore_test(r, &plain_name, scratch)) {
                         Ok(line) => report.checked.push(line),
                         Err(e) => report.problems.push(format!("{}: restore test failed: {e}", location.display())),
                     }
@@ -154,6 +155,31 @@ fn is_encrypted(path: &Path) -> bool {
 }
 
 /// The name without `.age`: what the contents are.
+/// A file the restore test loads: `.sql` or `.sql.gz`.
+fn is_dump(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    name.ends_with(".sql") || name.ends_with(".sql.gz")
+}
+
+/// Loads one dump (`rel`; `.gz` is decompressed on the way) into the
+/// scratch database and compares row counts. pg_dump's plain format is told
+/// by its opening comment; anything else is taken for mysqldump's.
+fn restore_test(file: Box<dyn Read>, rel: &Path, scratch: &mysql::Scratch) -> Result<String, String> {
+    let plain: Box<dyn Read> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        file
+    };
+    let mut reader = io::BufReader::with_capacity(1 << 20, plain);
+    let head = reader.fill_buf().map_err(|e| format!("reading the dump: {e}"))?;
+    let head = &head[..head.len().min(256)];
+    if head.windows(postgres::HEADER.len()).any(|w| w == postgres::HEADER) {
+        let (tables, rows) = postgres::restore_test(Box::new(reader), &scratch.database)?;
+        return Ok(format!("{}: restore test ok ({tables} tables, {rows} rows; PostgreSQL)", rel.display()));
+    }
+    mysql::restore_test(Box::new(reader), rel, scratch)
+}
+
 fn plain_name(path: &Path) -> PathBuf {
     let text = path.to_string_lossy();
     PathBuf::from(text.strip_suffix(protect::AGE_SUFFIX).unwrap_or(&text))

@@ -1,4 +1,4 @@
-//! `verify --restore-test`: loads each MySQL/MariaDB dump into a scratch
+//! `verify --restore-test` for MySQL/MariaDB: loads each dump into a scratch
 //! database and checks that the load succeeds and that every table holds
 //! as many rows as the dump's INSERT statements carry.
 //!
@@ -57,14 +57,8 @@ impl Scratch {
     }
 }
 
-/// A file the restore test loads: `.sql` or `.sql.gz`.
-pub fn is_dump(path: &Path) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    name.ends_with(".sql") || name.ends_with(".sql.gz")
-}
-
-/// Loads the dump `reader` yields (named `rel`: `.gz` is decompressed) and
-/// compares row counts.
+/// Loads the dump `reader` yields (plain SQL, named `rel`) and compares row
+/// counts.
 pub fn restore_test(reader: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
     let db = &scratch.database;
     let existed =
@@ -79,7 +73,7 @@ pub fn restore_test(reader: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Res
     } else {
         scratch.query(&format!("CREATE DATABASE `{db}`"))?;
     }
-    let result = load_and_count(reader, rel, scratch);
+    let result = load_and_count(reader, scratch);
     let cleanup = match (&result, existed) {
         (_, false) => scratch.query(&format!("DROP DATABASE `{db}`")).map(drop),
         (Ok(counts), true) => {
@@ -100,12 +94,7 @@ pub fn restore_test(reader: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Res
 
 /// Streams the dump into the client, counting rows per table on the way;
 /// then compares with `COUNT(*)` in the scratch database.
-fn load_and_count(file: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
-    let reader: Box<dyn Read> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        file
-    };
+fn load_and_count(reader: Box<dyn Read>, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
     let mut child = scratch
         .client()
         .arg(&scratch.database)

@@ -1,0 +1,214 @@
+//! `verify --restore-test` for PostgreSQL dumps (`pg_dump`'s plain SQL):
+//! creates the scratch database, loads the dump with `psql` in one
+//! transaction that stops at the first error, checks that every table holds
+//! as many rows as the dump's `COPY` data carries, and drops the database.
+//!
+//! The scratch database must not exist: it is created for the test and
+//! dropped afterwards, so nothing is ever loaded over data. `\connect` and
+//! `CREATE DATABASE` lines (from `pg_dump --create`) are left out, so a dump
+//! can never load into the database it came from. Connection settings and
+//! the password come the libpq way (`PGHOST`, `PGUSER`, `PGSERVICE`,
+//! `~/.pgpass`), never from the command line; psql never prompts. The dump
+//! is streamed line by line.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, Read, Write};
+use std::process::{Command, Stdio};
+
+/// pg_dump's first comment in plain format.
+pub const HEADER: &[u8] = b"-- PostgreSQL database dump";
+
+/// The psql client, quiet, stopping at the first error, never prompting.
+fn psql(database: &str) -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-q", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1", "-d"]).arg(format!("dbname={database}"));
+    cmd
+}
+
+/// Runs SQL in the maintenance database `postgres`; returns its output.
+fn admin(sql: &str) -> Result<String, String> {
+    query("postgres", sql)
+}
+
+fn query(database: &str, sql: &str) -> Result<String, String> {
+    let out = psql(database)
+        .args(["-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run the PostgreSQL client psql: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("psql: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Loads the plain-SQL dump `reader` yields into the scratch database
+/// `database` (a plain name, checked by the caller) and compares row counts.
+pub fn restore_test(reader: Box<dyn BufRead>, database: &str) -> Result<(usize, u64), String> {
+    let exists = admin(&format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'"))?;
+    if exists.trim() != "0" {
+        return Err(format!(
+            "the scratch database {database} exists; name one that does not (it is created for the test and dropped)"
+        ));
+    }
+    admin(&format!("CREATE DATABASE \"{database}\""))?;
+    let result = load_and_count(reader, database);
+    let dropped = admin(&format!("DROP DATABASE \"{database}\""));
+    let counts = result?;
+    dropped.map_err(|e| format!("loaded and checked, but dropping the scratch database failed: {e}"))?;
+    Ok((counts.len(), counts.values().sum()))
+}
+
+fn load_and_count(mut reader: Box<dyn BufRead>, database: &str) -> Result<BTreeMap<String, u64>, String> {
+    let mut child = psql(database)
+        .arg("--single-transaction")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the PostgreSQL client psql: {e}"))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut counter = CopyCounter::default();
+    let fed = (|| -> io::Result<()> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            if !counter.in_copy() && selects_database(&line) {
+                continue;
+            }
+            counter.feed(&line);
+            stdin.write_all(&line)?;
+        }
+    })();
+    drop(stdin);
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("the load failed ({status}): {}", errors.trim()));
+    }
+    fed.map_err(|e| format!("reading the dump: {e}"))?;
+    let counts = counter.counts;
+    if counts.is_empty() {
+        return Err("the dump creates no tables".into());
+    }
+    let mut mismatches = Vec::new();
+    for (table, rows) in &counts {
+        // `table` is the name exactly as pg_dump wrote it: qualified and
+        // quoted where needed, so it is valid SQL as it stands.
+        let loaded = query(database, &format!("SELECT count(*) FROM {table}"))?;
+        if loaded.trim().parse::<u64>().ok() != Some(*rows) {
+            mismatches.push(format!("{table}: {rows} rows in the dump, {} loaded", loaded.trim()));
+        }
+    }
+    if !mismatches.is_empty() {
+        return Err(format!("row counts differ: {}", mismatches.join("; ")));
+    }
+    Ok(counts)
+}
+
+/// `\connect ...` and `CREATE DATABASE ...` lines.
+fn selects_database(line: &[u8]) -> bool {
+    line.starts_with(b"\\connect ") || line.starts_with(b"CREATE DATABASE ")
+}
+
+/// Counts the rows of each table's `COPY name (cols) FROM stdin;` block (one
+/// row per line up to `\.`), and notes tables from `CREATE TABLE` that
+/// have none.
+#[derive(Debug, Default)]
+pub struct CopyCounter {
+    pub counts: BTreeMap<String, u64>,
+    copying: Option<String>,
+}
+
+impl CopyCounter {
+    fn in_copy(&self) -> bool {
+        self.copying.is_some()
+    }
+
+    pub fn feed(&mut self, line: &[u8]) {
+        if let Some(table) = &self.copying {
+            if line == b"\\.\n" || line == b"\\." {
+                self.copying = None;
+            } else {
+                *self.counts.entry(table.clone()).or_insert(0) += 1;
+            }
+            return;
+        }
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end();
+        if let Some(rest) = text.strip_prefix("CREATE TABLE ") {
+            // `CREATE TABLE public.t (` ; a partition's parent is a table too.
+            if let Some(name) = rest.strip_suffix(" (") {
+                self.counts.entry(name.to_string()).or_insert(0);
+            }
+        } else if let Some(rest) = text.strip_prefix("COPY ")
+            && let Some(head) = rest.strip_suffix(" FROM stdin;")
+        {
+            let name = leading_name(head);
+            self.counts.entry(name.to_string()).or_insert(0);
+            self.copying = Some(name.to_string());
+        }
+    }
+}
+
+/// The (possibly qualified, possibly quoted) name at the start of `s`: up
+/// to the first space outside double quotes (`""` inside quotes is a quote).
+fn leading_name(s: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            // A doubled quote inside quotes toggles twice: no change.
+            '"' => quoted = !quoted,
+            ' ' if !quoted => return &s[..i],
+            _ => {}
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_rows_are_counted_and_empty_tables_kept() {
+        let mut c = CopyCounter::default();
+        for line in [
+            "CREATE TABLE public.empty (\n",
+            "    id integer\n",
+            ");\n",
+            "CREATE TABLE public.\"Weird (name)\" (\n",
+            "COPY public.books (id, title) FROM stdin;\n",
+            "1\tit's\n",
+            "2\t\\\\.\n",
+            "3\tCOPY x FROM stdin;\n",
+            "\\.\n",
+            "COPY public.\"Weird (name)\" (a) FROM stdin;\n",
+            "x\n",
+            "\\.\n",
+            "COPY \"a \"\" b\".t FROM stdin;\n",
+            "x\n",
+            "\\.\n",
+            "-- COPY public.nope (a) FROM stdin;\n",
+        ] {
+            c.feed(line.as_bytes());
+        }
+        let expected: BTreeMap<String, u64> =
+            [("\"a \"\" b\".t", 1), ("public.books", 3), ("public.empty", 0), ("public.\"Weird (name)\"", 1)]
+                .iter()
+                .map(|(t, n)| (t.to_string(), *n))
+                .collect();
+        assert_eq!(c.counts, expected);
+        assert!(selects_database(b"\\connect sitedb\n"));
+        assert!(!c.in_copy());
+    }
+}
