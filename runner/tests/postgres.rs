@@ -75,7 +75,9 @@ fn populate_transdb(db: &Postgres) {
 /// The site file: both hosts with exactly the grants the script needs.
 fn site_file(dir: &Path, server1: &Server, server2: &Server, params: &str) -> PathBuf {
     let grant1 = "commands = [[\"pg_dump\", \"--no-password\", \"--strict-names\", \
-                  \"--dbname=service=offsite dbname=sitedb\", \"--table=tbl_*...\"]]";
+                  \"--dbname=service=offsite dbname=sitedb\", \"--table=tbl_*...\"],\n\
+                  [\"pg_dumpall\", \"--no-password\", \"--globals-only\", \"--no-role-passwords\", \
+                  \"--dbname=service=offsite\"]]";
     // Any database on server2, whole.
     let grant2 =
         "commands = [[\"pg_dump\", \"--no-password\", \"--strict-names\", \"--dbname=service=offsite dbname=*\"]]";
@@ -116,7 +118,8 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     );
     let dir = tempfile::tempdir().unwrap();
     let params = format!(
-        "dumps = \"server1:sitedb:tbl_ccode,tbl_machine,tbl_session,tbl_stats server2:transdb server2:{ODD_DB}\""
+        "dumps = \"server1:sitedb:tbl_ccode,tbl_machine,tbl_session,tbl_stats server2:transdb server2:{ODD_DB}\"\n\
+         globals = \"server1\""
     );
     let site = site_file(dir.path(), &server1, &server2, &params);
     let ran = run(&site);
@@ -142,6 +145,13 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     assert_eq!(transdb.iter().map(|t| t.1).collect::<Vec<_>>(), [100, 30000]);
     assert_eq!(server2.db.fingerprint("restored_transdb"), transdb);
 
+    // server1's roles, without their passwords (the backup role has one).
+    let globals = String::from_utf8(gunzip(&backups.join("server1/globals-20040321-014844.sql.gz"))).unwrap();
+    assert!(globals.contains("CREATE ROLE backup;") && globals.contains("GRANT pg_read_all_data TO backup"));
+    assert!(globals.trim_end().ends_with("-- PostgreSQL database cluster dump complete\n--"), "{globals}");
+    assert!(!globals.contains("PASSWORD") && !globals.contains("SCRAM-SHA-256$"), "{globals}");
+    assert!(!globals.contains("CREATE DATABASE"), "roles and tablespaces only");
+
     // The name that needed quoting reached pg_dump intact.
     let odd = gunzip(&backups.join(format!("server2/{ODD_DB}-20040321-014844.sql.gz")));
     server2.db.load("restored_odd", &odd);
@@ -164,6 +174,7 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
         "sitedb-20040321-014844.sql.gz: restore test ok (4 tables, 23505 rows; PostgreSQL)",
         "transdb-20040321-014844.sql.gz: restore test ok (2 tables, 30100 rows; PostgreSQL)",
         "odd-20040321-014844.sql.gz: restore test ok (2 tables, 4 rows; PostgreSQL)",
+        "globals-20040321-014844.sql.gz: not loaded: a PostgreSQL cluster-wide dump (roles, tablespaces)",
     ] {
         assert!(ran.stdout.contains(line), "{line:?} in:\n{}", ran.stdout);
     }

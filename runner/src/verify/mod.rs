@@ -173,7 +173,11 @@ fn restore_test(file: Box<dyn Read>, rel: &Path, scratch: &mysql::Scratch) -> Re
     let mut reader = io::BufReader::with_capacity(1 << 20, plain);
     let head = reader.fill_buf().map_err(|e| format!("reading the dump: {e}"))?;
     let head = &head[..head.len().min(256)];
-    if head.windows(postgres::HEADER.len()).any(|w| w == postgres::HEADER) {
+    let has = |text: &[u8]| head.windows(text.len()).any(|w| w == text);
+    if has(postgres::CLUSTER_HEADER) {
+        return Ok(format!("{}: not loaded: a PostgreSQL cluster-wide dump (roles, tablespaces)", rel.display()));
+    }
+    if has(postgres::HEADER) {
         let (tables, rows) = postgres::restore_test(Box::new(reader), &scratch.database)?;
         return Ok(format!("{}: restore test ok ({tables} tables, {rows} rows; PostgreSQL)", rel.display()));
     }

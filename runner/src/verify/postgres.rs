@@ -17,6 +17,9 @@ use std::process::{Command, Stdio};
 
 /// pg_dump's first comment in plain format.
 pub const HEADER: &[u8] = b"-- PostgreSQL database dump";
+/// pg_dumpall's: roles and tablespaces, which a test must not load into a
+/// server's shared namespace.
+pub const CLUSTER_HEADER: &[u8] = b"-- PostgreSQL database cluster dump";
 
 /// The psql client, quiet, stopping at the first error, never prompting.
 fn psql(database: &str) -> Command {

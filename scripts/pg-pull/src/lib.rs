@@ -7,6 +7,12 @@
 //! the `-- PostgreSQL database dump complete` trailer; with tables named, a
 //! name that matches no table fails the dump (`--strict-names`).
 //!
+//! For each HOST in `globals`, also stores what lives outside any database,
+//! roles and tablespaces (`pg_dumpall --globals-only`), as
+//! `HOST/globals-YYYYMMDD-HHMMSS.sql.gz`, required to end with pg_dumpall's
+//! trailer. Role passwords are left out (`--no-role-passwords`), so this
+//! needs no superuser; set them again after restoring the roles.
+//!
 //! Nothing secret is on a command line, and pg_dump never prompts
 //! (`--no-password`). The password comes from the login user's `~/.pgpass`
 //! on the server (mode 0600), or the login user needs none (peer
@@ -19,6 +25,7 @@
 //! ```text
 //! pg_dump --no-password --strict-names --dbname=DB [--table=TABLE...]
 //! pg_dump --no-password --strict-names "--dbname=service=SERVICE dbname=DB" [--table=TABLE...]
+//! pg_dumpall --no-password --globals-only --no-role-passwords [--dbname=service=SERVICE]
 //! ```
 //!
 //! Restore one with `createdb NEW && gunzip -c FILE | psql -v ON_ERROR_STOP=1 NEW`.
@@ -31,12 +38,18 @@ struct PgPull;
 
 /// pg_dump's closing comment in plain format.
 const TRAILER: &str = "-- PostgreSQL database dump complete";
+/// pg_dumpall's.
+const CLUSTER_TRAILER: &str = "-- PostgreSQL database cluster dump complete";
 
 impl Script for PgPull {
     fn describe() -> ScriptInfo {
         ScriptInfo::new("pg-pull", env!("CARGO_PKG_VERSION"))
             .description("PostgreSQL backups over SSH: pg_dump streamed into the store, gzip-compressed")
             .param(Param::required("dumps", "space-separated HOST:DB[:TABLE,TABLE...] entries"))
+            .param(Param::optional(
+                "globals",
+                "space-separated HOSTs whose roles and tablespaces to store too (without role passwords)",
+            ))
             .param(Param::optional(
                 "service",
                 "section of the login user's ~/.pg_service.conf on each server (host, port, user)",
@@ -49,22 +62,30 @@ impl Script for PgPull {
         let stamp = clock::now().format(&params::require("stamp")?)?;
         let dumps = parse_dumps(&params::require("dumps")?)?;
         let service = params::get("service")?;
-        let stream = Stream::new().gzip().require_tail(TRAILER);
-        let mut failures = Vec::new();
-        let mut running = Vec::new();
+        let globals = params::get("globals")?.unwrap_or_default();
+        // (host, what, argv, dest, trailer) for every dump to take.
+        let mut jobs = Vec::new();
         for dump in &dumps {
             let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.db);
-            match ssh::start_exec_to_file(&dump.host, &pg_dump_argv(dump, service.as_deref()), &dest, &stream) {
-                Ok(job) => running.push((dump, job)),
-                Err(e) => failures.push(format!("{} {}: {e}", dump.host, dump.db)),
+            jobs.push((&*dump.host, &*dump.db, pg_dump_argv(dump, service.as_deref()), dest, TRAILER));
+        }
+        for host in globals.split_whitespace() {
+            let dest = format!("{host}/globals-{stamp}.sql.gz");
+            jobs.push((host, "globals", pg_dumpall_argv(service.as_deref()), dest, CLUSTER_TRAILER));
+        }
+        let mut failures = Vec::new();
+        let mut running = Vec::new();
+        for (host, what, argv, dest, trailer) in &jobs {
+            let stream = Stream::new().gzip().require_tail(trailer);
+            match ssh::start_exec_to_file(host, argv, dest, &stream) {
+                Ok(job) => running.push((host, what, job)),
+                Err(e) => failures.push(format!("{host} {what}: {e}")),
             }
         }
-        for (dump, job) in running {
+        for (host, what, job) in running {
             match job.wait() {
-                Ok(file) => {
-                    info!("{}: {} → {} ({} bytes, sha256 {})", dump.host, dump.db, file.path, file.bytes, file.sha256)
-                }
-                Err(e) => failures.push(format!("{} {}: {e}", dump.host, dump.db)),
+                Ok(file) => info!("{host}: {what} → {} ({} bytes, sha256 {})", file.path, file.bytes, file.sha256),
+                Err(e) => failures.push(format!("{host} {what}: {e}")),
             }
         }
         if !failures.is_empty() {
@@ -111,6 +132,15 @@ fn pg_dump_argv(dump: &Dump, service: Option<&str>) -> Vec<String> {
         None => format!("--dbname={}", dump.db),
     });
     argv.extend(dump.tables.iter().map(|t| format!("--table={t}")));
+    argv
+}
+
+fn pg_dumpall_argv(service: Option<&str>) -> Vec<String> {
+    let mut argv: Vec<String> =
+        ["pg_dumpall", "--no-password", "--globals-only", "--no-role-passwords"].map(String::from).into();
+    if let Some(service) = service {
+        argv.push(format!("--dbname=service={}", conninfo_value(service)));
+    }
     argv
 }
 
