@@ -27,3 +27,45 @@ pub fn require(name: &str) -> crate::Result<String> {
         _ => Err(crate::anyhow!("parameter {name:?} is required")),
     }
 }
+
+/// One `HOST:NAME[:ITEM,ITEM...]` entry of a list parameter, such as the
+/// database scripts' `dumps = "server1:sitedb:tbl_a,tbl_b server2:transdb"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEntry {
+    /// A host of the site, by its name there.
+    pub host: String,
+    /// What to take on that host: a database, a path.
+    pub name: String,
+    /// The optional comma-separated tail: tables, say. Empty when absent.
+    pub items: Vec<String>,
+}
+
+/// Splits a whitespace-separated list of `HOST:NAME[:ITEM,ITEM...]`
+/// entries. `NAME` may not contain `:`; the items may (only the first two
+/// colons split). An empty list is an empty `Vec`: whether that is an error
+/// is the script's call.
+///
+/// ```
+/// use offsite_sdk::params::{HostEntry, host_entries};
+/// let entries = host_entries(" server1:sitedb:tbl_a,tbl_b  server2:transdb ").unwrap();
+/// assert_eq!(entries[0].items, ["tbl_a", "tbl_b"]);
+/// assert_eq!(entries[1], HostEntry { host: "server2".into(), name: "transdb".into(), items: vec![] });
+/// assert!(host_entries("server1").is_err());
+/// assert!(host_entries(":sitedb").is_err());
+/// assert!(host_entries("").unwrap().is_empty());
+/// ```
+pub fn host_entries(list: &str) -> crate::Result<Vec<HostEntry>> {
+    list.split_whitespace()
+        .map(|entry| {
+            let mut parts = entry.splitn(3, ':');
+            let (Some(host), Some(name)) = (parts.next(), parts.next()) else {
+                crate::bail!("entry {entry:?} must be HOST:NAME or HOST:NAME:ITEM,ITEM");
+            };
+            if host.is_empty() || name.is_empty() {
+                crate::bail!("entry {entry:?} has an empty host or name");
+            }
+            let items = parts.next().map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect());
+            Ok(HostEntry { host: host.into(), name: name.into(), items: items.unwrap_or_default() })
+        })
+        .collect()
+}

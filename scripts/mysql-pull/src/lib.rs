@@ -28,9 +28,10 @@
 //!
 //! Every host is attempted; the run fails if any of them failed.
 
+use offsite_sdk::params::HostEntry;
 use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
-use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, clock, info, params, scp};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, anyhow, bail, clock, info, params, scp};
 
 struct MysqlPull;
 
@@ -73,41 +74,24 @@ impl Script for MysqlPull {
     }
 }
 
-/// One `HOST:DB[:TABLE,...]` entry.
-struct Dump {
-    host: String,
-    db: String,
-    tables: Vec<String>,
-}
-
-fn parse_dumps(spec: &str) -> Result<Vec<Dump>> {
-    let mut dumps = Vec::new();
-    for entry in spec.split_whitespace() {
-        let mut parts = entry.splitn(3, ':');
-        let (Some(host), Some(db)) = (parts.next(), parts.next()) else {
-            bail!("dumps entry {entry:?} must be HOST:DB or HOST:DB:TABLE,TABLE");
-        };
-        if host.is_empty() || db.is_empty() {
-            bail!("dumps entry {entry:?} has an empty host or database");
-        }
-        let tables = parts.next().map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect());
-        dumps.push(Dump { host: host.into(), db: db.into(), tables: tables.unwrap_or_default() });
-    }
+/// The `dumps` entries: `HOST:DB[:TABLE,...]`.
+fn parse_dumps(spec: &str) -> Result<Vec<HostEntry>> {
+    let dumps = params::host_entries(spec).map_err(|e| anyhow!("dumps: {e}"))?;
     if dumps.is_empty() {
         bail!("nothing to back up: set the dumps param, e.g. \"server1:sitedb server2:transdb\"");
     }
     Ok(dumps)
 }
 
-fn mysqldump_argv(dump: &Dump, defaults_file: Option<&str>) -> Vec<String> {
+fn mysqldump_argv(dump: &HostEntry, defaults_file: Option<&str>) -> Vec<String> {
     let mut argv = vec!["mysqldump".to_string()];
     if let Some(file) = defaults_file {
         // mysqldump requires this to be the first option.
         argv.push(format!("--defaults-extra-file={file}"));
     }
     argv.extend(["--single-transaction", "--quick", "--add-drop-table"].map(String::from));
-    argv.push(dump.db.clone());
-    argv.extend(dump.tables.iter().cloned());
+    argv.push(dump.name.clone());
+    argv.extend(dump.items.iter().cloned());
     argv
 }
 
@@ -127,7 +111,7 @@ fn dump_all(spec: &str, stamp: &str) -> Result<Vec<String>> {
     let mut failures = Vec::new();
     let mut running = Vec::new();
     for dump in &dumps {
-        let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.db);
+        let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.name);
         let argv = mysqldump_argv(dump, defaults_file.as_deref());
         let started = match &secret {
             Some(secret) => ssh::start_exec_to_file_with_secret(
@@ -142,15 +126,15 @@ fn dump_all(spec: &str, stamp: &str) -> Result<Vec<String>> {
         };
         match started {
             Ok(job) => running.push((dump, job)),
-            Err(e) => failures.push(report(&dump.host, &dump.db, &e.to_string())),
+            Err(e) => failures.push(report(&dump.host, &dump.name, &e.to_string())),
         }
     }
     for (dump, job) in running {
         match job.wait() {
             Ok(file) => {
-                info!("{}: {} → {} ({} bytes, sha256 {})", dump.host, dump.db, file.path, file.bytes, file.sha256)
+                info!("{}: {} → {} ({} bytes, sha256 {})", dump.host, dump.name, file.path, file.bytes, file.sha256)
             }
-            Err(e) => failures.push(report(&dump.host, &dump.db, &e.to_string())),
+            Err(e) => failures.push(report(&dump.host, &dump.name, &e.to_string())),
         }
     }
     Ok(failures)

@@ -31,8 +31,9 @@
 //! Restore one with `createdb NEW && gunzip -c FILE | psql -v ON_ERROR_STOP=1 NEW`.
 //! Every host is attempted; the run fails if any of them failed.
 
+use offsite_sdk::params::HostEntry;
 use offsite_sdk::ssh::{self, Stream};
-use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, clock, info, params};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, anyhow, bail, clock, info, params};
 
 struct PgPull;
 
@@ -66,8 +67,8 @@ impl Script for PgPull {
         // (host, what, argv, dest, trailer) for every dump to take.
         let mut jobs = Vec::new();
         for dump in &dumps {
-            let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.db);
-            jobs.push((&*dump.host, &*dump.db, pg_dump_argv(dump, service.as_deref()), dest, TRAILER));
+            let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.name);
+            jobs.push((&*dump.host, &*dump.name, pg_dump_argv(dump, service.as_deref()), dest, TRAILER));
         }
         for host in globals.split_whitespace() {
             let dest = format!("{host}/globals-{stamp}.sql.gz");
@@ -95,43 +96,26 @@ impl Script for PgPull {
     }
 }
 
-/// One `HOST:DB[:TABLE,...]` entry.
-struct Dump {
-    host: String,
-    db: String,
-    tables: Vec<String>,
-}
-
-fn parse_dumps(spec: &str) -> Result<Vec<Dump>> {
-    let mut dumps = Vec::new();
-    for entry in spec.split_whitespace() {
-        let mut parts = entry.splitn(3, ':');
-        let (Some(host), Some(db)) = (parts.next(), parts.next()) else {
-            bail!("dumps entry {entry:?} must be HOST:DB or HOST:DB:TABLE,TABLE");
-        };
-        if host.is_empty() || db.is_empty() {
-            bail!("dumps entry {entry:?} has an empty host or database");
-        }
-        let tables = parts.next().map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect());
-        dumps.push(Dump { host: host.into(), db: db.into(), tables: tables.unwrap_or_default() });
-    }
+/// The `dumps` entries: `HOST:DB[:TABLE,...]`.
+fn parse_dumps(spec: &str) -> Result<Vec<HostEntry>> {
+    let dumps = params::host_entries(spec).map_err(|e| anyhow!("dumps: {e}"))?;
     if dumps.is_empty() {
         bail!("nothing to back up: set the dumps param, e.g. \"server1:sitedb server2:transdb\"");
     }
     Ok(dumps)
 }
 
-fn pg_dump_argv(dump: &Dump, service: Option<&str>) -> Vec<String> {
+fn pg_dump_argv(dump: &HostEntry, service: Option<&str>) -> Vec<String> {
     let mut argv: Vec<String> = ["pg_dump", "--no-password", "--strict-names"].map(String::from).into();
     argv.push(match service {
         // A connection string: libpq reads the rest from the service file.
-        Some(service) => format!("--dbname=service={} dbname={}", conninfo_value(service), conninfo_value(&dump.db)),
+        Some(service) => format!("--dbname=service={} dbname={}", conninfo_value(service), conninfo_value(&dump.name)),
         // A plain name is only ever a database name (a string with `=` in
         // it would be read as a connection string), so quote that case too.
-        None if dump.db.contains('=') => format!("--dbname=dbname={}", conninfo_value(&dump.db)),
-        None => format!("--dbname={}", dump.db),
+        None if dump.name.contains('=') => format!("--dbname=dbname={}", conninfo_value(&dump.name)),
+        None => format!("--dbname={}", dump.name),
     });
-    argv.extend(dump.tables.iter().map(|t| format!("--table={t}")));
+    argv.extend(dump.items.iter().map(|t| format!("--table={t}")));
     argv
 }
 
