@@ -184,6 +184,52 @@ fn restore_test(file: Box<dyn Read>, rel: &Path, scratch: &mysql::Scratch) -> Re
     mysql::restore_test(Box::new(reader), rel, scratch)
 }
 
+/// Streams a dump line by line into a database client's stdin (`client`,
+/// spawned here, named `what` in errors). Every line goes through `feed`
+/// first, which leaves it out by returning false. Fails with the client's
+/// stderr when the client fails, or when the dump cannot be read.
+fn load_lines(
+    mut client: std::process::Command,
+    what: &str,
+    mut reader: Box<dyn BufRead>,
+    mut feed: impl FnMut(&[u8]) -> bool,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = client
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut stdin = child.stdin.take().expect("piped");
+    let fed = (|| -> io::Result<()> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            if feed(&line) {
+                stdin.write_all(&line)?;
+            }
+        }
+    })();
+    drop(stdin);
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("the load failed ({status}): {}", errors.trim()));
+    }
+    fed.map_err(|e| format!("reading the dump: {e}"))
+}
+
 fn plain_name(path: &Path) -> PathBuf {
     let text = path.to_string_lossy();
     PathBuf::from(text.strip_suffix(protect::AGE_SUFFIX).unwrap_or(&text))

@@ -10,7 +10,7 @@
 //! never from the command line. The dump is streamed line by line.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -59,7 +59,7 @@ impl Scratch {
 
 /// Loads the dump `reader` yields (plain SQL, named `rel`) and compares row
 /// counts.
-pub fn restore_test(reader: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
+pub fn restore_test(reader: Box<dyn BufRead>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
     let db = &scratch.database;
     let existed =
         scratch.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
@@ -94,45 +94,17 @@ pub fn restore_test(reader: Box<dyn Read>, rel: &Path, scratch: &Scratch) -> Res
 
 /// Streams the dump into the client, counting rows per table on the way;
 /// then compares with `COUNT(*)` in the scratch database.
-fn load_and_count(reader: Box<dyn Read>, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
-    let mut child = scratch
-        .client()
-        .arg(&scratch.database)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run the mysql client: {e}"))?;
-    let mut stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut stdin = child.stdin.take().expect("piped");
+fn load_and_count(reader: Box<dyn BufRead>, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
+    let mut client = scratch.client();
+    client.arg(&scratch.database);
     let mut counter = InsertCounter::default();
-    let fed = (|| -> io::Result<()> {
-        let mut lines = BufReader::with_capacity(1 << 20, reader);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if lines.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            if selects_database(&line) {
-                continue;
-            }
-            counter.feed(&line);
-            stdin.write_all(&line)?;
+    super::load_lines(client, "the mysql client", reader, |line| {
+        if selects_database(line) {
+            return false;
         }
-    })();
-    drop(stdin);
-    let status = child.wait().map_err(|e| e.to_string())?;
-    let errors = errors.join().unwrap_or_default();
-    if !status.success() {
-        return Err(format!("the load failed ({status}): {}", errors.trim()));
-    }
-    fed.map_err(|e| format!("reading the dump: {e}"))?;
+        counter.feed(line);
+        true
+    })?;
     let counts = counter.counts;
     if counts.is_empty() {
         return Err("the dump creates no tables".into());

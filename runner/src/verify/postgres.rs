@@ -12,7 +12,7 @@
 //! is streamed line by line.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, Read, Write};
+use std::io::BufRead;
 use std::process::{Command, Stdio};
 
 /// pg_dump's first comment in plain format.
@@ -62,43 +62,17 @@ pub fn restore_test(reader: Box<dyn BufRead>, database: &str) -> Result<(usize, 
     Ok((counts.len(), counts.values().sum()))
 }
 
-fn load_and_count(mut reader: Box<dyn BufRead>, database: &str) -> Result<BTreeMap<String, u64>, String> {
-    let mut child = psql(database)
-        .arg("--single-transaction")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run the PostgreSQL client psql: {e}"))?;
-    let mut stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut stdin = child.stdin.take().expect("piped");
+fn load_and_count(reader: Box<dyn BufRead>, database: &str) -> Result<BTreeMap<String, u64>, String> {
+    let mut client = psql(database);
+    client.arg("--single-transaction");
     let mut counter = CopyCounter::default();
-    let fed = (|| -> io::Result<()> {
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            if !counter.in_copy() && selects_database(&line) {
-                continue;
-            }
-            counter.feed(&line);
-            stdin.write_all(&line)?;
+    super::load_lines(client, "the PostgreSQL client psql", reader, |line| {
+        if !counter.in_copy() && selects_database(line) {
+            return false;
         }
-    })();
-    drop(stdin);
-    let status = child.wait().map_err(|e| e.to_string())?;
-    let errors = errors.join().unwrap_or_default();
-    if !status.success() {
-        return Err(format!("the load failed ({status}): {}", errors.trim()));
-    }
-    fed.map_err(|e| format!("reading the dump: {e}"))?;
+        counter.feed(line);
+        true
+    })?;
     let counts = counter.counts;
     if counts.is_empty() {
         return Err("the dump creates no tables".into());
