@@ -8,7 +8,7 @@ use std::process::Command;
 
 use offsite_testkit::mariadb::MariaDb;
 use offsite_testkit::sshd::Sshd;
-use offsite_testkit::{Ran, offsite, script};
+use offsite_testkit::{Ran, gunzip, offsite, run_script};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 const SITEDB_TABLES: [&str; 4] = ["tbl_ccode", "tbl_machine", "tbl_session", "tbl_stats"];
@@ -93,16 +93,7 @@ fn site_file(dir: &Path, server1: &Server, server2: &Server, grants1: &str, gran
 }
 
 fn run(site: &Path) -> Ran {
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.arg("run").arg(script("mysql-pull")).arg("--site").arg(site).args(["--now", "2004-03-21T01:48:44"]);
-    cmd.env("HOME", site.parent().unwrap()).env_remove("SSH_AUTH_SOCK");
-    Ran::from_output(cmd.output().unwrap())
-}
-
-fn gunzip(path: &Path) -> Vec<u8> {
-    let out = Command::new("gzip").arg("-dc").arg(path).output().unwrap();
-    assert!(out.status.success(), "gzip -dc {}", path.display());
-    out.stdout
+    run_script(Path::new(BIN), "mysql-pull", site)
 }
 
 const DUMP_GRANT_1: &str = "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"sitedb\", \"tbl_*...\"]]";

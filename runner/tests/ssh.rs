@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use offsite_testkit::sshd::Sshd;
-use offsite_testkit::{Ran, offsite, script, tree};
+use offsite_testkit::{Ran, gunzip, offsite, script, tree};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 
@@ -107,12 +107,6 @@ impl Site {
 
 fn argv(parts: &[&str]) -> String {
     parts.join("\u{1f}")
-}
-
-fn gunzip(path: &Path) -> Vec<u8> {
-    let out = Command::new("gzip").arg("-dc").arg(path).output().unwrap();
-    assert!(out.status.success(), "gzip -dc {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    out.stdout
 }
 
 fn sha256sum(path: &Path) -> String {

@@ -147,6 +147,31 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
     }
 }
 
+/// The whole of a gzip file, decompressed by GNU gzip (so GNU gzip is
+/// what reads our output).
+#[track_caller]
+pub fn gunzip(path: &Path) -> Vec<u8> {
+    let out = Command::new("gzip").arg("-dc").arg(path).output().unwrap();
+    assert!(out.status.success(), "gzip -dc {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// `offsite run` of the built script `name` with `site`, as cron would run
+/// it: HOME is the site file's directory and no ssh-agent is reachable.
+/// The clock is the article's (`--now 2004-03-21T01:48:44`), so file names
+/// are known.
+pub fn run_script(bin: &Path, name: &str, site: &Path) -> Ran {
+    let mut cmd = offsite(bin);
+    cmd.arg("run").arg(script(name)).arg("--site").arg(site).args(["--now", "2004-03-21T01:48:44"]);
+    cmd.env("HOME", site.parent().expect("a site file in a directory")).env_remove("SSH_AUTH_SOCK");
+    Ran::from_output(cmd.output().unwrap())
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 pub mod mariadb;
 pub mod postgres;
 pub mod sshd;

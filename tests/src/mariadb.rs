@@ -6,6 +6,7 @@
 //! `backup` account with the privileges mysqldump needs, whose password
 //! lives only in an option file owned by the login user.
 
+use crate::set_mode;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -190,9 +191,4 @@ fn find(program: &str) -> PathBuf {
         }
     }
     panic!("{program} is not installed (apt-get install mariadb-server mariadb-client; .ci/run does this)");
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }

@@ -9,6 +9,7 @@
 //! `~/.pgpass` owned by the sshd login user, next to a `~/.pg_service.conf`
 //! saying where the server is.
 
+use crate::set_mode;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -224,9 +225,4 @@ fn account(name: &str) -> (u32, u32) {
 
 fn chown(path: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }

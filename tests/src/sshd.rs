@@ -7,6 +7,7 @@
 //! run as root (as CI does); otherwise into the current user. It listens on a free port of the
 //! address it is given (127.0.0.2, 127.0.0.3, ...), so tests run in parallel.
 
+use crate::set_mode;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -248,11 +249,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn current_user() -> String {
