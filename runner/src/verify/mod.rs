@@ -154,7 +154,6 @@ fn is_encrypted(path: &Path) -> bool {
     path.to_string_lossy().ends_with(protect::AGE_SUFFIX)
 }
 
-/// The name without `.age`: what the contents are.
 /// A file the restore test loads: `.sql` or `.sql.gz`.
 fn is_dump(path: &Path) -> bool {
     let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
@@ -230,6 +229,7 @@ fn load_lines(
     fed.map_err(|e| format!("reading the dump: {e}"))
 }
 
+/// The name without `.age`: what the contents are.
 fn plain_name(path: &Path) -> PathBuf {
     let text = path.to_string_lossy();
     PathBuf::from(text.strip_suffix(protect::AGE_SUFFIX).unwrap_or(&text))
