@@ -69,3 +69,22 @@ pub fn host_entries(list: &str) -> crate::Result<Vec<HostEntry>> {
         })
         .collect()
 }
+
+/// The parameter `name` as [`host_entries`], which must hold at least one
+/// entry: missing, empty or malformed is an error naming the parameter.
+///
+/// ```no_run
+/// for dump in offsite_sdk::params::require_host_entries("dumps")? {
+///     offsite_sdk::info!("{} on {}", dump.name, dump.host);
+/// }
+/// # Ok::<(), offsite_sdk::Error>(())
+/// ```
+pub fn require_host_entries(name: &str) -> crate::Result<Vec<HostEntry>> {
+    let entries = host_entries(&get(name)?.unwrap_or_default()).map_err(|e| crate::anyhow!("{name}: {e}"))?;
+    if entries.is_empty() {
+        crate::bail!(
+            "nothing to back up: set the {name} param to HOST:NAME entries, e.g. \"server1:sitedb server2:transdb\""
+        );
+    }
+    Ok(entries)
+}

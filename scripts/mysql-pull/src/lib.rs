@@ -31,7 +31,7 @@
 use offsite_sdk::params::HostEntry;
 use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
-use offsite_sdk::{Param, Result, Script, ScriptInfo, anyhow, bail, clock, info, params, scp};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, clock, info, params, scp};
 
 struct MysqlPull;
 
@@ -63,7 +63,7 @@ impl Script for MysqlPull {
     fn run() -> Result<()> {
         let stamp = clock::now().format(&params::require("stamp")?)?;
         let failures = match params::require("mode")?.as_str() {
-            "dump" => dump_all(&params::get("dumps")?.unwrap_or_default(), &stamp)?,
+            "dump" => dump_all(&stamp)?,
             "command" => command_all(&params::get("commands")?.unwrap_or_default(), &stamp)?,
             other => bail!("unknown mode {other:?}; use dump or command"),
         };
@@ -72,15 +72,6 @@ impl Script for MysqlPull {
         }
         Ok(())
     }
-}
-
-/// The `dumps` entries: `HOST:DB[:TABLE,...]`.
-fn parse_dumps(spec: &str) -> Result<Vec<HostEntry>> {
-    let dumps = params::host_entries(spec).map_err(|e| anyhow!("dumps: {e}"))?;
-    if dumps.is_empty() {
-        bail!("nothing to back up: set the dumps param, e.g. \"server1:sitedb server2:transdb\"");
-    }
-    Ok(dumps)
 }
 
 fn mysqldump_argv(dump: &HostEntry, defaults_file: Option<&str>) -> Vec<String> {
@@ -96,8 +87,8 @@ fn mysqldump_argv(dump: &HostEntry, defaults_file: Option<&str>) -> Vec<String> 
 }
 
 /// Starts every dump, then waits for each; returns what failed.
-fn dump_all(spec: &str, stamp: &str) -> Result<Vec<String>> {
-    let dumps = parse_dumps(spec)?;
+fn dump_all(stamp: &str) -> Result<Vec<String>> {
+    let dumps = params::require_host_entries("dumps")?;
     let secret = match params::get("password_secret")? {
         Some(name) => Some(Secret::open(&name)?),
         None => None,

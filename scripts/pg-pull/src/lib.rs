@@ -33,7 +33,7 @@
 
 use offsite_sdk::params::HostEntry;
 use offsite_sdk::ssh::{self, Stream};
-use offsite_sdk::{Param, Result, Script, ScriptInfo, anyhow, bail, clock, info, params};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, clock, info, params};
 
 struct PgPull;
 
@@ -61,7 +61,7 @@ impl Script for PgPull {
 
     fn run() -> Result<()> {
         let stamp = clock::now().format(&params::require("stamp")?)?;
-        let dumps = parse_dumps(&params::require("dumps")?)?;
+        let dumps = params::require_host_entries("dumps")?;
         let service = params::get("service")?;
         let globals = params::get("globals")?.unwrap_or_default();
         // (host, what, argv, dest, trailer) for every dump to take.
@@ -94,15 +94,6 @@ impl Script for PgPull {
         }
         Ok(())
     }
-}
-
-/// The `dumps` entries: `HOST:DB[:TABLE,...]`.
-fn parse_dumps(spec: &str) -> Result<Vec<HostEntry>> {
-    let dumps = params::host_entries(spec).map_err(|e| anyhow!("dumps: {e}"))?;
-    if dumps.is_empty() {
-        bail!("nothing to back up: set the dumps param, e.g. \"server1:sitedb server2:transdb\"");
-    }
-    Ok(dumps)
 }
 
 fn pg_dump_argv(dump: &HostEntry, service: Option<&str>) -> Vec<String> {
