@@ -183,6 +183,17 @@ fn restore_test(file: Box<dyn Read>, rel: &Path, scratch: &mysql::Scratch) -> Re
     mysql::restore_test(Box::new(reader), rel, scratch)
 }
 
+/// Runs a database client once (`what` in errors) with no input: its
+/// output, or its stderr as the error.
+fn client_output(mut client: std::process::Command, what: &str) -> Result<String, String> {
+    let out = client.stdin(std::process::Stdio::null()).output().map_err(|e| format!("cannot run {what}: {e}"))?;
+    if !out.status.success() {
+        let program = client.get_program().to_string_lossy().into_owned();
+        return Err(format!("{program}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Streams a dump line by line into a database client's stdin (`client`,
 /// spawned here, named `what` in errors). Every line goes through `feed`
 /// first, which leaves it out by returning false. Fails with the client's

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Where dumps are loaded for the test.
 #[derive(Debug, Clone)]
@@ -44,16 +44,9 @@ impl Scratch {
 
     /// Runs one statement; returns its output.
     fn query(&self, sql: &str) -> Result<String, String> {
-        let out = self
-            .client()
-            .args(["-e", sql])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run the mysql client: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("mysql: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut client = self.client();
+        client.args(["-e", sql]);
+        super::client_output(client, "the mysql client")
     }
 }
 

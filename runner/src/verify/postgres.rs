@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// pg_dump's first comment in plain format.
 pub const HEADER: &[u8] = b"-- PostgreSQL database dump";
@@ -34,15 +34,9 @@ fn admin(sql: &str) -> Result<String, String> {
 }
 
 fn query(database: &str, sql: &str) -> Result<String, String> {
-    let out = psql(database)
-        .args(["-c", sql])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run the PostgreSQL client psql: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("psql: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut client = psql(database);
+    client.args(["-c", sql]);
+    super::client_output(client, "the PostgreSQL client psql")
 }
 
 /// Loads the plain-SQL dump `reader` yields into the scratch database
