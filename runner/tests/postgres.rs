@@ -23,14 +23,14 @@ struct Server {
 /// The two servers. Their login users' `~/.pgpass` and
 /// `~/.pg_service.conf` name this test's servers, so the tests here take
 /// turns: the guard is held for the whole test.
-fn two_servers(pgpass: bool) -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
+fn two_servers() -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let start = |ip: &'static str, user: &'static str| {
         std::thread::spawn(move || {
             let ssh = Sshd::start_as(ip, user);
             let db = Postgres::start(ip);
-            db.write_client_files(&ssh.home(), &ssh.user, "offsite", pgpass);
+            db.write_client_files(&ssh.home(), &ssh.user, "offsite", true);
             Server { ssh, db }
         })
     };
@@ -99,7 +99,7 @@ fn run(site: &Path) -> Ran {
 
 #[test]
 fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
-    let (server1, server2, _turn) = two_servers(true);
+    let (server1, server2, _turn) = two_servers();
     server2.db.sql(&format!("CREATE DATABASE \"{}\"", ODD_DB.replace('"', "\"\"")));
     server2.db.sql_in(
         ODD_DB,
@@ -176,7 +176,7 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
 
 #[test]
 fn failures_store_nothing_and_say_why() {
-    let (server1, server2, _turn) = two_servers(true);
+    let (server1, server2, _turn) = two_servers();
     let dir = tempfile::tempdir().unwrap();
     let backups = dir.path().join("backups");
 
