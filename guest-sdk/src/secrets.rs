@@ -22,6 +22,11 @@ impl Secret {
         raw::open(name).map(Secret).map_err(HostError::from)
     }
 
+    /// The WIT resource, for calling the raw bindings in [`crate::wit`].
+    pub fn raw(&self) -> &raw::Secret {
+        &self.0
+    }
+
     /// The name the site gives it (never the value).
     pub fn name(&self) -> String {
         self.0.name()

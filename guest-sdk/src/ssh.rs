@@ -75,7 +75,8 @@ impl Stream {
         self.require_tail = Some(text.to_string());
         self
     }
-    fn raw(&self) -> raw::StreamOptions {
+    /// The WIT record, for calling the raw bindings in [`crate::wit`].
+    pub fn raw(&self) -> raw::StreamOptions {
         raw::StreamOptions { gzip: self.gzip, require_tail: self.require_tail.clone() }
     }
 }
@@ -137,12 +138,16 @@ pub fn start_exec_to_file<S: AsRef<str>>(
 }
 
 /// [`exec_to_file`] with a secret on the command's stdin: the runner sends
-/// `stdin_template` with `{secret}` replaced by the value, then closes
-/// stdin. The script never sees the value, and it never appears in argv.
+/// what the site file says for that secret (`[secrets.NAME]`'s `stdin`,
+/// with `{secret}` replaced by the value), then closes stdin, and only to
+/// the programs the site names there. The script never sees the value and
+/// chooses neither what is sent nor where; the value never appears in argv,
+/// and nothing the server prints during the call comes back to the script.
 ///
 /// ```no_run
 /// use offsite_sdk::secrets::Secret;
 /// use offsite_sdk::ssh::{self, Stream};
+/// // Site: db_password = { file = "...", stdin = "[client]\npassword=\"{secret}\"\n", programs = ["mysqldump"] }
 /// let password = Secret::open("db_password")?;
 /// ssh::exec_to_file_with_secret(
 ///     "server1",
@@ -150,7 +155,6 @@ pub fn start_exec_to_file<S: AsRef<str>>(
 ///     "sitedb.sql.gz",
 ///     &Stream::new().gzip().require_tail("-- Dump completed"),
 ///     &password,
-///     "[client]\npassword={secret}\n",
 /// )?;
 /// # Ok::<(), offsite_sdk::HostError>(())
 /// ```
@@ -160,10 +164,8 @@ pub fn exec_to_file_with_secret<S: AsRef<str>>(
     dest: &str,
     options: &Stream,
     secret: &Secret,
-    stdin_template: &str,
 ) -> Result<FileInfo, HostError> {
-    raw::exec_to_file_with_secret(host, &strings(argv), dest, &options.raw(), &secret.0, stdin_template)
-        .map_err(HostError::from)
+    raw::exec_to_file_with_secret(host, &strings(argv), dest, &options.raw(), &secret.0, "").map_err(HostError::from)
 }
 
 /// [`exec_to_file_with_secret`] in the background.
@@ -173,9 +175,8 @@ pub fn start_exec_to_file_with_secret<S: AsRef<str>>(
     dest: &str,
     options: &Stream,
     secret: &Secret,
-    stdin_template: &str,
 ) -> Result<Pending, HostError> {
-    raw::start_exec_to_file_with_secret(host, &strings(argv), dest, &options.raw(), &secret.0, stdin_template)
+    raw::start_exec_to_file_with_secret(host, &strings(argv), dest, &options.raw(), &secret.0, "")
         .map(Pending)
         .map_err(HostError::from)
 }

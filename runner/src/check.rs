@@ -110,6 +110,35 @@ pub fn check(
             }
         }
     }
+    for (name, delivery) in &site.deliveries {
+        let shown = delivery.stdin.replace("{secret}", "<value>");
+        let _ = writeln!(
+            out,
+            "  secret {name} is sent only as the stdin {:?}, and only to {} (on a host whose grants allow the command)",
+            crate::text::escape(&shown),
+            delivery.programs.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+        );
+        for program in &delivery.programs {
+            let granted: Vec<&str> = site
+                .hosts
+                .values()
+                .filter(|h| h.commands.iter().any(|c| c.first() == Some(program)))
+                .map(|h| h.name.as_str())
+                .collect();
+            if granted.is_empty() {
+                problems.push(Problem {
+                    at: at_key("secrets", name),
+                    what: format!("secret {name} may be sent to {program:?}, but no host grants that program"),
+                    fix: format!("grant a {program:?} command under [hosts.NAME], or correct `programs`"),
+                });
+            } else {
+                let _ = writeln!(out, "    {program:?} is granted on {}", granted.join(", "));
+            }
+        }
+    }
+    for name in site.secrets.keys().filter(|n| !site.deliveries.contains_key(*n)) {
+        let _ = writeln!(out, "  secret {name} is sent nowhere (no `stdin` and `programs`): a script can only open it");
+    }
     let _ = writeln!(out, "  limits: {}", site.limits);
     lifecycle_report(&mut out, &mut problems, site, &at_key);
 
@@ -137,6 +166,15 @@ fn describe_host(out: &mut String, host: &HostConfig) {
     }
     for pattern in &host.commands {
         let _ = writeln!(out, "    may run: {}", plain_pattern(pattern));
+        // Validated when the site was parsed.
+        if let Ok(compiled) = crate::policy::CommandPattern::new(pattern) {
+            for line in compiled.describe() {
+                let _ = writeln!(out, "      {line}");
+            }
+            for warning in compiled.warnings() {
+                let _ = writeln!(out, "      warning: {warning}");
+            }
+        }
     }
     if host.fetch.is_empty() {
         let _ = writeln!(out, "    may copy no files");

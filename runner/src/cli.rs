@@ -234,7 +234,13 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("{}offsite: error: {:#}", crate::logging::prefix(), f.error);
+            // The error may quote a script or a server: escaped, bounded,
+            // and every line carries the prefix.
+            let text = crate::text::truncate(&format!("{:#}", f.error), 4 * crate::logging::MAX_MESSAGE).into_owned();
+            for (i, line) in crate::text::escape_lines(&text).iter().enumerate() {
+                let lead = if i == 0 { "offsite: error: " } else { "offsite: error:   " };
+                eprintln!("{}{lead}{line}", crate::logging::prefix());
+            }
             ExitCode::from(f.exit as u8)
         }
     }
@@ -306,6 +312,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     };
     caps.script_sha256 = script.sha256.clone();
     caps.secret_sources = site.secrets.clone();
+    caps.deliveries = site.deliveries.clone();
     if let Some(path) = &args.audit {
         let log = AuditLog::open(path)
             .with_context(|| format!("cannot open the audit log {}", path.display()))

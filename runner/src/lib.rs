@@ -46,6 +46,7 @@ pub mod site;
 pub mod sleep;
 pub mod status;
 pub mod store;
+pub mod text;
 pub mod transport;
 pub mod verify;
 #[cfg(feature = "runtime")]

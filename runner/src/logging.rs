@@ -49,6 +49,31 @@ pub struct Capture {
 /// Lines kept for the tail, and warnings kept for the manifest.
 const TAIL_LINES: usize = 100;
 const MAX_WARNINGS: usize = 50;
+/// Longest message logged whole (a script's, or one quoting a server).
+pub const MAX_MESSAGE: usize = 4096;
+/// Most lines a script may log in one run (its `log` calls and what it
+/// prints); the rest are counted, not shown.
+pub const MAX_SCRIPT_LINES: usize = 1000;
+
+static SCRIPT_LINES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one script line; false once the run's budget is spent (the
+/// first line over it says so).
+fn script_budget() -> bool {
+    let n = SCRIPT_LINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n == MAX_SCRIPT_LINES {
+        log::warn!(
+            target: "offsite::log",
+            "the script logged more than {MAX_SCRIPT_LINES} lines; the rest of its messages are counted, not shown"
+        );
+    }
+    n < MAX_SCRIPT_LINES
+}
+
+/// How many script lines were not shown (for the run's summary).
+pub fn script_lines_dropped() -> usize {
+    SCRIPT_LINES.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(MAX_SCRIPT_LINES)
+}
 
 /// Targets whose warnings never change a run's status: a notification or
 /// report that failed after (or around) the run.
@@ -108,12 +133,27 @@ impl Log for StderrLog {
             Level::Debug => "debug: ",
             Level::Trace => "trace: ",
         };
-        let line = format!("{who}: {level}{}", record.args());
-        if captured {
-            capture(record, &line);
+        let script = record.target().starts_with("script:");
+        if script && !script_budget() {
+            return;
+        }
+        // Every line is escaped (no terminal control, no forged line), cut
+        // to a bounded length, and a message of several lines keeps its
+        // writer and level on each, so no line passes for another's.
+        let message = crate::text::truncate(&record.args().to_string(), MAX_MESSAGE).into_owned();
+        let lines = crate::text::escape_lines(&message);
+        let mut text = String::new();
+        for (i, part) in lines.iter().enumerate() {
+            let line = if i == 0 { format!("{who}: {level}{part}") } else { format!("{who}: {level}  {part}") };
+            if captured {
+                capture(record, &line);
+            }
+            text.push_str(prefix());
+            text.push_str(&line);
+            text.push('\n');
         }
         if shown {
-            let _ = writeln!(std::io::stderr().lock(), "{}{line}", prefix());
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
         }
     }
 

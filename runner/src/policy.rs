@@ -42,6 +42,11 @@ pub enum Call<'a> {
     SecretOpen {
         name: &'a str,
     },
+    /// Send the secret `name` (as the site's delivery says) to `program`.
+    SecretSend {
+        name: &'a str,
+        program: &'a str,
+    },
 }
 
 impl Call<'_> {
@@ -58,6 +63,7 @@ impl Call<'_> {
             Call::SshExec { host, argv } => json!({"fn": "exec", "host": host, "argv": argv}),
             Call::ScpFetch { host, path } => json!({"fn": "fetch", "host": host, "path": path}),
             Call::SecretOpen { name } => json!({"fn": "open", "name": name}),
+            Call::SecretSend { name, program } => json!({"fn": "send", "name": name, "program": program}),
         }
     }
 
@@ -70,7 +76,7 @@ impl Call<'_> {
             Call::ArchiveRead { .. } | Call::StoreWrite { .. } => "archive",
             Call::SshExec { .. } => "ssh",
             Call::ScpFetch { .. } => "scp",
-            Call::SecretOpen { .. } => "secrets",
+            Call::SecretOpen { .. } | Call::SecretSend { .. } => "secrets",
         }
     }
 }
@@ -126,6 +132,8 @@ pub struct Policy {
     hosts: BTreeMap<String, HostGrants>,
     /// Names of the secrets the site declares.
     secrets: std::collections::BTreeSet<String>,
+    /// The programs each deliverable secret may be sent to.
+    deliveries: BTreeMap<String, Vec<String>>,
 }
 
 /// What may be done on one host, compiled from its site section.
@@ -150,6 +158,7 @@ impl Policy {
             params: BTreeMap::new(),
             hosts: BTreeMap::new(),
             secrets: Default::default(),
+            deliveries: BTreeMap::new(),
         }
     }
 
@@ -172,6 +181,7 @@ impl Policy {
             params,
             hosts,
             secrets: site.secrets.keys().cloned().collect(),
+            deliveries: site.deliveries.iter().map(|(k, d)| (k.clone(), d.programs.clone())).collect(),
         }
     }
 
@@ -188,6 +198,10 @@ impl Policy {
         match call {
             Call::ClockNow | Call::ClockFormat | Call::Log => Ok(Grant::Unrestricted),
             Call::ParamGet { name } => match self.params.get(*name) {
+                Some(p) if p.secret => Err(Denial::Denied(format!(
+                    "parameter {name:?} is declared secret, and scripts never read secret values; put the value \
+                     under [secrets] in the site file and open a handle to it"
+                ))),
                 Some(_) => Ok(Grant::Param),
                 None => Err(Denial::Denied(format!("parameter {name:?} is not declared by the script's describe()"))),
             },
@@ -200,6 +214,16 @@ impl Policy {
                 false => {
                     Err(Denial::Denied(format!("secret {name:?} is not declared under [secrets] in the site file")))
                 }
+            },
+            Call::SecretSend { name, program } => match self.deliveries.get(*name) {
+                None => Err(Denial::Denied(format!(
+                    "secret {name:?} may not be sent anywhere: the site gives it no `stdin` and `programs`"
+                ))),
+                Some(programs) if programs.iter().any(|p| p == program) => Ok(Grant::Secret),
+                Some(programs) => Err(Denial::Denied(format!(
+                    "secret {name:?} may be sent only to {}, not to {program:?}",
+                    programs.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+                ))),
             },
         }
     }
@@ -308,17 +332,116 @@ pub const MAX_ARGS: usize = 4096;
 /// the remote kernel accept).
 pub const MAX_COMMAND_BYTES: usize = 256 << 10;
 
-/// An allowed command: the program exactly, then one glob per argument.
+/// An allowed command: the program exactly, then one pattern per argument.
 /// A last pattern ending in `...` matches zero or more further arguments,
-/// each against the glob before the dots. Only glob syntax (`*`, `?`,
-/// `[...]`, `{a,b}`, `\\`) is special; shell characters such as `$`, `;` or
-/// `|` are plain characters, and the host quotes every argument anyway.
+/// each against the pattern before the dots.
+///
+/// Argument patterns are globs with the same rules as fetch paths, plus two
+/// that keep a glob from admitting more than it appears to:
+///
+/// - `*`, `?` and `[...]` stay within one `/`-separated component; `**`
+///   inside a pattern crosses directories (`/var/log/**`);
+/// - a wildcard never admits a `..` component (split at `/` and `=`), so
+///   `/var/log/app/*` does not admit `/var/log/app/../../etc/shadow`: such an
+///   argument matches only a pattern that spells it out exactly;
+/// - an argument that starts with `-` (an option) matches only a pattern
+///   that starts with `-`, so `*.log` does not admit
+///   `--checkpoint-action=exec=CMD #.log`;
+/// - a pattern that is exactly `**` admits any argument at all (options,
+///   paths, `..`); `offsite check` warns about it.
+///
+/// Shell characters such as `$`, `;` or `|` are plain characters, and the
+/// host quotes every argument anyway.
 #[derive(Debug, Clone)]
 pub struct CommandPattern {
     program: String,
-    args: Vec<globset::GlobMatcher>,
-    rest: Option<globset::GlobMatcher>,
+    args: Vec<ArgPattern>,
+    rest: Option<ArgPattern>,
 }
+
+/// One argument pattern of a [`CommandPattern`].
+#[derive(Debug, Clone)]
+pub struct ArgPattern {
+    text: String,
+    kind: ArgKind,
+}
+
+#[derive(Debug, Clone)]
+enum ArgKind {
+    /// `**`: anything.
+    Any,
+    /// No glob syntax: this exact argument.
+    Exact,
+    Glob {
+        matcher: globset::GlobMatcher,
+        option: bool,
+    },
+}
+
+impl ArgPattern {
+    fn new(text: &str) -> Result<ArgPattern, String> {
+        let kind = if text == "**" {
+            ArgKind::Any
+        } else if !text.contains(['*', '?', '[', '{', '\\']) {
+            ArgKind::Exact
+        } else {
+            let matcher = globset::GlobBuilder::new(text)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map(|g| g.compile_matcher())
+                .map_err(|e| format!("bad pattern {text:?}: {e}"))?;
+            ArgKind::Glob { matcher, option: text.starts_with('-') }
+        };
+        Ok(ArgPattern { text: text.to_string(), kind })
+    }
+
+    pub fn matches(&self, arg: &str) -> bool {
+        match &self.kind {
+            ArgKind::Any => true,
+            ArgKind::Exact => arg == self.text,
+            ArgKind::Glob { matcher, option } => {
+                (*option || !arg.starts_with('-')) && !has_dotdot(arg) && matcher.is_match(arg)
+            }
+        }
+    }
+
+    /// What the pattern admits, in words, for `offsite check`.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            ArgKind::Any => "any argument at all (options, any path, `..`)".into(),
+            ArgKind::Exact => format!("exactly {:?}", self.text),
+            ArgKind::Glob { option, .. } => {
+                let crosses = self.text.contains("**");
+                format!(
+                    "an argument matching {:?} ({}{}, never `..`)",
+                    self.text,
+                    if crosses { "`**` crosses directories" } else { "wildcards stay within one directory" },
+                    if *option { "" } else { ", never an option starting with `-`" }
+                )
+            }
+        }
+    }
+
+    /// A warning when the pattern admits more than it appears to.
+    pub fn is_any(&self) -> bool {
+        matches!(self.kind, ArgKind::Any)
+    }
+}
+
+/// Whether `arg` has a `..` component, taking `/` and `=` as separators
+/// (`--file=../x`).
+fn has_dotdot(arg: &str) -> bool {
+    arg.split(['/', '=']).any(|part| part == "..")
+}
+
+/// Programs that run whatever their arguments say: a grant of one of them
+/// with a free argument is a grant of any command.
+const INTERPRETERS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "fish", "ksh", "csh", "tcsh", "env", "xargs", "sudo", "su", "doas", "nice", "nohup",
+    "timeout", "ionice", "perl", "python", "python3", "ruby", "php", "node", "awk", "gawk", "mawk", "find", "eval",
+    "exec", "busybox", "ssh", "scp", "rsync",
+];
 
 impl CommandPattern {
     pub fn new(pattern: &[String]) -> Result<CommandPattern, String> {
@@ -326,21 +449,13 @@ impl CommandPattern {
         if program.is_empty() {
             return Err("the program name is empty".into());
         }
-        let glob = |p: &str| {
-            globset::GlobBuilder::new(p)
-                .literal_separator(false)
-                .backslash_escape(true)
-                .build()
-                .map(|g| g.compile_matcher())
-                .map_err(|e| format!("bad pattern {p:?}: {e}"))
-        };
         let mut compiled = Vec::new();
         let mut rest = None;
         for (i, arg) in args.iter().enumerate() {
             match arg.strip_suffix("...") {
-                Some(repeated) if i + 1 == args.len() => rest = Some(glob(repeated)?),
+                Some(repeated) if i + 1 == args.len() => rest = Some(ArgPattern::new(repeated)?),
                 Some(_) => return Err(format!("only the last argument pattern may end in `...` ({arg:?})")),
-                None => compiled.push(glob(arg)?),
+                None => compiled.push(ArgPattern::new(arg)?),
             }
         }
         Ok(CommandPattern { program: program.clone(), args: compiled, rest })
@@ -352,13 +467,48 @@ impl CommandPattern {
             return false;
         }
         let (fixed, extra) = args.split_at(self.args.len());
-        if !fixed.iter().zip(&self.args).all(|(a, g)| g.is_match(a)) {
+        if !fixed.iter().zip(&self.args).all(|(a, g)| g.matches(a)) {
             return false;
         }
         match &self.rest {
             None => extra.is_empty(),
-            Some(g) => extra.iter().all(|a| g.is_match(a)),
+            Some(g) => extra.iter().all(|a| g.matches(a)),
         }
+    }
+
+    /// What the pattern admits, in words: one line per argument.
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = vec![format!("program {:?} (exactly)", self.program)];
+        for (i, a) in self.args.iter().enumerate() {
+            lines.push(format!("argument {}: {}", i + 1, a.describe()));
+        }
+        match &self.rest {
+            Some(r) => lines.push(format!("then any number of further arguments, each {}", r.describe())),
+            None => lines.push("and no further arguments".into()),
+        }
+        lines
+    }
+
+    /// Why this grant admits more than it appears to, if it does.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let base = self.program.rsplit('/').next().unwrap_or(&self.program);
+        let free = self.args.iter().chain(self.rest.as_ref()).any(|a| !matches!(a.kind, ArgKind::Exact));
+        if free && INTERPRETERS.iter().any(|p| base == *p || base.starts_with(&format!("{p}."))) {
+            out.push(format!(
+                "{:?} runs what its arguments say, and this grant leaves an argument open: it admits any command",
+                self.program
+            ));
+        }
+        for (i, a) in self.args.iter().enumerate() {
+            if a.is_any() {
+                out.push(format!("argument {} is `**`: it admits any argument, options and `..` included", i + 1));
+            }
+        }
+        if self.rest.as_ref().is_some_and(ArgPattern::is_any) {
+            out.push("`**...` admits any further arguments, options and `..` included".into());
+        }
+        out
     }
 }
 
@@ -414,6 +564,11 @@ pub fn remote_path(path: &str) -> Result<String, Denial> {
     Ok(out)
 }
 
+/// Most directory levels a store path may have: enough for any backup
+/// layout, few enough that every walk of the store (verify, cleanup) stays
+/// within its file descriptors.
+pub const MAX_STORE_DEPTH: usize = 32;
+
 /// Validates a destination in the store: relative, plain components only,
 /// and not one of the runner's own temporary names.
 pub fn store_path(dest: &str) -> Result<PathBuf, Denial> {
@@ -432,6 +587,13 @@ pub fn store_path(dest: &str) -> Result<PathBuf, Denial> {
         {
             return Err(Denial::Denied(format!("store destination {dest:?} uses the runner's reserved prefix")));
         }
+    }
+    let depth = rel.components().count();
+    if depth > MAX_STORE_DEPTH {
+        return Err(Denial::InvalidArgument(format!(
+            "store destination {} has {depth} levels; at most {MAX_STORE_DEPTH} are allowed",
+            crate::text::shorten_middle(dest, 200)
+        )));
     }
     if rel.components().next() == Some(Component::Normal(crate::store::META_DIR.as_ref())) {
         return Err(Denial::Denied(format!(
@@ -453,6 +615,7 @@ mod tests {
             params: BTreeMap::from([("path".to_string(), ParamGrant { value: Some("x".into()), secret: false })]),
             hosts: BTreeMap::new(),
             secrets: Default::default(),
+            deliveries: BTreeMap::new(),
         }
     }
 
@@ -496,6 +659,38 @@ mod tests {
         assert!(exec("server1", &["echo", "root"]).is_err());
         assert!(matches!(exec("server1", &["echo", "a\0b"]), Err(Denial::InvalidArgument(_))));
         assert!(matches!(exec("server1", &[]), Err(Denial::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn command_globs_stay_in_one_directory_and_admit_no_options_or_dotdot() {
+        let p = |pattern: &[&str]| CommandPattern::new(&argv(pattern)).unwrap();
+        let cat = p(&["cat", "/var/log/app/*"]);
+        assert!(cat.matches(&argv(&["cat", "/var/log/app/x.log"])));
+        assert!(!cat.matches(&argv(&["cat", "/var/log/app/../../../etc/shadow"])), "`*` crossed `/`");
+        assert!(!cat.matches(&argv(&["cat", "/var/log/app/.."])), "`*` admitted `..`");
+        assert!(!cat.matches(&argv(&["cat", "/var/log/app/sub/x.log"])));
+        let deep = p(&["cat", "/var/log/**"]);
+        assert!(deep.matches(&argv(&["cat", "/var/log/app/sub/x.log"])));
+        assert!(!deep.matches(&argv(&["cat", "/var/log/app/../../etc/shadow"])), "`**` admitted `..`");
+        // The tar checkpoint trick: an option disguised as a file name.
+        let tar = p(&["tar", "-czf", "-", "-C", "/var/log", "*.log..."]);
+        assert!(tar.matches(&argv(&["tar", "-czf", "-", "-C", "/var/log", "a.log", "b.log"])));
+        assert!(!tar.matches(&argv(&["tar", "-czf", "-", "-C", "/var/log", "--checkpoint-action=exec=id #.log"])));
+        assert!(!tar.matches(&argv(&["tar", "-czf", "-", "-C", "/var/log", "-x.log"])));
+        // A pattern that starts with `-` may admit options; `=..` is still `..`.
+        let opt = p(&["pg_dump", "--table=*"]);
+        assert!(opt.matches(&argv(&["pg_dump", "--table=tbl_a"])));
+        assert!(!opt.matches(&argv(&["pg_dump", "--table=.."])));
+        // Exact arguments are exact, `..` included when spelled out.
+        assert!(p(&["cat", "/a/../b"]).matches(&argv(&["cat", "/a/../b"])));
+        // `**` alone admits anything, and check says so.
+        let any = p(&["sh", "-c", "**"]);
+        assert!(any.matches(&argv(&["sh", "-c", "cat /etc/../etc/shadow; -x"])));
+        assert!(any.warnings().iter().any(|w| w.contains("any command")));
+        assert!(any.warnings().iter().any(|w| w.contains("`**`")));
+        assert!(p(&["mysqldump", "sitedb", "tbl_*..."]).warnings().is_empty());
+        let words = tar.describe().join("\n");
+        assert!(words.contains("never an option starting with `-`") && words.contains("never `..`"), "{words}");
     }
 
     #[test]
@@ -589,5 +784,9 @@ mod tests {
         assert!(store_path(".offsite/manifests/x.json").is_err());
         assert!(store_path("./.offsite/lock").is_err());
         assert!(store_path("sub/.offsite/x").is_ok());
+        assert!(store_path(&("d/".repeat(MAX_STORE_DEPTH - 1) + "f")).is_ok());
+        assert!(
+            matches!(store_path(&("d/".repeat(2000) + "f")), Err(Denial::InvalidArgument(m)) if m.contains("levels"))
+        );
     }
 }

@@ -70,6 +70,10 @@ pub struct Site {
     pub ssh_config: Option<PathBuf>,
     /// Named secrets a script may pass (by handle) to a capability.
     pub secrets: BTreeMap<String, SecretSource>,
+    /// How each secret that may leave the runner is sent, and to which
+    /// programs (`[secrets.NAME]`'s `stdin` and `programs`). A secret with
+    /// no entry here can be opened but never delivered.
+    pub deliveries: BTreeMap<String, Delivery>,
     /// Which runs to keep after a good run (`[retention]`); empty keeps all.
     pub retention: crate::store::retention::Keep,
     /// node_exporter textfile to rewrite after every run (`[report]`).
@@ -137,6 +141,20 @@ pub struct HostConfig {
     pub from: Option<String>,
 }
 
+/// What the site sends when a script passes a secret handle to a remote
+/// command: the stdin text (with `{secret}` replaced by the value), and the
+/// programs (argv\[0\], exactly) it may be sent to. The script chooses
+/// neither, so it cannot turn the delivery into an echo of the value or
+/// point the program at a listener of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub stdin: String,
+    pub programs: Vec<String>,
+}
+
+/// Most bytes a secret's stdin template may have.
+pub const MAX_STDIN_TEMPLATE: usize = 4096;
+
 /// Where a secret comes from. The value is read when it is needed and never
 /// stored in the site.
 ///
@@ -166,6 +184,7 @@ impl Site {
             hosts: BTreeMap::new(),
             ssh_config: None,
             secrets: BTreeMap::new(),
+            deliveries: BTreeMap::new(),
             retention: Default::default(),
             prometheus: None,
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
@@ -226,12 +245,32 @@ impl Site {
             max_files: raw.limits.max_files.unwrap_or(defaults.max_files),
         };
         let mut secrets = BTreeMap::new();
-        for (name, source) in raw.secrets {
-            let source = match (source.file, source.env) {
+        let mut deliveries = BTreeMap::new();
+        for (name, section) in raw.secrets {
+            let key = at(&format!("secrets.{name}"));
+            let source = match (section.file, section.env) {
                 (Some(f), None) => SecretSource::File(expand_home(&f, &file_dir)),
                 (None, Some(v)) => SecretSource::Env(v),
-                _ => bail!("{}: give exactly one of `file` or `env`", at(&format!("secrets.{name}"))),
+                _ => bail!("{key}: give exactly one of `file` or `env`"),
             };
+            match (section.stdin, section.programs) {
+                (None, None) => {}
+                (Some(stdin), Some(programs)) => {
+                    if !stdin.contains("{secret}") {
+                        bail!("{key}: `stdin` must contain the {{secret}} placeholder");
+                    }
+                    if stdin.len() > MAX_STDIN_TEMPLATE || stdin.contains('\0') {
+                        bail!("{key}: `stdin` must be text of at most {MAX_STDIN_TEMPLATE} bytes, without NUL");
+                    }
+                    if programs.is_empty() || programs.iter().any(|p| p.is_empty()) {
+                        bail!("{key}: `programs` must name the program(s) the secret is sent to, like [\"mysqldump\"]");
+                    }
+                    deliveries.insert(name.clone(), Delivery { stdin, programs });
+                }
+                _ => bail!(
+                    "{key}: give both `stdin` (what is sent, with {{secret}}) and `programs` (to which programs), or neither"
+                ),
+            }
             secrets.insert(name, source);
         }
         let mut hosts = BTreeMap::new();
@@ -298,6 +337,7 @@ impl Site {
             hosts,
             ssh_config: raw.ssh_config.map(|p| expand_home(&p, &file_dir)),
             secrets,
+            deliveries,
             retention: crate::store::retention::Keep {
                 last: raw.retention.keep_last.unwrap_or(0),
                 daily: raw.retention.keep_daily.unwrap_or(0),
@@ -335,6 +375,7 @@ impl Site {
             "read_roots": self.read_roots,
             "hosts": hosts,
             "secrets": self.secrets.keys().collect::<Vec<_>>(),
+            "deliveries": self.deliveries.iter().map(|(k, d)| (k, (&d.stdin, &d.programs))).collect::<BTreeMap<_, _>>(),
             "params": self.params.keys().collect::<Vec<_>>(),
             "limits": self.limits.to_string(),
         });
@@ -413,12 +454,15 @@ struct NotifySection {
     timeout: Option<HumanDuration>,
 }
 
-/// `name = { file = "..." }` or `name = { env = "VAR" }`.
+/// `name = { file = "..." }` or `name = { env = "VAR" }`, optionally with
+/// `stdin = "...{secret}..."` and `programs = ["..."]`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SecretSection {
     file: Option<PathBuf>,
     env: Option<String>,
+    stdin: Option<String>,
+    programs: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -152,7 +152,7 @@ fn connect_logs_in_and_looks_up_every_granted_program() {
         )
         .unwrap();
     };
-    write("commands = [[\"tar\", \"*...\"], [\"sh\", \"-c\", \"*\"]]");
+    write("commands = [[\"tar\", \"*...\"], [\"sh\", \"-c\", \"**\"]]");
     let ran = check(&site, &["--connect"]);
     ran.expect_code(0);
     assert!(ran.stdout.contains("host server1: connected, host key verified, authenticated"), "{}", ran.stdout);

@@ -43,14 +43,14 @@ impl Env {
         std::fs::write(d.join("ssh_config"), "").unwrap();
         let mut site = String::from(
             "name = \"hostile\"\nstore = \"store\"\nssh_config = \"ssh_config\"\n\n[read]\nroots = [\"base/root\"]\n\n\
-             [limits]\ndeadline = \"3s\"\nmemory = \"64MiB\"\n\n[secrets]\ntoken = { file = \"home/token\" }\n",
+             [limits]\ndeadline = \"3s\"\nmemory = \"64MiB\"\n\n[secrets]\ntoken = { file = \"home/token\", stdin = \"value={secret}\\n\", programs = [\"sh\"] }\n",
         );
         if let Some(server) = &env.server {
             let files = server.files();
             std::fs::write(files.join("a.tgz"), "archive").unwrap();
             std::os::unix::fs::symlink("/etc/passwd", files.join("escape.tgz")).unwrap();
             let grants = format!(
-                "commands = [[\"echo\", \"*\"], [\"sh\", \"-c\", \"*\"], [\"echo\", \"*...\"]]\nfetch = [\"{}/*.tgz\"]",
+                "commands = [[\"echo\", \"**\"], [\"sh\", \"-c\", \"**\"], [\"echo\", \"*...\"]]\nfetch = [\"{}/*.tgz\"]",
                 files.display()
             );
             site.push('\n');
@@ -117,7 +117,12 @@ fn case(name: &str, remote: bool, arg: impl Fn(&Env) -> String, code: i32, needl
     }
     let audit_text = std::fs::read_to_string(&audit).unwrap_or_default();
     for (what, text) in [("stdout", &ran.stdout), ("stderr", &ran.stderr), ("audit log", &audit_text)] {
-        assert!(!text.contains(SECRET), "case {name}: the secret leaked into the {what}:\n{text}");
+        // Not the value, and no piece of it that a cut could have left.
+        for len in 5..=SECRET.len() {
+            for part in [&SECRET[..len], &SECRET[SECRET.len() - len..]] {
+                assert!(!text.contains(part), "case {name}: {part:?} of the secret leaked into the {what}:\n{text}");
+            }
+        }
     }
     let after = env.snapshot();
     assert_eq!(before, after, "case {name}: something outside the store changed");
@@ -181,9 +186,12 @@ hostile! {
     connection_flood: true, none => 0, [];
     // Secrets.
     secret_undeclared: false, none => 1, ["denied", "\"root-password\" is not declared"];
-    secret_echoed_by_failing_command: true, none => 1, ["exit status 3", "value=***"];
+    secret_echoed_by_failing_command: true, none => 1, ["exit status 3", "value=***", "not shown to the script"];
     secret_stored_then_script_fails: true, none => 1, ["failing on purpose after storing token"];
-    secret_template_without_placeholder: true, none => 1, ["invalid argument", "placeholder"];
+    secret_script_chosen_template: true, none => 1, ["denied", "the site decides what is sent"];
+    secret_to_another_program: true, none => 1, ["denied", "may be sent only to \"sh\", not to \"echo\""];
+    secret_truncation_walk: true, none => 1, ["collected: ", "value=***"];
+    secret_param_read: false, none => 1, ["denied", "declared secret"];
     secret_name_where_value_expected: true, none => 1, ["the command saw \"token\""];
 }
 
@@ -196,4 +204,56 @@ fn forty_calls_to_one_host_share_one_connection() {
     Ran::from_output(cmd.output().unwrap()).expect_code(0);
     let log = env.server.as_ref().unwrap().log();
     assert_eq!(log.matches("Accepted publickey").count(), 1, "{log}");
+}
+
+/// The runner's bound on a script's log lines in one run.
+const MAX_SCRIPT_LINES: usize = 1000;
+
+/// Runs a flooding case; returns what it printed, the audit file's size and
+/// the sizes of the manifests it left.
+fn flood(name: &str) -> (Ran, u64, Vec<u64>) {
+    let env = Env::new(false);
+    let audit = env.logs.path().join("audit.jsonl");
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.arg("--audit").arg(&audit).args(["--param", &format!("case={name}")]);
+    cmd.env("HOME", env.path("home"));
+    let ran = Ran::from_output(cmd.output().unwrap());
+    let audit_size = std::fs::metadata(&audit).map(|m| m.len()).unwrap_or(0);
+    let manifests = std::fs::read_dir(env.path("store/.offsite/manifests"))
+        .map(|d| d.map(|e| e.unwrap().metadata().unwrap().len()).collect())
+        .unwrap_or_default();
+    (ran, audit_size, manifests)
+}
+
+#[test]
+fn a_log_flood_is_bounded_in_the_log_and_the_audit_file() {
+    let (ran, audit, _) = flood("log-flood");
+    ran.expect_code(0);
+    let lines = ran.stderr.lines().count();
+    assert!(lines <= MAX_SCRIPT_LINES + 20, "{lines} lines on stderr");
+    assert!(ran.stderr.contains("logged more than 1000 lines"), "{}", &ran.stderr[ran.stderr.len() - 500..]);
+    assert!(audit < 1 << 20, "the audit file grew to {audit} bytes from log and clock calls");
+    assert!(!ran.stderr.contains('\x1b') && !ran.stderr.contains('\r'), "control characters reached stderr");
+}
+
+#[test]
+fn huge_messages_are_cut_before_the_log_and_the_manifest() {
+    let (ran, _, manifests) = flood("huge-log");
+    ran.expect_code(0);
+    assert!(ran.stderr.len() < 200 << 10, "stderr has {} bytes", ran.stderr.len());
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    let size = manifests[0];
+    assert!(size < 512 << 10, "the manifest has {size} bytes");
+}
+
+#[test]
+fn script_text_cannot_forge_log_lines_or_drive_the_terminal() {
+    let (ran, _, _) = flood("forge-log-line");
+    ran.expect_code(0);
+    for line in ran.stderr.lines() {
+        assert!(line.starts_with("hostile: "), "a line not attributed to the script: {line:?}\n{}", ran.stderr);
+    }
+    assert!(!ran.stderr.contains('\x1b') && !ran.stderr.contains('\r') && !ran.stderr.contains('\x07'));
+    assert!(ran.stderr.contains("\\e[31mred"), "{}", ran.stderr);
 }

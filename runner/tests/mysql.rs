@@ -226,7 +226,7 @@ fn the_password_can_live_in_the_site_as_a_secret_the_script_never_sees() {
         )
     };
     let params = format!(
-        "dumps = \"server1:sitedb:tbl_ccode,tbl_stats server2:transdb\"\npassword_secret = \"db\"\n\n[secrets]\ndb = {{ file = \"{}\" }}",
+        "dumps = \"server1:sitedb:tbl_ccode,tbl_stats server2:transdb\"\npassword_secret = \"db\"\n\n[secrets]\ndb = {{ file = \"{}\", stdin = \"[client]\\npassword=\\\"{{secret}}\\\"\\n\", programs = [\"mysqldump\"] }}",
         secret.display()
     );
     let site = site_file(dir.path(), &server1, &server2, &grant("sitedb"), &grant("transdb"), &params);

@@ -118,7 +118,7 @@ fn sha256sum(path: &Path) -> String {
 fn exec_returns_status_and_both_streams_with_hostile_arguments_intact() {
     let server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"printf\", \"*...\"], [\"sh\", \"-c\", \"*\"], [\"id\", \"-un\"]]");
+    site.host("server1", &server, "commands = [[\"printf\", \"**...\"], [\"sh\", \"-c\", \"**\"], [\"id\", \"-un\"]]");
     let hostile = ["a b", "it's", "$(id)", "`id`", "x;y|z&&w", "line1\nline2", "$HOME", "*", "\\"];
     let mut cmd = vec!["printf", "[%s]"];
     cmd.extend(hostile);
@@ -155,7 +155,7 @@ fn exec_output_over_the_cap_is_a_limit_error() {
 fn exec_to_file_streams_stdout_only_through_gzip() {
     let server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
     let ran = site.run(&[
         ("op", "stream"),
         ("argv", &argv(&["sh", "-c", "echo noise >&2; seq 1 200000; echo more noise >&2"])),
@@ -176,7 +176,7 @@ fn exec_to_file_streams_stdout_only_through_gzip() {
 fn failures_after_partial_output_store_nothing_and_keep_the_old_file() {
     let server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
     std::fs::create_dir_all(site.store()).unwrap();
     std::fs::write(site.store().join("dump.sql"), "GOOD OLD BACKUP").unwrap();
     let cases = [
@@ -370,7 +370,7 @@ fn a_silent_port_and_a_closed_port_fail_within_the_timeout() {
 fn sshd_dying_mid_transfer_stores_nothing() {
     let mut server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
     let slow = argv(&["sh", "-c", "head -c 50000000 /dev/zero; sleep 60"]);
     let mut cmd = site.probe(&[("op", "stream"), ("dest", "big.bin"), ("argv", &slow)]);
     let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
@@ -427,7 +427,7 @@ fn background_transfers_to_two_hosts_overlap_and_share_one_connection_each() {
     let server1 = Sshd::start("127.0.0.2");
     let server2 = Sshd::start("127.0.0.3");
     let mut site = Site::new();
-    let grant = "commands = [[\"sh\", \"-c\", \"*\"]]";
+    let grant = "commands = [[\"sh\", \"-c\", \"**\"]]";
     site.host("server1", &server1, grant).host("server2", &server2, grant);
     // Each command prints when it started and ended.
     let timed = argv(&["sh", "-c", "date +%s.%N; sleep 1; date +%s.%N"]);
@@ -454,7 +454,7 @@ fn background_transfers_to_two_hosts_overlap_and_share_one_connection_each() {
 fn a_failed_background_transfer_the_script_never_waited_for_fails_the_run() {
     let server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
     let ran = site.run(&[("op", "unwaited"), ("argv", &argv(&["sh", "-c", "echo x; exit 2"])), ("dest", "u")]);
     ran.expect_code(1);
     assert!(ran.stderr.contains("never waited") && ran.stderr.contains("exit status 2"), "{}", ran.stderr);
@@ -563,7 +563,7 @@ fn a_dry_run_connects_and_checks_but_runs_and_stores_nothing() {
     let server = Sshd::start("127.0.0.2");
     let marker = server.files().join("ran");
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"touch\", \"*\"]]");
+    site.host("server1", &server, "commands = [[\"touch\", \"**\"]]");
     let site_file = site.write();
     let mut cmd = offsite(Path::new(BIN));
     cmd.args(["run", "--dry-run"]).arg(script("probe")).arg("--site").arg(&site_file);
@@ -588,7 +588,7 @@ fn per_run_byte_and_file_limits_stop_a_run_without_storing_the_excess() {
     let server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
     site.extra = "[limits]\nmax_bytes = \"100KiB\"\nmax_files = 2\n".into();
-    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
     let ran = site.run(&[("op", "stream"), ("argv", &argv(&["sh", "-c", "seq 1 200000"])), ("dest", "big.txt")]);
     ran.expect_code(1);
     assert!(ran.stderr.contains("limit exceeded") && ran.stderr.contains("max_bytes"), "{}", ran.stderr);
@@ -642,8 +642,11 @@ fn secrets_reach_the_remote_only_on_stdin_and_appear_nowhere_else() {
     std::fs::write(&token, format!("{SECRET}\n")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    site.extra = format!("[secrets]\ntoken = {{ file = \"{}\" }}\n", token.display());
-    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"*\"]]");
+    site.extra = format!(
+        "[secrets]\ntoken = {{ file = \"{}\", stdin = \"[client]\\npassword={{secret}}\\n\", programs = [\"sh\"] }}\n",
+        token.display()
+    );
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
     let audit = site.path("audit.jsonl");
     let (started, scanned) = (server.files().join("started"), server.files().join("scanned"));
     // The remote side says it runs, then waits until the scan is done.
@@ -656,7 +659,6 @@ fn secrets_reach_the_remote_only_on_stdin_and_appear_nowhere_else() {
         cmd.args(["-vv", "run", "--json", "--audit"]).arg(&audit).arg(script("probe")).arg("--site").arg(&site_file);
         cmd.args(["--param", "op=stream-secret", "--param", "dest=out.cnf"]);
         cmd.arg("--param").arg(format!("secret={secret}"));
-        cmd.arg("--param").arg("template=[client]\npassword={secret}\n");
         cmd.arg("--param").arg(format!("argv={}", argv(&["sh", "-c", command])));
         cmd.env("HOME", site.path("home")).env_remove("SSH_AUTH_SOCK");
         let watcher = (secret == "token" && command.contains("until"))

@@ -416,7 +416,7 @@ fn slow_stream_site(server: &Sshd) -> tempfile::TempDir {
          \"stream\"\nargv = \"{}\"\ndest = \"dump.bin\"\n{}\n",
         dir.path().join("ssh_config").display(),
         argv.replace('\u{1f}', "\\u001f"),
-        server.host_section("server1", "commands = [[\"sh\", \"-c\", \"*\"]]")
+        server.host_section("server1", "commands = [[\"sh\", \"-c\", \"**\"]]")
     );
     std::fs::write(dir.path().join("site.toml"), text).unwrap();
     dir

@@ -137,12 +137,27 @@ fn walk<W: io::Write>(
                 b.append_link(&mut header, &member, &target).map_err(|e| io_error(&shown, e))?;
             }
         } else if file_type.is_file() {
+            // Non-blocking: a name swapped for a FIFO between the stat
+            // above and this open would otherwise wait for a writer forever
+            // (open(2) on a FIFO blocks), past every deadline. The type is
+            // then checked again on what was really opened.
             let mut options = OpenOptions::new();
             options.read(true).follow(FollowSymlinks::No);
+            {
+                use cap_std::fs::OpenOptionsExt;
+                options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+            }
             let file = dir.open_with(&rel, &options).map_err(|e| io_error(&shown, e))?;
+            let opened = file.metadata().map_err(|e| io_error(&shown, e))?;
+            if !opened.is_file() || opened.ino() != meta.ino() || opened.dev() != meta.dev() {
+                return Err(Error::Io(format!(
+                    "{shown}: it was replaced while being archived (a regular file when listed, something else when \
+                     opened); archive it again"
+                )));
+            }
             if let Some(b) = tar.as_deref_mut() {
                 // Size from the open file, so header and data agree.
-                let size = file.metadata().map_err(|e| io_error(&shown, e))?.len();
+                let size = opened.len();
                 header.set_entry_type(EntryType::Regular);
                 header.set_size(size);
                 let mut reader = ExactReader { inner: file, remaining: size, member: &member, deadline };
@@ -276,6 +291,62 @@ mod tests {
                 (name, kind, data)
             })
             .collect()
+    }
+
+    /// A local user who can write under a read root swaps a listed file for
+    /// a FIFO (renameat2 RENAME_EXCHANGE) between the walk's stat and its
+    /// open. Before the fix the open waited for a writer forever; now every
+    /// call ends, the swapped-in FIFO is never read, and a call that lost
+    /// the race fails with a clear error.
+    #[test]
+    fn a_fifo_swapped_in_during_the_walk_never_hangs_the_call() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("data"), "real").unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, src.join("pipe"), rustix::fs::FileType::Fifo, 0o600.into(), 0).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, src) = (Arc::clone(&stop), src.clone());
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        src.join("data"),
+                        rustix::fs::CWD,
+                        src.join("pipe"),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = {
+            let dir = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let mut caps = caps_in(&dir);
+                let (mut ok, mut replaced) = (0, 0);
+                for i in 0..300 {
+                    match caps.tar_gz(vec!["src".into()], format!("a{i}.tgz")) {
+                        Ok(_) => ok += 1,
+                        Err(Error::Io(m)) if m.contains("replaced while being archived") => replaced += 1,
+                        Err(e) => panic!("unexpected error: {e:?}"),
+                    }
+                }
+                done_tx.send((ok, replaced)).unwrap();
+            })
+        };
+        let result = done_rx.recv_timeout(std::time::Duration::from_secs(60));
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        let (ok, replaced) = result.expect("an archive call hung on a FIFO swapped in by a local user");
+        worker.join().unwrap();
+        assert!(swaps > 0 && ok + replaced == 300, "ok {ok}, replaced {replaced}, swaps {swaps}");
     }
 
     #[test]

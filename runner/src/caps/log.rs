@@ -15,7 +15,12 @@ impl Host for Caps {
             Level::Info => LogLevel::Info,
             Level::Debug => LogLevel::Debug,
         };
+        // Cut before anything else is done with it (redaction first
+        // needs room for a whole secret at the cut), then again after.
+        let longest = self.secrets.iter().map(String::len).max().unwrap_or(0);
+        let message = crate::text::truncate(&message, crate::logging::MAX_MESSAGE + longest);
+        let message = self.redact(&message);
         let target = format!("script:{}", self.script);
-        ::log::log!(target: &target, level, "{}", self.redact(&message));
+        ::log::log!(target: &target, level, "{}", crate::text::truncate(&message, crate::logging::MAX_MESSAGE));
     }
 }

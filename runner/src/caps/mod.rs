@@ -59,6 +59,9 @@ pub struct Caps {
     pub idle_timeouts: BTreeMap<String, Duration>,
     /// Where each of the site's secrets comes from.
     pub secret_sources: BTreeMap<String, crate::site::SecretSource>,
+    /// What is sent with each deliverable secret (the site's, never the
+    /// script's).
+    pub deliveries: BTreeMap<String, crate::site::Delivery>,
     /// Bounds remote transfers running at once.
     pub slots: Arc<Slots>,
     pub captured_output: u64,
@@ -89,6 +92,7 @@ impl Caps {
             transport: None,
             idle_timeouts: BTreeMap::new(),
             secret_sources: BTreeMap::new(),
+            deliveries: BTreeMap::new(),
             slots: Arc::new(Slots::new(4)),
             captured_output: 1 << 20,
             table: ResourceTable::new(),
@@ -147,7 +151,13 @@ impl Caps {
     /// and, with `--audit`, the audit file.
     fn decide(&mut self, call: Call<'_>) -> Result<Grant, WitError> {
         let decision = self.policy.check(&call);
-        let shown = self.redact(&format!("{call:?}"));
+        // The clock and the log grant nothing and are called in loops:
+        // neither the log nor the audit file records them, so a script
+        // cannot flood either through them.
+        if matches!(call, Call::ClockNow | Call::ClockFormat | Call::Log) && decision.is_ok() {
+            return decision.map_err(WitError::from);
+        }
+        let shown = crate::text::shorten_middle(&self.redact(&format!("{call:?}")), DENIAL_MAX).into_owned();
         match &decision {
             Ok(_) => ::log::debug!(
                 target: "offsite::policy",
@@ -159,12 +169,14 @@ impl Caps {
                 ::log::warn!(
                     target: "offsite::policy",
                     "site {}: refused {} call: {}",
-                    self.site, call.interface(), self.redact(&denial.to_string())
+                    self.site, call.interface(), crate::text::shorten_middle(&self.redact(&denial.to_string()), DENIAL_MAX)
                 );
                 ::log::debug!(target: "offsite::policy", "site {} script {}: deny {shown}", self.site, self.script_sha256);
             }
         }
-        if let Some(audit) = &self.audit {
+        if let Some(audit) = &self.audit
+            && audit.admit()
+        {
             let record = serde_json::json!({
                 "time": chrono::Local::now().to_rfc3339(),
                 "site": self.site,
@@ -184,7 +196,7 @@ impl Caps {
     fn redact_json(&self, value: serde_json::Value) -> serde_json::Value {
         use serde_json::Value;
         match value {
-            Value::String(s) => Value::String(self.redact(&s)),
+            Value::String(s) => Value::String(crate::text::shorten_middle(&self.redact(&s), DENIAL_MAX).into_owned()),
             Value::Array(a) => Value::Array(a.into_iter().map(|v| self.redact_json(v)).collect()),
             Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, self.redact_json(v))).collect()),
             other => other,
@@ -216,14 +228,34 @@ impl Caps {
 /// decision, so a killed run keeps what it decided.
 pub struct AuditLog {
     file: Mutex<std::fs::File>,
+    written: std::sync::atomic::AtomicUsize,
 }
+
+/// Most decisions one run writes to the audit file; past it one line says
+/// so, and the file grows no further (each record is bounded too, so a
+/// run adds at most about 30 MB).
+pub const MAX_AUDIT_RECORDS: usize = 10_000;
 
 impl AuditLog {
     /// Opens `path` for appending, creating it with mode 0600.
     pub fn open(path: &std::path::Path) -> std::io::Result<AuditLog> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
-        Ok(AuditLog { file: Mutex::new(file) })
+        Ok(AuditLog { file: Mutex::new(file), written: Default::default() })
+    }
+
+    /// Whether one more decision may be written; the first one over the
+    /// bound writes a note instead.
+    fn admit(&self) -> bool {
+        let n = self.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n == MAX_AUDIT_RECORDS {
+            self.record(&serde_json::json!({
+                "time": chrono::Local::now().to_rfc3339(),
+                "decision": "suppressed",
+                "reason": format!("more than {MAX_AUDIT_RECORDS} decisions in this run; the rest are not written"),
+            }));
+        }
+        n < MAX_AUDIT_RECORDS
     }
 
     fn record(&self, value: &serde_json::Value) {
@@ -246,6 +278,67 @@ pub fn redact(secrets: &[String], text: &str) -> String {
     out
 }
 
+/// Masks secrets in a byte stream that arrives in pieces, before any of it
+/// is kept, cut or shown: a secret split across two reads is still masked,
+/// and a later cut of the output (keeping its last N bytes) can only cut a
+/// mask, never a secret, so no prefix or suffix of a value survives.
+///
+/// It holds back the last `longest - 1` bytes of what it was given (the
+/// start of an occurrence that may complete with the next piece) until
+/// more arrives or [`StreamRedactor::finish`].
+pub struct StreamRedactor {
+    finders: Vec<memchr::memmem::Finder<'static>>,
+    longest: usize,
+    hold: Vec<u8>,
+}
+
+impl StreamRedactor {
+    pub fn new(secrets: &[String]) -> StreamRedactor {
+        let finders: Vec<_> = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| memchr::memmem::Finder::new(s.as_bytes()).into_owned())
+            .collect();
+        let longest = finders.iter().map(|f| f.needle().len()).max().unwrap_or(0);
+        StreamRedactor { finders, longest, hold: Vec::new() }
+    }
+
+    /// Takes the next piece; returns what is now safe to keep.
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        if self.finders.is_empty() {
+            return data.to_vec();
+        }
+        self.hold.extend_from_slice(data);
+        let mut out = Vec::with_capacity(self.hold.len());
+        let mut at = 0;
+        while let Some((pos, len)) = self.earliest(&self.hold[at..]) {
+            out.extend_from_slice(&self.hold[at..at + pos]);
+            out.extend_from_slice(b"***");
+            at += pos + len;
+        }
+        // No whole secret starts in hold[at..]; one that completes later
+        // must end in new bytes, so it starts in the last `longest - 1`.
+        let safe = at.max(self.hold.len().saturating_sub(self.longest - 1));
+        out.extend_from_slice(&self.hold[at..safe]);
+        self.hold.drain(..safe);
+        out
+    }
+
+    /// The end of the stream: what was held back (it holds no whole secret).
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.hold)
+    }
+
+    /// The first occurrence of any secret in `text`: (position, length);
+    /// at equal positions, the longest.
+    fn earliest(&self, text: &[u8]) -> Option<(usize, usize)> {
+        self.finders
+            .iter()
+            .filter_map(|f| f.find(text).map(|pos| (pos, f.needle().len())))
+            .min_by_key(|&(pos, len)| (pos, std::cmp::Reverse(len)))
+    }
+}
+
 /// Maps an I/O failure on `what` to the WIT error the script sees.
 pub(crate) fn io_error(what: &str, e: std::io::Error) -> WitError {
     match e.kind() {
@@ -264,13 +357,18 @@ pub(crate) fn io_error(what: &str, e: std::io::Error) -> WitError {
 impl From<crate::policy::Denial> for WitError {
     fn from(d: crate::policy::Denial) -> Self {
         use crate::policy::Denial;
+        // A denial quotes what the script asked for, which may be huge.
+        let short = |m: String| crate::text::shorten_middle(&m, DENIAL_MAX).into_owned();
         match d {
-            Denial::Denied(m) => WitError::Denied(m),
-            Denial::InvalidArgument(m) => WitError::InvalidArgument(m),
-            Denial::NotFound(m) => WitError::NotFound(m),
+            Denial::Denied(m) => WitError::Denied(short(m)),
+            Denial::InvalidArgument(m) => WitError::InvalidArgument(short(m)),
+            Denial::NotFound(m) => WitError::NotFound(short(m)),
         }
     }
 }
+
+/// Longest denial message, start and end kept.
+const DENIAL_MAX: usize = 1024;
 
 /// A WIT error as one line of text.
 pub fn describe_error(e: &WitError) -> String {
@@ -299,6 +397,54 @@ pub(crate) fn epoch_parts(t: SystemTime) -> (i64, u32) {
                 (-(d.as_secs() as i64), 0)
             } else {
                 (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn through(secrets: &[&str], pieces: &[&[u8]]) -> Vec<u8> {
+        let secrets: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
+        let mut r = StreamRedactor::new(&secrets);
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend(r.push(p));
+        }
+        out.extend(r.finish());
+        out
+    }
+
+    #[test]
+    fn a_stream_redactor_masks_secrets_split_across_pieces() {
+        assert_eq!(through(&["hunter2"], &[b"pass=hun", b"ter2 ok"]), b"pass=*** ok");
+        assert_eq!(through(&["hunter2"], &[b"h", b"u", b"n", b"t", b"e", b"r", b"2", b"!"]), b"***!");
+        assert_eq!(through(&["abc", "abcdef"], &[b"xabcdefx abc"]), b"x***x ***");
+        assert_eq!(through(&[], &[b"plain", b" text"]), b"plain text");
+        assert_eq!(through(&["secret"], &[b"secre"]), b"secre", "an incomplete value at the very end stays");
+    }
+
+    #[test]
+    fn every_cut_of_a_redacted_stream_is_free_of_the_secret() {
+        // The truncation attack: pad so that a cut to the last N bytes
+        // falls inside the value; no cut may leave a piece of it.
+        let secret = "Zq7-hunter2-s3cr3t";
+        for pad in 0..64 {
+            let mut text = vec![b'.'; pad];
+            text.extend_from_slice(format!("quick={secret}\n").as_bytes());
+            for chunk in [1, 3, 7, 4096] {
+                let pieces: Vec<&[u8]> = text.chunks(chunk).collect();
+                let out = through(&[secret], &pieces);
+                for keep in 0..out.len() {
+                    let tail = String::from_utf8_lossy(&out[out.len() - keep..]).into_owned();
+                    for len in 4..secret.len() {
+                        for part in [&secret[..len], &secret[secret.len() - len..]] {
+                            assert!(!tail.contains(part), "{part:?} survived in {tail:?}");
+                        }
+                    }
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::io_error;
+use super::{StreamRedactor, io_error};
 use crate::bindings::ssh::StreamOptions;
 use crate::bindings::types::{Error, FileInfo};
 use crate::compress::ParallelGz;
@@ -59,7 +59,9 @@ impl Remote {
         let line = quote::command_line(argv).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let process =
             self.transport.spawn(host, &line, stdin).map_err(|e| transport_error(&self.redact(&e.to_string()), &e))?;
-        Ok(Pump::new(process, host, self.idle_timeout, self.call_timeout))
+        let mut pump = Pump::new(process, host, self.idle_timeout, self.call_timeout);
+        pump.redactor = StreamRedactor::new(&self.secrets);
+        Ok(pump)
     }
 
     /// `ssh.exec`: runs `argv` and captures both streams, each capped.
@@ -98,7 +100,7 @@ impl Remote {
             )));
         }
         let exit = pump.finish()?;
-        let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
+        let stderr = self.redact(&pump.stderr_text());
         match exit {
             Exit::Status(status) => Ok((status, stdout, stderr)),
             other => Err(Error::RemoteFailed(format!("host {host}: `{}` {other}; stderr: {stderr}", self.show(argv)))),
@@ -126,11 +128,15 @@ impl Remote {
         let started = Instant::now();
         let mut pump = self.spawn(host, argv, stdin.is_some())?;
         if let Some(input) = stdin {
-            // Small (an option file, a token): it fits in the pipe, so
-            // writing it all before reading cannot deadlock.
-            pump.send(input)?;
-            pump.close_stdin();
+            // Written beside the reading, never before it: a command that
+            // does not read its stdin, or echoes it into a full pipe, cannot
+            // hold the run past its timeouts.
+            pump.process.feed_stdin(input.to_vec());
         }
+        // Nothing the server says during a call that carried a secret goes
+        // back to the script (the run log has it, masked): a script must
+        // not be able to make the server echo the value back to it.
+        let withheld = stdin.is_some();
         let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
         let mut sink = if options.gzip { Sink::Gz(ParallelGz::new(pending, 6, 0)) } else { Sink::Plain(pending) };
         let mut tail = Tail::default();
@@ -146,13 +152,17 @@ impl Remote {
             bytes += n as u64;
         }
         let exit = pump.finish()?;
-        let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
+        let stderr = self.redact(&pump.stderr_text());
         log_stderr(host, &stderr);
         if exit != Exit::Status(0) {
-            return Err(Error::RemoteFailed(format!(
-                "host {host}: `{}` {exit} after {bytes} bytes of output; nothing was stored{}",
-                self.show(argv),
+            let said = if withheld {
+                "; its stderr is in the run log, not shown to the script (the call carried a secret)".to_string()
+            } else {
                 stderr_suffix(&stderr)
+            };
+            return Err(Error::RemoteFailed(format!(
+                "host {host}: `{}` {exit} after {bytes} bytes of output; nothing was stored{said}",
+                self.show(argv),
             )));
         }
         if let Some(want) = &options.require_tail
@@ -281,7 +291,7 @@ impl Remote {
         }
         let exit = pump.finish()?;
         if exit != Exit::Status(0) {
-            let stderr = self.redact(&String::from_utf8_lossy(&pump.stderr));
+            let stderr = self.redact(&pump.stderr_text());
             return Err(failed(format!("scp {exit}; nothing was stored{}", stderr_suffix(&stderr))));
         }
         let origin = Origin {
@@ -391,6 +401,8 @@ struct Pump {
     stderr_total: u64,
     /// Keep at most this much stderr (its end).
     stderr_cap: usize,
+    /// Masks secrets in stderr before any of it is kept or cut.
+    redactor: StreamRedactor,
     scratch: Vec<u8>,
 }
 
@@ -404,6 +416,7 @@ impl Pump {
             stderr: Vec::new(),
             stderr_total: 0,
             stderr_cap: STDERR_KEEP,
+            redactor: StreamRedactor::new(&[]),
             scratch: vec![0u8; 8192],
         }
     }
@@ -452,7 +465,19 @@ impl Pump {
 
     fn push_stderr(&mut self) {
         self.stderr_total += self.scratch.len() as u64;
-        self.stderr.extend_from_slice(&self.scratch);
+        let clean = self.redactor.push(&self.scratch);
+        self.keep_stderr(&clean);
+    }
+
+    /// Stderr as kept (its end, secrets masked before the cut), as text.
+    fn stderr_text(&mut self) -> String {
+        let rest = self.redactor.finish();
+        self.keep_stderr(&rest);
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    fn keep_stderr(&mut self, clean: &[u8]) {
+        self.stderr.extend_from_slice(clean);
         if self.stderr.len() > self.stderr_cap {
             let cut = self.stderr.len() - self.stderr_cap;
             self.stderr.drain(..cut);
@@ -491,7 +516,7 @@ impl Pump {
     /// Why the stream ended early, for a message.
     fn closed_early(&mut self, when: &str) -> String {
         let exit = self.process.finish(Duration::from_secs(5)).map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
-        let stderr = String::from_utf8_lossy(&self.stderr).trim().to_string();
+        let stderr = self.stderr_text().trim().to_string();
         let mut s = format!(" {when} ({exit})");
         if !stderr.is_empty() {
             s.push_str(&format!("; stderr: {stderr}"));

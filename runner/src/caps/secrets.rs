@@ -26,7 +26,14 @@ impl SecretHandle {
     pub fn value(&self) -> &str {
         &self.value
     }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
+
+/// Most bytes a secret's value may have (a password, a token, a key).
+pub const MAX_SECRET_BYTES: usize = 4096;
 
 impl Host for Caps {
     fn open(&mut self, name: String) -> Result<Resource<SecretHandle>, Error> {
@@ -44,6 +51,9 @@ impl Host for Caps {
         let value = read_secret(&name, &source)?;
         if value.is_empty() {
             return Err(Error::InvalidArgument(format!("secret {name:?} is empty")));
+        }
+        if value.len() > MAX_SECRET_BYTES {
+            return Err(Error::LimitExceeded(format!("secret {name:?} is longer than {MAX_SECRET_BYTES} bytes")));
         }
         // From now on every log line, error and report masks it.
         if !self.secrets.contains(&value) {

@@ -51,7 +51,7 @@ impl Host for Caps {
         stdin_template: String,
     ) -> Result<FileInfo, Error> {
         let rel = self.decide_stream(&host, &argv, &dest)?;
-        let stdin = self.secret_stdin(&secret, &stdin_template)?;
+        let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
         self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
     }
 
@@ -65,7 +65,7 @@ impl Host for Caps {
         stdin_template: String,
     ) -> Result<Resource<Job>, Error> {
         let rel = self.decide_stream(&host, &argv, &dest)?;
-        let stdin = self.secret_stdin(&secret, &stdin_template)?;
+        let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
         let remote = self.remote(&host)?;
         self.start_job(format!("streaming from {host} into {dest}"), move || {
             remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
@@ -96,14 +96,35 @@ impl Caps {
         self.decide_write(dest)
     }
 
-    /// The bytes to send on stdin: the template with `{secret}` replaced.
-    fn secret_stdin(&self, secret: &Resource<SecretHandle>, template: &str) -> Result<Vec<u8>, Error> {
+    /// The bytes to send on stdin for a secret: the site's template for
+    /// that secret with `{secret}` replaced, after the policy agreed that
+    /// the secret may go to `argv[0]`. The script's own template must be
+    /// empty or the site's, word for word: the site, not the script, owns
+    /// what is sent with a secret.
+    fn secret_stdin(
+        &mut self,
+        argv: &[String],
+        secret: &Resource<SecretHandle>,
+        template: &str,
+    ) -> Result<Vec<u8>, Error> {
         let handle =
             self.table.get(secret).map_err(|e| Error::InvalidArgument(format!("no such secret handle: {e}")))?;
-        if !template.contains("{secret}") {
-            return Err(Error::InvalidArgument("the stdin template has no {secret} placeholder".into()));
+        let name = handle.name().to_string();
+        self.decide(Call::SecretSend { name: &name, program: &argv[0] })?;
+        let delivery = self.deliveries.get(&name).cloned().ok_or_else(|| {
+            Error::Denied(format!("secret {name:?} may not be sent anywhere: the site gives it no `stdin`"))
+        })?;
+        if !template.is_empty() && template != delivery.stdin {
+            self.denials += 1;
+            ::log::warn!(target: "offsite::policy", "site {}: refused a stdin template for secret {name:?} that is not the site's", self.site);
+            return Err(Error::Denied(format!(
+                "secret {name:?}: the site decides what is sent with a secret ([secrets.{name}] stdin); pass an \
+                 empty stdin template"
+            )));
         }
-        Ok(template.replace("{secret}", handle.value()).into_bytes())
+        let handle =
+            self.table.get(secret).map_err(|e| Error::InvalidArgument(format!("no such secret handle: {e}")))?;
+        Ok(delivery.stdin.replace("{secret}", handle.value()).into_bytes())
     }
 
     /// Asks the policy about writing `dest` into the store.

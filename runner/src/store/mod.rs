@@ -147,10 +147,14 @@ pub(crate) fn create_new(dir: &Dir, name: &str) -> io::Result<File> {
     dir.open_with(name, &options)
 }
 
-/// A fresh temporary name for `final_name` in this process.
+/// A fresh temporary name for `final_name` in this process. It carries at
+/// most the first 64 bytes of the final name (for a person looking at a
+/// leftover), so any name that is legal in its directory (up to 255 bytes)
+/// has a legal temporary name too.
 pub(crate) fn temp_name(final_name: &str) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    format!("{TEMP_PREFIX}{}.{}.{final_name}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    let cut = (0..=final_name.len().min(64)).rev().find(|i| final_name.is_char_boundary(*i)).unwrap_or(0);
+    format!("{TEMP_PREFIX}{}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), &final_name[..cut])
 }
 
 /// Syncs the directory itself, so renames and removals in it are durable.

@@ -56,6 +56,13 @@ pub trait RemoteProcess: Send {
     fn write_stdin(&mut self, data: &[u8]) -> io::Result<()>;
     /// Closes stdin (the command sees end of file).
     fn close_stdin(&mut self);
+    /// Sends `data` to stdin and then closes it, without waiting: a command
+    /// that does not read (or echoes into a full pipe) cannot block the
+    /// caller, which keeps reading output and honouring every timeout.
+    fn feed_stdin(&mut self, data: Vec<u8>) {
+        let _ = self.write_stdin(&data);
+        self.close_stdin();
+    }
     /// Waits up to `timeout` for the exit status after the output closed.
     fn finish(&mut self, timeout: Duration) -> Result<Exit, TransportError>;
     /// Stops the command's local end at once (the remote side sees the

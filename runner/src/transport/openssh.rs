@@ -534,6 +534,16 @@ impl RemoteProcess for OpenSshProcess {
         self.stdin = None;
     }
 
+    fn feed_stdin(&mut self, data: Vec<u8>) {
+        // A writer thread of its own: it ends when the data is written, or
+        // with EPIPE once the command is killed or its stdin closes.
+        if let Some(mut stdin) = self.stdin.take() {
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            });
+        }
+    }
+
     fn finish(&mut self, timeout: Duration) -> Result<Exit, TransportError> {
         self.stdin = None;
         let deadline = Instant::now() + timeout;

@@ -1,11 +1,24 @@
 //! Quoting argv for the remote shell.
 //!
 //! SSH carries a single command string, which the server runs with the
-//! user's shell (`$SHELL -c STRING`). To make every argument arrive
-//! literally, each one is wrapped in single quotes, inside which a POSIX
-//! shell gives no character a special meaning; a single quote itself is
-//! written as `'\''` (close, escaped quote, reopen). NUL cannot be carried
-//! at all (C strings end there), so it is refused rather than truncated.
+//! account's login shell (`$SHELL -c STRING`). That shell is not always a
+//! POSIX one: fish reads `\'` and `\\` as escapes even inside single quotes,
+//! so the classic POSIX `'\''` trick lets two backslash-terminated arguments
+//! turn the next one into shell syntax there. The quoting here therefore
+//! uses only what sh, bash, dash, zsh (with or without `RC_QUOTES`) and fish
+//! all read the same way:
+//!
+//! - every run of characters other than `'` and `\` goes inside single
+//!   quotes, where none of those shells gives a character a meaning;
+//! - `'` and `\` are written outside quotes, each escaped with a backslash
+//!   (`\'`, `\\`), which all of them read as the literal character;
+//! - no two quoted runs touch (`''` never appears inside a word, so zsh's
+//!   `RC_QUOTES` cannot join them), and the empty argument is `''`.
+//!
+//! NUL cannot be carried at all (C strings end there), so it is refused
+//! rather than truncated. csh and tcsh read a newline inside quotes as an
+//! error and `!` as history even in quotes; accounts with those login shells
+//! are not supported (README, "Security").
 
 use std::fmt;
 
@@ -24,21 +37,36 @@ impl fmt::Display for QuoteError {
 
 impl std::error::Error for QuoteError {}
 
-/// Quotes one argument so that a POSIX shell reads it back unchanged.
+/// Quotes one argument so that sh, bash, dash, zsh and fish all read it
+/// back unchanged.
 pub fn quote_arg(arg: &str) -> Option<String> {
     if arg.contains('\0') {
         return None;
     }
+    if arg.is_empty() {
+        return Some("''".into());
+    }
     let mut out = String::with_capacity(arg.len() + 2);
-    out.push('\'');
+    let mut open = false;
     for c in arg.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
+        if c == '\'' || c == '\\' {
+            if open {
+                out.push('\'');
+                open = false;
+            }
+            out.push('\\');
+            out.push(c);
         } else {
+            if !open {
+                out.push('\'');
+                open = true;
+            }
             out.push(c);
         }
     }
-    out.push('\'');
+    if open {
+        out.push('\'');
+    }
     Some(out)
 }
 
@@ -58,53 +86,82 @@ mod tests {
 
     use super::*;
 
-    /// What `sh` makes of a command line: each argument on its own,
+    /// The login shells quoting must hold for, as `sshd` runs them
+    /// (`SHELL -c LINE`), with the options that change quoting.
+    pub const SHELLS: &[&[&str]] =
+        &[&["sh"], &["bash"], &["bash", "--posix"], &["dash"], &["zsh"], &["zsh", "-o", "rcquotes"], &["fish"]];
+
+    /// What `shell` makes of a command line: each argument on its own,
     /// NUL-separated so newlines survive.
-    fn sh_parse(line: &str) -> Vec<String> {
+    fn parse(shell: &[&str], line: &str) -> Vec<String> {
         let script = format!("printf '%s\\0' {line}");
-        let out = Command::new("sh").arg("-c").arg(script).output().expect("run sh");
-        assert!(out.status.success(), "sh rejected {line:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(shell[0])
+            .args(&shell[1..])
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap_or_else(|e| panic!("run {shell:?} (CI installs every shell here): {e}"));
+        assert!(out.status.success(), "{shell:?} rejected {line:?}: {}", String::from_utf8_lossy(&out.stderr));
         let mut args: Vec<String> =
             out.stdout.split(|b| *b == 0).map(|a| String::from_utf8(a.to_vec()).unwrap()).collect();
         args.pop(); // after the final NUL
         args
     }
 
+    const HOSTILE: &[&str] = &[
+        "with space",
+        "it's",
+        "''",
+        "\"double\"",
+        "$(touch /tmp/offsite-pwned)",
+        "`id`",
+        "a;b&&c||d|e",
+        "line\nbreak",
+        "tab\there",
+        "$HOME ${PATH} $1 $@ $* $status",
+        "*.sql ?[a-z] {a,b}",
+        "back\\slash\\",
+        "~root",
+        "-e",
+        "#not a comment",
+        "",
+        "ünïcødé ✓",
+        "<in >out 2>&1 ^err",
+        "!!",
+        // The fish escape: two arguments ending in a backslash, then shell
+        // syntax, which POSIX quoting would have let fish run.
+        "x\\",
+        "y\\",
+        "; touch /tmp/offsite-pwned; echo ",
+        "\\'",
+        "'\\",
+        "a''b",
+        "%self (echo) $(echo)",
+    ];
+
     #[test]
-    fn hostile_arguments_arrive_literally_through_a_real_shell() {
-        let argv = [
-            "mysqldump",
-            "with space",
-            "it's",
-            "''",
-            "\"double\"",
-            "$(touch /tmp/offsite-pwned)",
-            "`id`",
-            "a;b&&c||d|e",
-            "line\nbreak",
-            "tab\there",
-            "$HOME ${PATH} $1 $@ $*",
-            "*.sql ?[a-z]",
-            "back\\slash\\",
-            "~root",
-            "-e",
-            "#not a comment",
-            "",
-            "ünïcødé ✓",
-            "<in >out 2>&1",
-            "!!",
-        ];
-        let line = command_line(&argv).unwrap();
-        let expected: Vec<String> = argv[1..].iter().map(|s| s.to_string()).collect();
-        assert_eq!(sh_parse(line.split_once(' ').unwrap().1), expected);
+    fn hostile_arguments_arrive_literally_through_every_login_shell() {
+        let line = command_line(HOSTILE).unwrap();
+        let expected: Vec<String> = HOSTILE.iter().map(|s| s.to_string()).collect();
+        for shell in SHELLS {
+            assert_eq!(parse(shell, &line), expected, "through {shell:?}");
+        }
         assert!(!std::path::Path::new("/tmp/offsite-pwned").exists());
     }
 
     #[test]
-    fn every_byte_but_nul_round_trips() {
+    fn every_byte_but_nul_round_trips_in_every_shell() {
         let all: String = (1u8..=127).map(char::from).collect();
-        let line = command_line(&[all.as_str()]).unwrap();
-        assert_eq!(sh_parse(&line), vec![all]);
+        let line = command_line(&[all.as_str(), "\\", &all]).unwrap();
+        for shell in SHELLS {
+            assert_eq!(parse(shell, &line), vec![all.clone(), "\\".into(), all.clone()], "through {shell:?}");
+        }
+    }
+
+    #[test]
+    fn the_empty_argument_is_an_empty_quoted_word() {
+        assert_eq!(quote_arg("").unwrap(), "''");
+        assert_eq!(quote_arg("a'b").unwrap(), "'a'\\''b'");
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
                     && is_dump(&plain_name)
                 {
                     let opened = open_plain(&root.dir, location, &options.identities);
-                    match opened.and_then(|r| restore_test(r, &plain_name, scratch)) {
+                    match opened.and_then(|r| restore_test(r, &plain_name, Engine::of(f), scratch)) {
                         Ok(line) => report.checked.push(line),
                         Err(e) => report.problems.push(format!("{}: restore test failed: {e}", location.display())),
                     }
@@ -160,10 +160,49 @@ fn is_dump(path: &Path) -> bool {
     name.ends_with(".sql") || name.ends_with(".sql.gz")
 }
 
-/// Loads one dump (`rel`; `.gz` is decompressed on the way) into the
-/// scratch database and compares row counts. pg_dump's plain format is told
-/// by its opening comment; anything else is taken for mysqldump's.
-fn restore_test(file: Box<dyn Read>, rel: &Path, scratch: &mysql::Scratch) -> Result<String, String> {
+/// Which database tool made a stored file, as its manifest says: the
+/// program of the remote command it was streamed from. Only such files are
+/// loaded; a `.sql` name alone proves nothing (any script can store bytes
+/// under one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Mysql,
+    Postgres,
+    /// pg_dumpall: roles and tablespaces, never loaded.
+    PostgresCluster,
+}
+
+impl Engine {
+    pub fn of(f: &crate::store::StoredFile) -> Option<Engine> {
+        if f.origin.call != "ssh.exec-to-file" || f.origin.exit_status != Some(0) {
+            return None;
+        }
+        let remote = f.origin.remote.as_deref()?;
+        let program = remote.split(' ').next()?.rsplit('/').next()?;
+        match program {
+            "mysqldump" | "mariadb-dump" => Some(Engine::Mysql),
+            "pg_dump" => Some(Engine::Postgres),
+            "pg_dumpall" => Some(Engine::PostgresCluster),
+            _ => None,
+        }
+    }
+}
+
+/// Loads one dump (`rel`; `.gz` is decompressed on the way) made by
+/// `engine` into the scratch database and compares row counts. The clients
+/// run in modes where nothing in the dump can reach the storage box: the
+/// dump is data from a server that may be compromised, and the mysql and
+/// psql clients run commands (`\!`, `system`, `\copy ... program`) found in
+/// their input.
+fn restore_test(
+    file: Box<dyn Read>,
+    rel: &Path,
+    engine: Option<Engine>,
+    scratch: &mysql::Scratch,
+) -> Result<String, String> {
+    let Some(engine) = engine else {
+        return Ok(format!("{}: not loaded: its manifest does not say mysqldump or pg_dump made it", rel.display()));
+    };
     let plain: Box<dyn Read> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
@@ -173,14 +212,19 @@ fn restore_test(file: Box<dyn Read>, rel: &Path, scratch: &mysql::Scratch) -> Re
     let head = reader.fill_buf().map_err(|e| format!("reading the dump: {e}"))?;
     let head = &head[..head.len().min(256)];
     let has = |text: &[u8]| head.windows(text.len()).any(|w| w == text);
-    if has(postgres::CLUSTER_HEADER) {
-        return Ok(format!("{}: not loaded: a PostgreSQL cluster-wide dump (roles, tablespaces)", rel.display()));
+    match engine {
+        Engine::PostgresCluster => {
+            Ok(format!("{}: not loaded: a PostgreSQL cluster-wide dump (roles, tablespaces)", rel.display()))
+        }
+        Engine::Postgres if !has(postgres::HEADER) || has(postgres::CLUSTER_HEADER) => {
+            Err("pg_dump made it, but it does not start with pg_dump's plain-format header".into())
+        }
+        Engine::Postgres => {
+            let (tables, rows) = postgres::restore_test(Box::new(reader), &scratch.database)?;
+            Ok(format!("{}: restore test ok ({tables} tables, {rows} rows; PostgreSQL)", rel.display()))
+        }
+        Engine::Mysql => mysql::restore_test(Box::new(reader), rel, scratch),
     }
-    if has(postgres::HEADER) {
-        let (tables, rows) = postgres::restore_test(Box::new(reader), &scratch.database)?;
-        return Ok(format!("{}: restore test ok ({tables} tables, {rows} rows; PostgreSQL)", rel.display()));
-    }
-    mysql::restore_test(Box::new(reader), rel, scratch)
 }
 
 /// Runs a database client once (`what` in errors) with no input: its
@@ -201,6 +245,7 @@ fn client_output(mut client: std::process::Command, what: &str) -> Result<String
 fn load_lines(
     mut client: std::process::Command,
     what: &str,
+    first: &[u8],
     mut reader: Box<dyn BufRead>,
     mut feed: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), String> {
@@ -220,6 +265,7 @@ fn load_lines(
     });
     let mut stdin = child.stdin.take().expect("piped");
     let fed = (|| -> io::Result<()> {
+        stdin.write_all(first)?;
         let mut line = Vec::new();
         loop {
             line.clear();

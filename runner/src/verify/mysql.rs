@@ -38,7 +38,11 @@ impl Scratch {
         if let Some(f) = &self.defaults_file {
             cmd.arg(format!("--defaults-file={}", f.display()));
         }
-        cmd.args(["--batch", "--skip-column-names"]);
+        // The dump is data: --sandbox refuses the client commands that
+        // reach the file system or a shell (`system`, `\!`, `source`, `tee`),
+        // --binary-mode stops the parsing of client commands altogether,
+        // and --local-infile=0 keeps LOAD DATA LOCAL from reading our files.
+        cmd.args(["--batch", "--skip-column-names", "--sandbox", "--binary-mode", "--local-infile=0"]);
         cmd
     }
 
@@ -91,7 +95,7 @@ fn load_and_count(reader: Box<dyn BufRead>, scratch: &Scratch) -> Result<BTreeMa
     let mut client = scratch.client();
     client.arg(&scratch.database);
     let mut counter = InsertCounter::default();
-    super::load_lines(client, "the mysql client", reader, |line| {
+    super::load_lines(client, "the mysql client", b"", reader, |line| {
         if selects_database(line) {
             return false;
         }

@@ -42,6 +42,7 @@ fn query(database: &str, sql: &str) -> Result<String, String> {
 /// Loads the plain-SQL dump `reader` yields into the scratch database
 /// `database` (a plain name, checked by the caller) and compares row counts.
 pub fn restore_test(reader: Box<dyn BufRead>, database: &str) -> Result<(usize, u64), String> {
+    require_restricted_mode()?;
     let exists = admin(&format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'"))?;
     if exists.trim() != "0" {
         return Err(format!(
@@ -60,8 +61,17 @@ fn load_and_count(reader: Box<dyn BufRead>, database: &str) -> Result<BTreeMap<S
     let mut client = psql(database);
     client.arg("--single-transaction");
     let mut counter = CopyCounter::default();
-    super::load_lines(client, "the PostgreSQL client psql", reader, |line| {
-        if !counter.in_copy() && selects_database(line) {
+    // psql runs meta-commands anywhere in its input (`\!`, `\o |cmd`,
+    // `\copy ... program`), even mid-line, so no line filter can keep them
+    // out. Restricted mode can: after `\restrict KEY` psql refuses every
+    // meta-command but `\unrestrict KEY`, and the key is random and never
+    // in the dump. The dump's own \restrict / \unrestrict lines (pg_dump
+    // writes them too) are left out.
+    let first = format!("\\restrict {}\n", restrict_key());
+    super::load_lines(client, "the PostgreSQL client psql", first.as_bytes(), reader, |line| {
+        if !counter.in_copy()
+            && (selects_database(line) || line.starts_with(b"\\restrict ") || line.starts_with(b"\\unrestrict "))
+        {
             return false;
         }
         counter.feed(line);
@@ -84,6 +94,32 @@ fn load_and_count(reader: Box<dyn BufRead>, database: &str) -> Result<BTreeMap<S
         return Err(format!("row counts differ: {}", mismatches.join("; ")));
     }
     Ok(counts)
+}
+
+/// A key for `\restrict`: 32 random hex digits.
+fn restrict_key() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    hex::encode(bytes)
+}
+
+/// Refuses a psql without `\restrict` (before 17.6, 16.10, 15.14, 14.19 and
+/// 13.22): it would run whatever meta-commands a dump holds.
+fn require_restricted_mode() -> Result<(), String> {
+    let out = Command::new("psql")
+        .arg("--help=commands")
+        .output()
+        .map_err(|e| format!("cannot run the PostgreSQL client psql: {e}"))?;
+    if String::from_utf8_lossy(&out.stdout).contains("\\restrict") {
+        Ok(())
+    } else {
+        Err("this psql has no \\restrict, so a dump could run client commands on this machine; install a \
+             PostgreSQL client of 17.6, 16.10, 15.14, 14.19 or 13.22 or later"
+            .into())
+    }
 }
 
 /// `\connect ...` and `CREATE DATABASE ...` lines.

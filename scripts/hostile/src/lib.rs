@@ -6,6 +6,7 @@
 
 use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
+use offsite_sdk::wit::offsite::backup::ssh as raw_ssh;
 use offsite_sdk::{Param, Result, Script, ScriptInfo, anyhow, archive, bail, clock, params, scp};
 
 struct Hostile;
@@ -16,6 +17,7 @@ impl Script for Hostile {
             .description("attacks its sandbox, one case at a time")
             .param(Param::required("case", "the attack"))
             .param(Param::optional("arg", "a path or value the attack uses"))
+            .param(Param::optional("hidden", "a secret parameter it must never read").secret().default("s3cret-param"))
             .capabilities(["ssh", "scp", "archive", "secrets", "clock", "params"])
     }
 
@@ -159,33 +161,77 @@ impl Script for Hostile {
                     "out",
                     &Stream::new(),
                     &token,
-                    "value={secret}\n",
                 )?;
                 Ok(())
             }
             "secret-stored-then-script-fails" => {
                 let token = Secret::open("token")?;
-                ssh::exec_to_file_with_secret(
-                    "server1",
-                    &["sh", "-c", "cat"],
-                    "leak.txt",
-                    &Stream::new(),
-                    &token,
-                    "{secret}",
-                )?;
+                ssh::exec_to_file_with_secret("server1", &["sh", "-c", "cat"], "leak.txt", &Stream::new(), &token)?;
                 bail!("failing on purpose after storing {}", token.name())
             }
-            "secret-template-without-placeholder" => {
+            // A template of the script's own: an option file that makes the
+            // program echo the value, or send it elsewhere.
+            "secret-script-chosen-template" => {
                 let token = Secret::open("token")?;
-                ssh::exec_to_file_with_secret(
+                raw_ssh::exec_to_file_with_secret(
                     "server1",
-                    &["sh", "-c", "cat"],
+                    &["sh".to_string(), "-c".into(), "cat >&2; exit 3".into()],
                     "t",
-                    &Stream::new(),
-                    &token,
-                    "no placeholder",
-                )?;
+                    &Stream::new().raw(),
+                    token.raw(),
+                    "[mysqldump]\nquick={secret}\nresult-file=/tmp/x\n",
+                )
+                .map_err(offsite_sdk::HostError::from)?;
                 Ok(())
+            }
+            "secret-to-another-program" => {
+                let token = Secret::open("token")?;
+                ssh::exec_to_file_with_secret("server1", &["echo", "x"], "t", &Stream::new(), &token)?;
+                Ok(())
+            }
+            // The truncation walk: pad the echoed value so that the cut to
+            // the last 16 KiB of stderr falls inside it, once per offset,
+            // and collect what comes back.
+            "secret-truncation-walk" => {
+                let token = Secret::open("token")?;
+                let mut seen = Vec::new();
+                for pad in (16 << 10) - 16..(16 << 10) {
+                    let cmd = format!("cat >&2; head -c {pad} /dev/zero | tr '\\0' . >&2; exit 3");
+                    if let Err(e) =
+                        ssh::exec_to_file_with_secret("server1", &["sh", "-c", &cmd], "w", &Stream::new(), &token)
+                    {
+                        let text = e.to_string();
+                        let after = text.split_once("stderr: ").map_or(text.as_str(), |(_, a)| a);
+                        seen.push(after.chars().take(40).collect::<String>());
+                    }
+                }
+                bail!("collected: {}", seen.join(" | "))
+            }
+            // Floods: a loop of log lines and clock reads, and a few huge
+            // messages, each meant to swamp the log, the audit file, the
+            // memory or the manifest.
+            "log-flood" => {
+                for i in 0..200_000u32 {
+                    offsite_sdk::log::warn(format!("flood line {i}\r\x1b[2K"));
+                    std::hint::black_box(clock::now());
+                }
+                Ok(())
+            }
+            "huge-log" => {
+                let big = "x".repeat(8 << 20);
+                for _ in 0..20 {
+                    offsite_sdk::log::warn(&big);
+                }
+                Ok(())
+            }
+            "forge-log-line" => {
+                offsite_sdk::log::warn("done\noffsite: error: forged\r\x1b[31mred\x1b]0;title\x07");
+                eprintln!("printed\roffsite: forged too");
+                Ok(())
+            }
+            "secret-param-read" => {
+                let value = params::get("hidden")?;
+                bail!("read the secret parameter: {value:?}")
             }
             "secret-name-where-value-expected" => {
                 let token = Secret::open("token")?;

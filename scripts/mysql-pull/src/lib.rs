@@ -16,9 +16,10 @@
 //! Credentials never appear on a command line. Either mysqldump reads them
 //! from an option file on the server (the login user's `~/.my.cnf`, or the
 //! file named by `defaults_file`), or the site holds the password as a
-//! secret named by `password_secret`: the runner then sends mysqldump an
-//! option file on its stdin (`password="..."`; the value must not contain
-//! `"` or `\`), and the script itself never sees it.
+//! secret named by `password_secret`: the runner then sends mysqldump the
+//! option file the site gives for that secret on its stdin (see the README:
+//! `stdin = "[client]\npassword=\"{secret}\"\n"`, `programs = ["mysqldump"]`),
+//! and the script itself never sees the value or chooses what is sent.
 //!
 //! The exact argv, for the site's `commands` grant:
 //!
@@ -105,14 +106,7 @@ fn dump_all(stamp: &str) -> Result<Vec<String>> {
         let dest = format!("{}/{}-{stamp}.sql.gz", dump.host, dump.name);
         let argv = mysqldump_argv(dump, defaults_file.as_deref());
         let started = match &secret {
-            Some(secret) => ssh::start_exec_to_file_with_secret(
-                &dump.host,
-                &argv,
-                &dest,
-                &stream,
-                secret,
-                "[client]\npassword=\"{secret}\"\n",
-            ),
+            Some(secret) => ssh::start_exec_to_file_with_secret(&dump.host, &argv, &dest, &stream, secret),
             None => ssh::start_exec_to_file(&dump.host, &argv, &dest, &stream),
         };
         match started {

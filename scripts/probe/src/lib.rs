@@ -7,6 +7,7 @@
 
 use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
+use offsite_sdk::wit::offsite::backup::ssh as raw_ssh;
 use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, params, scp};
 
 struct Probe;
@@ -24,7 +25,10 @@ impl Script for Probe {
             .param(Param::optional("tail", "required tail text"))
             .param(Param::optional("hosts", "comma-separated hosts for the parallel ops"))
             .param(Param::optional("secret", "name of a site secret, for stream-secret"))
-            .param(Param::optional("template", "stdin template, for stream-secret").default("{secret}"))
+            .param(Param::optional(
+                "template",
+                "stdin template the script asks for, for stream-secret (empty: the site's)",
+            ))
             .capabilities(["ssh", "scp", "secrets", "params"])
     }
 
@@ -82,9 +86,16 @@ impl Script for Probe {
             }
             "stream-secret" => {
                 let secret = Secret::open(&params::require("secret")?)?;
-                let template = params::require("template")?;
+                let template = params::get("template")?.unwrap_or_default();
                 println!("secret name={}", secret.name());
-                let info = ssh::exec_to_file_with_secret(&host, &argv, &dest, &stream, &secret, &template)?;
+                let info = if template.is_empty() {
+                    ssh::exec_to_file_with_secret(&host, &argv, &dest, &stream, &secret)?
+                } else {
+                    // What a hostile script would do: the raw call with a
+                    // template of its own.
+                    raw_ssh::exec_to_file_with_secret(&host, &argv, &dest, &stream.raw(), secret.raw(), &template)
+                        .map_err(offsite_sdk::HostError::from)?
+                };
                 println!("stored={} bytes={}", info.path, info.bytes);
             }
             // Starts a transfer and never waits for it.
