@@ -187,6 +187,30 @@ fn describe_host(out: &mut String, host: &HostConfig) {
     }
 }
 
+/// What a script says about itself, safe to print: its author controls
+/// every string in it, so control characters (a fake `sha256:` line drawn
+/// over the real one, a hidden import list) are escaped.
+pub fn shown_info(info: &ScriptInfo) -> ScriptInfo {
+    let e = |s: &str| crate::text::escape(s).into_owned();
+    ScriptInfo {
+        name: e(&info.name),
+        version: e(&info.version),
+        description: e(&info.description),
+        capabilities: info.capabilities.iter().map(|c| e(c)).collect(),
+        params: info
+            .params
+            .iter()
+            .map(|p| crate::bindings::meta::ParamSpec {
+                name: e(&p.name),
+                description: e(&p.description),
+                required: p.required,
+                default: p.default.as_deref().map(e),
+                secret: p.secret,
+            })
+            .collect(),
+    }
+}
+
 /// A command pattern in words: `mysqldump --single-transaction sitedb`
 /// followed by what the globs and the repeat mean.
 fn plain_pattern(pattern: &[String]) -> String {
@@ -352,6 +376,7 @@ fn script_report(
     script: &Script,
     info: &ScriptInfo,
 ) {
+    let info = &shown_info(info);
     let _ =
         writeln!(out, "script {} {} ({}, sha256 {})", info.name, info.version, script.path.display(), script.sha256);
     let imports = imported_interfaces(runtime, script);
@@ -499,6 +524,7 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
         outputs: Arc::new(Mutex::new(Vec::new())),
         slots: Arc::new(Slots::new(1)),
         call_timeout: wait,
+        run_deadline: None,
         idle_timeout: wait,
         captured_output: 64 << 10,
         dry_run: false,

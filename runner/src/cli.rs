@@ -320,6 +320,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         caps.audit = Some(Arc::new(log));
     }
     caps.call_timeout = site.limits.call_timeout;
+    caps.run_deadline = Some(Instant::now() + site.limits.deadline);
     caps.dry_run = args.dry_run;
     caps.secrets = secrets;
     caps.captured_output = site.limits.captured_output;
@@ -866,7 +867,7 @@ fn authorized_line(site_file: &Path, host: &str, key: Option<&Path>) -> Result<(
 fn inspect(path: &Path) -> Result<(), Failure> {
     let runtime = runtime()?;
     let script = runtime.load(path).exit(Exit::Usage)?;
-    let info = describe(&runtime, &script)?;
+    let info = crate::check::shown_info(&describe(&runtime, &script)?);
     println!("script:      {} {}", info.name, info.version);
     println!("file:        {}", script.path.display());
     println!("sha256:      {}", script.sha256);

@@ -179,6 +179,8 @@ hostile! {
     store_planted_symlink: false, none => 1, ["planted/pwned.tgz"];
     store_reserved_name: false, none => 1, ["denied", "reserved prefix"];
     store_forge_manifest: false, none => 1, ["denied", "the runner's own directory"];
+    store_deep_path: false, none => 1, ["invalid argument", "at most 32 are allowed"];
+    store_long_name: false, none => 0, [];
     read_dotdot: false, none => 1, ["denied", "`..`"];
     read_absolute_outside: false, |e: &Env| e.path("base/outside").display().to_string() => 1, ["denied", "outside the read roots"];
     read_through_symlink: false, none => 1, ["denied", "outside the read roots"];
@@ -256,4 +258,58 @@ fn script_text_cannot_forge_log_lines_or_drive_the_terminal() {
     }
     assert!(!ran.stderr.contains('\x1b') && !ran.stderr.contains('\r') && !ran.stderr.contains('\x07'));
     assert!(ran.stderr.contains("\\e[31mred"), "{}", ran.stderr);
+}
+
+/// The run's deadline (3 s here) bounds what the run started on the host
+/// side too: a blocking remote call and background transfers left running
+/// end with it, not after their own call_timeout (1 h) or idle_timeout.
+#[test]
+fn the_deadline_bounds_host_calls_and_background_jobs() {
+    for name in ["host-call-outlives-deadline", "jobs-outlive-deadline"] {
+        let env = Env::new(true);
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+        cmd.args(["--param", &format!("case={name}")]).env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
+        let started = std::time::Instant::now();
+        let ran = Ran::from_output(cmd.output().unwrap());
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(20), "{name}: the run took {took:?}:\n{}", ran.stderr);
+        assert!(ran.code == 1 || ran.code == 3, "{name}: exit {}:\n{}", ran.code, ran.stderr);
+        assert!(ran.stderr.contains("deadline"), "{name}: {}", ran.stderr);
+    }
+}
+
+/// A script that catches failed calls and returns success still leaves a
+/// run of status `warning`, with each failure named, never `ok`.
+#[test]
+fn failures_the_script_swallows_make_the_run_a_warning() {
+    let env = Env::new(true);
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.args(["--json", "--param", "case=swallow-failures", "--param"]).arg(format!("arg={}", env.files().display()));
+    cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    assert!(ran.stdout.contains("\"status\":\"warning\""), "{}\n{}", ran.stdout, ran.stderr);
+    for needle in ["scp.fetch failed", "ssh.exec-to-file failed", "archive.tar-gz failed"] {
+        assert!(ran.stderr.contains(needle), "{needle}: {}", ran.stderr);
+    }
+}
+
+/// What a script says about itself reaches `inspect` and `check` escaped:
+/// the hostile script's description tries to erase its line and draw a
+/// fake sha256 line and import list.
+#[test]
+fn script_metadata_is_escaped_in_inspect_and_check() {
+    let env = Env::new(false);
+    let inspect = Ran::from_output(offsite(Path::new(BIN)).arg("inspect").arg(script("hostile")).output().unwrap());
+    inspect.expect_code(0);
+    let check = Ran::from_output(
+        offsite(Path::new(BIN)).arg("check").arg(env.path("site.toml")).arg(script("hostile")).output().unwrap(),
+    );
+    for (what, out) in [("inspect", &inspect.stdout), ("check", &check.stdout)] {
+        assert!(!out.contains('\x1b') && !out.contains('\r'), "{what} printed control characters:\n{out}");
+    }
+    assert!(inspect.stdout.contains("\\e[2K\\rsha256:      0000 (fake)\\nimports:"), "{}", inspect.stdout);
+    assert_eq!(inspect.stdout.lines().filter(|l| l.starts_with("sha256:")).count(), 1, "{}", inspect.stdout);
+    assert_eq!(inspect.stdout.lines().filter(|l| l.starts_with("imports:")).count(), 1, "{}", inspect.stdout);
 }

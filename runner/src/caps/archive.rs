@@ -20,55 +20,59 @@ const GZIP_LEVEL: u32 = 6;
 
 impl Host for Caps {
     fn tar_gz(&mut self, sources: Vec<String>, dest: String) -> Result<FileInfo, Error> {
-        let mut reads = Vec::with_capacity(sources.len());
-        for source in &sources {
-            match self.decide(Call::ArchiveRead { source })? {
-                Grant::Read { root, rel, member } => reads.push((root, rel, member)),
-                other => unreachable!("archive read granted as {other:?}"),
+        let before = self.denials;
+        let result = (|| {
+            let mut reads = Vec::with_capacity(sources.len());
+            for source in &sources {
+                match self.decide(Call::ArchiveRead { source })? {
+                    Grant::Read { root, rel, member } => reads.push((root, rel, member)),
+                    other => unreachable!("archive read granted as {other:?}"),
+                }
             }
-        }
-        let rel_dest = match self.decide(Call::StoreWrite { dest: &dest })? {
-            Grant::Write { rel } => rel,
-            other => unreachable!("store write granted as {other:?}"),
-        };
-        if reads.is_empty() {
-            return Err(Error::InvalidArgument("tar-gz needs at least one source".into()));
-        }
-        let deadline = Deadline::after(self.call_timeout);
-        let started = Instant::now();
+            let rel_dest = match self.decide(Call::StoreWrite { dest: &dest })? {
+                Grant::Write { rel } => rel,
+                other => unreachable!("store write granted as {other:?}"),
+            };
+            if reads.is_empty() {
+                return Err(Error::InvalidArgument("tar-gz needs at least one source".into()));
+            }
+            let deadline = Deadline(Caps::call_deadline(self.call_timeout, self.run_deadline).0);
+            let started = Instant::now();
 
-        // A dry run walks and opens the same entries, writing nothing.
-        let mut builder = if self.dry_run {
-            None
-        } else {
-            let pending = self.store()?.create(&rel_dest).map_err(|e| io_error(&dest, e))?;
-            Some(tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0)))
-        };
-        let mut entries = 0u64;
-        for (root, rel, member) in &reads {
-            let dir = self.read_dir(*root)?;
-            entries += walk(dir, rel, member, &deadline, builder.as_mut())?;
-        }
-        let Some(builder) = builder else {
-            ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
-            return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
-        };
-        let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
-        let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
-        let origin = Origin { call: "archive.tar-gz".into(), sources: sources.clone(), ..Origin::default() };
-        let stored = pending.commit(origin).map_err(|e| io_error(&dest, e))?;
-        ::log::info!(
-            target: "offsite::archive",
-            "stored {} ({} entries, {} bytes, sha256 {}) in {:.1?}",
-            stored.path,
-            entries,
-            stored.bytes,
-            stored.sha256,
-            started.elapsed()
-        );
-        let info = FileInfo { path: stored.path.clone(), bytes: stored.bytes, sha256: stored.sha256.clone() };
-        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored);
-        Ok(info)
+            // A dry run walks and opens the same entries, writing nothing.
+            let mut builder = if self.dry_run {
+                None
+            } else {
+                let pending = self.store()?.create(&rel_dest).map_err(|e| io_error(&dest, e))?;
+                Some(tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0)))
+            };
+            let mut entries = 0u64;
+            for (root, rel, member) in &reads {
+                let dir = self.read_dir(*root)?;
+                entries += walk(dir, rel, member, &deadline, builder.as_mut())?;
+            }
+            let Some(builder) = builder else {
+                ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
+                return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
+            };
+            let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
+            let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
+            let origin = Origin { call: "archive.tar-gz".into(), sources: sources.clone(), ..Origin::default() };
+            let stored = pending.commit(origin).map_err(|e| io_error(&dest, e))?;
+            ::log::info!(
+                target: "offsite::archive",
+                "stored {} ({} entries, {} bytes, sha256 {}) in {:.1?}",
+                stored.path,
+                entries,
+                stored.bytes,
+                stored.sha256,
+                started.elapsed()
+            );
+            let info = FileInfo { path: stored.path.clone(), bytes: stored.bytes, sha256: stored.sha256.clone() };
+            self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored);
+            Ok(info)
+        })();
+        self.noted("archive.tar-gz", before, result)
     }
 }
 
@@ -77,15 +81,15 @@ impl Host for Caps {
 struct Deadline(Instant);
 
 impl Deadline {
-    fn after(d: std::time::Duration) -> Deadline {
-        Deadline(Instant::now() + d)
-    }
     fn check(&self, what: &Path) -> Result<(), Error> {
         if crate::abort::requested() {
             return Err(Error::Io(format!("tar-gz {} at {}", crate::abort::message(), what.display())));
         }
         if Instant::now() > self.0 {
-            return Err(Error::Timeout(format!("tar-gz ran past its call timeout at {}", what.display())));
+            return Err(Error::Timeout(format!(
+                "tar-gz ran past its call timeout or the run's deadline at {}",
+                what.display()
+            )));
         }
         Ok(())
     }

@@ -34,8 +34,12 @@ impl Host for Caps {
     }
 
     fn format(&mut self, when: Instant, pattern: String, tz: Zone) -> Result<String, Error> {
-        self.decide(Call::ClockFormat)?;
-        format_instant(when, &pattern, tz)
+        let before = self.denials;
+        let result = (|| {
+            self.decide(Call::ClockFormat)?;
+            format_instant(when, &pattern, tz)
+        })();
+        self.noted("clock.format", before, result)
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Caps {
     /// `None` while the script is only being described.
     pub store: Option<Arc<Store>>,
     pub call_timeout: Duration,
+    /// When the whole run must end: every host call, and every background
+    /// transfer, ends by then too (epochs only interrupt guest code).
+    pub run_deadline: Option<std::time::Instant>,
     /// Check grants and read sources, but write nothing.
     pub dry_run: bool,
     /// Values that must never appear in a log line.
@@ -52,6 +55,8 @@ pub struct Caps {
     pub outputs: Arc<Mutex<Vec<StoredFile>>>,
     /// Calls refused by the policy during this run.
     pub denials: u32,
+    /// Calls that failed otherwise (each one a warning).
+    pub failed_calls: u32,
     read_dirs: Vec<Option<Dir>>,
     /// SSH connections; `None` when the site has no hosts.
     pub transport: Option<Arc<dyn Transport>>,
@@ -84,10 +89,12 @@ impl Caps {
             clock,
             store: None,
             call_timeout: Duration::from_secs(3600),
+            run_deadline: None,
             dry_run: false,
             secrets: Vec::new(),
             outputs: Arc::new(Mutex::new(Vec::new())),
             denials: 0,
+            failed_calls: 0,
             read_dirs: (0..roots).map(|_| None).collect(),
             transport: None,
             idle_timeouts: BTreeMap::new(),
@@ -107,6 +114,20 @@ impl Caps {
         self.outputs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// When a host call started now must end: its own timeout, or the
+    /// run's deadline if that comes first. `true` when the run's deadline
+    /// is the one that binds.
+    pub fn call_deadline(
+        call_timeout: Duration,
+        run_deadline: Option<std::time::Instant>,
+    ) -> (std::time::Instant, bool) {
+        let own = std::time::Instant::now() + call_timeout;
+        match run_deadline {
+            Some(run) if run < own => (run, true),
+            _ => (own, false),
+        }
+    }
+
     /// Waits for every background transfer; returns the failures the
     /// script never saw (they fail the run).
     pub fn settle(&mut self) -> Vec<String> {
@@ -124,6 +145,7 @@ impl Caps {
             outputs: Arc::clone(&self.outputs),
             slots: Arc::clone(&self.slots),
             call_timeout: self.call_timeout,
+            run_deadline: self.run_deadline,
             idle_timeout: self.idle_timeouts.get(host).copied().unwrap_or(Duration::from_secs(600)),
             captured_output: self.captured_output,
             dry_run: self.dry_run,
@@ -190,6 +212,20 @@ impl Caps {
             audit.record(&record);
         }
         decision.map_err(WitError::from)
+    }
+
+    /// Records a failed call as a warning, whatever the script does with
+    /// the error next: a run whose script swallowed a failed transfer is
+    /// at best `warning`, never `ok`. Denials (counted in `denials` since
+    /// `before`) were logged by `decide` already.
+    fn noted<T>(&mut self, what: &str, before: u32, result: Result<T, WitError>) -> Result<T, WitError> {
+        if let Err(e) = &result
+            && self.denials == before
+        {
+            self.failed_calls += 1;
+            ::log::warn!(target: "offsite::calls", "site {}: {what} failed: {}", self.site, self.redact(&describe_error(e)));
+        }
+        result
     }
 
     /// `value` with every secret replaced in every string in it.

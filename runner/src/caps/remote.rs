@@ -34,6 +34,8 @@ pub struct Remote {
     pub outputs: Arc<Mutex<Vec<StoredFile>>>,
     pub slots: Arc<Slots>,
     pub call_timeout: Duration,
+    /// The run's deadline, which bounds every call (see `Caps`).
+    pub run_deadline: Option<Instant>,
     pub idle_timeout: Duration,
     pub captured_output: u64,
     pub dry_run: bool,
@@ -59,7 +61,7 @@ impl Remote {
         let line = quote::command_line(argv).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let process =
             self.transport.spawn(host, &line, stdin).map_err(|e| transport_error(&self.redact(&e.to_string()), &e))?;
-        let mut pump = Pump::new(process, host, self.idle_timeout, self.call_timeout);
+        let mut pump = Pump::new(process, host, self.idle_timeout, self.call_timeout, self.run_deadline);
         pump.redactor = StreamRedactor::new(&self.secrets);
         Ok(pump)
     }
@@ -397,6 +399,8 @@ struct Pump {
     host: String,
     idle: Duration,
     deadline: Instant,
+    /// The run's deadline, not the call's timeout, sets `deadline`.
+    by_run: bool,
     stderr: Vec<u8>,
     stderr_total: u64,
     /// Keep at most this much stderr (its end).
@@ -407,12 +411,20 @@ struct Pump {
 }
 
 impl Pump {
-    fn new(process: Box<dyn RemoteProcess>, host: &str, idle: Duration, call_timeout: Duration) -> Pump {
+    fn new(
+        process: Box<dyn RemoteProcess>,
+        host: &str,
+        idle: Duration,
+        call_timeout: Duration,
+        run_deadline: Option<Instant>,
+    ) -> Pump {
+        let (deadline, by_run) = super::Caps::call_deadline(call_timeout, run_deadline);
         Pump {
             process,
             host: host.to_string(),
             idle,
-            deadline: Instant::now() + call_timeout,
+            deadline,
+            by_run,
             stderr: Vec::new(),
             stderr_total: 0,
             stderr_cap: STDERR_KEEP,
@@ -434,7 +446,8 @@ impl Pump {
             let now = Instant::now();
             if now >= self.deadline {
                 self.kill();
-                return Err(Error::Timeout(format!("host {}: the call ran past its call_timeout", self.host)));
+                let what = if self.by_run { "the run's deadline" } else { "its call_timeout" };
+                return Err(Error::Timeout(format!("host {}: the call ran past {what}", self.host)));
             }
             if now >= quiet_since + self.idle {
                 self.kill();

@@ -32,15 +32,23 @@ impl Caps {
 
 impl Host for Caps {
     fn fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<FileInfo, Error> {
-        let path = self.decide_fetch(&host, &remote_path)?;
-        let rel = self.decide_write(&dest)?;
-        self.remote(&host)?.fetch(&host, &path, &rel)
+        let before = self.denials;
+        let result = (|| {
+            let path = self.decide_fetch(&host, &remote_path)?;
+            let rel = self.decide_write(&dest)?;
+            self.remote(&host)?.fetch(&host, &path, &rel)
+        })();
+        self.noted("scp.fetch", before, result)
     }
 
     fn start_fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<Resource<Job>, Error> {
-        let path = self.decide_fetch(&host, &remote_path)?;
-        let rel = self.decide_write(&dest)?;
-        let remote = self.remote(&host)?;
-        self.start_job(format!("fetching {host}:{path} into {dest}"), move || remote.fetch(&host, &path, &rel))
+        let before = self.denials;
+        let result = (|| {
+            let path = self.decide_fetch(&host, &remote_path)?;
+            let rel = self.decide_write(&dest)?;
+            let remote = self.remote(&host)?;
+            self.start_job(format!("fetching {host}:{path} into {dest}"), move || remote.fetch(&host, &path, &rel))
+        })();
+        self.noted("scp.start-fetch", before, result)
     }
 }

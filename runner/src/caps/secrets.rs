@@ -37,34 +37,38 @@ pub const MAX_SECRET_BYTES: usize = 4096;
 
 impl Host for Caps {
     fn open(&mut self, name: String) -> Result<Resource<SecretHandle>, Error> {
-        self.decide(Call::SecretOpen { name: &name })?;
-        if self.open_secrets >= MAX_OPEN_SECRETS {
-            return Err(Error::LimitExceeded(format!(
-                "a run may hold at most {MAX_OPEN_SECRETS} secret handles at once"
-            )));
-        }
-        let source = self
-            .secret_sources
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| Error::Denied(format!("secret {name:?} is not declared")))?;
-        let value = read_secret(&name, &source)?;
-        if value.is_empty() {
-            return Err(Error::InvalidArgument(format!("secret {name:?} is empty")));
-        }
-        if value.len() > MAX_SECRET_BYTES {
-            return Err(Error::LimitExceeded(format!("secret {name:?} is longer than {MAX_SECRET_BYTES} bytes")));
-        }
-        // From now on every log line, error and report masks it.
-        if !self.secrets.contains(&value) {
-            self.secrets.push(value.clone());
-        }
-        let handle = self
-            .table
-            .push(SecretHandle { name, value })
-            .map_err(|e| Error::LimitExceeded(format!("too many open secrets: {e}")))?;
-        self.open_secrets += 1;
-        Ok(handle)
+        let before = self.denials;
+        let result = (|| {
+            self.decide(Call::SecretOpen { name: &name })?;
+            if self.open_secrets >= MAX_OPEN_SECRETS {
+                return Err(Error::LimitExceeded(format!(
+                    "a run may hold at most {MAX_OPEN_SECRETS} secret handles at once"
+                )));
+            }
+            let source = self
+                .secret_sources
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| Error::Denied(format!("secret {name:?} is not declared")))?;
+            let value = read_secret(&name, &source)?;
+            if value.is_empty() {
+                return Err(Error::InvalidArgument(format!("secret {name:?} is empty")));
+            }
+            if value.len() > MAX_SECRET_BYTES {
+                return Err(Error::LimitExceeded(format!("secret {name:?} is longer than {MAX_SECRET_BYTES} bytes")));
+            }
+            // From now on every log line, error and report masks it.
+            if !self.secrets.contains(&value) {
+                self.secrets.push(value.clone());
+            }
+            let handle = self
+                .table
+                .push(SecretHandle { name, value })
+                .map_err(|e| Error::LimitExceeded(format!("too many open secrets: {e}")))?;
+            self.open_secrets += 1;
+            Ok(handle)
+        })();
+        self.noted("secrets.open", before, result)
     }
 }
 

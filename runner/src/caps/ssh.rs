@@ -11,9 +11,13 @@ use crate::policy::{Call, Grant};
 
 impl Host for Caps {
     fn exec(&mut self, host: String, argv: Vec<String>) -> Result<ExecOutput, Error> {
-        self.decide(Call::SshExec { host: &host, argv: &argv })?;
-        let (status, stdout, stderr) = self.remote(&host)?.exec(&host, &argv)?;
-        Ok(ExecOutput { status, stdout, stderr })
+        let before = self.denials;
+        let result = (|| {
+            self.decide(Call::SshExec { host: &host, argv: &argv })?;
+            let (status, stdout, stderr) = self.remote(&host)?.exec(&host, &argv)?;
+            Ok(ExecOutput { status, stdout, stderr })
+        })();
+        self.noted("ssh.exec", before, result)
     }
 
     fn exec_to_file(
@@ -23,8 +27,12 @@ impl Host for Caps {
         dest: String,
         options: StreamOptions,
     ) -> Result<FileInfo, Error> {
-        let rel = self.decide_stream(&host, &argv, &dest)?;
-        self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, None)
+        let before = self.denials;
+        let result = (|| {
+            let rel = self.decide_stream(&host, &argv, &dest)?;
+            self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, None)
+        })();
+        self.noted("ssh.exec-to-file", before, result)
     }
 
     fn start_exec_to_file(
@@ -34,11 +42,15 @@ impl Host for Caps {
         dest: String,
         options: StreamOptions,
     ) -> Result<Resource<Job>, Error> {
-        let rel = self.decide_stream(&host, &argv, &dest)?;
-        let remote = self.remote(&host)?;
-        self.start_job(format!("streaming from {host} into {dest}"), move || {
-            remote.exec_to_file(&host, &argv, &rel, &options, None)
-        })
+        let before = self.denials;
+        let result = (|| {
+            let rel = self.decide_stream(&host, &argv, &dest)?;
+            let remote = self.remote(&host)?;
+            self.start_job(format!("streaming from {host} into {dest}"), move || {
+                remote.exec_to_file(&host, &argv, &rel, &options, None)
+            })
+        })();
+        self.noted("ssh.start-exec-to-file", before, result)
     }
 
     fn exec_to_file_with_secret(
@@ -50,9 +62,13 @@ impl Host for Caps {
         secret: Resource<SecretHandle>,
         stdin_template: String,
     ) -> Result<FileInfo, Error> {
-        let rel = self.decide_stream(&host, &argv, &dest)?;
-        let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
-        self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
+        let before = self.denials;
+        let result = (|| {
+            let rel = self.decide_stream(&host, &argv, &dest)?;
+            let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
+            self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
+        })();
+        self.noted("ssh.exec-to-file-with-secret", before, result)
     }
 
     fn start_exec_to_file_with_secret(
@@ -64,21 +80,27 @@ impl Host for Caps {
         secret: Resource<SecretHandle>,
         stdin_template: String,
     ) -> Result<Resource<Job>, Error> {
-        let rel = self.decide_stream(&host, &argv, &dest)?;
-        let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
-        let remote = self.remote(&host)?;
-        self.start_job(format!("streaming from {host} into {dest}"), move || {
-            remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
-        })
+        let before = self.denials;
+        let result = (|| {
+            let rel = self.decide_stream(&host, &argv, &dest)?;
+            let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
+            let remote = self.remote(&host)?;
+            self.start_job(format!("streaming from {host} into {dest}"), move || {
+                remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
+            })
+        })();
+        self.noted("ssh.start-exec-to-file-with-secret", before, result)
     }
 }
 
 impl HostPending for Caps {
     fn wait(&mut self, job: Resource<Job>) -> Result<FileInfo, Error> {
-        match self.table.get(&job) {
+        let before = self.denials;
+        let result = match self.table.get(&job) {
             Ok(job) => job.wait(),
             Err(e) => Err(Error::InvalidArgument(format!("no such pending transfer: {e}"))),
-        }
+        };
+        self.noted("ssh.pending.wait", before, result)
     }
 
     fn drop(&mut self, job: Resource<Job>) -> wasmtime::Result<()> {

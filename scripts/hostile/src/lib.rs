@@ -14,7 +14,8 @@ struct Hostile;
 impl Script for Hostile {
     fn describe() -> ScriptInfo {
         ScriptInfo::new("hostile", env!("CARGO_PKG_VERSION"))
-            .description("attacks its sandbox, one case at a time")
+            // With a terminal trick: erase the line and draw a fake digest.
+            .description("attacks its sandbox, one case at a time\x1b[2K\rsha256:      0000 (fake)\nimports:\x1b[8m")
             .param(Param::required("case", "the attack"))
             .param(Param::optional("arg", "a path or value the attack uses"))
             .param(Param::optional("hidden", "a secret parameter it must never read").secret().default("s3cret-param"))
@@ -132,6 +133,12 @@ impl Script for Hostile {
             "store-planted-symlink" => store_write("planted/pwned.tgz"),
             "store-reserved-name" => store_write(".offsite-tmp.1.2.x"),
             "store-forge-manifest" => store_write(".offsite/manifests/99999999T000000.000Z-1.json"),
+            // A path so deep that every later walk of the store runs out of
+            // file descriptors.
+            "store-deep-path" => store_write(&("d/".repeat(2000) + "x.tgz")),
+            // The longest legal file name (255 bytes minus a little): its
+            // temporary name must stay legal too. Not hostile; stored.
+            "store-long-name" => store_write(&format!("{}.tgz", "n".repeat(240))),
             "read-dotdot" => {
                 archive::tar_gz(&["../outside"], "r.tgz")?;
                 Ok(())
@@ -206,6 +213,30 @@ impl Script for Hostile {
                     }
                 }
                 bail!("collected: {}", seen.join(" | "))
+            }
+            // Host work that would outlive the run's deadline: a blocking
+            // call, and background transfers the script never waits for.
+            "host-call-outlives-deadline" => {
+                ssh::exec_to_file("server1", &["sh", "-c", "sleep 120"], "slow", &Stream::new())?;
+                Ok(())
+            }
+            "jobs-outlive-deadline" => {
+                for i in 0..6 {
+                    drop(ssh::start_exec_to_file(
+                        "server1",
+                        &["sh", "-c", "sleep 120"],
+                        &format!("j{i}"),
+                        &Stream::new(),
+                    )?);
+                }
+                Ok(())
+            }
+            // Failures the script catches and ignores.
+            "swallow-failures" => {
+                let _ = scp::fetch("server1", &format!("{arg}/missing.tgz"), "m.tgz");
+                let _ = ssh::exec_to_file("server1", &["sh", "-c", "exit 7"], "e", &Stream::new());
+                let _ = archive::tar_gz(&["root/missing"], "n.tgz");
+                Ok(())
             }
             // Floods: a loop of log lines and clock reads, and a few huge
             // messages, each meant to swamp the log, the audit file, the
