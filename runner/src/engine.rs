@@ -133,25 +133,29 @@ impl Runtime {
     }
 
     fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Component> {
-        let Some(dir) = &self.cache else {
+        let Some(dir) = self.cache.as_deref().filter(|d| cache_dir_is_safe(d)) else {
             return Ok(Component::new(&self.engine, bytes)?);
         };
         let mut key = Sha256::new();
         key.update(sha256.as_bytes());
         self.engine.precompile_compatibility_hash().hash(&mut HashInto(&mut key));
         let file = dir.join(format!("{}.cwasm", hex::encode(&key.finalize()[..16])));
-        if trusted_cache_file(&file) {
-            // SAFETY: the file is one this runner wrote (owner and mode are
-            // checked above, names are derived from the content hash and the
-            // engine's compatibility hash, writes go through a rename), so
-            // it holds a precompiled component for this exact engine.
-            match unsafe { Component::deserialize_file(&self.engine, &file) } {
+        match read_cache_entry(&file, sha256) {
+            // SAFETY: the payload is one this runner wrote for exactly this
+            // script: the entry is a regular file owned by us and writable
+            // by nobody else, in a directory chain nobody else can rename
+            // into, and it names the script's SHA-256 and its own payload's
+            // SHA-256, both checked before this call. Its name binds it to
+            // this engine's compatibility hash.
+            Ok(Some(payload)) => match unsafe { Component::deserialize(&self.engine, &payload) } {
                 Ok(c) => return Ok(c),
                 Err(e) => log::debug!(target: "offsite::engine", "ignoring cache entry {}: {e:#}", file.display()),
-            }
+            },
+            Ok(None) => {}
+            Err(why) => log::info!(target: "offsite::engine", "ignoring cache entry {}: {why}", file.display()),
         }
         let compiled = self.engine.precompile_component(bytes)?;
-        if let Err(e) = write_cache_file(dir, &file, &compiled) {
+        if let Err(e) = write_cache_file(dir, &file, sha256, &compiled) {
             log::info!(target: "offsite::engine", "cannot write compile cache {}: {e:#}", file.display());
         }
         // SAFETY: `compiled` was produced by this engine just now.
@@ -293,21 +297,94 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// Only a regular file owned by us and writable by nobody else is loaded.
-fn trusted_cache_file(file: &Path) -> bool {
+/// What starts every compile-cache entry, before the script's SHA-256 and
+/// the payload's SHA-256 (32 bytes each) and the payload.
+const CACHE_MAGIC: &[u8; 16] = b"offsite-cwasm-1\n";
+
+/// Whether `dir` and every directory above it are safe to keep compiled
+/// code in: nobody but us (or root) can put or rename anything there. A
+/// directory others may write to is accepted only with the sticky bit (like
+/// `/tmp`), and then what follows in the path must be ours.
+fn cache_dir_is_safe(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(file) else { return false };
     let uid = rustix::process::geteuid().as_raw();
-    meta.file_type().is_file() && meta.uid() == uid && meta.mode() & 0o022 == 0
+    let Ok(dir) = dir.canonicalize() else {
+        // Not there yet: its parent decides (it is created 0700).
+        return dir.parent().is_some_and(cache_dir_is_safe);
+    };
+    let mut why = None;
+    for path in dir.ancestors() {
+        let Ok(meta) = std::fs::metadata(path) else { return false };
+        let owner_ok = meta.uid() == uid || meta.uid() == 0;
+        let others_write = meta.mode() & 0o022 != 0;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if !owner_ok || (others_write && (path == dir || !sticky)) {
+            why = Some(format!("{} is owned by uid {} with mode {:o}", path.display(), meta.uid(), meta.mode() & 0o7777));
+            break;
+        }
+    }
+    match why {
+        None => true,
+        Some(why) => {
+            log::warn!(
+                target: "offsite::engine",
+                "not using the compile cache {}: others could put code in it ({why}); scripts are compiled each run",
+                dir.display()
+            );
+            false
+        }
+    }
 }
 
-fn write_cache_file(dir: &Path, file: &Path, bytes: &[u8]) -> Result<()> {
+/// A cache entry's payload, when the entry is there and is ours for the
+/// script `sha256`; `Err` says why an entry that is there was refused.
+fn read_cache_entry(file: &Path, sha256: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(file)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    // Checked on what was opened, not on the name.
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    let uid = rustix::process::geteuid().as_raw();
+    if !meta.file_type().is_file() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err("not a regular file of ours that only we can write".into());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    let header = CACHE_MAGIC.len() + 64;
+    if bytes.len() < header || &bytes[..CACHE_MAGIC.len()] != CACHE_MAGIC {
+        return Err("not an entry of this runner's format".into());
+    }
+    let script = &bytes[CACHE_MAGIC.len()..CACHE_MAGIC.len() + 32];
+    if hex::encode(script) != sha256 {
+        return Err(format!("it holds the compiled code of script {}, not of {sha256}", hex::encode(script)));
+    }
+    let payload_sha = &bytes[CACHE_MAGIC.len() + 32..header];
+    if Sha256::digest(&bytes[header..]).as_slice() != payload_sha {
+        return Err("its compiled code does not match its checksum".into());
+    }
+    bytes.drain(..header);
+    Ok(Some(bytes))
+}
+
+fn write_cache_file(dir: &Path, file: &Path, sha256: &str, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let tmp = dir.join(format!(".tmp.{}.{}", std::process::id(), file.file_name().unwrap().to_string_lossy()));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let result = f.write_all(bytes).and_then(|_| f.sync_all()).and_then(|_| std::fs::rename(&tmp, file));
+    let script = hex::decode(sha256)?;
+    let result = f
+        .write_all(CACHE_MAGIC)
+        .and_then(|_| f.write_all(&script))
+        .and_then(|_| f.write_all(&Sha256::digest(bytes)))
+        .and_then(|_| f.write_all(bytes))
+        .and_then(|_| f.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, file));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

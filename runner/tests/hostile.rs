@@ -313,3 +313,46 @@ fn script_metadata_is_escaped_in_inspect_and_check() {
     assert_eq!(inspect.stdout.lines().filter(|l| l.starts_with("sha256:")).count(), 1, "{}", inspect.stdout);
     assert_eq!(inspect.stdout.lines().filter(|l| l.starts_with("imports:")).count(), 1, "{}", inspect.stdout);
 }
+
+/// The compile cache: an entry renamed over another script's entry is
+/// refused (each entry names its script's SHA-256), and a cache directory
+/// others can write to is not used at all.
+#[test]
+fn compile_cache_entries_cannot_be_swapped_or_planted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let inspect = |name: &str| {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.env("OFFSITE_CACHE_DIR", &cache).args(["-v", "inspect"]).arg(script(name));
+        Ran::from_output(cmd.output().unwrap())
+    };
+    let entries = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .map(|d| d.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cwasm")).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    inspect("noop").expect_code(0);
+    let noop_entry = entries().pop().expect("noop was cached");
+    inspect("fixture").expect_code(0);
+    let fixture_entry = entries().into_iter().find(|p| *p != noop_entry).expect("fixture was cached");
+    // Another user who can rename in the cache puts fixture's compiled
+    // code under noop's name: noop must still run as noop.
+    std::fs::rename(&fixture_entry, &noop_entry).unwrap();
+    let ran = inspect("noop");
+    ran.expect_code(0);
+    assert!(ran.stdout.starts_with("script:      noop "), "{}", ran.stdout);
+    assert!(ran.stderr.contains("holds the compiled code of script"), "{}", ran.stderr);
+
+    // A cache directory others may write to is not used.
+    use std::os::unix::fs::PermissionsExt;
+    for e in entries() {
+        std::fs::remove_file(e).unwrap();
+    }
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ran = inspect("noop");
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("not using the compile cache"), "{}", ran.stderr);
+    assert!(entries().is_empty(), "an entry was written into a directory others can write to");
+}
