@@ -319,7 +319,8 @@ fn cache_dir_is_safe(dir: &Path) -> bool {
         let others_write = meta.mode() & 0o022 != 0;
         let sticky = meta.mode() & 0o1000 != 0;
         if !owner_ok || (others_write && (path == dir || !sticky)) {
-            why = Some(format!("{} is owned by uid {} with mode {:o}", path.display(), meta.uid(), meta.mode() & 0o7777));
+            why =
+                Some(format!("{} is owned by uid {} with mode {:o}", path.display(), meta.uid(), meta.mode() & 0o7777));
             break;
         }
     }
@@ -341,12 +342,12 @@ fn cache_dir_is_safe(dir: &Path) -> bool {
 fn read_cache_entry(file: &Path, sha256: &str) -> std::result::Result<Option<Vec<u8>>, String> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(file)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
+    let mut f =
+        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
     // Checked on what was opened, not on the name.
     let meta = f.metadata().map_err(|e| e.to_string())?;
     let uid = rustix::process::geteuid().as_raw();

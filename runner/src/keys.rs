@@ -104,9 +104,9 @@ fn fixed_lines(h: &HostConfig) -> Option<Vec<String>> {
         if is_glob(path) {
             return None;
         }
-        // The runner resolves the path first, then copies it.
-        lines.push(quote::command_line(&["realpath", "-e", "--", path.as_str()]).ok()?);
-        lines.push(quote::command_line(&["scp", "-f", "--", path.as_str()]).ok()?);
+        // What the runner sends to copy that file (see scp.fetch).
+        let argv = ["sh", "-c", crate::transport::FETCH_SCRIPT, "offsite-fetch", path.as_str()];
+        lines.push(quote::command_line(&argv).ok()?);
     }
     Some(lines)
 }
@@ -157,8 +157,14 @@ mod tests {
             fixed_lines(&h).unwrap(),
             vec![
                 "'/home/b/dbbackup.sh'".to_string(),
-                "'realpath' '-e' '--' '/home/b/userdb.tgz'".to_string(),
-                "'scp' '-f' '--' '/home/b/userdb.tgz'".to_string()
+                quote::command_line(&[
+                    "sh",
+                    "-c",
+                    crate::transport::FETCH_SCRIPT,
+                    "offsite-fetch",
+                    "/home/b/userdb.tgz"
+                ])
+                .unwrap()
             ]
         );
         assert!(fixed_lines(&host(&[&["mysqldump", "sitedb", "tbl_*..."]], &[])).is_none());

@@ -668,6 +668,29 @@ mod tests {
         assert!(site.read_roots.is_empty());
     }
 
+    /// The site owns what is sent with a secret: a bounded template with
+    /// the placeholder, and the programs it goes to; both or neither.
+    #[test]
+    fn secret_deliveries_are_bounded_and_complete() {
+        let site = parse(
+            "store = \"/x\"\n[secrets]\ndb = { env = \"V\", stdin = \"password={secret}\", programs = [\"mysqldump\"] }\n\
+             token = { env = \"T\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            site.deliveries.get("db"),
+            Some(&Delivery { stdin: "password={secret}".into(), programs: vec!["mysqldump".into()] })
+        );
+        assert!(!site.deliveries.contains_key("token"));
+        let err = |text: &str| parse(&format!("store = \"/x\"\n[secrets]\n{text}\n")).unwrap_err().to_string();
+        assert!(err("db = { env = \"V\", stdin = \"{secret}\" }").contains("give both"));
+        assert!(err("db = { env = \"V\", stdin = \"no placeholder\", programs = [\"x\"] }").contains("placeholder"));
+        assert!(err("db = { env = \"V\", stdin = \"{secret}\", programs = [] }").contains("`programs` must name"));
+        // A template big enough to fill a pipe is refused at parse time.
+        let big = format!("db = {{ env = \"V\", stdin = \"{{secret}}{}\", programs = [\"x\"] }}", "x".repeat(70_000));
+        assert!(err(&big).contains("at most 4096 bytes"));
+    }
+
     #[test]
     fn relative_store_resolves_against_the_site_file() {
         let site = parse("store = \"backups\"\n").unwrap();

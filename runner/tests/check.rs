@@ -259,3 +259,39 @@ fn patterns_get_no_forced_command_and_say_why() {
     cmd.args(["keys", "authorized-line"]).arg(&site).arg("server9");
     Ran::from_output(cmd.output().unwrap()).expect_code(2).expect_stderr("has no [hosts.server9]");
 }
+
+/// `check` says in words what each command pattern admits, warns about
+/// grants that admit more than they read as, and shows exactly what each
+/// secret is sent as and to which granted programs.
+#[test]
+fn broad_grants_are_warned_about_and_secret_deliveries_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("broad.toml");
+    let pass = dir.path().join("db.pass");
+    std::fs::write(&pass, "x\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"b\"\n[secrets]\ndb = {{ file = \"{}\", stdin = \"[client]\\npassword={{secret}}\\n\", programs = [\"mysqldump\"] }}\n\
+             [hosts.server1]\ncommands = [[\"sh\", \"-c\", \"**\"], [\"tar\", \"-czf\", \"-\", \"*.log...\"], \
+             [\"mysqldump\", \"--defaults-extra-file=/dev/stdin\", \"sitedb\"]]\n",
+            pass.display()
+        ),
+    )
+    .unwrap();
+    let ran = check(&site, &[]);
+    ran.expect_code(0);
+    for want in [
+        "warning: \"sh\" runs what its arguments say, and this grant leaves an argument open: it admits any command",
+        "warning: argument 2 is `**`: it admits any argument, options and `..` included",
+        "then any number of further arguments, each an argument matching \"*.log\" (wildcards stay within one \
+         directory, never an option starting with `-`, never `..`)",
+        "secret db is sent only as the stdin \"[client]\\\\npassword=<value>\\\\n\", and only to \"mysqldump\"",
+        "\"mysqldump\" is granted on server1",
+    ] {
+        assert!(ran.stdout.contains(want), "missing {want:?} in\n{}", ran.stdout);
+    }
+    assert!(!ran.stdout.contains("warning: \"tar\""), "{}", ran.stdout);
+}

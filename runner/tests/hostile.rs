@@ -356,3 +356,48 @@ fn compile_cache_entries_cannot_be_swapped_or_planted() {
     assert!(ran.stderr.contains("not using the compile cache"), "{}", ran.stderr);
     assert!(entries().is_empty(), "an entry was written into a directory others can write to");
 }
+
+/// A local user on the server swaps the fetched name between the granted
+/// file and a symlink to a private file, as fast as it can. The check and
+/// the read are one open on the server, so what is stored is always the
+/// granted file, never the private one.
+#[test]
+fn a_symlink_swapped_in_during_a_fetch_never_stores_the_target() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new(true);
+    let files = env.files();
+    std::fs::write(files.join("swap.tgz"), "GRANTED").unwrap();
+    std::fs::write(files.join("private.key"), "PRIVATE KEY").unwrap();
+    std::os::unix::fs::symlink(files.join("private.key"), files.join("other")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, files) = (Arc::clone(&stop), files.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    files.join("swap.tgz"),
+                    rustix::fs::CWD,
+                    files.join("other"),
+                    rustix::fs::RenameFlags::EXCHANGE,
+                );
+            }
+        })
+    };
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.args(["--param", "case=fetch-race", "--param"]).arg(format!("arg={}", files.display()));
+    cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(ran.code == 0, "{}", ran.stderr);
+    let mut stored = BTreeMap::new();
+    walk(&env.path("store"), Path::new("/nonexistent"), &mut stored);
+    let fetched: Vec<_> = stored.iter().filter(|(p, _)| p.to_string_lossy().ends_with(".tgz")).collect();
+    for (path, content) in &fetched {
+        assert_eq!(content.as_str(), "file of 7 bytes: GRANTED", "{} holds the private file", path.display());
+    }
+    assert!(ran.stderr.contains("stored "), "{}", ran.stderr);
+}

@@ -1,5 +1,7 @@
 //! Quoted argv survives a real sshd and the login shell on the far side.
 
+use std::path::Path;
+
 use offsite::transport::quote::command_line;
 use offsite_testkit::sshd::Sshd;
 
@@ -15,4 +17,31 @@ fn hostile_argv_arrives_literally_over_real_ssh() {
     let mut got: Vec<String> = out.stdout.split(|b| *b == 0).map(|a| String::from_utf8(a.to_vec()).unwrap()).collect();
     got.pop();
     assert_eq!(got, args);
+}
+
+/// sshd runs the command line with the account's login shell, which need
+/// not be POSIX. The same hostile argv (with fish's backslash escape: two
+/// arguments ending in `\`, then shell syntax) must arrive literally, and
+/// run nothing, whichever of the common shells the account has.
+#[test]
+fn hostile_argv_arrives_literally_through_every_login_shell() {
+    let server = Sshd::start_as("127.0.0.3", "offsite-shells");
+    let pwned = server.files().join("pwned");
+    let injected = format!("; touch {}; echo ", pwned.display());
+    let args = ["x\\", "y\\", injected.as_str(), "it's", "$(id)", "a''b", "\\'", "line\nbreak", "{a,b}", "~", ""];
+    let mut argv = vec!["printf", "%s\\0"];
+    argv.extend(args);
+    let line = command_line(&argv).unwrap();
+    for shell in ["/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/fish"] {
+        assert!(Path::new(shell).exists(), "{shell} is missing (CI installs every shell)");
+        let set = std::process::Command::new("usermod").args(["--shell", shell, &server.user]).status().unwrap();
+        assert!(set.success(), "usermod --shell {shell}");
+        let out = server.ssh().arg("--").arg(&line).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
+        let mut got: Vec<String> =
+            out.stdout.split(|b| *b == 0).map(|a| String::from_utf8(a.to_vec()).unwrap()).collect();
+        got.pop();
+        assert_eq!(got, args, "through {shell}");
+        assert!(!pwned.exists(), "{shell} ran injected syntax");
+    }
 }

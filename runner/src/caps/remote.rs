@@ -192,81 +192,78 @@ impl Remote {
         Ok(self.record(stored))
     }
 
-    /// The canonical form of `path` on `host` (`realpath -e`): symlinks and
-    /// `..` resolved by the server, so the policy can check where a fetch
-    /// really leads.
-    pub fn resolve(&self, host: &str, path: &str) -> Result<String, Error> {
-        if self.dry_run {
-            self.connect(host)?;
-        }
-        let argv: Vec<String> = ["realpath", "-e", "--", path].iter().map(|s| s.to_string()).collect();
-        let (status, stdout, stderr) = self.exec_unchecked(host, &argv)?;
-        if status != 0 {
-            let msg = stderr.trim().to_string();
-            return Err(if msg.contains("No such file") {
-                Error::NotFound(format!("host {host}: {path}: No such file or directory"))
-            } else {
-                Error::RemoteFailed(format!("host {host}: cannot resolve {path}: realpath exit status {status}: {msg}"))
-            });
-        }
-        let text = String::from_utf8(stdout)
-            .map_err(|_| Error::RemoteFailed(format!("host {host}: {path} resolves to a name that is not UTF-8")))?;
-        let resolved = text.strip_suffix('\n').unwrap_or(&text);
-        if resolved.is_empty() || resolved.contains('\n') {
-            return Err(Error::RemoteFailed(format!("host {host}: realpath gave an unexpected answer for {path}")));
-        }
-        Ok(resolved.to_string())
-    }
-
-    /// `exec` without the dry-run short cut, for the runner's own helpers.
-    fn exec_unchecked(&self, host: &str, argv: &[String]) -> Result<(u32, Vec<u8>, String), Error> {
-        let mut this = self.clone();
-        this.dry_run = false;
-        this.exec(host, argv)
-    }
-
-    /// `scp.fetch`: the sink side of the scp protocol over `scp -f`.
-    pub fn fetch(&self, host: &str, path: &str, dest: &Path) -> Result<FileInfo, Error> {
+    /// `scp.fetch`: copies the remote file `path` into `dest`, reading it
+    /// through one open descriptor on the server. The server opens the
+    /// file once, reports the canonical path of *what it opened*
+    /// (`/proc/self/fd`), its size and type, and waits; `allowed` decides on
+    /// that path (symlinks and `..` resolved by the server), and only then
+    /// are exactly that many bytes read from the same descriptor. A name
+    /// swapped for a symlink between a check and a copy cannot lead
+    /// outside the grant: there is no second lookup of the name.
+    pub fn fetch(
+        &self,
+        host: &str,
+        path: &str,
+        dest: &Path,
+        allowed: &(dyn Fn(&str) -> Result<(), Error> + Send + Sync),
+    ) -> Result<FileInfo, Error> {
         let shown_dest = dest.display().to_string();
         if self.dry_run {
             self.connect(host)?;
-            ::log::info!(target: "offsite::scp", "dry run: would fetch {host}:{path} into {shown_dest}");
-            return Ok(dry_info(dest));
         }
-        let store = self.store.as_ref().ok_or_else(|| Error::Denied("no store is open".into()))?;
+        let store = match (&self.store, self.dry_run) {
+            (Some(store), _) => Some(store),
+            (None, true) => None,
+            (None, false) => return Err(Error::Denied("no store is open".into())),
+        };
         let _slot = self.slots.acquire();
         let started = Instant::now();
-        let argv: Vec<String> = ["scp", "-f", "--", path].iter().map(|s| s.to_string()).collect();
+        let argv: Vec<String> =
+            ["sh", "-c", crate::transport::FETCH_SCRIPT, "offsite-fetch", path].iter().map(|s| s.to_string()).collect();
         let mut pump = self.spawn(host, &argv, true)?;
         let failed = |what: String| Error::RemoteFailed(format!("host {host}: fetching {path}: {what}"));
-        pump.send(b"\0")?;
-        let header = loop {
-            let line = pump.read_line()?.ok_or_else(|| failed(pump.closed_early("before sending the file")))?;
-            match line.first() {
-                Some(b'C') => break line,
-                // Modification times (only with -p): acknowledge and go on.
-                Some(b'T') => pump.send(b"\0")?,
-                Some(1) | Some(2) => {
-                    let msg = String::from_utf8_lossy(&line[1..]).trim().to_string();
-                    return Err(if msg.contains("No such file") {
-                        Error::NotFound(format!("host {host}: {msg}"))
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            match pump.read_line()? {
+                Some(line) => lines.push(line),
+                None => {
+                    let exit = pump.finish()?;
+                    let stderr = self.redact(&pump.stderr_text()).trim().to_string();
+                    return Err(if stderr.contains("No such file") {
+                        Error::NotFound(format!("host {host}: {path}: No such file or directory"))
+                    } else if stderr.contains("Permission denied") {
+                        Error::Denied(format!("host {host}: {path}: the server refused to open it: Permission denied"))
+                    } else if stderr.contains("not a regular file") {
+                        failed("it is not a regular file".into())
                     } else {
-                        failed(msg)
+                        failed(format!("the server could not open it ({exit}){}", stderr_suffix(&stderr)))
                     });
                 }
-                _ => return Err(failed(format!("unexpected reply {:?}", String::from_utf8_lossy(&line)))),
             }
+        }
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+        let (Some(resolved), Some(size), Some(kind)) = (text(&lines[0]), text(&lines[1]), text(&lines[2])) else {
+            pump.kill();
+            return Err(failed("the server's answer is not UTF-8 text".into()));
         };
-        // "C0644 <size> <name>"
-        let header_text = String::from_utf8_lossy(&header[1..]).trim_end().to_string();
-        let size: u64 = header_text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| failed(format!("malformed scp header {header_text:?}")))?;
+        let size: u64 = size.parse().map_err(|_| failed(format!("unexpected size {size:?} from the server")))?;
+        if kind != "regular file" && kind != "regular empty file" {
+            pump.kill();
+            return Err(failed(format!("it is a {kind}, not a regular file")));
+        }
+        if let Err(e) = allowed(&resolved) {
+            pump.kill();
+            return Err(e);
+        }
+        if self.dry_run {
+            pump.kill();
+            ::log::info!(target: "offsite::scp", "dry run: would fetch {host}:{resolved} ({size} bytes) into {shown_dest}");
+            return Ok(dry_info(dest));
+        }
+        let store = store.expect("not a dry run");
+        pump.process.feed_stdin(b"go\n".to_vec());
         let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
         let mut sink = Sink::Plain(pending);
-        pump.send(b"\0")?;
         let mut buf = vec![0u8; 256 << 10];
         let mut got = 0u64;
         while got < size {
@@ -281,32 +278,25 @@ impl Remote {
             sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
             got += n as u64;
         }
-        let mut ok = [0u8; 1];
-        if pump.read(&mut ok)? != 1 || ok[0] != 0 {
-            let msg = pump.read_line()?.map(|l| String::from_utf8_lossy(&l).trim().to_string()).unwrap_or_default();
-            return Err(failed(format!("the server reported an error after the data: {msg}")));
-        }
-        pump.send(b"\0")?;
-        pump.close_stdin();
         if pump.read(&mut buf)? != 0 {
             return Err(failed("unexpected data after the file".into()));
         }
         let exit = pump.finish()?;
         if exit != Exit::Status(0) {
             let stderr = self.redact(&pump.stderr_text());
-            return Err(failed(format!("scp {exit}; nothing was stored{}", stderr_suffix(&stderr))));
+            return Err(failed(format!("{exit}; nothing was stored{}", stderr_suffix(&stderr))));
         }
         let origin = Origin {
             call: "scp.fetch".into(),
             host: Some(host.to_string()),
-            remote: Some(path.to_string()),
+            remote: Some(resolved.clone()),
             exit_status: Some(0),
             ..Origin::default()
         };
         let stored = sink.finish().and_then(|p| p.commit(origin)).map_err(|e| io_error(&shown_dest, e))?;
         ::log::info!(
             target: "offsite::scp",
-            "host {host}: stored {path} as {} ({} bytes, sha256 {}) in {:.1?}",
+            "host {host}: stored {resolved} as {} ({} bytes, sha256 {}) in {:.1?}",
             stored.path, stored.bytes, stored.sha256, started.elapsed()
         );
         Ok(self.record(stored))
@@ -514,16 +504,6 @@ impl Pump {
             }
             line.push(byte[0]);
         }
-    }
-
-    fn send(&mut self, data: &[u8]) -> Result<(), Error> {
-        self.process
-            .write_stdin(data)
-            .map_err(|e| Error::RemoteFailed(format!("host {}: the remote side stopped reading: {e}", self.host)))
-    }
-
-    fn close_stdin(&mut self) {
-        self.process.close_stdin();
     }
 
     /// Why the stream ended early, for a message.

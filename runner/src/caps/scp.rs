@@ -9,24 +9,34 @@ use crate::bindings::types::{Error, FileInfo};
 use crate::policy::{Call, Grant};
 
 impl Caps {
-    /// Checks the path as written, then where it really leads on the
-    /// server: a symlink inside a granted directory cannot reach outside.
-    fn decide_fetch(&mut self, host: &str, remote_path: &str) -> Result<String, Error> {
+    /// Decides the path as written; returns it normalised, and the check
+    /// the transfer applies to where it really leads on the server (a
+    /// symlink inside a granted directory cannot reach outside).
+    #[allow(clippy::type_complexity)]
+    fn decide_fetch(
+        &mut self,
+        host: &str,
+        remote_path: &str,
+    ) -> Result<(String, Box<dyn Fn(&str) -> Result<(), Error> + Send + Sync>), Error> {
         let path = match self.decide(Call::ScpFetch { host, path: remote_path })? {
             Grant::Fetch { path, .. } => path,
             other => unreachable!("fetch granted as {other:?}"),
         };
-        let resolved = self.remote(host)?.resolve(host, &path)?;
-        if resolved == path {
-            return Ok(path);
-        }
-        match self.decide(Call::ScpFetch { host, path: &resolved }) {
-            Ok(_) => Ok(resolved),
-            Err(Error::Denied(m)) => {
-                Err(Error::Denied(format!("{path:?} resolves on the server to {resolved:?}: {m}")))
+        let (policy, site, host, written) = (self.policy.clone(), self.site.clone(), host.to_string(), path.clone());
+        let allowed = move |resolved: &str| -> Result<(), Error> {
+            if resolved == written {
+                return Ok(());
             }
-            Err(e) => Err(e),
-        }
+            match policy.check(&Call::ScpFetch { host: &host, path: resolved }) {
+                Ok(_) => Ok(()),
+                Err(denial) => {
+                    let message = format!("{written:?} resolves on the server to {resolved:?}: {denial}");
+                    ::log::warn!(target: "offsite::policy", "site {site}: refused scp call: denied: {message}");
+                    Err(Error::Denied(message))
+                }
+            }
+        };
+        Ok((path, Box::new(allowed)))
     }
 }
 
@@ -34,9 +44,9 @@ impl Host for Caps {
     fn fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<FileInfo, Error> {
         let before = self.denials;
         let result = (|| {
-            let path = self.decide_fetch(&host, &remote_path)?;
+            let (path, allowed) = self.decide_fetch(&host, &remote_path)?;
             let rel = self.decide_write(&dest)?;
-            self.remote(&host)?.fetch(&host, &path, &rel)
+            self.remote(&host)?.fetch(&host, &path, &rel, &*allowed)
         })();
         self.noted("scp.fetch", before, result)
     }
@@ -44,10 +54,12 @@ impl Host for Caps {
     fn start_fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<Resource<Job>, Error> {
         let before = self.denials;
         let result = (|| {
-            let path = self.decide_fetch(&host, &remote_path)?;
+            let (path, allowed) = self.decide_fetch(&host, &remote_path)?;
             let rel = self.decide_write(&dest)?;
             let remote = self.remote(&host)?;
-            self.start_job(format!("fetching {host}:{path} into {dest}"), move || remote.fetch(&host, &path, &rel))
+            self.start_job(format!("fetching {host}:{path} into {dest}"), move || {
+                remote.fetch(&host, &path, &rel, &*allowed)
+            })
         })();
         self.noted("scp.start-fetch", before, result)
     }

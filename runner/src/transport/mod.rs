@@ -47,6 +47,22 @@ pub enum Event {
     Closed,
 }
 
+/// What `scp.fetch` runs on the server (POSIX sh, Linux `/proc`, GNU or
+/// busybox coreutils): open the file once as fd 3, print the canonical path
+/// of what fd 3 is, its size and its type, wait for `go`, then send exactly
+/// that many bytes from fd 3. A FIFO is refused before the open (which
+/// would block); the type of what was opened is checked again by the
+/// runner. One line, so that it fits a forced `command=` in authorized_keys.
+pub const FETCH_SCRIPT: &str = concat!(
+    r#"if [ ! -e "$1" ] && [ ! -L "$1" ]; then echo "$1: No such file or directory" >&2; exit 3; fi; "#,
+    r#"[ -f "$1" ] || { echo "$1: not a regular file" >&2; exit 3; }; "#,
+    r#"exec 3< "$1" || exit 3; f=/proc/$$/fd/3; "#,
+    r#"p=$(readlink -e "$f") && s=$(stat -L -c %s "$f") && t=$(stat -L -c %F "$f") || exit 4; "#,
+    r#"printf '%s\n%s\n%s\n' "$p" "$s" "$t"; "#,
+    r#"IFS= read -r go && [ "$go" = go ] || exit 5; "#,
+    r#"exec head -c "$s" <&3"#
+);
+
 /// A remote command that is running.
 pub trait RemoteProcess: Send {
     /// Waits at most `timeout` for output and reads some into `buf`.

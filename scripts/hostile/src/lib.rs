@@ -231,6 +231,19 @@ impl Script for Hostile {
                 }
                 Ok(())
             }
+            // Fetch a name that a local user on the server keeps swapping
+            // between a granted file and a symlink to a private one.
+            "fetch-race" => {
+                let (mut stored, mut refused) = (0, 0);
+                for i in 0..25 {
+                    match scp::fetch("server1", &format!("{arg}/swap.tgz"), &format!("r{i}.tgz")) {
+                        Ok(_) => stored += 1,
+                        Err(_) => refused += 1,
+                    }
+                }
+                eprintln!("stored {stored}, refused {refused}");
+                Ok(())
+            }
             // Failures the script catches and ignores.
             "swallow-failures" => {
                 let _ = scp::fetch("server1", &format!("{arg}/missing.tgz"), "m.tgz");
