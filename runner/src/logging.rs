@@ -44,11 +44,16 @@ pub fn prefix() -> &'static str {
 pub struct Capture {
     pub warnings: Vec<String>,
     pub tail: VecDeque<String>,
+    /// Warnings were left out (the note is the last one kept).
+    left_out: bool,
 }
 
 /// Lines kept for the tail, and warnings kept for the manifest.
 const TAIL_LINES: usize = 100;
 const MAX_WARNINGS: usize = 50;
+/// Most bytes of warnings kept for the manifest, so that what a script logs
+/// cannot grow a manifest past about this.
+const MAX_WARNING_BYTES: usize = 64 << 10;
 /// Longest message logged whole (a script's, or one quoting a server).
 pub const MAX_MESSAGE: usize = 4096;
 /// Most lines a script may log in one run (its `log` calls and what it
@@ -90,7 +95,7 @@ pub fn capture_start() {
 pub fn capture_snapshot() -> Capture {
     let guard = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
     match &*guard {
-        Some(c) => Capture { warnings: c.warnings.clone(), tail: c.tail.clone() },
+        Some(c) => Capture { warnings: c.warnings.clone(), tail: c.tail.clone(), left_out: c.left_out },
         None => Capture::default(),
     }
 }
@@ -99,9 +104,13 @@ fn capture(record: &Record<'_>, line: &str) {
     let mut guard = CAPTURE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = guard.as_mut() else { return };
     if record.level() == Level::Warn && !NOT_THE_RUNS.contains(&record.target()) {
-        if c.warnings.len() < MAX_WARNINGS {
+        // What reaches the manifest is bounded in lines and in bytes.
+        let kept: usize = c.warnings.iter().map(String::len).sum();
+        let full = c.warnings.len() >= MAX_WARNINGS || kept + line.len() > MAX_WARNING_BYTES;
+        if !full {
             c.warnings.push(line.to_string());
-        } else if c.warnings.len() == MAX_WARNINGS {
+        } else if !c.left_out {
+            c.left_out = true;
             c.warnings.push("(more warnings were left out)".to_string());
         }
     }

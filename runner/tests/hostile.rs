@@ -246,7 +246,7 @@ fn huge_messages_are_cut_before_the_log_and_the_manifest() {
     assert!(ran.stderr.len() < 200 << 10, "stderr has {} bytes", ran.stderr.len());
     assert_eq!(manifests.len(), 1, "{manifests:?}");
     let size = manifests[0];
-    assert!(size < 512 << 10, "the manifest has {size} bytes");
+    assert!(size < 128 << 10, "the manifest has {size} bytes");
 }
 
 #[test]

@@ -508,3 +508,29 @@ fn status_shows_the_last_run_the_last_good_one_a_running_one_and_the_next() {
     assert!(ran.stdout.contains(&format!("running:   yes, pid {}", first.id())), "{}", ran.stdout);
     first.wait_with_output().unwrap();
 }
+
+/// A directory tree deeper than the descriptors verify may open (a store
+/// made before depth was bounded, or by hand): the walk holds a few
+/// descriptors, not one per level, so verify still reports on it.
+#[test]
+fn verify_walks_a_deep_tree_with_few_descriptors() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let deep = site.store().join("d/".repeat(200));
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("bottom.txt"), "deep").unwrap();
+    let file = site.file();
+    // 64 descriptors: far fewer than the 200 levels.
+    let ran = Ran::from_output(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" verify \"$1\"")
+            .arg(BIN)
+            .arg(&file)
+            .env("OFFSITE_CACHE_DIR", offsite_testkit::shared_cache_dir())
+            .output()
+            .unwrap(),
+    );
+    assert!(!ran.stderr.contains("Too many open files"), "{}", ran.stderr);
+    ran.expect_code(1).expect_stderr("bottom.txt: unlisted");
+}

@@ -34,8 +34,21 @@ fn hostile_argv_arrives_literally_through_every_login_shell() {
     let line = command_line(&argv).unwrap();
     for shell in ["/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/fish"] {
         assert!(Path::new(shell).exists(), "{shell} is missing (CI installs every shell)");
-        let set = std::process::Command::new("usermod").args(["--shell", shell, &server.user]).status().unwrap();
-        assert!(set.success(), "usermod --shell {shell}");
+        // usermod refuses while the account still has a process (the last
+        // session's may take a moment to go): retried.
+        let set = (0..100).any(|_| {
+            let ok = std::process::Command::new("usermod")
+                .args(["--shell", shell, &server.user])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if !ok {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            ok
+        });
+        assert!(set, "usermod --shell {shell} {}", server.user);
         let out = server.ssh().arg("--").arg(&line).output().unwrap();
         assert!(out.status.success(), "{shell}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
         let mut got: Vec<String> =

@@ -437,15 +437,19 @@ pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcom
 }
 
 /// Removes in-progress files beneath `dir` (never following links).
+/// Iterative, with one directory open at a time, however deep the tree.
 fn remove_temps(dir: &Dir) -> io::Result<()> {
-    for entry in dir.entries()? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            remove_temps(&dir.open_dir(&name)?)?;
-        } else if name.to_string_lossy().starts_with(TEMP_PREFIX) {
-            dir.remove_file(&name)?;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let here = if rel.as_os_str().is_empty() { dir.try_clone()? } else { dir.open_dir(&rel)? };
+        for entry in here.entries()? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if entry.file_type()?.is_dir() {
+                stack.push(rel.join(&name));
+            } else if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+                here.remove_file(&name)?;
+            }
         }
     }
     Ok(())

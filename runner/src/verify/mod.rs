@@ -132,20 +132,30 @@ fn is_bookkeeping(rel: &Path, active_run: Option<&str>) -> bool {
 
 /// Calls `found` with every non-directory beneath `dir` (links are not
 /// followed).
+/// Every non-directory beneath `dir`, in sorted order. Iterative, and each
+/// directory is opened from `dir` and closed before the next, so however
+/// deep a store is, the walk holds a few descriptors, not one per level.
 fn walk(dir: &Dir, rel: &Path, found: &mut dyn FnMut(&Path)) -> io::Result<()> {
-    let mut entries = Vec::new();
-    for e in dir.entries()? {
-        let e = e?;
-        entries.push((e.file_name(), e.file_type()?.is_dir()));
-    }
-    entries.sort();
-    for (name, is_dir) in entries {
-        let path = rel.join(&name);
-        if is_dir {
-            walk(&dir.open_dir(&name)?, &path, found)?;
-        } else {
-            found(&path);
+    let mut stack = vec![rel.to_path_buf()];
+    while let Some(rel) = stack.pop() {
+        let here = if rel.as_os_str().is_empty() { dir.try_clone()? } else { dir.open_dir(&rel)? };
+        let mut entries = Vec::new();
+        for e in here.entries()? {
+            let e = e?;
+            entries.push((e.file_name(), e.file_type()?.is_dir()));
         }
+        drop(here);
+        entries.sort();
+        let mut subdirs = Vec::new();
+        for (name, is_dir) in entries {
+            let path = rel.join(&name);
+            if is_dir {
+                subdirs.push(path);
+            } else {
+                found(&path);
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
     }
     Ok(())
 }
