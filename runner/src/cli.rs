@@ -115,7 +115,8 @@ enum Command {
         age_identity: Option<PathBuf>,
     },
     /// For each site: its last run, last good run, whether it is running,
-    /// and its next scheduled run. Exit 1 if any site's last run failed.
+    /// and its next scheduled run. Exit 1 if any site's last run failed,
+    /// it never ran, a run was killed, or its store cannot be read.
     Status {
         /// Site files, or directories of them (default: /etc/offsite).
         sites: Vec<PathBuf>,
@@ -173,10 +174,13 @@ enum KeysCommand {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The script component (.wasm).
-    script: PathBuf,
-    /// The site file granting what the script may touch. Without it the
-    /// script reads beneath the current directory and writes into it.
+    /// The script component (.wasm); or, without --site, a site (a NAME
+    /// looked up as /etc/offsite/NAME.toml, or a FILE.toml) whose `script`
+    /// is run. Default: the site's `script`.
+    script: Option<PathBuf>,
+    /// The site granting what the script may touch: a file, or a NAME
+    /// looked up as /etc/offsite/NAME.toml ($OFFSITE_CONFIG_DIR). Without
+    /// it the script reads beneath the current directory and writes into it.
     #[arg(long)]
     site: Option<PathBuf>,
     /// Set a script parameter (overrides the site file); repeatable.
@@ -223,7 +227,7 @@ pub fn main() -> ExitCode {
             let keys = VerifyKeys { key, age_identity };
             verify(&target, restore_test.as_deref(), mysql_defaults, keys, cli.verbose > 0)
         }
-        Command::Prune { site, dry_run } => prune(&site, dry_run),
+        Command::Prune { site, dry_run } => prune(&site, dry_run, cli.verbose > 0),
         Command::Status { sites } => status(&sites),
         Command::Watch { sites, run_on_change, jobs, debounce, grace } => {
             let options = crate::watch::Options { jobs, debounce, grace, run_on_change, verbose: cli.verbose };
@@ -255,6 +259,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let started_wall = SystemTime::now();
     let started = Instant::now();
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    // `offsite run web1` and `offsite run /etc/offsite/web1.toml` name a site.
+    let (script_arg, site_arg) = match (args.script.clone(), args.site.clone()) {
+        (Some(target), None) if names_a_site(&target) => (None, Some(target)),
+        other => other,
+    };
+    let site_arg = site_arg.map(|s| site_path(&s));
+    let args = RunArgs { site: site_arg, ..args };
     let site = match &args.site {
         Some(file) if args.site_stdin => {
             let mut text = String::new();
@@ -277,8 +288,16 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         cli_params.insert(k.to_string(), v.to_string());
     }
 
+    let script_path = match script_arg.or_else(|| site.script.clone()) {
+        Some(path) => path,
+        None if args.site.is_some() => {
+            return Err(anyhow!("name the script to run: site {} has no `script`", site_label(&site)))
+                .exit(Exit::Usage);
+        }
+        None => return Err(anyhow!("name the script to run (SCRIPT.wasm), or a site (--site)")).exit(Exit::Usage),
+    };
     let runtime = runtime()?;
-    let script = runtime.load(&args.script).exit(Exit::Usage)?;
+    let script = runtime.load(&script_path).exit(Exit::Usage)?;
     if let Some(pin) = &site.script_sha256
         && *pin != script.sha256
     {
@@ -336,6 +355,12 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     // takes no lock and leaves no manifest. (Last, so nothing above can
     // fail after the run has begun in the store.)
     let mut session = None;
+    if args.dry_run {
+        // It still finds what the real run would trip on first.
+        store_writable(&site.store)
+            .with_context(|| format!("the store {} cannot be written", site.store.display()))
+            .exit(Exit::Usage)?;
+    }
     if !args.dry_run {
         let recipients = protect::recipients(&site.protect.recipients, None).exit(Exit::Usage)?;
         let signer = site
@@ -625,14 +650,16 @@ fn resolve_params(
     for spec in &info.params {
         let value =
             cli.get(&spec.name).or_else(|| site.params.get(&spec.name)).cloned().or_else(|| spec.default.clone());
-        if spec.required && value.is_none() {
+        // An empty value (`--param path=`) is no value for a required one.
+        if spec.required && value.as_deref().is_none_or(str::is_empty) {
             missing.push(spec.name.clone());
         }
         out.insert(spec.name.clone(), ParamGrant { value, secret: spec.secret });
     }
     if !missing.is_empty() {
         bail!(
-            "script {} needs parameter{} {}: pass --param {}=VALUE or set it under [params] in the site file",
+            "script {} needs parameter{} {} (missing or empty): pass --param {}=VALUE or set it under [params] in \
+             the site file",
             info.name,
             if missing.len() > 1 { "s" } else { "" },
             missing.join(", "),
@@ -656,7 +683,44 @@ fn parse_now(text: &str) -> Result<SystemTime> {
     Ok(local.into())
 }
 
+/// Whether a run could write into `store` (or create it), asked of the
+/// kernel without writing anything: the store, or its nearest existing
+/// parent, must be a directory this user may write and enter (a read-only
+/// mount says so too).
+fn store_writable(store: &Path) -> std::io::Result<()> {
+    use rustix::fs::{Access, access};
+    let existing = store.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if !existing.is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory", existing.display())));
+    }
+    access(existing, Access::WRITE_OK | Access::EXEC_OK).map_err(std::io::Error::from)
+}
+
+/// Whether a lone `offsite run` argument names a site rather than a
+/// script: a `.toml` file, or a bare name with no extension and no `/`.
+fn names_a_site(target: &Path) -> bool {
+    match target.extension() {
+        Some(ext) => ext == "toml",
+        None => target.components().count() == 1 && !target.is_file(),
+    }
+}
+
+/// A site argument as a file: a bare NAME (no `/`, no extension, no such
+/// file here) is `NAME.toml` in the config directory (`$OFFSITE_CONFIG_DIR`,
+/// else /etc/offsite), so a crontab line needs no path and works from any
+/// working directory.
+pub fn site_path(site: &Path) -> PathBuf {
+    if site.components().count() == 1 && site.extension().is_none() && !site.exists() {
+        let dir = std::env::var_os("OFFSITE_CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|| "/etc/offsite".into());
+        let mut name = site.as_os_str().to_owned();
+        name.push(".toml");
+        return dir.join(name);
+    }
+    site.to_path_buf()
+}
+
 fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), Failure> {
+    let site_file = &site_path(site_file);
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let text = std::fs::read_to_string(site_file)
         .with_context(|| format!("cannot read site file {}", site_file.display()))
@@ -781,16 +845,25 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
         return Err(anyhow!("{unreadable} site file(s) could not be read")).exit(Exit::Usage);
     }
     if !failing.is_empty() {
-        return Err(anyhow!("the last run failed for: {}", failing.join(", "))).exit(Exit::BackupFailed);
+        return Err(anyhow!(
+            "the last run failed, never happened, was cut short, or its store cannot be read for: {}",
+            failing.join(", ")
+        ))
+        .exit(Exit::BackupFailed);
     }
     Ok(())
 }
 
-fn prune(site_file: &Path, dry_run: bool) -> Result<(), Failure> {
+/// `prune`: from cron it says nothing unless it removed something; with
+/// `--dry-run` or `-v` it also lists what it keeps and why.
+fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = Site::load(site_file, &cwd).exit(Exit::Usage)?;
+    let show_keeps = dry_run || verbose;
     if site.retention.is_empty() {
-        println!("{}: no [retention] rules, so every run is kept", site_file.display());
+        if show_keeps {
+            println!("{}: no [retention] rules, so every run is kept", site_file.display());
+        }
         return Ok(());
     }
     let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
@@ -820,10 +893,15 @@ fn prune(site_file: &Path, dry_run: bool) -> Result<(), Failure> {
     }
     let (manifests, _) = root.manifests().map_err(failed).exit(Exit::BackupFailed)?;
     let plan = retention::plan(&manifests, &site.name, &site.retention);
-    println!("rules: {}", site.retention);
+    if show_keeps || plan.iter().any(|v| v.pruned_because.is_some()) {
+        println!("rules: {}", site.retention);
+    }
     for v in &plan {
         match &v.pruned_because {
-            None => println!("keep  {} {:10} {}: {}", v.run_id, v.status, v.started, v.kept_because.join("; ")),
+            None if show_keeps => {
+                println!("keep  {} {:10} {}: {}", v.run_id, v.status, v.started, v.kept_because.join("; "))
+            }
+            None => {}
             Some(why) => {
                 println!(
                     "{} {} {:10} {}: {why}",
@@ -946,6 +1024,10 @@ mod tests {
         let cli = BTreeMap::from([("path".to_string(), "x".to_string()), ("paht".to_string(), "x".to_string())]);
         let err = resolve_params(&info(), &site, &cli).unwrap_err().to_string();
         assert!(err.contains("unknown parameter \"paht\""), "{err}");
+        // `--param path=` is as good as no value for a required parameter.
+        let cli = BTreeMap::from([("path".to_string(), String::new())]);
+        let err = resolve_params(&info(), &site, &cli).unwrap_err().to_string();
+        assert!(err.contains("needs parameter path (missing or empty)"), "{err}");
     }
 
     #[test]

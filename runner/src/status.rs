@@ -42,10 +42,17 @@ pub fn site_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
     let mut text = String::new();
     let _ = writeln!(text, "site {} ({})", site.name, file.display());
-    let mut failing = false;
+    let mut failing;
     match StoreRoot::open_existing(&site.store) {
-        Err(_) => {
+        // Never run and an unreadable store both fail a monitoring check:
+        // there is no backup to count on.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            failing = true;
             let _ = writeln!(text, "  last run:  never (no store at {} yet)", site.store.display());
+        }
+        Err(e) => {
+            failing = true;
+            let _ = writeln!(text, "  last run:  unknown: cannot read the store {}: {e}", site.store.display());
         }
         Ok(root) => {
             let mine: Vec<Manifest> = root
@@ -54,13 +61,15 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                 .unwrap_or_default();
             match mine.last() {
                 None => {
+                    failing = true;
                     let _ = writeln!(text, "  last run:  never");
                 }
                 Some(last) => {
                     failing = !last.status.is_good();
+                    // Times are when each run started, the same for both lines.
                     let _ = writeln!(
                         text,
-                        "  last run:  {} {}  ({})",
+                        "  last run:  started {} {}  ({})",
                         local(&last.run.started),
                         last.status,
                         summary(last)
@@ -70,7 +79,7 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                     }
                     match mine.iter().rev().find(|m| m.status.is_good()) {
                         Some(good) => {
-                            let _ = writeln!(text, "  last good: {}", local(&good.ended));
+                            let _ = writeln!(text, "  last good: started {}", local(&good.run.started));
                         }
                         None => {
                             let _ = writeln!(text, "  last good: never");
@@ -78,12 +87,24 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                     }
                 }
             }
-            match root.holder() {
-                Some(h) => {
+            match (root.holder(), root.died_holder()) {
+                (Some(h), _) => {
                     let _ =
                         writeln!(text, "  running:   yes, pid {} on {} since {}", h.pid, h.hostname, local(&h.started));
                 }
-                None => {
+                (None, Some(h)) => {
+                    failing = true;
+                    let _ = writeln!(
+                        text,
+                        "  running:   no; run {} (pid {} on {}, started {}) was killed or crashed before it \
+                         finished; the next run recovers it",
+                        h.run_id,
+                        h.pid,
+                        h.hostname,
+                        local(&h.started)
+                    );
+                }
+                (None, None) => {
                     let _ = writeln!(text, "  running:   no");
                 }
             }

@@ -299,9 +299,16 @@ fn retention_keeps_the_last_good_backup_through_any_number_of_failures() {
     assert!(dry.stdout.contains("failed and no good run is newer"), "{}", dry.stdout);
     assert_eq!(site.backups().len(), 2, "a dry run removes nothing");
     std::fs::write(site.store().join("mine.txt"), "not offsite's").unwrap();
-    Ran::from_output(site.offsite().arg("prune").arg(&file).output().unwrap()).expect_code(0);
+    let pruned = Ran::from_output(site.offsite().arg("prune").arg(&file).output().unwrap());
+    pruned.expect_code(0);
+    assert!(pruned.stdout.contains("remove www.20040321-020000.tgz"), "{}", pruned.stdout);
+    assert!(!pruned.stdout.contains("keep "), "from cron, kept runs are not listed: {}", pruned.stdout);
     assert_eq!(site.backups(), vec!["mine.txt", "www.20040321-030000.tgz"], "unlisted files are never removed");
     assert_eq!(site.manifests().len(), 5, "the newest good run and the four failures after it");
+    // Nothing left to remove: silent, as cron wants it.
+    let again = Ran::from_output(site.offsite().arg("prune").arg(&file).output().unwrap());
+    again.expect_code(0);
+    assert_eq!((again.stdout.as_str(), again.stderr.as_str()), ("", ""));
 }
 
 #[test]
@@ -467,8 +474,9 @@ fn status_shows_the_last_run_the_last_good_one_a_running_one_and_the_next() {
         let file = site.file();
         Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&file).output().unwrap())
     };
+    // Never run: a failure for a monitoring check.
     let ran = status(&site);
-    ran.expect_code(0);
+    ran.expect_code(1).expect_stderr("never happened");
     assert!(ran.stdout.contains("last run:  never"), "{}", ran.stdout);
     assert!(ran.stdout.contains("next run:  not scheduled"), "{}", ran.stdout);
 
@@ -482,10 +490,11 @@ fn status_shows_the_last_run_the_last_good_one_a_running_one_and_the_next() {
     );
     std::fs::write(&file, text).unwrap();
     let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(site.path("")).output().unwrap());
-    ran.expect_code(1).expect_stderr("the last run failed for: web");
+    ran.expect_code(1).expect_stderr("for: web");
     assert!(ran.stdout.contains(" failed  (0 file(s)"), "{}", ran.stdout);
     assert!(ran.stdout.contains("failing on request: boom"), "{}", ran.stdout);
-    assert!(ran.stdout.contains("last good: 20"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("last good: started 20"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("last run:  started 20"), "{}", ran.stdout);
     assert!(ran.stdout.contains("running:   no"), "{}", ran.stdout);
     assert!(ran.stdout.contains("(34 3,20 * * *, Europe/Berlin)"), "{}", ran.stdout);
     // The next run, shown in local time (UTC here), is 03:34 or 20:34 in
@@ -533,4 +542,98 @@ fn verify_walks_a_deep_tree_with_few_descriptors() {
     );
     assert!(!ran.stderr.contains("Too many open files"), "{}", ran.stderr);
     ran.expect_code(1).expect_stderr("bottom.txt: unlisted");
+}
+
+/// A run killed with -9 leaves its lock note and journal behind: status
+/// says so and fails, instead of showing the previous run as the last one
+/// and nothing running. A store the user cannot read fails too.
+#[test]
+fn status_sees_a_killed_run_and_an_unreadable_store() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let mut held = hold_lock(&site, "30000");
+    held.kill().unwrap();
+    held.wait().unwrap();
+    let file = site.file();
+    let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&file).output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stdout.contains("was killed or crashed before it finished"), "{}", ran.stdout);
+
+    // Unreadable: a store directory whose .offsite cannot be opened.
+    let other = Site::new();
+    std::fs::create_dir_all(other.store().join(".offsite")).unwrap();
+    std::fs::write(other.store().join(".offsite/runs"), "not a directory").unwrap();
+    let file = other.file();
+    let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&file).output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stdout.contains("cannot read the store"), "{}", ran.stdout);
+}
+
+/// A dry run on a store the real run cannot write (a read-only mount)
+/// fails the same way, without writing anything.
+#[test]
+fn a_dry_run_finds_a_store_that_cannot_be_written() {
+    let site = Site::new();
+    std::fs::create_dir(site.store()).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m,mode=0700", "offsite-test", site.store().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "this test mounts a read-only tmpfs and needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(site.store());
+    let real = site.arc("2004-03-21T01:48:44");
+    let dry = site.run("arc", &["--param", "path=www", "--dry-run"]);
+    dry.expect_code(real.code).expect_stderr("cannot be written");
+    assert_eq!(dry.code, 2, "{}", dry.stderr);
+}
+
+/// The crontab line a user writes: `offsite run web` (or `--site web`),
+/// the site found in the config directory and naming its own script, under
+/// cron's empty environment and working directory.
+#[test]
+fn a_bare_site_name_runs_the_script_the_site_names_as_cron_would() {
+    let site = Site::new();
+    let config = site.path("etc");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(
+        config.join("web.toml"),
+        format!(
+            "script = \"{}\"\nstore = \"{}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"{}\"\n",
+            script("arc").display(),
+            site.store().display(),
+            site.path("src").display(),
+            site.path("src/www").display()
+        ),
+    )
+    .unwrap();
+    for args in [&["run", "web"][..], &["run", "--site", "web"][..]] {
+        let ran = Ran::from_output(
+            Command::new(BIN)
+                .env_clear()
+                .env("HOME", site.path(""))
+                .env("PATH", "/usr/bin:/bin")
+                .env("OFFSITE_CONFIG_DIR", &config)
+                .env("OFFSITE_CACHE_DIR", offsite_testkit::shared_cache_dir())
+                .current_dir("/")
+                .args(args)
+                .args(["--now", "2004-03-21T01:48:44"])
+                .output()
+                .unwrap(),
+        );
+        ran.expect_code(0);
+        assert_eq!((ran.stdout.as_str(), ran.stderr.as_str()), ("", ""), "silent under cron");
+    }
+    assert_eq!(site.backups().iter().filter(|b| b.ends_with(".tgz")).count(), 1, "{:?}", site.backups());
+    // A site without `script` needs one named.
+    std::fs::write(config.join("bare.toml"), format!("store = \"{}\"\n", site.store().display())).unwrap();
+    let ran = Ran::from_output(
+        Command::new(BIN).env("OFFSITE_CONFIG_DIR", &config).args(["run", "bare"]).output().unwrap(),
+    );
+    ran.expect_code(2).expect_stderr("has no `script`");
 }

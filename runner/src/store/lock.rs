@@ -105,6 +105,18 @@ pub fn holder(meta: &Dir) -> Option<Holder> {
     }
 }
 
+/// The note of a holder that died holding the lock (killed or crashed: the
+/// kernel released its flock, and the note it clears on a clean exit is
+/// still there), for `status`. `None` when the lock is held or was left
+/// cleanly.
+pub fn died(meta: &Dir) -> Option<Holder> {
+    let mut file = meta.open(LOCK_FILE).ok()?.into_std();
+    flock(&file, FlockOperation::NonBlockingLockShared).ok()?;
+    let note = read_note(&mut file);
+    let _ = flock(&file, FlockOperation::Unlock);
+    note
+}
+
 fn read_note(file: &mut std::fs::File) -> Option<Holder> {
     let mut text = String::new();
     file.rewind().ok()?;

@@ -125,6 +125,11 @@ impl StoreRoot {
         lock::holder(&self.meta)
     }
 
+    /// The run that died holding the lock, if one did (see [`lock::died`]).
+    pub fn died_holder(&self) -> Option<Holder> {
+        lock::died(&self.meta)
+    }
+
     /// Finishes what interrupted runs left, under the lock: a run killed
     /// while installing its files is installed; a run killed earlier gets
     /// a manifest saying so, with its complete files kept aside; temporary
