@@ -341,6 +341,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     caps.call_timeout = site.limits.call_timeout;
     caps.run_deadline = Some(Instant::now() + site.limits.deadline);
     caps.dry_run = args.dry_run;
+    caps.unreadable_fatal = site.unreadable_fatal;
     caps.secrets = secrets;
     caps.captured_output = site.limits.captured_output;
     caps.slots = Arc::new(Slots::new(site.limits.parallel));

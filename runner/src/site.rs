@@ -59,6 +59,9 @@ pub struct Site {
     pub read_roots: Vec<PathBuf>,
     /// Directory relative source paths resolve against.
     pub base_dir: PathBuf,
+    /// An entry an archive cannot read fails the archive, instead of being
+    /// left out with a warning (`[read] unreadable = "fail"`).
+    pub unreadable_fatal: bool,
     pub params: BTreeMap<String, String>,
     pub limits: Limits,
     /// When set, the script's SHA-256 must equal this (lower-case hex).
@@ -178,6 +181,7 @@ impl Site {
             store: cwd.clone(),
             read_roots: vec![cwd.clone()],
             base_dir: cwd,
+            unreadable_fatal: false,
             params: BTreeMap::new(),
             limits: Limits::default(),
             script_sha256: None,
@@ -226,6 +230,11 @@ impl Site {
             }
             read_roots.push(canonical);
         }
+        let unreadable_fatal = match raw.read.unreadable.as_deref() {
+            None | Some("skip") => false,
+            Some("fail") => true,
+            Some(other) => bail!("{}: {other:?} must be \"skip\" or \"fail\"", at("read.unreadable")),
+        };
         if let Some(pin) = &raw.script_sha256
             && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
         {
@@ -331,6 +340,7 @@ impl Site {
             store,
             read_roots,
             base_dir: cwd.to_path_buf(),
+            unreadable_fatal,
             params: raw.params,
             limits,
             script_sha256: raw.script_sha256.map(|s| s.to_ascii_lowercase()),
@@ -373,6 +383,7 @@ impl Site {
         let grants = serde_json::json!({
             "store": self.store,
             "read_roots": self.read_roots,
+            "unreadable_fatal": self.unreadable_fatal,
             "hosts": hosts,
             "secrets": self.secrets.keys().collect::<Vec<_>>(),
             "deliveries": self.deliveries.iter().map(|(k, d)| (k, (&d.stdin, &d.programs))).collect::<BTreeMap<_, _>>(),
@@ -552,6 +563,8 @@ fn expand_home(p: &Path, base: &Path) -> PathBuf {
 struct ReadSection {
     #[serde(default)]
     roots: Vec<PathBuf>,
+    /// `"skip"` (default) or `"fail"`.
+    unreadable: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

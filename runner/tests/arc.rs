@@ -227,3 +227,83 @@ fn now_is_local_time_unless_an_offset_is_given() {
     run("2004-03-21T01:48:44Z");
     assert!(dir.path().join("b.20040321-071844.tgz").is_file(), "{:?}", tree(dir.path()));
 }
+
+/// One unreadable file or directory does not lose the rest: the archive is
+/// stored without them, each is named in a warning and in the manifest, and
+/// the run is `warning`, not `ok`. `[read] unreadable = "fail"` makes it
+/// fatal. Run as `nobody` (root reads everything).
+#[test]
+fn unreadable_entries_are_left_out_with_a_warning_or_fail_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let src = d.join("src");
+    std::fs::create_dir_all(src.join("www/private")).unwrap();
+    std::fs::write(src.join("www/index.html"), "hello\n").unwrap();
+    std::fs::write(src.join("www/secret.key"), "key\n").unwrap();
+    std::fs::write(src.join("www/private/x"), "x\n").unwrap();
+    std::fs::create_dir_all(d.join("store")).unwrap();
+    std::fs::create_dir_all(d.join("cache")).unwrap();
+    let nobody = |p: &Path| {
+        Command::new("chown").args(["-R", "nobody:nogroup"]).arg(p).status().unwrap();
+    };
+    for p in ["src", "store", "cache"] {
+        nobody(&d.join(p));
+    }
+    std::fs::set_permissions(src.join("www/secret.key"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(src.join("www/private"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    let site = |extra: &str| {
+        let file = d.join("site.toml");
+        std::fs::write(
+            &file,
+            format!("store = \"{}\"\n[read]\nroots = [\"{}\"]\n{extra}", d.join("store").display(), src.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        file
+    };
+    let run = |file: &Path| {
+        let arc = d.join("arc.wasm");
+        std::fs::copy(script("arc"), &arc).unwrap();
+        std::fs::set_permissions(&arc, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Ran::from_output(
+            Command::new("setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+                .arg(BIN)
+                .args(["run", "--json"])
+                .arg(&arc)
+                .arg("--site")
+                .arg(file)
+                .args(["--param", "path=www", "--now", "2004-03-21T01:48:44"])
+                .current_dir(&src)
+                .env("OFFSITE_CACHE_DIR", d.join("cache"))
+                .env("HOME", d)
+                .output()
+                .unwrap(),
+        )
+    };
+    let ran = run(&site(""));
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("\"status\":\"warning\""), "{}\n{}", ran.stdout, ran.stderr);
+    for name in ["www/secret.key", "www/private"] {
+        assert!(ran.stderr.contains(&format!("{name}: left out of the archive: Permission denied")), "{}", ran.stderr);
+    }
+    let archive = d.join("store/www.20040321-014844.tgz");
+    let listed = Command::new("tar").arg("-tzf").arg(&archive).output().unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    assert!(listed.lines().any(|l| l == "www/index.html"), "{listed}");
+    assert!(listed.lines().any(|l| l.trim_end_matches('/') == "www/private"), "the directory itself: {listed}");
+    assert!(!listed.contains("secret.key") && !listed.contains("private/x"), "{listed}");
+    let manifest = std::fs::read_dir(d.join("store/.offsite/manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "warning");
+    assert_eq!(manifest["files"][0]["origin"]["skipped"], serde_json::json!(["www/private", "www/secret.key"]));
+
+    let ran = run(&site("unreadable = \"fail\"\n"));
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("Permission denied"), "{}", ran.stderr);
+}

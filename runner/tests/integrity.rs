@@ -632,8 +632,7 @@ fn a_bare_site_name_runs_the_script_the_site_names_as_cron_would() {
     assert_eq!(site.backups().iter().filter(|b| b.ends_with(".tgz")).count(), 1, "{:?}", site.backups());
     // A site without `script` needs one named.
     std::fs::write(config.join("bare.toml"), format!("store = \"{}\"\n", site.store().display())).unwrap();
-    let ran = Ran::from_output(
-        Command::new(BIN).env("OFFSITE_CONFIG_DIR", &config).args(["run", "bare"]).output().unwrap(),
-    );
+    let ran =
+        Ran::from_output(Command::new(BIN).env("OFFSITE_CONFIG_DIR", &config).args(["run", "bare"]).output().unwrap());
     ran.expect_code(2).expect_stderr("has no `script`");
 }

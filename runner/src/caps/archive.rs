@@ -47,9 +47,10 @@ impl Host for Caps {
                 Some(tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0)))
             };
             let mut entries = 0u64;
+            let mut skipped = Skipped { fatal: self.unreadable_fatal, names: Vec::new() };
             for (root, rel, member) in &reads {
                 let dir = self.read_dir(*root)?;
-                entries += walk(dir, rel, member, &deadline, builder.as_mut())?;
+                entries += walk(dir, rel, member, &deadline, builder.as_mut(), &mut skipped)?;
             }
             let Some(builder) = builder else {
                 ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
@@ -57,7 +58,12 @@ impl Host for Caps {
             };
             let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
             let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
-            let origin = Origin { call: "archive.tar-gz".into(), sources: sources.clone(), ..Origin::default() };
+            let origin = Origin {
+                call: "archive.tar-gz".into(),
+                sources: sources.clone(),
+                skipped: skipped.names,
+                ..Origin::default()
+            };
             let stored = pending.commit(origin).map_err(|e| io_error(&dest, e))?;
             ::log::info!(
                 target: "offsite::archive",
@@ -98,12 +104,36 @@ impl Deadline {
 /// Archives `rel` (beneath `dir`) and, for a directory, everything below it,
 /// without following any symbolic link, into `tar`; with no `tar` (a dry run)
 /// it only checks that every entry can be read. Returns the number of entries.
+/// Entries the walk could not read, and whether that fails the call.
+struct Skipped {
+    /// `[read] unreadable = "fail"`.
+    fatal: bool,
+    names: Vec<String>,
+}
+
+impl Skipped {
+    /// An entry that cannot be read: with `fatal`, the call fails;
+    /// otherwise it is left out and logged as a warning (so the run is at
+    /// best `warning`), and the archive lists it in its origin, as tar,
+    /// restic and borg keep the rest and say what they left out.
+    fn skip(&mut self, member: &Path, e: io::Error) -> Result<(), Error> {
+        let shown = member.display().to_string();
+        if self.fatal || e.kind() != io::ErrorKind::PermissionDenied {
+            return Err(io_error(&shown, e));
+        }
+        ::log::warn!(target: "offsite::archive", "{shown}: left out of the archive: {e}");
+        self.names.push(shown);
+        Ok(())
+    }
+}
+
 fn walk<W: io::Write>(
     dir: &Dir,
     rel: &Path,
     member: &Path,
     deadline: &Deadline,
     mut tar: Option<&mut tar::Builder<W>>,
+    skipped: &mut Skipped,
 ) -> Result<u64, Error> {
     let mut stack: Vec<(PathBuf, PathBuf)> = vec![(rel.to_path_buf(), member.to_path_buf())];
     let mut entries = 0u64;
@@ -121,12 +151,15 @@ fn walk<W: io::Write>(
         entries += 1;
         if file_type.is_dir() {
             header.set_entry_type(EntryType::Directory);
-            let mut names: Vec<_> = dir
-                .read_dir(&rel)
-                .map_err(|e| io_error(&shown, e))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| io_error(&shown, e))?;
+            let listed = dir.read_dir(&rel).and_then(|d| d.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>());
+            let mut names: Vec<_> = match listed {
+                Ok(names) => names,
+                Err(e) => {
+                    // The directory itself is archived, its contents not.
+                    skipped.skip(&member, e)?;
+                    Vec::new()
+                }
+            };
             names.sort();
             for name in names.into_iter().rev() {
                 stack.push((rel.join(&name), member.join(&name)));
@@ -151,7 +184,14 @@ fn walk<W: io::Write>(
                 use cap_std::fs::OpenOptionsExt;
                 options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
             }
-            let file = dir.open_with(&rel, &options).map_err(|e| io_error(&shown, e))?;
+            let file = match dir.open_with(&rel, &options) {
+                Ok(file) => file,
+                Err(e) => {
+                    skipped.skip(&member, e)?;
+                    entries -= 1;
+                    continue;
+                }
+            };
             let opened = file.metadata().map_err(|e| io_error(&shown, e))?;
             if !opened.is_file() || opened.ino() != meta.ino() || opened.dev() != meta.dev() {
                 return Err(Error::Io(format!(

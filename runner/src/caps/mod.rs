@@ -49,6 +49,10 @@ pub struct Caps {
     pub run_deadline: Option<std::time::Instant>,
     /// Check grants and read sources, but write nothing.
     pub dry_run: bool,
+    /// An unreadable entry in an archive's sources fails the call
+    /// (`[read] unreadable = "fail"`) instead of being left out with a
+    /// warning.
+    pub unreadable_fatal: bool,
     /// Values that must never appear in a log line.
     pub secrets: Vec<String>,
     /// Files this run has stored, in order of completion.
@@ -91,6 +95,7 @@ impl Caps {
             call_timeout: Duration::from_secs(3600),
             run_deadline: None,
             dry_run: false,
+            unreadable_fatal: false,
             secrets: Vec::new(),
             outputs: Arc::new(Mutex::new(Vec::new())),
             denials: 0,

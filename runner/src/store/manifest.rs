@@ -61,6 +61,10 @@ pub struct Origin {
     /// The local sources of an archive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<String>,
+    /// Entries of an archive's sources that could not be read and were left
+    /// out (each also a warning of the run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     /// The remote command's exit status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<u32>,
