@@ -423,6 +423,15 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let mut manifest = None;
     if let Some((root, _lock)) = &session {
         let store = caps.store.take().expect("a run has a store");
+        // A backup that lost most of its content is not silently `ok`.
+        if failure.is_none()
+            && site.shrink_warning > 0
+            && let Ok(Some(previous)) = root.last_good(&site.name)
+        {
+            for line in crate::store::shrunk(&outputs, &previous, site.shrink_warning) {
+                log::warn!(target: "offsite::run", "{line}");
+            }
+        }
         let outcome = Outcome {
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
             warnings: crate::logging::capture_snapshot().warnings,

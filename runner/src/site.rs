@@ -81,6 +81,9 @@ pub struct Site {
     pub retention: crate::store::retention::Keep,
     /// node_exporter textfile to rewrite after every run (`[report]`).
     pub prometheus: Option<PathBuf>,
+    /// An output smaller than this percentage of the same output in the
+    /// last good run is a warning (`[report] shrink_warning`; 0 is off).
+    pub shrink_warning: u32,
     /// Who to tell when a run starts, succeeds or fails (`[notify]`).
     pub notify: Notify,
     /// At-rest protection (`[protect]`).
@@ -191,6 +194,7 @@ impl Site {
             deliveries: BTreeMap::new(),
             retention: Default::default(),
             prometheus: None,
+            shrink_warning: DEFAULT_SHRINK_WARNING,
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
             protect: Protect::default(),
             script: None,
@@ -230,6 +234,20 @@ impl Site {
             }
             read_roots.push(canonical);
         }
+        let shrink_warning = match raw.report.shrink_warning.as_deref() {
+            None => DEFAULT_SHRINK_WARNING,
+            Some("off") => 0,
+            Some(text) => {
+                text.strip_suffix('%').and_then(|n| n.trim().parse::<u32>().ok()).filter(|n| *n <= 100).ok_or_else(
+                    || {
+                        anyhow::anyhow!(
+                            "{}: {text:?} must be a percentage like \"50%\", or \"off\"",
+                            at("report.shrink_warning")
+                        )
+                    },
+                )?
+            }
+        };
         let unreadable_fatal = match raw.read.unreadable.as_deref() {
             None | Some("skip") => false,
             Some("fail") => true,
@@ -355,6 +373,7 @@ impl Site {
                 monthly: raw.retention.keep_monthly.unwrap_or(0),
             },
             prometheus: raw.report.prometheus.map(|p| expand_home(&p, &file_dir)),
+            shrink_warning,
             notify,
             protect,
             script: raw.script.as_deref().map(|p| expand_home(p, &file_dir)),
@@ -393,6 +412,10 @@ impl Site {
         hex::encode(Sha256::digest(grants.to_string().as_bytes()))
     }
 }
+
+/// The default `[report] shrink_warning`: an output at less than half its
+/// last good size is a warning.
+pub const DEFAULT_SHRINK_WARNING: u32 = 50;
 
 /// How long a notification may take.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -455,6 +478,8 @@ struct RetentionSection {
 #[serde(deny_unknown_fields)]
 struct ReportSection {
     prometheus: Option<PathBuf>,
+    /// `"50%"` (default), another percentage, or `"off"`.
+    shrink_warning: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

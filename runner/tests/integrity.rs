@@ -636,3 +636,29 @@ fn a_bare_site_name_runs_the_script_the_site_names_as_cron_would() {
         Ran::from_output(Command::new(BIN).env("OFFSITE_CONFIG_DIR", &config).args(["run", "bare"]).output().unwrap());
     ran.expect_code(2).expect_stderr("has no `script`");
 }
+
+/// A backup that shrank drastically since the last good run (a database
+/// user that lost its grants still dumps, exits 0, and writes the trailer)
+/// is a `warning` naming both sizes; `shrink_warning = "off"` turns it off.
+#[test]
+fn a_drastically_smaller_backup_is_a_warning() {
+    let mut site = Site::new();
+    let noise = Command::new("head").args(["-c", "200000", "/dev/urandom"]).output().unwrap().stdout;
+    std::fs::write(site.path("src/www/data.bin"), noise).unwrap();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    std::fs::remove_file(site.path("src/www/data.bin")).unwrap();
+    let ran = site.arc("2004-03-22T01:48:44");
+    ran.expect_code(0).expect_stderr("www.20040322-014844.tgz is ").expect_stderr("of www.20040321-014844.tgz");
+    assert_eq!(site.manifests().last().unwrap()["status"], "warning");
+    // Same size as the last good run: no warning.
+    site.arc("2004-03-23T01:48:44").expect_code(0);
+    assert_eq!(site.manifests().last().unwrap()["status"], "ok");
+    // Off: a shrink is not reported.
+    site.extra = "[report]\nshrink_warning = \"off\"\n".into();
+    let noise = Command::new("head").args(["-c", "200000", "/dev/urandom"]).output().unwrap().stdout;
+    std::fs::write(site.path("src/www/data.bin"), noise).unwrap();
+    site.arc("2004-03-24T01:48:44").expect_code(0);
+    std::fs::remove_file(site.path("src/www/data.bin")).unwrap();
+    site.arc("2004-03-25T01:48:44").expect_code(0);
+    assert_eq!(site.manifests().last().unwrap()["status"], "ok");
+}

@@ -157,6 +157,51 @@ pub(crate) fn temp_name(final_name: &str) -> String {
     format!("{TEMP_PREFIX}{}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), &final_name[..cut])
 }
 
+/// Outputs of this run that shrank to less than `percent`% of the same
+/// output of `previous` (the last good run): one line each, with both
+/// sizes. "The same output" is the same path once every run of digits is
+/// set aside (`sitedb-20040321-014844.sql.gz` ~ `sitedb-20040322-014844.sql.gz`),
+/// compared by the uncompressed size where the file is encrypted. A dump
+/// that lost its tables still exits 0 with its trailer: this catches it.
+pub fn shrunk(now: &[StoredFile], previous: &manifest::Manifest, percent: u32) -> Vec<String> {
+    fn slot(path: &str) -> String {
+        let mut out = String::with_capacity(path.len());
+        let mut in_digits = false;
+        for c in path.chars() {
+            if c.is_ascii_digit() {
+                if !in_digits {
+                    out.push('#');
+                }
+                in_digits = true;
+            } else {
+                in_digits = false;
+                out.push(c);
+            }
+        }
+        out
+    }
+    let size = |f: &StoredFile| f.plain.as_ref().map_or(f.bytes, |p| p.bytes);
+    let before: std::collections::BTreeMap<String, &StoredFile> =
+        previous.files.iter().map(|f| (slot(&f.path), f)).collect();
+    let mut out = Vec::new();
+    for f in now {
+        if let Some(old) = before.get(&slot(&f.path)) {
+            let (was, is) = (size(old), size(f));
+            if was > 0 && (is as u128) * 100 < (was as u128) * percent as u128 {
+                out.push(format!(
+                    "{} is {is} bytes, {}% of the {was} bytes of {} in the last good run {}; check that nothing \
+                     was lost (threshold: [report] shrink_warning = \"{percent}%\")",
+                    f.path,
+                    (is as u128 * 100 / was as u128),
+                    old.path,
+                    previous.run.run_id
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Syncs the directory itself, so renames and removals in it are durable.
 pub(crate) fn sync_dir(dir: &Dir) -> io::Result<()> {
     dir.open(".")?.sync_all()

@@ -390,6 +390,29 @@ impl StoreRoot {
         sync_dir(&self.runs)
     }
 
+    /// The newest good (ok or warning) run of `site`, reading manifests
+    /// newest first and stopping at the first match.
+    pub fn last_good(&self, site: &str) -> io::Result<Option<Manifest>> {
+        let mut names = Vec::new();
+        for entry in self.manifests.entries()? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".json") && !name.starts_with(TEMP_PREFIX) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names.iter().rev() {
+            let Ok(bytes) = self.manifests.read(name) else { continue };
+            if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+                && m.run.site == site
+                && m.status.is_good()
+            {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
     /// Every manifest, oldest run first, and the ones that cannot be read.
     pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
         let mut good = Vec::new();
