@@ -616,29 +616,7 @@ fn similar(a: &str, b: &str) -> bool {
     prev[b.len()] <= 1
 }
 
-/// The 1-based line of `key = ...` in `[section]` (`""` for the top level);
-/// with an empty `key`, the line of the section header itself.
-pub fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            current = header.trim().to_string();
-            if key.is_empty() && current == section {
-                return Some(i + 1);
-            }
-            continue;
-        }
-        if current == section
-            && !key.is_empty()
-            && let Some((k, _)) = line.split_once('=')
-            && k.trim().trim_matches('"') == key
-        {
-            return Some(i + 1);
-        }
-    }
-    None
-}
+pub use crate::site::key_line;
 
 #[cfg(test)]
 mod tests {

@@ -32,6 +32,41 @@ pub struct Limits {
     pub max_files: u64,
 }
 
+/// The least memory a script can start with: a Rust script's stack alone
+/// is 1 MiB.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// The most a 32-bit WebAssembly memory can have.
+pub const MAX_MEMORY: u64 = 4 << 30;
+
+impl Limits {
+    /// Values that would break every run: the key and why.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) {
+            return Err((
+                "memory",
+                format!("{} bytes is outside 4MiB..4GiB (a script needs a few MiB; wasm32 stops at 4GiB)", self.memory),
+            ));
+        }
+        for (key, d) in [("deadline", self.deadline), ("call_timeout", self.call_timeout)] {
+            if d.is_zero() {
+                return Err((key, "must be longer than 0s".into()));
+            }
+        }
+        if self.parallel == 0 {
+            return Err(("parallel", "must be at least 1".into()));
+        }
+        if self.parallel > 256 {
+            return Err(("parallel", "must be at most 256".into()));
+        }
+        for (key, n) in [("max_bytes", self.max_bytes), ("max_files", self.max_files)] {
+            if n == 0 {
+                return Err((key, "must be more than 0, or every run fails".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -220,7 +255,19 @@ impl Site {
             .parent()
             .map(|p| if p.as_os_str().is_empty() { cwd.to_path_buf() } else { cwd.join(p) })
             .unwrap_or_else(|| cwd.to_path_buf());
-        let at = |key: &str| format!("{}: key `{key}`", path.display());
+        // `FILE:LINE: key `K`` for a dotted key (`limits.parallel`, or a
+        // section such as `hosts.server1`), like the parser's own errors.
+        let at = |key: &str| {
+            let first = key.split('/').next().unwrap_or(key);
+            let line = match first.rsplit_once('.') {
+                Some((section, k)) => key_line(text, section, k).or_else(|| key_line(text, first, "")),
+                None => key_line(text, "", first).or_else(|| key_line(text, first, "")),
+            };
+            match line {
+                Some(line) => format!("{}:{line}: key `{key}`", path.display()),
+                None => format!("{}: key `{key}`", path.display()),
+            }
+        };
 
         let store = file_dir.join(&raw.store);
         let mut read_roots = Vec::new();
@@ -259,9 +306,6 @@ impl Site {
             bail!("{}: expected 64 hex digits, got {pin:?}", at("script_sha256"));
         }
         let defaults = Limits::default();
-        if raw.limits.parallel == Some(0) {
-            bail!("{}: must be at least 1", at("limits.parallel"));
-        }
         let limits = Limits {
             deadline: raw.limits.deadline.map_or(defaults.deadline, |d| d.0),
             memory: raw.limits.memory.map_or(defaults.memory, |m| m.0),
@@ -271,6 +315,15 @@ impl Site {
             max_bytes: raw.limits.max_bytes.map_or(defaults.max_bytes, |m| m.0),
             max_files: raw.limits.max_files.unwrap_or(defaults.max_files),
         };
+        limits.validate().map_err(|(key, why)| anyhow::anyhow!("{}: {why}", at(&format!("limits.{key}"))))?;
+        if raw.store.as_os_str().is_empty() {
+            bail!("{}: name the directory backups go into, like \"/srv/offsite/web1\"", at("store"));
+        }
+        if let Some(name) = &raw.name
+            && (name.trim().is_empty() || name.contains(['/', '\\']) || name.chars().any(char::is_control))
+        {
+            bail!("{}: {name:?} must be a plain name (no `/`, no control characters), like \"web1\"", at("name"));
+        }
         let mut secrets = BTreeMap::new();
         let mut deliveries = BTreeMap::new();
         for (name, section) in raw.secrets {
@@ -328,6 +381,11 @@ impl Site {
             })
         });
         let protect = Protect { recipients, signing_key, verify_key };
+        if let Some(tz) = &raw.timezone
+            && tz.parse::<chrono_tz::Tz>().is_err()
+        {
+            bail!("{}: {tz:?} is not a time zone name like \"Europe/Berlin\"", at("timezone"));
+        }
         if raw.timezone.is_some() && raw.schedule.is_none() {
             bail!("{}: a time zone needs a `schedule`", at("timezone"));
         }
@@ -638,21 +696,51 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// Parses `123`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10M` (units are powers of 1024).
+/// Parses `123`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10M`, in any case:
+/// `KiB`/`MiB`/`GiB`/`TiB` and bare `K`/`M`/`G`/`T` are powers of 1024,
+/// `KB`/`MB`/`GB`/`TB` powers of 1000, as their standards say.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}; write it like \"512MiB\""))?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "K" | "KB" | "KiB" | "k" => 10,
-        "M" | "MB" | "MiB" => 20,
-        "G" | "GB" | "GiB" => 30,
-        "T" | "TB" | "TiB" => 40,
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
         other => return Err(format!("unknown size unit {other:?} in {s:?}; use KiB, MiB or GiB")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(factor).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// The 1-based line of `key = ...` in `[section]` (`""` for the top level);
+/// with an empty `key`, the line of the section header itself.
+pub fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = header.trim().to_string();
+            if key.is_empty() && current == section {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if current == section
+            && !key.is_empty()
+            && let Some((k, _)) = line.split_once('=')
+            && k.trim().trim_matches('"') == key
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Renders a TOML error as `FILE:LINE:COL: key `K`: message`, the way a
@@ -727,6 +815,41 @@ mod tests {
         // A template big enough to fill a pipe is refused at parse time.
         let big = format!("db = {{ env = \"V\", stdin = \"{{secret}}{}\", programs = [\"x\"] }}", "x".repeat(70_000));
         assert!(err(&big).contains("at most 4096 bytes"));
+    }
+
+    /// Values `check` used to accept that break every run, each refused
+    /// with the file, the line and the key.
+    #[test]
+    fn values_that_break_every_run_are_refused_with_their_line() {
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        let e = err("store = \"/x\"\n[limits]\nmemory = \"0\"\n");
+        assert!(e.starts_with("/etc/offsite/web1.toml:3: key `limits.memory`") && e.contains("outside 4MiB"), "{e}");
+        assert!(err("store = \"/x\"\n[limits]\nmemory = \"1KiB\"\n").contains("outside 4MiB"));
+        assert!(err("store = \"/x\"\n[limits]\nmemory = \"100TiB\"\n").contains("4GiB"));
+        let e = err("store = \"/x\"\n\n[limits]\nparallel = 0\n");
+        assert!(e.starts_with("/etc/offsite/web1.toml:4: key `limits.parallel`"), "{e}");
+        assert!(err("store = \"/x\"\n[limits]\nmax_bytes = 0\n").contains("more than 0"));
+        assert!(err("store = \"/x\"\n[limits]\ndeadline = \"0s\"\n").contains("greater than zero"));
+        let e = err("store = \"\"\n");
+        assert!(e.starts_with("/etc/offsite/web1.toml:1: key `store`"), "{e}");
+        assert!(err("name = \"\"\nstore = \"/x\"\n").contains("key `name`"));
+        assert!(err("name = \"a/b\"\nstore = \"/x\"\n").contains("plain name"));
+        let e = err("store = \"/x\"\ntimezone = \"Mars/Olympus\"\n");
+        assert!(e.starts_with("/etc/offsite/web1.toml:2: key `timezone`") && e.contains("not a time zone"), "{e}");
+        let e = err("store = \"/x\"\nschedule = \"every day\"\n");
+        assert!(e.starts_with("/etc/offsite/web1.toml:2: key `schedule`"), "{e}");
+        let e = err("store = \"/x\"\nmissed = \"sometimes\"\n");
+        assert!(e.starts_with("/etc/offsite/web1.toml:2: key `missed`"), "{e}");
+    }
+
+    #[test]
+    fn sizes_take_any_case_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_size("128mib").unwrap(), 128 << 20);
+        assert_eq!(parse_size("100mb").unwrap(), 100_000_000);
+        assert_eq!(parse_size("100MB").unwrap(), 100_000_000);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert!(parse_size("12 parsecs").is_err());
     }
 
     #[test]
