@@ -404,10 +404,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         Ok(Err(msg)) => {
             Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
         }
-        Err(ScriptFailure::Trap(msg)) => Some(Failure {
-            exit: Exit::BackupFailed,
-            error: anyhow!("backup failed: the script trapped: {}", caps.redact(&msg)),
-        }),
+        Err(ScriptFailure::Trap(msg)) => {
+            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
+        }
         Err(ScriptFailure::Limit(msg)) => Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }),
         Err(ScriptFailure::Aborted(msg)) => Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {msg}") }),
     };
@@ -423,6 +422,14 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let mut manifest = None;
     if let Some((root, _lock)) = &session {
         let store = caps.store.take().expect("a run has a store");
+        // Calls that failed while the run still succeeded: the script
+        // handled (or ignored) them, and each is a warning. (A failed run
+        // says why in its error, once.)
+        if failure.is_none() {
+            for line in &caps.failed_calls {
+                log::warn!(target: "offsite::calls", "site {}: {line}", site.name);
+            }
+        }
         // A backup that lost most of its content is not silently `ok`.
         if failure.is_none()
             && site.shrink_warning > 0
@@ -433,7 +440,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             }
         }
         let outcome = Outcome {
-            error: failure.as_ref().map(|f| format!("{:#}", f.error)),
+            // Bounded: an error may quote a huge parameter or output.
+            error: failure
+                .as_ref()
+                .map(|f| crate::text::truncate(&format!("{:#}", f.error), crate::logging::MAX_MESSAGE).into_owned()),
             warnings: crate::logging::capture_snapshot().warnings,
             aborted,
         };
@@ -532,8 +542,12 @@ fn open_locked(
     let (lock, stale) = match root.lock(&me) {
         Ok(taken) => taken,
         Err(e @ LockError::Held(_)) => {
-            return Err(anyhow!("site {}: store {}: {e}; not running", site.name, site.store.display()))
-                .exit(Exit::Locked);
+            return Err(anyhow!(
+                "site {}: store {}: {e}; this run did not start (that one goes on)",
+                site.name,
+                site.store.display()
+            ))
+            .exit(Exit::Locked);
         }
         Err(e) => return Err(anyhow!("store {}: {e}", site.store.display())).exit(Exit::BackupFailed),
     };

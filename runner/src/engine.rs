@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
@@ -118,9 +118,17 @@ impl Runtime {
     /// Like [`Runtime::load`], for bytes already read from `path`.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Script> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = self
-            .compile_cached(bytes, &sha256)
-            .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
+        if !bytes.starts_with(b"\0asm") {
+            bail!(
+                "{} is not a WebAssembly component: it does not start with the WebAssembly magic bytes (is it \
+                 the right file?)",
+                path.display()
+            );
+        }
+        let component = self.compile_cached(bytes, &sha256).map_err(|e| {
+            log::debug!(target: "offsite::engine", "compiling {}: {e:?}", path.display());
+            anyhow!("{} is not a valid WebAssembly component: {}", path.display(), one_line(&format!("{e:#}")))
+        })?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             anyhow!(
                 "{} cannot run under offsite: it needs something this runner does not provide: {e:#}",
@@ -218,11 +226,10 @@ impl Runtime {
             Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(1) })
         });
 
-        let result = script
-            .pre
-            .instantiate(&mut store)
-            .and_then(|bindings| f(&bindings, &mut store))
-            .map_err(|e| classify(e, store.data().limiter.hit.as_deref(), limits));
+        let result = script.pre.instantiate(&mut store).and_then(|bindings| f(&bindings, &mut store)).map_err(|e| {
+            output.flush();
+            classify(e, store.data().limiter.hit.as_deref(), limits, output.panic())
+        });
         output.flush();
         (result, store.into_data().caps)
     }
@@ -234,7 +241,15 @@ impl Drop for Runtime {
     }
 }
 
-fn classify(e: wasmtime::Error, limit_hit: Option<&str>, limits: SandboxLimits) -> ScriptFailure {
+fn classify(
+    e: wasmtime::Error,
+    limit_hit: Option<&str>,
+    limits: SandboxLimits,
+    panic: Option<String>,
+) -> ScriptFailure {
+    // The wasm backtrace (function numbers) helps nobody reading cron
+    // mail; it is in the log at -vv.
+    log::debug!(target: "offsite::engine", "the script stopped: {e:?}");
     if let Some(hit) = limit_hit {
         return ScriptFailure::Limit(hit.to_string());
     }
@@ -247,8 +262,19 @@ fn classify(e: wasmtime::Error, limit_hit: Option<&str>, limits: SandboxLimits) 
             humantime::format_duration(limits.deadline)
         )),
         Some(Trap::StackOverflow) => ScriptFailure::Limit("the script overflowed its stack".into()),
-        _ => ScriptFailure::Trap(format!("{e:#}")),
+        Some(trap) => ScriptFailure::Trap(match panic {
+            Some(p) => format!("the script panicked: {p}"),
+            None => format!("the script trapped: {trap}"),
+        }),
+        None => ScriptFailure::Trap(format!("the script failed: {}", one_line(&e.root_cause().to_string()))),
     }
+}
+
+/// `text` on one line with its runs of white space folded, cut to 300
+/// bytes: wasmtime's errors span lines (byte dumps, backtraces).
+pub fn one_line(text: &str) -> String {
+    let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    crate::text::truncate(&folded, 300).into_owned()
 }
 
 /// Caps memory and table growth and instance counts, and remembers which

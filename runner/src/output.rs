@@ -30,6 +30,8 @@ impl ScriptOutput {
                 level,
                 pending: Vec::new(),
                 secrets: secrets.clone(),
+                panic: None,
+                panic_at: None,
             })),
         };
         ScriptOutput { stdout: make(log::Level::Info), stderr: make(log::Level::Warn) }
@@ -41,6 +43,11 @@ impl ScriptOutput {
 
     pub fn stderr(&self) -> LineSink {
         self.stderr.clone()
+    }
+
+    /// The panic the script reported on stderr, as `MESSAGE (at FILE:LINE:COL)`.
+    pub fn panic(&self) -> Option<String> {
+        self.stderr.inner.lock().unwrap().panic.clone()
     }
 
     /// Logs any final line that had no newline.
@@ -62,6 +69,10 @@ struct Lines {
     level: log::Level,
     pending: Vec<u8>,
     secrets: Vec<String>,
+    /// A Rust panic seen on this stream: its message and where.
+    panic: Option<String>,
+    /// The location of a panic whose message is the next line.
+    panic_at: Option<String>,
 }
 
 impl Lines {
@@ -96,8 +107,21 @@ impl Lines {
             return;
         }
         let line = crate::caps::redact(&self.secrets, &String::from_utf8_lossy(&self.pending));
-        log::log!(target: &self.target, self.level, "{}", line.trim_end_matches('\r'));
         self.pending.clear();
+        let line = line.trim_end_matches('\r');
+        // A Rust panic: `thread '...' panicked at FILE:L:C:`, then the
+        // message. The run's error says it in one line; the advice to set
+        // RUST_BACKTRACE (which a sandboxed script cannot use) is dropped.
+        if let Some(at) = self.panic_at.take() {
+            self.panic.get_or_insert_with(|| format!("{line} (at {at})"));
+        } else if line.starts_with("thread '")
+            && let Some((_, at)) = line.split_once(" panicked at ")
+        {
+            self.panic_at = Some(at.trim_end_matches(':').to_string());
+        } else if line.starts_with("note: run with `RUST_BACKTRACE=") {
+            return;
+        }
+        log::log!(target: &self.target, self.level, "{line}");
     }
 }
 

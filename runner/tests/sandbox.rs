@@ -57,7 +57,18 @@ impl Scratch {
 #[test]
 fn a_script_that_traps_fails_with_exit_1() {
     let s = Scratch::new();
-    s.fixture("trap", &[]).expect_code(1).expect_stderr("trapped").expect_stderr("trapping on request");
+    let ran = s.fixture("trap", &[]);
+    ran.expect_code(1);
+    // One line that says what happened, not a wasm backtrace or advice to
+    // set RUST_BACKTRACE.
+    let error: Vec<&str> = ran.stderr.lines().filter(|l| l.starts_with("offsite: error:")).collect();
+    assert_eq!(
+        error,
+        ["offsite: error: backup failed: the script panicked: trapping on request (at fixture/src/lib.rs:23:23)"],
+        "{}",
+        ran.stderr
+    );
+    assert!(!ran.stderr.contains("RUST_BACKTRACE") && !ran.stderr.contains("wasm function"), "{}", ran.stderr);
     s.assert_outside_untouched();
 }
 
@@ -230,7 +241,9 @@ fn a_malformed_module_is_exit_2_naming_the_file() {
         .expect_stderr("not a valid WebAssembly component");
     let text = s.work.join("text.wasm");
     std::fs::write(&text, b"#!/bin/sh\nrm -rf /\n").unwrap();
-    s.run(&["run", text.to_str().unwrap()]).expect_code(2).expect_stderr("text.wasm");
+    let ran = s.run(&["run", text.to_str().unwrap()]);
+    ran.expect_code(2).expect_stderr("text.wasm").expect_stderr("does not start with the WebAssembly magic bytes");
+    assert_eq!(ran.stderr.lines().count(), 1, "one line, not a byte dump: {}", ran.stderr);
     s.run(&["run", "/no/such/script.wasm"]).expect_code(2).expect_stderr("/no/such/script.wasm");
 }
 

@@ -703,3 +703,19 @@ fn secrets_reach_the_remote_only_on_stdin_and_appear_nowhere_else() {
     ran.expect_code(1);
     assert!(ran.stderr.contains("mode 0644"), "{}", ran.stderr);
 }
+
+/// A failed remote command's stderr reaches cron mail once, in the error:
+/// not again as separate warning lines.
+#[test]
+fn a_failed_commands_stderr_is_reported_once() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"sh\", \"-c\", \"**\"]]");
+    let ran =
+        site.run(&[("op", "stream"), ("argv", &argv(&["sh", "-c", "x=boom; echo $x-7 >&2; exit 3"])), ("dest", "x")]);
+    ran.expect_code(1).expect_stderr("exit status 3");
+    // (This run has -v, whose progress lines may repeat it; cron sees only
+    // warnings and errors.)
+    let loud = ran.stderr.lines().filter(|l| l.contains("warning:") || l.contains("error:"));
+    assert_eq!(loud.filter(|l| l.contains("boom-7")).count(), 1, "{}", ran.stderr);
+}

@@ -59,8 +59,9 @@ pub struct Caps {
     pub outputs: Arc<Mutex<Vec<StoredFile>>>,
     /// Calls refused by the policy during this run.
     pub denials: u32,
-    /// Calls that failed otherwise (each one a warning).
-    pub failed_calls: u32,
+    /// Calls that failed otherwise: a run that still succeeds reports each
+    /// as a warning (see `cli::run`), so swallowed failures are never `ok`.
+    pub failed_calls: Vec<String>,
     read_dirs: Vec<Option<Dir>>,
     /// SSH connections; `None` when the site has no hosts.
     pub transport: Option<Arc<dyn Transport>>,
@@ -99,7 +100,7 @@ impl Caps {
             secrets: Vec::new(),
             outputs: Arc::new(Mutex::new(Vec::new())),
             denials: 0,
-            failed_calls: 0,
+            failed_calls: Vec::new(),
             read_dirs: (0..roots).map(|_| None).collect(),
             transport: None,
             idle_timeouts: BTreeMap::new(),
@@ -219,16 +220,17 @@ impl Caps {
         decision.map_err(WitError::from)
     }
 
-    /// Records a failed call as a warning, whatever the script does with
-    /// the error next: a run whose script swallowed a failed transfer is
-    /// at best `warning`, never `ok`. Denials (counted in `denials` since
-    /// `before`) were logged by `decide` already.
+    /// Records a failed call, whatever the script does with the error
+    /// next: a run whose script swallowed a failed transfer is at best
+    /// `warning`, never `ok`. Denials (counted in `denials` since `before`)
+    /// were logged by `decide` already.
     fn noted<T>(&mut self, what: &str, before: u32, result: Result<T, WitError>) -> Result<T, WitError> {
         if let Err(e) = &result
             && self.denials == before
         {
-            self.failed_calls += 1;
-            ::log::warn!(target: "offsite::calls", "site {}: {what} failed: {}", self.site, self.redact(&describe_error(e)));
+            let line = format!("{what} failed: {}", self.redact(&describe_error(e)));
+            ::log::info!(target: "offsite::calls", "site {}: {line}", self.site);
+            self.failed_calls.push(line);
         }
         result
     }

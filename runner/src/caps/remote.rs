@@ -155,7 +155,11 @@ impl Remote {
         }
         let exit = pump.finish()?;
         let stderr = self.redact(&pump.stderr_text());
-        log_stderr(host, &stderr);
+        // On success stderr is worth a warning; on failure the error says
+        // it (or the log, for a call that carried a secret), once.
+        if exit == Exit::Status(0) || withheld {
+            log_stderr(host, &stderr);
+        }
         if exit != Exit::Status(0) {
             let said = if withheld {
                 "; its stderr is in the run log, not shown to the script (the call carried a secret)".to_string()
