@@ -41,33 +41,94 @@ pub struct HostEntry {
 }
 
 /// Splits a whitespace-separated list of `HOST:NAME[:ITEM,ITEM...]`
-/// entries. `NAME` may not contain `:`; the items may (only the first two
-/// colons split). An empty list is an empty `Vec`: whether that is an error
-/// is the script's call.
+/// entries. A part that holds a space, `:`, `,` or `"` is written in double
+/// quotes, with `\"` and `\\` inside, so any table name can be named
+/// (`server1:sitedb:"tbl stats",tbl_ccode`). An empty list is an empty
+/// `Vec`: whether that is an error is the script's call.
 ///
 /// ```
 /// use offsite_sdk::params::{HostEntry, host_entries};
 /// let entries = host_entries(" server1:sitedb:tbl_a,tbl_b  server2:transdb ").unwrap();
 /// assert_eq!(entries[0].items, ["tbl_a", "tbl_b"]);
 /// assert_eq!(entries[1], HostEntry { host: "server2".into(), name: "transdb".into(), items: vec![] });
+/// let odd = host_entries(r#"server1:"my db":"tbl stats","a:b,c","say \"hi\"""#).unwrap();
+/// assert_eq!(odd[0].name, "my db");
+/// assert_eq!(odd[0].items, ["tbl stats", "a:b,c", "say \"hi\""]);
 /// assert!(host_entries("server1").is_err());
 /// assert!(host_entries(":sitedb").is_err());
+/// assert!(host_entries("server1:\"open").is_err());
 /// assert!(host_entries("").unwrap().is_empty());
 /// ```
 pub fn host_entries(list: &str) -> crate::Result<Vec<HostEntry>> {
-    list.split_whitespace()
-        .map(|entry| {
-            let mut parts = entry.splitn(3, ':');
-            let (Some(host), Some(name)) = (parts.next(), parts.next()) else {
-                crate::bail!("entry {entry:?} must be HOST:NAME or HOST:NAME:ITEM,ITEM");
-            };
-            if host.is_empty() || name.is_empty() {
-                crate::bail!("entry {entry:?} has an empty host or name");
-            }
-            let items = parts.next().map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect());
-            Ok(HostEntry { host: host.into(), name: name.into(), items: items.unwrap_or_default() })
-        })
-        .collect()
+    let mut entries = Vec::new();
+    for entry in split_unquoted(list, |c| c.is_whitespace())? {
+        if entry.is_empty() {
+            continue;
+        }
+        let parts = split_unquoted(&entry, |c| c == ':')?;
+        if parts.len() < 2 || parts.len() > 3 {
+            crate::bail!("entry {entry:?} must be HOST:NAME or HOST:NAME:ITEM,ITEM (quote a part that holds `:`)");
+        }
+        let (host, name) = (unquote(&parts[0])?, unquote(&parts[1])?);
+        if host.is_empty() || name.is_empty() {
+            crate::bail!("entry {entry:?} has an empty host or name");
+        }
+        let items = match parts.get(2) {
+            Some(tail) => split_unquoted(tail, |c| c == ',')?
+                .iter()
+                .filter(|t| !t.is_empty())
+                .map(|t| unquote(t))
+                .collect::<crate::Result<_>>()?,
+            None => Vec::new(),
+        };
+        entries.push(HostEntry { host, name, items });
+    }
+    Ok(entries)
+}
+
+/// Splits `text` at the characters `sep` accepts that are outside double
+/// quotes; the pieces keep their quotes.
+fn split_unquoted(text: &str, sep: impl Fn(char) -> bool) -> crate::Result<Vec<String>> {
+    let (mut out, mut piece, mut quoted, mut escaped) = (Vec::new(), String::new(), false, false);
+    for c in text.chars() {
+        if escaped {
+            piece.push(c);
+            escaped = false;
+        } else if quoted && c == '\\' {
+            piece.push(c);
+            escaped = true;
+        } else if c == '"' {
+            piece.push(c);
+            quoted = !quoted;
+        } else if !quoted && sep(c) {
+            out.push(std::mem::take(&mut piece));
+        } else {
+            piece.push(c);
+        }
+    }
+    if quoted {
+        crate::bail!("{text:?} has a `\"` that is never closed");
+    }
+    out.push(piece);
+    Ok(out)
+}
+
+/// A part without its quotes and escapes: `"tbl stats"` is `tbl stats`.
+fn unquote(part: &str) -> crate::Result<String> {
+    let mut out = String::with_capacity(part.len());
+    let mut chars = part.chars();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => quoted = !quoted,
+            '\\' if quoted => match chars.next() {
+                Some(next) => out.push(next),
+                None => crate::bail!("{part:?} ends in a lone `\\`"),
+            },
+            c => out.push(c),
+        }
+    }
+    Ok(out)
 }
 
 /// The parameter `name` as [`host_entries`], which must hold at least one

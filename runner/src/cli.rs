@@ -152,6 +152,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Record that a run lost files (deleted by hand, a failed disk), so
+    /// that `verify` stops reporting them missing. The run's manifest is
+    /// kept aside in .offsite/forgotten/, not erased.
+    Forget {
+        /// The site file.
+        site: PathBuf,
+        /// The run id, as `offsite verify` and `status` show it.
+        run: String,
+    },
     /// Key helpers for the servers a site reaches.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -218,7 +227,7 @@ pub fn main() -> ExitCode {
     // A watcher is a service: its own progress (reloads, runs) shows by
     // default; the runs it starts stay as quiet as under cron.
     let watching = matches!(cli.command, Command::Watch { .. });
-    crate::logging::init(cli.verbose + u8::from(watching));
+    crate::logging::init(cli.verbose + u8::from(watching), watching);
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { script } => inspect(&script),
@@ -228,6 +237,7 @@ pub fn main() -> ExitCode {
             verify(&target, restore_test.as_deref(), mysql_defaults, keys, cli.verbose > 0)
         }
         Command::Prune { site, dry_run } => prune(&site, dry_run, cli.verbose > 0),
+        Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
         Command::Watch { sites, run_on_change, jobs, debounce, grace } => {
             let options = crate::watch::Options { jobs, debounce, grace, run_on_change, verbose: cli.verbose };
@@ -373,6 +383,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             .context("[protect] signing_key")
             .exit(Exit::Usage)?;
         let (root, lock) = open_locked(&site, &header, signer)?;
+        if site.file.is_none()
+            && let Err(e) = root.mark_shared()
+        {
+            log::warn!(target: "offsite::run", "cannot mark {} as a shared directory: {e}", site.store.display());
+        }
         let store = root
             .begin_encrypted_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files), recipients)
             .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
@@ -874,6 +889,30 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
             failing.join(", ")
         ))
         .exit(Exit::BackupFailed);
+    }
+    Ok(())
+}
+
+/// `forget SITE RUN`: under the store's lock, like a run.
+fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let site = Site::load(&site_path(site_file), &cwd).exit(Exit::Usage)?;
+    let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
+    let started = Local::now();
+    let me = Holder {
+        pid: std::process::id(),
+        hostname: hostname(),
+        started: started.to_rfc3339(),
+        site: site.name.clone(),
+        run_id: format!("forget-{}", new_run_id(started)),
+    };
+    let _lock = match root.lock(&me) {
+        Ok((lock, _)) => lock,
+        Err(e @ LockError::Held(_)) => return Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
+        Err(e) => return Err(anyhow!("{e}")).exit(Exit::BackupFailed),
+    };
+    for line in root.forget(run_id).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)? {
+        println!("{line}");
     }
     Ok(())
 }

@@ -16,8 +16,12 @@ struct StderrLog {
 
 static LOGGER: OnceLock<StderrLog> = OnceLock::new();
 
-/// Installs the logger; `verbosity` is the number of `-v` flags.
-pub fn init(verbosity: u8) {
+/// Installs the logger; `verbosity` is the number of `-v` flags;
+/// `timestamps` starts every line with the time (see [`prefix`]).
+pub fn init(verbosity: u8, timestamps: bool) {
+    let timestamps =
+        (timestamps || std::env::var_os(LOG_TIME_VAR).is_some()) && std::env::var_os("JOURNAL_STREAM").is_none();
+    TIMESTAMPS.store(timestamps, std::sync::atomic::Ordering::Relaxed);
     let level = match verbosity {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,
@@ -31,11 +35,25 @@ pub fn init(verbosity: u8) {
     }
 }
 
-/// What starts every line on stderr: `$OFFSITE_LOG_PREFIX`, which `offsite
-/// watch` sets to tell its sites' runs apart in one log.
-pub fn prefix() -> &'static str {
+/// Set by `offsite watch` for the runs it starts: their lines carry the
+/// time too.
+pub const LOG_TIME_VAR: &str = "OFFSITE_LOG_TIME";
+
+static TIMESTAMPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What starts every line on stderr: a local timestamp for a long-running
+/// `offsite watch` and the runs it starts (`$OFFSITE_LOG_TIME`), unless
+/// systemd's journal, which stamps lines itself, is reading them; then
+/// `$OFFSITE_LOG_PREFIX`, which `offsite watch` sets to tell its sites'
+/// runs apart in one log.
+pub fn prefix() -> String {
     static PREFIX: OnceLock<String> = OnceLock::new();
-    PREFIX.get_or_init(|| std::env::var("OFFSITE_LOG_PREFIX").unwrap_or_default())
+    let prefix = PREFIX.get_or_init(|| std::env::var("OFFSITE_LOG_PREFIX").unwrap_or_default());
+    if TIMESTAMPS.load(std::sync::atomic::Ordering::Relaxed) {
+        format!("{} {prefix}", chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%.3f%:z"))
+    } else {
+        prefix.clone()
+    }
 }
 
 /// What a run logged: its warnings (they make a good run's status
@@ -157,7 +175,7 @@ impl Log for StderrLog {
             if captured {
                 capture(record, &line);
             }
-            text.push_str(prefix());
+            text.push_str(&prefix());
             text.push_str(&line);
             text.push('\n');
         }

@@ -55,10 +55,10 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
             let _ = writeln!(text, "  last run:  unknown: cannot read the store {}: {e}", site.store.display());
         }
         Ok(root) => {
-            let mine: Vec<Manifest> = root
-                .manifests()
-                .map(|(all, _)| all.into_iter().filter(|m| m.run.site == site.name).collect())
-                .unwrap_or_default();
+            let all = root.manifests().map(|(all, _)| all).unwrap_or_default();
+            let others: std::collections::BTreeSet<&str> =
+                all.iter().map(|m| m.run.site.as_str()).filter(|n| *n != site.name).collect();
+            let mine: Vec<Manifest> = all.iter().filter(|m| m.run.site == site.name).cloned().collect();
             match mine.last() {
                 None => {
                     failing = true;
@@ -86,6 +86,17 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                         }
                     }
                 }
+            }
+            if !others.is_empty() {
+                // A renamed or copied site file starts a new name: its old
+                // runs are still here, under the old one.
+                let _ = writeln!(
+                    text,
+                    "  note:      the store also holds runs of {}; if this site was renamed, set `name = \"{}\"` \
+                     in its file to keep its history",
+                    others.iter().map(|n| format!("site {n:?}")).collect::<Vec<_>>().join(", "),
+                    others.iter().next().expect("not empty")
+                );
             }
             match (root.holder(), root.died_holder()) {
                 (Some(h), _) => {

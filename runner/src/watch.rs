@@ -193,6 +193,9 @@ struct Entry {
     reload_at: Option<Instant>,
     /// Its file is no longer listed (SIGHUP): dropped when idle.
     retired: bool,
+    /// Why the last new version was refused: the same refusal again (one
+    /// edit is often several writes) is not logged again.
+    last_rejection: Option<String>,
 }
 
 impl Entry {
@@ -314,7 +317,16 @@ fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<U
             file.display()
         ),
     };
-    let entry = Entry { slot, timer, running: None, queued: None, rerun: false, reload_at: None, retired: false };
+    let entry = Entry {
+        slot,
+        timer,
+        running: None,
+        queued: None,
+        rerun: false,
+        reload_at: None,
+        retired: false,
+        last_rejection: None,
+    };
     Ok((entry, fire))
 }
 
@@ -488,13 +500,20 @@ impl Watch {
             let old_schedule = e.slot.current().site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
             match e.slot.reload(&self.runtime) {
                 Reload::Unchanged => {}
-                Reload::Rejected { reason } => log::error!(
-                    target: "offsite::watch",
-                    "site {name}: the new version is not valid; keeping the running one (script sha256 {}): {reason}",
-                    e.slot.current().script.sha256
-                ),
+                Reload::Rejected { reason } if e.last_rejection.as_deref() == Some(reason.as_str()) => {
+                    log::debug!(target: "offsite::watch", "site {name}: still not valid: {reason}");
+                }
+                Reload::Rejected { reason } => {
+                    log::error!(
+                        target: "offsite::watch",
+                        "site {name}: the new version is not valid; keeping the running one (script sha256 {}): {reason}",
+                        e.slot.current().script.sha256
+                    );
+                    e.last_rejection = Some(reason);
+                }
                 Reload::Replaced { old, new, script_kept } => {
                     changed = true;
+                    e.last_rejection = None;
                     let current = e.slot.current();
                     if let Some(reason) = script_kept {
                         log::error!(
@@ -724,6 +743,7 @@ fn spawn_run(snapshots: &Snapshots, site_file: &Path, version: &Version, verbose
     cmd.arg("run").arg(&script).arg("--site").arg(site_file).arg("--site-stdin");
     cmd.current_dir(site_file.parent().unwrap_or(Path::new("/")));
     cmd.env("OFFSITE_LOG_PREFIX", format!("[{}] ", version.site.name));
+    cmd.env(crate::logging::LOG_TIME_VAR, "1");
     cmd.stdin(Stdio::piped()).stdout(Stdio::null());
     cmd.process_group(0);
     let mut child = cmd.spawn().map_err(|e| anyhow!("cannot start offsite run: {e}"))?;

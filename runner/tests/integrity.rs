@@ -662,3 +662,71 @@ fn a_drastically_smaller_backup_is_a_warning() {
     site.arc("2004-03-25T01:48:44").expect_code(0);
     assert_eq!(site.manifests().last().unwrap()["status"], "ok");
 }
+
+/// The article's flow with no site file: the archive lands in the current
+/// directory beside the user's own files, and `offsite verify .` passes on
+/// a good backup (the other files are not problems there) and fails on a
+/// flipped byte.
+#[test]
+fn verify_in_the_current_directory_store_checks_backups_not_the_users_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("beoserver")).unwrap();
+    std::fs::write(dir.path().join("beoserver/bookl.dat"), "ledger\n".repeat(100)).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    let offsite_here =
+        |args: &[&str]| Ran::from_output(offsite(Path::new(BIN)).current_dir(dir.path()).args(args).output().unwrap());
+    offsite_here(&[
+        "run",
+        script("arc").to_str().unwrap(),
+        "--param",
+        "path=beoserver",
+        "--now",
+        "2004-03-21T01:48:44",
+    ])
+    .expect_code(0);
+    offsite_here(&["verify", "."]).expect_code(0);
+    let archive = dir.path().join("beoserver.20040321-014844.tgz");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&archive, bytes).unwrap();
+    offsite_here(&["verify", "."]).expect_code(1).expect_stderr("corrupt");
+}
+
+/// Runs belong to a site by name: a renamed site file starts a new name,
+/// and status says the store holds the old name's runs and how to keep
+/// them, instead of silently showing no history.
+#[test]
+fn status_says_when_a_store_holds_runs_of_another_site_name() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let renamed = site.path("renamed.toml");
+    std::fs::write(&renamed, std::fs::read_to_string(site.file()).unwrap().replace("name = \"web\"\n", "")).unwrap();
+    let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&renamed).output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stdout.contains("the store also holds runs of site \"web\""), "{}", ran.stdout);
+    assert!(ran.stdout.contains("set `name = \"web\"`"), "{}", ran.stdout);
+}
+
+/// A backup file removed by hand: verify fails with `missing` until the
+/// loss is recorded with `offsite forget`, which keeps the manifest aside;
+/// a run whose files are all there cannot be forgotten.
+#[test]
+fn forget_records_a_lost_file_so_verify_passes_again() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    site.arc("2004-03-22T01:48:44").expect_code(0);
+    let runs: Vec<String> = site.manifests().iter().map(|m| m["run_id"].as_str().unwrap().to_string()).collect();
+    let file = site.file();
+    let forget = |run: &str| Ran::from_output(site.offsite().arg("forget").arg(&file).arg(run).output().unwrap());
+    forget(&runs[0]).expect_code(2).expect_stderr("is still there");
+    std::fs::remove_file(site.store().join("www.20040321-014844.tgz")).unwrap();
+    site.verify(&[]).expect_code(1).expect_stderr("missing");
+    let ran = forget(&runs[0]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("lost: www.20040321-014844.tgz"), "{}", ran.stdout);
+    site.verify(&[]).expect_code(0);
+    assert!(site.store().join(format!(".offsite/forgotten/{}.json", runs[0])).is_file());
+    assert_eq!(site.manifests().len(), 1);
+    forget("no-such-run").expect_code(2).expect_stderr("no manifest for run");
+}

@@ -653,3 +653,30 @@ fn at_start_up_a_missed_run_runs_once_or_is_skipped_by_policy() {
         assert!(w.stop().success());
     }
 }
+
+/// The watcher's lines, and its runs' lines, start with the time; one bad
+/// version written several times is refused in one line, not once per
+/// write.
+#[test]
+fn lines_carry_the_time_and_a_refusal_is_logged_once() {
+    let site = Site::new("case = \"tar\"\narg = \"src\"");
+    let mut w = site.watch(&[]);
+    for _ in 0..5 {
+        std::fs::write(site.script(), b"not wasm").unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    w.wait_for("not valid");
+    // A good version afterwards is taken (and runs), so the watcher did
+    // see every write before this point.
+    replace(&site.script(), &rebuilt(&site.good, "after"));
+    w.wait_for("reloaded");
+    w.wait_for("run succeeded");
+    let log = w.log();
+    assert_eq!(log.matches("not valid").count(), 1, "{log}");
+    let stamped = |l: &str| {
+        let b = l.as_bytes();
+        b.len() > 20 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[10] == b'T'
+    };
+    assert!(log.lines().all(stamped), "every line starts with the time:\n{log}");
+    assert!(w.stop().success(), "{log}");
+}

@@ -46,6 +46,12 @@ pub struct BadManifest {
 }
 
 /// The name of this machine, for lock notes and manifests.
+/// In `.offsite`: the manifests of runs `offsite forget` set aside.
+pub const FORGOTTEN_DIR: &str = "forgotten";
+
+/// In `.offsite`: the store is not dedicated (see `StoreRoot::mark_shared`).
+pub const SHARED_MARK: &str = "shared";
+
 pub fn hostname() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
@@ -118,6 +124,71 @@ impl StoreRoot {
     /// Takes the store's lock (see [`lock`]).
     pub fn lock(&self, me: &Holder) -> Result<(Lock, Option<Holder>), LockError> {
         lock::acquire(&self.meta, me)
+    }
+
+    /// `offsite forget`: records that run `run_id` lost files (deleted by
+    /// hand, a failed disk) so that `verify` stops failing on them, without
+    /// erasing the record: its manifest moves to `.offsite/forgotten/`. Only
+    /// a run with a missing file can be forgotten (runs that are whole are
+    /// removed by retention). Returns what was done, one line each.
+    pub fn forget(&self, run_id: &str) -> io::Result<Vec<String>> {
+        if run_id.is_empty() || run_id.contains(['/', '\\']) || run_id.starts_with('.') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{run_id:?} is not a run id")));
+        }
+        let name = format!("{run_id}.json");
+        let bytes = self.manifests.read(&name).map_err(|e| {
+            io::Error::new(e.kind(), format!("no manifest for run {run_id} ({e}); `offsite status` lists runs"))
+        })?;
+        let manifest: super::Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {e}")))?;
+        let (missing, present): (Vec<_>, Vec<_>) =
+            manifest.files.iter().map(|f| manifest.location(f)).partition(|p| !self.dir.exists(p));
+        if missing.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "every file of run {run_id} is still there; forget is for runs that lost files (retention \
+                     removes whole runs)"
+                ),
+            ));
+        }
+        if !self.meta.exists(FORGOTTEN_DIR) {
+            self.meta.create_dir(FORGOTTEN_DIR)?;
+        }
+        let forgotten = self.meta.open_dir(FORGOTTEN_DIR)?;
+        let sig = format!("{name}{}", protect::SIG_SUFFIX);
+        if self.manifests.exists(&sig) {
+            self.manifests.rename(&sig, &forgotten, &sig)?;
+        }
+        self.manifests.rename(&name, &forgotten, &name)?;
+        sync_dir(&forgotten)?;
+        sync_dir(&self.manifests)?;
+        let show = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let mut done = vec![format!(
+            "forgot run {run_id} ({}): its manifest is kept in {META_DIR}/{FORGOTTEN_DIR}/{name}",
+            manifest.status
+        )];
+        done.push(format!("  lost: {}", show(&missing)));
+        if !present.is_empty() {
+            done.push(format!("  still there, now listed by no run unless another lists it: {}", show(&present)));
+        }
+        Ok(done)
+    }
+
+    /// Marks the store as one that also holds files that are not
+    /// offsite's (the current directory of a run without a site file, as
+    /// in `tar czf` in place): `verify` then does not count them as
+    /// problems. A site's store is dedicated and stays strict.
+    pub fn mark_shared(&self) -> io::Result<()> {
+        if self.meta.exists(SHARED_MARK) {
+            return Ok(());
+        }
+        self.meta.write(SHARED_MARK, b"this store is a directory that holds other files too\n")
+    }
+
+    /// Whether [`StoreRoot::mark_shared`] was called for this store.
+    pub fn is_shared(&self) -> bool {
+        self.meta.exists(SHARED_MARK)
     }
 
     /// Who holds the lock now, if anyone.

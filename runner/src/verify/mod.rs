@@ -107,14 +107,23 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
             format!("{}: unlisted: no manifest lists this file", rel.display())
         });
     })?;
-    report.problems.extend(unlisted);
+    if root.is_shared() {
+        // The current directory of runs without a site: its other files
+        // are the user's, not problems.
+        report.checked.extend(unlisted.into_iter().map(|u| format!("{u} (a shared directory: not a problem)")));
+    } else {
+        report.problems.extend(unlisted);
+    }
     Ok(report)
 }
 
 /// The runner's own files, and the files of the run in progress.
 fn is_bookkeeping(rel: &Path, active_run: Option<&str>) -> bool {
     let Ok(inner) = rel.strip_prefix(META_DIR) else { return false };
-    if inner == Path::new(crate::store::lock::LOCK_FILE) {
+    if inner == Path::new(crate::store::lock::LOCK_FILE)
+        || inner == Path::new(crate::store::run::SHARED_MARK)
+        || inner.starts_with(crate::store::run::FORGOTTEN_DIR)
+    {
         return true;
     }
     if let Ok(m) = inner.strip_prefix("manifests") {
