@@ -538,6 +538,43 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
             continue;
         }
         let _ = writeln!(out, "  host {}: connected, host key verified, authenticated", host.name);
+        // Is the key held to a forced command? Ask in a way one cannot
+        // hijack: offsite's gate answers the probe without running
+        // anything; an unrestricted key finds no such program.
+        match gate_state(&remote, &host.name) {
+            Gate::None => {}
+            Gate::Offsite(digest) if Some(&digest) == crate::keys::expected_gate(host).as_ref() => {
+                let _ = writeln!(
+                    out,
+                    "    the key is restricted to the site's current command lines (authorized_keys command= from \
+                     `offsite keys authorized-line`); programs are not looked up, since the key may run nothing else"
+                );
+                continue;
+            }
+            Gate::Offsite(_) | Gate::OldGate => {
+                problems.push(Problem {
+                    at: at.clone(),
+                    what: format!(
+                        "host {}: the forced command in its authorized_keys allows other command lines than the site \
+                         grants now (the grants changed since it was made): the server would refuse or run old commands",
+                        host.name
+                    ),
+                    fix: format!(
+                        "install the line `offsite keys authorized-line {file} {}` prints in place of the old one",
+                        host.name
+                    ),
+                });
+                continue;
+            }
+            Gate::Foreign(answer) => {
+                let _ = writeln!(
+                    out,
+                    "    the key seems held to a forced command that is not offsite's (it answered {answer:?}); \
+                     programs are not looked up"
+                );
+                continue;
+            }
+        }
         let programs: BTreeSet<&str> = host.commands.iter().filter_map(|c| c.first().map(String::as_str)).collect();
         for program in programs {
             match remote_has(&remote, &host.name, program) {
@@ -581,6 +618,35 @@ fn connect_fix(e: &crate::transport::TransportError) -> String {
 
 /// Runs `command -v PROGRAM` on the host, through the same `Remote::exec`
 /// the `ssh` capability uses (timeouts, capture and exit handling).
+/// What stands between the key and the account's shell.
+enum Gate {
+    /// Nothing: the probe is an unknown program there.
+    None,
+    /// Offsite's gate, allowing the lines with this digest.
+    Offsite(String),
+    /// Offsite's gate from before the probe existed: it refused the probe.
+    OldGate,
+    /// Some other forced command, with what it said.
+    Foreign(String),
+}
+
+fn gate_state(remote: &Remote, host: &str) -> Gate {
+    let argv = vec![crate::keys::GATE_PROBE.to_string()];
+    let Ok((status, stdout, stderr)) = remote.exec(host, &argv) else { return Gate::None };
+    let stdout = String::from_utf8_lossy(&stdout);
+    if let Some(digest) = stdout.trim().strip_prefix(&format!("{} ", crate::keys::GATE_PROBE)) {
+        return Gate::Offsite(digest.to_string());
+    }
+    if status == 126 && stderr.contains("this key may only run the commands its site grants") {
+        return Gate::OldGate;
+    }
+    if status == 127 {
+        return Gate::None;
+    }
+    let said = if stdout.trim().is_empty() { stderr.trim().to_string() } else { stdout.trim().to_string() };
+    Gate::Foreign(crate::text::truncate(&format!("exit status {status}: {said}"), 200).into_owned())
+}
+
 fn remote_has(remote: &Remote, host: &str, program: &str) -> Result<bool, String> {
     let argv: Vec<String> = ["command", "-v", program].iter().map(|s| s.to_string()).collect();
     let (status, _, _) = remote.exec(host, &argv).map_err(|e| crate::caps::describe_error(&e))?;

@@ -46,12 +46,17 @@ pub fn authorized_line(site: &Site, host: &str, key: Option<&Path>) -> Result<Au
         )),
     }
     match fixed_lines(h) {
-        Some(lines) if lines.is_empty() => {
-            notes.push("the site grants nothing on this host; the forced command refuses everything".into());
+        Some(lines) => {
+            if lines.is_empty() {
+                notes.push("the site grants nothing on this host; the forced command refuses everything".into());
+            }
+            notes.push(
+                "regenerate and reinstall this line whenever the site's commands or fetch paths change: \
+                 `offsite check --connect` says when the installed one is stale"
+                    .into(),
+            );
             options.push(format!("command=\"{}\"", escape(&gate(&lines))));
         }
-        Some(lines) if lines.len() == 1 => options.push(format!("command=\"{}\"", escape(&lines[0]))),
-        Some(lines) => options.push(format!("command=\"{}\"", escape(&gate(&lines)))),
         None => notes.push(
             "no command=: the grants use patterns, which a forced command cannot check safely; \
              the key is limited by restrict (and from=, if set) and the runner's policy"
@@ -111,15 +116,43 @@ fn fixed_lines(h: &HostConfig) -> Option<Vec<String>> {
     Some(lines)
 }
 
+/// The command a check sends to learn whether a key is held to a gate of
+/// ours, and to which grants (see [`gate`]). Unrestricted, the server has
+/// no such program; nothing runs.
+pub const GATE_PROBE: &str = "offsite-gate";
+
+/// What identifies a set of allowed lines: the first 16 hex digits of
+/// their SHA-256, one line each.
+pub fn gate_digest(lines: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(lines.join("\n").as_bytes())[..8])
+}
+
+/// The lines a host's gate would allow, as [`gate_digest`] names them;
+/// `None` when its grants use patterns (no gate is made for those).
+pub fn expected_gate(h: &HostConfig) -> Option<String> {
+    fixed_lines(h).map(|lines| gate_digest(&lines))
+}
+
 /// A shell snippet that runs `$SSH_ORIGINAL_COMMAND` only if it is exactly
-/// one of `lines`.
+/// one of `lines`, and answers [`GATE_PROBE`] with the lines' digest
+/// without running anything, so that `check --connect` can tell that the
+/// key is restricted, and whether to the site's current grants.
 fn gate(lines: &[String]) -> String {
     let allowed: Vec<String> = lines.iter().map(|l| quote::quote_arg(l).expect("no NUL")).collect();
+    let probe = format!(
+        "{}) echo '{GATE_PROBE} {}';;",
+        quote::quote_arg(&quote::quote_arg(GATE_PROBE).expect("no NUL")).expect("no NUL"),
+        gate_digest(lines)
+    );
     let refuse = "*) echo 'offsite: this key may only run the commands its site grants' >&2; exit 126;;";
     if allowed.is_empty() {
-        return format!("case x in {refuse} esac");
+        return format!("case \"$SSH_ORIGINAL_COMMAND\" in {probe} {refuse} esac");
     }
-    format!("case \"$SSH_ORIGINAL_COMMAND\" in {}) eval \"$SSH_ORIGINAL_COMMAND\";; {refuse} esac", allowed.join("|"))
+    format!(
+        "case \"$SSH_ORIGINAL_COMMAND\" in {probe} {}) eval \"$SSH_ORIGINAL_COMMAND\";; {refuse} esac",
+        allowed.join("|")
+    )
 }
 
 /// Escapes for a double-quoted authorized_keys option: sshd only treats
@@ -183,11 +216,25 @@ mod tests {
         assert!(ok.status.success());
         assert_eq!(String::from_utf8_lossy(&ok.stdout), "it's \"fine\"\n");
         assert!(run("'true'").status.success());
-        for bad in ["'true' ; id", "'true' 'x'", "id", "'echo' 'it'", ""] {
+        for bad in ["'true' ; id", "'true' 'x'", "id", "'echo' 'it'", "", "offsite-gate"] {
             let out = run(bad);
             assert_eq!(out.status.code(), Some(126), "{bad:?} must be refused");
             assert!(out.stdout.is_empty());
         }
+        // The probe, as the runner quotes it, is answered with the lines'
+        // digest and runs nothing.
+        let probe = quote::command_line(&[GATE_PROBE]).unwrap();
+        let out = run(&probe);
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{GATE_PROBE} {}\n", gate_digest(&lines)));
+        let empty = gate(&[]);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&empty)
+            .env("SSH_ORIGINAL_COMMAND", &probe)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{GATE_PROBE} {}\n", gate_digest(&[])));
     }
 
     #[test]

@@ -204,7 +204,7 @@ fn the_authorized_keys_line_lets_the_key_do_only_what_the_site_grants() {
     };
     write("127.0.0.0/8");
     let line = authorized_line(&site, "server1");
-    assert!(line.starts_with("restrict,from=\"127.0.0.0/8\",command=\""), "{line}");
+    assert!(line.starts_with("restrict,from=\"127.0.0.0/8\",command=\"case "), "{line}");
     std::fs::write(server.authorized_keys(), format!("{line}\n")).unwrap();
 
     // What the site grants still works through the runner...
@@ -226,6 +226,26 @@ fn the_authorized_keys_line_lets_the_key_do_only_what_the_site_grants() {
     let out = server.ssh().arg("id").output().unwrap();
     assert_eq!(out.status.code(), Some(126), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("may only run the commands its site grants"));
+
+    // check --connect sees the restricted key, runs nothing through it (no
+    // `command -v`, which the forced command would refuse or hijack), and
+    // says the line is current...
+    let ran = check(&site, &["--connect"]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("restricted to the site's current command lines"), "{}", ran.stdout);
+    // ...until the grants change and the installed line is stale.
+    let grants = format!(
+        "from = \"127.0.0.0/8\"\ncommands = [[\"{0}/dbbackup.sh\"], [\"{0}/dbbackup.sh\", \"--full\"]]\nfetch = [\"{0}/userdb.tgz\"]",
+        files.display()
+    );
+    std::fs::write(
+        &site,
+        format!("store = \"b\"\nssh_config = \"ssh_config\"\n{}", server.host_section("server1", &grants)),
+    )
+    .unwrap();
+    let ran = check(&site, &["--connect"]);
+    ran.expect_code(2).expect_stderr("allows other command lines than the site grants now");
+    assert!(ran.stderr.contains("offsite keys authorized-line"), "{}", ran.stderr);
 
     // And from= keeps it from working from anywhere else.
     write("192.0.2.1");

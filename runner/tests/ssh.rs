@@ -719,3 +719,26 @@ fn a_failed_commands_stderr_is_reported_once() {
     let loud = ran.stderr.lines().filter(|l| l.contains("warning:") || l.contains("error:"));
     assert_eq!(loud.filter(|l| l.contains("boom-7")).count(), 1, "{}", ran.stderr);
 }
+
+/// Agent-only hosts (no `identity`) under cron: with SSH_AUTH_SOCK unset,
+/// or naming a socket nobody answers on, the error says this side had no
+/// key and where the agent was looked for, instead of blaming the server.
+#[test]
+fn no_agent_is_reported_on_this_side_with_where_it_was_looked_for() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    let section = server.host_section("server1", "commands = [[\"true\"]]");
+    let without_identity: String =
+        section.lines().filter(|l| !l.starts_with("identity")).map(|l| format!("{l}\n")).collect();
+    site.hosts.push(without_identity);
+    let ran = site.run(&[("op", "exec"), ("argv", "true")]);
+    ran.expect_code(1);
+    for want in ["this side had no key to offer", "SSH_AUTH_SOCK: not set", ".keychain/", "no such file"] {
+        assert!(ran.stderr.contains(want), "missing {want:?}: {}", ran.stderr);
+    }
+    let dead = site.path("dead.sock");
+    let mut cmd = site.probe(&[("op", "exec"), ("argv", "true")]);
+    let ran = Ran::from_output(cmd.env("SSH_AUTH_SOCK", &dead).output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains(&format!("SSH_AUTH_SOCK={}: no such socket", dead.display())), "{}", ran.stderr);
+}

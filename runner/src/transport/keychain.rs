@@ -7,27 +7,56 @@
 
 use std::path::{Path, PathBuf};
 
-/// The agent socket to use: `SSH_AUTH_SOCK` if set, else keychain's file for
-/// this host name under `home`, if it names a socket that exists.
-pub fn agent_socket(env_sock: Option<&str>, home: Option<&Path>, hostname: &str) -> Option<PathBuf> {
-    if let Some(sock) = env_sock.filter(|s| !s.is_empty()) {
-        return Some(PathBuf::from(sock));
+/// The agent socket to use: `SSH_AUTH_SOCK` if it names a live agent, else
+/// the one keychain's file for this host name under `home` names, if that
+/// is live. Also returns where it looked and what it found there, for an
+/// error that says what is wrong on this side when no agent is found.
+pub fn find_agent(env_sock: Option<&str>, home: Option<&Path>, hostname: &str) -> (Option<PathBuf>, Vec<String>) {
+    let mut looked = Vec::new();
+    match env_sock.filter(|s| !s.is_empty()) {
+        Some(sock) => match live(Path::new(sock)) {
+            Ok(()) => return (Some(PathBuf::from(sock)), looked),
+            Err(why) => looked.push(format!("SSH_AUTH_SOCK={sock}: {why}")),
+        },
+        None => looked.push("SSH_AUTH_SOCK: not set (as under cron)".into()),
     }
-    let file = home?.join(".keychain").join(format!("{hostname}-sh"));
-    let text = std::fs::read_to_string(&file).ok()?;
-    let sock = parse_sh(&text, "SSH_AUTH_SOCK")?;
-    let sock = PathBuf::from(sock);
-    if sock.exists() {
-        log::debug!(target: "offsite::ssh", "using the ssh-agent named in {}", file.display());
-        Some(sock)
-    } else {
-        log::warn!(
-            target: "offsite::ssh",
-            "{} names agent socket {}, which no longer exists; is the agent still running?",
-            file.display(),
-            sock.display()
-        );
-        None
+    let Some(home) = home else {
+        looked.push("~/.keychain: HOME is not set".into());
+        return (None, looked);
+    };
+    let file = home.join(".keychain").join(format!("{hostname}-sh"));
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        looked.push(format!("{}: no such file (keychain is not in use)", file.display()));
+        return (None, looked);
+    };
+    let Some(sock) = parse_sh(&text, "SSH_AUTH_SOCK") else {
+        looked.push(format!("{}: names no SSH_AUTH_SOCK", file.display()));
+        return (None, looked);
+    };
+    match live(Path::new(&sock)) {
+        Ok(()) => {
+            log::debug!(target: "offsite::ssh", "using the ssh-agent named in {}", file.display());
+            (Some(PathBuf::from(sock)), looked)
+        }
+        Err(why) => {
+            log::warn!(target: "offsite::ssh", "{} names agent socket {sock}: {why}; is the agent still running?", file.display());
+            looked.push(format!("{} names {sock}: {why}", file.display()));
+            (None, looked)
+        }
+    }
+}
+
+/// The agent socket to use (see [`find_agent`]).
+pub fn agent_socket(env_sock: Option<&str>, home: Option<&Path>, hostname: &str) -> Option<PathBuf> {
+    find_agent(env_sock, home, hostname).0
+}
+
+/// Whether an agent answers on `sock`.
+fn live(sock: &Path) -> Result<(), String> {
+    match std::os::unix::net::UnixStream::connect(sock) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("no such socket".into()),
+        Err(e) => Err(format!("no agent answers there ({e})")),
     }
 }
 
@@ -65,11 +94,15 @@ mod tests {
     #[test]
     fn environment_wins_then_keychain_file() {
         let home = tempfile::tempdir().unwrap();
-        assert_eq!(agent_socket(Some("/env/sock"), Some(home.path()), "h"), Some(PathBuf::from("/env/sock")));
+        // A dead socket in the environment is not used, and is named.
+        let (found, looked) = find_agent(Some("/env/sock"), Some(home.path()), "h");
+        assert_eq!(found, None);
+        assert!(looked[0].contains("SSH_AUTH_SOCK=/env/sock: no such socket"), "{looked:?}");
+        assert!(looked[1].contains("no such file (keychain is not in use)"), "{looked:?}");
         assert_eq!(agent_socket(None, Some(home.path()), "h"), None);
         std::fs::create_dir(home.path().join(".keychain")).unwrap();
         let sock = home.path().join("agent.sock");
-        std::fs::write(&sock, "").unwrap();
+        let _agent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         std::fs::write(
             home.path().join(".keychain/h-sh"),
             format!("SSH_AUTH_SOCK={}; export SSH_AUTH_SOCK;\n", sock.display()),

@@ -46,6 +46,8 @@ pub struct OpenSsh {
     hosts: BTreeMap<String, Arc<HostConn>>,
     ssh_config: Option<PathBuf>,
     agent: Option<PathBuf>,
+    /// Where the agent was looked for, when none was found.
+    agent_looked: Vec<String>,
     /// Private directory for control sockets and client logs (0700).
     dir: tempfile::TempDir,
     /// Starts master connections; see [`Spawner`].
@@ -110,8 +112,15 @@ impl OpenSsh {
             .collect();
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let env_sock = std::env::var("SSH_AUTH_SOCK").ok();
-        let agent = keychain::agent_socket(env_sock.as_deref(), home.as_deref(), &keychain::hostname());
-        Ok(OpenSsh { hosts, ssh_config: ssh_config.map(Path::to_path_buf), agent, dir, spawner: Spawner::new()? })
+        let (agent, agent_looked) = keychain::find_agent(env_sock.as_deref(), home.as_deref(), &keychain::hostname());
+        Ok(OpenSsh {
+            hosts,
+            ssh_config: ssh_config.map(Path::to_path_buf),
+            agent,
+            agent_looked,
+            dir,
+            spawner: Spawner::new()?,
+        })
     }
 
     fn host(&self, host: &str) -> Result<&Arc<HostConn>, TransportError> {
@@ -344,14 +353,21 @@ impl OpenSsh {
             };
         }
         if let Some(line) = find("Permission denied") {
-            let mut detail = format!("the server refused every key offered ({})", line.trim());
+            // With no identity and no agent, this side had no key to offer:
+            // say so first, and where the agent was looked for, rather
+            // than blame the server.
+            let mut detail = if self.agent.is_none() && conn.cfg.identity.is_none() {
+                format!(
+                    "this side had no key to offer: no ssh-agent was found ({}) and the host has no `identity`; \
+                     start the agent (keychain) for this user, or set `identity` (server: {})",
+                    self.agent_looked.join("; "),
+                    line.trim()
+                )
+            } else {
+                format!("the server refused every key offered ({})", line.trim())
+            };
             if let Some(load) = find("Load key").or_else(|| find("incorrect passphrase")) {
                 detail.push_str(&format!("; {}", load.trim()));
-            }
-            if self.agent.is_none() && conn.cfg.identity.is_none() {
-                detail.push_str(
-                    "; no ssh-agent was found (SSH_AUTH_SOCK unset and no ~/.keychain file) and the host has no identity",
-                );
             }
             return TransportError::AuthFailed { host, detail };
         }
