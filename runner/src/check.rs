@@ -551,7 +551,7 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
                 );
                 continue;
             }
-            Gate::Offsite(_) | Gate::OldGate => {
+            Gate::Offsite(_) | Gate::Outdated => {
                 problems.push(Problem {
                     at: at.clone(),
                     what: format!(
@@ -625,7 +625,7 @@ enum Gate {
     /// Offsite's gate, allowing the lines with this digest.
     Offsite(String),
     /// Offsite's gate from before the probe existed: it refused the probe.
-    OldGate,
+    Outdated,
     /// Some other forced command, with what it said.
     Foreign(String),
 }
@@ -638,7 +638,7 @@ fn gate_state(remote: &Remote, host: &str) -> Gate {
         return Gate::Offsite(digest.to_string());
     }
     if status == 126 && stderr.contains("this key may only run the commands its site grants") {
-        return Gate::OldGate;
+        return Gate::Outdated;
     }
     if status == 127 {
         return Gate::None;
