@@ -730,3 +730,21 @@ fn forget_records_a_lost_file_so_verify_passes_again() {
     assert_eq!(site.manifests().len(), 1);
     forget("no-such-run").expect_code(2).expect_stderr("no manifest for run");
 }
+
+/// Two good runs that name the same file (a pinned --now, a daily name run
+/// twice a day): the later file replaces the earlier, and its manifest
+/// records which run's file it replaced; verify checks the newer one and
+/// says so.
+#[test]
+fn a_file_replaced_by_a_later_run_of_the_same_name_is_recorded() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    std::fs::write(site.path("src/www/more.html"), "more").unwrap();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let m = site.manifests();
+    assert_eq!(m[1]["files"][0]["replaces"]["run"], m[0]["run_id"]);
+    assert_eq!(m[1]["files"][0]["replaces"]["sha256"], m[0]["files"][0]["sha256"]);
+    let ran = site.verify(&[]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("replaced the file of the same name from run"), "{}", ran.stdout);
+}

@@ -336,6 +336,18 @@ pub struct StoredFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain: Option<Plain>,
     pub origin: Origin,
+    /// The file of an earlier good run that this one replaced at the same
+    /// path (a daily name run twice a day, a pinned `--now`): recorded, so
+    /// the loss of the earlier file is never silent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<Replaced>,
+}
+
+/// See [`StoredFile::replaces`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Replaced {
+    pub run: String,
+    pub sha256: String,
 }
 
 /// The plaintext of an encrypted file.
@@ -359,7 +371,7 @@ impl PendingFile {
         }
         sync_dir(&self.parent)?;
         let path = self.claim.rel.with_file_name(&self.final_name).to_string_lossy().into_owned();
-        let stored = StoredFile { path, bytes, sha256, plain, origin };
+        let stored = StoredFile { path, bytes, sha256, plain, origin, replaces: None };
         let shared = &self.claim.shared;
         {
             let mut journal = shared.journal.lock().unwrap_or_else(|e| e.into_inner());

@@ -283,6 +283,7 @@ mod tests {
                     sha256: String::new(),
                     plain: None,
                     origin: Default::default(),
+                    replaces: None,
                 })
                 .collect(),
         }

@@ -365,6 +365,7 @@ impl StoreRoot {
         }
         let run_id = &header.run_id;
         if manifest.status.is_good() {
+            self.note_replacements(&mut manifest);
             let json = manifest.to_json();
             let staged = staged_manifest_name(run_id);
             if let Some(key) = &self.signer {
@@ -390,6 +391,29 @@ impl StoreRoot {
             sync_dir(&self.runs)?;
         }
         Ok(manifest)
+    }
+
+    /// For each file a good run is about to install over a file an earlier
+    /// good run stored at the same path, records which run's file it
+    /// replaces (read from the newest manifest listing the path; only on
+    /// such a collision are manifests read).
+    fn note_replacements(&self, manifest: &mut Manifest) {
+        let taken: Vec<usize> =
+            (0..manifest.files.len()).filter(|&i| self.dir.is_file(&manifest.files[i].path)).collect();
+        if taken.is_empty() {
+            return;
+        }
+        let Ok((all, _)) = self.manifests() else { return };
+        for i in taken {
+            let path = manifest.files[i].path.clone();
+            let previous = all.iter().rev().filter(|m| m.status.is_good() && m.kept_in.is_none()).find_map(|m| {
+                m.files.iter().find(|f| f.path == path).map(|f| (m.run.run_id.clone(), f.sha256.clone()))
+            });
+            if let Some((run, sha256)) = previous {
+                log::info!(target: "offsite::store", "{path} replaces the file of the same name from run {run}");
+                manifest.files[i].replaces = Some(super::Replaced { run, sha256 });
+            }
+        }
     }
 
     /// A good run may only be installed if every path it names can take a

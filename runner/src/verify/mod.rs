@@ -69,6 +69,15 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
         }
     }
     for (location, (m, f)) in &owners {
+        if let Some(r) = &f.replaces {
+            report.checked.push(format!(
+                "{}: run {} replaced the file of the same name from run {} (sha256 {})",
+                location.display(),
+                m.run.run_id,
+                r.run,
+                r.sha256
+            ));
+        }
         report.files += 1;
         match check_file(&root.dir, location, f, &options.identities) {
             Ok(line) => {
