@@ -238,9 +238,10 @@ impl Site {
         })
     }
 
-    /// Reads and validates a site file. Relative paths in it resolve against
-    /// the file's own directory; relative archive sources resolve against
-    /// `cwd`.
+    /// Reads and validates a site file. Relative paths in it, and relative
+    /// archive sources (a `path` parameter, say), resolve against the
+    /// file's own directory, so a site means the same from cron (whose
+    /// working directory is `$HOME`), `offsite watch` and a shell anywhere.
     pub fn load(path: &Path, cwd: &Path) -> Result<Site> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read site file {}", path.display()))?;
@@ -415,7 +416,7 @@ impl Site {
             file: Some(path.to_path_buf()),
             store,
             read_roots,
-            base_dir: cwd.to_path_buf(),
+            base_dir: file_dir.clone(),
             unreadable_fatal,
             params: raw.params,
             limits,

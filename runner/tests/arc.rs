@@ -253,7 +253,7 @@ fn unreadable_entries_are_left_out_with_a_warning_or_fail_when_asked() {
     std::fs::set_permissions(src.join("www/secret.key"), std::fs::Permissions::from_mode(0o000)).unwrap();
     std::fs::set_permissions(src.join("www/private"), std::fs::Permissions::from_mode(0o000)).unwrap();
     let site = |extra: &str| {
-        let file = d.join("site.toml");
+        let file = src.join("site.toml");
         std::fs::write(
             &file,
             format!("store = \"{}\"\n[read]\nroots = [\"{}\"]\n{extra}", d.join("store").display(), src.display()),

@@ -42,8 +42,8 @@ impl Env {
         std::fs::set_permissions(d.join("home/token"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(d.join("ssh_config"), "").unwrap();
         let mut site = String::from(
-            "name = \"hostile\"\nstore = \"store\"\nssh_config = \"ssh_config\"\n\n[read]\nroots = [\"base/root\"]\n\n\
-             [limits]\ndeadline = \"3s\"\nmemory = \"64MiB\"\n\n[secrets]\ntoken = { file = \"home/token\", stdin = \"value={secret}\\n\", programs = [\"sh\"] }\n",
+            "name = \"hostile\"\nstore = \"../store\"\nssh_config = \"../ssh_config\"\n\n[read]\nroots = [\"root\"]\n\n\
+             [limits]\ndeadline = \"3s\"\nmemory = \"64MiB\"\n\n[secrets]\ntoken = { file = \"../home/token\", stdin = \"value={secret}\\n\", programs = [\"sh\"] }\n",
         );
         if let Some(server) = &env.server {
             let files = server.files();
@@ -56,7 +56,8 @@ impl Env {
             site.push('\n');
             site.push_str(&server.host_section("server1", &grants));
         }
-        std::fs::write(d.join("site.toml"), site).unwrap();
+        // In `base`, the directory the script's relative sources mean.
+        std::fs::write(d.join("base/site.toml"), site).unwrap();
         env
     }
 
@@ -106,7 +107,7 @@ fn case(name: &str, remote: bool, arg: impl Fn(&Env) -> String, code: i32, needl
     let before = env.snapshot();
     let audit = env.logs.path().join("audit.jsonl");
     let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
     cmd.arg("--audit").arg(&audit).arg("--json");
     cmd.args(["--param", &format!("case={name}")]).arg("--param").arg(format!("arg={}", arg(&env)));
     cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
@@ -201,7 +202,7 @@ hostile! {
 fn forty_calls_to_one_host_share_one_connection() {
     let env = Env::new(true);
     let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
     cmd.args(["--param", "case=connection-flood"]).env("HOME", env.path("home"));
     Ran::from_output(cmd.output().unwrap()).expect_code(0);
     let log = env.server.as_ref().unwrap().log();
@@ -217,7 +218,7 @@ fn flood(name: &str) -> (Ran, u64, Vec<u64>) {
     let env = Env::new(false);
     let audit = env.logs.path().join("audit.jsonl");
     let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
     cmd.arg("--audit").arg(&audit).args(["--param", &format!("case={name}")]);
     cmd.env("HOME", env.path("home"));
     let ran = Ran::from_output(cmd.output().unwrap());
@@ -268,7 +269,11 @@ fn the_deadline_bounds_host_calls_and_background_jobs() {
     for name in ["host-call-outlives-deadline", "jobs-outlive-deadline"] {
         let env = Env::new(true);
         let mut cmd = offsite(Path::new(BIN));
-        cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+        cmd.current_dir(env.path("base"))
+            .arg("run")
+            .arg(script("hostile"))
+            .arg("--site")
+            .arg(env.path("base/site.toml"));
         cmd.args(["--param", &format!("case={name}")]).env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
         let started = std::time::Instant::now();
         let ran = Ran::from_output(cmd.output().unwrap());
@@ -285,7 +290,7 @@ fn the_deadline_bounds_host_calls_and_background_jobs() {
 fn failures_the_script_swallows_make_the_run_a_warning() {
     let env = Env::new(true);
     let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
     cmd.args(["--json", "--param", "case=swallow-failures", "--param"]).arg(format!("arg={}", env.files().display()));
     cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
     let ran = Ran::from_output(cmd.output().unwrap());
@@ -304,7 +309,7 @@ fn script_metadata_is_escaped_in_inspect_and_check() {
     let inspect = Ran::from_output(offsite(Path::new(BIN)).arg("inspect").arg(script("hostile")).output().unwrap());
     inspect.expect_code(0);
     let check = Ran::from_output(
-        offsite(Path::new(BIN)).arg("check").arg(env.path("site.toml")).arg(script("hostile")).output().unwrap(),
+        offsite(Path::new(BIN)).arg("check").arg(env.path("base/site.toml")).arg(script("hostile")).output().unwrap(),
     );
     for (what, out) in [("inspect", &inspect.stdout), ("check", &check.stdout)] {
         assert!(!out.contains('\x1b') && !out.contains('\r'), "{what} printed control characters:\n{out}");
@@ -386,7 +391,7 @@ fn a_symlink_swapped_in_during_a_fetch_never_stores_the_target() {
         })
     };
     let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("site.toml"));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
     cmd.args(["--param", "case=fetch-race", "--param"]).arg(format!("arg={}", files.display()));
     cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
     let ran = Ran::from_output(cmd.output().unwrap());

@@ -35,7 +35,9 @@ impl Site {
     }
 
     fn file(&self) -> PathBuf {
-        let file = self.path("site.toml");
+        // Beside the sources: relative sources (`path=www`) mean the site
+        // file's directory.
+        let file = self.path("src/site.toml");
         let text = format!(
             "name = \"web\"\nstore = \"{}\"\n[read]\nroots = [\"{}\"]\n{}",
             self.store().display(),
@@ -747,4 +749,35 @@ fn a_file_replaced_by_a_later_run_of_the_same_name_is_recorded() {
     let ran = site.verify(&[]);
     ran.expect_code(0);
     assert!(ran.stdout.contains("replaced the file of the same name from run"), "{}", ran.stdout);
+}
+
+/// `path = "data/www"` in [params] means the same from cron (working
+/// directory `$HOME`, empty environment) as by hand beside the site file:
+/// relative to the site file.
+#[test]
+fn relative_sources_in_a_site_file_resolve_against_the_file_not_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data/www")).unwrap();
+    std::fs::write(dir.path().join("data/www/index.html"), "hi").unwrap();
+    let site = dir.path().join("web.toml");
+    std::fs::write(&site, "store = \"store\"\n[read]\nroots = [\"data\"]\n[params]\npath = \"data/www\"\n").unwrap();
+    let ran = Ran::from_output(
+        Command::new(BIN)
+            .env_clear()
+            .env("HOME", "/")
+            .env("PATH", "/usr/bin:/bin")
+            .env("OFFSITE_CACHE_DIR", offsite_testkit::shared_cache_dir())
+            .current_dir("/")
+            .arg("run")
+            .arg(script("arc"))
+            .arg("--site")
+            .arg(&site)
+            .args(["--now", "2004-03-21T01:48:44"])
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(0);
+    let listed =
+        Command::new("tar").arg("-tzf").arg(dir.path().join("store/www.20040321-014844.tgz")).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("data/www/index.html"));
 }
