@@ -693,6 +693,15 @@ fn resolve_params(
         if spec.required && value.as_deref().is_none_or(str::is_empty) {
             missing.push(spec.name.clone());
         }
+        // A parameter whose default is a time pattern (`stamp = "%Y%m%d"`)
+        // takes a time pattern: a bad one is a usage error now, before
+        // anything runs or is recorded, not a failed run at 03:34.
+        if let (Some(default), Some(v)) = (&spec.default, &value)
+            && is_time_pattern(default)
+            && let Err(e) = check_time_pattern(v)
+        {
+            bail!("parameter {} = {v:?}: {e} (it is a strftime pattern, like {default:?})", spec.name);
+        }
         out.insert(spec.name.clone(), ParamGrant { value, secret: spec.secret });
     }
     if !missing.is_empty() {
@@ -706,6 +715,18 @@ fn resolve_params(
         );
     }
     Ok(out)
+}
+
+/// Whether `text` is a strftime pattern with at least one directive.
+fn is_time_pattern(text: &str) -> bool {
+    text.contains('%') && check_time_pattern(text).is_ok()
+}
+
+fn check_time_pattern(text: &str) -> Result<(), String> {
+    use crate::bindings::clock::{Instant, Zone};
+    crate::caps::format_instant(Instant { seconds: 0, nanoseconds: 0 }, text, Zone::Utc)
+        .map(drop)
+        .map_err(|e| crate::caps::describe_error(&e))
 }
 
 /// `--now`: local time by default, or an explicit `Z` / offset.
@@ -1087,6 +1108,10 @@ mod tests {
         let cli = BTreeMap::from([("path".to_string(), "x".to_string()), ("paht".to_string(), "x".to_string())]);
         let err = resolve_params(&info(), &site, &cli).unwrap_err().to_string();
         assert!(err.contains("unknown parameter \"paht\""), "{err}");
+        // A bad time pattern for a parameter whose default is one.
+        let cli = BTreeMap::from([("path".to_string(), "x".to_string()), ("fmt".to_string(), "%Q".to_string())]);
+        let err = resolve_params(&info(), &site, &cli).unwrap_err().to_string();
+        assert!(err.contains("parameter fmt = \"%Q\"") && err.contains("strftime"), "{err}");
         // `--param path=` is as good as no value for a required parameter.
         let cli = BTreeMap::from([("path".to_string(), String::new())]);
         let err = resolve_params(&info(), &site, &cli).unwrap_err().to_string();

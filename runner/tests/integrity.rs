@@ -781,3 +781,16 @@ fn relative_sources_in_a_site_file_resolve_against_the_file_not_the_working_dire
         Command::new("tar").arg("-tzf").arg(dir.path().join("store/www.20040321-014844.tgz")).output().unwrap();
     assert!(String::from_utf8_lossy(&listed.stdout).contains("data/www/index.html"));
 }
+
+/// Usage errors stop before anything runs or is recorded: an empty value
+/// for a required parameter, and a bad time pattern for a parameter whose
+/// default is one (exit 2, no store, no manifest).
+#[test]
+fn an_empty_required_parameter_or_a_bad_time_pattern_is_a_usage_error() {
+    let site = Site::new();
+    site.run("arc", &["--param", "path="]).expect_code(2).expect_stderr("missing or empty");
+    site.run("arc", &["--param", "path=www", "--param", "format=%Q"])
+        .expect_code(2)
+        .expect_stderr("parameter format = \"%Q\"");
+    assert!(!site.store().exists(), "nothing was recorded");
+}

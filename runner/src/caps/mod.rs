@@ -28,7 +28,7 @@ use crate::bindings::{meta, types};
 use crate::policy::{Call, Grant, Policy};
 use crate::store::{Store, StoredFile};
 
-pub use self::clock::Clock;
+pub use self::clock::{Clock, format_instant};
 
 /// Per-run state behind every capability.
 pub struct Caps {
