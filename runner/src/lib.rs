@@ -40,6 +40,8 @@ pub mod policy;
 #[cfg(feature = "runtime")]
 pub mod reload;
 pub mod report;
+#[cfg(feature = "runtime")]
+pub mod run;
 pub mod schedule;
 pub mod site;
 #[cfg(feature = "runtime")]
