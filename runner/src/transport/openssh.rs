@@ -632,7 +632,12 @@ fn read_lossy(path: &Path) -> String {
 
 /// The client's last few non-debug log lines, joined.
 fn last_errors(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().filter(|l| !l.starts_with("debug") && !l.trim().is_empty()).collect();
+    // The client's own chatter at the end of every session is no reason.
+    const NOISE: [&str; 4] = ["Transferred: ", "Bytes per second", "Authenticated to ", "Exit status "];
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("debug") && !l.trim().is_empty() && !NOISE.iter().any(|n| l.starts_with(n)))
+        .collect();
     lines[lines.len().saturating_sub(3)..].join("; ")
 }
 
@@ -672,5 +677,16 @@ pub fn askpass_main() -> bool {
             std::process::exit(0)
         }
         None => std::process::exit(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_leaves_out_the_clients_closing_chatter() {
+        let log = "debug1: x\nConnection to h closed by remote host.\nTransferred: sent 2352, received 2576 bytes, in 0.1 seconds\nBytes per second: sent 1.0, received 2.0\n";
+        assert_eq!(last_errors(log), "Connection to h closed by remote host.");
     }
 }
