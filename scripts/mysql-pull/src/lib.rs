@@ -44,7 +44,10 @@ impl Script for MysqlPull {
         ScriptInfo::new("mysql-pull", env!("CARGO_PKG_VERSION"))
             .description("MySQL/MariaDB backups over SSH: streamed mysqldump, or a remote backup command plus fetch")
             .param(Param::optional("mode", "dump (mysqldump streamed into the store) or command").default("dump"))
-            .param(Param::optional("dumps", "dump mode: space-separated HOST:DB[:TABLE,TABLE...] entries; quote a name with a space: \"tbl stats\""))
+            .param(Param::optional(
+                "dumps",
+                "dump mode: space-separated HOST:DB[:TABLE,TABLE...] entries; quote a name with a space: \"tbl stats\"",
+            ))
             .param(Param::optional(
                 "commands",
                 "command mode: space-separated HOST:COMMAND:FILE entries (run COMMAND, then fetch FILE)",

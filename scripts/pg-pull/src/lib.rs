@@ -46,7 +46,10 @@ impl Script for PgPull {
     fn describe() -> ScriptInfo {
         ScriptInfo::new("pg-pull", env!("CARGO_PKG_VERSION"))
             .description("PostgreSQL backups over SSH: pg_dump streamed into the store, gzip-compressed")
-            .param(Param::required("dumps", "space-separated HOST:DB[:TABLE,TABLE...] entries; quote a name with a space: \"tbl stats\""))
+            .param(Param::required(
+                "dumps",
+                "space-separated HOST:DB[:TABLE,TABLE...] entries; quote a name with a space: \"tbl stats\"",
+            ))
             .param(Param::optional(
                 "globals",
                 "space-separated HOSTs whose roles and tablespaces to store too (without role passwords)",
