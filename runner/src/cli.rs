@@ -355,24 +355,30 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `forget SITE RUN`: under the store's lock, like a run.
-fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
-    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
-    let site = Site::load(&site_path(site_file), &cwd).exit(Exit::Usage)?;
-    let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
+/// Takes the store's lock for `what` (prune, forget), as a run would:
+/// exit 4 naming the holder when a run has it.
+fn lock_for(root: &StoreRoot, site: &Site, what: &str) -> Result<crate::store::lock::Lock, Failure> {
     let started = Local::now();
     let me = Holder {
         pid: std::process::id(),
         hostname: hostname(),
         started: started.to_rfc3339(),
         site: site.name.clone(),
-        run_id: format!("forget-{}", new_run_id(started)),
+        run_id: format!("{what}-{}", new_run_id(started)),
     };
-    let _lock = match root.lock(&me) {
-        Ok((lock, _)) => lock,
-        Err(e @ LockError::Held(_)) => return Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
-        Err(e) => return Err(anyhow!("{e}")).exit(Exit::BackupFailed),
-    };
+    match root.lock(&me) {
+        Ok((lock, _)) => Ok(lock),
+        Err(e @ LockError::Held(_)) => Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
+        Err(e) => Err(anyhow!("{e}")).exit(Exit::BackupFailed),
+    }
+}
+
+/// `forget SITE RUN`: under the store's lock, like a run.
+fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let site = Site::load(&site_path(site_file), &cwd).exit(Exit::Usage)?;
+    let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
+    let _lock = lock_for(&root, &site, "forget")?;
     for line in root.forget(run_id).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)? {
         println!("{line}");
     }
@@ -393,23 +399,7 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
     }
     let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
     // Pruning for real takes the lock, like a run; a dry run changes nothing.
-    let _lock = if dry_run {
-        None
-    } else {
-        let started = Local::now();
-        let me = Holder {
-            pid: std::process::id(),
-            hostname: hostname(),
-            started: started.to_rfc3339(),
-            site: site.name.clone(),
-            run_id: format!("prune-{}", new_run_id(started)),
-        };
-        match root.lock(&me) {
-            Ok((lock, _)) => Some(lock),
-            Err(e @ LockError::Held(_)) => return Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
-            Err(e) => return Err(anyhow!("{e}")).exit(Exit::BackupFailed),
-        }
-    };
+    let _lock = if dry_run { None } else { Some(lock_for(&root, &site, "prune")?) };
     let failed = |e: std::io::Error| anyhow!("pruning {}: {e}", site.store.display());
     if !dry_run {
         for line in retention::resume(&root).map_err(failed).exit(Exit::BackupFailed)? {

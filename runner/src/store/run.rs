@@ -485,9 +485,9 @@ impl StoreRoot {
         sync_dir(&self.runs)
     }
 
-    /// The newest good (ok or warning) run of `site`, reading manifests
-    /// newest first and stopping at the first match.
-    pub fn last_good(&self, site: &str) -> io::Result<Option<Manifest>> {
+    /// The names of the installed manifests, oldest run first (run ids
+    /// sort by time).
+    fn manifest_names(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in self.manifests.entries()? {
             let name = entry?.file_name().to_string_lossy().into_owned();
@@ -496,7 +496,13 @@ impl StoreRoot {
             }
         }
         names.sort();
-        for name in names.iter().rev() {
+        Ok(names)
+    }
+
+    /// The newest good (ok or warning) run of `site`, reading manifests
+    /// newest first and stopping at the first match.
+    pub fn last_good(&self, site: &str) -> io::Result<Option<Manifest>> {
+        for name in self.manifest_names()?.iter().rev() {
             let Ok(bytes) = self.manifests.read(name) else { continue };
             if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
                 && m.run.site == site
@@ -512,15 +518,7 @@ impl StoreRoot {
     pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
         let mut good = Vec::new();
         let mut bad = Vec::new();
-        let mut names = Vec::new();
-        for entry in self.manifests.entries()? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".json") && !name.starts_with(TEMP_PREFIX) {
-                names.push(name);
-            }
-        }
-        names.sort();
-        for name in names {
+        for name in self.manifest_names()? {
             let parsed = self
                 .manifests
                 .read(&name)
