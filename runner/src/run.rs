@@ -70,25 +70,7 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let started_wall = SystemTime::now();
     let started = Instant::now();
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
-    // `offsite run web1` and `offsite run /etc/offsite/web1.toml` name a site.
-    let (script_arg, site_arg) = match (args.script.clone(), args.site.clone()) {
-        (Some(target), None) if names_a_site(&target) => (None, Some(target)),
-        other => other,
-    };
-    let site_arg = site_arg.map(|s| site_path(&s));
-    let args = Request { site: site_arg, ..args };
-    let site = match &args.site {
-        Some(file) if args.site_stdin => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("cannot read the site file's text from stdin")
-                .exit(Exit::Usage)?;
-            Site::parse(&text, file, &cwd)
-        }
-        Some(file) => Site::load(file, &cwd),
-        None => Site::current_dir(&cwd),
-    }
-    .exit(Exit::Usage)?;
+    let (site, script_arg) = load_site(&args, &cwd)?;
     let clock = match &args.now {
         Some(text) => Clock::Pinned(parse_now(text).exit(Exit::Usage)?),
         None => Clock::System,
@@ -101,7 +83,7 @@ pub fn run(args: Request) -> Result<(), Failure> {
 
     let script_path = match script_arg.or_else(|| site.script.clone()) {
         Some(path) => path,
-        None if args.site.is_some() => {
+        None if site.file.is_some() => {
             return Err(anyhow!("name the script to run: site {} has no `script`", site_label(&site)))
                 .exit(Exit::Usage);
         }
@@ -122,14 +104,12 @@ pub fn run(args: Request) -> Result<(), Failure> {
     }
     let info = describe(&runtime, &script)?;
     let params = resolve_params(&info, &site, &cli_params).exit(Exit::Usage)?;
-    let secrets = params.values().filter(|p| p.secret).filter_map(|p| p.value.clone()).collect();
     log::info!(
         target: "offsite::run",
         "running {} {} (sha256 {}) for site {} with {}",
         info.name, info.version, script.sha256, site.name, site.limits
     );
 
-    let mut caps = Caps::new(&info.name, &site.name, Policy::for_site(&site, params), clock);
     let local_start = DateTime::<Local>::from(started_wall);
     let header = RunHeader {
         run_id: new_run_id(local_start),
@@ -140,29 +120,7 @@ pub fn run(args: Request) -> Result<(), Failure> {
         grants_sha256: site.grants_digest(),
         started: local_start.to_rfc3339(),
     };
-    caps.script_sha256 = script.sha256.clone();
-    caps.secret_sources = site.secrets.clone();
-    caps.deliveries = site.deliveries.clone();
-    if let Some(path) = &args.audit {
-        let log = AuditLog::open(path)
-            .with_context(|| format!("cannot open the audit log {}", path.display()))
-            .exit(Exit::Usage)?;
-        caps.audit = Some(Arc::new(log));
-    }
-    caps.call_timeout = site.limits.call_timeout;
-    caps.run_deadline = Some(Instant::now() + site.limits.deadline);
-    caps.dry_run = args.dry_run;
-    caps.unreadable_fatal = site.unreadable_fatal;
-    caps.secrets = secrets;
-    caps.captured_output = site.limits.captured_output;
-    caps.slots = Arc::new(Slots::new(site.limits.parallel));
-    if !site.hosts.is_empty() {
-        let transport = OpenSsh::new(&site.hosts, site.ssh_config.as_deref())
-            .context("cannot create a private directory for SSH control sockets")
-            .exit(Exit::BackupFailed)?;
-        caps.transport = Some(Arc::new(transport));
-        caps.idle_timeouts = site.hosts.iter().map(|(n, h)| (n.clone(), h.idle_timeout)).collect();
-    }
+    let mut caps = caps_for(&site, &info, params, clock, &script.sha256, &args)?;
     // A dry run writes nothing, not even a missing store directory, and so
     // takes no lock and leaves no manifest. (Last, so nothing above can
     // fail after the run has begun in the store.)
@@ -184,6 +142,21 @@ pub fn run(args: Request) -> Result<(), Failure> {
             .context("[protect] signing_key")
             .exit(Exit::Usage)?;
         let (root, lock) = open_locked(&site, &header, signer)?;
+        // Runs belong to a site by name. A renamed or copied site file
+        // starts a new name; its first run says so (cron mails it), since
+        // status and retention will not count the old name's runs.
+        if let Ok(Some(others)) = root.only_other_sites(&site.name) {
+            let names: Vec<String> = others.iter().map(|n| format!("{n:?}")).collect();
+            log::warn!(
+                target: "offsite::run",
+                "the store {} holds runs of site {} but none of site {:?}: if this site was renamed (its name \
+                 defaults to its file's), set `name = {}` in it, or status and retention will not count those runs",
+                site.store.display(),
+                names.join(", "),
+                site.name,
+                names[0]
+            );
+        }
         if site.file.is_none()
             && let Err(e) = root.mark_shared()
         {
@@ -207,87 +180,13 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let unseen = caps.settle();
     caps.transport = None;
     let outputs = caps.outputs();
-    let stopped_in_script = matches!(result, Err(ScriptFailure::Aborted(_)));
-    let mut failure: Option<Failure> = match result {
-        Ok(Ok(())) if !unseen.is_empty() => Some(Failure {
-            exit: Exit::BackupFailed,
-            error: anyhow!(
-                "backup failed: background transfer(s) failed and the script never waited for them: {}",
-                caps.redact(&unseen.join("; "))
-            ),
-        }),
-        Ok(Ok(())) => None,
-        Ok(Err(msg)) => {
-            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
-        }
-        Err(ScriptFailure::Trap(msg)) => {
-            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
-        }
-        Err(ScriptFailure::Limit(msg)) => Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }),
-        Err(ScriptFailure::Aborted(msg)) => Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {msg}") }),
-    };
-    // A stop asked for while the script ran fails the run, whatever the
-    // script made of the errors its calls got (it may have ignored them).
-    let aborted = crate::abort::requested();
-    if aborted && !stopped_in_script {
-        let after = failure.map(|f| format!(" ({:#})", f.error)).unwrap_or_default();
-        failure =
-            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {}{after}", crate::abort::message()) });
-    }
+    let (mut failure, aborted) = judge(result, &unseen, &caps);
 
     let mut manifest = None;
     if let Some((root, _lock)) = &session {
         let store = caps.store.take().expect("a run has a store");
-        // Calls that failed while the run still succeeded: the script
-        // handled (or ignored) them, and each is a warning. (A failed run
-        // says why in its error, once.)
-        if failure.is_none() {
-            for line in &caps.failed_calls {
-                log::warn!(target: "offsite::calls", "site {}: {line}", site.name);
-            }
-        }
-        // A backup that lost most of its content is not silently `ok`.
-        if failure.is_none()
-            && site.shrink_warning > 0
-            && let Ok(Some(previous)) = root.last_good(&site.name)
-        {
-            for line in crate::store::shrunk(&outputs, &previous, site.shrink_warning) {
-                log::warn!(target: "offsite::run", "{line}");
-            }
-        }
-        let outcome = Outcome {
-            // Bounded: an error may quote a huge parameter or output.
-            error: failure
-                .as_ref()
-                .map(|f| crate::text::truncate(&format!("{:#}", f.error), crate::logging::MAX_MESSAGE).into_owned()),
-            warnings: crate::logging::capture_snapshot().warnings,
-            aborted,
-        };
-        match root.finish_run(&header, &store, &outcome) {
-            Ok(m) => {
-                if failure.is_none() && !m.status.is_good() {
-                    let why = m.error.clone().unwrap_or_default();
-                    failure = Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {why}") });
-                }
-                manifest = Some(m);
-            }
-            Err(e) => {
-                let error = anyhow!(
-                    "{}the run could not be recorded in the store {}: {e}; its files stay in {} for the next run to \
-                     recover",
-                    failure
-                        .as_ref()
-                        .map(|f| format!("{:#}; and ", f.error))
-                        .unwrap_or_else(|| "backup failed: ".into()),
-                    site.store.display(),
-                    kept_dir(&header.run_id)
-                );
-                failure = Some(Failure { exit: failure.map_or(Exit::BackupFailed, |f| f.exit), error });
-            }
-        }
-        if let Some(m) = &manifest {
-            after_run(root, &site, m);
-        }
+        let recorded = record(root, &site, &header, &store, &caps, &outputs, failure, aborted);
+        (manifest, failure) = recorded;
     }
     if session.is_some() {
         let mut tail: Vec<String> = crate::logging::capture_snapshot().tail.into();
@@ -335,6 +234,168 @@ pub fn run(args: Request) -> Result<(), Failure> {
         }
         Some(f) => Err(f),
     }
+}
+
+/// The site of a run, and the script named on the command line if any:
+/// `offsite run web1` and `offsite run /etc/offsite/web1.toml` name a site,
+/// a bare NAME is looked up in the config directory, and without one the
+/// current directory is the site.
+fn load_site(args: &Request, cwd: &Path) -> Result<(Site, Option<PathBuf>), Failure> {
+    let (script_arg, site_arg) = match (args.script.clone(), args.site.clone()) {
+        (Some(target), None) if names_a_site(&target) => (None, Some(target)),
+        other => other,
+    };
+    let site = match site_arg.map(|s| site_path(&s)) {
+        Some(file) if args.site_stdin => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the site file's text from stdin")
+                .exit(Exit::Usage)?;
+            Site::parse(&text, &file, cwd)
+        }
+        Some(file) => Site::load(&file, cwd),
+        None => Site::current_dir(cwd),
+    }
+    .exit(Exit::Usage)?;
+    Ok((site, script_arg))
+}
+
+/// The capabilities of one run: the site's policy, secrets, limits and
+/// SSH connections, and the audit log if asked for.
+fn caps_for(
+    site: &Site,
+    info: &ScriptInfo,
+    params: BTreeMap<String, ParamGrant>,
+    clock: Clock,
+    script_sha256: &str,
+    args: &Request,
+) -> Result<Caps, Failure> {
+    let secrets = params.values().filter(|p| p.secret).filter_map(|p| p.value.clone()).collect();
+    let mut caps = Caps::new(&info.name, &site.name, Policy::for_site(site, params), clock);
+    caps.script_sha256 = script_sha256.to_string();
+    caps.secret_sources = site.secrets.clone();
+    caps.deliveries = site.deliveries.clone();
+    if let Some(path) = &args.audit {
+        let log = AuditLog::open(path)
+            .with_context(|| format!("cannot open the audit log {}", path.display()))
+            .exit(Exit::Usage)?;
+        caps.audit = Some(Arc::new(log));
+    }
+    caps.call_timeout = site.limits.call_timeout;
+    caps.run_deadline = Some(Instant::now() + site.limits.deadline);
+    caps.dry_run = args.dry_run;
+    caps.unreadable_fatal = site.unreadable_fatal;
+    caps.secrets = secrets;
+    caps.captured_output = site.limits.captured_output;
+    caps.slots = Arc::new(Slots::new(site.limits.parallel));
+    if !site.hosts.is_empty() {
+        let transport = OpenSsh::new(&site.hosts, site.ssh_config.as_deref())
+            .context("cannot create a private directory for SSH control sockets")
+            .exit(Exit::BackupFailed)?;
+        caps.transport = Some(Arc::new(transport));
+        caps.idle_timeouts = site.hosts.iter().map(|(n, h)| (n.clone(), h.idle_timeout)).collect();
+    }
+    Ok(caps)
+}
+
+/// How the script's part of the run ended, as a failure (or none), and
+/// whether a stop was asked for.
+fn judge(result: Result<Result<(), String>, ScriptFailure>, unseen: &[String], caps: &Caps) -> (Option<Failure>, bool) {
+    let stopped_in_script = matches!(result, Err(ScriptFailure::Aborted(_)));
+    let mut failure: Option<Failure> = match result {
+        Ok(Ok(())) if !unseen.is_empty() => Some(Failure {
+            exit: Exit::BackupFailed,
+            error: anyhow!(
+                "backup failed: background transfer(s) failed and the script never waited for them: {}",
+                caps.redact(&unseen.join("; "))
+            ),
+        }),
+        Ok(Ok(())) => None,
+        Ok(Err(msg)) => {
+            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
+        }
+        Err(ScriptFailure::Trap(msg)) => {
+            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {}", caps.redact(&msg)) })
+        }
+        Err(ScriptFailure::Limit(msg)) => Some(Failure { exit: Exit::Limit, error: anyhow!("backup failed: {msg}") }),
+        Err(ScriptFailure::Aborted(msg)) => Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {msg}") }),
+    };
+    // A stop asked for while the script ran fails the run, whatever the
+    // script made of the errors its calls got (it may have ignored them).
+    let aborted = crate::abort::requested();
+    if aborted && !stopped_in_script {
+        let after = failure.map(|f| format!(" ({:#})", f.error)).unwrap_or_default();
+        failure =
+            Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup {}{after}", crate::abort::message()) });
+    }
+
+    (failure, aborted)
+}
+
+/// Ends a run in the store: the warnings a good run still earns (calls
+/// the script swallowed, a drastic shrink), then its manifest, then
+/// retention and the textfile. Returns the manifest, and the run's failure
+/// (which recording can add to).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    root: &StoreRoot,
+    site: &Site,
+    header: &RunHeader,
+    store: &crate::store::Store,
+    caps: &Caps,
+    outputs: &[StoredFile],
+    mut failure: Option<Failure>,
+    aborted: bool,
+) -> (Option<Manifest>, Option<Failure>) {
+    let mut manifest = None;
+    // Calls that failed while the run still succeeded: the script
+    // handled (or ignored) them, and each is a warning. (A failed run
+    // says why in its error, once.)
+    if failure.is_none() {
+        for line in &caps.failed_calls {
+            log::warn!(target: "offsite::calls", "site {}: {line}", site.name);
+        }
+    }
+    // A backup that lost most of its content is not silently `ok`.
+    if failure.is_none()
+        && site.shrink_warning > 0
+        && let Ok(Some(previous)) = root.last_good(&site.name)
+    {
+        for line in crate::store::shrunk(outputs, &previous, site.shrink_warning) {
+            log::warn!(target: "offsite::run", "{line}");
+        }
+    }
+    let outcome = Outcome {
+        // Bounded: an error may quote a huge parameter or output.
+        error: failure
+            .as_ref()
+            .map(|f| crate::text::truncate(&format!("{:#}", f.error), crate::logging::MAX_MESSAGE).into_owned()),
+        warnings: crate::logging::capture_snapshot().warnings,
+        aborted,
+    };
+    match root.finish_run(header, store, &outcome) {
+        Ok(m) => {
+            if failure.is_none() && !m.status.is_good() {
+                let why = m.error.clone().unwrap_or_default();
+                failure = Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {why}") });
+            }
+            manifest = Some(m);
+        }
+        Err(e) => {
+            let error = anyhow!(
+                "{}the run could not be recorded in the store {}: {e}; its files stay in {} for the next run to \
+                 recover",
+                failure.as_ref().map(|f| format!("{:#}; and ", f.error)).unwrap_or_else(|| "backup failed: ".into()),
+                site.store.display(),
+                kept_dir(&header.run_id)
+            );
+            failure = Some(Failure { exit: failure.map_or(Exit::BackupFailed, |f| f.exit), error });
+        }
+    }
+    if let Some(m) = &manifest {
+        after_run(root, site, m);
+    }
+    (manifest, failure)
 }
 
 /// Opens the site's store and takes its lock, then finishes whatever an

@@ -702,12 +702,32 @@ fn verify_in_the_current_directory_store_checks_backups_not_the_users_files() {
 fn status_says_when_a_store_holds_runs_of_another_site_name() {
     let site = Site::new();
     site.arc("2004-03-21T01:48:44").expect_code(0);
-    let renamed = site.path("renamed.toml");
+    let renamed = site.path("src/renamed.toml");
     std::fs::write(&renamed, std::fs::read_to_string(site.file()).unwrap().replace("name = \"web\"\n", "")).unwrap();
     let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&renamed).output().unwrap());
     ran.expect_code(1);
     assert!(ran.stdout.contains("the store also holds runs of site \"web\""), "{}", ran.stdout);
     assert!(ran.stdout.contains("set `name = \"web\"`"), "{}", ran.stdout);
+    // The renamed site's first run says so too (a warning cron mails);
+    // once it has runs of its own, it says nothing.
+    let run = || {
+        Ran::from_output(
+            site.offsite()
+                .arg("run")
+                .arg(script("arc"))
+                .arg("--site")
+                .arg(&renamed)
+                .args(["--param", "path=www"])
+                .output()
+                .unwrap(),
+        )
+    };
+    let first = run();
+    first.expect_code(0).expect_stderr("holds runs of site \"web\" but none of site \"renamed\"");
+    assert_eq!(site.manifests().last().unwrap()["status"], "warning");
+    let second = run();
+    second.expect_code(0);
+    assert_eq!(second.stderr, "", "quiet once the site has runs of its own");
 }
 
 /// A backup file removed by hand: verify fails with `missing` until the

@@ -485,6 +485,23 @@ impl StoreRoot {
         sync_dir(&self.runs)
     }
 
+    /// The site names of the runs in this store when none of them is
+    /// `site`'s (a renamed site file's first run, say); `None` when `site`
+    /// has runs here or the store has none. Reads manifests newest first
+    /// and stops at the first of `site`'s.
+    pub fn only_other_sites(&self, site: &str) -> io::Result<Option<std::collections::BTreeSet<String>>> {
+        let mut others = std::collections::BTreeSet::new();
+        for name in self.manifest_names()?.iter().rev() {
+            let Ok(bytes) = self.manifests.read(name) else { continue };
+            let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else { continue };
+            if m.run.site == site {
+                return Ok(None);
+            }
+            others.insert(m.run.site);
+        }
+        Ok((!others.is_empty()).then_some(others))
+    }
+
     /// The names of the installed manifests, oldest run first (run ids
     /// sort by time).
     fn manifest_names(&self) -> io::Result<Vec<String>> {
