@@ -245,8 +245,12 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
         println!("no problems found");
         return Ok(());
     }
+    // A problem may quote a server (a forced command's answer, ssh's
+    // errors): each of its lines escaped.
     for p in &report.problems {
-        eprintln!("offsite: problem: {p}");
+        for (i, line) in crate::text::escape_lines(&p.to_string()).iter().enumerate() {
+            eprintln!("{}{line}", if i == 0 { "offsite: problem: " } else { "" });
+        }
     }
     Err(anyhow!("{}: {} problem(s) found", site_file.display(), report.problems.len())).exit(Exit::Usage)
 }
@@ -299,8 +303,9 @@ fn verify(
         report.runs,
         report.problems.len()
     );
+    // Store paths and manifest fields are script-controlled text: escaped.
     if verbose {
-        report.checked.iter().for_each(|l| println!("{l}"));
+        report.checked.iter().for_each(|l| println!("{}", crate::text::escape(l)));
     }
     if verbose || std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         println!("{summary}");
@@ -309,7 +314,7 @@ fn verify(
         return Ok(());
     }
     for p in &report.problems {
-        eprintln!("offsite: problem: {p}");
+        eprintln!("offsite: problem: {}", crate::text::escape(p));
     }
     Err(anyhow!("verify failed: {summary}")).exit(Exit::BackupFailed)
 }

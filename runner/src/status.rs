@@ -75,7 +75,9 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                         summary(last)
                     );
                     if let Some(e) = &last.error {
-                        let _ = writeln!(text, "             {}", e.lines().next().unwrap_or_default());
+                        // The script's or a server's words: escaped.
+                        let first = e.lines().next().unwrap_or_default();
+                        let _ = writeln!(text, "             {}", crate::text::escape(first));
                     }
                     match mine.iter().rev().find(|m| m.status.is_good()) {
                         Some(good) => {

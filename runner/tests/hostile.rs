@@ -406,3 +406,24 @@ fn a_symlink_swapped_in_during_a_fetch_never_stores_the_target() {
     }
     assert!(ran.stderr.contains("stored "), "{}", ran.stderr);
 }
+
+/// What a script put in a store path or its error reaches `verify -v` and
+/// `status` escaped, long after the run.
+#[test]
+fn store_names_and_errors_are_escaped_in_verify_and_status() {
+    let env = Env::new(false);
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    cmd.args(["--param", "case=store-escape-name"]).env("HOME", env.path("home"));
+    Ran::from_output(cmd.output().unwrap()).expect_code(1);
+    let verify = Ran::from_output(
+        offsite(Path::new(BIN)).args(["-v", "verify"]).arg(env.path("base/site.toml")).output().unwrap(),
+    );
+    let status =
+        Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(env.path("base/site.toml")).output().unwrap());
+    for (what, out) in [("verify", &verify.stdout), ("verify", &verify.stderr), ("status", &status.stdout)] {
+        assert!(!out.contains('\x1b') && !out.contains('\x07') && !out.contains('\r'), "{what}: {out:?}");
+    }
+    assert!(verify.stdout.contains("x\\e[2J"), "{}", verify.stdout);
+    assert!(status.stdout.contains("failing\\e[31m on purpose"), "{}", status.stdout);
+}

@@ -139,6 +139,12 @@ impl Script for Hostile {
             // The longest legal file name (255 bytes minus a little): its
             // temporary name must stay legal too. Not hostile; stored.
             "store-long-name" => store_write(&format!("{}.tgz", "n".repeat(240))),
+            // A store name and an error that try to drive the terminal of
+            // whoever runs verify or status later.
+            "store-escape-name" => {
+                store_write("x\x1b[2J\x1b]0;owned\x07.tgz")?;
+                bail!("failing\x1b[31m on purpose\r")
+            }
             "read-dotdot" => {
                 archive::tar_gz(&["../outside"], "r.tgz")?;
                 Ok(())
