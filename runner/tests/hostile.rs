@@ -65,6 +65,17 @@ impl Env {
         self.dir.path().join(rel)
     }
 
+    /// `offsite run hostile.wasm --site base/site.toml`, started in `base`.
+    fn run(&self) -> std::process::Command {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.current_dir(self.path("base"))
+            .arg("run")
+            .arg(script("hostile"))
+            .arg("--site")
+            .arg(self.path("base/site.toml"));
+        cmd
+    }
+
     fn files(&self) -> PathBuf {
         self.server.as_ref().expect("a remote case").files()
     }
@@ -106,8 +117,7 @@ fn case(name: &str, remote: bool, arg: impl Fn(&Env) -> String, code: i32, needl
     let env = Env::new(remote);
     let before = env.snapshot();
     let audit = env.logs.path().join("audit.jsonl");
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    let mut cmd = env.run();
     cmd.arg("--audit").arg(&audit).arg("--json");
     cmd.args(["--param", &format!("case={name}")]).arg("--param").arg(format!("arg={}", arg(&env)));
     cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
@@ -201,8 +211,7 @@ hostile! {
 #[test]
 fn forty_calls_to_one_host_share_one_connection() {
     let env = Env::new(true);
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    let mut cmd = env.run();
     cmd.args(["--param", "case=connection-flood"]).env("HOME", env.path("home"));
     Ran::from_output(cmd.output().unwrap()).expect_code(0);
     let log = env.server.as_ref().unwrap().log();
@@ -217,8 +226,7 @@ const MAX_SCRIPT_LINES: usize = 1000;
 fn flood(name: &str) -> (Ran, u64, Vec<u64>) {
     let env = Env::new(false);
     let audit = env.logs.path().join("audit.jsonl");
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    let mut cmd = env.run();
     cmd.arg("--audit").arg(&audit).args(["--param", &format!("case={name}")]);
     cmd.env("HOME", env.path("home"));
     let ran = Ran::from_output(cmd.output().unwrap());
@@ -289,8 +297,7 @@ fn the_deadline_bounds_host_calls_and_background_jobs() {
 #[test]
 fn failures_the_script_swallows_make_the_run_a_warning() {
     let env = Env::new(true);
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    let mut cmd = env.run();
     cmd.args(["--json", "--param", "case=swallow-failures", "--param"]).arg(format!("arg={}", env.files().display()));
     cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
     let ran = Ran::from_output(cmd.output().unwrap());
@@ -390,8 +397,7 @@ fn a_symlink_swapped_in_during_a_fetch_never_stores_the_target() {
             }
         })
     };
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    let mut cmd = env.run();
     cmd.args(["--param", "case=fetch-race", "--param"]).arg(format!("arg={}", files.display()));
     cmd.env("HOME", env.path("home")).env_remove("SSH_AUTH_SOCK");
     let ran = Ran::from_output(cmd.output().unwrap());
@@ -412,8 +418,7 @@ fn a_symlink_swapped_in_during_a_fetch_never_stores_the_target() {
 #[test]
 fn store_names_and_errors_are_escaped_in_verify_and_status() {
     let env = Env::new(false);
-    let mut cmd = offsite(Path::new(BIN));
-    cmd.current_dir(env.path("base")).arg("run").arg(script("hostile")).arg("--site").arg(env.path("base/site.toml"));
+    let mut cmd = env.run();
     cmd.args(["--param", "case=store-escape-name"]).env("HOME", env.path("home"));
     Ran::from_output(cmd.output().unwrap()).expect_code(1);
     let verify = Ran::from_output(

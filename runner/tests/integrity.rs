@@ -251,22 +251,28 @@ fn a_lock_left_by_a_killed_run_is_taken_over_and_logged() {
     assert_eq!(m[1]["status"], "warning");
 }
 
+/// Unmounts its directory when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A tmpfs mounted at `dir` (created) with `options`, unmounted when the
+/// returned guard drops. Needs root, as CI has.
+fn mount_tmpfs(dir: &Path, options: &str) -> Unmount {
+    std::fs::create_dir(dir).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", options, "offsite-test"]).arg(dir).status().unwrap();
+    assert!(mounted.success(), "this test mounts a tmpfs ({options}) and needs root");
+    Unmount(dir.to_path_buf())
+}
+
 #[test]
 fn a_full_disk_is_a_clear_error_and_older_backups_stay_intact() {
     let site = Site::new();
-    std::fs::create_dir(site.store()).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "offsite-test", site.store().to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "this test mounts a small tmpfs and needs root");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(site.store());
+    let _unmount = mount_tmpfs(&site.store(), "size=1m,mode=0700");
     site.arc("2004-03-21T01:48:44").expect_code(0);
     let good = std::fs::read(site.store().join("www.20040321-014844.tgz")).unwrap();
     // 3 MiB that gzip cannot shrink does not fit in what is left.
@@ -576,19 +582,7 @@ fn status_sees_a_killed_run_and_an_unreadable_store() {
 #[test]
 fn a_dry_run_finds_a_store_that_cannot_be_written() {
     let site = Site::new();
-    std::fs::create_dir(site.store()).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,size=1m,mode=0700", "offsite-test", site.store().to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "this test mounts a read-only tmpfs and needs root");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(site.store());
+    let _unmount = mount_tmpfs(&site.store(), "ro,size=1m,mode=0700");
     let real = site.arc("2004-03-21T01:48:44");
     let dry = site.run("arc", &["--param", "path=www", "--dry-run"]);
     dry.expect_code(real.code).expect_stderr("cannot be written");
