@@ -644,7 +644,10 @@ fn gate_state(remote: &Remote, host: &str) -> Gate {
         return Gate::None;
     }
     let said = if stdout.trim().is_empty() { stderr.trim().to_string() } else { stdout.trim().to_string() };
-    Gate::Foreign(crate::text::truncate(&format!("exit status {status}: {said}"), 200).into_owned())
+    // A forced command's answer is the server's text: cut and escaped,
+    // since the report goes to stdout as it is.
+    let said = crate::text::truncate(&format!("exit status {status}: {said}"), 200).into_owned();
+    Gate::Foreign(crate::text::escape(&said).into_owned())
 }
 
 fn remote_has(remote: &Remote, host: &str, program: &str) -> Result<bool, String> {
