@@ -412,7 +412,7 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
         }
     }
     let (manifests, _) = root.manifests().map_err(failed).exit(Exit::BackupFailed)?;
-    let plan = retention::plan(&manifests, &site.name, &site.retention);
+    let plan = retention::plan(&manifests, &root.runs_of(&site.name), &site.retention);
     if show_keeps || plan.iter().any(|v| v.pruned_because.is_some()) {
         println!("rules: {}", site.retention);
     }

@@ -24,7 +24,7 @@ use crate::report::{self, Event, Note};
 use crate::site::Site;
 use crate::store::lock::{Holder, Lock, LockError};
 use crate::store::manifest::ScriptRef;
-use crate::store::run::{Outcome, RunHeader, hostname, kept_dir, new_run_id};
+use crate::store::run::{Outcome, RunHeader, Runs, hostname, kept_dir, new_run_id};
 use crate::store::{Budget, Manifest, Status, StoreRoot, StoredFile};
 use crate::store::{protect, retention};
 use crate::transport::openssh::OpenSsh;
@@ -142,21 +142,7 @@ pub fn run(args: Request) -> Result<(), Failure> {
             .context("[protect] signing_key")
             .exit(Exit::Usage)?;
         let (root, lock) = open_locked(&site, &header, signer)?;
-        // Runs belong to a site by name. A renamed or copied site file
-        // starts a new name; its first run says so (cron mails it), since
-        // status and retention will not count the old name's runs.
-        if let Ok(Some(others)) = root.only_other_sites(&site.name) {
-            let names: Vec<String> = others.iter().map(|n| format!("{n:?}")).collect();
-            log::warn!(
-                target: "offsite::run",
-                "the store {} holds runs of site {} but none of site {:?}: if this site was renamed (its name \
-                 defaults to its file's), set `name = {}` in it, or status and retention will not count those runs",
-                site.store.display(),
-                names.join(", "),
-                site.name,
-                names[0]
-            );
-        }
+        claim_store(&root, &site);
         if site.file.is_none()
             && let Err(e) = root.mark_shared()
         {
@@ -359,7 +345,7 @@ fn record(
     // A backup that lost most of its content is not silently `ok`.
     if failure.is_none()
         && site.shrink_warning > 0
-        && let Ok(Some(previous)) = root.last_good(&site.name)
+        && let Ok(Some(previous)) = root.last_good(&root.runs_of(&site.name))
     {
         for line in crate::store::shrunk(outputs, &previous, site.shrink_warning) {
             log::warn!(target: "offsite::run", "{line}");
@@ -442,13 +428,46 @@ fn open_locked(
     Ok((root, lock))
 }
 
+/// Ties the store to the site. A site's store is dedicated: its runs are
+/// the site's whatever it was called when each ran, so a renamed site file
+/// keeps its history, and the rename is said once (cron mails it). Two site
+/// files on one store take turns owning it and warn on every run, until
+/// they get a store each or both say `shared_store = true`, which tells
+/// their runs apart by name.
+fn claim_store(root: &StoreRoot, site: &Site) {
+    let Some(file) = &site.file else { return };
+    if site.shared_store {
+        if let Err(e) = root.mark_sites_shared() {
+            log::warn!(target: "offsite::run", "cannot mark {} as shared by sites: {e}", site.store.display());
+        }
+        return;
+    }
+    if root.runs_of(&site.name) != Runs::All {
+        return;
+    }
+    match root.claim(&site.name) {
+        Ok(None) => {}
+        Ok(Some((previous, count))) => log::warn!(
+            target: "offsite::run",
+            "the store {} was used by site {previous:?} ({count} run(s) under that name) and now by site {:?} \
+             ({}): a store's runs belong to it, so status and retention count them all as this site's. If the \
+             site was renamed, nothing more is needed; if two site files write here, give each its own store, \
+             or set `shared_store = true` in both",
+            site.store.display(),
+            site.name,
+            file.display()
+        ),
+        Err(e) => log::warn!(target: "offsite::run", "cannot record site {:?} as the store's: {e}", site.name),
+    }
+}
+
 /// After a run is recorded: retention (after good runs only) and the
 /// node_exporter textfile. Neither changes the run's status.
 fn after_run(root: &StoreRoot, site: &Site, manifest: &Manifest) {
     if manifest.status.is_good() && !site.retention.is_empty() {
         let pruned = retention::resume(root).and_then(|mut lines| {
             let (manifests, _) = root.manifests()?;
-            let plan = retention::plan(&manifests, &site.name, &site.retention);
+            let plan = retention::plan(&manifests, &root.runs_of(&site.name), &site.retention);
             lines.extend(retention::apply(root, &plan)?);
             Ok(lines)
         });
@@ -464,10 +483,10 @@ fn after_run(root: &StoreRoot, site: &Site, manifest: &Manifest) {
         let last_good = if manifest.status.is_good() {
             Some(manifest)
         } else {
-            earlier = root
-                .manifests()
-                .ok()
-                .and_then(|(all, _)| all.into_iter().rev().find(|m| m.run.site == site.name && m.status.is_good()));
+            earlier = root.manifests().ok().and_then(|(all, _)| {
+                let runs = root.runs_of(&site.name);
+                all.into_iter().rev().find(|m| runs.includes(m) && m.status.is_good())
+            });
             earlier.as_ref()
         };
         if let Err(e) = report::write_prometheus(path, site, manifest, last_good) {

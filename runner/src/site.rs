@@ -90,6 +90,10 @@ pub struct Site {
     pub file: Option<PathBuf>,
     /// The one directory backups are written into.
     pub store: PathBuf,
+    /// Several site files write into `store` (`shared_store = true`): each
+    /// sees only the runs made under its name. Otherwise the store is the
+    /// site's own and every run in it is the site's.
+    pub shared_store: bool,
     /// Directories the script may archive from (canonical paths).
     pub read_roots: Vec<PathBuf>,
     /// Directory relative source paths resolve against.
@@ -217,6 +221,7 @@ impl Site {
             name: cwd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into()),
             file: None,
             store: cwd.clone(),
+            shared_store: false,
             read_roots: vec![cwd.clone()],
             base_dir: cwd,
             unreadable_fatal: false,
@@ -415,6 +420,7 @@ impl Site {
             name,
             file: Some(path.to_path_buf()),
             store,
+            shared_store: raw.shared_store,
             read_roots,
             base_dir: file_dir.clone(),
             unreadable_fatal,
@@ -460,6 +466,7 @@ impl Site {
             .collect();
         let grants = serde_json::json!({
             "store": self.store,
+            "shared_store": self.shared_store,
             "read_roots": self.read_roots,
             "unreadable_fatal": self.unreadable_fatal,
             "hosts": hosts,
@@ -486,6 +493,8 @@ pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 struct SiteFile {
     name: Option<String>,
     store: PathBuf,
+    #[serde(default)]
+    shared_store: bool,
     /// The script `offsite watch` runs for this site.
     script: Option<PathBuf>,
     /// Cron expression for `offsite watch`.

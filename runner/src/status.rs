@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
 use crate::site::Site;
+use crate::store::run::Runs;
 use crate::store::{Manifest, StoreRoot};
 
 /// One site's state.
@@ -56,9 +57,10 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
         }
         Ok(root) => {
             let all = root.manifests().map(|(all, _)| all).unwrap_or_default();
+            let runs = root.runs_of(&site.name);
             let others: std::collections::BTreeSet<&str> =
                 all.iter().map(|m| m.run.site.as_str()).filter(|n| *n != site.name).collect();
-            let mine: Vec<Manifest> = all.iter().filter(|m| m.run.site == site.name).cloned().collect();
+            let mine: Vec<Manifest> = all.iter().filter(|m| runs.includes(m)).cloned().collect();
             match mine.last() {
                 None => {
                     failing = true;
@@ -90,15 +92,17 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                 }
             }
             if !others.is_empty() {
-                // A renamed or copied site file starts a new name: its old
-                // runs are still here, under the old one.
-                let _ = writeln!(
-                    text,
-                    "  note:      the store also holds runs of {}; if this site was renamed, set `name = \"{}\"` \
-                     in its file to keep its history",
-                    others.iter().map(|n| format!("site {n:?}")).collect::<Vec<_>>().join(", "),
-                    others.iter().next().expect("not empty")
-                );
+                let names = others.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+                let _ = match runs {
+                    // A renamed site file: its history stayed with the store.
+                    Runs::All => writeln!(
+                        text,
+                        "  note:      this store's runs count as this site's, including those made as site {names}"
+                    ),
+                    Runs::Named(_) => {
+                        writeln!(text, "  note:      the store is shared; it also holds runs of site {names}")
+                    }
+                };
             }
             match (root.holder(), root.died_holder()) {
                 (Some(h), _) => {

@@ -334,7 +334,8 @@ fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<U
 fn last_run(store: &Path, site: &str) -> Option<DateTime<Utc>> {
     let root = StoreRoot::open_existing(store).ok()?;
     let (manifests, _) = root.manifests().ok()?;
-    manifests.iter().rev().find(|m| m.run.site == site).and_then(|m| m.started_at()).map(|t| t.with_timezone(&Utc))
+    let runs = root.runs_of(site);
+    manifests.iter().rev().find(|m| runs.includes(m)).and_then(|m| m.started_at()).map(|t| t.with_timezone(&Utc))
 }
 
 fn forward_signals(tx: Sender<Message>) -> Result<()> {

@@ -689,39 +689,92 @@ fn verify_in_the_current_directory_store_checks_backups_not_the_users_files() {
     offsite_here(&["verify", "."]).expect_code(1).expect_stderr("corrupt");
 }
 
-/// Runs belong to a site by name: a renamed site file starts a new name,
-/// and status says the store holds the old name's runs and how to keep
-/// them, instead of silently showing no history.
+/// Runs belong to the store: a renamed site file keeps its history in
+/// status and retention, and its first run says once that the store was
+/// used under another name.
 #[test]
-fn status_says_when_a_store_holds_runs_of_another_site_name() {
+fn a_renamed_site_keeps_its_history_in_status_and_retention() {
     let site = Site::new();
     site.arc("2004-03-21T01:48:44").expect_code(0);
     let renamed = site.path("src/renamed.toml");
-    std::fs::write(&renamed, std::fs::read_to_string(site.file()).unwrap().replace("name = \"web\"\n", "")).unwrap();
-    let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&renamed).output().unwrap());
-    ran.expect_code(1);
-    assert!(ran.stdout.contains("the store also holds runs of site \"web\""), "{}", ran.stdout);
-    assert!(ran.stdout.contains("set `name = \"web\"`"), "{}", ran.stdout);
-    // The renamed site's first run says so too (a warning cron mails);
-    // once it has runs of its own, it says nothing.
-    let run = || {
+    let text = std::fs::read_to_string(site.file()).unwrap().replace("name = \"web\"\n", "");
+    std::fs::write(&renamed, format!("{text}[retention]\nkeep_last = 1\n")).unwrap();
+    let status = || Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&renamed).output().unwrap());
+    let ran = status();
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("last good: started"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("including those made as site \"web\""), "{}", ran.stdout);
+    let run = |now: &str| {
         Ran::from_output(
             site.offsite()
                 .arg("run")
                 .arg(script("arc"))
                 .arg("--site")
                 .arg(&renamed)
-                .args(["--param", "path=www"])
+                .args(["--param", "path=www", "--now", now])
                 .output()
                 .unwrap(),
         )
     };
-    let first = run();
-    first.expect_code(0).expect_stderr("holds runs of site \"web\" but none of site \"renamed\"");
-    assert_eq!(site.manifests().last().unwrap()["status"], "warning");
-    let second = run();
+    let first = run("2004-03-22T01:48:44");
+    first
+        .expect_code(0)
+        .expect_stderr("was used by site \"web\" (1 run(s) under that name) and now by site \"renamed\"");
+    // Retention (last = 1) counted the old name's run as this site's.
+    let manifests = site.manifests();
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    assert_eq!(manifests[0]["site"], "renamed");
+    assert!(!site.store().join("www.20040321-014844.tgz").exists());
+    let second = run("2004-03-23T01:48:44");
     second.expect_code(0);
-    assert_eq!(second.stderr, "", "quiet once the site has runs of its own");
+    assert_eq!(second.stderr, "", "quiet once the store is the renamed site's");
+}
+
+/// Two site files on one store by mistake take turns and warn on every
+/// run; with `shared_store = true` in both, each sees only its own runs
+/// and nothing is said.
+#[test]
+fn two_sites_on_one_store_warn_until_both_say_it_is_shared() {
+    let site = Site::new();
+    let web = site.file();
+    let other = site.path("src/other.toml");
+    let text = std::fs::read_to_string(&web).unwrap();
+    std::fs::write(&other, text.replace("name = \"web\"", "name = \"other\"")).unwrap();
+    let run = |file: &Path, now: &str| {
+        Ran::from_output(
+            site.offsite()
+                .arg("run")
+                .arg(script("arc"))
+                .arg("--site")
+                .arg(file)
+                .args(["--param", "path=www", "--now", now])
+                .output()
+                .unwrap(),
+        )
+    };
+    run(&web, "2004-03-21T01:00:00").expect_code(0);
+    assert_eq!(run(&web, "2004-03-21T02:00:00").stderr, "");
+    run(&other, "2004-03-21T03:00:00").expect_code(0).expect_stderr("was used by site \"web\"");
+    run(&web, "2004-03-21T04:00:00").expect_code(0).expect_stderr("was used by site \"other\"");
+
+    for file in [&web, &other] {
+        let text = std::fs::read_to_string(file).unwrap();
+        std::fs::write(file, text.replace("store = ", "shared_store = true\nstore = ")).unwrap();
+    }
+    assert_eq!(run(&other, "2004-03-21T05:00:00").expect_code(0).stderr, "");
+    assert_eq!(run(&web, "2004-03-21T06:00:00").expect_code(0).stderr, "");
+    // Each sees its own runs: other's last run failed, web's newer one did
+    // not, and other's status must not borrow web's.
+    std::fs::remove_dir_all(site.path("src/www")).unwrap();
+    run(&other, "2004-03-21T07:00:00").expect_code(1);
+    std::fs::create_dir_all(site.path("src/www")).unwrap();
+    std::fs::write(site.path("src/www/index.html"), "back").unwrap();
+    run(&web, "2004-03-21T08:00:00").expect_code(0);
+    let status = |file: &Path| Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(file).output().unwrap());
+    let ran = status(&other);
+    ran.expect_code(1);
+    assert!(ran.stdout.contains("the store is shared; it also holds runs of site \"web\""), "{}", ran.stdout);
+    status(&web).expect_code(0);
 }
 
 /// A backup file removed by hand: verify fails with `missing` until the

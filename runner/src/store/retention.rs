@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use chrono::{Datelike, TimeZone};
 
 use super::manifest::{Manifest, Status};
-use super::run::StoreRoot;
+use super::run::{Runs, StoreRoot};
 use super::{META_DIR, sync_dir};
 
 /// A site's `[retention]` rules. All zero means keep everything.
@@ -66,14 +66,14 @@ impl Verdict {
     }
 }
 
-/// Applies `keep` to `site`'s runs among `manifests` (oldest first), with
+/// Applies `keep` to a site's `runs` among `manifests` (oldest first), with
 /// days, weeks and months in the local time zone.
-pub fn plan(manifests: &[Manifest], site: &str, keep: &Keep) -> Vec<Verdict> {
-    plan_in(manifests, site, keep, &chrono::Local)
+pub fn plan(manifests: &[Manifest], runs: &Runs, keep: &Keep) -> Vec<Verdict> {
+    plan_in(manifests, runs, keep, &chrono::Local)
 }
 
-pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], site: &str, keep: &Keep, tz: &Tz) -> Vec<Verdict> {
-    let mine: Vec<&Manifest> = manifests.iter().filter(|m| m.run.site == site).collect();
+pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], runs: &Runs, keep: &Keep, tz: &Tz) -> Vec<Verdict> {
+    let mine: Vec<&Manifest> = manifests.iter().filter(|m| runs.includes(m)).collect();
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); mine.len()];
     let newest_good = mine.iter().rposition(|m| m.status.is_good());
     let (mut days, mut weeks, mut months) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
@@ -117,7 +117,7 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], site: &str, keep: &Keep, tz
         mine.iter().zip(&reasons).filter(|(_, r)| !r.is_empty()).map(|(m, _)| m.run.run_id.as_str()).collect();
     let protected: BTreeSet<PathBuf> = manifests
         .iter()
-        .filter(|m| m.run.site != site || kept_ids.contains(m.run.run_id.as_str()))
+        .filter(|m| !runs.includes(m) || kept_ids.contains(m.run.run_id.as_str()))
         .flat_map(|m| m.files.iter().map(|f| m.location(f)))
         .collect();
     mine.iter()
@@ -306,7 +306,7 @@ mod tests {
             }
         }
         let keep = Keep { last: 3, daily: 3, weekly: 2, monthly: 2 };
-        let v = plan_in(&runs, "s", &keep, &chrono::Utc);
+        let v = plan_in(&runs, &Runs::Named("s".into()), &keep, &chrono::Utc);
         assert_eq!(
             kept(&v),
             vec![
@@ -331,10 +331,10 @@ mod tests {
             runs.push(run(&i.to_string(), &format!("2026-11-2{i}T03:00:00+00:00"), Status::Failed, &[]));
         }
         let keep = Keep { last: 1, ..Keep::default() };
-        let v = plan_in(&runs, "s", &keep, &chrono::Utc);
+        let v = plan_in(&runs, &Runs::Named("s".into()), &keep, &chrono::Utc);
         assert_eq!(kept(&v), vec!["1", "2", "3", "4", "5", "6", "7"], "failures are newer than every good run");
         // Even a rule that keeps nothing by count keeps the newest good run.
-        let v = plan_in(&runs, "s", &Keep { daily: 0, ..Keep::default() }, &chrono::Utc);
+        let v = plan_in(&runs, &Runs::Named("s".into()), &Keep { daily: 0, ..Keep::default() }, &chrono::Utc);
         assert!(v[0].keep());
     }
 
@@ -345,7 +345,7 @@ mod tests {
             run("2", "2026-11-21T03:00:00+00:00", Status::Incomplete, &["x.tgz"]),
             run("3", "2026-11-22T03:00:00+00:00", Status::Ok, &["latest.tgz"]),
         ];
-        let v = plan_in(&runs, "s", &Keep { last: 1, ..Keep::default() }, &chrono::Utc);
+        let v = plan_in(&runs, &Runs::Named("s".into()), &Keep { last: 1, ..Keep::default() }, &chrono::Utc);
         assert_eq!(kept(&v), vec!["3"]);
         assert_eq!(v[0].files, vec![(PathBuf::from("one.tgz"), 1)]);
         assert_eq!(v[0].shared, vec![PathBuf::from("latest.tgz")]);
@@ -358,8 +358,22 @@ mod tests {
         let mut other = run("0", "2026-11-19T03:00:00+00:00", Status::Ok, &["a"]);
         other.run.site = "t".into();
         let runs = vec![other, run("1", "2026-11-20T03:00:00+00:00", Status::Ok, &["a"])];
-        let v = plan_in(&runs, "s", &Keep { last: 1, ..Keep::default() }, &chrono::Utc);
+        let v = plan_in(&runs, &Runs::Named("s".into()), &Keep { last: 1, ..Keep::default() }, &chrono::Utc);
         assert_eq!(v.len(), 1);
         assert!(v[0].keep());
+    }
+
+    #[test]
+    fn a_dedicated_store_counts_runs_made_under_an_earlier_name() {
+        let mut old = run("0", "2026-11-19T03:00:00+00:00", Status::Ok, &["a"]);
+        old.run.site = "before-rename".into();
+        let runs = vec![
+            old,
+            run("1", "2026-11-20T03:00:00+00:00", Status::Ok, &["b"]),
+            run("2", "2026-11-21T03:00:00+00:00", Status::Ok, &["c"]),
+        ];
+        let v = plan_in(&runs, &Runs::All, &Keep { last: 2, ..Keep::default() }, &chrono::Utc);
+        assert_eq!(v.len(), 3, "the old name's run is this site's too");
+        assert_eq!(kept(&v), vec!["1", "2"]);
     }
 }

@@ -52,6 +52,32 @@ pub const FORGOTTEN_DIR: &str = "forgotten";
 /// In `.offsite`: the store is not dedicated (see `StoreRoot::mark_shared`).
 pub const SHARED_MARK: &str = "shared";
 
+/// In `.offsite`: several sites write into this store (a site file says
+/// `shared_store = true`), so runs are told apart by site name.
+pub const SITES_MARK: &str = "sites";
+
+/// In `.offsite`: the name of the site that last ran into a dedicated store.
+pub const OWNER_FILE: &str = "site";
+
+/// Which of a store's runs are a site's. A dedicated store's runs are all
+/// its site's, whatever the site was called when each ran (a renamed site
+/// file keeps its history); in a store several sites or the user's own
+/// files share, runs are told apart by site name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runs {
+    All,
+    Named(String),
+}
+
+impl Runs {
+    pub fn includes(&self, m: &Manifest) -> bool {
+        match self {
+            Runs::All => true,
+            Runs::Named(site) => m.run.site == *site,
+        }
+    }
+}
+
 pub fn hostname() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
@@ -189,6 +215,42 @@ impl StoreRoot {
     /// Whether [`StoreRoot::mark_shared`] was called for this store.
     pub fn is_shared(&self) -> bool {
         self.meta.exists(SHARED_MARK)
+    }
+
+    /// Marks the store as one several sites write into: from now on each
+    /// site's status and retention see only the runs made under its name.
+    pub fn mark_sites_shared(&self) -> io::Result<()> {
+        if self.meta.exists(SITES_MARK) {
+            return Ok(());
+        }
+        self.meta.write(SITES_MARK, b"several sites write into this store; runs are told apart by site name\n")
+    }
+
+    /// Which runs in this store are `site`'s (see [`Runs`]).
+    pub fn runs_of(&self, site: &str) -> Runs {
+        if self.is_shared() || self.meta.exists(SITES_MARK) { Runs::Named(site.to_string()) } else { Runs::All }
+    }
+
+    /// Records `site` as the one that runs into this dedicated store, and
+    /// returns the name it replaces and how many runs that name made here,
+    /// when it is another: a renamed site file (whose history stays
+    /// with the store) or two site files sharing one store by mistake
+    /// (which then take turns, and warn each time). A store from before the
+    /// record existed is owned by the site of its newest run.
+    pub fn claim(&self, site: &str) -> io::Result<Option<(String, usize)>> {
+        let (all, _) = self.manifests()?;
+        let previous = match self.meta.read_to_string(OWNER_FILE) {
+            Ok(text) => text.lines().next().map(str::to_string).filter(|n| !n.is_empty()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => all.last().map(|m| m.run.site.clone()),
+            Err(e) => return Err(e),
+        };
+        if previous.as_deref() != Some(site) {
+            write_atomic(&self.meta, OWNER_FILE, format!("{site}\n").as_bytes())?;
+        }
+        Ok(previous.filter(|p| p != site).map(|p| {
+            let count = all.iter().filter(|m| m.run.site == p).count();
+            (p, count)
+        }))
     }
 
     /// Who holds the lock now, if anyone.
@@ -485,23 +547,6 @@ impl StoreRoot {
         sync_dir(&self.runs)
     }
 
-    /// The site names of the runs in this store when none of them is
-    /// `site`'s (a renamed site file's first run, say); `None` when `site`
-    /// has runs here or the store has none. Reads manifests newest first
-    /// and stops at the first of `site`'s.
-    pub fn only_other_sites(&self, site: &str) -> io::Result<Option<std::collections::BTreeSet<String>>> {
-        let mut others = std::collections::BTreeSet::new();
-        for name in self.manifest_names()?.iter().rev() {
-            let Ok(bytes) = self.manifests.read(name) else { continue };
-            let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else { continue };
-            if m.run.site == site {
-                return Ok(None);
-            }
-            others.insert(m.run.site);
-        }
-        Ok((!others.is_empty()).then_some(others))
-    }
-
     /// The names of the installed manifests, oldest run first (run ids
     /// sort by time).
     fn manifest_names(&self) -> io::Result<Vec<String>> {
@@ -516,13 +561,13 @@ impl StoreRoot {
         Ok(names)
     }
 
-    /// The newest good (ok or warning) run of `site`, reading manifests
+    /// The newest good (ok or warning) run of `runs`, reading manifests
     /// newest first and stopping at the first match.
-    pub fn last_good(&self, site: &str) -> io::Result<Option<Manifest>> {
+    pub fn last_good(&self, runs: &Runs) -> io::Result<Option<Manifest>> {
         for name in self.manifest_names()?.iter().rev() {
             let Ok(bytes) = self.manifests.read(name) else { continue };
             if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
-                && m.run.site == site
+                && runs.includes(&m)
                 && m.status.is_good()
             {
                 return Ok(Some(m));

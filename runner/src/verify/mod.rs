@@ -131,6 +131,8 @@ fn is_bookkeeping(rel: &Path, active_run: Option<&str>) -> bool {
     let Ok(inner) = rel.strip_prefix(META_DIR) else { return false };
     if inner == Path::new(crate::store::lock::LOCK_FILE)
         || inner == Path::new(crate::store::run::SHARED_MARK)
+        || inner == Path::new(crate::store::run::SITES_MARK)
+        || inner == Path::new(crate::store::run::OWNER_FILE)
         || inner.starts_with(crate::store::run::FORGOTTEN_DIR)
     {
         return true;
