@@ -43,6 +43,7 @@ pub mod report;
 #[cfg(feature = "runtime")]
 pub mod run;
 pub mod schedule;
+pub mod share;
 pub mod site;
 #[cfg(feature = "runtime")]
 pub mod sleep;

@@ -642,7 +642,7 @@ impl HostSection {
 }
 
 /// `~/x` against `$HOME`, other relative paths against `base`.
-fn expand_home(p: &Path, base: &Path) -> PathBuf {
+pub(crate) fn expand_home(p: &Path, base: &Path) -> PathBuf {
     if let Ok(rest) = p.strip_prefix("~")
         && let Some(home) = std::env::var_os("HOME")
     {
