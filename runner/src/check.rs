@@ -140,6 +140,7 @@ pub fn check(
         let _ = writeln!(out, "  secret {name} is sent nowhere (no `stdin` and `programs`): a script can only open it");
     }
     let _ = writeln!(out, "  limits: {}", site.limits);
+    source_report(&mut out, &mut problems, site, &at_key, connect);
     lifecycle_report(&mut out, &mut problems, site, &at_key);
 
     if let Some((runtime, script, info)) = script {
@@ -229,19 +230,118 @@ fn plain_pattern(pattern: &[String]) -> String {
     parts.join(" ")
 }
 
+/// The site's script: where it comes from, which version is pinned,
+/// whether it is stored here, who signed it, and with `--connect` whether
+/// its registry answers and its tag still points at the pinned version.
+fn source_report(
+    out: &mut String,
+    problems: &mut Vec<Problem>,
+    site: &Site,
+    at_key: &dyn Fn(&str, &str) -> String,
+    connect: bool,
+) {
+    use crate::share::reference::ScriptSource;
+    let Some(source) = &site.script else { return };
+    let _ = writeln!(out, "  runs {source} under offsite watch");
+    let mut problem =
+        |what: String, fix: &str| problems.push(Problem { at: at_key("", "script"), what, fix: fix.into() });
+    if let ScriptSource::Path(p) = source
+        && !p.is_file()
+    {
+        problem(
+            format!("the script {} does not exist", p.display()),
+            "build it, or fix the path (relative paths are relative to the site file)",
+        );
+        return;
+    }
+    if let ScriptSource::Oci(r) = source {
+        let lock = site.file.as_deref().map(crate::share::lockfile::read).transpose().ok().flatten().flatten();
+        let pinned = match (&r.digest, &lock) {
+            (Some(d), _) => {
+                let _ = writeln!(out, "    pinned by its digest sha256:{d}");
+                Some(d.clone())
+            }
+            (None, Some(l)) if l.reference == r.to_string() => {
+                let _ = writeln!(
+                    out,
+                    "    pinned by {} to {} (component {}, signer {}, recorded {})",
+                    crate::share::lockfile::path_for(site.file.as_deref().expect("a lock has a site file")).display(),
+                    l.manifest,
+                    l.component,
+                    l.signer.as_deref().unwrap_or("not checked"),
+                    l.updated
+                );
+                Some(l.manifest_hex().to_string())
+            }
+            (None, _) if site.script_follow => {
+                let _ = writeln!(out, "    follows the tag {} (script_update = \"follow\")", r.tag_or_latest());
+                None
+            }
+            (None, _) => {
+                problem(
+                    format!("{r} is a tag with no recorded digest: runs refuse it"),
+                    "run `offsite script update SITE.toml` to review and pin it",
+                );
+                None
+            }
+        };
+        if let Some(m) = &pinned {
+            match crate::share::cache::ScriptCache::open_default().map(|c| (c.manifest(m), c)) {
+                Ok((Some(rec), cache)) if cache.has(&rec.component) => {
+                    let _ = writeln!(out, "    stored locally in {} (runs need no registry)", cache.root.display());
+                }
+                Ok((_, cache)) => {
+                    let _ = writeln!(
+                        out,
+                        "    not stored locally ({}): the first run pulls it and needs the registry",
+                        cache.root.display()
+                    );
+                }
+                Err(e) => problem(format!("no script store: {e:#}"), "set OFFSITE_SCRIPTS_DIR or HOME"),
+            }
+        }
+        if connect {
+            match crate::share::registry::Registry::connect(&r.registry)
+                .and_then(|reg| reg.resolve(&r.without_digest()))
+            {
+                Ok(now) if pinned.as_deref() == Some(now.as_str()) => {
+                    let _ = writeln!(out, "    the registry answers; tag {} still points there", r.tag_or_latest());
+                }
+                Ok(now) if pinned.is_some() && r.digest.is_none() => {
+                    let _ = writeln!(
+                        out,
+                        "    the registry answers; tag {} has moved to sha256:{now}: `offsite script update` shows \
+                         what the new version would do",
+                        r.tag_or_latest()
+                    );
+                }
+                Ok(now) => {
+                    let _ = writeln!(out, "    the registry answers; tag {} points to sha256:{now}", r.tag_or_latest());
+                }
+                Err(e) => problem(
+                    format!("the registry of {r} cannot be reached: {}", crate::text::escape(&format!("{e:#}"))),
+                    "check the address, `docker login`/`podman login`, and the CA in certs.d",
+                ),
+            }
+        }
+    }
+    if let Some(signers) = &site.script_signers {
+        match crate::share::resolve::fetch(source, site) {
+            Ok(f) => match crate::share::resolve::check_signer(&f, Some(signers)) {
+                Ok(Some(who)) => {
+                    let _ = writeln!(out, "    signed by {who}, listed in {}", signers.display());
+                }
+                Ok(None) => {}
+                Err(e) => problem(format!("{e:#}"), "sign it (`offsite script sign`) with a key in the file"),
+            },
+            Err(e) => problem(format!("{e:#}"), "pull it first, or fix the reference"),
+        }
+    }
+}
+
 /// Retention, reports, notifications and at-rest protection: what they
 /// will do, and whatever would make them fail at run time.
 fn lifecycle_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, at_key: &dyn Fn(&str, &str) -> String) {
-    if let Some(script) = &site.script {
-        let _ = writeln!(out, "  runs {} under offsite watch", script.display());
-        if !script.is_file() {
-            problems.push(Problem {
-                at: at_key("", "script"),
-                what: format!("the script {} does not exist", script.display()),
-                fix: "build it, or fix the path (relative paths are relative to the site file)".into(),
-            });
-        }
-    }
     if let Some(schedule) = &site.schedule {
         let next = schedule
             .next_after(chrono::Utc::now())

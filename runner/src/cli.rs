@@ -154,6 +154,9 @@ enum Command {
     /// Key helpers for the servers a site reaches.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Share scripts: push, pull, list, sign, verify.
+    #[command(subcommand)]
+    Script(crate::share::commands::ScriptCommand),
 }
 
 #[derive(Subcommand)]
@@ -200,6 +203,7 @@ pub fn main() -> ExitCode {
             crate::watch::watch(&sites, options).exit(Exit::Usage)
         }
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
+        Command::Script(cmd) => crate::share::commands::main(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -229,11 +233,17 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
     let site = Site::parse(&text, site_file, &cwd).exit(Exit::Usage)?;
     // Without a script argument, the script the site names (if it exists:
     // a missing one is reported as a problem below).
-    let script = script.or(site.script.as_deref().filter(|p| p.is_file()));
-    let loaded = match script {
-        Some(path) => {
+    // A script that cannot be had (missing file, registry down and not
+    // stored, unsigned) is reported as a problem below.
+    let fetched = match (script, &site.script) {
+        (Some(path), _) => Some(crate::share::resolve::fetch_file(path).exit(Exit::Usage)?),
+        (None, Some(source)) => crate::share::resolve::fetch(source, &site).ok(),
+        (None, None) => None,
+    };
+    let loaded = match &fetched {
+        Some(f) => {
             let runtime = runtime()?;
-            let script = runtime.load(path).exit(Exit::Usage)?;
+            let script = runtime.load_bytes(&f.path, &f.bytes).exit(Exit::Usage)?;
             let info = describe(&runtime, &script)?;
             Some((runtime, script, info))
         }

@@ -22,6 +22,8 @@ use crate::bindings::meta::ScriptInfo;
 use crate::caps::{Caps, Clock};
 use crate::engine::{Runtime, Script, ScriptFailure};
 use crate::policy::Policy;
+use crate::share::reference::ScriptSource;
+use crate::share::resolve::Fetched;
 use crate::site::Site;
 
 /// One validated pair.
@@ -34,6 +36,10 @@ pub struct Version {
     /// The script file's bytes as validated (what a run must execute,
     /// whatever the file holds by then).
     pub script_bytes: Vec<u8>,
+    /// Where they came from (a file, or `oci://...@sha256:...`).
+    pub script_source: String,
+    /// The signature that passed the site's `script_signers`, if it checks.
+    pub signature: Option<Vec<u8>>,
     pub info: ScriptInfo,
 }
 
@@ -115,6 +121,16 @@ impl Slot {
     }
 }
 
+/// Whether `source` is where `kept`'s script came from.
+fn source_matches(source: &ScriptSource, kept: &Version) -> bool {
+    match source {
+        ScriptSource::Path(p) => *p == kept.script.path,
+        ScriptSource::Oci(r) => {
+            kept.script_source == r.to_string() || kept.script_source.starts_with(&format!("{}@", r.without_digest()))
+        }
+    }
+}
+
 /// An error message on one line (wasmtime's can span several).
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -142,19 +158,42 @@ fn validate_with(
     if kept.is_some_and(|v| v.site_sha256 == site_sha256) {
         return Err(anyhow!("the site file did not change"));
     }
-    let script_file = script_file
-        .or(site.script.as_deref())
-        .ok_or_else(|| anyhow!("{}: no `script` key: name the script this site runs", site_file.display()))?;
-    let script_bytes = match kept {
-        Some(v) if v.script.path == script_file => v.script_bytes.clone(),
-        Some(_) => return Err(anyhow!("the site names another script")),
-        None => std::fs::read(script_file).with_context(|| format!("cannot read script {}", script_file.display()))?,
+    let source = match script_file {
+        Some(p) => ScriptSource::Path(p.to_path_buf()),
+        None => site
+            .script
+            .clone()
+            .ok_or_else(|| anyhow!("{}: no `script` key: name the script this site runs", site_file.display()))?,
     };
-    let script = runtime.load_bytes(script_file, &script_bytes)?;
+    let fetched = match kept {
+        Some(v) if source_matches(&source, v) => Fetched {
+            bytes: v.script_bytes.clone(),
+            path: v.script.path.clone(),
+            source: v.script_source.clone(),
+            signatures: v.signature.iter().cloned().collect(),
+        },
+        Some(_) => return Err(anyhow!("the site names another script")),
+        None => crate::share::resolve::fetch(&source, &site)?,
+    };
+    let signer = crate::share::resolve::check_signer(&fetched, site.script_signers.as_deref())?;
+    let signature = match signer {
+        Some(_) => {
+            let allowed =
+                crate::share::signing::AllowedSigners::load(site.script_signers.as_deref().expect("checked"))?;
+            fetched
+                .signatures
+                .iter()
+                .find(|s| allowed.verify_any(&fetched.bytes, std::slice::from_ref(s)).is_ok())
+                .cloned()
+        }
+        None => None,
+    };
+    let script_file = fetched.path.as_path();
+    let script = runtime.load_bytes(script_file, &fetched.bytes)?;
     if let Some(pin) = &site.script_sha256
         && *pin != script.sha256
     {
-        return Err(anyhow!("{} has sha256 {}, but the site pins {pin}", script_file.display(), script.sha256));
+        return Err(anyhow!("{} has sha256 {}, but the site pins {pin}", fetched.source, script.sha256));
     }
     let caps = Caps::new("describe", "-", Policy::deny_all(), Clock::System);
     let info = runtime.describe(&script, caps).map_err(|f| match f {
@@ -166,7 +205,16 @@ fn validate_with(
     if let Some(first) = report.problems.first() {
         return Err(anyhow!("{} problem(s); the first: {first}", report.problems.len()));
     }
-    Ok(Version { site, site_text: text, site_sha256, script, script_bytes, info })
+    Ok(Version {
+        site,
+        site_text: text,
+        site_sha256,
+        script,
+        script_bytes: fetched.bytes,
+        script_source: fetched.source,
+        signature,
+        info,
+    })
 }
 
 #[cfg(test)]

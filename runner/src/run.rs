@@ -21,6 +21,7 @@ use crate::cli::{Exit, ExitContext, Failure, runtime};
 use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure};
 use crate::policy::{ParamGrant, Policy};
 use crate::report::{self, Event, Note};
+use crate::share::reference::ScriptSource;
 use crate::site::Site;
 use crate::store::lock::{Holder, Lock, LockError};
 use crate::store::manifest::ScriptRef;
@@ -61,6 +62,10 @@ pub struct Request {
     /// it validated this way.
     #[arg(long, hide = true, requires = "site")]
     site_stdin: bool,
+    /// Where the script came from, for the manifest: `offsite watch` runs
+    /// a private snapshot of the version it validated.
+    #[arg(long, hide = true)]
+    script_source: Option<String>,
 }
 
 /// `offsite run`: one run of a script for a site, from loading both to
@@ -81,22 +86,31 @@ pub fn run(args: Request) -> Result<(), Failure> {
         cli_params.insert(k.to_string(), v.to_string());
     }
 
-    let script_path = match script_arg.or_else(|| site.script.clone()) {
-        Some(path) => path,
-        None if site.file.is_some() => {
-            return Err(anyhow!("name the script to run: site {} has no `script`", site_label(&site)))
-                .exit(Exit::Usage);
-        }
-        None => return Err(anyhow!("name the script to run (SCRIPT.wasm), or a site (--site)")).exit(Exit::Usage),
+    let source = match script_arg {
+        Some(arg) => ScriptSource::parse(&arg.to_string_lossy(), &cwd).exit(Exit::Usage)?,
+        None => match site.script.clone() {
+            Some(source) => source,
+            None if site.file.is_some() => {
+                return Err(anyhow!("name the script to run: site {} has no `script`", site_label(&site)))
+                    .exit(Exit::Usage);
+            }
+            None => {
+                return Err(anyhow!("name the script to run (SCRIPT.wasm), or a site (--site)")).exit(Exit::Usage);
+            }
+        },
     };
+    let fetched = crate::share::resolve::fetch(&source, &site).exit(Exit::Usage)?;
+    // Signatures are checked on the bytes that will run, before they are
+    // compiled.
+    let signer = crate::share::resolve::check_signer(&fetched, site.script_signers.as_deref()).exit(Exit::Usage)?;
     let runtime = runtime()?;
-    let script = runtime.load(&script_path).exit(Exit::Usage)?;
+    let script = runtime.load_bytes(&fetched.path, &fetched.bytes).exit(Exit::Usage)?;
     if let Some(pin) = &site.script_sha256
         && *pin != script.sha256
     {
         return Err(anyhow!(
             "{} has sha256 {}, but site {} pins script_sha256 = {pin}; refusing to run it",
-            script.path.display(),
+            fetched.source,
             script.sha256,
             site_label(&site)
         ))
@@ -116,7 +130,13 @@ pub fn run(args: Request) -> Result<(), Failure> {
         site: site.name.clone(),
         hostname: hostname(),
         pid: std::process::id(),
-        script: ScriptRef { name: info.name.clone(), version: info.version.clone(), sha256: script.sha256.clone() },
+        script: ScriptRef {
+            name: info.name.clone(),
+            version: info.version.clone(),
+            sha256: script.sha256.clone(),
+            source: Some(args.script_source.clone().unwrap_or(fetched.source)),
+            signer: signer.map(|s| s.to_string()),
+        },
         grants_sha256: site.grants_digest(),
         started: local_start.to_rfc3339(),
     };

@@ -81,6 +81,9 @@ impl Default for Limits {
     }
 }
 
+/// How often `watch` checks a followed registry tag, by default.
+pub const DEFAULT_SCRIPT_POLL: Duration = Duration::from_secs(3600);
+
 /// A site, resolved: every path is absolute and every root exists.
 #[derive(Debug, Clone)]
 pub struct Site {
@@ -128,8 +131,18 @@ pub struct Site {
     /// At-rest protection (`[protect]`).
     pub protect: Protect,
     /// The script `offsite watch` runs for this site (`script`; `offsite
-    /// run` takes it on its command line instead).
-    pub script: Option<PathBuf>,
+    /// run` takes it on its command line instead): a file, or a registry
+    /// reference.
+    pub script: Option<crate::share::reference::ScriptSource>,
+    /// The OpenSSH allowed_signers file a script must be signed against
+    /// (`script_signers`); `None` runs unsigned scripts.
+    pub script_signers: Option<PathBuf>,
+    /// A registry tag with no digest recorded in the site's lock file is
+    /// run at whatever it points to now (`script_update = "follow"`),
+    /// instead of being refused.
+    pub script_follow: bool,
+    /// How often `watch` checks a followed tag (`script_poll`).
+    pub script_poll: Duration,
     /// When `offsite watch` runs the site (`schedule`, `timezone`).
     pub schedule: Option<crate::schedule::Schedule>,
     /// What `watch` does about runs missed while it was not running.
@@ -238,6 +251,9 @@ impl Site {
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
             protect: Protect::default(),
             script: None,
+            script_signers: None,
+            script_follow: false,
+            script_poll: DEFAULT_SCRIPT_POLL,
             schedule: None,
             missed: Default::default(),
         })
@@ -306,6 +322,25 @@ impl Site {
             Some("fail") => true,
             Some(other) => bail!("{}: {other:?} must be \"skip\" or \"fail\"", at("read.unreadable")),
         };
+        let script = match raw.script.as_deref() {
+            Some(text) => {
+                Some(crate::share::reference::ScriptSource::parse(text, &file_dir).with_context(|| at("script"))?)
+            }
+            None => None,
+        };
+        let script_follow = match raw.script_update.as_deref() {
+            None | Some("pinned") => false,
+            Some("follow") => true,
+            Some(other) => bail!("{}: {other:?} must be \"pinned\" or \"follow\"", at("script_update")),
+        };
+        if script_follow && !matches!(script, Some(crate::share::reference::ScriptSource::Oci(_))) {
+            bail!("{}: only a registry script (script = \"oci://...\") can follow a tag", at("script_update"));
+        }
+        if let Some(d) = &raw.script_poll
+            && d.0 < Duration::from_secs(60)
+        {
+            bail!("{}: at least 1m, so a registry is not polled in a loop", at("script_poll"));
+        }
         if let Some(pin) = &raw.script_sha256
             && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
         {
@@ -441,7 +476,10 @@ impl Site {
             shrink_warning,
             notify,
             protect,
-            script: raw.script.as_deref().map(|p| expand_home(p, &file_dir)),
+            script,
+            script_signers: raw.script_signers.map(|p| expand_home(&p, &file_dir)),
+            script_follow,
+            script_poll: raw.script_poll.map_or(DEFAULT_SCRIPT_POLL, |d| d.0),
             schedule,
             missed,
         })
@@ -496,7 +534,10 @@ struct SiteFile {
     #[serde(default)]
     shared_store: bool,
     /// The script `offsite watch` runs for this site.
-    script: Option<PathBuf>,
+    script: Option<String>,
+    script_signers: Option<PathBuf>,
+    script_update: Option<String>,
+    script_poll: Option<HumanDuration>,
     /// Cron expression for `offsite watch`.
     schedule: Option<String>,
     timezone: Option<String>,

@@ -154,6 +154,12 @@ impl Snapshots {
                 .and_then(|_| std::fs::rename(&tmp, &path))
                 .with_context(|| format!("cannot write the script snapshot {}", path.display()))?;
         }
+        // The run checks the site's signers again, on the snapshot.
+        if let Some(sig) = &version.signature {
+            let sig_path = crate::share::resolve::sig_path(&path);
+            std::fs::write(&sig_path, sig)
+                .with_context(|| format!("cannot write the signature snapshot {}", sig_path.display()))?;
+        }
         Ok(path)
     }
 
@@ -162,7 +168,7 @@ impl Snapshots {
         let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let sha = name.strip_suffix(".wasm").unwrap_or(&name);
+            let sha = name.strip_suffix(".wasm.sig").or_else(|| name.strip_suffix(".wasm")).unwrap_or(&name);
             if !keep.contains(sha) {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -742,6 +748,7 @@ fn spawn_run(snapshots: &Snapshots, site_file: &Path, version: &Version, verbose
         cmd.arg(format!("-{}", "v".repeat(verbose as usize)));
     }
     cmd.arg("run").arg(&script).arg("--site").arg(site_file).arg("--site-stdin");
+    cmd.arg("--script-source").arg(&version.script_source);
     cmd.current_dir(site_file.parent().unwrap_or(Path::new("/")));
     cmd.env("OFFSITE_LOG_PREFIX", format!("[{}] ", version.site.name));
     cmd.env(crate::logging::LOG_TIME_VAR, "1");

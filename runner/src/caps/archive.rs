@@ -295,7 +295,12 @@ mod tests {
             site: "s".into(),
             hostname: "h".into(),
             pid: 1,
-            script: crate::store::manifest::ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
+            script: crate::store::manifest::ScriptRef {
+                name: "t".into(),
+                version: "1".into(),
+                sha256: String::new(),
+                ..Default::default()
+            },
             grants_sha256: String::new(),
             started: String::new(),
         };

@@ -4,7 +4,12 @@
 #[cfg(feature = "runtime")]
 pub mod auth;
 pub mod cache;
+#[cfg(feature = "runtime")]
+pub mod commands;
+pub mod lockfile;
 pub mod reference;
 #[cfg(feature = "runtime")]
 pub mod registry;
+#[cfg(feature = "runtime")]
+pub mod resolve;
 pub mod signing;

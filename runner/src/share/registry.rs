@@ -314,7 +314,7 @@ impl Registry {
             "artifactType": SIGNATURE_ARTIFACT_TYPE,
             "config": { "mediaType": EMPTY_CONFIG_MEDIA_TYPE, "digest": empty_digest, "size": 2 },
             "layers": layers,
-            "subject": { "mediaType": MANIFEST_MEDIA_TYPE, "digest": format!("sha256:{manifest_hex}") },
+            "annotations": { "org.opencontainers.image.ref.name": signature_tag(manifest_hex) },
         }))?;
         let reference = client_ref(&sig_ref);
         let signature = bytes::Bytes::copy_from_slice(signature);

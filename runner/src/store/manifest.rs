@@ -71,11 +71,17 @@ pub struct Origin {
 }
 
 /// The script a run executed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ScriptRef {
     pub name: String,
     pub version: String,
     pub sha256: String,
+    /// Where it came from: the file, or `oci://...@sha256:...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Who signed it, when the site checks `script_signers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// What a run is: known when it starts (its journal's first line records

@@ -533,7 +533,12 @@ mod tests {
             site: "s".into(),
             hostname: "h".into(),
             pid: 1,
-            script: manifest::ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
+            script: manifest::ScriptRef {
+                name: "t".into(),
+                version: "1".into(),
+                sha256: String::new(),
+                ..Default::default()
+            },
             grants_sha256: String::new(),
             started: "2026-11-26T23:00:00+00:00".into(),
         }

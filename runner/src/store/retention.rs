@@ -266,7 +266,12 @@ mod tests {
                 site: "s".into(),
                 hostname: "h".into(),
                 pid: 1,
-                script: ScriptRef { name: "t".into(), version: "1".into(), sha256: String::new() },
+                script: ScriptRef {
+                    name: "t".into(),
+                    version: "1".into(),
+                    sha256: String::new(),
+                    ..Default::default()
+                },
                 grants_sha256: String::new(),
                 started: started.into(),
             },

@@ -346,7 +346,12 @@ impl StoreRoot {
             site: String::new(),
             hostname: String::new(),
             pid: 0,
-            script: ScriptRef { name: String::new(), version: String::new(), sha256: String::new() },
+            script: ScriptRef {
+                name: String::new(),
+                version: String::new(),
+                sha256: String::new(),
+                ..Default::default()
+            },
             grants_sha256: String::new(),
             started: now.clone(),
         });
@@ -651,7 +656,7 @@ mod tests {
             site: "s".into(),
             hostname: "h".into(),
             pid: 1,
-            script: ScriptRef { name: "t".into(), version: "1".into(), sha256: "0".repeat(64) },
+            script: ScriptRef { name: "t".into(), version: "1".into(), sha256: "0".repeat(64), ..Default::default() },
             grants_sha256: "1".repeat(64),
             started: "2026-11-26T23:00:00+00:00".into(),
         }

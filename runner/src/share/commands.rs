@@ -1,0 +1,232 @@
+//! `offsite script ...`: push, pull, list, sign and verify shared scripts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::Subcommand;
+
+use super::cache::{MAX_SCRIPT_BYTES, ScriptCache};
+use super::reference::{OciRef, ScriptSource};
+use super::registry::{Registry, ScriptMeta};
+use super::resolve::{self, Fetched};
+use super::signing::{self, AllowedSigners};
+use crate::cli::{Exit, ExitContext, Failure};
+
+#[derive(Subcommand)]
+pub enum ScriptCommand {
+    /// Publish a script to a registry (a standard wasm OCI artifact) and
+    /// print its digest reference.
+    Push {
+        /// The script component (.wasm).
+        file: PathBuf,
+        /// Where to: oci://REGISTRY/REPOSITORY:TAG.
+        reference: String,
+        /// Also sign it with this SSH key (a private key file, or the .pub
+        /// of a key in your agent).
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+    },
+    /// Fetch a script into the local script store and print its digest.
+    Pull {
+        /// oci://REGISTRY/REPOSITORY:TAG or ...@sha256:DIGEST.
+        reference: String,
+    },
+    /// List the scripts in the local script store.
+    Ls,
+    /// Sign a script: FILE.wasm gets FILE.wasm.sig beside it; a registry
+    /// script gets the signature pushed beside it.
+    Sign {
+        /// FILE.wasm or oci://REGISTRY/REPOSITORY:TAG.
+        script: String,
+        /// The SSH key to sign with (a private key file, or the .pub of a
+        /// key in your agent).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+    },
+    /// Check a script's signatures against an allowed_signers file; exit 2
+    /// when none is by a listed key.
+    Verify {
+        /// FILE.wasm or oci://REGISTRY/REPOSITORY:TAG.
+        script: String,
+        /// OpenSSH allowed_signers file (default:
+        /// $OFFSITE_CONFIG_DIR/allowed_signers, else /etc/offsite/allowed_signers).
+        #[arg(long, value_name = "FILE")]
+        signers: Option<PathBuf>,
+    },
+}
+
+pub fn main(cmd: ScriptCommand) -> Result<(), Failure> {
+    match cmd {
+        ScriptCommand::Push { file, reference, sign } => push(&file, &reference, sign.as_deref()),
+        ScriptCommand::Pull { reference } => pull(&reference),
+        ScriptCommand::Ls => ls(),
+        ScriptCommand::Sign { script, key } => sign_script(&script, &key),
+        ScriptCommand::Verify { script, signers } => verify(&script, signers),
+    }
+}
+
+fn oci(text: &str) -> Result<OciRef, Failure> {
+    text.parse::<OciRef>().exit(Exit::Usage)
+}
+
+fn cache() -> Result<ScriptCache, Failure> {
+    ScriptCache::open_default().exit(Exit::Usage)
+}
+
+/// What a script declares, for the artifact's annotations and config.
+pub fn meta_of(bytes: &[u8], path: &Path) -> Result<ScriptMeta, Failure> {
+    let runtime = crate::cli::runtime()?;
+    let script = runtime.load_bytes(path, bytes).exit(Exit::Usage)?;
+    let info = crate::run::describe(&runtime, &script)?;
+    let ty = script.component.component_type();
+    Ok(ScriptMeta {
+        name: info.name,
+        version: info.version,
+        description: info.description,
+        imports: ty.imports(runtime.engine()).map(|(n, _)| n.to_string()).collect(),
+        exports: ty.exports(runtime.engine()).map(|(n, _)| n.to_string()).collect(),
+    })
+}
+
+fn push(file: &Path, reference: &str, sign: Option<&Path>) -> Result<(), Failure> {
+    let r = oci(reference)?;
+    if r.digest.is_some() {
+        return Err(anyhow!("push to a tag (oci://REGISTRY/REPOSITORY:TAG); the digest is what push prints"))
+            .exit(Exit::Usage);
+    }
+    let fetched = resolve::fetch_file(file).exit(Exit::Usage)?;
+    // Only a script that loads and describes itself is published.
+    let meta = meta_of(&fetched.bytes, file)?;
+    let signature = sign.map(|key| signing::sign(key, &fetched.bytes)).transpose().exit(Exit::Usage)?;
+    let cache = cache()?;
+    let registry = Registry::connect(&r.registry).exit(Exit::Usage)?;
+    let manifest = registry.push(&cache, &r, &fetched.bytes, &meta).exit(Exit::BackupFailed)?;
+    if let Some(sig) = &signature {
+        registry.push_signature(&r, &manifest, sig).exit(Exit::BackupFailed)?;
+        cache
+            .add_signature(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fetched.bytes)), sig)
+            .exit(Exit::Usage)?;
+    }
+    println!("{}", r.pinned(&manifest));
+    Ok(())
+}
+
+fn pull(reference: &str) -> Result<(), Failure> {
+    let r = oci(reference)?;
+    let cache = cache()?;
+    let registry = Registry::connect(&r.registry).exit(Exit::Usage)?;
+    let pulled = registry.pull(&cache, &r).exit(Exit::Usage)?;
+    log::info!(
+        target: "offsite::script",
+        "{} {} component sha256:{} ({} bytes, {} signature(s){})",
+        pulled.record.name,
+        pulled.record.version,
+        pulled.record.component,
+        pulled.record.size,
+        pulled.signatures,
+        if pulled.was_cached { ", already stored" } else { "" }
+    );
+    println!("{}", pulled.record.reference);
+    Ok(())
+}
+
+fn ls() -> Result<(), Failure> {
+    let cache = cache()?;
+    let records = cache.manifests();
+    let blobs = cache.blobs();
+    if records.is_empty() && blobs.is_empty() {
+        eprintln!("offsite: no scripts in {}", cache.root.display());
+        return Ok(());
+    }
+    println!("{:<20} {:<10} {:<19} {:>9}  {:<24} FROM", "NAME", "VERSION", "COMPONENT", "SIZE", "SIGNED BY");
+    let mut listed = std::collections::HashSet::new();
+    for rec in &records {
+        listed.insert(rec.component.clone());
+        let stored = cache.has(&rec.component);
+        let signers: Vec<String> = cache
+            .signatures(&rec.component)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| signing::signature_key(s))
+            .collect();
+        println!(
+            "{:<20} {:<10} sha256:{:<12} {:>9}  {:<24} {}{}",
+            crate::text::escape(&crate::text::truncate(&rec.name, 20)),
+            crate::text::escape(&crate::text::truncate(&rec.version, 10)),
+            &rec.component[..12],
+            rec.size,
+            if signers.is_empty() { "-".to_string() } else { signers.join(",") },
+            rec.reference,
+            if stored { "" } else { " (component not stored)" }
+        );
+    }
+    for (hex, size) in blobs.iter().filter(|(h, _)| !listed.contains(h)) {
+        println!("{:<20} {:<10} sha256:{:<12} {:>9}  {:<24} (local file)", "-", "-", &hex[..12], size, "-");
+    }
+    Ok(())
+}
+
+/// A script named on the command line: a file or a registry reference
+/// (pulled when not stored).
+fn fetch_arg(script: &str) -> Result<Fetched, Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    match ScriptSource::parse(script, &cwd).exit(Exit::Usage)? {
+        ScriptSource::Path(p) => resolve::fetch_file(&p).exit(Exit::Usage),
+        ScriptSource::Oci(r) => {
+            let cache = cache()?;
+            let pinned = match &r.digest {
+                Some(_) => r.clone(),
+                None => {
+                    let hex = Registry::connect(&r.registry).and_then(|reg| reg.resolve(&r)).exit(Exit::Usage)?;
+                    r.pinned(&hex)
+                }
+            };
+            resolve::from_store_or_pull(&cache, &pinned).exit(Exit::Usage)
+        }
+    }
+}
+
+fn sign_script(script: &str, key: &Path) -> Result<(), Failure> {
+    let fetched = fetch_arg(script)?;
+    if fetched.bytes.len() as u64 > MAX_SCRIPT_BYTES {
+        return Err(anyhow!("the script is over the limit of {MAX_SCRIPT_BYTES} bytes")).exit(Exit::Usage);
+    }
+    let sig = signing::sign(key, &fetched.bytes).exit(Exit::Usage)?;
+    let fingerprint = signing::signature_key(&sig).unwrap_or_default();
+    if script.starts_with(super::reference::SCHEME) {
+        let r: OciRef = fetched.source.parse().exit(Exit::Usage)?;
+        let manifest = r.digest.clone().expect("pinned");
+        Registry::connect(&r.registry)
+            .and_then(|reg| reg.push_signature(&r, &manifest, &sig))
+            .exit(Exit::BackupFailed)?;
+        let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fetched.bytes));
+        cache()?.add_signature(&hex, &sig).exit(Exit::Usage)?;
+        println!("signed {} with {fingerprint}", r);
+    } else {
+        let path = resolve::sig_path(&fetched.path);
+        std::fs::write(&path, &sig).with_context(|| format!("cannot write {}", path.display())).exit(Exit::Usage)?;
+        println!("signed {} with {fingerprint}: {}", fetched.path.display(), path.display());
+    }
+    Ok(())
+}
+
+/// The allowed_signers file used when none is named.
+pub fn default_signers() -> PathBuf {
+    std::env::var_os("OFFSITE_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/etc/offsite".into())
+        .join("allowed_signers")
+}
+
+fn verify(script: &str, signers: Option<PathBuf>) -> Result<(), Failure> {
+    let fetched = fetch_arg(script)?;
+    let file = signers.unwrap_or_else(default_signers);
+    let allowed = AllowedSigners::load(&file).exit(Exit::Usage)?;
+    match allowed.verify_any(&fetched.bytes, &fetched.signatures) {
+        Ok(who) => {
+            println!("{}: signed by {who}", fetched.source);
+            Ok(())
+        }
+        Err(why) => Err(anyhow!("{}: {why}", fetched.source)).exit(Exit::Usage),
+    }
+}

@@ -1,0 +1,163 @@
+//! From a site's `script` to the bytes that run: a local file (with
+//! `FILE.sig` beside it), or a registry reference resolved through the
+//! site's lock file and the local script store. A pinned script that is
+//! stored never touches the network. When the site names `script_signers`,
+//! the bytes must carry a signature by a listed key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::cache::{LoadError, MAX_SCRIPT_BYTES, ScriptCache};
+use super::lockfile;
+use super::reference::{OciRef, ScriptSource};
+use super::registry::Registry;
+use super::signing::{AllowedSigners, MAX_SIGNATURE, Signer};
+use crate::site::Site;
+
+/// A script ready to compile, and where it came from.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    /// A path for messages: the file, or the stored component.
+    pub path: PathBuf,
+    /// The site's reference pinned to what ran (`oci://...@sha256:...`),
+    /// or the file's path.
+    pub source: String,
+    /// Signatures found for these bytes.
+    pub signatures: Vec<Vec<u8>>,
+}
+
+/// Loads the script `source` for `site` (see the module docs).
+pub fn fetch(source: &ScriptSource, site: &Site) -> Result<Fetched> {
+    match source {
+        ScriptSource::Path(path) => fetch_file(path),
+        ScriptSource::Oci(r) => fetch_oci(r, site),
+    }
+}
+
+/// A local file and its `FILE.sig`.
+pub fn fetch_file(path: &Path) -> Result<Fetched> {
+    let bytes =
+        read_bounded(path, MAX_SCRIPT_BYTES).with_context(|| format!("cannot read script {}", path.display()))?;
+    let sig_path = sig_path(path);
+    let signatures = match read_bounded(&sig_path, MAX_SIGNATURE) {
+        Ok(s) => vec![s],
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
+            Vec::new()
+        }
+        Err(e) => return Err(e.context(format!("cannot read the signature {}", sig_path.display()))),
+    };
+    Ok(Fetched { bytes, path: path.to_path_buf(), source: path.display().to_string(), signatures })
+}
+
+/// `FILE.wasm.sig`, as `ssh-keygen -Y sign` names it.
+pub fn sig_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".sig");
+    PathBuf::from(s)
+}
+
+/// Which manifest a registry reference means for `site`: its own digest,
+/// the site's lock, or (following) the tag now.
+fn fetch_oci(r: &OciRef, site: &Site) -> Result<Fetched> {
+    let cache = ScriptCache::open_default()?;
+    if let Some(d) = &r.digest {
+        return from_store_or_pull(&cache, &r.pinned(d));
+    }
+    let lock = match &site.file {
+        Some(file) => lockfile::read(file)?,
+        None => None,
+    };
+    match lock {
+        Some(lock) if lock.reference == r.to_string() => from_store_or_pull(&cache, &r.pinned(lock.manifest_hex())),
+        Some(lock) => bail!(
+            "{} records {} but the site's script is {r}: run `offsite script update {}`",
+            lockfile::path_for(site.file.as_deref().unwrap_or(Path::new("SITE"))).display(),
+            lock.reference,
+            site.file.as_deref().unwrap_or(Path::new("SITE")).display()
+        ),
+        None if site.script_follow => follow(&cache, r),
+        None => bail!(
+            "the script {r} is a tag with no recorded digest, and a tag can move to code nobody reviewed: run \
+             `offsite script update {}` to pin it (or set script_update = \"follow\")",
+            site.file.as_deref().map_or("SITE.toml".into(), |f| f.display().to_string())
+        ),
+    }
+}
+
+/// A followed tag: what it points to now; with the registry unreachable,
+/// the newest version of it pulled before (said in a warning).
+fn follow(cache: &ScriptCache, r: &OciRef) -> Result<Fetched> {
+    let resolved = Registry::connect(&r.registry).and_then(|reg| reg.resolve(r));
+    match resolved {
+        Ok(hex) => from_store_or_pull(cache, &r.pinned(&hex)),
+        Err(e) => {
+            let prefix = format!("{r}@");
+            let known = cache.manifests().into_iter().find(|m| m.reference.starts_with(&prefix));
+            match known {
+                Some(m) => {
+                    log::warn!(
+                        target: "offsite::script",
+                        "cannot reach the registry to follow {r} ({e:#}); running the version pulled {}, \
+                         sha256:{}",
+                        m.fetched,
+                        m.manifest
+                    );
+                    from_store_or_pull(cache, &r.pinned(&m.manifest))
+                }
+                None => Err(e.context(format!("cannot follow {r}, and no version of it was pulled before"))),
+            }
+        }
+    }
+}
+
+/// The component of the manifest `r` pins, from the store, pulled first
+/// when it is not there (or was corrupt).
+pub fn from_store_or_pull(cache: &ScriptCache, r: &OciRef) -> Result<Fetched> {
+    let manifest = r.digest.as_deref().expect("pinned");
+    if let Some(record) = cache.manifest(manifest) {
+        match cache.load(&record.component) {
+            Ok(bytes) => return Ok(fetched(cache, r, &record.component, bytes)),
+            Err(LoadError::Missing) => {}
+            Err(LoadError::Corrupt(why)) => log::warn!(
+                target: "offsite::script",
+                "the stored copy of {r} was corrupt ({why}); it was removed and is pulled again"
+            ),
+            Err(LoadError::Io(e)) => return Err(anyhow!("cannot read the stored copy of {r}: {e}")),
+        }
+    }
+    let pulled = Registry::connect(&r.registry).and_then(|reg| reg.pull(cache, r)).with_context(|| {
+        format!("{r} is not in the local script store ({}) and cannot be pulled", cache.root.display())
+    })?;
+    let bytes = cache.load(&pulled.record.component).map_err(|e| anyhow!("{r}: {e}"))?;
+    Ok(fetched(cache, r, &pulled.record.component, bytes))
+}
+
+fn fetched(cache: &ScriptCache, r: &OciRef, component: &str, bytes: Vec<u8>) -> Fetched {
+    let signatures = cache.signatures(component).unwrap_or_default();
+    Fetched { bytes, path: cache.blob_path(component), source: r.to_string(), signatures }
+}
+
+/// The signer of `fetched` under the site's `script_signers`: `None` when
+/// the site does not check; an error (naming what was found and the file
+/// consulted) when it checks and no signature passes.
+pub fn check_signer(fetched: &Fetched, signers: Option<&Path>) -> Result<Option<Signer>> {
+    let Some(file) = signers else { return Ok(None) };
+    let allowed = AllowedSigners::load(file)?;
+    allowed
+        .verify_any(&fetched.bytes, &fetched.signatures)
+        .map(Some)
+        .map_err(|why| anyhow!("refusing to run {}: {why}", fetched.source))
+}
+
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        bail!("{} is over the limit of {max} bytes", path.display());
+    }
+    Ok(bytes)
+}
