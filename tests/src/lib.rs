@@ -174,6 +174,7 @@ pub(crate) fn set_mode(path: &Path, mode: u32) {
 
 pub mod mariadb;
 pub mod postgres;
+pub mod registry;
 pub mod sshd;
 
 pub use tempfile;

@@ -1,0 +1,506 @@
+//! Sharing scripts through a real OCI registry (Debian's docker-registry,
+//! over TLS with htpasswd auth): push, pull, signatures, pinned runs with
+//! the registry down, and every way a registry can hand us something we
+//! must not run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use offsite_testkit::registry::{Machine, PASSWORD, Registry, USER};
+use offsite_testkit::{Ran, offsite, rebuilt, script, tempfile};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+const IP: &str = "127.0.0.5";
+
+fn on(machine: &Machine, reg: &Registry, args: &[&str]) -> Ran {
+    let mut cmd = offsite(Path::new(BIN));
+    machine.apply(reg, &mut cmd);
+    Ran::from_output(cmd.args(args).output().unwrap())
+}
+
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_string())
+}
+
+/// The digest reference `push` printed (its only stdout line).
+fn pushed(ran: &Ran) -> String {
+    ran.expect_code(0);
+    let line = ran.stdout.trim().to_string();
+    assert!(line.contains("@sha256:"), "{line}");
+    line
+}
+
+/// Runs Python with the `oras` client against `reg`, trusting its CA.
+fn oras(reg: &Registry, body: &str) -> String {
+    let program = format!(
+        "import oras.client, hashlib, json, sys\nc = oras.client.OrasClient(hostname='{host}', auth_backend='basic')\n\
+         c.login(username='{USER}', password='{PASSWORD}', hostname='{host}')\n{body}\n",
+        host = reg.host()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(program)
+        .env("REQUESTS_CA_BUNDLE", reg.ca_file())
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .expect("python3 with oras (pip install oras)");
+    assert!(
+        out.status.success(),
+        "oras: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut out = out;
+    out.stdin.take().unwrap().write_all(bytes).unwrap();
+    let o = out.wait_with_output().unwrap();
+    String::from_utf8(o.stdout).unwrap()[..64].to_string()
+}
+
+/// What we push, an independent client pulls (same bytes, the standard
+/// media types); what it pushes, we pull and run.
+#[test]
+fn pushed_scripts_interoperate_with_an_independent_oci_client() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let arc = std::fs::read(script("arc")).unwrap();
+    let r = reg.reference("offsite/arc:1.0");
+    let digest_ref = pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &r]));
+    let out = oras(
+        &reg,
+        &format!(
+            "files = c.pull(target='{host}/offsite/arc:1.0', outdir='{out}')\n\
+             m = c.get_manifest('{host}/offsite/arc:1.0')\n\
+             print(json.dumps({{'config': m['config']['mediaType'], 'layers': [l['mediaType'] for l in m['layers']], \
+             'sha': [hashlib.sha256(open(f,'rb').read()).hexdigest() for f in files]}}))",
+            host = reg.host(),
+            out = m.dir.path().join("oras-out").display()
+        ),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["config"], "application/vnd.wasm.config.v0+json");
+    assert_eq!(v["layers"], serde_json::json!(["application/wasm"]));
+    assert_eq!(v["sha"], serde_json::json!([sha256_hex(&arc)]));
+
+    // The other way: oras pushes a component in the standard layout.
+    let theirs = m.dir.path().join("theirs.wasm");
+    std::fs::write(&theirs, rebuilt(&arc, "pushed by oras")).unwrap();
+    let config = m.dir.path().join("config.json");
+    std::fs::write(&config, r#"{"architecture":"wasm","os":"wasip2","layerDigests":[]}"#).unwrap();
+    oras(
+        &reg,
+        &format!(
+            "import os\nos.chdir('{dir}')\nc.push(target='{host}/offsite/theirs:2.0', files=['theirs.wasm:application/wasm'], \
+             manifest_config='config.json:application/vnd.wasm.config.v0+json')",
+            dir = m.dir.path().display(),
+            host = reg.host()
+        ),
+    );
+    let other = Machine::new(&reg);
+    let pulled = on(&other, &reg, &["script", "pull", &reg.reference("offsite/theirs:2.0")]);
+    pulled.expect_code(0);
+    assert!(pulled.stdout.contains("offsite/theirs:2.0@sha256:"), "{}", pulled.stdout);
+    let src = other.dir.path().join("src");
+    std::fs::create_dir_all(src.join("www")).unwrap();
+    std::fs::write(src.join("www/index.html"), "hello").unwrap();
+    let site = other.dir.path().join("site.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"{}\"\nscript = \"{}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"src/www\"\n",
+            other.dir.path().join("store").display(),
+            pulled.stdout.trim(),
+            src.display()
+        ),
+    )
+    .unwrap();
+    // Pinned by digest and stored: runs, silently.
+    let ran = on(&other, &reg, &["run", "--site", site.to_str().unwrap()]);
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "");
+    let _ = digest_ref;
+}
+
+/// Signatures: ours verify with plain `ssh-keygen -Y verify`, and
+/// `ssh-keygen -Y sign`'s verify with us; in a registry they travel under
+/// the `sha256-<digest>.sig` tag to another machine.
+#[test]
+fn signatures_are_plain_sshsig_and_travel_with_the_script() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let (alice, alice_pub) = keypair(m.dir.path(), "alice");
+    let signers = m.dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("alice@example.org {alice_pub}\n")).unwrap();
+
+    // A local file: offsite signs, ssh-keygen verifies.
+    let file = m.dir.path().join("arc.wasm");
+    std::fs::copy(script("arc"), &file).unwrap();
+    on(&m, &reg, &["script", "sign", file.to_str().unwrap(), "--key", alice.to_str().unwrap()]).expect_code(0);
+    let sig = m.dir.path().join("arc.wasm.sig");
+    let verified = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-n", "offsite-script", "-I", "alice@example.org", "-f"])
+        .arg(&signers)
+        .arg("-s")
+        .arg(&sig)
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    // ssh-keygen signs, offsite verifies.
+    std::fs::remove_file(&sig).unwrap();
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", "offsite-script", "-f"])
+        .arg(&alice)
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let ok = on(&m, &reg, &["script", "verify", file.to_str().unwrap(), "--signers", signers.to_str().unwrap()]);
+    ok.expect_code(0);
+    assert!(ok.stdout.contains("signed by alice@example.org"), "{}", ok.stdout);
+    // Another build under the same signature is refused, naming the signer.
+    std::fs::write(&file, rebuilt(&std::fs::read(script("arc")).unwrap(), "tampered")).unwrap();
+    on(&m, &reg, &["script", "verify", file.to_str().unwrap(), "--signers", signers.to_str().unwrap()])
+        .expect_code(2)
+        .expect_stderr("the signature by alice@example.org");
+
+    // Through the registry, to a machine that has never seen it.
+    let r = reg.reference("offsite/arc:1.0");
+    pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &r, "--sign", alice.to_str().unwrap()]));
+    let other = Machine::new(&reg);
+    let ok = on(&other, &reg, &["script", "verify", &r, "--signers", signers.to_str().unwrap()]);
+    ok.expect_code(0);
+    assert!(ok.stdout.contains("signed by alice@example.org"), "{}", ok.stdout);
+    let (mallory, _) = keypair(m.dir.path(), "mallory");
+    let r2 = reg.reference("offsite/arc:evil");
+    let evil = m.dir.path().join("evil.wasm");
+    std::fs::write(&evil, rebuilt(&std::fs::read(script("arc")).unwrap(), "evil")).unwrap();
+    pushed(&on(&m, &reg, &["script", "push", evil.to_str().unwrap(), &r2, "--sign", mallory.to_str().unwrap()]));
+    let third = Machine::new(&reg);
+    let bad = on(&third, &reg, &["script", "verify", &r2, "--signers", signers.to_str().unwrap()]);
+    bad.expect_code(2).expect_stderr("a key not listed");
+    assert!(bad.stderr.contains(signers.to_str().unwrap()), "names the file consulted: {}", bad.stderr);
+}
+
+/// A site pinned to a stored digest runs with the registry down, without
+/// a word; a machine without it fails clearly with exit 2.
+#[test]
+fn a_pinned_stored_script_runs_with_the_registry_down() {
+    let mut reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let digest_ref =
+        pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &reg.reference("offsite/arc:1.0")]));
+    let site = |machine: &Machine| {
+        let src = machine.dir.path().join("src");
+        std::fs::create_dir_all(src.join("www")).unwrap();
+        std::fs::write(src.join("www/index.html"), "hello").unwrap();
+        let site = machine.dir.path().join("web.toml");
+        std::fs::write(
+            &site,
+            format!(
+                "store = \"{}\"\nscript = \"{digest_ref}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"src/www\"\n",
+                machine.dir.path().join("store").display(),
+                src.display()
+            ),
+        )
+        .unwrap();
+        site
+    };
+    let web = site(&m);
+    reg.stop();
+    let ran = on(&m, &reg, &["run", "--site", web.to_str().unwrap()]);
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "", "silent under cron");
+    let manifest =
+        std::fs::read_dir(m.dir.path().join("store/.offsite/manifests")).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    assert_eq!(v["script"]["source"], digest_ref.as_str(), "the manifest records where the script came from");
+
+    let other = Machine::new(&reg);
+    let web2 = site(&other);
+    let ran = on(&other, &reg, &["run", "--site", web2.to_str().unwrap()]);
+    ran.expect_code(2).expect_stderr("is not in the local script store");
+    assert!(
+        !other.dir.path().join("store/.offsite/manifests").exists()
+            || std::fs::read_dir(other.dir.path().join("store/.offsite/manifests")).unwrap().next().is_none()
+    );
+    // A tag with no recorded digest is refused before anything else.
+    std::fs::write(
+        &web2,
+        std::fs::read_to_string(&web2).unwrap().replace(&digest_ref, &reg.reference("offsite/arc:1.0")),
+    )
+    .unwrap();
+    on(&other, &reg, &["run", "--site", web2.to_str().unwrap()]).expect_code(2).expect_stderr("offsite script update");
+}
+
+/// Wrong credentials, an unknown CA: clear errors, nothing stored.
+#[test]
+fn wrong_credentials_and_an_untrusted_certificate_are_clear_errors() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &reg.reference("offsite/arc:1.0")]));
+    let other = Machine::new(&reg);
+    reg.auth_file(&other.auth_file(), USER, "wrong");
+    on(&other, &reg, &["script", "pull", &reg.reference("offsite/arc:1.0")])
+        .expect_code(2)
+        .expect_stderr("refused the credentials");
+    assert!(
+        !other.scripts_dir().join("blobs/sha256").exists()
+            || std::fs::read_dir(other.scripts_dir().join("blobs/sha256")).unwrap().next().is_none()
+    );
+    let third = Machine::new(&reg);
+    let mut cmd = offsite(Path::new(BIN));
+    third.apply(&reg, &mut cmd).env("OFFSITE_CERTS_D", third.dir.path());
+    let ran = Ran::from_output(cmd.args(["script", "pull", &reg.reference("offsite/arc:1.0")]).output().unwrap());
+    ran.expect_code(2);
+    assert!(ran.stderr.to_lowercase().contains("certificate"), "{}", ran.stderr);
+}
+
+/// A registry that serves a blob whose bytes do not match its digest: the
+/// pull is refused and nothing is stored; a corrupt stored copy is refused
+/// and pulled again.
+#[test]
+fn a_blob_that_does_not_match_its_digest_is_refused_and_nothing_is_stored() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let arc = std::fs::read(script("arc")).unwrap();
+    let digest_ref =
+        pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &reg.reference("offsite/arc:1.0")]));
+    // A corrupt stored copy: detected, removed, pulled again.
+    let stored = m.scripts_dir().join("blobs/sha256").join(sha256_hex(&arc));
+    std::fs::write(&stored, rebuilt(&arc, "bit rot")).unwrap();
+    on(&m, &reg, &["script", "verify", &digest_ref, "--signers", "/dev/null"])
+        .expect_code(2)
+        .expect_stderr("not signed");
+    assert_eq!(sha256_hex(&std::fs::read(&stored).unwrap()), sha256_hex(&arc), "pulled again");
+
+    let data = reg.blob_data(&sha256_hex(&arc));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&data, bytes).unwrap();
+    let other = Machine::new(&reg);
+    let ran = on(&other, &reg, &["script", "pull", &reg.reference("offsite/arc:1.0")]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("hash") || ran.stderr.contains("digest"), "{}", ran.stderr);
+    let blobs = other.scripts_dir().join("blobs/sha256");
+    let left: Vec<_> = std::fs::read_dir(&blobs).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "nothing stored, nothing half-written: {left:?}");
+}
+
+/// Pushes `blobs` and a manifest made of them, as raw as a hostile
+/// registry user could: (repo, tag, [(media type, bytes, claimed size)], config media type).
+fn push_raw(reg: &Registry, repo: &str, tag: &str, layers: &[(&str, &[u8], Option<u64>)], config_type: &str) {
+    let layers_py: Vec<String> = layers
+        .iter()
+        .map(|(t, b, claimed)| {
+            format!("('{t}', bytes.fromhex('{}'), {})", hex(b), claimed.map_or("None".into(), |c| c.to_string()))
+        })
+        .collect();
+    let program = format!(
+        "import requests, hashlib, json\nbase='https://{host}/v2/{repo}'\ns=requests.Session(); s.auth=('{USER}','{PASSWORD}'); s.verify='{ca}'\n\
+         def blob(b):\n  d='sha256:'+hashlib.sha256(b).hexdigest()\n  r=s.post(base+'/blobs/uploads/'); r.raise_for_status()\n  \
+         loc=r.headers['Location']; loc = loc if loc.startswith('http') else 'https://{host}'+loc\n  \
+         r=s.put(loc+('&' if '?' in loc else '?')+'digest='+d, data=b, headers={{'Content-Type':'application/octet-stream'}}); r.raise_for_status()\n  return d\n\
+         cfg=b'{{}}'\nlayers=[]\nfor t,b,claimed in [{layers}]:\n  layers.append({{'mediaType':t,'digest':blob(b),'size':claimed if claimed is not None else len(b)}})\n\
+         m={{'schemaVersion':2,'mediaType':'application/vnd.oci.image.manifest.v1+json','config':{{'mediaType':'{config_type}','digest':blob(cfg),'size':2}},'layers':layers}}\n\
+         r=s.put(base+'/manifests/{tag}', data=json.dumps(m), headers={{'Content-Type':'application/vnd.oci.image.manifest.v1+json'}}); r.raise_for_status()\n",
+        host = reg.host(),
+        ca = reg.ca_file().display(),
+        layers = layers_py.join(", "),
+    );
+    // requests prefers REQUESTS_CA_BUNDLE over a session's own CA. The
+    // program (with the blobs in it) goes on stdin.
+    let mut child = Command::new("python3")
+        .arg("-")
+        .env("REQUESTS_CA_BUNDLE", reg.ca_file())
+        .env_remove("CURL_CA_BUNDLE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), program.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Manifests that are not one wasm layer under the wasm config, a
+/// component over the size limit, and a blob longer than its manifest
+/// says, are refused; nothing is stored or left half-written.
+#[test]
+fn artifacts_that_are_not_one_wasm_component_are_refused() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let wasm: &[u8] = b"\0asm\x0d\0\x01\0";
+    let wasm_config = "application/vnd.wasm.config.v0+json";
+    push_raw(
+        &reg,
+        "bad/two",
+        "1",
+        &[("application/wasm", wasm, None), ("application/wasm", b"\0asm second", None)],
+        wasm_config,
+    );
+    push_raw(
+        &reg,
+        "bad/image",
+        "1",
+        &[("application/vnd.oci.image.layer.v1.tar+gzip", wasm, None)],
+        "application/vnd.oci.image.config.v1+json",
+    );
+    push_raw(&reg, "bad/layer", "1", &[("application/octet-stream", wasm, None)], wasm_config);
+    push_raw(&reg, "bad/huge", "1", &[("application/wasm", wasm, Some(65 * 1024 * 1024))], wasm_config);
+    // 64 KiB of bytes behind a descriptor that says 8.
+    let long = [wasm, &[7u8; 65536][..]].concat();
+    push_raw(&reg, "bad/long", "1", &[("application/wasm", &long, Some(8))], wasm_config);
+    for (repo, says) in [
+        ("bad/two:1", "2 layers"),
+        ("bad/image:1", "not a wasm component artifact"),
+        ("bad/layer:1", "not application/wasm"),
+        ("bad/huge:1", "over the limit"),
+        ("bad/long:1", "over the limit"),
+    ] {
+        let ran = on(&m, &reg, &["script", "pull", &reg.reference(repo)]);
+        ran.expect_code(2).expect_stderr(says);
+    }
+    let blobs = m.scripts_dir().join("blobs/sha256");
+    let left: Vec<_> = std::fs::read_dir(&blobs).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Several pulls of one digest at once (two sites starting together):
+/// all succeed, one stored copy, no temporary files left.
+#[test]
+fn concurrent_pulls_of_one_digest_all_succeed() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let r = reg.reference("offsite/arc:1.0");
+    pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &r]));
+    let other = Machine::new(&reg);
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = offsite(Path::new(BIN));
+            other.apply(&reg, &mut cmd);
+            cmd.args(["script", "pull", &r])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        Ran::from_output(c.wait_with_output().unwrap()).expect_code(0);
+    }
+    let names: Vec<String> = std::fs::read_dir(other.scripts_dir().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![sha256_hex(&std::fs::read(script("arc")).unwrap())]);
+}
+
+/// A site that names `script_signers` runs only scripts signed by a listed
+/// key: unsigned, an unknown key and a signature over another build are
+/// each refused with exit 2, naming the signer found and the file.
+#[test]
+fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let dir = m.dir.path();
+    let (alice, alice_pub) = keypair(dir, "alice");
+    let (mallory, _) = keypair(dir, "mallory");
+    let signers = dir.join("allowed_signers");
+    std::fs::write(&signers, format!("alice@example.org {alice_pub}\n")).unwrap();
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("www")).unwrap();
+    std::fs::write(src.join("www/index.html"), "hello").unwrap();
+    let site = |script: &str| {
+        let site = dir.join("web.toml");
+        std::fs::write(
+            &site,
+            format!(
+                "store = \"{}\"\nscript = \"{script}\"\nscript_signers = \"{}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"src/www\"\n",
+                dir.join("store").display(),
+                signers.display(),
+                src.display()
+            ),
+        )
+        .unwrap();
+        site
+    };
+    let run = |site: &Path| on(&m, &reg, &["run", "--site", site.to_str().unwrap()]);
+    let unsigned = pushed(&on(
+        &m,
+        &reg,
+        &["script", "push", script("arc").to_str().unwrap(), &reg.reference("offsite/arc:unsigned")],
+    ));
+    run(&site(&unsigned)).expect_code(2).expect_stderr("not signed");
+    let other = rebuilt(&std::fs::read(script("arc")).unwrap(), "mallory's");
+    std::fs::write(dir.join("other.wasm"), &other).unwrap();
+    let by_mallory = pushed(&on(
+        &m,
+        &reg,
+        &[
+            "script",
+            "push",
+            dir.join("other.wasm").to_str().unwrap(),
+            &reg.reference("offsite/arc:mallory"),
+            "--sign",
+            mallory.to_str().unwrap(),
+        ],
+    ));
+    let ran = run(&site(&by_mallory));
+    ran.expect_code(2).expect_stderr("a key not listed");
+    assert!(ran.stderr.contains("SHA256:") && ran.stderr.contains("allowed_signers"), "{}", ran.stderr);
+    // A local file with alice's signature of another build beside it.
+    let local = dir.join("arc.wasm");
+    std::fs::write(&local, &other).unwrap();
+    let sig = Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", "offsite-script", "-f"])
+        .arg(&alice)
+        .stdin(std::fs::File::open(script("arc")).unwrap())
+        .output()
+        .unwrap();
+    std::fs::write(dir.join("arc.wasm.sig"), sig.stdout).unwrap();
+    run(&site(local.to_str().unwrap())).expect_code(2).expect_stderr("over another build");
+    // Signed by alice: runs, and the manifest names her.
+    let good = pushed(&on(
+        &m,
+        &reg,
+        &[
+            "script",
+            "push",
+            script("arc").to_str().unwrap(),
+            &reg.reference("offsite/arc:1.0"),
+            "--sign",
+            alice.to_str().unwrap(),
+        ],
+    ));
+    run(&site(&good)).expect_code(0);
+    let manifests: Vec<_> =
+        std::fs::read_dir(dir.join("store/.offsite/manifests")).unwrap().flatten().map(|e| e.path()).collect();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifests[0]).unwrap()).unwrap();
+    assert!(v["script"]["signer"].as_str().unwrap().starts_with("alice@example.org"), "{v}");
+    let _ = tempfile::tempdir;
+}
