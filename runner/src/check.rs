@@ -628,6 +628,7 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
         idle_timeout: wait,
         captured_output: 64 << 10,
         dry_run: false,
+        offline: false,
     };
     for host in site.hosts.values() {
         let at =

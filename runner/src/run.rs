@@ -66,6 +66,10 @@ pub struct Request {
     /// a private snapshot of the version it validated.
     #[arg(long, hide = true)]
     script_source: Option<String>,
+    /// `offsite script diff`: a dry run that connects to no server and
+    /// does not check signers, to see which calls a version makes.
+    #[arg(long, hide = true, requires = "dry_run")]
+    probe: bool,
 }
 
 /// `offsite run`: one run of a script for a site, from loading both to
@@ -102,7 +106,8 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let fetched = crate::share::resolve::fetch(&source, &site).exit(Exit::Usage)?;
     // Signatures are checked on the bytes that will run, before they are
     // compiled.
-    let signer = crate::share::resolve::check_signer(&fetched, site.script_signers.as_deref()).exit(Exit::Usage)?;
+    let signers = if args.probe { None } else { site.script_signers.as_deref() };
+    let signer = crate::share::resolve::check_signer(&fetched, signers).exit(Exit::Usage)?;
     let runtime = runtime()?;
     let script = runtime.load_bytes(&fetched.path, &fetched.bytes).exit(Exit::Usage)?;
     if let Some(pin) = &site.script_sha256
@@ -290,6 +295,7 @@ fn caps_for(
     caps.call_timeout = site.limits.call_timeout;
     caps.run_deadline = Some(Instant::now() + site.limits.deadline);
     caps.dry_run = args.dry_run;
+    caps.offline = args.probe;
     caps.unreadable_fatal = site.unreadable_fatal;
     caps.secrets = secrets;
     caps.captured_output = site.limits.captured_output;

@@ -504,3 +504,103 @@ fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
     assert!(v["script"]["signer"].as_str().unwrap().starts_with("alice@example.org"), "{v}");
     let _ = tempfile::tempdir;
 }
+
+/// The story end to end: `mysql-pull` is published once and signed; two
+/// sites on two machines (two config roots, two script stores) pin it with
+/// `script update` and run it; a new version that also wants to run
+/// `mysql -e 'SHOW DATABASES'` is pushed under the same tag; `update` on
+/// the first site shows that call, says the site does not grant it, and
+/// refuses, leaving the lock (and what runs) as it was.
+#[test]
+fn two_sites_share_a_signed_script_and_an_update_wanting_more_is_refused() {
+    let server = offsite_testkit::sshd::Sshd::start("127.0.0.2");
+    let reg = Registry::start(IP);
+    let publisher = Machine::new(&reg);
+    let (alice, alice_pub) = keypair(publisher.dir.path(), "alice");
+    let tag = reg.reference("backup/mysql-pull:stable");
+    let v1 = pushed(&on(
+        &publisher,
+        &reg,
+        &["script", "push", script("mysql-pull").to_str().unwrap(), &tag, "--sign", alice.to_str().unwrap()],
+    ));
+
+    let grants = "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"*\"]]";
+    let machines: Vec<(Machine, PathBuf)> = ["db1", "db2"]
+        .iter()
+        .map(|name| {
+            let m = Machine::new(&reg);
+            let etc = m.dir.path().join("etc");
+            std::fs::create_dir_all(&etc).unwrap();
+            std::fs::write(etc.join("allowed_signers"), format!("alice@example.org {alice_pub}\n")).unwrap();
+            let site = etc.join(format!("{name}.toml"));
+            std::fs::write(
+                &site,
+                format!(
+                    "store = \"{}\"\nscript = \"{tag}\"\nscript_signers = \"allowed_signers\"\n[params]\ndumps = \"server1:shop\"\n{}",
+                    m.dir.path().join("store").display(),
+                    server.host_section("server1", grants)
+                ),
+            )
+            .unwrap();
+            (m, site)
+        })
+        .collect();
+    for (m, site) in &machines {
+        // Before update: a tag with nothing recorded does not run.
+        on(m, &reg, &["run", "--site", site.to_str().unwrap(), "--dry-run"])
+            .expect_code(2)
+            .expect_stderr("script update");
+        let up = on(m, &reg, &["script", "update", site.to_str().unwrap()]);
+        up.expect_code(0);
+        assert!(
+            up.stdout.contains("runs `mysqldump --single-transaction --quick --add-drop-table shop` on server1"),
+            "{}",
+            up.stdout
+        );
+        assert!(up.stdout.contains(&format!("recorded {v1}")), "{}", up.stdout);
+        let lock = std::fs::read_to_string(site.with_extension("lock")).unwrap();
+        assert!(lock.contains("alice@example.org"), "{lock}");
+        let check = on(m, &reg, &["check", site.to_str().unwrap(), "--connect"]);
+        assert!(check.stdout.contains("stored locally"), "{}", check.stdout);
+        assert!(check.stdout.contains("signed by alice@example.org"), "{}", check.stdout);
+        assert!(check.stdout.contains("still points there"), "{}", check.stdout);
+        on(m, &reg, &["run", "--site", site.to_str().unwrap(), "--dry-run"]).expect_code(0);
+    }
+
+    // The next release wants one more command.
+    let v2 = pushed(&on(
+        &publisher,
+        &reg,
+        &["script", "push", script("mysql-pull-next").to_str().unwrap(), &tag, "--sign", alice.to_str().unwrap()],
+    ));
+    assert_ne!(v1, v2);
+    let (m, site) = &machines[0];
+    let lock_before = std::fs::read_to_string(site.with_extension("lock")).unwrap();
+    let check = on(m, &reg, &["check", site.to_str().unwrap(), "--connect"]);
+    assert!(check.stdout.contains("has moved to"), "{}", check.stdout);
+    let up = on(m, &reg, &["script", "update", site.to_str().unwrap()]);
+    up.expect_code(2).expect_stderr("update refused");
+    assert!(
+        up.stdout.contains("old: mysql-pull 0.1.0") && up.stdout.contains("new: mysql-pull 0.2.0"),
+        "{}",
+        up.stdout
+    );
+    assert!(up.stdout.contains("+ runs `mysql -N -e 'SHOW DATABASES'` on server1: not granted"), "{}", up.stdout);
+    assert_eq!(std::fs::read_to_string(site.with_extension("lock")).unwrap(), lock_before, "the lock is unchanged");
+    // What runs is still v1, from the store, with the registry down too.
+    drop(reg);
+    let audit = m.dir.path().join("audit.jsonl");
+    on_offline(m, &["run", "--site", site.to_str().unwrap(), "--dry-run", "--audit", audit.to_str().unwrap()])
+        .expect_code(0);
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(!text.contains("SHOW DATABASES"), "{text}");
+}
+
+/// `on` for a machine whose registry is gone.
+fn on_offline(machine: &Machine, args: &[&str]) -> Ran {
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.env("OFFSITE_SCRIPTS_DIR", machine.scripts_dir())
+        .env("REGISTRY_AUTH_FILE", machine.auth_file())
+        .env("HOME", machine.dir.path());
+    Ran::from_output(cmd.args(args).output().unwrap())
+}

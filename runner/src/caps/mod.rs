@@ -49,6 +49,8 @@ pub struct Caps {
     pub run_deadline: Option<std::time::Instant>,
     /// Check grants and read sources, but write nothing.
     pub dry_run: bool,
+    /// A dry run that reaches no server either (`script diff` probes).
+    pub offline: bool,
     /// An unreadable entry in an archive's sources fails the call
     /// (`[read] unreadable = "fail"`) instead of being left out with a
     /// warning.
@@ -96,6 +98,7 @@ impl Caps {
             call_timeout: Duration::from_secs(3600),
             run_deadline: None,
             dry_run: false,
+            offline: false,
             unreadable_fatal: false,
             secrets: Vec::new(),
             outputs: Arc::new(Mutex::new(Vec::new())),
@@ -155,6 +158,7 @@ impl Caps {
             idle_timeout: self.idle_timeouts.get(host).copied().unwrap_or(Duration::from_secs(600)),
             captured_output: self.captured_output,
             dry_run: self.dry_run,
+            offline: self.offline,
         })
     }
 

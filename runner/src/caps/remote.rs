@@ -39,6 +39,8 @@ pub struct Remote {
     pub idle_timeout: Duration,
     pub captured_output: u64,
     pub dry_run: bool,
+    /// Dry, and without even connecting (see `Caps::offline`).
+    pub offline: bool,
 }
 
 impl Remote {
@@ -307,6 +309,9 @@ impl Remote {
     }
 
     fn connect(&self, host: &str) -> Result<(), Error> {
+        if self.offline {
+            return Ok(());
+        }
         self.transport.connect(host).map_err(|e| transport_error(&self.redact(&e.to_string()), &e))
     }
 

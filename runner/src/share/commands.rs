@@ -43,6 +43,25 @@ pub enum ScriptCommand {
         #[arg(long, value_name = "KEY")]
         key: PathBuf,
     },
+    /// Pin a site's registry tag: resolve it, pull, check the signers,
+    /// show what the new version would do on the site, and record its
+    /// digest in SITE.lock (refused, changing nothing, when it asks for
+    /// calls the site does not grant or is not signed as the site requires).
+    Update {
+        /// The site file whose `script` is an oci:// tag.
+        site: PathBuf,
+    },
+    /// What would NEW do on a site that OLD does not? Declared metadata and
+    /// the calls each makes in a dry run (no server is contacted); exit 1
+    /// when NEW asks for calls the site does not grant.
+    Diff {
+        /// FILE.wasm or oci://... (the version now).
+        old: String,
+        /// FILE.wasm or oci://... (the candidate).
+        new: String,
+        #[arg(long)]
+        site: PathBuf,
+    },
     /// Check a script's signatures against an allowed_signers file; exit 2
     /// when none is by a listed key.
     Verify {
@@ -62,6 +81,8 @@ pub fn main(cmd: ScriptCommand) -> Result<(), Failure> {
         ScriptCommand::Ls => ls(),
         ScriptCommand::Sign { script, key } => sign_script(&script, &key),
         ScriptCommand::Verify { script, signers } => verify(&script, signers),
+        ScriptCommand::Update { site } => update(&site),
+        ScriptCommand::Diff { old, new, site } => diff(&old, &new, &site),
     }
 }
 
@@ -229,4 +250,105 @@ fn verify(script: &str, signers: Option<PathBuf>) -> Result<(), Failure> {
         }
         Err(why) => Err(anyhow!("{}: {why}", fetched.source)).exit(Exit::Usage),
     }
+}
+
+fn diff(old: &str, new: &str, site_file: &Path) -> Result<(), Failure> {
+    let site_file = crate::run::site_path(site_file);
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    crate::site::Site::load(&site_file, &cwd).exit(Exit::Usage)?;
+    let old = super::diff::side(fetch_arg(old)?)?;
+    let new = super::diff::side(fetch_arg(new)?)?;
+    let report = super::diff::diff(&site_file, Some(&old), &new).exit(Exit::Usage)?;
+    print!("{}", report.text);
+    if report.denied.is_empty() && report.unusable.is_none() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} {} asks for {} call(s) site {} does not grant",
+            new.info.name,
+            new.info.version,
+            report.denied.len(),
+            site_file.display()
+        ))
+        .exit(Exit::BackupFailed)
+    }
+}
+
+fn update(site_file: &Path) -> Result<(), Failure> {
+    let site_file = crate::run::site_path(site_file);
+    let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
+    let site = crate::site::Site::load(&site_file, &cwd).exit(Exit::Usage)?;
+    let r = match &site.script {
+        Some(ScriptSource::Oci(r)) if r.digest.is_none() => r.clone(),
+        Some(ScriptSource::Oci(r)) => {
+            return Err(anyhow!("{r} is pinned by its digest in the site file: edit it there to change versions"))
+                .exit(Exit::Usage);
+        }
+        _ => {
+            return Err(anyhow!(
+                "site {} has no registry tag (script = \"oci://...:TAG\") to update",
+                site_file.display()
+            ))
+            .exit(Exit::Usage);
+        }
+    };
+    let cache = cache()?;
+    let manifest = Registry::connect(&r.registry).and_then(|reg| reg.resolve(&r)).exit(Exit::Usage)?;
+    let lock = super::lockfile::read(&site_file).exit(Exit::Usage)?.filter(|l| l.reference == r.to_string());
+    if lock.as_ref().is_some_and(|l| l.manifest_hex() == manifest) {
+        println!(
+            "{r} still points to sha256:{manifest}, which {} records",
+            super::lockfile::path_for(&site_file).display()
+        );
+        return Ok(());
+    }
+    let new = resolve::from_store_or_pull(&cache, &r.pinned(&manifest)).exit(Exit::Usage)?;
+    let signer = resolve::check_signer(&new, site.script_signers.as_deref())
+        .map_err(|e| {
+            e.context(format!("update refused; {} is unchanged", super::lockfile::path_for(&site_file).display()))
+        })
+        .exit(Exit::Usage)?;
+    let old = match &lock {
+        Some(l) => match resolve::from_store_or_pull(&cache, &r.pinned(l.manifest_hex())) {
+            Ok(f) => Some(super::diff::side(f)?),
+            Err(e) => {
+                log::warn!(target: "offsite::script", "the recorded version cannot be had to compare with: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
+    let new = super::diff::side(new)?;
+    let report = super::diff::diff(&site_file, old.as_ref(), &new).exit(Exit::Usage)?;
+    print!("{}", report.text);
+    let lock_path = super::lockfile::path_for(&site_file);
+    if !report.denied.is_empty() {
+        return Err(anyhow!(
+            "update refused: {} {} asks for {} call(s) this site does not grant ({}); {} is unchanged and runs \
+             keep the recorded version",
+            new.info.name,
+            new.info.version,
+            report.denied.len(),
+            report.denied.join("; "),
+            lock_path.display()
+        ))
+        .exit(Exit::Usage);
+    }
+    if let Some(why) = &report.unusable {
+        return Err(anyhow!(
+            "update refused: the new version cannot run on this site ({why}); {} is unchanged",
+            lock_path.display()
+        ))
+        .exit(Exit::Usage);
+    }
+    let record = super::lockfile::ScriptLock {
+        reference: r.to_string(),
+        manifest: format!("sha256:{manifest}"),
+        component: format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&new.fetched.bytes))),
+        signer: signer.map(|s| s.to_string()),
+        updated: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let written = super::lockfile::write(&site_file, &record).exit(Exit::Usage)?;
+    println!("recorded {} in {}", r.pinned(&manifest), written.display());
+    Ok(())
 }

@@ -6,6 +6,8 @@ pub mod auth;
 pub mod cache;
 #[cfg(feature = "runtime")]
 pub mod commands;
+#[cfg(feature = "runtime")]
+pub mod diff;
 pub mod lockfile;
 pub mod reference;
 #[cfg(feature = "runtime")]

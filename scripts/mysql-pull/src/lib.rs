@@ -102,6 +102,8 @@ fn dump_all(stamp: &str) -> Result<Vec<String>> {
         (file, None) => file,
         (None, Some(_)) => Some("/dev/stdin".to_string()),
     };
+    #[cfg(feature = "list-databases")]
+    list_databases(&dumps, defaults_file.as_deref())?;
     let stream = Stream::new().gzip().require_tail(TRAILER);
     let mut failures = Vec::new();
     let mut running = Vec::new();
@@ -126,6 +128,25 @@ fn dump_all(stamp: &str) -> Result<Vec<String>> {
         }
     }
     Ok(failures)
+}
+
+/// A later version's extra step (built as the test script
+/// `mysql-pull-next`): lists each host's databases first. It needs a
+/// `mysql` grant the site may not have, which is what `offsite script
+/// update` must notice before the version runs.
+#[cfg(feature = "list-databases")]
+fn list_databases(dumps: &[HostEntry], defaults_file: Option<&str>) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for dump in dumps.iter().filter(|d| seen.insert(d.host.clone())) {
+        let mut argv = vec!["mysql".to_string()];
+        if let Some(file) = defaults_file.filter(|f| *f != "/dev/stdin") {
+            argv.push(format!("--defaults-extra-file={file}"));
+        }
+        argv.extend(["-N", "-e", "SHOW DATABASES"].map(String::from));
+        let out = ssh::exec(&dump.host, &argv)?;
+        info!("{}: {} database(s)", dump.host, out.stdout_text().lines().count());
+    }
+    Ok(())
 }
 
 /// Runs each remote backup command and fetches what it left.
