@@ -101,6 +101,14 @@ impl Slot {
             }
             Ok(v) => {
                 let new = (v.script.sha256.clone(), v.site_sha256.clone());
+                // A new version from a followed tag has not been reviewed:
+                // it must not ask for calls the site does not grant.
+                if new.0 != old.0
+                    && v.site.script_follow
+                    && let Err(reason) = grants_hold(runtime, &self.site_file, &self.current, &v)
+                {
+                    return Reload::Rejected { reason };
+                }
                 self.current = Arc::new(v);
                 Reload::Replaced { old, new, script_kept: None }
             }
@@ -118,6 +126,34 @@ impl Slot {
                 }
             }
         }
+    }
+}
+
+/// The grant diff of a followed tag's new version against the running
+/// one: `Err` names the calls the site would deny.
+fn grants_hold(runtime: &Runtime, site_file: &Path, old: &Version, new: &Version) -> Result<(), String> {
+    let side = |v: &Version| crate::share::diff::Side {
+        fetched: Fetched {
+            bytes: v.script_bytes.clone(),
+            path: v.script.path.clone(),
+            source: v.script_source.clone(),
+            signatures: v.signature.iter().cloned().collect(),
+        },
+        info: v.info.clone(),
+        imports: v.script.component.component_type().imports(runtime.engine()).map(|(n, _)| n.to_string()).collect(),
+    };
+    let report = crate::share::diff::diff(site_file, Some(&side(old)), &side(new)).map_err(|e| format!("{e:#}"))?;
+    log::info!(target: "offsite::watch", "new version of {}:\n{}", new.script_source, report.text.trim_end());
+    if report.denied.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} {} asks for {} call(s) this site does not grant: {}",
+            new.info.name,
+            new.info.version,
+            report.denied.len(),
+            report.denied.join("; ")
+        ))
     }
 }
 

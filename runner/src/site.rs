@@ -337,9 +337,9 @@ impl Site {
             bail!("{}: only a registry script (script = \"oci://...\") can follow a tag", at("script_update"));
         }
         if let Some(d) = &raw.script_poll
-            && d.0 < Duration::from_secs(60)
+            && d.0 < Duration::from_secs(10)
         {
-            bail!("{}: at least 1m, so a registry is not polled in a loop", at("script_poll"));
+            bail!("{}: at least 10s, so a registry is not polled in a loop", at("script_poll"));
         }
         if let Some(pin) = &raw.script_sha256
             && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))

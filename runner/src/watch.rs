@@ -202,9 +202,19 @@ struct Entry {
     /// Why the last new version was refused: the same refusal again (one
     /// edit is often several writes) is not logged again.
     last_rejection: Option<String>,
+    /// A site following a registry tag (`script_update = "follow"`): when
+    /// to look at the tag next (`script_poll`).
+    poll_at: Option<Instant>,
 }
 
 impl Entry {
+    /// Sets when a followed tag is looked at next (none for other sites).
+    fn schedule_poll(&mut self) {
+        let site = &self.slot.current().site;
+        let follows = site.script_follow && matches!(site.script, Some(crate::share::reference::ScriptSource::Oci(_)));
+        self.poll_at = follows.then(|| Instant::now() + site.script_poll);
+    }
+
     fn name(&self) -> String {
         self.slot.current().site.name.clone()
     }
@@ -332,7 +342,10 @@ fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<U
         reload_at: None,
         retired: false,
         last_rejection: None,
+        poll_at: None,
     };
+    let mut entry = entry;
+    entry.schedule_poll();
     Ok((entry, fire))
 }
 
@@ -388,7 +401,9 @@ impl Watch {
                 wait = wait.min(REAP_EVERY);
             }
             let now = Instant::now();
-            for at in self.entries.iter().filter_map(|e| e.reload_at) {
+            for at in
+                self.entries.iter().filter_map(|e| e.reload_at).chain(self.entries.iter().filter_map(|e| e.poll_at))
+            {
                 wait = wait.min(at.saturating_duration_since(now));
             }
             if let Some(next) = self.entries.iter().filter_map(|e| e.timer.as_ref()?.next()).min() {
@@ -494,11 +509,17 @@ impl Watch {
         }
     }
 
-    /// Re-reads the sites whose debounce ran out.
+    /// Re-reads the sites whose debounce ran out, and those whose followed
+    /// tag is due a look (a new digest is pulled, signer-checked, diffed
+    /// against the site's grants and validated like any new version).
     fn reload_due(&mut self, watcher: &mut impl notify::Watcher) {
         let now = Instant::now();
         let mut changed = false;
         for e in &mut self.entries {
+            if e.poll_at.is_some_and(|at| at <= now) {
+                e.reload_at = Some(now);
+                e.schedule_poll();
+            }
             if e.reload_at.is_none_or(|at| at > now) {
                 continue;
             }

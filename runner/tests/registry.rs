@@ -604,3 +604,74 @@ fn on_offline(machine: &Machine, args: &[&str]) -> Ran {
         .env("HOME", machine.dir.path());
     Ran::from_output(cmd.args(args).output().unwrap())
 }
+
+/// `watch` with a followed tag: a build pushed unsigned is refused (once,
+/// however many times the tag is looked at) and the signed version keeps
+/// running; a signed new build is swapped in.
+#[test]
+fn watch_follows_a_tag_but_only_to_signed_versions() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let dir = m.dir.path();
+    let (alice, alice_pub) = keypair(dir, "alice");
+    std::fs::write(dir.join("allowed_signers"), format!("alice@example.org {alice_pub}\n")).unwrap();
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "hello").unwrap();
+    let tag = reg.reference("offsite/arc:live");
+    let arc = std::fs::read(script("arc")).unwrap();
+    let push = |bytes: &[u8], name: &str, sign: bool| {
+        let file = dir.join(name);
+        std::fs::write(&file, bytes).unwrap();
+        let mut args = vec!["script", "push", file.to_str().unwrap(), &tag];
+        if sign {
+            args.extend(["--sign", alice.to_str().unwrap()]);
+        }
+        pushed(&on(&m, &reg, &args))
+    };
+    push(&arc, "v1.wasm", true);
+    let site = dir.join("web.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"{}\"\nscript = \"{tag}\"\nscript_update = \"follow\"\nscript_poll = \"10s\"\n\
+             script_signers = \"allowed_signers\"\nschedule = \"0 0 1 1 *\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"www\"\n",
+            dir.join("store").display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("watch.log");
+    let mut cmd = offsite(Path::new(BIN));
+    m.apply(&reg, &mut cmd);
+    let mut child = cmd
+        .arg("watch")
+        .arg(&site)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let wait_for = |needle: &str, count: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.matches(needle).count() >= count {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {needle:?} ({count}) in:\n{text}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for("watching site web", 1);
+    push(&rebuilt(&arc, "unsigned"), "v2.wasm", false);
+    let text = wait_for("keeping the running one", 1);
+    assert!(text.contains("not signed"), "{text}");
+    // Two more looks at the tag: the refusal is not logged again.
+    std::thread::sleep(std::time::Duration::from_secs(21));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("keeping the running one").count(), 1, "{text}");
+    push(&rebuilt(&arc, "signed v3"), "v3.wasm", true);
+    let text = wait_for("reloaded arc", 1);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!text.contains("panicked"), "{text}");
+}
