@@ -64,16 +64,18 @@ enum Command {
     Run(crate::run::Request),
     /// Show a script's metadata, its SHA-256 and the interfaces it imports.
     Inspect {
-        /// The script component (.wasm).
-        script: PathBuf,
+        /// The script component (.wasm), or oci://REGISTRY/REPOSITORY:TAG
+        /// (pulled into the script store when not there).
+        script: String,
     },
     /// Check a site file (and a script against it): print what it allows
     /// and every problem, with the file, line and fix. Exit 2 on problems.
     Check {
         /// The site file.
         site: PathBuf,
-        /// The script the site will run (default: the site's `script`).
-        script: Option<PathBuf>,
+        /// The script the site will run (default: the site's `script`): a
+        /// file or an oci:// reference.
+        script: Option<String>,
         /// Also log into every host and look up each granted program.
         #[arg(long)]
         connect: bool,
@@ -224,7 +226,7 @@ pub(crate) fn runtime() -> Result<Runtime, Failure> {
     Runtime::new(default_cache_dir()).exit(Exit::Usage)
 }
 
-fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), Failure> {
+fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Failure> {
     let site_file = &site_path(site_file);
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let text = std::fs::read_to_string(site_file)
@@ -236,7 +238,7 @@ fn check(site_file: &Path, script: Option<&Path>, connect: bool) -> Result<(), F
     // A script that cannot be had (missing file, registry down and not
     // stored, unsigned) is reported as a problem below.
     let fetched = match (script, &site.script) {
-        (Some(path), _) => Some(crate::share::resolve::fetch_file(path).exit(Exit::Usage)?),
+        (Some(arg), _) => Some(crate::share::commands::fetch_arg(arg)?),
         (None, Some(source)) => crate::share::resolve::fetch(source, &site).ok(),
         (None, None) => None,
     };
@@ -472,12 +474,13 @@ fn authorized_line(site_file: &Path, host: &str, key: Option<&Path>) -> Result<(
     Ok(())
 }
 
-fn inspect(path: &Path) -> Result<(), Failure> {
+fn inspect(arg: &str) -> Result<(), Failure> {
+    let fetched = crate::share::commands::fetch_arg(arg)?;
     let runtime = runtime()?;
-    let script = runtime.load(path).exit(Exit::Usage)?;
+    let script = runtime.load_bytes(&fetched.path, &fetched.bytes).exit(Exit::Usage)?;
     let info = crate::check::shown_info(&describe(&runtime, &script)?);
     println!("script:      {} {}", info.name, info.version);
-    println!("file:        {}", script.path.display());
+    println!("from:        {}", crate::text::escape(&fetched.source));
     println!("sha256:      {}", script.sha256);
     if !info.description.is_empty() {
         println!("description: {}", info.description);

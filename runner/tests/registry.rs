@@ -567,6 +567,18 @@ fn two_sites_share_a_signed_script_and_an_update_wanting_more_is_refused() {
         on(m, &reg, &["run", "--site", site.to_str().unwrap(), "--dry-run"]).expect_code(0);
     }
 
+    // The tag moves to an unsigned build: update refuses, the lock stays.
+    let (m, site) = &machines[1];
+    let lock_before = std::fs::read_to_string(site.with_extension("lock")).unwrap();
+    let unsigned = m.dir.path().join("unsigned.wasm");
+    std::fs::write(&unsigned, rebuilt(&std::fs::read(script("mysql-pull")).unwrap(), "unsigned")).unwrap();
+    pushed(&on(&publisher, &reg, &["script", "push", unsigned.to_str().unwrap(), &tag]));
+    on(m, &reg, &["script", "update", site.to_str().unwrap()]).expect_code(2).expect_stderr("not signed");
+    assert_eq!(std::fs::read_to_string(site.with_extension("lock")).unwrap(), lock_before);
+    let shown = on(m, &reg, &["inspect", &tag]);
+    shown.expect_code(0);
+    assert!(shown.stdout.contains("script:      mysql-pull 0.1.0"), "{}", shown.stdout);
+
     // The next release wants one more command.
     let v2 = pushed(&on(
         &publisher,

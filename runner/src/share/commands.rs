@@ -189,7 +189,7 @@ fn ls() -> Result<(), Failure> {
 
 /// A script named on the command line: a file or a registry reference
 /// (pulled when not stored).
-fn fetch_arg(script: &str) -> Result<Fetched, Failure> {
+pub fn fetch_arg(script: &str) -> Result<Fetched, Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     match ScriptSource::parse(script, &cwd).exit(Exit::Usage)? {
         ScriptSource::Path(p) => resolve::fetch_file(&p).exit(Exit::Usage),
