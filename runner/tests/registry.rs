@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use offsite_testkit::registry::{Machine, PASSWORD, Registry, USER};
-use offsite_testkit::{Ran, offsite, rebuilt, script, tempfile};
+use offsite_testkit::{Ran, offsite, rebuilt, script, ssh_keypair};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 const IP: &str = "127.0.0.5";
@@ -16,19 +16,6 @@ fn on(machine: &Machine, reg: &Registry, args: &[&str]) -> Ran {
     let mut cmd = offsite(Path::new(BIN));
     machine.apply(reg, &mut cmd);
     Ran::from_output(cmd.args(args).output().unwrap())
-}
-
-fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    (key, public.trim().to_string())
 }
 
 /// The digest reference `push` printed (its only stdout line).
@@ -146,7 +133,7 @@ fn pushed_scripts_interoperate_with_an_independent_oci_client() {
 fn signatures_are_plain_sshsig_and_travel_with_the_script() {
     let reg = Registry::start(IP);
     let m = Machine::new(&reg);
-    let (alice, alice_pub) = keypair(m.dir.path(), "alice");
+    let (alice, alice_pub) = ssh_keypair(m.dir.path(), "alice");
     let signers = m.dir.path().join("allowed_signers");
     std::fs::write(&signers, format!("alice@example.org {alice_pub}\n")).unwrap();
 
@@ -189,7 +176,7 @@ fn signatures_are_plain_sshsig_and_travel_with_the_script() {
     let ok = on(&other, &reg, &["script", "verify", &r, "--signers", signers.to_str().unwrap()]);
     ok.expect_code(0);
     assert!(ok.stdout.contains("signed by alice@example.org"), "{}", ok.stdout);
-    let (mallory, _) = keypair(m.dir.path(), "mallory");
+    let (mallory, _) = ssh_keypair(m.dir.path(), "mallory");
     let r2 = reg.reference("offsite/arc:evil");
     let evil = m.dir.path().join("evil.wasm");
     std::fs::write(&evil, rebuilt(&std::fs::read(script("arc")).unwrap(), "evil")).unwrap();
@@ -428,8 +415,8 @@ fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
     let reg = Registry::start(IP);
     let m = Machine::new(&reg);
     let dir = m.dir.path();
-    let (alice, alice_pub) = keypair(dir, "alice");
-    let (mallory, _) = keypair(dir, "mallory");
+    let (alice, alice_pub) = ssh_keypair(dir, "alice");
+    let (mallory, _) = ssh_keypair(dir, "mallory");
     let signers = dir.join("allowed_signers");
     std::fs::write(&signers, format!("alice@example.org {alice_pub}\n")).unwrap();
     let src = dir.join("src");
@@ -502,7 +489,6 @@ fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
         std::fs::read_dir(dir.join("store/.offsite/manifests")).unwrap().flatten().map(|e| e.path()).collect();
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifests[0]).unwrap()).unwrap();
     assert!(v["script"]["signer"].as_str().unwrap().starts_with("alice@example.org"), "{v}");
-    let _ = tempfile::tempdir;
 }
 
 /// The story end to end: `mysql-pull` is published once and signed; two
@@ -516,7 +502,7 @@ fn two_sites_share_a_signed_script_and_an_update_wanting_more_is_refused() {
     let server = offsite_testkit::sshd::Sshd::start("127.0.0.2");
     let reg = Registry::start(IP);
     let publisher = Machine::new(&reg);
-    let (alice, alice_pub) = keypair(publisher.dir.path(), "alice");
+    let (alice, alice_pub) = ssh_keypair(publisher.dir.path(), "alice");
     let tag = reg.reference("backup/mysql-pull:stable");
     let v1 = pushed(&on(
         &publisher,
@@ -625,7 +611,7 @@ fn watch_follows_a_tag_but_only_to_signed_versions() {
     let reg = Registry::start(IP);
     let m = Machine::new(&reg);
     let dir = m.dir.path();
-    let (alice, alice_pub) = keypair(dir, "alice");
+    let (alice, alice_pub) = ssh_keypair(dir, "alice");
     std::fs::write(dir.join("allowed_signers"), format!("alice@example.org {alice_pub}\n")).unwrap();
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/index.html"), "hello").unwrap();

@@ -272,24 +272,11 @@ fn timestamp(v: &str) -> Result<DateTime<Utc>> {
 mod tests {
     use super::*;
 
-    fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
-        let key = dir.join(name);
-        let ok = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(&key)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-        (key, public.trim().to_string())
-    }
-
     #[test]
     fn signatures_check_against_principal_namespace_time_and_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let (alice, alice_pub) = keypair(dir.path(), "alice");
-        let (mallory, _) = keypair(dir.path(), "mallory");
+        let (alice, alice_pub) = offsite_testkit::ssh_keypair(dir.path(), "alice");
+        let (mallory, _) = offsite_testkit::ssh_keypair(dir.path(), "mallory");
         let script = b"\0asm pretend component".to_vec();
         let good = sign(&alice, &script).unwrap();
         let file = dir.path().join("allowed_signers");
