@@ -3,7 +3,7 @@
 //! A script is a `cdylib` crate built for `wasm32-wasip2`. It implements
 //! [`Script`] and registers it with [`script!`]. Everything it can do goes
 //! through the modules here ([`clock`], [`log`], [`params`], [`archive`],
-//! [`ssh`], [`scp`], [`secrets`]),
+//! [`files`], [`ssh`], [`scp`], [`secrets`]),
 //! and every call is checked against the site's grants by the runner. A
 //! refusal is an ordinary [`HostError`], so `?` works on every call.
 //!
@@ -90,6 +90,7 @@ pub use crate::wit::offsite::backup::types::FileInfo;
 
 pub mod archive;
 pub mod clock;
+pub mod files;
 pub mod log;
 mod meta;
 pub mod params;

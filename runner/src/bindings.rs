@@ -10,4 +10,4 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use self::offsite::backup::{archive, clock, log, meta, params, scp, secrets, ssh, types};
+pub use self::offsite::backup::{archive, clock, files, log, meta, params, scp, secrets, ssh, types};

@@ -24,6 +24,11 @@ pub enum Call<'a> {
     ArchiveRead {
         source: &'a str,
     },
+    /// Look at `path` (list, stat or measure) through the read-only view.
+    FilesView {
+        op: &'static str,
+        path: &'a str,
+    },
     /// Write `dest` (as the script wrote it) into the store.
     StoreWrite {
         dest: &'a str,
@@ -60,6 +65,7 @@ impl Call<'_> {
             Call::ParamGet { name } => json!({"fn": "get", "name": name}),
             Call::ArchiveRead { source } => json!({"fn": "tar-gz", "read": source}),
             Call::StoreWrite { dest } => json!({"fn": "write", "dest": dest}),
+            Call::FilesView { op, path } => json!({"fn": op, "path": path}),
             Call::SshExec { host, argv } => json!({"fn": "exec", "host": host, "argv": argv}),
             Call::ScpFetch { host, path } => json!({"fn": "fetch", "host": host, "path": path}),
             Call::SecretOpen { name } => json!({"fn": "open", "name": name}),
@@ -74,6 +80,7 @@ impl Call<'_> {
             Call::Log => "log",
             Call::ParamGet { .. } => "params",
             Call::ArchiveRead { .. } | Call::StoreWrite { .. } => "archive",
+            Call::FilesView { .. } => "files",
             Call::SshExec { .. } => "ssh",
             Call::ScpFetch { .. } => "scp",
             Call::SecretOpen { .. } | Call::SecretSend { .. } => "secrets",
@@ -206,6 +213,13 @@ impl Policy {
                 None => Err(Denial::Denied(format!("parameter {name:?} is not declared by the script's describe()"))),
             },
             Call::ArchiveRead { source } => self.check_read(source),
+            // The same roots and path rules as archive: what may be read
+            // may be looked at.
+            Call::FilesView { path, .. } => match path.trim_end_matches('/') {
+                // `.` is the directory relative paths start from.
+                "." => self.check_read(&self.base_dir.to_string_lossy()),
+                _ => self.check_read(path),
+            },
             Call::StoreWrite { dest } => store_path(dest).map(|rel| Grant::Write { rel }),
             Call::SshExec { host, argv } => self.check_exec(host, argv),
             Call::ScpFetch { host, path } => self.check_fetch(host, path),

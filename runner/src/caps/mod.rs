@@ -4,6 +4,7 @@
 
 mod archive;
 mod clock;
+mod files;
 mod log;
 mod params;
 pub mod remote;

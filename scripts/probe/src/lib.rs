@@ -8,7 +8,7 @@
 use offsite_sdk::secrets::Secret;
 use offsite_sdk::ssh::{self, Stream};
 use offsite_sdk::wit::offsite::backup::ssh as raw_ssh;
-use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, params, scp};
+use offsite_sdk::{Param, Result, Script, ScriptInfo, bail, files, params, scp};
 
 struct Probe;
 
@@ -29,7 +29,7 @@ impl Script for Probe {
                 "template",
                 "stdin template the script asks for, for stream-secret (empty: the site's)",
             ))
-            .capabilities(["ssh", "scp", "secrets", "params"])
+            .capabilities(["ssh", "scp", "secrets", "params", "files"])
     }
 
     fn run() -> Result<()> {
@@ -98,6 +98,21 @@ impl Script for Probe {
                 };
                 println!("stored={} bytes={}", info.path, info.bytes);
             }
+            // The read-only view: one line per entry, for the test to parse.
+            "list" => {
+                for e in files::list_dir(&path)? {
+                    println!("{} {:?} {} {:o}", e.name, e.kind, e.size, e.mode);
+                }
+            }
+            "stat" => {
+                let e = files::stat(&path)?;
+                println!("{} {:?} {} {:o} {}", e.name, e.kind, e.size, e.mode, e.modified);
+            }
+            "usage" => {
+                let u = files::usage(&path)?;
+                println!("files={} directories={} others={} bytes={}", u.files, u.directories, u.others, u.bytes);
+            }
+            "exists" => println!("exists={}", files::exists(&path)?),
             // Starts a transfer and never waits for it.
             "unwaited" => {
                 let _job = ssh::start_exec_to_file(&host, &argv, &dest, &stream)?;
