@@ -465,6 +465,39 @@ fn imported_interfaces(runtime: &Runtime, script: &Script) -> BTreeSet<String> {
         .collect()
 }
 
+/// What a script's imports mean here: WASI interfaces the runner gives
+/// nothing through (notes), and capabilities it uses without declaring
+/// them or declares without using (`(notes, undeclared)`).
+pub fn import_notes(all_imports: &[String], declared: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut notes = Vec::new();
+    let has = |prefix: &str| all_imports.iter().any(|i| i.starts_with(prefix));
+    if has("wasi:filesystem") {
+        notes.push(
+            "imports wasi:filesystem: file calls (std::fs, open()) will fail, as scripts have no filesystem; use \
+             `archive` and the read-only `files` view of the read roots"
+                .to_string(),
+        );
+    }
+    if has("wasi:sockets") {
+        notes.push(
+            "imports wasi:sockets: network calls will fail, as scripts have no network; use `ssh` and `scp`"
+                .to_string(),
+        );
+    }
+    let ours: BTreeSet<String> = all_imports
+        .iter()
+        .filter_map(|n| n.strip_prefix("offsite:backup/"))
+        .map(|r| r.split('@').next().unwrap_or(r).to_string())
+        .filter(|i| i != "types" && i != "meta")
+        .collect();
+    let declared: BTreeSet<String> = declared.iter().cloned().collect();
+    let undeclared: Vec<String> = ours.difference(&declared).cloned().collect();
+    for unused in declared.difference(&ours) {
+        notes.push(format!("declares the {unused} capability but does not import it (it cannot use it)"));
+    }
+    (notes, undeclared)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn script_report(
     out: &mut String,
@@ -489,6 +522,24 @@ fn script_report(
             imports.iter().cloned().collect::<Vec<_>>().join(", ")
         }
     );
+    let all: Vec<String> =
+        script.component.component_type().imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
+    let (notes, undeclared) = import_notes(&all, &info.capabilities);
+    for note in notes {
+        let _ = writeln!(out, "  note: script {} {note}", info.name);
+    }
+    if !undeclared.is_empty() {
+        problems.push(Problem {
+            at: file.to_string(),
+            what: format!(
+                "script {} uses {} without declaring it (declared: {}): what it says about itself is incomplete",
+                info.name,
+                undeclared.join(", "),
+                if info.capabilities.is_empty() { "none".to_string() } else { info.capabilities.join(", ") }
+            ),
+            fix: "ask its author to declare every capability it uses in describe()".into(),
+        });
+    }
     if let Some(pin) = &site.script_sha256
         && *pin != script.sha256
     {
@@ -574,21 +625,28 @@ fn script_report(
             "the site grants no read roots",
             "add `[read]` with `roots = [\"/dir\"]`",
         ),
+        (
+            "files",
+            site.read_roots.is_empty(),
+            false,
+            "the site grants no read roots",
+            "add `[read]` with `roots = [\"/dir\"]`",
+        ),
     ];
     for (iface, nothing, none_of_kind, why, fix) in needs {
         if !imports.contains(iface) {
             continue;
         }
         if nothing {
-            let why =
-                if iface == "archive" { why.to_string() } else { "the site has no [hosts.NAME] section".to_string() };
+            let local = iface == "archive" || iface == "files";
+            let why = if local { why.to_string() } else { "the site has no [hosts.NAME] section".to_string() };
             problems.push(Problem {
                 at: file.to_string(),
                 what: format!(
                     "script {} uses the {iface} capability, but {why}, so every such call will be denied",
                     info.name
                 ),
-                fix: if iface == "archive" {
+                fix: if local {
                     fix.into()
                 } else {
                     "add a [hosts.NAME] section with the grants the script needs".into()
@@ -790,6 +848,27 @@ pub use crate::site::key_line;
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn imports_are_compared_with_declared_capabilities_and_dead_wasi_named() {
+        let imports: Vec<String> = [
+            "offsite:backup/types@0.1.0",
+            "offsite:backup/meta@0.1.0",
+            "offsite:backup/ssh@0.1.0",
+            "offsite:backup/archive@0.1.0",
+            "wasi:filesystem/preopens@0.2.6",
+            "wasi:cli/stdout@0.2.6",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (notes, undeclared) = import_notes(&imports, &["archive".to_string(), "scp".to_string()]);
+        assert_eq!(undeclared, vec!["ssh"]);
+        assert!(notes.iter().any(|n| n.contains("wasi:filesystem")), "{notes:?}");
+        assert!(notes.iter().any(|n| n.contains("declares the scp capability but does not import it")), "{notes:?}");
+        assert!(!notes.iter().any(|n| n.contains("sockets")), "{notes:?}");
+        let (notes, undeclared) = import_notes(&imports[..4], &["ssh".to_string(), "archive".to_string()]);
+        assert!(notes.is_empty() && undeclared.is_empty(), "{notes:?} {undeclared:?}");
+    }
     use super::*;
 
     #[test]

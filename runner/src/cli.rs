@@ -503,8 +503,16 @@ fn inspect(arg: &str) -> Result<(), Failure> {
     }
     println!("imports:");
     let ty = script.component.component_type();
-    for (name, _) in ty.imports(runtime.engine()) {
+    let imports: Vec<String> = ty.imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
+    for name in &imports {
         println!("  {name}");
+    }
+    let (notes, undeclared) = crate::check::import_notes(&imports, &info.capabilities);
+    for note in notes {
+        println!("note: {note}");
+    }
+    if !undeclared.is_empty() {
+        println!("note: uses {} without declaring it: what it says about itself is incomplete", undeclared.join(", "));
     }
     Ok(())
 }

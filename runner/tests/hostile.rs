@@ -324,6 +324,11 @@ fn script_metadata_is_escaped_in_inspect_and_check() {
     assert!(inspect.stdout.contains("\\e[2K\\rsha256:      0000 (fake)\\nimports:"), "{}", inspect.stdout);
     assert_eq!(inspect.stdout.lines().filter(|l| l.starts_with("sha256:")).count(), 1, "{}", inspect.stdout);
     assert_eq!(inspect.stdout.lines().filter(|l| l.starts_with("imports:")).count(), 1, "{}", inspect.stdout);
+    // Its std::fs and socket calls import WASI interfaces that give
+    // nothing: both commands say what will happen.
+    assert!(inspect.stdout.contains("note: imports wasi:filesystem: file calls"), "{}", inspect.stdout);
+    assert!(check.stdout.contains("imports wasi:filesystem: file calls"), "{}", check.stdout);
+    assert!(check.stdout.contains("imports wasi:sockets: network calls will fail"), "{}", check.stdout);
 }
 
 /// The compile cache: an entry renamed over another script's entry is

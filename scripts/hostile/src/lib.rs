@@ -19,7 +19,7 @@ impl Script for Hostile {
             .param(Param::required("case", "the attack"))
             .param(Param::optional("arg", "a path or value the attack uses"))
             .param(Param::optional("hidden", "a secret parameter it must never read").secret().default("s3cret-param"))
-            .capabilities(["ssh", "scp", "archive", "secrets", "clock", "params"])
+            .capabilities(["ssh", "scp", "archive", "secrets", "clock", "params", "log"])
     }
 
     fn run() -> Result<()> {
