@@ -477,10 +477,21 @@ fn authorized_line(site_file: &Path, host: &str, key: Option<&Path>) -> Result<(
 fn inspect(arg: &str) -> Result<(), Failure> {
     let fetched = crate::share::commands::fetch_arg(arg)?;
     let runtime = runtime()?;
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fetched.bytes));
+    let had = runtime.is_compiled(&sha).is_some();
+    let started = std::time::Instant::now();
     let script = runtime.load_bytes(&fetched.path, &fetched.bytes).exit(Exit::Usage)?;
+    let compiled = match (had, runtime.is_compiled(&sha)) {
+        (true, _) => "a compiled copy is in the cache".to_string(),
+        (false, Some(_)) => format!("compiled now in {:.0?} and cached (runs start from it)", started.elapsed()),
+        (false, None) => {
+            format!("compiled in {:.0?}; no usable compile cache, so every run compiles", started.elapsed())
+        }
+    };
     let info = crate::check::shown_info(&describe(&runtime, &script)?);
     println!("script:      {} {}", info.name, info.version);
     println!("from:        {}", crate::text::escape(&fetched.source));
+    println!("compiled:    {compiled}");
     println!("sha256:      {}", script.sha256);
     if !info.description.is_empty() {
         println!("description: {}", info.description);

@@ -140,14 +140,27 @@ impl Runtime {
         Ok(Script { path: path.to_path_buf(), sha256, component, pre })
     }
 
+    /// The cache entry file for the script `sha256` under this engine.
+    fn cache_file(&self, dir: &Path, sha256: &str) -> PathBuf {
+        let mut key = Sha256::new();
+        key.update(sha256.as_bytes());
+        self.engine.precompile_compatibility_hash().hash(&mut HashInto(&mut key));
+        dir.join(format!("{}.cwasm", hex::encode(&key.finalize()[..16])))
+    }
+
+    /// Whether a compiled copy of the script `sha256` is in the cache
+    /// (`inspect` says so; the first run of a big script pays its compile).
+    pub fn is_compiled(&self, sha256: &str) -> Option<PathBuf> {
+        let dir = self.cache.as_deref()?;
+        let file = self.cache_file(dir, sha256);
+        std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()).then_some(file)
+    }
+
     fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Component> {
         let Some(dir) = self.cache.as_deref().filter(|d| cache_dir_is_safe(d)) else {
             return Ok(Component::new(&self.engine, bytes)?);
         };
-        let mut key = Sha256::new();
-        key.update(sha256.as_bytes());
-        self.engine.precompile_compatibility_hash().hash(&mut HashInto(&mut key));
-        let file = dir.join(format!("{}.cwasm", hex::encode(&key.finalize()[..16])));
+        let file = self.cache_file(dir, sha256);
         match read_cache_entry(&file, sha256) {
             // SAFETY: the payload is one this runner wrote for exactly this
             // script: the entry is a regular file owned by us and writable
@@ -156,7 +169,14 @@ impl Runtime {
             // SHA-256, both checked before this call. Its name binds it to
             // this engine's compatibility hash.
             Ok(Some(payload)) => match unsafe { Component::deserialize(&self.engine, &payload) } {
-                Ok(c) => return Ok(c),
+                Ok(c) => {
+                    // Used now: eviction goes by least recent use.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&file)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok(c);
+                }
                 Err(e) => log::debug!(target: "offsite::engine", "ignoring cache entry {}: {e:#}", file.display()),
             },
             Ok(None) => {}
@@ -166,6 +186,7 @@ impl Runtime {
         if let Err(e) = write_cache_file(dir, &file, sha256, &compiled) {
             log::info!(target: "offsite::engine", "cannot write compile cache {}: {e:#}", file.display());
         }
+        evict(dir, &file, cache_limit());
         // SAFETY: `compiled` was produced by this engine just now.
         Ok(unsafe { Component::deserialize(&self.engine, &compiled) }?)
     }
@@ -418,6 +439,47 @@ fn write_cache_file(dir: &Path, file: &Path, sha256: &str, bytes: &[u8]) -> Resu
     Ok(result?)
 }
 
+/// The compile cache's size limit: `$OFFSITE_CACHE_MAX` (e.g. `2GiB`),
+/// default 1 GiB.
+pub fn cache_limit() -> u64 {
+    const DEFAULT: u64 = 1 << 30;
+    match std::env::var("OFFSITE_CACHE_MAX") {
+        Ok(v) => crate::site::parse_size(&v).unwrap_or_else(|e| {
+            log::warn!(target: "offsite::engine", "OFFSITE_CACHE_MAX={v:?}: {e}; using 1GiB");
+            DEFAULT
+        }),
+        Err(_) => DEFAULT,
+    }
+}
+
+/// Removes the least recently used entries of the compile cache `dir`
+/// until it holds at most `limit` bytes; `keep` (just written) stays.
+pub fn evict(dir: &Path, keep: &Path, limit: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            m.is_file().then(|| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    for (_, len, path) in files {
+        if total <= limit {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            log::info!(target: "offsite::engine", "compile cache over {limit} bytes: evicted {}", path.display());
+            total -= len;
+        }
+    }
+}
+
 /// Feeds a `Hash` implementation into SHA-256.
 struct HashInto<'a>(&'a mut Sha256);
 
@@ -440,4 +502,30 @@ pub fn default_cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(dir).join("offsite"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/offsite"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compile_cache_evicts_least_recently_used_entries_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = std::time::Duration::from_secs(86400);
+        let now = std::time::SystemTime::now();
+        for (name, age_days) in [("old.cwasm", 3), ("used.cwasm", 1), ("new.cwasm", 0), ("mid.cwasm", 2)] {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            f.set_len(100).unwrap();
+            f.set_modified(now - day * age_days).unwrap();
+        }
+        std::fs::write(dir.path().join("not-an-entry.txt"), [0u8; 1000]).unwrap();
+        // The entry just written stays even when it is the oldest.
+        evict(dir.path(), &dir.path().join("old.cwasm"), 250);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["new.cwasm", "not-an-entry.txt", "old.cwasm"]);
+    }
 }

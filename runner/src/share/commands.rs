@@ -137,6 +137,11 @@ fn pull(reference: &str) -> Result<(), Failure> {
     let cache = cache()?;
     let registry = Registry::connect(&r.registry).exit(Exit::Usage)?;
     let pulled = registry.pull(&cache, &r).exit(Exit::Usage)?;
+    // Compiled now, into the compile cache, so the first scheduled run
+    // does not pay for it.
+    let bytes = cache.load(&pulled.record.component).map_err(|e| anyhow!("{r}: {e}")).exit(Exit::Usage)?;
+    let runtime = crate::cli::runtime()?;
+    runtime.load_bytes(&cache.blob_path(&pulled.record.component), &bytes).exit(Exit::Usage)?;
     log::info!(
         target: "offsite::script",
         "{} {} component sha256:{} ({} bytes, {} signature(s){})",
