@@ -311,7 +311,7 @@ fn a_real_cargo_build_of_a_script_crate_is_picked_up() {
         format!(
             "[package]\nname = \"watched\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
              [dependencies]\noffsite-sdk = {{ path = \"{}\" }}\n\n[workspace]\n\n{}",
-            repo.join("guest-sdk").display(),
+            repo.join("guest-sdk/rust").display(),
             release_profile(&repo)
         ),
     )

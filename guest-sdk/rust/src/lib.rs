@@ -39,7 +39,7 @@ extern crate self as offsite_sdk;
 #[doc(hidden)]
 pub mod wit {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "script",
         pub_export_macro: true,
         export_macro_name: "__export_world",
