@@ -156,6 +156,12 @@ enum Command {
     /// Key helpers for the servers a site reaches.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Build the script project in DIR (Rust: Cargo.toml, Python: app.py)
+    /// and leave DIR/NAME.wasm.
+    Build {
+        /// The project directory (default: the current one).
+        dir: Option<PathBuf>,
+    },
     /// Share scripts: push, pull, list, sign, verify.
     #[command(subcommand)]
     Script(crate::share::commands::ScriptCommand),
@@ -206,6 +212,9 @@ pub fn main() -> ExitCode {
         }
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
         Command::Script(cmd) => crate::share::commands::main(cmd),
+        Command::Build { dir } => crate::build::build(dir.as_deref().unwrap_or(Path::new(".")))
+            .map(|out| println!("{}", out.display()))
+            .exit(Exit::Usage),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

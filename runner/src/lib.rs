@@ -24,6 +24,8 @@ pub mod abort;
 #[cfg(feature = "runtime")]
 pub mod bindings;
 #[cfg(feature = "runtime")]
+pub mod build;
+#[cfg(feature = "runtime")]
 pub mod caps;
 #[cfg(feature = "runtime")]
 pub mod check;

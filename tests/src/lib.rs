@@ -39,6 +39,34 @@ pub fn script(name: &str) -> PathBuf {
     path
 }
 
+/// The component of the Python script project `scripts/NAME`, built with
+/// `offsite build` (the binary at `bin`) against the SDK in
+/// `guest-sdk/python`; rebuilt only when its app.py or the SDK is newer.
+pub fn python_script(bin: &Path, name: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = repo_root().join("scripts").join(name);
+    let out = dir.join(format!("{name}.wasm"));
+    let sdk = repo_root().join("guest-sdk/python");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let newest_source = [dir.join("app.py"), sdk.join("offsite_sdk/__init__.py"), repo_root().join("wit/offsite.wit")]
+        .iter()
+        .filter_map(|p| modified(p))
+        .max();
+    if modified(&out).is_some_and(|built| Some(built) > newest_source) {
+        return out;
+    }
+    let status = Command::new(bin)
+        .arg("build")
+        .arg(&dir)
+        .env("OFFSITE_PYTHON_SDK", &sdk)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run offsite build");
+    assert!(status.success(), "offsite build {} failed (pip install componentize-py==0.25.1?)", dir.display());
+    out
+}
+
 /// The same component with a custom section appended: as valid, with
 /// another SHA-256 (a rebuild that changed something).
 pub fn rebuilt(bytes: &[u8], tag: &str) -> Vec<u8> {
