@@ -162,6 +162,17 @@ enum Command {
         /// The project directory (default: the current one).
         dir: Option<PathBuf>,
     },
+    /// Start a script project: describe and run with one parameter, a
+    /// README with the build command, and a test (test.sh).
+    New {
+        /// The script's name (lowercase letters, digits, '-').
+        name: String,
+        /// rust or python.
+        #[arg(long, value_parser = ["rust", "python"])]
+        lang: String,
+        /// Where (default: ./NAME); must be missing or empty.
+        dir: Option<PathBuf>,
+    },
     /// Share scripts: push, pull, list, sign, verify.
     #[command(subcommand)]
     Script(crate::share::commands::ScriptCommand),
@@ -212,6 +223,12 @@ pub fn main() -> ExitCode {
         }
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
         Command::Script(cmd) => crate::share::commands::main(cmd),
+        Command::New { name, lang, dir } => {
+            let lang = if lang == "python" { crate::build::Lang::Python } else { crate::build::Lang::Rust };
+            crate::new::new(&name, lang, dir.as_deref())
+                .map(|d| println!("{}: build with `offsite build`, test with ./test.sh", d.display()))
+                .exit(Exit::Usage)
+        }
         Command::Build { dir } => crate::build::build(dir.as_deref().unwrap_or(Path::new(".")))
             .map(|out| println!("{}", out.display()))
             .exit(Exit::Usage),

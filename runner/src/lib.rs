@@ -37,6 +37,8 @@ pub mod engine;
 pub mod keys;
 pub mod logging;
 #[cfg(feature = "runtime")]
+pub mod new;
+#[cfg(feature = "runtime")]
 pub mod output;
 pub mod policy;
 #[cfg(feature = "runtime")]
