@@ -249,7 +249,8 @@ impl Runtime {
 
         let result = script.pre.instantiate(&mut store).and_then(|bindings| f(&bindings, &mut store)).map_err(|e| {
             output.flush();
-            classify(e, store.data().limiter.hit.as_deref(), limits, output.panic())
+            let name = store.data().caps.script.clone();
+            classify(e, store.data().limiter.hit.as_deref(), limits, output.panic(), &name)
         });
         output.flush();
         (result, store.into_data().caps)
@@ -267,6 +268,7 @@ fn classify(
     limit_hit: Option<&str>,
     limits: SandboxLimits,
     panic: Option<String>,
+    script: &str,
 ) -> ScriptFailure {
     // The wasm backtrace (function numbers) helps nobody reading cron
     // mail; it is in the log at -vv.
@@ -284,7 +286,7 @@ fn classify(
         )),
         Some(Trap::StackOverflow) => ScriptFailure::Limit("the script overflowed its stack".into()),
         Some(trap) => ScriptFailure::Trap(match panic {
-            Some(p) => format!("the script panicked: {p}"),
+            Some(p) => format!("script {} panicked: {p}", crate::text::escape(script)),
             None => format!("the script trapped: {trap}"),
         }),
         None => ScriptFailure::Trap(format!("the script failed: {}", one_line(&e.root_cause().to_string()))),

@@ -110,14 +110,20 @@ impl Lines {
         self.pending.clear();
         let line = line.trim_end_matches('\r');
         // A Rust panic: `thread '...' panicked at FILE:L:C:`, then the
-        // message. The run's error says it in one line; the advice to set
-        // RUST_BACKTRACE (which a sandboxed script cannot use) is dropped.
+        // message. A panic ends the script (wasm aborts), and the run's
+        // error says it in one line with the script's name: the two lines
+        // go to the debug log only, and the advice to set RUST_BACKTRACE
+        // (which a sandboxed script cannot use) is dropped.
         if let Some(at) = self.panic_at.take() {
             self.panic.get_or_insert_with(|| format!("{line} (at {at})"));
+            log::debug!(target: &self.target, "{line}");
+            return;
         } else if line.starts_with("thread '")
             && let Some((_, at)) = line.split_once(" panicked at ")
         {
             self.panic_at = Some(at.trim_end_matches(':').to_string());
+            log::debug!(target: &self.target, "{line}");
+            return;
         } else if line.starts_with("note: run with `RUST_BACKTRACE=") {
             return;
         }
