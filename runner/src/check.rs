@@ -625,10 +625,12 @@ fn script_report(
             "the site grants no read roots",
             "add `[read]` with `roots = [\"/dir\"]`",
         ),
+        // Looking at files is often optional (a size logged before a
+        // dump): without read roots it is a note, not a problem.
         (
             "files",
-            site.read_roots.is_empty(),
             false,
+            site.read_roots.is_empty(),
             "the site grants no read roots",
             "add `[read]` with `roots = [\"/dir\"]`",
         ),
