@@ -6,6 +6,9 @@
 //! - Rust (`Cargo.toml`): `cargo build --release --target wasm32-wasip2`.
 //! - Python (`app.py`): `componentize-py` against the SDK's WIT, with the
 //!   installed `offsite_sdk` package on its path.
+//! - JavaScript (`package.json` and `app.js`): the SDK's own
+//!   `offsite-sdk-build` (esbuild bundle, then componentize-js), from the
+//!   project's `node_modules` (`npm install` first).
 //!
 //! Each tool's output goes to the terminal as it comes; a missing tool is
 //! one line saying what to install.
@@ -20,6 +23,7 @@ use anyhow::{Context, Result, anyhow, bail};
 pub enum Lang {
     Rust,
     Python,
+    Js,
 }
 
 /// Which language the project in `dir` is written in.
@@ -28,9 +32,12 @@ pub fn detect(dir: &Path) -> Result<Lang> {
         Ok(Lang::Rust)
     } else if dir.join("app.py").is_file() {
         Ok(Lang::Python)
+    } else if dir.join("package.json").is_file() && dir.join("app.js").is_file() {
+        Ok(Lang::Js)
     } else {
         bail!(
-            "{} holds no script project: a Rust one has Cargo.toml, a Python one app.py (start one with `offsite new`)",
+            "{} holds no script project: a Rust one has Cargo.toml, a Python one app.py, a JavaScript one \
+             package.json and app.js (start one with `offsite new`)",
             dir.display()
         )
     }
@@ -42,6 +49,7 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
     match detect(&dir)? {
         Lang::Rust => build_rust(&dir),
         Lang::Python => build_python(&dir),
+        Lang::Js => build_js(&dir),
     }
 }
 
@@ -152,6 +160,31 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
         "pip install componentize-py==0.25.1",
     )?;
     place(&out, &dir.join(format!("{name}.wasm")))
+}
+
+fn build_js(dir: &Path) -> Result<PathBuf> {
+    let tool = dir.join("node_modules/offsite-sdk/build.mjs");
+    if !tool.is_file() {
+        bail!("the JavaScript SDK is not installed in {}: run `npm install` there first", dir.display());
+    }
+    let out = Command::new("node")
+        .arg(&tool)
+        .arg(dir)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!("node is not installed: install Node.js 20 or later"),
+            _ => anyhow!("cannot start node: {e}"),
+        })?;
+    if !out.status.success() {
+        bail!("offsite-sdk-build failed ({}); its output is above", out.status);
+    }
+    let built = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
+    if built.is_empty() || !Path::new(&built).is_file() {
+        bail!("offsite-sdk-build left no component");
+    }
+    Ok(PathBuf::from(built))
 }
 
 /// Moves or copies the built component to `dest` atomically.

@@ -156,8 +156,8 @@ enum Command {
     /// Key helpers for the servers a site reaches.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Build the script project in DIR (Rust: Cargo.toml, Python: app.py)
-    /// and leave DIR/NAME.wasm.
+    /// Build the script project in DIR (Rust: Cargo.toml, Python: app.py,
+    /// JavaScript: package.json and app.js) and leave DIR/NAME.wasm.
     Build {
         /// The project directory (default: the current one).
         dir: Option<PathBuf>,
@@ -167,8 +167,8 @@ enum Command {
     New {
         /// The script's name (lowercase letters, digits, '-').
         name: String,
-        /// rust or python.
-        #[arg(long, value_parser = ["rust", "python"])]
+        /// rust, python or js.
+        #[arg(long, value_parser = ["rust", "python", "js"])]
         lang: String,
         /// Where (default: ./NAME); must be missing or empty.
         dir: Option<PathBuf>,
@@ -224,7 +224,11 @@ pub fn main() -> ExitCode {
         Command::Keys(KeysCommand::AuthorizedLine { site, host, key }) => authorized_line(&site, &host, key.as_deref()),
         Command::Script(cmd) => crate::share::commands::main(cmd),
         Command::New { name, lang, dir } => {
-            let lang = if lang == "python" { crate::build::Lang::Python } else { crate::build::Lang::Rust };
+            let lang = match lang.as_str() {
+                "python" => crate::build::Lang::Python,
+                "js" => crate::build::Lang::Js,
+                _ => crate::build::Lang::Rust,
+            };
             crate::new::new(&name, lang, dir.as_deref())
                 .map(|d| println!("{}: build with `offsite build`, test with ./test.sh", d.display()))
                 .exit(Exit::Usage)

@@ -26,6 +26,7 @@ pub fn new(name: &str, lang: Lang, dir: Option<&Path>) -> Result<PathBuf> {
     let files: Vec<(&str, String)> = match lang {
         Lang::Rust => rust(name),
         Lang::Python => python(name),
+        Lang::Js => js(name),
     };
     for (rel, text) in files.iter().chain([("test.sh", test_sh(name)), ("README.md", readme(name, lang))].iter()) {
         let path = dir.join(rel);
@@ -142,6 +143,51 @@ WitWorld = export(Backup)
     vec![("pyproject.toml", pyproject), ("app.py", app), (".gitignore", "/*.wasm\n__pycache__/\n".into())]
 }
 
+/// The JavaScript SDK dependency: the package, or a local checkout's
+/// (`$OFFSITE_JS_SDK`, a path to guest-sdk/js).
+fn js_sdk() -> String {
+    match std::env::var("OFFSITE_JS_SDK") {
+        Ok(path) if !path.is_empty() => format!("file:{path}"),
+        _ => "0.1.0".to_string(),
+    }
+}
+
+fn js(name: &str) -> Vec<(&'static str, String)> {
+    let package = format!(
+        r#"{{
+  "name": "{name}",
+  "version": "0.1.0",
+  "private": true,
+  "type": "module",
+  "description": "An Offsite backup script",
+  "devDependencies": {{ "offsite-sdk": "{sdk}" }}
+}}
+"#,
+        sdk = js_sdk()
+    );
+    let app = format!(
+        r#"// `{name}`: archives one path as PATH.YYYYMMDD-HHMMSS.tgz in the site's store.
+import {{ Info, Param, archive, clock, exportScript, log, params }} from 'offsite-sdk';
+
+const info = Info('{name}', '0.1.0', 'Archive one path into the store', {{
+  params: [Param.required('path', "file or directory to archive, beneath the site's read roots")],
+  capabilities: ['archive', 'clock', 'log', 'params'],
+}});
+
+function backup() {{
+  const path = params.require('path');
+  const stamp = clock.now().format('%Y%m%d-%H%M%S');
+  const name = path.replace(/\/+$/, '').split('/').pop() || 'backup';
+  const stored = archive.tarGz([path], `${{name}}.${{stamp}}.tgz`);
+  log.info(`${{stored.path}}: ${{stored.bytes}} bytes, sha256 ${{stored.sha256}}`);
+}}
+
+export const {{ describe, run }} = exportScript({{ info, run: backup }});
+"#
+    );
+    vec![("package.json", package), ("app.js", app), (".gitignore", "/*.wasm\nnode_modules/\n".into())]
+}
+
 fn test_sh(name: &str) -> String {
     format!(
         r#"#!/bin/sh
@@ -149,6 +195,9 @@ fn test_sh(name: &str) -> String {
 # must appear under the expected name. Prints "ok" and exits 0 when it does.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
+if [ -f "$here/package.json" ] && [ ! -d "$here/node_modules" ]; then
+  (cd "$here" && npm install --no-audit --no-fund >/dev/null)
+fi
 offsite build "$here" >/dev/null
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
@@ -165,6 +214,7 @@ fn readme(name: &str, lang: Lang) -> String {
     let (language, needs) = match lang {
         Lang::Rust => ("Rust", "Rust with the wasm32-wasip2 target (`rustup target add wasm32-wasip2`)"),
         Lang::Python => ("Python", "Python 3 with `pip install offsite-sdk componentize-py==0.25.1`"),
+        Lang::Js => ("JavaScript", "Node.js 20 or later, and `npm install` once"),
     };
     format!(
         r#"# {name}

@@ -73,6 +73,21 @@ fn a_new_python_project_builds_runs_and_passes_its_test() {
 }
 
 #[test]
+fn a_new_javascript_project_builds_runs_and_passes_its_test() {
+    let mut cmd = offsite(Path::new(BIN));
+    let outside = tempfile::tempdir().unwrap();
+    cmd.current_dir(outside.path()).args(["new", "site-files", "--lang", "js"]);
+    cmd.env("OFFSITE_JS_SDK", repo_root().join("guest-sdk/js"));
+    Ran::from_output(cmd.output().unwrap()).expect_code(0);
+    let dir = outside.path().join("site-files");
+    // The SDK's own dependencies (componentize-js, esbuild) are installed
+    // once in guest-sdk/js; the project links to it.
+    offsite_testkit::js_script(Path::new(BIN), "arc-js");
+    run_test_sh(&dir, &[]);
+    assert!(dir.join("site-files.wasm").is_file());
+}
+
+#[test]
 fn new_refuses_bad_names_and_a_directory_in_use() {
     let outside = tempfile::tempdir().unwrap();
     let new = |args: &[&str]| {

@@ -67,6 +67,50 @@ pub fn python_script(bin: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// The component of the JavaScript script project `scripts/NAME`, built
+/// with `offsite build` against the SDK in `guest-sdk/js` (whose npm
+/// dependencies, and the project's link to it, are installed first when
+/// missing); rebuilt only when its app.js or the SDK is newer.
+pub fn js_script(bin: &Path, name: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = repo_root().join("scripts").join(name);
+    let sdk = repo_root().join("guest-sdk/js");
+    let npm_install = |at: &Path| {
+        if at.join("node_modules").is_dir() {
+            return;
+        }
+        let ok = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(at)
+            .status()
+            .expect("npm (install Node.js)")
+            .success();
+        assert!(ok, "npm install in {} failed", at.display());
+    };
+    npm_install(&sdk);
+    npm_install(&dir);
+    let out = dir.join(format!("{name}.wasm"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut sources =
+        vec![dir.join("app.js"), sdk.join("index.js"), sdk.join("build.mjs"), repo_root().join("wit/offsite.wit")];
+    if let Ok(lib) = std::fs::read_dir(sdk.join("lib")) {
+        sources.extend(lib.flatten().map(|e| e.path()));
+    }
+    let newest_source = sources.iter().filter_map(|p| modified(p)).max();
+    if modified(&out).is_some_and(|built| Some(built) > newest_source) {
+        return out;
+    }
+    let status = Command::new(bin)
+        .arg("build")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run offsite build");
+    assert!(status.success(), "offsite build {} failed", dir.display());
+    out
+}
+
 /// The same component with a custom section appended: as valid, with
 /// another SHA-256 (a rebuild that changed something).
 pub fn rebuilt(bytes: &[u8], tag: &str) -> Vec<u8> {

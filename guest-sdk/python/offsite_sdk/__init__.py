@@ -136,6 +136,10 @@ class Script:
         raise NotImplementedError
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(line for line in text.splitlines() if line.strip())
+
+
 def export(script: type) -> type:
     """The ``WitWorld`` class componentize-py exports, for ``script``.
 
@@ -153,9 +157,9 @@ def export(script: type) -> type:
             except Err:
                 raise
             except HostError as e:
-                raise Err(str(e))
+                raise Err(_one_line(str(e)))
             except Exception as e:  # one line for cron mail, not a traceback
-                raise Err(f"{type(e).__name__}: {e}")
+                raise Err(_one_line(f"{type(e).__name__}: {e}"))
 
     _World.__name__ = "WitWorld"
     return _World
