@@ -146,6 +146,32 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     verify("sitedb").expect_code(1).expect_stderr("the scratch database sitedb is not empty");
 }
 
+/// mysql-pull's dump mode written in Python, against the same servers and
+/// grants: the same files, each restoring to the live databases.
+#[test]
+fn the_python_mysql_pull_dumps_both_servers_and_every_dump_restores_identically() {
+    let wasm = offsite_testkit::python_script(Path::new(BIN), "mysql-pull-py");
+    let (server1, server2, _turn) = two_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let params = "dumps = \"server1:sitedb:tbl_ccode,tbl_machine,tbl_session,tbl_stats server2:transdb\"";
+    let site = site_file(dir.path(), &server1, &server2, DUMP_GRANT_1, DUMP_GRANT_2, params);
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("run").arg(&wasm).arg("--site").arg(&site).args(["--now", "2004-03-21T01:48:44"]);
+    cmd.env("HOME", dir.path()).env_remove("SSH_AUTH_SOCK");
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "", "silent on success");
+    let sql1 = gunzip(&dir.path().join("backups/server1/sitedb-20040321-014844.sql.gz"));
+    let sql2 = gunzip(&dir.path().join("backups/server2/transdb-20040321-014844.sql.gz"));
+    assert!(!String::from_utf8_lossy(&sql1).contains("tbl_private"), "only the named tables");
+    server1.db.load("restored_py_sitedb", &sql1);
+    let original: Vec<_> =
+        server1.db.fingerprint("sitedb").into_iter().filter(|(t, _, _)| SITEDB_TABLES.contains(&t.as_str())).collect();
+    assert_eq!(server1.db.fingerprint("restored_py_sitedb"), original);
+    server2.db.load("restored_py_transdb", &sql2);
+    assert_eq!(server2.db.fingerprint("restored_py_transdb"), server2.db.fingerprint("transdb"));
+}
+
 #[test]
 fn a_failing_dump_fails_the_run_but_the_other_server_is_still_backed_up() {
     let (server1, server2, _turn) = two_servers();
