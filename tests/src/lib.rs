@@ -111,6 +111,71 @@ pub fn js_script(bin: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// Runs the Rust `arc` and `other` (the same script in another language)
+/// on the same tree (files, a subdirectory, a symlink) with the same
+/// `--now`, and asserts both stored the same file name with the same
+/// members (as GNU tar lists them) and the same tar stream.
+pub fn assert_same_archive_as_rust_arc(bin: &Path, other: &Path) {
+    let tree = tempfile::tempdir().unwrap();
+    let src = tree.path().join("beoserver");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("bookl.dat"), "ledger\n".repeat(100)).unwrap();
+    std::fs::write(src.join("sub/notes.txt"), "notes").unwrap();
+    std::os::unix::fs::symlink("bookl.dat", src.join("link")).unwrap();
+    let mut outputs = Vec::new();
+    for wasm in [script("arc"), other.to_path_buf()] {
+        let dir = tempfile::tempdir().unwrap();
+        let copied = Command::new("cp").arg("-a").arg(&src).arg(dir.path().join("beoserver")).status().unwrap();
+        assert!(copied.success());
+        let mut cmd = offsite(bin);
+        cmd.current_dir(dir.path()).arg("run").arg(&wasm).args([
+            "--param",
+            "path=beoserver",
+            "--now",
+            "2004-03-21T01:48:44",
+        ]);
+        Ran::from_output(cmd.output().unwrap()).expect_code(0);
+        let archive = dir.path().join("beoserver.20040321-014844.tgz");
+        let listing = Command::new("tar").arg("-tvzf").arg(&archive).output().unwrap();
+        assert!(listing.status.success(), "{} stored no {}", wasm.display(), archive.display());
+        outputs.push((String::from_utf8(listing.stdout).unwrap(), gunzip(&archive)));
+    }
+    assert_eq!(outputs[0].0, outputs[1].0, "member names, modes, owners and times");
+    assert_eq!(outputs[0].1, outputs[1].1, "the tar streams are identical");
+}
+
+/// A site for the hostile scripts of every language: reads `data/`,
+/// stores in `store/`, with `[limits]` lines as given; `case(NAME)` runs
+/// `wasm` with `--param case=NAME`.
+pub struct HostileSite {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    wasm: PathBuf,
+}
+
+impl HostileSite {
+    pub fn new(bin: &Path, wasm: &Path) -> HostileSite {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        let site = HostileSite { dir, bin: bin.to_path_buf(), wasm: wasm.to_path_buf() };
+        site.limits("");
+        site
+    }
+
+    pub fn limits(&self, limits: &str) {
+        let text =
+            format!("store = \"{}\"\n[read]\nroots = [\"data\"]\n{limits}", self.dir.path().join("store").display());
+        std::fs::write(self.dir.path().join("site.toml"), text).unwrap();
+    }
+
+    pub fn case(&self, case: &str) -> Ran {
+        let mut cmd = offsite(&self.bin);
+        cmd.arg("run").arg(&self.wasm).arg("--site").arg(self.dir.path().join("site.toml"));
+        cmd.args(["--param", &format!("case={case}")]);
+        Ran::from_output(cmd.output().unwrap())
+    }
+}
+
 /// The same component with a custom section appended: as valid, with
 /// another SHA-256 (a rebuild that changed something).
 pub fn rebuilt(bytes: &[u8], tag: &str) -> Vec<u8> {
