@@ -80,8 +80,10 @@ pub fn js_script(bin: &Path, name: &str) -> PathBuf {
         if at.join("node_modules").is_dir() {
             return;
         }
+        // Exactly the locked versions where there is a lock (the SDK).
+        let verb = if at.join("package-lock.json").is_file() { "ci" } else { "install" };
         let ok = Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .args([verb, "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(at)
             .status()
             .expect("npm (install Node.js)")
