@@ -47,6 +47,7 @@ pub fn check(
     site_file: &Path,
     text: &str,
     script: Option<(&Runtime, &Script, &ScriptInfo)>,
+    fetched: Option<&crate::share::resolve::Fetched>,
     connect: bool,
 ) -> Report {
     let file = site_file.display().to_string();
@@ -140,7 +141,7 @@ pub fn check(
         let _ = writeln!(out, "  secret {name} is sent nowhere (no `stdin` and `programs`): a script can only open it");
     }
     let _ = writeln!(out, "  limits: {}", site.limits);
-    source_report(&mut out, &mut problems, site, &at_key, connect);
+    source_report(&mut out, &mut problems, site, fetched, &at_key, connect);
     lifecycle_report(&mut out, &mut problems, site, &at_key);
 
     if let Some((runtime, script, info)) = script {
@@ -237,6 +238,7 @@ fn source_report(
     out: &mut String,
     problems: &mut Vec<Problem>,
     site: &Site,
+    fetched: Option<&crate::share::resolve::Fetched>,
     at_key: &dyn Fn(&str, &str) -> String,
     connect: bool,
 ) {
@@ -326,10 +328,16 @@ fn source_report(
         }
     }
     if let Some(signers) = &site.script_signers {
-        match crate::share::resolve::fetch(source, site) {
+        // The bytes the caller already has; fetched again only to say why
+        // they could not be had.
+        let fetched = match fetched {
+            Some(f) => Ok(std::borrow::Cow::Borrowed(f)),
+            None => crate::share::resolve::fetch(source, site).map(std::borrow::Cow::Owned),
+        };
+        match fetched {
             Ok(f) => match crate::share::resolve::check_signer(&f, Some(signers)) {
-                Ok(Some(who)) => {
-                    let _ = writeln!(out, "    signed by {who}, listed in {}", signers.display());
+                Ok(Some(v)) => {
+                    let _ = writeln!(out, "    signed by {}, listed in {}", v.signer, signers.display());
                 }
                 Ok(None) => {}
                 Err(e) => problem(format!("{e:#}"), "sign it (`offsite script sign`) with a key in the file"),

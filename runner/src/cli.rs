@@ -281,7 +281,14 @@ fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Fa
         }
         None => None,
     };
-    let report = crate::check::check(&site, site_file, &text, loaded.as_ref().map(|(r, s, i)| (r, s, i)), connect);
+    let report = crate::check::check(
+        &site,
+        site_file,
+        &text,
+        loaded.as_ref().map(|(r, s, i)| (r, s, i)),
+        fetched.as_ref(),
+        connect,
+    );
     print!("{}", report.text);
     if report.problems.is_empty() {
         println!("no problems found");

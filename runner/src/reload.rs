@@ -211,19 +211,9 @@ fn validate_with(
         Some(_) => return Err(anyhow!("the site names another script")),
         None => crate::share::resolve::fetch(&source, &site)?,
     };
-    let signer = crate::share::resolve::check_signer(&fetched, site.script_signers.as_deref())?;
-    let signature = match signer {
-        Some(_) => {
-            let allowed =
-                crate::share::signing::AllowedSigners::load(site.script_signers.as_deref().expect("checked"))?;
-            fetched
-                .signatures
-                .iter()
-                .find(|s| allowed.verify_any(&fetched.bytes, std::slice::from_ref(s)).is_ok())
-                .cloned()
-        }
-        None => None,
-    };
+    // The signature that passed travels with the version (a run checks
+    // it again on the snapshot).
+    let signature = crate::share::resolve::check_signer(&fetched, site.script_signers.as_deref())?.map(|v| v.signature);
     let script_file = fetched.path.as_path();
     let script = runtime.load_bytes(script_file, &fetched.bytes)?;
     if let Some(pin) = &site.script_sha256
@@ -237,7 +227,7 @@ fn validate_with(
             anyhow!("{}: describe() failed: {m}", script_file.display())
         }
     })?;
-    let report = crate::check::check(&site, site_file, &text, Some((runtime, &script, &info)), false);
+    let report = crate::check::check(&site, site_file, &text, Some((runtime, &script, &info)), Some(&fetched), false);
     if let Some(first) = report.problems.first() {
         return Err(anyhow!("{} problem(s); the first: {first}", report.problems.len()));
     }

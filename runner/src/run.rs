@@ -140,7 +140,7 @@ pub fn run(args: Request) -> Result<(), Failure> {
             version: info.version.clone(),
             sha256: script.sha256.clone(),
             source: Some(args.script_source.clone().unwrap_or(fetched.source)),
-            signer: signer.map(|s| s.to_string()),
+            signer: signer.map(|v| v.signer.to_string()),
         },
         grants_sha256: site.grants_digest(),
         started: local_start.to_rfc3339(),

@@ -350,7 +350,7 @@ fn update(site_file: &Path) -> Result<(), Failure> {
         reference: r.to_string(),
         manifest: format!("sha256:{manifest}"),
         component: format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&new.fetched.bytes))),
-        signer: signer.map(|s| s.to_string()),
+        signer: signer.map(|v| v.signer.to_string()),
         updated: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
     let written = super::lockfile::write(&site_file, &record).exit(Exit::Usage)?;

@@ -139,16 +139,23 @@ fn fetched(cache: &ScriptCache, r: &OciRef, component: &str, bytes: Vec<u8>) -> 
     Fetched { bytes, path: cache.blob_path(component), source: r.to_string(), signatures }
 }
 
+/// A signature that passed a site's `script_signers`, and whose it is.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub signer: Signer,
+    pub signature: Vec<u8>,
+}
+
 /// The signer of `fetched` under the site's `script_signers`: `None` when
 /// the site does not check; an error (naming what was found and the file
 /// consulted) when it checks and no signature passes.
-pub fn check_signer(fetched: &Fetched, signers: Option<&Path>) -> Result<Option<Signer>> {
+pub fn check_signer(fetched: &Fetched, signers: Option<&Path>) -> Result<Option<Verified>> {
     let Some(file) = signers else { return Ok(None) };
     let allowed = AllowedSigners::load(file)?;
-    allowed
-        .verify_any(&fetched.bytes, &fetched.signatures)
-        .map(Some)
-        .map_err(|why| anyhow!("refusing to run {}: {why}", fetched.source))
+    let (signer, i) = allowed
+        .verify_first(&fetched.bytes, &fetched.signatures)
+        .map_err(|why| anyhow!("refusing to run {}: {why}", fetched.source))?;
+    Ok(Some(Verified { signer, signature: fetched.signatures[i].clone() }))
 }
 
 fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {

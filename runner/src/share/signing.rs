@@ -88,13 +88,19 @@ impl AllowedSigners {
     /// in our namespace, that verifies gives the signer. Otherwise the
     /// error says, for each signature, whose it was and why it failed.
     pub fn verify_any(&self, message: &[u8], signatures: &[Vec<u8>]) -> Result<Signer, String> {
+        self.verify_first(message, signatures).map(|(signer, _)| signer)
+    }
+
+    /// Like [`AllowedSigners::verify_any`], also saying which signature
+    /// passed (its index in `signatures`).
+    pub fn verify_first(&self, message: &[u8], signatures: &[Vec<u8>]) -> Result<(Signer, usize), String> {
         if signatures.is_empty() {
             return Err(format!("the script is not signed (signers are checked against {})", self.file.display()));
         }
         let mut why = Vec::new();
-        for sig in signatures {
+        for (i, sig) in signatures.iter().enumerate() {
             match self.verify(message, sig, Utc::now()) {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok((s, i)),
                 Err(e) => why.push(e),
             }
         }
