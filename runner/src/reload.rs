@@ -144,6 +144,9 @@ fn grants_hold(runtime: &Runtime, site_file: &Path, old: &Version, new: &Version
     };
     let report = crate::share::diff::diff(site_file, Some(&side(old)), &side(new)).map_err(|e| format!("{e:#}"))?;
     log::info!(target: "offsite::watch", "new version of {}:\n{}", new.script_source, report.text.trim_end());
+    if let Some(why) = &report.unusable {
+        return Err(format!("{} {} cannot run on this site: {why}", new.info.name, new.info.version));
+    }
     if report.denied.is_empty() {
         Ok(())
     } else {

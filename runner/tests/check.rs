@@ -315,3 +315,34 @@ fn broad_grants_are_warned_about_and_secret_deliveries_shown() {
     }
     assert!(!ran.stdout.contains("warning: \"tar\""), "{}", ran.stdout);
 }
+
+/// A version under review that never ends its dry run (a hostile spin) is
+/// stopped at the probe's own time limit and reported as unusable, instead
+/// of holding `script diff` (and `update`, and a watcher) for the site's
+/// whole deadline.
+#[test]
+fn a_version_whose_dry_run_never_ends_is_stopped_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site.toml");
+    std::fs::write(&site, format!("store = \"{}\"\n[params]\ncase = \"loop\"\n", dir.path().join("store").display()))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let ran = Ran::from_output(
+        offsite(Path::new(BIN))
+            .env("OFFSITE_PROBE_TIMEOUT", "2s")
+            .args(["script", "diff"])
+            .arg(script("noop"))
+            .arg(script("fixture"))
+            .arg("--site")
+            .arg(&site)
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(1);
+    assert!(
+        ran.stdout.contains("the new version's dry run failed: its dry run did not finish within 2s"),
+        "{}",
+        ran.stdout
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
+}

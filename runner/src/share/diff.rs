@@ -29,6 +29,19 @@ pub struct Probe {
     /// Why the dry run ended badly, if it did (a missing parameter, an
     /// error the script returned after a denial, ...).
     pub failed: Option<String>,
+    /// It was stopped at its time limit (see [`PROBE_TIMEOUT`]).
+    pub timed_out: bool,
+}
+
+/// The most one dry run of a version may take, unless
+/// `$OFFSITE_PROBE_TIMEOUT` (e.g. `2m`) says otherwise.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn probe_timeout() -> std::time::Duration {
+    std::env::var("OFFSITE_PROBE_TIMEOUT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(PROBE_TIMEOUT)
 }
 
 /// The report of a diff, and what it found.
@@ -58,7 +71,8 @@ pub fn probe(site_file: &Path, side: &Side, now: &str) -> Result<Probe> {
     std::fs::write(&script, &side.fetched.bytes)?;
     let audit = dir.path().join("audit.jsonl");
     let exe = std::env::current_exe().context("cannot find the offsite binary for the dry run")?;
-    let out = std::process::Command::new(exe)
+    let stderr = dir.path().join("stderr");
+    let mut child = std::process::Command::new(exe)
         .arg("run")
         .arg(&script)
         .arg("--site")
@@ -66,13 +80,39 @@ pub fn probe(site_file: &Path, side: &Side, now: &str) -> Result<Probe> {
         .args(["--dry-run", "--probe", "--now", now, "--audit"])
         .arg(&audit)
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).context("cannot make the dry run's log")?)
+        .spawn()
         .context("cannot start the dry run")?;
+    // A version under review may be hostile: its dry run gets a bound of
+    // its own, far below a site's deadline, or `update` (and a watcher
+    // looking at a followed tag) would wait on it for hours.
+    let limit = probe_timeout();
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for the dry run")? {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let mut probe = Probe::default();
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().rev().find(|l| l.contains("error:")).unwrap_or("it failed").to_string();
-        probe.failed = Some(last.split("error: ").nth(1).unwrap_or(&last).to_string());
+    match status {
+        None => {
+            probe.timed_out = true;
+            probe.failed = Some(format!("its dry run did not finish within {}", humantime::format_duration(limit)));
+        }
+        Some(s) if !s.success() => {
+            let log = std::fs::read(&stderr).unwrap_or_default();
+            let log = String::from_utf8_lossy(&log);
+            let last = log.lines().rev().find(|l| l.contains("error:")).unwrap_or("it failed").to_string();
+            probe.failed = Some(last.split("error: ").nth(1).unwrap_or(&last).to_string());
+        }
+        Some(_) => {}
     }
     let text = std::fs::read_to_string(&audit).unwrap_or_default();
     for line in text.lines() {
@@ -211,7 +251,9 @@ pub fn diff(site_file: &Path, old: Option<&Side>, new: &Side) -> Result<Diff> {
     if let Some(why) = &new_probe.failed {
         let _ = writeln!(text, "  the new version's dry run failed: {}", crate::text::escape(why));
     }
-    let unusable = new_probe.failed.clone().filter(|_| new_probe.calls.is_empty() && denied.is_empty());
+    // A version whose dry run did not end is refused whatever it did first.
+    let unusable =
+        new_probe.failed.clone().filter(|_| new_probe.timed_out || (new_probe.calls.is_empty() && denied.is_empty()));
     Ok(Diff { text, denied, unusable })
 }
 
