@@ -257,7 +257,14 @@ fn source_report(
         return;
     }
     if let ScriptSource::Oci(r) = source {
-        let lock = site.file.as_deref().map(crate::share::lockfile::read).transpose().ok().flatten().flatten();
+        // A lock that cannot be read stops every run: say so here too.
+        let lock = match site.file.as_deref().map(crate::share::lockfile::read).transpose() {
+            Ok(lock) => lock.flatten(),
+            Err(e) => {
+                problem(format!("{e:#}"), "fix it, or remove it and run `offsite script update SITE.toml`");
+                None
+            }
+        };
         let pinned = match (&r.digest, &lock) {
             (Some(d), _) => {
                 let _ = writeln!(out, "    pinned by its digest sha256:{d}");

@@ -346,3 +346,32 @@ fn a_version_whose_dry_run_never_ends_is_stopped_and_refused() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
 }
+
+/// A site's lock file that cannot be read stops every run of a registry
+/// script; check says so instead of passing.
+#[test]
+fn check_reports_a_lock_file_runs_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("web.toml");
+    std::fs::write(
+        &site,
+        format!("store = \"{}\"\nscript = \"oci://127.0.0.1:9/backup/arc:1\"\n", dir.path().join("store").display()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("web.lock"), "reference = 42\n").unwrap();
+    let ran = Ran::from_output(
+        offsite(Path::new(BIN))
+            .env("OFFSITE_SCRIPTS_DIR", dir.path().join("scripts"))
+            .arg("check")
+            .arg(&site)
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(ran.code, 0, "{}", ran.stdout);
+    assert!(
+        format!("{}{}", ran.stdout, ran.stderr).contains("web.lock cannot be read"),
+        "{}\n{}",
+        ran.stdout,
+        ran.stderr
+    );
+}
