@@ -274,7 +274,9 @@ fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Fa
     };
     let loaded = match &fetched {
         Some(f) => {
-            let runtime = runtime()?;
+            let mut runtime = runtime()?;
+            // check is where a damaged compiled copy is caught (and redone).
+            runtime.verify_cache_contents(true);
             let script = runtime.load_bytes(&f.path, &f.bytes).exit(Exit::Usage)?;
             let info = describe(&runtime, &script)?;
             Some((runtime, script, info))

@@ -35,6 +35,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<RunState>,
     cache: Option<PathBuf>,
+    /// Whether cached code is re-hashed on load ([`Runtime::verify_cache_contents`]).
+    verify_cache: bool,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -101,7 +103,7 @@ impl Runtime {
                 }
             }
         })?;
-        Ok(Runtime { engine, linker, cache, stop_ticker })
+        Ok(Runtime { engine, linker, cache, verify_cache: false, stop_ticker })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -140,7 +142,8 @@ impl Runtime {
         Ok(Script { path: path.to_path_buf(), sha256, component, pre })
     }
 
-    /// The cache entry file for the script `sha256` under this engine.
+    /// The cache entry (compiled code) for the script `sha256` under this
+    /// engine; its record is the same name with `.sum`.
     fn cache_file(&self, dir: &Path, sha256: &str) -> PathBuf {
         let mut key = Sha256::new();
         key.update(sha256.as_bytes());
@@ -148,12 +151,20 @@ impl Runtime {
         dir.join(format!("{}.cwasm", hex::encode(&key.finalize()[..16])))
     }
 
-    /// Whether a compiled copy of the script `sha256` is in the cache
-    /// (`inspect` says so; the first run of a big script pays its compile).
+    /// Whether a usable compiled copy of the script `sha256` is in the
+    /// cache (`inspect` says so; the first run of a big script pays its
+    /// compile).
     pub fn is_compiled(&self, sha256: &str) -> Option<PathBuf> {
         let dir = self.cache.as_deref()?;
         let file = self.cache_file(dir, sha256);
-        std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()).then_some(file)
+        open_cache_entry(&file, sha256, false).ok().flatten().map(|_| file)
+    }
+
+    /// Makes loads re-hash a cached entry's whole compiled code against
+    /// its record (`offsite check` does; runs trust the record's binding to
+    /// the file and skip the tens of milliseconds a big script's hash costs).
+    pub fn verify_cache_contents(&mut self, on: bool) {
+        self.verify_cache = on;
     }
 
     fn compile_cached(&self, bytes: &[u8], sha256: &str) -> Result<Component> {
@@ -161,20 +172,23 @@ impl Runtime {
             return Ok(Component::new(&self.engine, bytes)?);
         };
         let file = self.cache_file(dir, sha256);
-        match read_cache_entry(&file, sha256) {
-            // SAFETY: the payload is one this runner wrote for exactly this
-            // script: the entry is a regular file owned by us and writable
-            // by nobody else, in a directory chain nobody else can rename
-            // into, and it names the script's SHA-256 and its own payload's
-            // SHA-256, both checked before this call. Its name binds it to
-            // this engine's compatibility hash.
-            Ok(Some(payload)) => match unsafe { Component::deserialize(&self.engine, &payload) } {
+        match open_cache_entry(&file, sha256, self.verify_cache) {
+            // SAFETY: the code is what this runner wrote for exactly this
+            // script and engine: the entry was opened without following
+            // links and is a regular file owned by us that nobody else can
+            // write, in a directory chain nobody else can rename into; its
+            // record names the script's SHA-256 and this very file (device,
+            // inode, size), so no other entry can stand in for it; entries
+            // are written whole (fsync, then rename) and never changed in
+            // place, so a mapped entry is never truncated under a run. The
+            // load goes through
+            // the descriptor already checked, not the name. Its name binds it
+            // to this engine's compatibility hash, and wasmtime checks that
+            // again.
+            Ok(Some(entry)) => match unsafe { entry.load(&self.engine) } {
                 Ok(c) => {
                     // Used now: eviction goes by least recent use.
-                    let _ = std::fs::File::options()
-                        .write(true)
-                        .open(&file)
-                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    let _ = entry.file.set_modified(std::time::SystemTime::now());
                     return Ok(c);
                 }
                 Err(e) => log::debug!(target: "offsite::engine", "ignoring cache entry {}: {e:#}", file.display()),
@@ -183,7 +197,7 @@ impl Runtime {
             Err(why) => log::info!(target: "offsite::engine", "ignoring cache entry {}: {why}", file.display()),
         }
         let compiled = self.engine.precompile_component(bytes)?;
-        if let Err(e) = write_cache_file(dir, &file, sha256, &compiled) {
+        if let Err(e) = write_cache_entry(dir, &file, sha256, &compiled) {
             log::info!(target: "offsite::engine", "cannot write compile cache {}: {e:#}", file.display());
         }
         evict(dir, &file, cache_limit());
@@ -346,10 +360,6 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// What starts every compile-cache entry, before the script's SHA-256 and
-/// the payload's SHA-256 (32 bytes each) and the payload.
-const CACHE_MAGIC: &[u8; 16] = b"offsite-cwasm-1\n";
-
 /// Whether `dir` and every directory above it are safe to keep compiled
 /// code in: nobody but us (or root) can put or rename anything there. A
 /// directory others may write to is accepted only with the sticky bit (like
@@ -386,55 +396,138 @@ fn cache_dir_is_safe(dir: &Path) -> bool {
     }
 }
 
-/// A cache entry's payload, when the entry is there and is ours for the
-/// script `sha256`; `Err` says why an entry that is there was refused.
-fn read_cache_entry(file: &Path, sha256: &str) -> std::result::Result<Option<Vec<u8>>, String> {
-    use std::io::Read;
+/// The first line of an entry's record (`NAME.sum` beside `NAME.cwasm`).
+const RECORD_MAGIC: &str = "offsite-cwasm-2";
+
+/// A cache entry opened and checked for loading.
+struct CacheEntry {
+    file: std::fs::File,
+}
+
+impl CacheEntry {
+    /// Loads the checked file itself, whatever happens to its name
+    /// meanwhile: wasmtime maps it through `/proc/self/fd` (no copy, and its
+    /// memory images are mapped copy-on-write), or, without `/proc`, it is
+    /// read from the descriptor.
+    ///
+    /// # Safety
+    /// As [`Component::deserialize_file`]: the file must be compiled code
+    /// this engine wrote.
+    unsafe fn load(&self, engine: &Engine) -> Result<Component> {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+        if by_fd.exists() {
+            return Ok(unsafe { Component::deserialize_file(engine, by_fd) }?);
+        }
+        let mut code = Vec::new();
+        (&self.file).read_to_end(&mut code)?;
+        Ok(unsafe { Component::deserialize(engine, &code) }?)
+    }
+}
+
+/// An entry's record: what it was compiled from and which file it is.
+#[derive(Debug, PartialEq)]
+struct Record {
+    script: String,
+    code: String,
+    size: u64,
+    dev: u64,
+    ino: u64,
+}
+
+impl Record {
+    fn render(&self) -> String {
+        format!(
+            "{RECORD_MAGIC}\nscript {}\ncode {}\nsize {}\ndev {}\nino {}\n",
+            self.script, self.code, self.size, self.dev, self.ino
+        )
+    }
+
+    fn parse(text: &str) -> Option<Record> {
+        let mut lines = text.lines();
+        if lines.next()? != RECORD_MAGIC {
+            return None;
+        }
+        let mut field = |name: &str| lines.next()?.strip_prefix(name)?.strip_prefix(' ').map(str::to_string);
+        let (script, code) = (field("script")?, field("code")?);
+        let (size, dev, ino) = (field("size")?.parse().ok()?, field("dev")?.parse().ok()?, field("ino")?.parse().ok()?);
+        let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        (hex64(&script) && hex64(&code) && lines.next().is_none()).then_some(Record { script, code, size, dev, ino })
+    }
+}
+
+/// Opens a file of the cache without following links, and checks what was
+/// opened: a regular file of ours that only we can write.
+fn open_ours(file: &Path) -> std::result::Result<Option<(std::fs::File, std::fs::Metadata)>, String> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut f =
-        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(file) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        };
-    // Checked on what was opened, not on the name.
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
     let meta = f.metadata().map_err(|e| e.to_string())?;
     let uid = rustix::process::geteuid().as_raw();
     if !meta.file_type().is_file() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
-        return Err("not a regular file of ours that only we can write".into());
+        return Err(format!("{} is not a regular file of ours that only we can write", file.display()));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    f.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
-    let header = CACHE_MAGIC.len() + 64;
-    if bytes.len() < header || &bytes[..CACHE_MAGIC.len()] != CACHE_MAGIC {
-        return Err("not an entry of this runner's format".into());
-    }
-    let script = &bytes[CACHE_MAGIC.len()..CACHE_MAGIC.len() + 32];
-    if hex::encode(script) != sha256 {
-        return Err(format!("it holds the compiled code of script {}, not of {sha256}", hex::encode(script)));
-    }
-    let payload_sha = &bytes[CACHE_MAGIC.len() + 32..header];
-    if Sha256::digest(&bytes[header..]).as_slice() != payload_sha {
-        return Err("its compiled code does not match its checksum".into());
-    }
-    bytes.drain(..header);
-    Ok(Some(bytes))
+    Ok(Some((f, meta)))
 }
 
-fn write_cache_file(dir: &Path, file: &Path, sha256: &str, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+/// The cache entry `file` when it is there and is ours for the script
+/// `sha256`; `Err` says why an entry that is there was refused. `verify`
+/// re-hashes the whole compiled code against the record.
+fn open_cache_entry(file: &Path, sha256: &str, verify: bool) -> std::result::Result<Option<CacheEntry>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let Some((code, meta)) = open_ours(file)? else { return Ok(None) };
+    let Some((record, _)) = open_ours(&file.with_extension("sum"))? else {
+        return Err("it has no record (an older runner's entry, or its writer was interrupted)".into());
+    };
+    let mut text = String::new();
+    record.take(1024).read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let record = Record::parse(&text).ok_or("its record is not in this runner's format")?;
+    if record.script != sha256 {
+        return Err(format!("it holds the compiled code of script {}, not of {sha256}", record.script));
+    }
+    if (record.dev, record.ino, record.size) != (meta.dev(), meta.ino(), meta.len()) {
+        return Err("its record describes another file (the entry was replaced by something else)".into());
+    }
+    if verify {
+        let mut hash = Sha256::new();
+        std::io::copy(&mut (&code).take(record.size), &mut hash).map_err(|e| e.to_string())?;
+        if hex::encode(hash.finalize()) != record.code {
+            return Err("its compiled code does not match its recorded checksum".into());
+        }
+    }
+    Ok(Some(CacheEntry { file: code }))
+}
+
+/// Writes an entry and then its record, each whole (fsync, then rename).
+fn write_cache_entry(dir: &Path, file: &Path, sha256: &str, code: &[u8]) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = write_whole(dir, file, code)?;
+    let record = Record {
+        script: sha256.to_string(),
+        code: hex::encode(Sha256::digest(code)),
+        size: meta.len(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    write_whole(dir, &file.with_extension("sum"), record.render().as_bytes())?;
+    Ok(())
+}
+
+/// Writes `bytes` to a private temporary file in `dir`, syncs it and
+/// renames it to `file`; returns the written file's metadata.
+fn write_whole(dir: &Path, file: &Path, bytes: &[u8]) -> Result<std::fs::Metadata> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(".tmp.{}.{}", std::process::id(), file.file_name().unwrap().to_string_lossy()));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let script = hex::decode(sha256)?;
-    let result = f
-        .write_all(CACHE_MAGIC)
-        .and_then(|_| f.write_all(&script))
-        .and_then(|_| f.write_all(&Sha256::digest(bytes)))
-        .and_then(|_| f.write_all(bytes))
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, file));
+    let result = f.write_all(bytes).and_then(|_| f.sync_all()).and_then(|_| f.metadata());
+    let result = result.and_then(|meta| std::fs::rename(&tmp, file).map(|_| meta));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -455,17 +548,28 @@ pub fn cache_limit() -> u64 {
 }
 
 /// Removes the least recently used entries of the compile cache `dir`
-/// until it holds at most `limit` bytes; `keep` (just written) stays.
+/// (each with its record) until it holds at most `limit` bytes; `keep`
+/// (just written) stays. Records without an entry and temporary files
+/// left by a killed writer over an hour ago go too.
 pub fn evict(dir: &Path, keep: &Path, limit: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            m.is_file().then(|| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path()))
-        })
-        .collect();
+    let now = std::time::SystemTime::now();
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let (path, name) = (e.path(), e.file_name());
+        let Ok(m) = e.metadata() else { continue };
+        let modified = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+        let stale = now.duration_since(modified).is_ok_and(|age| age > Duration::from_secs(3600));
+        if !m.is_file() {
+            continue;
+        } else if path.extension().is_some_and(|x| x == "cwasm") {
+            files.push((modified, m.len(), path));
+        } else if (path.extension().is_some_and(|x| x == "sum") && !path.with_extension("cwasm").exists())
+            || (name.as_encoded_bytes().starts_with(b".tmp.") && stale)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     let mut total: u64 = files.iter().map(|f| f.1).sum();
     files.sort();
     for (_, len, path) in files {
@@ -476,6 +580,7 @@ pub fn evict(dir: &Path, keep: &Path, limit: u64) {
             continue;
         }
         if std::fs::remove_file(&path).is_ok() {
+            let _ = std::fs::remove_file(path.with_extension("sum"));
             log::info!(target: "offsite::engine", "compile cache over {limit} bytes: evicted {}", path.display());
             total -= len;
         }
@@ -515,12 +620,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let day = std::time::Duration::from_secs(86400);
         let now = std::time::SystemTime::now();
-        for (name, age_days) in [("old.cwasm", 3), ("used.cwasm", 1), ("new.cwasm", 0), ("mid.cwasm", 2)] {
-            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+        for (name, age_days) in [("old", 3), ("used", 1), ("new", 0), ("mid", 2)] {
+            let f = std::fs::File::create(dir.path().join(format!("{name}.cwasm"))).unwrap();
             f.set_len(100).unwrap();
             f.set_modified(now - day * age_days).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.sum")), "record").unwrap();
         }
         std::fs::write(dir.path().join("not-an-entry.txt"), [0u8; 1000]).unwrap();
+        // Left by killed writers: one long ago, one maybe still writing.
+        for (name, age_days) in [(".tmp.1.gone.cwasm", 1), (".tmp.2.busy.cwasm", 0)] {
+            std::fs::File::create(dir.path().join(name)).unwrap().set_modified(now - day * age_days).unwrap();
+        }
+        std::fs::write(dir.path().join("orphan.sum"), "record").unwrap();
         // The entry just written stays even when it is the oldest.
         evict(dir.path(), &dir.path().join("old.cwasm"), 250);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
@@ -528,6 +639,23 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, vec!["new.cwasm", "not-an-entry.txt", "old.cwasm"]);
+        assert_eq!(left, vec![".tmp.2.busy.cwasm", "new.cwasm", "new.sum", "not-an-entry.txt", "old.cwasm", "old.sum"]);
+    }
+
+    #[test]
+    fn an_entry_record_reads_back_and_nothing_else_passes_for_one() {
+        let record = Record { script: "a".repeat(64), code: "b".repeat(64), size: 7, dev: 2049, ino: 12 };
+        assert_eq!(Record::parse(&record.render()), Some(record));
+        let good = Record { script: "a".repeat(64), code: "b".repeat(64), size: 7, dev: 1, ino: 2 }.render();
+        for bad in [
+            good.replace(RECORD_MAGIC, "offsite-cwasm-1"),
+            good.replace("size 7", "size -7"),
+            good.replace(&"a".repeat(64), "a"),
+            format!("{good}extra 1\n"),
+            good.replace("dev 1\n", ""),
+            String::new(),
+        ] {
+            assert_eq!(Record::parse(&bad), None, "{bad}");
+        }
     }
 }

@@ -183,11 +183,16 @@ fn the_compile_cache_is_used_on_the_second_run() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     run_noop_with_cache(dir.path(), &cache);
-    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(entries.len(), 1, "{entries:?}");
+    let mut entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    // The compiled code and its record.
+    assert_eq!(entries.len(), 2, "{entries:?}");
     assert!(entries[0].extension().is_some_and(|e| e == "cwasm"));
-    let mode = std::fs::metadata(&entries[0]).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077, 0, "cache files are private");
+    assert_eq!(entries[1], entries[0].with_extension("sum"));
+    for e in &entries {
+        let mode = std::fs::metadata(e).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "cache files are private");
+    }
     // Reused, not rewritten: an entry is replaced by rename (a new inode);
     // a hit only touches its time, for least-recently-used eviction.
     use std::os::unix::fs::MetadataExt;
@@ -201,7 +206,11 @@ fn a_cache_file_writable_by_others_is_never_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     run_noop_with_cache(dir.path(), &cache);
-    let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .unwrap();
     // Tamper: garbage that would crash if deserialised, made group-writable.
     std::fs::write(&entry, b"not a compiled component").unwrap();
     std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o664)).unwrap();

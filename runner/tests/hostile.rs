@@ -7,6 +7,7 @@
 //!   server's files are snapshotted before and after.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use offsite_testkit::sshd::Sshd;
@@ -332,8 +333,9 @@ fn script_metadata_is_escaped_in_inspect_and_check() {
 }
 
 /// The compile cache: an entry renamed over another script's entry is
-/// refused (each entry names its script's SHA-256), and a cache directory
-/// others can write to is not used at all.
+/// refused (each entry's record names its script's SHA-256 and the very
+/// file it describes), a damaged entry is caught by `check`, and a cache
+/// directory others can write to is not used at all.
 #[test]
 fn compile_cache_entries_cannot_be_swapped_or_planted() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,23 +352,59 @@ fn compile_cache_entries_cannot_be_swapped_or_planted() {
         v.sort();
         v
     };
+    let cached_again = |entry: &Path| {
+        let ran = inspect("noop");
+        ran.expect_code(0);
+        assert!(ran.stdout.starts_with("script:      noop "), "{}", ran.stdout);
+        assert!(ran.stdout.contains("compiled now in"), "{}", ran.stdout);
+        assert!(entry.with_extension("sum").exists(), "the entry was written again");
+        ran
+    };
     inspect("noop").expect_code(0);
     let noop_entry = entries().pop().expect("noop was cached");
     inspect("fixture").expect_code(0);
     let fixture_entry = entries().into_iter().find(|p| *p != noop_entry).expect("fixture was cached");
     // Another user who can rename in the cache puts fixture's compiled
     // code under noop's name: noop must still run as noop.
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to).unwrap();
+        std::fs::copy(from.with_extension("sum"), to.with_extension("sum")).unwrap();
+    };
+    let fixture_saved = dir.path().join("fixture.cwasm");
+    copy(&fixture_entry, &fixture_saved);
     std::fs::rename(&fixture_entry, &noop_entry).unwrap();
-    let ran = inspect("noop");
-    ran.expect_code(0);
-    assert!(ran.stdout.starts_with("script:      noop "), "{}", ran.stdout);
+    let ran = cached_again(&noop_entry);
+    assert!(ran.stderr.contains("its record describes another file"), "{}", ran.stderr);
+    // The same with its record: the record names another script.
+    copy(&fixture_saved, &fixture_entry);
+    std::fs::rename(&fixture_entry, &noop_entry).unwrap();
+    std::fs::rename(fixture_entry.with_extension("sum"), noop_entry.with_extension("sum")).unwrap();
+    let ran = cached_again(&noop_entry);
     assert!(ran.stderr.contains("holds the compiled code of script"), "{}", ran.stderr);
+
+    // A flipped byte in the compiled code, in place: runs trust the
+    // record's binding to the file, check re-hashes and compiles again.
+    let mut code = std::fs::read(&noop_entry).unwrap();
+    let middle = code.len() / 2;
+    code[middle] ^= 0x40;
+    std::fs::OpenOptions::new().write(true).open(&noop_entry).unwrap().write_all(&code).unwrap();
+    let site = dir.path().join("site.toml");
+    std::fs::write(
+        &site,
+        format!("store = \"{}\"\nscript = \"{}\"\n", dir.path().join("store").display(), script("noop").display()),
+    )
+    .unwrap();
+    let ran = Ran::from_output(
+        offsite(Path::new(BIN)).env("OFFSITE_CACHE_DIR", &cache).args(["-v", "check"]).arg(&site).output().unwrap(),
+    );
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("does not match its recorded checksum"), "{}", ran.stderr);
+    assert_eq!(std::fs::read(&noop_entry).unwrap()[middle], code[middle] ^ 0x40, "check wrote a good copy");
 
     // A cache directory others may write to is not used.
     use std::os::unix::fs::PermissionsExt;
-    for e in entries() {
-        std::fs::remove_file(e).unwrap();
-    }
+    std::fs::remove_dir_all(&cache).unwrap();
+    std::fs::create_dir(&cache).unwrap();
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
     let ran = inspect("noop");
     ran.expect_code(0);
