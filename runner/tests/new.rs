@@ -1,6 +1,8 @@
 //! `offsite new` + `offsite build` + `offsite run`, for each language, from
 //! an empty directory outside the repository: the generated project builds
-//! and its own test passes as generated.
+//! and its own test passes as generated, against the SDK as its package
+//! (a `cargo package` crate, a `pip install`ed package, an `npm pack`
+//! tarball), never against this checkout's files.
 
 use std::path::Path;
 use std::process::Command;
@@ -15,11 +17,13 @@ fn path_with_offsite() -> String {
     format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default())
 }
 
-fn new_project(lang: &str, name: &str) -> tempfile::TempDir {
+fn new_project(lang: &str, name: &str, sdk: &[(&str, &Path)]) -> tempfile::TempDir {
     let outside = tempfile::tempdir().unwrap();
     let mut cmd = offsite(Path::new(BIN));
     cmd.current_dir(outside.path()).args(["new", name, "--lang", lang]);
-    cmd.env("OFFSITE_RUST_SDK", repo_root().join("guest-sdk/rust"));
+    for (k, v) in sdk {
+        cmd.env(k, v);
+    }
     let ran = Ran::from_output(cmd.output().unwrap());
     ran.expect_code(0);
     let dir = outside.path().join(name);
@@ -47,9 +51,46 @@ fn run_test_sh(dir: &Path, envs: &[(&str, String)]) {
     );
 }
 
+/// Runs `cmd`, failing the test with its output unless it succeeds.
+fn must(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The contract every SDK carries is the repository's, byte for byte (the
+/// JavaScript one is a copy: npm does not pack symlinks).
+#[test]
+fn every_sdk_carries_the_contract_as_it_is() {
+    let wit = std::fs::read(repo_root().join("wit/offsite.wit")).unwrap();
+    for sdk in ["guest-sdk/rust/wit", "guest-sdk/python/offsite_sdk/wit", "guest-sdk/js/wit"] {
+        let copy = std::fs::read(repo_root().join(sdk).join("offsite.wit")).unwrap();
+        assert!(copy == wit, "{sdk}/offsite.wit differs from wit/offsite.wit: copy it there");
+    }
+}
+
 #[test]
 fn a_new_rust_project_builds_runs_and_passes_its_test() {
-    let outside = new_project("rust", "web-files");
+    // The crate as `cargo package` makes it, unpacked outside the checkout.
+    let packaged = tempfile::tempdir().unwrap();
+    must(
+        Command::new("cargo")
+            .args(["package", "--no-verify", "--allow-dirty", "--quiet", "--target-dir"])
+            .arg(packaged.path())
+            .current_dir(repo_root().join("guest-sdk/rust")),
+        "cargo package of the Rust SDK",
+    );
+    let krate = packaged.path().join("package/offsite-sdk-0.1.0.crate");
+    must(Command::new("tar").arg("xzf").arg(&krate).arg("-C").arg(packaged.path()), "unpacking the crate");
+    let sdk = packaged.path().join("offsite-sdk-0.1.0");
+    assert!(sdk.join("wit/offsite.wit").symlink_metadata().unwrap().is_file(), "the crate carries its WIT");
+
+    let outside = new_project("rust", "web-files", &[("OFFSITE_RUST_SDK", &sdk)]);
     let dir = outside.path().join("web-files");
     // Pinned to the versions the scripts use, and built where they are, so
     // the SDK's dependencies compile once.
@@ -66,25 +107,47 @@ fn a_new_rust_project_builds_runs_and_passes_its_test() {
 
 #[test]
 fn a_new_python_project_builds_runs_and_passes_its_test() {
-    let outside = new_project("python", "db-files");
+    // The package as pip installs it (its WIT a file of its own), in a
+    // directory of its own.
+    let installed = tempfile::tempdir().unwrap();
+    must(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+            .arg(installed.path())
+            .arg(repo_root().join("guest-sdk/python")),
+        "pip install of the Python SDK",
+    );
+    let wit = installed.path().join("offsite_sdk/wit/offsite.wit");
+    assert!(wit.symlink_metadata().unwrap().is_file(), "the package carries its WIT");
+    let outside = new_project("python", "db-files", &[]);
     let dir = outside.path().join("db-files");
-    run_test_sh(&dir, &[("OFFSITE_PYTHON_SDK", repo_root().join("guest-sdk/python").display().to_string())]);
+    run_test_sh(&dir, &[("OFFSITE_PYTHON_SDK", installed.path().display().to_string())]);
     assert!(dir.join("db-files.wasm").is_file());
 }
 
 #[test]
 fn a_new_javascript_project_builds_runs_and_passes_its_test() {
-    let mut cmd = offsite(Path::new(BIN));
-    let outside = tempfile::tempdir().unwrap();
-    cmd.current_dir(outside.path()).args(["new", "site-files", "--lang", "js"]);
-    cmd.env("OFFSITE_JS_SDK", repo_root().join("guest-sdk/js"));
-    Ran::from_output(cmd.output().unwrap()).expect_code(0);
-    let dir = outside.path().join("site-files");
-    // The SDK's own dependencies (componentize-js, esbuild) are installed
-    // once in guest-sdk/js; the project links to it.
+    // The package as `npm pack` makes it; the project installs the tarball
+    // (its dependencies from the npm cache the SDK's own install filled).
     offsite_testkit::js_script(Path::new(BIN), "arc-js");
-    run_test_sh(&dir, &[]);
+    let packed = tempfile::tempdir().unwrap();
+    let name = must(
+        Command::new("npm")
+            .args(["pack", "--silent", "--pack-destination"])
+            .arg(packed.path())
+            .current_dir(repo_root().join("guest-sdk/js")),
+        "npm pack of the JavaScript SDK",
+    );
+    let tarball = packed.path().join(name.trim());
+    let listed = must(Command::new("tar").arg("tzf").arg(&tarball), "listing the tarball");
+    for file in ["package/wit/offsite.wit", "package/build.mjs", "package/index.js", "package/lib/ssh.js"] {
+        assert!(listed.lines().any(|l| l == file), "the package lacks {file}:\n{listed}");
+    }
+    let outside = new_project("js", "site-files", &[("OFFSITE_JS_SDK", &tarball)]);
+    let dir = outside.path().join("site-files");
+    run_test_sh(&dir, &[("npm_config_prefer_offline", "true".into())]);
     assert!(dir.join("site-files.wasm").is_file());
+    assert!(dir.join("node_modules/offsite-sdk/wit/offsite.wit").is_file(), "installed from the tarball, not linked");
 }
 
 #[test]
