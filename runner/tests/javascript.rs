@@ -25,7 +25,7 @@ fn javascript_arc_stores_what_the_rust_arc_stores() {
 #[test]
 fn the_sandbox_holds_for_javascript_scripts() {
     let site = HostileSite::new(Path::new(BIN), &js_script(Path::new(BIN), "hostile-js"));
-    site.case("network").expect_code(1);
+    site.case("network").expect_code(1).expect_stderr("fetch is not available: scripts have no network");
     site.case("archive-outside").expect_code(1).expect_stderr("denied: cannot read \"/etc\"");
     site.case("list-outside").expect_code(1).expect_stderr("denied");
     site.case("denied-handled").expect_code(0);

@@ -18,6 +18,7 @@ export function Info(name, version, description = '', { params = [], capabilitie
 /** The `describe` and `run` exports for `script` ({ info, run }). Whatever
  * leaves `run` fails the run with one line. */
 export function exportScript(script) {
+  noNetwork();
   return {
     describe: () => script.info,
     run: () => {
@@ -30,4 +31,13 @@ export function exportScript(script) {
       }
     },
   };
+}
+
+/** A script has no network. The engine's own `fetch` would stop the
+ * component with a bare "unreachable" trap; this one says why. */
+function noNetwork() {
+  const refuse = () => {
+    throw new Error('fetch is not available: scripts have no network (reach hosts with ssh and scp)');
+  };
+  Object.defineProperty(globalThis, 'fetch', { value: refuse, writable: true, configurable: true });
 }

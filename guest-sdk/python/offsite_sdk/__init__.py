@@ -162,7 +162,21 @@ def export(script: type) -> type:
                 raise Err(_one_line(f"{type(e).__name__}: {e}"))
 
     _World.__name__ = "WitWorld"
+    _no_network()
     return _World
+
+
+def _no_network() -> None:
+    """A script has no network; without this a socket call fails with
+    whatever the interpreter trips over first (``unknown encoding: idna``)."""
+    import socket
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("scripts have no network (reach hosts with ssh and scp)")
+
+    socket.create_connection = refuse  # type: ignore[assignment]
+    socket.getaddrinfo = refuse  # type: ignore[assignment]
+    socket.socket.connect = refuse  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- modules
