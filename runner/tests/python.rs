@@ -23,7 +23,9 @@ fn python_arc_stores_what_the_rust_arc_stores() {
 #[test]
 fn the_sandbox_holds_for_python_scripts() {
     let site = HostileSite::new(Path::new(BIN), &python_script(Path::new(BIN), "hostile-py"));
-    for (name, says) in [("read-file", "No such file"), ("write-file", "No such file"), ("network", "scripts have no network")] {
+    for (name, says) in
+        [("read-file", "No such file"), ("write-file", "No such file"), ("network", "scripts have no network")]
+    {
         let ran = site.case(name);
         ran.expect_code(1);
         assert!(ran.stderr.contains(says), "{name}: {}", ran.stderr);

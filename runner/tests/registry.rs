@@ -605,10 +605,11 @@ fn on_offline(machine: &Machine, args: &[&str]) -> Ran {
 
 /// `watch` with a followed tag: a build pushed unsigned is refused (once,
 /// however many times the tag is looked at) and the signed version keeps
-/// running; a signed new build is swapped in.
+/// running; a signed new build is swapped in; a registry that goes down is
+/// warned about once.
 #[test]
 fn watch_follows_a_tag_but_only_to_signed_versions() {
-    let reg = Registry::start(IP);
+    let mut reg = Registry::start(IP);
     let m = Machine::new(&reg);
     let dir = m.dir.path();
     let (alice, alice_pub) = ssh_keypair(dir, "alice");
@@ -668,7 +669,15 @@ fn watch_follows_a_tag_but_only_to_signed_versions() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("keeping the running one").count(), 1, "{text}");
     push(&rebuilt(&arc, "signed v3"), "v3.wasm", true);
-    let text = wait_for("reloaded arc", 1);
+    wait_for("reloaded arc", 1);
+    // The registry goes down: said once, however many looks fail, and
+    // the version pulled last keeps running.
+    reg.stop();
+    wait_for("cannot reach the registry to follow", 1);
+    std::thread::sleep(std::time::Duration::from_secs(21));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("cannot reach the registry").count(), 1, "{text}");
+    assert_eq!(text.matches("is not valid").count(), 1, "only the unsigned build was refused: {text}");
     let _ = child.kill();
     let _ = child.wait();
     assert!(!text.contains("panicked"), "{text}");

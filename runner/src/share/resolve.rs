@@ -87,18 +87,33 @@ fn fetch_oci(r: &OciRef, site: &Site) -> Result<Fetched> {
 }
 
 /// A followed tag: what it points to now; with the registry unreachable,
-/// the newest version of it pulled before (said in a warning).
+/// the newest version of it pulled before (said in a warning: once while
+/// the registry stays down, so a watcher polling every few seconds does not
+/// repeat it, and again when it is back).
 fn follow(cache: &ScriptCache, r: &OciRef) -> Result<Fetched> {
+    static DOWN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let resolved = Registry::connect(&r.registry).and_then(|reg| reg.resolve(r));
+    let mut down = DOWN.lock().unwrap_or_else(|e| e.into_inner());
     match resolved {
-        Ok(hex) => from_store_or_pull(cache, &r.pinned(&hex)),
+        Ok(hex) => {
+            if down.remove(&r.to_string()) {
+                log::info!(target: "offsite::script", "the registry is reachable again: following {r}");
+            }
+            drop(down);
+            from_store_or_pull(cache, &r.pinned(&hex))
+        }
         Err(e) => {
             let prefix = format!("{r}@");
             let known = cache.manifests().into_iter().find(|m| m.reference.starts_with(&prefix));
             match known {
                 Some(m) => {
-                    log::warn!(
+                    let first = down.insert(r.to_string());
+                    drop(down);
+                    let level = if first { log::Level::Warn } else { log::Level::Debug };
+                    log::log!(
                         target: "offsite::script",
+                        level,
                         "cannot reach the registry to follow {r} ({e:#}); running the version pulled {}, \
                          sha256:{}",
                         m.fetched,
