@@ -48,8 +48,53 @@ impl<T, E: Into<anyhow::Error>> ExitContext<T> for Result<T, E> {
     }
 }
 
+/// The exit codes, for `offsite --help` and every man page.
+pub(crate) const EXIT_CODES: &[(Exit, &str)] = &[
+    (Exit::Ok, "the backup succeeded (or the command found nothing wrong)"),
+    (
+        Exit::BackupFailed,
+        "the backup failed: the script returned an error or trapped, or a run was partial; verify and status: \
+         a problem was found",
+    ),
+    (Exit::Usage, "usage, configuration or script error: nothing was attempted"),
+    (Exit::Limit, "the script hit a sandbox limit (deadline, memory, stack)"),
+    (Exit::Locked, "another run of this site holds its lock"),
+];
+
+/// Examples for `offsite --help` and offsite(1).
+pub(crate) const TOP_EXAMPLES: &str = "Examples:
+  offsite check /etc/offsite/web1.toml --connect
+  offsite run --site web1
+  systemctl enable --now offsite@web1.timer";
+
+fn top_after_help() -> String {
+    let codes: String = EXIT_CODES.iter().map(|(c, text)| format!("  {}  {text}\n", *c as u8)).collect();
+    format!("Exit codes:\n{codes}\n{TOP_EXAMPLES}")
+}
+
+/// `offsite --version`: the version, then where it came from.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("OFFSITE_COMMIT"),
+    "\nwasmtime: ",
+    env!("OFFSITE_WASMTIME"),
+    "\nwit: ",
+    env!("OFFSITE_WIT")
+);
+
 #[derive(Parser)]
-#[command(name = "offsite", version, about = "Runs sandboxed WebAssembly backup scripts.")]
+#[command(
+    name = "offsite",
+    version,
+    long_version = LONG_VERSION,
+    about = "Runs sandboxed WebAssembly backup scripts.",
+    long_about = "Runs sandboxed WebAssembly backup scripts. A site file (offsite.toml(5)) grants \
+                  exactly what a site's script may touch: which directories it reads, which hosts, \
+                  commands and remote paths it reaches, and the one store it writes into. \
+                  Everything else is denied.",
+    after_long_help = top_after_help()
+)]
 struct Cli {
     /// More output: -v progress, -vv every policy decision.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -61,8 +106,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a backup script once. Silent on success.
+    #[command(
+        after_help = "Examples:\n  offsite run --site web1                 # /etc/offsite/web1.toml, its script\n  offsite run arc.wasm --param path=www   # a script on the current directory\n  offsite run --site web1 --dry-run --json"
+    )]
     Run(crate::run::Request),
     /// Show a script's metadata, its SHA-256 and the interfaces it imports.
+    #[command(
+        after_help = "Examples:\n  offsite inspect /usr/lib/offsite/scripts/mysql-pull.wasm\n  offsite inspect oci://registry.example.org/backup/mysql-pull:1.2"
+    )]
     Inspect {
         /// The script component (.wasm), or oci://REGISTRY/REPOSITORY:TAG
         /// (pulled into the script store when not there).
@@ -70,6 +121,9 @@ enum Command {
     },
     /// Check a site file (and a script against it): print what it allows
     /// and every problem, with the file, line and fix. Exit 2 on problems.
+    #[command(
+        after_help = "Examples:\n  offsite check /etc/offsite/web1.toml\n  offsite check /etc/offsite/db1.toml --connect   # also log into every host"
+    )]
     Check {
         /// The site file.
         site: PathBuf,
@@ -83,6 +137,9 @@ enum Command {
     /// Check a store against its manifests: re-hash every file, test gzip
     /// files, list tar archives, and report missing, corrupt or unlisted
     /// files. Exit 1 if anything is wrong.
+    #[command(
+        after_help = "Examples:\n  offsite verify /etc/offsite/web1.toml\n  offsite verify /srv/backups/db1 --restore-test scratch --mysql-defaults ~/.my.cnf"
+    )]
     Verify {
         /// A site file, or a store directory.
         target: PathBuf,
@@ -109,6 +166,9 @@ enum Command {
     /// For each site: its last run, last good run, whether it is running,
     /// and its next scheduled run. Exit 1 if any site's last run failed,
     /// it never ran, a run was killed, or its store cannot be read.
+    #[command(
+        after_help = "Examples:\n  offsite status                  # every site in /etc/offsite\n  offsite status /etc/offsite/web1.toml"
+    )]
     Status {
         /// Site files, or directories of them (default: /etc/offsite).
         sites: Vec<PathBuf>,
@@ -117,6 +177,9 @@ enum Command {
     /// up rebuilt scripts and edited site files as they change (each site
     /// file names its `script`). SIGTERM/SIGINT: stop, letting runs finish
     /// within --grace; SIGHUP: re-read everything.
+    #[command(
+        after_help = "Examples:\n  offsite watch /etc/offsite\n  offsite watch --run-on-change dev-site.toml   # edit, build, see it run"
+    )]
     Watch {
         /// Site files, or directories of them.
         #[arg(required = true)]
@@ -137,6 +200,9 @@ enum Command {
         grace: std::time::Duration,
     },
     /// Apply the site's [retention] rules now and show what goes and why.
+    #[command(
+        after_help = "Examples:\n  offsite prune /etc/offsite/web1.toml --dry-run\n  offsite prune /etc/offsite/web1.toml"
+    )]
     Prune {
         /// The site file.
         site: PathBuf,
@@ -147,6 +213,7 @@ enum Command {
     /// Record that a run lost files (deleted by hand, a failed disk), so
     /// that `verify` stops reporting them missing. The run's manifest is
     /// kept aside in .offsite/forgotten/, not erased.
+    #[command(after_help = "Examples:\n  offsite forget /etc/offsite/web1.toml 20261130T033400.123Z-4242")]
     Forget {
         /// The site file.
         site: PathBuf,
@@ -154,16 +221,22 @@ enum Command {
         run: String,
     },
     /// Key helpers for the servers a site reaches.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  offsite keys authorized-line /etc/offsite/db1.toml db1")]
     Keys(KeysCommand),
     /// Build the script project in DIR (Rust: Cargo.toml, Python: app.py,
     /// JavaScript: package.json and app.js) and leave DIR/NAME.wasm.
+    #[command(
+        after_help = "Examples:\n  offsite build              # the project in the current directory\n  offsite build ~/src/site-files"
+    )]
     Build {
         /// The project directory (default: the current one).
         dir: Option<PathBuf>,
     },
     /// Start a script project: describe and run with one parameter, a
     /// README with the build command, and a test (test.sh).
+    #[command(
+        after_help = "Examples:\n  offsite new site-files --lang python\n  offsite new db-pull --lang rust ~/src/db-pull"
+    )]
     New {
         /// The script's name (lowercase letters, digits, '-').
         name: String,
@@ -174,14 +247,34 @@ enum Command {
         dir: Option<PathBuf>,
     },
     /// Share scripts: push, pull, list, sign, verify.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  offsite script push mysql-pull.wasm oci://registry.example.org/backup/mysql-pull:1.2 --sign ~/.ssh/id_ed25519\n  offsite script update /etc/offsite/db1.toml"
+    )]
     Script(crate::share::commands::ScriptCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  offsite completions bash > /etc/bash_completion.d/offsite\n  offsite completions fish > ~/.config/fish/completions/offsite.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages and completion scripts into DIR (packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where: DIR/man1, DIR/man5, DIR/completions.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Print the authorized_keys line to install on HOST for the backup key:
     /// restrict, from= and, for fixed grants, a forced command.
+    #[command(
+        after_help = "Examples:\n  offsite keys authorized-line /etc/offsite/db1.toml db1 >> authorized_keys.db1"
+    )]
     AuthorizedLine {
         /// The site file.
         site: PathBuf,
@@ -191,6 +284,11 @@ enum KeysCommand {
         #[arg(long, value_name = "FILE.pub")]
         key: Option<PathBuf>,
     },
+}
+
+/// The whole command line, for man pages and completions.
+pub(crate) fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Entry point of the binary.
@@ -233,6 +331,11 @@ pub fn main() -> ExitCode {
                 .map(|d| println!("{}: build with `offsite build`, test with ./test.sh", d.display()))
                 .exit(Exit::Usage)
         }
+        Command::Completions { shell } => {
+            crate::docs::completions(shell, &mut std::io::stdout().lock());
+            Ok(())
+        }
+        Command::GenerateDocs { dir } => crate::docs::generate(&dir).exit(Exit::Usage),
         Command::Build { dir } => crate::build::build(dir.as_deref().unwrap_or(Path::new(".")))
             .map(|out| println!("{}", out.display()))
             .exit(Exit::Usage),
@@ -243,10 +346,12 @@ pub fn main() -> ExitCode {
             // The error may quote a script or a server: escaped, bounded,
             // and every line carries the prefix.
             let text = crate::text::truncate(&format!("{:#}", f.error), 4 * crate::logging::MAX_MESSAGE).into_owned();
+            let mut lines = String::new();
             for (i, line) in crate::text::escape_lines(&text).iter().enumerate() {
                 let lead = if i == 0 { "offsite: error: " } else { "offsite: error:   " };
-                eprintln!("{}{lead}{line}", crate::logging::prefix());
+                lines.push_str(&format!("{}{lead}{line}\n", crate::logging::prefix()));
             }
+            crate::logging::emit(log::Level::Error, &lines);
             ExitCode::from(f.exit as u8)
         }
     }

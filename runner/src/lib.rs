@@ -33,6 +33,8 @@ pub mod check;
 pub mod cli;
 pub mod compress;
 #[cfg(feature = "runtime")]
+pub mod docs;
+#[cfg(feature = "runtime")]
 pub mod engine;
 pub mod keys;
 pub mod logging;
@@ -53,6 +55,8 @@ pub mod site;
 pub mod sleep;
 pub mod status;
 pub mod store;
+#[cfg(feature = "runtime")]
+pub mod systemd;
 pub mod text;
 pub mod transport;
 pub mod verify;

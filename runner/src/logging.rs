@@ -3,6 +3,13 @@
 //! Under cron everything printed is mailed, so a successful run prints
 //! nothing: the default level shows warnings and errors only, `-v` adds
 //! progress (`info`), `-vv` adds every policy decision (`debug`).
+//!
+//! Under systemd (`$JOURNAL_STREAM` names our stderr), each message goes to
+//! the journal itself, with its priority and the run's fields (`OFFSITE_SITE`,
+//! `OFFSITE_RUN_ID`, `OFFSITE_SCRIPT_SHA256`, `OFFSITE_STATUS`), so
+//! `journalctl -u offsite@web1 -p warning` and `journalctl OFFSITE_SITE=web1`
+//! work. Should the journal's socket not take it, the line goes to stderr
+//! with a `<N>` priority prefix, which the journal reads on that stream too.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -180,9 +187,98 @@ impl Log for StderrLog {
             text.push('\n');
         }
         if shown {
-            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+            emit(record.level(), &text);
         }
     }
 
     fn flush(&self) {}
+}
+
+/// Writes `text` (whole lines, each with its prefix) at `level`: to the
+/// journal when systemd reads our stderr, else to stderr.
+pub fn emit(level: Level, text: &str) {
+    let Some(journal) = journal::get() else {
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        return;
+    };
+    let priority = match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    };
+    if !journal.send(priority, text.trim_end_matches('\n')) {
+        let prefixed: String = text.lines().map(|l| format!("<{priority}>{l}\n")).collect();
+        let _ = std::io::stderr().lock().write_all(prefixed.as_bytes());
+    }
+}
+
+/// Whether messages go to systemd's journal.
+pub fn to_journal() -> bool {
+    journal::get().is_some()
+}
+
+/// Sets a field every later journal message carries (`OFFSITE_SITE`, ...).
+pub fn set_field(name: &'static str, value: &str) {
+    let mut fields = journal::FIELDS.lock().unwrap_or_else(|e| e.into_inner());
+    fields.retain(|(n, _)| *n != name);
+    fields.push((name, value.to_string()));
+}
+
+mod journal {
+    use std::os::unix::net::UnixDatagram;
+    use std::path::PathBuf;
+    use std::sync::{Mutex, OnceLock};
+
+    /// The run's fields, added to every message.
+    pub(super) static FIELDS: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
+
+    pub(super) struct Journal {
+        socket: UnixDatagram,
+        path: PathBuf,
+    }
+
+    /// The journal, when systemd connected our stderr to it: `$JOURNAL_STREAM`
+    /// is `DEVICE:INODE` of that stream, and it must be our stderr still
+    /// (not a stream inherited by a child whose stderr went elsewhere).
+    pub(super) fn get() -> Option<&'static Journal> {
+        static JOURNAL: OnceLock<Option<Journal>> = OnceLock::new();
+        JOURNAL.get_or_init(detect).as_ref()
+    }
+
+    fn detect() -> Option<Journal> {
+        let stream = std::env::var("JOURNAL_STREAM").ok()?;
+        let (dev, ino) = stream.split_once(':')?;
+        let stat = rustix::fs::fstat(std::io::stderr()).ok()?;
+        if dev.parse::<u64>().ok()? != stat.st_dev as u64 || ino.parse::<u64>().ok()? != stat.st_ino as u64 {
+            return None;
+        }
+        // `$OFFSITE_JOURNAL_SOCKET` stands in for journald in tests.
+        let path = std::env::var_os("OFFSITE_JOURNAL_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/systemd/journal/socket"));
+        Some(Journal { socket: UnixDatagram::unbound().ok()?, path })
+    }
+
+    impl Journal {
+        /// One entry in journald's native protocol; false when it was not
+        /// taken. Values go length-prefixed, so newlines in them are safe.
+        pub(super) fn send(&self, priority: u8, message: &str) -> bool {
+            let mut entry = Vec::with_capacity(message.len() + 256);
+            let mut field = |name: &str, value: &[u8]| {
+                entry.extend_from_slice(name.as_bytes());
+                entry.push(b'\n');
+                entry.extend_from_slice(&(value.len() as u64).to_le_bytes());
+                entry.extend_from_slice(value);
+                entry.push(b'\n');
+            };
+            field("PRIORITY", priority.to_string().as_bytes());
+            field("SYSLOG_IDENTIFIER", b"offsite");
+            field("MESSAGE", message.as_bytes());
+            for (name, value) in FIELDS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                field(name, value.as_bytes());
+            }
+            self.socket.send_to(&entry, &self.path).is_ok_and(|n| n == entry.len())
+        }
+    }
 }

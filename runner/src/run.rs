@@ -145,6 +145,9 @@ pub fn run(args: Request) -> Result<(), Failure> {
         grants_sha256: site.grants_digest(),
         started: local_start.to_rfc3339(),
     };
+    crate::logging::set_field("OFFSITE_SITE", &site.name);
+    crate::logging::set_field("OFFSITE_RUN_ID", &header.run_id);
+    crate::logging::set_field("OFFSITE_SCRIPT_SHA256", &script.sha256);
     let mut caps = caps_for(&site, &info, params, clock, &script.sha256, &args)?;
     // A dry run writes nothing, not even a missing store directory, and so
     // takes no lock and leaves no manifest. (Last, so nothing above can
@@ -213,12 +216,12 @@ pub fn run(args: Request) -> Result<(), Failure> {
         let note = Note { site: &site.name, run_id: &header.run_id, status: Some(status), tail: &tail };
         report::notify(&site.notify, event, &note);
     }
+    let status = match (&manifest, &failure) {
+        (Some(m), _) => m.status,
+        (None, None) => Status::Ok,
+        (None, Some(_)) => Status::Failed,
+    };
     if args.json {
-        let status = match &manifest {
-            Some(m) => m.status,
-            None if failure.is_none() => Status::Ok,
-            None => Status::Failed,
-        };
         let summary = RunSummary {
             status: status.as_str(),
             run_id: manifest.as_ref().map(|m| m.run.run_id.as_str()),
@@ -237,6 +240,22 @@ pub fn run(args: Request) -> Result<(), Failure> {
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
         };
         println!("{}", serde_json::to_string(&summary).expect("summary serialises"));
+    }
+    crate::logging::set_field("OFFSITE_STATUS", status.as_str());
+    if crate::logging::to_journal() && !args.dry_run {
+        // The journal keeps an entry per run, good or not (cron mail stays
+        // silent on success; a journal is read by query).
+        let bytes: u64 = outputs.iter().map(|o| o.bytes).sum();
+        let text = format!(
+            "{}offsite: run {} of site {}: {} ({} file(s), {bytes} bytes, {:.1?})\n",
+            crate::logging::prefix(),
+            header.run_id,
+            site.name,
+            status.as_str(),
+            outputs.len(),
+            started.elapsed()
+        );
+        crate::logging::emit(log::Level::Info, &text);
     }
     match failure {
         None => {

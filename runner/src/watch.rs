@@ -280,6 +280,7 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
         snapshots: Snapshots::new()?,
         watched: BTreeSet::new(),
         stopping: None,
+        told: String::new(),
     };
     state.rewatch(&mut watcher);
     for e in &state.entries {
@@ -379,12 +380,39 @@ struct Watch {
     watched: BTreeSet<PathBuf>,
     /// Since SIGTERM/SIGINT: when the grace period ends.
     stopping: Option<Instant>,
+    /// The last STATUS= told to systemd.
+    told: String,
 }
 
 impl Watch {
+    /// One line for `systemctl status`: sites, runs going, the next run.
+    fn status_line(&self) -> String {
+        let running = self.entries.iter().filter(|e| e.running.is_some()).count();
+        let next = self
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.timer.as_ref()?.next()?, e.name())))
+            .min()
+            .map(|(at, name)| format!("; next: {name} at {}", local(&at)))
+            .unwrap_or_default();
+        let what = if self.stopping.is_some() { "stopping: " } else { "" };
+        format!("{what}{} site(s), {running} running{next}", self.entries.len())
+    }
+
+    /// Tells systemd the status when it changed (nothing outside systemd).
+    fn tell_status(&mut self) {
+        let line = self.status_line();
+        if line != self.told {
+            crate::systemd::notify(&format!("STATUS={line}"));
+            self.told = line;
+        }
+    }
+
     fn run(&mut self, rx: &Receiver<Message>, watcher: &mut impl notify::Watcher) {
+        crate::systemd::notify(&format!("READY=1\nSTATUS={}", self.status_line()));
         loop {
             self.reap();
+            self.tell_status();
             if let Some(grace_end) = self.stopping {
                 if self.entries.iter().all(|e| e.running.is_none()) {
                     log::info!(target: "offsite::watch", "stopped");
@@ -439,7 +467,10 @@ impl Watch {
         if signal == SIGHUP {
             if self.stopping.is_none() {
                 log::info!(target: "offsite::watch", "received SIGHUP: re-reading every site and script");
+                let at = crate::systemd::monotonic_usec();
+                crate::systemd::notify(&format!("RELOADING=1\nMONOTONIC_USEC={at}"));
                 self.reread(watcher);
+                crate::systemd::notify(&format!("READY=1\nSTATUS={}", self.status_line()));
             }
             return;
         }
@@ -448,6 +479,7 @@ impl Watch {
             None => {
                 self.entries.iter_mut().for_each(|e| e.queued = None);
                 self.stopping = Some(Instant::now() + self.options.grace);
+                crate::systemd::notify(&format!("STOPPING=1\nSTATUS={}", self.status_line()));
                 if running > 0 {
                     log::warn!(
                         target: "offsite::watch",

@@ -16,6 +16,9 @@ use crate::cli::{Exit, ExitContext, Failure};
 pub enum ScriptCommand {
     /// Publish a script to a registry (a standard wasm OCI artifact) and
     /// print its digest reference.
+    #[command(
+        after_help = "Examples:\n  offsite script push mysql-pull.wasm oci://registry.example.org/backup/mysql-pull:1.2 --sign ~/.ssh/id_ed25519"
+    )]
     Push {
         /// The script component (.wasm).
         file: PathBuf,
@@ -27,14 +30,19 @@ pub enum ScriptCommand {
         sign: Option<PathBuf>,
     },
     /// Fetch a script into the local script store and print its digest.
+    #[command(after_help = "Examples:\n  offsite script pull oci://registry.example.org/backup/mysql-pull:1.2")]
     Pull {
         /// oci://REGISTRY/REPOSITORY:TAG or ...@sha256:DIGEST.
         reference: String,
     },
     /// List the scripts in the local script store.
+    #[command(after_help = "Examples:\n  offsite script ls")]
     Ls,
     /// Sign a script: FILE.wasm gets FILE.wasm.sig beside it; a registry
     /// script gets the signature pushed beside it.
+    #[command(
+        after_help = "Examples:\n  offsite script sign mysql-pull.wasm --key ~/.ssh/id_ed25519\n  offsite script sign oci://registry.example.org/backup/mysql-pull:1.2 --key ~/.ssh/id_ed25519.pub   # a key in your agent"
+    )]
     Sign {
         /// FILE.wasm or oci://REGISTRY/REPOSITORY:TAG.
         script: String,
@@ -47,6 +55,7 @@ pub enum ScriptCommand {
     /// show what the new version would do on the site, and record its
     /// digest in SITE.lock (refused, changing nothing, when it asks for
     /// calls the site does not grant or is not signed as the site requires).
+    #[command(after_help = "Examples:\n  offsite script update /etc/offsite/db1.toml")]
     Update {
         /// The site file whose `script` is an oci:// tag.
         site: PathBuf,
@@ -54,16 +63,23 @@ pub enum ScriptCommand {
     /// What would NEW do on a site that OLD does not? Declared metadata and
     /// the calls each makes in a dry run (no server is contacted); exit 1
     /// when NEW asks for calls the site does not grant.
+    #[command(
+        after_help = "Examples:\n  offsite script diff oci://registry.example.org/backup/mysql-pull:1.2 oci://registry.example.org/backup/mysql-pull:1.3 --site /etc/offsite/db1.toml"
+    )]
     Diff {
         /// FILE.wasm or oci://... (the version now).
         old: String,
         /// FILE.wasm or oci://... (the candidate).
         new: String,
+        /// The site both would run on.
         #[arg(long)]
         site: PathBuf,
     },
     /// Check a script's signatures against an allowed_signers file; exit 2
     /// when none is by a listed key.
+    #[command(
+        after_help = "Examples:\n  offsite script verify oci://registry.example.org/backup/mysql-pull:1.2 --signers /etc/offsite/allowed_signers"
+    )]
     Verify {
         /// FILE.wasm or oci://REGISTRY/REPOSITORY:TAG.
         script: String,

@@ -32,8 +32,8 @@ pub enum ScriptSource {
 }
 
 impl ScriptSource {
-    /// Reads a script reference: `oci://...`, or a path (relative paths
-    /// mean `base`).
+    /// Reads a script reference: `oci://...`, a shipped script's name
+    /// (`arc`: no `/` and no `.`), or a path (relative paths mean `base`).
     pub fn parse(text: &str, base: &Path) -> Result<ScriptSource> {
         if text.starts_with(SCHEME) {
             return Ok(ScriptSource::Oci(text.parse()?));
@@ -41,8 +41,42 @@ impl ScriptSource {
         if text.contains("://") {
             bail!("{text:?}: a script is a file path or an oci://REGISTRY/REPOSITORY:TAG reference");
         }
+        if is_script_name(text) {
+            return Ok(ScriptSource::Path(shipped_script(text)?));
+        }
         Ok(ScriptSource::Path(crate::site::expand_home(Path::new(text), base)))
     }
+}
+
+/// Whether `text` names a shipped script (`arc`, `mysql-pull`) rather than
+/// a file: lowercase letters, digits and `-`, so never a path.
+fn is_script_name(text: &str) -> bool {
+    text.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Where shipped scripts are looked up by name: `$OFFSITE_SCRIPT_PATH`
+/// (directories separated by `:`), else /usr/local/lib/offsite/scripts
+/// (installed from source) and /usr/lib/offsite/scripts (the package).
+pub fn shipped_script_dirs() -> Vec<PathBuf> {
+    match std::env::var_os("OFFSITE_SCRIPT_PATH").filter(|p| !p.is_empty()) {
+        Some(path) => std::env::split_paths(&path).collect(),
+        None => vec!["/usr/local/lib/offsite/scripts".into(), "/usr/lib/offsite/scripts".into()],
+    }
+}
+
+/// The file of the shipped script `name`: the first `DIR/NAME.wasm` found.
+fn shipped_script(name: &str) -> Result<PathBuf> {
+    let dirs = shipped_script_dirs();
+    if let Some(found) = dirs.iter().map(|d| d.join(format!("{name}.wasm"))).find(|f| f.is_file()) {
+        return Ok(found);
+    }
+    let looked: Vec<String> = dirs.iter().map(|d| d.join(format!("{name}.wasm")).display().to_string()).collect();
+    bail!(
+        "no shipped script is called {name:?}: there is no {} (the offsite package ships arc, mysql-pull and \
+         pg-pull; for a file of your own, give its path, such as ./{name}.wasm)",
+        looked.join(" or ")
+    )
 }
 
 impl fmt::Display for ScriptSource {

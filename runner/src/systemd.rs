@@ -1,0 +1,361 @@
+//! Living under systemd: the unit generator that gives each site's
+//! `offsite@SITE.timer` its schedule, and `sd_notify` for `offsite watch`.
+//!
+//! **The generator.** Installed as
+//! `/usr/lib/systemd/system-generators/offsite-systemd-generator` (a link
+//! to the binary), it runs at boot and on `systemctl daemon-reload`. For
+//! every `/etc/offsite/SITE.toml` it writes drop-ins into the generator
+//! directory: the timer's `OnCalendar=` lines from the site's `schedule`
+//! (in its `timezone`), and the service's `ReadWritePaths=` (the store), so
+//! that `ProtectSystem=strict` leaves the run exactly the one directory it
+//! writes. Drop-ins an administrator writes under /etc/systemd/system win.
+//!
+//! Cron and systemd read a schedule the same way but for one rule: when
+//! both day-of-month and day-of-week are restricted, cron runs on either
+//! (`0 3 1 * Mon`: the 1st, and every Monday); systemd needs both, so such a
+//! schedule becomes two `OnCalendar=` lines. At daylight saving changes
+//! systemd decides (a run in a skipped hour happens after the change, as
+//! `watch` does; one in a repeated hour may happen once or twice).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+
+use crate::schedule::{Schedule, Zone};
+
+/// The name the generator is installed under.
+pub const GENERATOR_NAME: &str = "offsite-systemd-generator";
+
+/// Where the generator reads site files (systemd runs generators with an
+/// empty environment; `$OFFSITE_CONFIG_DIR` is for trying it by hand).
+const SITES_DIR: &str = "/etc/offsite";
+
+/// One cron field: its name, range, and value names.
+struct Field {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    names: &'static [&'static str],
+}
+
+const MINUTE: Field = Field { name: "minute", min: 0, max: 59, names: &[] };
+const HOUR: Field = Field { name: "hour", min: 0, max: 23, names: &[] };
+const DOM: Field = Field { name: "day-of-month", min: 1, max: 31, names: &[] };
+const MONTH: Field = Field {
+    name: "month",
+    min: 1,
+    max: 12,
+    names: &["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"],
+};
+/// 0 and 7 are Sunday, as in cron.
+const DOW: Field =
+    Field { name: "day-of-week", min: 0, max: 7, names: &["sun", "mon", "tue", "wed", "thu", "fri", "sat"] };
+
+impl Field {
+    fn value(&self, text: &str) -> Result<u32> {
+        let lower = text.to_ascii_lowercase();
+        if let Some(i) = self.names.iter().position(|n| *n == lower) {
+            // Months count from 1 (jan), weekdays from 0 (sun).
+            return Ok(i as u32 + u32::from(self.names.len() == 12));
+        }
+        let v: u32 = text.parse().map_err(|_| anyhow!("{} {text:?} is not a number", self.name))?;
+        if v < self.min || v > self.max {
+            bail!("{} {v} is outside {}-{}", self.name, self.min, self.max);
+        }
+        Ok(v)
+    }
+
+    /// Every value the field matches.
+    fn expand(&self, text: &str) -> Result<BTreeSet<u32>> {
+        let mut set = BTreeSet::new();
+        for item in text.split(',') {
+            let (range, step) = match item.split_once('/') {
+                Some((r, s)) => {
+                    let step: u32 = s.parse().map_err(|_| anyhow!("{} step {s:?} is not a number", self.name))?;
+                    if step == 0 {
+                        bail!("{} step 0", self.name);
+                    }
+                    (r, step)
+                }
+                None => (item, 1),
+            };
+            let (lo, hi) = if range == "*" || range == "?" {
+                (self.min, self.max)
+            } else if let Some((a, b)) = range.split_once('-') {
+                (self.value(a)?, self.value(b)?)
+            } else if step > 1 {
+                // `5/15`: from 5 to the end of the range.
+                (self.value(range)?, self.max)
+            } else {
+                let v = self.value(range)?;
+                (v, v)
+            };
+            if lo > hi {
+                bail!("{} range {range:?} runs backwards", self.name);
+            }
+            set.extend((lo..=hi).step_by(step as usize));
+        }
+        Ok(set)
+    }
+}
+
+/// Runs of consecutive values as `a..b` (three or more), others listed.
+fn compress(values: &[u32], show: impl Fn(u32) -> String) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < values.len() {
+        let mut j = i;
+        while j + 1 < values.len() && values[j + 1] == values[j] + 1 {
+            j += 1;
+        }
+        if j - i >= 2 {
+            parts.push(format!("{}..{}", show(values[i]), show(values[j])));
+            i = j + 1;
+        } else {
+            parts.push(show(values[i]));
+            i += 1;
+        }
+    }
+    parts.join(",")
+}
+
+fn numbers(field: &Field, text: &str) -> Result<String> {
+    let set = field.expand(text)?;
+    if set.len() as u32 == field.max - field.min + 1 {
+        return Ok("*".into());
+    }
+    let values: Vec<u32> = set.into_iter().collect();
+    Ok(compress(&values, |v| format!("{v:02}")))
+}
+
+/// Weekdays in systemd's order (Mon=1 .. Sun=7); `None` for every day.
+fn weekdays(text: &str) -> Result<Option<String>> {
+    let set: BTreeSet<u32> = DOW.expand(text)?.into_iter().map(|d| if d == 0 { 7 } else { d }).collect();
+    if set.len() == 7 {
+        return Ok(None);
+    }
+    const NAMES: [&str; 8] = ["", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    let values: Vec<u32> = set.into_iter().collect();
+    Ok(Some(compress(&values, |d| NAMES[d as usize].to_string())))
+}
+
+/// The `OnCalendar=` values a schedule becomes (one, or two when cron's
+/// day-of-month/day-of-week "or" applies).
+pub fn on_calendar(schedule: &Schedule) -> Result<Vec<String>> {
+    let fields: Vec<&str> = schedule.expression.split_whitespace().collect();
+    let [minute, hour, dom, month, dow] = fields[..] else {
+        bail!("{:?} does not have five fields", schedule.expression);
+    };
+    for f in &fields {
+        if f.contains(['L', 'W', '#']) {
+            bail!("{:?}: `L`, `W` and `#` have no systemd calendar equivalent", schedule.expression);
+        }
+    }
+    let (minute, hour, month) = (numbers(&MINUTE, minute)?, numbers(&HOUR, hour)?, numbers(&MONTH, month)?);
+    let zone = match schedule.zone {
+        Zone::Local => String::new(),
+        Zone::Named(tz) => format!(" {}", tz.name()),
+    };
+    let star = |f: &str| f == "*" || f == "?";
+    let line = |days: &str, weekdays: Option<String>| {
+        let prefix = weekdays.map(|w| format!("{w} ")).unwrap_or_default();
+        format!("{prefix}*-{month}-{days} {hour}:{minute}:00{zone}")
+    };
+    Ok(if !star(dom) && !star(dow) {
+        vec![line(&numbers(&DOM, dom)?, None), line("*", weekdays(dow)?)]
+    } else {
+        vec![line(&numbers(&DOM, dom)?, weekdays(dow)?)]
+    })
+}
+
+/// Whether this process was started as the generator (by its link name).
+pub fn generator_main() -> Option<std::process::ExitCode> {
+    let argv0 = std::env::args_os().next()?;
+    if Path::new(&argv0).file_name()? != GENERATOR_NAME {
+        return None;
+    }
+    // normal-dir [early-dir late-dir]
+    let Some(out) = std::env::args_os().nth(1) else {
+        eprintln!("{GENERATOR_NAME}: usage: {GENERATOR_NAME} NORMAL_DIR [EARLY_DIR LATE_DIR]");
+        return Some(std::process::ExitCode::from(2));
+    };
+    let sites = std::env::var_os("OFFSITE_CONFIG_DIR").map_or_else(|| PathBuf::from(SITES_DIR), PathBuf::from);
+    for problem in generate(&sites, Path::new(&out)) {
+        eprintln!("{GENERATOR_NAME}: {problem}");
+    }
+    // A site it cannot read must not fail the boot: it is said above, and
+    // `offsite check` tells the whole story.
+    Some(std::process::ExitCode::SUCCESS)
+}
+
+/// Writes the drop-ins for every site file in `sites` into `out`; returns
+/// what it could not do, one line a site.
+pub fn generate(sites: &Path, out: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(entries) = std::fs::read_dir(sites) else { return problems };
+    let mut files: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    files.sort();
+    for file in files {
+        let Some(instance) = file.file_stem().map(|s| s.to_string_lossy().into_owned()) else { continue };
+        if instance.is_empty()
+            || !instance.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            || instance.starts_with('.')
+        {
+            problems.push(format!(
+                "{}: no timer: a site file for systemd is named with letters, digits, '-', '_', '.' and ':'",
+                file.display()
+            ));
+            continue;
+        }
+        if let Err(e) = site_dropins(&file, &instance, out) {
+            problems.push(format!("{}: {e:#}", file.display()));
+        }
+    }
+    problems
+}
+
+fn site_dropins(file: &Path, instance: &str, out: &Path) -> Result<()> {
+    let site = crate::site::Site::load(file, file.parent().unwrap_or(Path::new(SITES_DIR)))?;
+    let mut service = String::from("# Generated by offsite-systemd-generator from the site file.\n[Service]\n");
+    // The one directory a run writes; quoted for systemd.
+    let _ = writeln!(service, "ReadWritePaths=-{}", unit_quote(&site.store.display().to_string()));
+    write_dropin(out, &format!("offsite@{instance}.service"), &service)?;
+    if let Some(schedule) = &site.schedule {
+        let lines = on_calendar(schedule)?;
+        let mut timer = format!(
+            "# Generated by offsite-systemd-generator from `schedule = {:?}` ({}).\n[Timer]\nOnCalendar=\n",
+            schedule.expression, schedule.zone
+        );
+        for l in lines {
+            let _ = writeln!(timer, "OnCalendar={l}");
+        }
+        write_dropin(out, &format!("offsite@{instance}.timer"), &timer)?;
+    }
+    Ok(())
+}
+
+fn write_dropin(out: &Path, unit: &str, text: &str) -> Result<()> {
+    let dir = out.join(format!("{unit}.d"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("50-offsite-site.conf"), text)?;
+    Ok(())
+}
+
+/// A path as one word of a systemd setting: `%` doubled, and quoted with
+/// C-style escapes when it has spaces, quotes or backslashes.
+fn unit_quote(path: &str) -> String {
+    let path = path.replace('%', "%%");
+    if !path.contains([' ', '"', '\'', '\\', '\t']) {
+        return path;
+    }
+    let mut q = String::from("\"");
+    for c in path.chars() {
+        match c {
+            '"' | '\\' => {
+                q.push('\\');
+                q.push(c);
+            }
+            '\t' => q.push_str("\\t"),
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
+}
+
+/// Tells the service manager about `watch` (`READY=1`, `RELOADING=1`,
+/// `STOPPING=1`, `STATUS=...`), when it started us with `$NOTIFY_SOCKET`;
+/// nothing otherwise. Failures are ignored: notification is advisory.
+pub fn notify(state: &str) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let socket = socket.to_string_lossy().into_owned();
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let addr = if let Some(name) = socket.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+    } else {
+        std::os::unix::net::SocketAddr::from_pathname(&socket)
+    };
+    if let Ok(addr) = addr {
+        let _ = sock.send_to_addr(state.as_bytes(), &addr);
+    }
+}
+
+/// `MONOTONIC_USEC=` for a `RELOADING=1` message (systemd 253 and later
+/// want it to time the reload).
+pub fn monotonic_usec() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cal(expr: &str, zone: Option<&str>) -> Vec<String> {
+        on_calendar(&Schedule::parse(expr, zone).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn cron_schedules_become_the_calendar_events_systemd_reads() {
+        assert_eq!(cal("34 3,20 * * *", None), ["*-*-* 03,20:34:00"]);
+        assert_eq!(cal("34 3,20 * * *", Some("Europe/Berlin")), ["*-*-* 03,20:34:00 Europe/Berlin"]);
+        assert_eq!(cal("*/15 * * * *", None), ["*-*-* *:00,15,30,45:00"]);
+        assert_eq!(cal("0 2 * * 1-5", None), ["Mon..Fri *-*-* 02:00:00"]);
+        assert_eq!(cal("0 2 * * sat,sun", None), ["Sat,Sun *-*-* 02:00:00"]);
+        assert_eq!(cal("0 2 * * 0,7", None), ["Sun *-*-* 02:00:00"]);
+        assert_eq!(cal("0 2 * * *", None), ["*-*-* 02:00:00"]);
+        assert_eq!(cal("0 2 * * 0-6", None), ["*-*-* 02:00:00"]);
+        assert_eq!(cal("30 4 1 jan,jul *", None), ["*-01,07-01 04:30:00"]);
+        assert_eq!(cal("5 0 1-3 * *", None), ["*-*-01..03 00:05:00"]);
+        assert_eq!(cal("10/20 8-17/3 * * *", None), ["*-*-* 08,11,14,17:10,30,50:00"]);
+        // cron's "either day" rule: two events.
+        assert_eq!(cal("0 3 1,15 * mon", None), ["*-*-01,15 03:00:00", "Mon *-*-* 03:00:00"]);
+    }
+
+    #[test]
+    fn what_systemd_cannot_express_is_refused() {
+        let mut parsed = 0;
+        for expr in ["0 0 L * *", "0 0 * * 5#2", "0 0 15W * *"] {
+            if let Ok(s) = Schedule::parse(expr, None) {
+                parsed += 1;
+                assert!(on_calendar(&s).is_err(), "{expr}");
+            }
+        }
+        assert!(parsed > 0, "croner reads at least one of them");
+    }
+
+    #[test]
+    fn paths_are_one_word_of_a_unit_setting() {
+        assert_eq!(unit_quote("/srv/offsite/web1"), "/srv/offsite/web1");
+        assert_eq!(unit_quote("/srv/a b"), "\"/srv/a b\"");
+        assert_eq!(unit_quote("/srv/100%"), "/srv/100%%");
+    }
+
+    #[test]
+    fn the_generator_writes_a_timer_and_a_service_dropin_per_site() {
+        let sites = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(
+            sites.path().join("web1.toml"),
+            "store = \"/srv/offsite/web1\"\nschedule = \"34 3,20 * * *\"\ntimezone = \"Europe/Berlin\"\n",
+        )
+        .unwrap();
+        std::fs::write(sites.path().join("adhoc.toml"), "store = \"/srv/offsite/adhoc\"\n").unwrap();
+        std::fs::write(sites.path().join("broken.toml"), "store = \n").unwrap();
+        std::fs::write(sites.path().join("bad name.toml"), "store = \"/x\"\n").unwrap();
+        let problems = generate(sites.path(), out.path());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("broken.toml")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("bad name.toml") && p.contains("no timer")), "{problems:?}");
+        let read = |p: &str| std::fs::read_to_string(out.path().join(p)).unwrap();
+        let timer = read("offsite@web1.timer.d/50-offsite-site.conf");
+        assert!(timer.contains("OnCalendar=\nOnCalendar=*-*-* 03,20:34:00 Europe/Berlin\n"), "{timer}");
+        assert!(read("offsite@web1.service.d/50-offsite-site.conf").contains("ReadWritePaths=-/srv/offsite/web1\n"));
+        assert!(read("offsite@adhoc.service.d/50-offsite-site.conf").contains("ReadWritePaths=-/srv/offsite/adhoc"));
+        assert!(!out.path().join("offsite@adhoc.timer.d").exists(), "no schedule: the template's calendar");
+    }
+}
