@@ -260,6 +260,13 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// The systemd unit generator (installed as offsite-systemd-generator).
+    #[command(hide = true)]
+    SystemdGenerator {
+        /// systemd's normal, early and late output directories.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Write the man pages and completion scripts into DIR (packaging).
     #[command(hide = true)]
     GenerateDocs {
@@ -333,6 +340,10 @@ pub fn main() -> ExitCode {
         }
         Command::Completions { shell } => {
             crate::docs::completions(shell, &mut std::io::stdout().lock());
+            Ok(())
+        }
+        Command::SystemdGenerator { dirs } => {
+            crate::systemd::generator(&dirs[0]);
             Ok(())
         }
         Command::GenerateDocs { dir } => crate::docs::generate(&dir).exit(Exit::Usage),

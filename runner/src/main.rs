@@ -3,9 +3,5 @@ fn main() -> std::process::ExitCode {
     if offsite::transport::openssh::askpass_main() {
         return std::process::ExitCode::SUCCESS;
     }
-    // When systemd runs us as the unit generator.
-    if let Some(code) = offsite::systemd::generator_main() {
-        return code;
-    }
     offsite::cli::main()
 }

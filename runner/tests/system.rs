@@ -171,7 +171,10 @@ fn the_systemd_units_verify() {
     std::fs::create_dir(&sites).unwrap();
     std::fs::write(sites.join("web1.toml"), "store = \"/srv/my backups/web1\"\nschedule = \"0 3 1 * mon\"\n").unwrap();
     let generator = dir.path().join("offsite-systemd-generator");
-    std::os::unix::fs::symlink(BIN, &generator).unwrap();
+    let wrapper = std::fs::read_to_string(units.join("offsite-systemd-generator")).unwrap();
+    std::fs::write(&generator, wrapper.replace("/usr/bin/offsite", BIN)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&generator, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out_dir = dir.path().join("generated");
     std::fs::create_dir(&out_dir).unwrap();
     let ran = Ran::from_output(
