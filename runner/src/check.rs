@@ -20,7 +20,7 @@ use crate::transport::openssh::OpenSsh;
 use crate::transport::{Transport, check_key_file};
 
 /// One thing wrong, with where and how to fix it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
     /// `FILE` or `FILE:LINE`.
     pub at: String,

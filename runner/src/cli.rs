@@ -99,6 +99,10 @@ struct Cli {
     /// More output: -v progress, -vv every policy decision.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Print the result as one JSON object on stdout (run, check, inspect,
+    /// verify, status, prune, script ls); errors too. See docs/JSON.md.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -293,6 +297,21 @@ enum KeysCommand {
     },
 }
 
+/// The `"command"` of a command's JSON report; `None` for commands that
+/// have none.
+fn json_name(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::Run(_) => "run",
+        Command::Check { .. } => "check",
+        Command::Inspect { .. } => "inspect",
+        Command::Verify { .. } => "verify",
+        Command::Status { .. } => "status",
+        Command::Prune { .. } => "prune",
+        Command::Script(crate::share::commands::ScriptCommand::Ls) => "script ls",
+        _ => return None,
+    })
+}
+
 /// The whole command line, for man pages and completions.
 pub(crate) fn command() -> clap::Command {
     <Cli as clap::CommandFactory>::command()
@@ -311,8 +330,22 @@ pub fn main() -> ExitCode {
     // default; the runs it starts stay as quiet as under cron.
     let watching = matches!(cli.command, Command::Watch { .. });
     crate::logging::init(cli.verbose + u8::from(watching), watching);
+    if cli.json {
+        let Some(name) = json_name(&cli.command) else {
+            let error = "--json: this command has no JSON output (run, check, inspect, verify, status, prune and \
+                         script ls have)";
+            crate::json::enable("?");
+            crate::json::error_if_unreported(Exit::Usage as u8, error);
+            crate::logging::emit(log::Level::Error, &format!("offsite: error: {error}\n"));
+            return ExitCode::from(Exit::Usage as u8);
+        };
+        crate::json::enable(name);
+    }
     let result = match cli.command {
-        Command::Run(args) => crate::run::run(args),
+        Command::Run(mut args) => {
+            args.json = cli.json;
+            crate::run::run(args)
+        }
         Command::Inspect { script } => inspect(&script),
         Command::Check { site, script, connect } => check(&site, script.as_deref(), connect),
         Command::Verify { target, restore_test, mysql_defaults, key, age_identity } => {
@@ -363,6 +396,7 @@ pub fn main() -> ExitCode {
                 lines.push_str(&format!("{}{lead}{line}\n", crate::logging::prefix()));
             }
             crate::logging::emit(log::Level::Error, &lines);
+            crate::json::error_if_unreported(f.exit as u8, &text);
             ExitCode::from(f.exit as u8)
         }
     }
@@ -407,9 +441,28 @@ fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Fa
         fetched.as_ref(),
         connect,
     );
-    print!("{}", report.text);
+    if crate::json::on() {
+        let script = loaded.as_ref().map(|(_, s, i)| {
+            serde_json::json!({
+                "name": i.name, "version": i.version, "sha256": s.sha256,
+                "source": fetched.as_ref().map(|f| f.source.clone()),
+            })
+        });
+        crate::json::report(serde_json::json!({
+            "status": if report.problems.is_empty() { "ok" } else { "problems" },
+            "site": site.name,
+            "site_file": site_file.display().to_string(),
+            "script": script,
+            "problems": report.problems,
+            "report": report.text.lines().collect::<Vec<_>>(),
+        }));
+    } else {
+        print!("{}", report.text);
+    }
     if report.problems.is_empty() {
-        println!("no problems found");
+        if !crate::json::on() {
+            println!("no problems found");
+        }
         return Ok(());
     }
     // A problem may quote a server (a forced command's answer, ssh's
@@ -470,6 +523,20 @@ fn verify(
         report.runs,
         report.problems.len()
     );
+    if crate::json::on() {
+        crate::json::report(serde_json::json!({
+            "status": if report.problems.is_empty() { "ok" } else { "problems" },
+            "store": store.display().to_string(),
+            "runs": report.runs,
+            "files": report.files,
+            "problems": report.problems,
+            "checked": report.checked,
+        }));
+        if report.problems.is_empty() {
+            return Ok(());
+        }
+        return Err(anyhow!("verify failed: {summary}")).exit(Exit::BackupFailed);
+    }
     // Store paths and manifest fields are script-controlled text: escaped.
     if verbose {
         report.checked.iter().for_each(|l| println!("{}", crate::text::escape(l)));
@@ -499,20 +566,39 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let now = chrono::Utc::now();
     let (mut failing, mut unreadable) = (Vec::new(), 0);
+    let (mut sites, mut unreadable_json) = (Vec::new(), Vec::new());
     for file in &files {
         match Site::load(file, &cwd) {
             Ok(site) => {
                 let s = crate::status::status(&site, file, now);
-                print!("{}", s.text);
+                if crate::json::on() {
+                    sites.push(s.json);
+                } else {
+                    print!("{}", s.text);
+                }
                 if s.failing {
                     failing.push(site.name);
                 }
             }
             Err(e) => {
                 eprintln!("offsite: error: {e:#}");
+                unreadable_json
+                    .push(serde_json::json!({ "site_file": file.display().to_string(), "error": format!("{e:#}") }));
                 unreadable += 1;
             }
         }
+    }
+    if crate::json::on() {
+        let status = if unreadable > 0 {
+            "unreadable"
+        } else if failing.is_empty() {
+            "ok"
+        } else {
+            "failing"
+        };
+        crate::json::report(serde_json::json!({
+            "status": status, "sites": sites, "failing": failing, "unreadable": unreadable_json,
+        }));
     }
     if unreadable > 0 {
         return Err(anyhow!("{unreadable} site file(s) could not be read")).exit(Exit::Usage);
@@ -562,10 +648,19 @@ fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
 fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = Site::load(site_file, &cwd).exit(Exit::Usage)?;
-    let show_keeps = dry_run || verbose;
+    let json = crate::json::on();
+    let show_keeps = (dry_run || verbose) && !json;
+    let report = |rules: Option<String>, runs: Vec<serde_json::Value>, done: Vec<String>| {
+        crate::json::report(serde_json::json!({
+            "site": site.name, "dry_run": dry_run, "rules": rules, "runs": runs, "done": done,
+        }));
+    };
     if site.retention.is_empty() {
         if show_keeps {
             println!("{}: no [retention] rules, so every run is kept", site_file.display());
+        }
+        if json {
+            report(None, Vec::new(), Vec::new());
         }
         return Ok(());
     }
@@ -573,17 +668,34 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
     // Pruning for real takes the lock, like a run; a dry run changes nothing.
     let _lock = if dry_run { None } else { Some(lock_for(&root, &site, "prune")?) };
     let failed = |e: std::io::Error| anyhow!("pruning {}: {e}", site.store.display());
+    let mut done = Vec::new();
     if !dry_run {
         for line in retention::resume(&root).map_err(failed).exit(Exit::BackupFailed)? {
-            println!("{line}");
+            if !json {
+                println!("{line}");
+            }
+            done.push(line);
         }
     }
     let (manifests, _) = root.manifests().map_err(failed).exit(Exit::BackupFailed)?;
     let plan = retention::plan(&manifests, &root.runs_of(&site.name), &site.retention);
-    if show_keeps || plan.iter().any(|v| v.pruned_because.is_some()) {
+    if show_keeps || (!json && plan.iter().any(|v| v.pruned_because.is_some())) {
         println!("rules: {}", site.retention);
     }
+    let mut runs = Vec::new();
     for v in &plan {
+        runs.push(serde_json::json!({
+            "run_id": v.run_id,
+            "status": v.status.to_string(),
+            "started": v.started,
+            "action": if v.pruned_because.is_some() { "prune" } else { "keep" },
+            "reasons": match &v.pruned_because { Some(why) => vec![why.clone()], None => v.kept_because.clone() },
+            "files": v.files.iter().map(|(p, b)| serde_json::json!({ "path": p.display().to_string(), "bytes": b })).collect::<Vec<_>>(),
+            "shared": v.shared.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        }));
+        if json {
+            continue;
+        }
         match &v.pruned_because {
             None if show_keeps => {
                 println!("keep  {} {:10} {}: {}", v.run_id, v.status, v.started, v.kept_because.join("; "))
@@ -613,7 +725,11 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
     if !dry_run {
         for line in retention::apply(&root, &plan).map_err(failed).exit(Exit::BackupFailed)? {
             log::info!(target: "offsite::retention", "{line}");
+            done.push(line);
         }
+    }
+    if json {
+        report(Some(site.retention.to_string()), runs, done);
     }
     Ok(())
 }
@@ -643,7 +759,41 @@ fn inspect(arg: &str) -> Result<(), Failure> {
             format!("compiled in {:.0?}; no usable compile cache, so every run compiles", started.elapsed())
         }
     };
-    let info = crate::check::shown_info(&describe(&runtime, &script)?);
+    let raw = describe(&runtime, &script)?;
+    if crate::json::on() {
+        let ty = script.component.component_type();
+        let imports: Vec<String> = ty.imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
+        let (notes, undeclared) = crate::check::import_notes(&imports, &raw.capabilities);
+        let params: Vec<serde_json::Value> = raw
+            .params
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "description": p.description, "required": p.required,
+                    "secret": p.secret, "default": p.default,
+                })
+            })
+            .collect();
+        crate::json::report(serde_json::json!({
+            "name": raw.name,
+            "version": raw.version,
+            "description": raw.description,
+            "source": fetched.source,
+            "sha256": script.sha256,
+            "compiled": match (had, runtime.is_compiled(&sha)) {
+                (true, _) => "cached",
+                (false, Some(_)) => "compiled-now",
+                (false, None) => "not-cached",
+            },
+            "capabilities": raw.capabilities,
+            "params": params,
+            "imports": imports,
+            "notes": notes,
+            "undeclared": undeclared,
+        }));
+        return Ok(());
+    }
+    let info = crate::check::shown_info(&raw);
     println!("script:      {} {}", info.name, info.version);
     println!("from:        {}", crate::text::escape(&fetched.source));
     println!("compiled:    {compiled}");

@@ -36,6 +36,8 @@ pub mod compress;
 pub mod docs;
 #[cfg(feature = "runtime")]
 pub mod engine;
+#[cfg(feature = "runtime")]
+pub mod json;
 pub mod keys;
 pub mod logging;
 #[cfg(feature = "runtime")]

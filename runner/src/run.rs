@@ -51,9 +51,9 @@ pub struct Request {
     /// Check grants and read sources, but write nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print a JSON summary of the run on stdout.
-    #[arg(long)]
-    json: bool,
+    /// Set from the global `--json`: a JSON summary of the run on stdout.
+    #[arg(skip)]
+    pub json: bool,
     /// Append every policy decision (allow or deny) to FILE as JSON lines.
     #[arg(long, value_name = "FILE")]
     audit: Option<PathBuf>,
@@ -232,14 +232,14 @@ pub fn run(args: Request) -> Result<(), Failure> {
             started: local_start.to_rfc3339(),
             duration_s: started.elapsed().as_secs_f64(),
             dry_run: args.dry_run,
-            outputs: &outputs,
+            files: &outputs,
             kept_in: manifest.as_ref().and_then(|m| m.kept_in.as_deref()),
             warnings: manifest.as_ref().map_or(0, |m| m.warnings.len()),
             denials: caps.denials,
             peak_rss_kib: peak_rss_kib(),
             error: failure.as_ref().map(|f| format!("{:#}", f.error)),
         };
-        println!("{}", serde_json::to_string(&summary).expect("summary serialises"));
+        crate::json::report(&summary);
     }
     crate::logging::set_field("OFFSITE_STATUS", status.as_str());
     if crate::logging::to_journal() && !args.dry_run {
@@ -552,7 +552,8 @@ struct RunSummary<'a> {
     started: String,
     duration_s: f64,
     dry_run: bool,
-    outputs: &'a [StoredFile],
+    /// As in the manifest.
+    files: &'a [StoredFile],
     /// Where a run that did not succeed kept its files.
     #[serde(skip_serializing_if = "Option::is_none")]
     kept_in: Option<&'a str>,

@@ -17,6 +17,8 @@ pub struct SiteStatus {
     pub text: String,
     /// The last run did not succeed.
     pub failing: bool,
+    /// The same for `--json` (docs/JSON.md), with the manifest's names.
+    pub json: serde_json::Value,
 }
 
 /// The site files named by `args`: files as given, and every `*.toml` in a
@@ -43,6 +45,10 @@ pub fn site_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
     let mut text = String::new();
     let _ = writeln!(text, "site {} ({})", site.name, file.display());
+    let mut json = serde_json::json!({
+        "site": site.name, "site_file": file.display().to_string(), "store": site.store.display().to_string(),
+        "last_run": null, "last_good": null, "running": null, "interrupted": null, "next_run": null,
+    });
     let mut failing;
     match StoreRoot::open_existing(&site.store) {
         // Never run and an unreadable store both fail a monitoring check:
@@ -54,6 +60,7 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
         Err(e) => {
             failing = true;
             let _ = writeln!(text, "  last run:  unknown: cannot read the store {}: {e}", site.store.display());
+            json["error"] = format!("cannot read the store {}: {e}", site.store.display()).into();
         }
         Ok(root) => {
             let all = root.manifests().map(|(all, _)| all).unwrap_or_default();
@@ -68,6 +75,10 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                 }
                 Some(last) => {
                     failing = !last.status.is_good();
+                    json["last_run"] = serde_json::json!({
+                        "run_id": last.run.run_id, "status": last.status.as_str(), "started": last.run.started,
+                        "ended": last.ended, "files": last.files.len(), "bytes": last.bytes(), "error": last.error,
+                    });
                     // Times are when each run started, the same for both lines.
                     let _ = writeln!(
                         text,
@@ -83,6 +94,8 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                     }
                     match mine.iter().rev().find(|m| m.status.is_good()) {
                         Some(good) => {
+                            json["last_good"] =
+                                serde_json::json!({ "run_id": good.run.run_id, "started": good.run.started });
                             let _ = writeln!(text, "  last good: started {}", local(&good.run.started));
                         }
                         None => {
@@ -92,6 +105,7 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                 }
             }
             if !others.is_empty() {
+                json["other_sites"] = others.iter().map(|n| n.to_string()).collect::<Vec<_>>().into();
                 let names = others.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
                 let _ = match runs {
                     // A renamed site file: its history stayed with the store.
@@ -106,11 +120,15 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
             }
             match (root.holder(), root.died_holder()) {
                 (Some(h), _) => {
+                    json["running"] = serde_json::json!({ "pid": h.pid, "hostname": h.hostname, "started": h.started });
                     let _ =
                         writeln!(text, "  running:   yes, pid {} on {} since {}", h.pid, h.hostname, local(&h.started));
                 }
                 (None, Some(h)) => {
                     failing = true;
+                    json["interrupted"] = serde_json::json!({
+                        "run_id": h.run_id, "pid": h.pid, "hostname": h.hostname, "started": h.started,
+                    });
                     let _ = writeln!(
                         text,
                         "  running:   no; run {} (pid {} on {}, started {}) was killed or crashed before it \
@@ -130,6 +148,9 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
     match &site.schedule {
         Some(s) => match s.next_after(now) {
             Some(next) => {
+                json["next_run"] = serde_json::json!({
+                    "at": next.to_rfc3339(), "schedule": s.expression, "timezone": s.zone.to_string(),
+                });
                 let _ = writeln!(
                     text,
                     "  next run:  {} ({}, {})",
@@ -146,7 +167,8 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
             let _ = writeln!(text, "  next run:  not scheduled (the site has no `schedule`; cron runs it)");
         }
     }
-    SiteStatus { text, failing }
+    json["failing"] = failing.into();
+    SiteStatus { text, failing, json }
 }
 
 fn local(rfc3339: &str) -> String {

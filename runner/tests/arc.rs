@@ -112,7 +112,7 @@ fn arc_with_a_site_file_writes_into_the_store_and_reports_json() {
     let summary: serde_json::Value = serde_json::from_str(ran.stdout.trim()).expect("one JSON line");
     assert_eq!(summary["status"], "ok");
     assert_eq!(summary["site"], "web1");
-    let out = &summary["outputs"][0];
+    let out = &summary["files"][0];
     assert_eq!(out["path"], "www.20040321-014844.tgz");
     let stored = dir.path().join("backups/web1/www.20040321-014844.tgz");
     let bytes = std::fs::read(&stored).unwrap();

@@ -176,6 +176,30 @@ fn ls() -> Result<(), Failure> {
     let cache = cache()?;
     let records = cache.manifests();
     let blobs = cache.blobs();
+    let signers_of = |component: &str| -> Vec<String> {
+        cache.signatures(component).unwrap_or_default().iter().filter_map(|s| signing::signature_key(s)).collect()
+    };
+    if crate::json::on() {
+        let listed: std::collections::HashSet<&str> = records.iter().map(|r| r.component.as_str()).collect();
+        let mut scripts: Vec<serde_json::Value> = records
+            .iter()
+            .map(|rec| {
+                serde_json::json!({
+                    "name": rec.name, "version": rec.version, "component": format!("sha256:{}", rec.component),
+                    "bytes": rec.size, "source": rec.reference, "signers": signers_of(&rec.component),
+                    "stored": cache.has(&rec.component),
+                })
+            })
+            .collect();
+        scripts.extend(blobs.iter().filter(|(h, _)| !listed.contains(h.as_str())).map(|(hex, size)| {
+            serde_json::json!({
+                "name": null, "version": null, "component": format!("sha256:{hex}"), "bytes": size,
+                "source": null, "signers": signers_of(hex), "stored": true,
+            })
+        }));
+        crate::json::report(serde_json::json!({ "store": cache.root.display().to_string(), "scripts": scripts }));
+        return Ok(());
+    }
     if records.is_empty() && blobs.is_empty() {
         eprintln!("offsite: no scripts in {}", cache.root.display());
         return Ok(());
@@ -185,12 +209,7 @@ fn ls() -> Result<(), Failure> {
     for rec in &records {
         listed.insert(rec.component.clone());
         let stored = cache.has(&rec.component);
-        let signers: Vec<String> = cache
-            .signatures(&rec.component)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|s| signing::signature_key(s))
-            .collect();
+        let signers = signers_of(&rec.component);
         println!(
             "{:<20} {:<10} sha256:{:<12} {:>9}  {:<24} {}{}",
             crate::text::escape(&crate::text::truncate(&rec.name, 20)),
