@@ -46,6 +46,8 @@ pub mod new;
 pub mod output;
 pub mod policy;
 #[cfg(feature = "runtime")]
+pub mod progress;
+#[cfg(feature = "runtime")]
 pub mod reload;
 pub mod report;
 #[cfg(feature = "runtime")]

@@ -198,7 +198,9 @@ impl Log for StderrLog {
 /// journal when systemd reads our stderr, else to stderr.
 pub fn emit(level: Level, text: &str) {
     let Some(journal) = journal::get() else {
-        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        crate::progress::suspend(|| {
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        });
         return;
     };
     let priority = match level {

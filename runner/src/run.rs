@@ -80,6 +80,8 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let started = Instant::now();
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let (site, script_arg) = load_site(&args, &cwd)?;
+    // A live line per transfer, on a terminal only.
+    crate::progress::enable(!args.json);
     let clock = match &args.now {
         Some(text) => Clock::Pinned(parse_now(text).exit(Exit::Usage)?),
         None => Clock::System,

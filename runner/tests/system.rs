@@ -356,3 +356,69 @@ fn watch_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Runs `command` (a shell command line) in a pseudo-terminal, as `script`
+/// does for a user; returns everything the terminal was sent.
+fn in_terminal(command: &str, envs: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new("script");
+    cmd.args(["-qfec", command, "/dev/null"]).env_remove("NO_COLOR").env("TERM", "xterm");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{command}: {text}");
+    text
+}
+
+/// On a terminal a run shows a live line per transfer (bytes of the known
+/// total, rate, ETA, the file it is on) that updates while it works and is
+/// gone when it ends; in a pipe, under cron and with --json, nothing.
+#[test]
+fn progress_shows_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("big");
+    std::fs::create_dir(&data).unwrap();
+    // Incompressible, so the archive takes a few seconds.
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for name in ["a.bin", "b.bin"] {
+        use std::io::Write;
+        let mut f = std::fs::File::create(data.join(name)).unwrap();
+        for _ in 0..96 {
+            for b in chunk.chunks_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                b.copy_from_slice(&seed.to_le_bytes());
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let arc = script("arc");
+    let run =
+        |extra: &str| format!("cd {} && {BIN} run {} --param path=big{extra}", dir.path().display(), arc.display());
+    let shown = in_terminal(&run(""), &[]);
+    let updates: std::collections::BTreeSet<&str> = shown
+        .split('\r')
+        .filter_map(|l| l.split(" MiB/192.00 MiB").next().filter(|_| l.contains("/192.00 MiB")))
+        .collect();
+    assert!(updates.len() >= 3, "the line updates while the archive is written: {shown:?}");
+    assert!(shown.contains("ETA") && shown.contains("big/b.bin"), "{shown:?}");
+    assert!(shown.contains("\x1b[32m"), "coloured by default: {shown:?}");
+    assert!(shown.ends_with("\x1b[2K") || shown.trim_end().ends_with("\x1b[2K"), "cleared at the end: {shown:?}");
+
+    let plain = in_terminal(&run(""), &[("NO_COLOR", "1")]);
+    assert!(plain.contains("ETA") && !plain.contains("\x1b[32m"), "NO_COLOR: {plain:?}");
+
+    let json = in_terminal(&run(" --json"), &[]);
+    assert!(!json.contains("ETA"), "--json: {json:?}");
+    assert!(json.trim_start().starts_with("{\"format\":1"), "{json:?}");
+
+    // Not a terminal (cron, a pipe): nothing at all.
+    let ran = Ran::from_output(
+        Command::new("sh").args(["-c", &run("")]).stdin(std::process::Stdio::null()).output().unwrap(),
+    );
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "", "silent off a terminal");
+}

@@ -48,10 +48,23 @@ impl Host for Caps {
             };
             let mut entries = 0u64;
             let mut skipped = Skipped { fatal: self.unreadable_fatal, names: Vec::new() };
+            // On a terminal: a line with the total known up front (one
+            // more walk of the sources, stat only; nothing of it otherwise).
+            let bar = match builder.is_some() && crate::progress::shown() {
+                true => {
+                    let mut total = 0u64;
+                    for (root, rel, _) in &reads {
+                        total += size_of(self.read_dir(*root)?, rel, &deadline);
+                    }
+                    crate::progress::Bar::new(&dest, Some(total))
+                }
+                false => crate::progress::Bar::new(&dest, None),
+            };
             for (root, rel, member) in &reads {
                 let dir = self.read_dir(*root)?;
-                entries += walk(dir, rel, member, &deadline, builder.as_mut(), &mut skipped)?;
+                entries += walk(dir, rel, member, &deadline, builder.as_mut(), &mut skipped, &bar)?;
             }
+            drop(bar);
             let Some(builder) = builder else {
                 ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
                 return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
@@ -134,6 +147,7 @@ fn walk<W: io::Write>(
     deadline: &Deadline,
     mut tar: Option<&mut tar::Builder<W>>,
     skipped: &mut Skipped,
+    bar: &crate::progress::Bar,
 ) -> Result<u64, Error> {
     let mut stack: Vec<(PathBuf, PathBuf)> = vec![(rel.to_path_buf(), member.to_path_buf())];
     let mut entries = 0u64;
@@ -204,7 +218,8 @@ fn walk<W: io::Write>(
                 let size = opened.len();
                 header.set_entry_type(EntryType::Regular);
                 header.set_size(size);
-                let mut reader = ExactReader { inner: file, remaining: size, member: &member, deadline };
+                bar.set_message(|| shown.clone());
+                let mut reader = ExactReader { inner: file, remaining: size, member: &member, deadline, bar };
                 b.append_data(&mut header, &member, &mut reader).map_err(|e| map_read_error(&shown, e))?;
                 if reader.inner.metadata().map(|m| m.len()).unwrap_or(size) > size {
                     ::log::warn!(target: "offsite::archive", "{shown}: file grew while being archived; stored its first {size} bytes");
@@ -238,6 +253,27 @@ fn walk<W: io::Write>(
     Ok(entries)
 }
 
+/// The bytes of the regular files beneath `rel` (links not followed), for
+/// a progress line's total; what cannot be read counts nothing.
+fn size_of(dir: &Dir, rel: &Path, deadline: &Deadline) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![rel.to_path_buf()];
+    while let Some(rel) = stack.pop() {
+        if Instant::now() > deadline.0 {
+            break;
+        }
+        let Ok(meta) = dir.symlink_metadata(&rel) else { continue };
+        if meta.is_file() {
+            total += meta.len();
+        } else if meta.is_dir()
+            && let Ok(entries) = dir.read_dir(&rel)
+        {
+            stack.extend(entries.flatten().map(|e| rel.join(e.file_name())));
+        }
+    }
+    total
+}
+
 fn map_read_error(what: &str, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::TimedOut {
         return Error::Timeout(format!("{what}: {e}"));
@@ -253,6 +289,7 @@ struct ExactReader<'a> {
     remaining: u64,
     member: &'a Path,
     deadline: &'a Deadline,
+    bar: &'a crate::progress::Bar,
 }
 
 impl Read for ExactReader<'_> {
@@ -272,6 +309,7 @@ impl Read for ExactReader<'_> {
             ));
         }
         self.remaining -= n as u64;
+        self.bar.inc(n as u64);
         Ok(n)
     }
 }

@@ -146,6 +146,7 @@ impl Remote {
         let mut tail = Tail::default();
         let mut buf = vec![0u8; 256 << 10];
         let mut bytes = 0u64;
+        let bar = crate::progress::Bar::new(&format!("{host}: {shown_dest}"), None);
         loop {
             let n = pump.read(&mut buf)?;
             if n == 0 {
@@ -154,7 +155,9 @@ impl Remote {
             tail.push(&buf[..n]);
             sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
             bytes += n as u64;
+            bar.inc(n as u64);
         }
+        drop(bar);
         let exit = pump.finish()?;
         let stderr = self.redact(&pump.stderr_text());
         // On success stderr is worth a warning; on failure the error says
@@ -272,6 +275,7 @@ impl Remote {
         let mut sink = Sink::Plain(pending);
         let mut buf = vec![0u8; 256 << 10];
         let mut got = 0u64;
+        let bar = crate::progress::Bar::new(&format!("{host}:{resolved}"), Some(size));
         while got < size {
             let want = buf.len().min((size - got) as usize);
             let n = pump.read(&mut buf[..want])?;
@@ -283,7 +287,9 @@ impl Remote {
             }
             sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
             got += n as u64;
+            bar.inc(n as u64);
         }
+        drop(bar);
         if pump.read(&mut buf)? != 0 {
             return Err(failed("unexpected data after the file".into()));
         }
