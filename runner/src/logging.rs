@@ -198,9 +198,14 @@ impl Log for StderrLog {
 /// journal when systemd reads our stderr, else to stderr.
 pub fn emit(level: Level, text: &str) {
     let Some(journal) = journal::get() else {
-        crate::progress::suspend(|| {
+        let write = || {
             let _ = std::io::stderr().lock().write_all(text.as_bytes());
-        });
+        };
+        // Between redraws of the progress lines, when there are any.
+        #[cfg(feature = "runtime")]
+        crate::progress::suspend(write);
+        #[cfg(not(feature = "runtime"))]
+        write();
         return;
     };
     let priority = match level {
