@@ -362,6 +362,15 @@ fn lifecycle_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, 
             .next_after(chrono::Utc::now())
             .map_or("never".to_string(), |t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M %Z").to_string());
         let _ = writeln!(out, "  is due at \"{}\" ({}); next: {next}", schedule.expression, schedule.zone);
+        // What offsite@SITE.timer will say (the generator writes it).
+        match crate::systemd::on_calendar(schedule) {
+            Ok(lines) => {
+                let _ = writeln!(out, "  as a systemd timer: OnCalendar={}", lines.join(" and OnCalendar="));
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  as a systemd timer: none ({e:#}); offsite@SITE.timer would run daily");
+            }
+        }
     }
     if site.retention.is_empty() {
         let _ = writeln!(out, "  keeps every run (no [retention])");

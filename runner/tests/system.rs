@@ -194,6 +194,13 @@ fn the_systemd_units_verify() {
         let out = Command::new("systemd-analyze").args(["calendar", spec]).output().unwrap();
         assert!(out.status.success(), "{spec}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // check shows the same calendar.
+    let check = run(&["check", sites.join("web1.toml").to_str().unwrap()]);
+    assert!(
+        check.stdout.contains("as a systemd timer: OnCalendar=*-*-01 03:00:00 and OnCalendar=Mon *-*-* 03:00:00"),
+        "{}",
+        check.stdout
+    );
     let service = std::fs::read_to_string(out_dir.join("offsite@web1.service.d/50-offsite-site.conf")).unwrap();
     assert!(service.contains("ReadWritePaths=-\"/srv/my backups/web1\"\n"), "{service}");
 }
