@@ -565,8 +565,7 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
     }
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let now = chrono::Utc::now();
-    let (mut failing, mut unreadable) = (Vec::new(), 0);
-    let (mut sites, mut unreadable_json) = (Vec::new(), Vec::new());
+    let (mut failing, mut sites, mut unreadable) = (Vec::new(), Vec::new(), Vec::new());
     for file in &files {
         match Site::load(file, &cwd) {
             Ok(site) => {
@@ -582,14 +581,13 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
             }
             Err(e) => {
                 eprintln!("offsite: error: {e:#}");
-                unreadable_json
+                unreadable
                     .push(serde_json::json!({ "site_file": file.display().to_string(), "error": format!("{e:#}") }));
-                unreadable += 1;
             }
         }
     }
     if crate::json::on() {
-        let status = if unreadable > 0 {
+        let status = if !unreadable.is_empty() {
             "unreadable"
         } else if failing.is_empty() {
             "ok"
@@ -597,11 +595,11 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
             "failing"
         };
         crate::json::report(serde_json::json!({
-            "status": status, "sites": sites, "failing": failing, "unreadable": unreadable_json,
+            "status": status, "sites": sites, "failing": failing, "unreadable": unreadable,
         }));
     }
-    if unreadable > 0 {
-        return Err(anyhow!("{unreadable} site file(s) could not be read")).exit(Exit::Usage);
+    if !unreadable.is_empty() {
+        return Err(anyhow!("{} site file(s) could not be read", unreadable.len())).exit(Exit::Usage);
     }
     if !failing.is_empty() {
         return Err(anyhow!(

@@ -37,7 +37,7 @@ pub fn report(fields: impl serde::Serialize) {
             out.insert("result".into(), other);
         }
     }
-    println!("{}", Value::Object(out));
+    println!("{}", terminal_safe(&Value::Object(out).to_string()));
     REPORTED.store(true, Ordering::Relaxed);
 }
 
@@ -45,5 +45,31 @@ pub fn report(fields: impl serde::Serialize) {
 pub fn error_if_unreported(exit: u8, error: &str) {
     if on() && !REPORTED.load(Ordering::Relaxed) {
         report(serde_json::json!({ "status": "error", "exit": exit, "error": error }));
+    }
+}
+
+/// serde_json escapes C0 controls but leaves C1 controls (U+0080..U+009F,
+/// which some terminals read as escape sequences) and bidi overrides as
+/// they are. They can only stand inside strings, so writing them as
+/// `\uXXXX` keeps the JSON the same value and the terminal safe from what a
+/// script or server put in an error or a name.
+fn terminal_safe(json: &str) -> String {
+    let risky = |c: char| matches!(c, '\u{7f}'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}');
+    if !json.chars().any(risky) {
+        return json.to_string();
+    }
+    json.chars().map(|c| if risky(c) { format!("\\u{:04x}", c as u32) } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_bidi_characters_are_escaped_and_the_value_kept() {
+        let value = serde_json::json!({ "error": "a\u{9b}31mred\u{202e}txt\u{1b}[0m" });
+        let text = terminal_safe(&value.to_string());
+        assert!(text.is_ascii(), "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), value);
     }
 }

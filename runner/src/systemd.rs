@@ -254,7 +254,7 @@ fn write_dropin(out: &Path, unit: &str, text: &str) -> Result<()> {
 /// C-style escapes when it has spaces, quotes or backslashes.
 fn unit_quote(path: &str) -> String {
     let path = path.replace('%', "%%");
-    if !path.contains([' ', '"', '\'', '\\', '\t']) {
+    if !path.contains([' ', '"', '\'', '\\', '\t', '\n']) {
         return path;
     }
     let mut q = String::from("\"");
@@ -265,6 +265,7 @@ fn unit_quote(path: &str) -> String {
                 q.push(c);
             }
             '\t' => q.push_str("\\t"),
+            '\n' => q.push_str("\\n"),
             c => q.push(c),
         }
     }
@@ -339,6 +340,7 @@ mod tests {
         assert_eq!(unit_quote("/srv/offsite/web1"), "/srv/offsite/web1");
         assert_eq!(unit_quote("/srv/a b"), "\"/srv/a b\"");
         assert_eq!(unit_quote("/srv/100%"), "/srv/100%%");
+        assert_eq!(unit_quote("/srv/a\nOnCalendar=x"), "\"/srv/a\\nOnCalendar=x\"", "one line, whatever the path");
     }
 
     #[test]

@@ -94,13 +94,12 @@ fn follow(cache: &ScriptCache, r: &OciRef) -> Result<Fetched> {
     static DOWN: std::sync::Mutex<std::collections::BTreeSet<String>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
     let resolved = Registry::connect(&r.registry).and_then(|reg| reg.resolve(r));
-    let mut down = DOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let down = || DOWN.lock().unwrap_or_else(|e| e.into_inner());
     match resolved {
         Ok(hex) => {
-            if down.remove(&r.to_string()) {
+            if down().remove(&r.to_string()) {
                 log::info!(target: "offsite::script", "the registry is reachable again: following {r}");
             }
-            drop(down);
             from_store_or_pull(cache, &r.pinned(&hex))
         }
         Err(e) => {
@@ -108,8 +107,7 @@ fn follow(cache: &ScriptCache, r: &OciRef) -> Result<Fetched> {
             let known = cache.manifests().into_iter().find(|m| m.reference.starts_with(&prefix));
             match known {
                 Some(m) => {
-                    let first = down.insert(r.to_string());
-                    drop(down);
+                    let first = down().insert(r.to_string());
                     let level = if first { log::Level::Warn } else { log::Level::Debug };
                     log::log!(
                         target: "offsite::script",
