@@ -137,9 +137,8 @@ fn push(file: &Path, reference: &str, sign: Option<&Path>) -> Result<(), Failure
     let signature = sign.map(|key| signing::sign(key, &fetched.bytes)).transpose().exit(Exit::Usage)?;
     let cache = cache()?;
     let registry = Registry::connect(&r.registry).exit(Exit::Usage)?;
-    let manifest = registry.push(&cache, &r, &fetched.bytes, &meta).exit(Exit::BackupFailed)?;
+    let manifest = registry.push(&cache, &r, &fetched.bytes, &meta, signature.as_deref()).exit(Exit::BackupFailed)?;
     if let Some(sig) = &signature {
-        registry.push_signature(&r, &manifest, sig).exit(Exit::BackupFailed)?;
         cache
             .add_signature(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fetched.bytes)), sig)
             .exit(Exit::Usage)?;

@@ -231,7 +231,18 @@ impl Registry {
 
     /// Pushes `component` to `r` as a wasm artifact and returns the
     /// manifest's hex digest. Also records it in `cache`.
-    pub fn push(&self, cache: &ScriptCache, r: &OciRef, component: &[u8], meta: &ScriptMeta) -> Result<String> {
+    ///
+    /// The manifest goes up by digest first, then `signature` (if any),
+    /// and only then is the tag moved: someone following the tag never
+    /// sees the new build before its signature is there.
+    pub fn push(
+        &self,
+        cache: &ScriptCache,
+        r: &OciRef,
+        component: &[u8],
+        meta: &ScriptMeta,
+        signature: Option<&[u8]>,
+    ) -> Result<String> {
         let reference = client_ref(r);
         let layer_digest = format!("sha256:{}", hex::encode(Sha256::digest(component)));
         let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -262,6 +273,7 @@ impl Registry {
             "annotations": annotations,
         }))?;
         let manifest_hex = hex::encode(Sha256::digest(&manifest));
+        let by_digest = client_ref(&OciRef { digest: Some(manifest_hex.clone()), ..r.clone() });
         let component_bytes = bytes::Bytes::copy_from_slice(component);
         self.block(&format!("pushing {r}"), async {
             self.client
@@ -273,9 +285,19 @@ impl Registry {
                 .await
                 .map_err(|e| describe(e, r, "the config"))?;
             self.client
-                .push_manifest_raw(&reference, manifest, http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE))
+                .push_manifest_raw(&by_digest, manifest.clone(), http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE))
                 .await
                 .map_err(|e| describe(e, r, "the manifest"))?;
+            Ok(())
+        })?;
+        if let Some(sig) = signature {
+            self.push_signature(r, &manifest_hex, sig)?;
+        }
+        self.block(&format!("tagging {r}"), async {
+            self.client
+                .push_manifest_raw(&reference, manifest, http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE))
+                .await
+                .map_err(|e| describe(e, r, "the tag"))?;
             Ok(())
         })?;
         let hex = cache.store_bytes(component)?;
