@@ -269,14 +269,28 @@ fn mount_tmpfs(dir: &Path, options: &str) -> Unmount {
     Unmount(dir.to_path_buf())
 }
 
-#[test]
-fn a_full_disk_is_a_clear_error_and_older_backups_stay_intact() {
-    let site = Site::new();
-    let _unmount = mount_tmpfs(&site.store(), "size=1m,mode=0700");
+/// An ext4 file system of `mib` MiB on a loop device, mounted at `dir`
+/// (created). The store writes through `O_DIRECT` there (see
+/// `store/durable.rs`), unlike on tmpfs. Needs root, as CI has.
+fn mount_ext4(dir: &Path, image: &Path, mib: u32) -> Unmount {
+    let made = Command::new("truncate").arg(format!("-s{mib}M")).arg(image).status().unwrap();
+    assert!(made.success());
+    let made = Command::new("mkfs.ext4").args(["-q", "-O", "^has_journal", "-m", "0"]).arg(image).status().unwrap();
+    assert!(made.success(), "mkfs.ext4");
+    std::fs::create_dir(dir).unwrap();
+    let mounted = Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir).status().unwrap();
+    assert!(mounted.success(), "this test mounts an ext4 image on a loop device and needs root");
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::remove_dir(dir.join("lost+found")).unwrap();
+    Unmount(dir.to_path_buf())
+}
+
+/// The first backup fits; the second, with `noise` incompressible bytes
+/// more, does not.
+fn a_full_disk_fails_the_run_and_keeps_the_older_backup(site: &Site, noise: usize) {
     site.arc("2004-03-21T01:48:44").expect_code(0);
     let good = std::fs::read(site.store().join("www.20040321-014844.tgz")).unwrap();
-    // 3 MiB that gzip cannot shrink does not fit in what is left.
-    let noise = Command::new("head").args(["-c", "3000000", "/dev/urandom"]).output().unwrap().stdout;
+    let noise = Command::new("head").args(["-c", &noise.to_string(), "/dev/urandom"]).output().unwrap().stdout;
     std::fs::write(site.path("src/www/noise.bin"), noise).unwrap();
     let ran = site.arc("2004-03-21T13:48:44");
     ran.expect_code(1).expect_stderr("the store is full").expect_stderr("No space left on device");
@@ -284,6 +298,22 @@ fn a_full_disk_is_a_clear_error_and_older_backups_stay_intact() {
     assert_eq!(std::fs::read(site.store().join("www.20040321-014844.tgz")).unwrap(), good);
     assert_eq!(site.manifests().last().unwrap()["status"], "failed");
     site.verify(&[]).expect_code(0);
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_older_backups_stay_intact() {
+    let site = Site::new();
+    let _unmount = mount_tmpfs(&site.store(), "size=1m,mode=0700");
+    a_full_disk_fails_the_run_and_keeps_the_older_backup(&site, 3_000_000);
+}
+
+/// The same on a file system where full blocks are written directly: the
+/// writer thread's `ENOSPC` reaches the run as the same clear error.
+#[test]
+fn a_full_disk_written_directly_is_the_same_clear_error() {
+    let site = Site::new();
+    let _unmount = mount_ext4(&site.store(), &site.path("store.img"), 8);
+    a_full_disk_fails_the_run_and_keeps_the_older_backup(&site, 12 << 20);
 }
 
 #[test]

@@ -142,18 +142,24 @@ impl Remote {
         // not be able to make the server echo the value back to it.
         let withheld = stdin.is_some();
         let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
-        let mut sink = if options.gzip { Sink::Gz(ParallelGz::new(pending, 6, 0)) } else { Sink::Plain(pending) };
+        let mut sink = if options.gzip {
+            Sink::Gz(ParallelGz::new(pending, 6, 0), shown_dest.clone())
+        } else {
+            Sink::Plain(pending, shown_dest.clone())
+        };
         let mut tail = Tail::default();
-        let mut buf = vec![0u8; 256 << 10];
+        let mut buf = Vec::new();
         let mut bytes = 0u64;
         let bar = crate::progress::Bar::new(&format!("{host}: {shown_dest}"), None);
         loop {
-            let n = pump.read(&mut buf)?;
+            let n = sink.receive(&mut buf, |into| {
+                let n = pump.read(into)?;
+                tail.push(&into[..n]);
+                Ok(n)
+            })?;
             if n == 0 {
                 break;
             }
-            tail.push(&buf[..n]);
-            sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
             bytes += n as u64;
             bar.inc(n as u64);
         }
@@ -272,24 +278,26 @@ impl Remote {
         let store = store.expect("not a dry run");
         pump.process.feed_stdin(b"go\n".to_vec());
         let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
-        let mut sink = Sink::Plain(pending);
-        let mut buf = vec![0u8; 256 << 10];
+        let mut sink = Sink::Plain(pending, shown_dest.clone());
+        let mut buf = Vec::new();
         let mut got = 0u64;
         let bar = crate::progress::Bar::new(&format!("{host}:{resolved}"), Some(size));
         while got < size {
-            let want = buf.len().min((size - got) as usize);
-            let n = pump.read(&mut buf[..want])?;
+            let n = sink.receive(&mut buf, |into| {
+                let want = into.len().min((size - got) as usize);
+                pump.read(&mut into[..want])
+            })?;
             if n == 0 {
                 return Err(failed(format!(
                     "the transfer stopped after {got} of {size} bytes{}; nothing was stored",
                     pump.closed_early("")
                 )));
             }
-            sink.write_all(&buf[..n]).map_err(|e| io_error(&shown_dest, e))?;
             got += n as u64;
             bar.inc(n as u64);
         }
         drop(bar);
+        buf.resize(4096, 0);
         if pump.read(&mut buf)? != 0 {
             return Err(failed("unexpected data after the file".into()));
         }
@@ -352,23 +360,41 @@ fn transport_error(message: &str, e: &TransportError) -> Error {
     }
 }
 
-/// Where streamed output goes: the pending file, maybe through gzip.
+/// Where streamed output goes: the pending file, maybe through gzip; and
+/// the destination as the script named it, for errors.
 enum Sink {
-    Plain(PendingFile),
-    Gz(ParallelGz<PendingFile>),
+    Plain(PendingFile, String),
+    Gz(ParallelGz<PendingFile>, String),
 }
 
 impl Sink {
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Lets `read` put the next bytes where they go (straight into the
+    /// file's own buffer when nothing transforms them on the way; through
+    /// `scratch` into gzip otherwise) and takes them. Returns how many.
+    fn receive(
+        &mut self,
+        scratch: &mut Vec<u8>,
+        read: impl FnOnce(&mut [u8]) -> Result<usize, Error>,
+    ) -> Result<usize, Error> {
         match self {
-            Sink::Plain(f) => f.write_all(data),
-            Sink::Gz(g) => g.write_all(data),
+            Sink::Plain(f, dest) => {
+                let n = read(f.spare())?;
+                f.filled(n).map_err(|e| io_error(dest, e))?;
+                Ok(n)
+            }
+            Sink::Gz(g, dest) => {
+                scratch.resize(256 << 10, 0);
+                let n = read(scratch)?;
+                g.write_all(&scratch[..n]).map_err(|e| io_error(dest, e))?;
+                Ok(n)
+            }
         }
     }
+
     fn finish(self) -> io::Result<PendingFile> {
         match self {
-            Sink::Plain(f) => Ok(f),
-            Sink::Gz(g) => g.finish(),
+            Sink::Plain(f, _) => Ok(f),
+            Sink::Gz(g, _) => g.finish(),
         }
     }
 }

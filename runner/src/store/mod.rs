@@ -22,6 +22,7 @@
 //! All access goes through `cap_std::fs::Dir` handles opened on the store,
 //! so a symlink planted inside the store cannot redirect a write elsewhere.
 
+mod durable;
 pub mod lock;
 pub mod manifest;
 pub mod protect;
@@ -36,6 +37,8 @@ use std::sync::{Arc, Mutex};
 
 use cap_std::fs::{Dir, DirBuilder, File, OpenOptions};
 use sha2::{Digest, Sha256};
+
+use self::durable::DurableFile;
 
 pub use self::manifest::{Manifest, Origin, Status};
 pub use self::run::StoreRoot;
@@ -254,7 +257,7 @@ impl Store {
         let parent = make_dirs(&self.staging, rel.parent().unwrap_or(Path::new("")))?;
         let mut final_name = file_name.to_string_lossy().into_owned();
         let tmp_name = temp_name(&final_name);
-        let file = HashingWriter::new(WriteBehind::new(create_new(&parent, &tmp_name)?));
+        let file = HashingWriter::new(DurableFile::new(create_new(&parent, &tmp_name)?.into_std()));
         let writer = if self.shared.recipients.is_empty() {
             Sink::Plain(file)
         } else {
@@ -263,7 +266,14 @@ impl Store {
             let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
             Sink::Age(HashingWriter::new(encryptor.wrap_output(file)?))
         };
-        Ok(PendingFile { parent, tmp_name, final_name: final_name.into(), writer: Some(writer), claim })
+        Ok(PendingFile {
+            parent,
+            tmp_name,
+            final_name: final_name.into(),
+            writer: Some(writer),
+            claim,
+            scratch: Vec::new(),
+        })
     }
 }
 
@@ -283,14 +293,16 @@ pub struct PendingFile {
     final_name: PathBuf,
     writer: Option<Sink>,
     claim: Claim,
+    /// Where [`PendingFile::spare`] puts bytes that go through age.
+    scratch: Vec<u8>,
 }
 
 /// Where a pending file's bytes go: straight to the file, or through age.
 /// Either way the stored bytes are counted and hashed; through age the
 /// plaintext is too.
 enum Sink {
-    Plain(HashingWriter<WriteBehind>),
-    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<WriteBehind>>>),
+    Plain(HashingWriter<DurableFile>),
+    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<DurableFile>>>),
 }
 
 impl Sink {
@@ -304,7 +316,7 @@ impl Sink {
             }
         };
         let (file, bytes, sha256) = file.finish();
-        Ok((file.into_inner(), bytes, sha256, plain))
+        Ok((File::from_std(file.finish()?), bytes, sha256, plain))
     }
 }
 
@@ -387,6 +399,37 @@ impl PendingFile {
     }
 }
 
+impl PendingFile {
+    /// Space to read the next bytes into, so they need not be copied
+    /// again on their way to the file; [`filled`](Self::filled) takes
+    /// the first `n`. Never empty.
+    pub fn spare(&mut self) -> &mut [u8] {
+        match self.writer.as_mut().expect("not committed") {
+            Sink::Plain(w) => w.inner.spare(),
+            Sink::Age(_) => {
+                if self.scratch.is_empty() {
+                    self.scratch.resize(256 << 10, 0);
+                }
+                &mut self.scratch
+            }
+        }
+    }
+
+    /// Counts, hashes and writes the first `n` bytes of
+    /// [`spare`](Self::spare), as `write_all` would.
+    pub fn filled(&mut self, n: usize) -> io::Result<()> {
+        self.claim.shared.budget.take_bytes(n as u64)?;
+        match self.writer.as_mut().expect("not committed") {
+            Sink::Plain(w) => {
+                w.hasher.update(&w.inner.spare()[..n]);
+                w.bytes += n as u64;
+                w.inner.filled(n)
+            }
+            Sink::Age(w) => w.write_all(&self.scratch[..n]),
+        }
+    }
+}
+
 impl Write for PendingFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.claim.shared.budget.take_bytes(buf.len() as u64)?;
@@ -410,78 +453,6 @@ impl Drop for Claim {
         if !self.rel.as_os_str().is_empty() {
             self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.rel);
         }
-    }
-}
-
-/// A file writer that starts writing data back to disk as it goes.
-///
-/// Every [`WINDOW`] bytes it asks the kernel to begin writeback of that
-/// window (without waiting), waits for the window before it, and drops that
-/// one from the page cache. The final `fsync` then has almost nothing left
-/// to do, dirty memory stays bounded whatever the file's size, and a backup
-/// does not push the server's working set out of the cache.
-pub struct WriteBehind {
-    file: File,
-    written: u64,
-    /// Start of the window not yet handed to writeback.
-    started: u64,
-    /// Everything before this is on disk and dropped from the cache.
-    settled: u64,
-}
-
-/// Write-behind granularity.
-const WINDOW: u64 = 8 << 20;
-
-impl WriteBehind {
-    fn new(file: File) -> WriteBehind {
-        WriteBehind { file, written: 0, started: 0, settled: 0 }
-    }
-
-    fn into_inner(self) -> File {
-        self.file
-    }
-
-    fn write_behind(&mut self) {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
-        // Advice only: errors (e.g. a file system without support) are
-        // ignored, and the final fsync still guarantees durability.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                self.started as i64,
-                (self.written - self.started) as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-        if self.started > self.settled {
-            let (from, len) = (self.settled as i64, (self.started - self.settled) as i64);
-            unsafe {
-                libc::sync_file_range(
-                    fd,
-                    from,
-                    len,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                );
-                libc::posix_fadvise(fd, from, len, libc::POSIX_FADV_DONTNEED);
-            }
-            self.settled = self.started;
-        }
-        self.started = self.written;
-    }
-}
-
-impl Write for WriteBehind {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.written += n as u64;
-        if self.written - self.started >= WINDOW {
-            self.write_behind();
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
     }
 }
 
@@ -588,17 +559,29 @@ mod tests {
     }
 
     #[test]
-    fn large_files_written_behind_are_intact() {
+    fn large_files_are_intact_whichever_way_they_are_written() {
         let dir = tempfile::tempdir().unwrap();
         let (_root, store) = begin(dir.path(), Budget::unlimited());
         let mut f = store.create(Path::new("big.bin")).unwrap();
         let mut expected = Sha256::new();
-        // Three and a half windows, in odd-sized pieces.
+        // 28 MiB in odd-sized pieces, through `write_all` and through
+        // `spare`/`filled` in turn.
         let mut written = 0u64;
         let mut i = 0u32;
-        while written < WINDOW * 7 / 2 {
+        while written < 28 << 20 {
             let chunk: Vec<u8> = (0..100_003u32).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
-            f.write_all(&chunk).unwrap();
+            if i.is_multiple_of(2) {
+                f.write_all(&chunk).unwrap();
+            } else {
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    let spare = f.spare();
+                    let n = spare.len().min(rest.len());
+                    spare[..n].copy_from_slice(&rest[..n]);
+                    f.filled(n).unwrap();
+                    rest = &rest[n..];
+                }
+            }
             expected.update(&chunk);
             written += chunk.len() as u64;
             i += 1;
