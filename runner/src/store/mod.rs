@@ -405,7 +405,7 @@ impl PendingFile {
     /// the first `n`. Never empty.
     pub fn spare(&mut self) -> &mut [u8] {
         match self.writer.as_mut().expect("not committed") {
-            Sink::Plain(w) => w.inner.spare(),
+            Sink::Plain(w) => w.spare(),
             Sink::Age(_) => {
                 if self.scratch.is_empty() {
                     self.scratch.resize(256 << 10, 0);
@@ -420,11 +420,7 @@ impl PendingFile {
     pub fn filled(&mut self, n: usize) -> io::Result<()> {
         self.claim.shared.budget.take_bytes(n as u64)?;
         match self.writer.as_mut().expect("not committed") {
-            Sink::Plain(w) => {
-                w.hasher.update(&w.inner.spare()[..n]);
-                w.bytes += n as u64;
-                w.inner.filled(n)
-            }
+            Sink::Plain(w) => w.filled(n),
             Sink::Age(w) => w.write_all(&self.scratch[..n]),
         }
     }
@@ -471,6 +467,21 @@ impl<W: Write> HashingWriter<W> {
     /// Returns the inner writer, the byte count and the lower-case hex SHA-256.
     pub fn finish(self) -> (W, u64, String) {
         (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl HashingWriter<DurableFile> {
+    /// [`DurableFile::spare`].
+    fn spare(&mut self) -> &mut [u8] {
+        self.inner.spare()
+    }
+
+    /// Counts and hashes the first `n` bytes of [`spare`](Self::spare),
+    /// then hands them to the file, as `write` would.
+    fn filled(&mut self, n: usize) -> io::Result<()> {
+        self.hasher.update(&self.inner.spare()[..n]);
+        self.bytes += n as u64;
+        self.inner.filled(n)
     }
 }
 
