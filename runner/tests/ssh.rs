@@ -742,3 +742,61 @@ fn no_agent_is_reported_on_this_side_with_where_it_was_looked_for() {
     ran.expect_code(1);
     assert!(ran.stderr.contains(&format!("SSH_AUTH_SOCK={}: no such socket", dead.display())), "{}", ran.stderr);
 }
+
+/// The clients stay in the run's session (one scheduler autogroup: the run
+/// competes for CPU as one job, and a stream is not slowed by its own
+/// client being weighed against it), in a process group of their own (a
+/// Ctrl-C at the terminal goes to the runner, which stops in order), and
+/// without the terminal (nothing can prompt). Checked from inside each
+/// `ssh` the runner starts, under a pseudo-terminal.
+#[test]
+fn ssh_clients_share_the_runs_session_but_not_its_terminal_or_process_group() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    site.host("server1", &server, "commands = [[\"echo\", \"**\"]]");
+    let site_file = site.write();
+    let real_ssh = String::from_utf8(Command::new("sh").args(["-c", "command -v ssh"]).output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let wrap = site.path("wrap");
+    std::fs::create_dir(&wrap).unwrap();
+    let log = site.path("wrap.log");
+    // Fields 5-7 of /proc/PID/stat: process group, session, tty.
+    let wrapper = format!(
+        "#!/bin/sh\n\
+         read -r _ _ _ _ pgrp sid tty _ < /proc/$$/stat\n\
+         read -r _ _ _ _ ppgrp psid ptty _ < /proc/$PPID/stat\n\
+         case \"$*\" in *ControlPath=*) echo \"$pgrp $sid $tty $ppgrp $psid $ptty\" >> {log} ;; esac\n\
+         exec {real_ssh} \"$@\"\n",
+        log = log.display()
+    );
+    let ssh = wrap.join("ssh");
+    std::fs::write(&ssh, wrapper).unwrap();
+    std::process::Command::new("chmod").arg("755").arg(&ssh).status().unwrap();
+    let line = format!(
+        "{BIN} run {} --site {} --param op=exec --param host=server1 --param argv=echo\u{1f}hi",
+        script("probe").display(),
+        site_file.display()
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &line, "/dev/null"])
+        .env("PATH", format!("{}:{}", wrap.display(), std::env::var("PATH").unwrap()))
+        .env("HOME", site.path("home"))
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    let seen = std::fs::read_to_string(&log).unwrap();
+    let rows: Vec<Vec<i64>> =
+        seen.lines().map(|l| l.split_whitespace().map(|f| f.parse().unwrap()).collect()).collect();
+    assert!(rows.len() >= 2, "a master and a session were started: {seen}");
+    for row in rows {
+        let [pgrp, sid, tty, runner_pgrp, runner_sid, runner_tty] = row[..] else { panic!("{seen}") };
+        assert_ne!(runner_tty, 0, "the runner has the terminal: {seen}");
+        assert_eq!(sid, runner_sid, "the client is in the run's session: {seen}");
+        assert_ne!(pgrp, runner_pgrp, "the client has a process group of its own: {seen}");
+        assert_eq!(tty, 0, "the client has no controlling terminal: {seen}");
+    }
+}
