@@ -13,7 +13,8 @@
 //! - [`status`]: `offsite status`, each site's last and next run;
 //! - [`site`]: site file parsing;
 //! - [`check`]: `offsite check`, what a site allows and what is wrong with it;
-//! - [`transport`]: SSH connections (the OpenSSH client).
+//! - [`transport`]: SSH connections (the OpenSSH client);
+//! - [`s3`]: stores on S3-compatible object storage.
 //!
 //! Without the default `runtime` feature only the parts that need no
 //! WebAssembly engine are built (site files, policy, store, quoting, keys):
@@ -52,6 +53,8 @@ pub mod reload;
 pub mod report;
 #[cfg(feature = "runtime")]
 pub mod run;
+#[cfg(feature = "runtime")]
+pub mod s3;
 pub mod schedule;
 pub mod share;
 pub mod site;

@@ -329,6 +329,7 @@ pub fn ssh_keypair(dir: &Path, name: &str) -> (PathBuf, String) {
 pub mod mariadb;
 pub mod postgres;
 pub mod registry;
+pub mod seaweed;
 pub mod sshd;
 
 pub use tempfile;

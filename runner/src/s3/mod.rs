@@ -1,0 +1,18 @@
+//! Stores on S3-compatible object storage.
+//!
+//! - [`location`]: `s3://BUCKET/PREFIX` and the `[s3]` settings;
+//! - [`credentials`]: keys from the environment or `~/.aws`, never from
+//!   the site file;
+//! - [`client`]: a blocking client with a timeout on every call;
+//! - [`lock`]: one run per store at a time, across machines.
+
+pub mod client;
+pub mod credentials;
+pub mod location;
+pub mod lock;
+
+pub use self::client::{Bucket, Put, S3Error};
+pub use self::location::{S3Location, S3Settings};
+
+/// The runner's own keys under a store's prefix (as in a local store).
+pub const META_DIR: &str = ".offsite";

