@@ -64,7 +64,9 @@ fn objects_round_trip_and_wrong_credentials_or_a_missing_bucket_are_named() {
 /// What the lock stands on: of many clients creating one key at once with
 /// `If-None-Match: *`, exactly one succeeds; of many replacing it with
 /// `If-Match` on the same ETag, exactly one. (SeaweedFS before 4.17 let
-/// them all through: seaweedfs#8800.)
+/// them all through: seaweedfs#8800.) Every body differs: an ETag is a
+/// hash of the content, so rewriting the same bytes keeps it, and the
+/// lock never writes the same body twice for that reason.
 #[test]
 fn the_servers_conditional_writes_admit_exactly_one_writer() {
     let server = S3Server::start("127.0.0.1");
@@ -73,23 +75,24 @@ fn the_servers_conditional_writes_admit_exactly_one_writer() {
         let key = format!("race/{round}");
         let clients: Vec<Arc<Bucket>> = (0..6).map(|_| bucket(&server, "s3://backups")).collect();
         let start = Arc::new(Barrier::new(clients.len()));
-        let won = |mode: Put| {
+        let won = |mode: Put, what: &str| {
             let threads: Vec<_> = clients
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
                     let (c, start, key, mode) = (Arc::clone(c), Arc::clone(&start), key.clone(), mode.clone());
+                    let body = format!("{what} by writer {i}").into_bytes();
                     std::thread::spawn(move || {
                         start.wait();
-                        c.put(&key, format!("writer {i}").into_bytes(), mode).is_ok()
+                        c.put(&key, body, mode).is_ok()
                     })
                 })
                 .collect();
             threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count()
         };
-        assert_eq!(won(Put::Create), 1, "round {round}: creates");
+        assert_eq!(won(Put::Create, "create"), 1, "round {round}: creates");
         let etag = clients[0].head(&key).unwrap().unwrap().etag.unwrap();
-        assert_eq!(won(Put::Replace(etag)), 1, "round {round}: replaces");
+        assert_eq!(won(Put::Replace(etag), "replace"), 1, "round {round}: replaces");
     }
 }
 
@@ -189,4 +192,63 @@ fn a_released_or_dropped_lock_is_free_at_once() {
     let other = S3Lock::acquire(bucket(&server, "s3://backups/db1"), holder("d"), long).unwrap();
     third.release().unwrap();
     other.release().unwrap();
+}
+
+/// Pseudo-random bytes, `len` of them, the same for the same seed.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
+}
+
+#[test]
+fn objects_stream_up_in_parts_and_read_back_identically() {
+    use offsite::s3::upload::{MIN_PART, ObjectWriter};
+    use std::io::Write;
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let b = bucket(&server, "s3://backups/web1");
+    // Sizes around the part edges: empty, one byte, exactly one part, and
+    // 23 parts and a bit written in uneven pieces.
+    for (i, len) in [0, 1, MIN_PART, 23 * MIN_PART + 12345].into_iter().enumerate() {
+        let data = noise(len, 7 + i as u64);
+        let rel = format!("runs/r1/obj{i}.bin");
+        let mut w = ObjectWriter::create(Arc::clone(&b), &rel, MIN_PART).unwrap();
+        for piece in data.chunks(65_537) {
+            w.write_all(piece).unwrap();
+        }
+        assert_eq!(w.written(), len as u64);
+        w.finish().unwrap();
+        assert_eq!(b.head(&rel).unwrap().unwrap().size, len as u64, "{rel}");
+        let mut back = Vec::new();
+        assert_eq!(b.download(&rel, &mut back).unwrap(), len as u64);
+        assert!(back.len() == data.len() && sha256(&back) == sha256(&data), "{rel} reads back identically");
+    }
+    assert_eq!(server.pending_uploads("backups"), 0);
+}
+
+#[test]
+fn an_unfinished_upload_is_never_visible_and_is_aborted_when_dropped() {
+    use offsite::s3::upload::{MIN_PART, ObjectWriter};
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let b = bucket(&server, "s3://backups/web1");
+    let mut w = ObjectWriter::create(Arc::clone(&b), "partial.bin", MIN_PART).unwrap();
+    w.write_all_bytes(&noise(3 * MIN_PART + 10, 1)).unwrap();
+    assert_eq!(server.pending_uploads("backups"), 1);
+    assert_eq!(b.head("partial.bin").unwrap(), None, "nothing is visible before finish");
+    drop(w);
+    assert_eq!(server.pending_uploads("backups"), 0, "dropping the writer aborted the upload");
+    assert_eq!(b.head("partial.bin").unwrap(), None);
 }

@@ -101,6 +101,13 @@ impl S3Server {
         assert!(answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 2")), "mkdir bucket {name}: {answer:?}");
     }
 
+    /// How many multipart uploads of `bucket` are begun and neither
+    /// completed nor aborted (the filer keeps them under `.uploads`).
+    pub fn pending_uploads(&self, bucket: &str) -> usize {
+        let listing = http(self.filer, "GET", &format!("/buckets/{bucket}/.uploads/")).unwrap_or_default();
+        listing.matches("\"FullPath\":").count()
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
@@ -146,7 +153,12 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())

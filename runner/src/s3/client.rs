@@ -135,12 +135,24 @@ impl Bucket {
         Key::from(self.location.key(rel))
     }
 
-    fn shown(&self, rel: &str) -> String {
+    pub(super) fn s3(&self) -> &Arc<AmazonS3> {
+        &self.s3
+    }
+
+    /// Runs `f` on the client's runtime in the background.
+    pub(super) fn spawn<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.rt.spawn(f)
+    }
+
+    pub(super) fn shown(&self, rel: &str) -> String {
         format!("s3://{}/{}", self.location.bucket, self.location.key(rel))
     }
 
     /// Runs `f` on the client's runtime within the call timeout.
-    fn call<T>(&self, rel: &str, f: impl Future<Output = object_store::Result<T>>) -> Result<T, S3Error> {
+    pub(super) fn call<T>(&self, rel: &str, f: impl Future<Output = object_store::Result<T>>) -> Result<T, S3Error> {
         match self.rt.block_on(async { tokio::time::timeout(self.timeout, f).await }) {
             Ok(r) => r.map_err(|e| classify(&self.shown(rel), e)),
             Err(_) => Err(S3Error::Unreachable(format!(
@@ -222,6 +234,23 @@ impl Bucket {
             return Err(S3Error::Other(format!("{}: more than {LIST_MAX} objects", self.shown(rel_dir))));
         }
         Ok(listed.into_iter().map(|m| self.meta(m)).collect())
+    }
+
+    /// Streams the object `rel` into `sink`; returns how many bytes came.
+    /// Each chunk must arrive within the call timeout (a stalled server
+    /// fails the read, however large the object).
+    pub fn download(&self, rel: &str, sink: &mut dyn std::io::Write) -> Result<u64, S3Error> {
+        let key = self.key(rel);
+        let got = self.call(rel, self.s3.get(&key))?;
+        let mut stream = got.into_stream();
+        let mut total = 0u64;
+        loop {
+            let next = self.call(rel, async { stream.next().await.transpose() })?;
+            let Some(chunk) = next else { return Ok(total) };
+            sink.write_all(&chunk)
+                .map_err(|e| S3Error::Other(format!("{}: writing what arrived: {e}", self.shown(rel))))?;
+            total += chunk.len() as u64;
+        }
     }
 
     /// Whether the bucket answers to our credentials: one list request.

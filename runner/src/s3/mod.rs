@@ -4,12 +4,14 @@
 //! - [`credentials`]: keys from the environment or `~/.aws`, never from
 //!   the site file;
 //! - [`client`]: a blocking client with a timeout on every call;
-//! - [`lock`]: one run per store at a time, across machines.
+//! - [`lock`]: one run per store at a time, across machines;
+//! - [`upload`]: streaming an object in parts with bounded memory.
 
 pub mod client;
 pub mod credentials;
 pub mod location;
 pub mod lock;
+pub mod upload;
 
 pub use self::client::{Bucket, Put, S3Error};
 pub use self::location::{S3Location, S3Settings};

@@ -1,0 +1,157 @@
+//! Streaming an object into S3 with bounded memory: a multipart upload
+//! whose parts (all of one size, as some servers require) go out on the
+//! client's runtime while the caller fills the next one. At most
+//! [`IN_FLIGHT`] parts are on the wire and one is being filled, so memory
+//! is `part_size × (IN_FLIGHT + 1)` whatever the object's size.
+//!
+//! Nothing is visible until [`ObjectWriter::finish`] completes the
+//! upload; a writer dropped before that (a failed run) aborts it, and a
+//! process killed meanwhile leaves an incomplete upload that no reader
+//! ever sees (the next run's cleanup aborts it).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+
+use object_store::path::Path as Key;
+use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutPayload};
+
+use super::client::{Bucket, S3Error};
+
+/// Parts uploading at once.
+pub const IN_FLIGHT: usize = 2;
+/// S3's most parts per upload.
+pub const MAX_PARTS: usize = 10_000;
+/// S3's least size of a part that is not the last.
+pub const MIN_PART: usize = 5 << 20;
+/// What `[s3] part_size` is unless set: objects up to 160 GiB.
+pub const DEFAULT_PART: usize = 16 << 20;
+
+/// One object being written; see the module documentation.
+pub struct ObjectWriter {
+    bucket: Arc<Bucket>,
+    rel: String,
+    upload: Option<Box<dyn MultipartUpload>>,
+    part: Vec<u8>,
+    part_size: usize,
+    parts: usize,
+    in_flight: VecDeque<tokio::task::JoinHandle<object_store::Result<()>>>,
+    written: u64,
+}
+
+impl ObjectWriter {
+    /// Starts a multipart upload of `rel`.
+    pub fn create(bucket: Arc<Bucket>, rel: &str, part_size: usize) -> Result<ObjectWriter, S3Error> {
+        let part_size = part_size.max(MIN_PART);
+        let key = Key::from(bucket.location().key(rel));
+        let s3 = Arc::clone(bucket.s3());
+        let upload =
+            bucket.call(rel, async move { s3.put_multipart_opts(&key, PutMultipartOptions::default()).await })?;
+        Ok(ObjectWriter {
+            bucket,
+            rel: rel.to_string(),
+            upload: Some(upload),
+            part: Vec::with_capacity(part_size),
+            part_size,
+            parts: 0,
+            in_flight: VecDeque::new(),
+            written: 0,
+        })
+    }
+
+    /// Bytes taken so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Takes `data`, sending each full part.
+    pub fn write_all_bytes(&mut self, mut data: &[u8]) -> Result<(), S3Error> {
+        while !data.is_empty() {
+            let room = self.part_size - self.part.len();
+            let n = room.min(data.len());
+            self.part.extend_from_slice(&data[..n]);
+            self.written += n as u64;
+            data = &data[n..];
+            if self.part.len() == self.part_size {
+                self.send_part()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_part(&mut self) -> Result<(), S3Error> {
+        if self.parts == MAX_PARTS {
+            return Err(S3Error::Other(format!(
+                "{}: more than {MAX_PARTS} parts of {} MiB; raise [s3] part_size for outputs this large",
+                self.bucket.shown(&self.rel),
+                self.part_size >> 20
+            )));
+        }
+        // Room on the wire first: the oldest part must be done.
+        while self.in_flight.len() >= IN_FLIGHT {
+            let oldest = self.in_flight.pop_front().expect("not empty");
+            self.bucket.call(&self.rel, async move { oldest.await.unwrap_or_else(|e| Err(join_error(e))) })?;
+        }
+        let full = std::mem::replace(&mut self.part, Vec::with_capacity(self.part_size));
+        let upload = self.upload.as_mut().expect("not finished");
+        let sending = upload.put_part(PutPayload::from(full));
+        self.in_flight.push_back(self.bucket.spawn(sending));
+        self.parts += 1;
+        Ok(())
+    }
+
+    /// Sends the last part, waits for every part, and completes the
+    /// upload: the object is visible from here on. Returns its ETag.
+    pub fn finish(mut self) -> Result<String, S3Error> {
+        if !self.part.is_empty() || self.parts == 0 {
+            self.send_part()?;
+        }
+        while let Some(part) = self.in_flight.pop_front() {
+            self.bucket.call(&self.rel, async move { part.await.unwrap_or_else(|e| Err(join_error(e))) })?;
+        }
+        let mut upload = self.upload.take().expect("not finished");
+        let done = self.bucket.call(&self.rel, async move { upload.complete().await })?;
+        done.e_tag.ok_or_else(|| S3Error::Other(format!("{}: the server sent no ETag", self.bucket.shown(&self.rel))))
+    }
+
+    /// Gives up: stops the parts on the wire and aborts the upload, so
+    /// the server drops what it has.
+    pub fn abort(mut self) -> Result<(), S3Error> {
+        self.abort_now()
+    }
+
+    fn abort_now(&mut self) -> Result<(), S3Error> {
+        for part in self.in_flight.drain(..) {
+            part.abort();
+        }
+        match self.upload.take() {
+            Some(mut upload) => self.bucket.call(&self.rel, async move { upload.abort().await }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        if self.upload.is_some()
+            && let Err(e) = self.abort_now()
+        {
+            log::warn!(target: "offsite::store", "cannot abort the upload of {}: {e}", self.bucket.shown(&self.rel));
+        }
+    }
+}
+
+impl io::Write for ObjectWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all_bytes(buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> object_store::Error {
+    object_store::Error::Generic { store: "S3", source: Box::new(e) }
+}
