@@ -252,3 +252,31 @@ fn an_unfinished_upload_is_never_visible_and_is_aborted_when_dropped() {
     assert_eq!(server.pending_uploads("backups"), 0, "dropping the writer aborted the upload");
     assert_eq!(b.head("partial.bin").unwrap(), None);
 }
+
+/// What a killed run leaves: an upload nobody completes. The next run
+/// finds it beneath its store's prefix (and only there) and aborts it.
+#[test]
+fn incomplete_uploads_a_killed_run_left_are_found_and_aborted() {
+    use offsite::s3::upload::{MIN_PART, ObjectWriter};
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let web = bucket(&server, "s3://backups/web1");
+    let db = bucket(&server, "s3://backups/db1");
+    for (b, name) in [(&web, ".offsite/runs/r1/site&co dump.sql"), (&db, "other.bin")] {
+        let mut w = ObjectWriter::create(Arc::clone(b), name, MIN_PART).unwrap();
+        w.write_all_bytes(&noise(MIN_PART + 1, 3)).unwrap();
+        // As if the process died here: no abort, no completion.
+        std::mem::forget(w);
+    }
+    assert_eq!(server.pending_uploads("backups"), 2);
+    let found = web.pending_uploads(".offsite/runs").unwrap();
+    assert_eq!(found.iter().map(|u| u.rel.as_str()).collect::<Vec<_>>(), [".offsite/runs/r1/site&co dump.sql"]);
+    assert!(found[0].initiated.is_some());
+    for upload in &found {
+        web.abort_upload(&upload.rel, &upload.upload_id).unwrap();
+    }
+    assert!(web.pending_uploads(".offsite/runs").unwrap().is_empty());
+    assert_eq!(server.pending_uploads("backups"), 1, "the other store's upload is not ours to abort");
+    let wrong = bucket_with(&server, "s3://backups/web1", "not-the-secret");
+    assert!(matches!(wrong.pending_uploads(".offsite/runs"), Err(S3Error::Denied(_))));
+}

@@ -77,6 +77,26 @@ pub struct Bucket {
     rt: tokio::runtime::Runtime,
     location: S3Location,
     timeout: Duration,
+    /// For the requests object_store does not make (listing and aborting
+    /// incomplete uploads), signed with its SigV4 signer.
+    raw: RawRequests,
+}
+
+struct RawRequests {
+    http: reqwest::Client,
+    /// `https://HOST[:PORT]` (AWS's regional endpoint unless set).
+    endpoint: String,
+    path_style: bool,
+    region: String,
+    credential: object_store::aws::AwsCredential,
+}
+
+/// A multipart upload that was begun and neither completed nor aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub rel: String,
+    pub upload_id: String,
+    pub initiated: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Bucket {
@@ -124,7 +144,27 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| S3Error::Other(format!("cannot start the S3 client: {e}")))?;
-        Ok(Bucket { s3: Arc::new(s3), rt, location: location.clone(), timeout })
+        let region = region.unwrap_or("us-east-1").to_string();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| S3Error::Other(format!("cannot start the S3 client: {e}")))?;
+        let raw = RawRequests {
+            http,
+            endpoint: match &settings.endpoint {
+                Some(e) => e.trim_end_matches('/').to_string(),
+                None => format!("https://s3.{region}.amazonaws.com"),
+            },
+            path_style: settings.path_style,
+            region,
+            credential: object_store::aws::AwsCredential {
+                key_id: credentials.access_key_id.clone(),
+                secret_key: credentials.secret_access_key.clone(),
+                token: credentials.session_token.clone(),
+            },
+        };
+        Ok(Bucket { s3: Arc::new(s3), rt, location: location.clone(), timeout, raw })
     }
 
     pub fn location(&self) -> &S3Location {
@@ -253,6 +293,143 @@ impl Bucket {
         }
     }
 
+    /// The multipart uploads begun beneath `rel_dir` and never completed or
+    /// aborted (a killed run leaves one), at most [`LIST_MAX`].
+    pub fn pending_uploads(&self, rel_dir: &str) -> Result<Vec<PendingUpload>, S3Error> {
+        let prefix = format!("{}/", self.location.key(rel_dir));
+        let mut found = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        loop {
+            let mut query = vec![("uploads", String::new()), ("prefix", prefix.clone())];
+            if let Some((key, id)) = &markers {
+                query.push(("key-marker", key.clone()));
+                query.push(("upload-id-marker", id.clone()));
+            }
+            let body = self.raw_request(rel_dir, reqwest::Method::GET, "", &query)?;
+            for upload in xml_elements(&body, "Upload") {
+                let (Some(key), Some(id)) = (xml_text(upload, "Key"), xml_text(upload, "UploadId")) else { continue };
+                let rel = match self.location.prefix.as_str() {
+                    "" => key.clone(),
+                    p => key.strip_prefix(p).and_then(|k| k.strip_prefix('/')).unwrap_or(&key).to_string(),
+                };
+                let initiated = xml_text(upload, "Initiated")
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc));
+                found.push(PendingUpload { rel, upload_id: id, initiated });
+            }
+            if found.len() > LIST_MAX {
+                return Err(S3Error::Other(format!(
+                    "{}: more than {LIST_MAX} incomplete uploads",
+                    self.shown(rel_dir)
+                )));
+            }
+            let truncated = xml_text(&body, "IsTruncated").is_some_and(|t| t == "true");
+            match (truncated, xml_text(&body, "NextKeyMarker"), xml_text(&body, "NextUploadIdMarker")) {
+                (true, Some(k), Some(i)) if markers.as_ref() != Some(&(k.clone(), i.clone())) => markers = Some((k, i)),
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    /// Aborts an incomplete upload: the server drops its parts.
+    pub fn abort_upload(&self, rel: &str, upload_id: &str) -> Result<(), S3Error> {
+        let key = self.location.key(rel);
+        match self.raw_request(rel, reqwest::Method::DELETE, &key, &[("uploadId", upload_id.to_string())]) {
+            Ok(_) | Err(S3Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One signed request for `key` (empty: the bucket) with `query`;
+    /// the response body, bounded to [`SMALL_OBJECT_MAX`].
+    fn raw_request(
+        &self,
+        rel: &str,
+        method: reqwest::Method,
+        key: &str,
+        query: &[(&str, String)],
+    ) -> Result<String, S3Error> {
+        let raw = &self.raw;
+        let bucket = &self.location.bucket;
+        let path: String = key.split('/').map(uri_encode).collect::<Vec<_>>().join("/");
+        let mut url = if raw.path_style {
+            format!("{}/{bucket}/{path}", raw.endpoint)
+        } else {
+            let (scheme, host) = raw.endpoint.split_once("://").unwrap_or(("https", &raw.endpoint));
+            format!("{scheme}://{bucket}.{host}/{path}")
+        };
+        let mut sorted: Vec<_> = query.to_vec();
+        sorted.sort();
+        let pairs: Vec<String> = sorted
+            .iter()
+            .map(
+                |(k, v)| if v.is_empty() && *k == "uploads" { k.to_string() } else { format!("{k}={}", uri_encode(v)) },
+            )
+            .collect();
+        if !pairs.is_empty() {
+            url.push('?');
+            url.push_str(&pairs.join("&"));
+        }
+        let uri: http::Uri =
+            url.parse().map_err(|e| S3Error::Other(format!("{}: bad request URL: {e}", self.shown(rel))))?;
+        let mut request = http::Request::builder()
+            .method(method.as_str())
+            .uri(uri)
+            .body(object_store::client::HttpRequestBody::empty())
+            .map_err(|e| S3Error::Other(format!("{}: {e}", self.shown(rel))))?;
+        let host = request.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+        request.headers_mut().insert(http::header::HOST, host.parse().expect("an authority is a header value"));
+        object_store::aws::AwsAuthorizer::new(&raw.credential, "s3", &raw.region)
+            .try_authorize(&mut request, None)
+            .map_err(|e| S3Error::Other(format!("{}: cannot sign the request: {e}", self.shown(rel))))?;
+        let mut send = raw.http.request(method, url);
+        for (name, value) in request.headers() {
+            send = send.header(name.as_str(), value.as_bytes());
+        }
+        let shown = self.shown(rel);
+        let result = self.rt.block_on(async {
+            tokio::time::timeout(self.timeout, async {
+                let response = send.send().await.map_err(|e| {
+                    S3Error::Unreachable(format!("{shown}: cannot reach the server: {}", clean(&e.to_string())))
+                })?;
+                let status = response.status();
+                let mut body = Vec::new();
+                let mut response = response;
+                while let Some(chunk) =
+                    response.chunk().await.map_err(|e| S3Error::Unreachable(format!("{shown}: {e}")))?
+                {
+                    if (body.len() + chunk.len()) as u64 > SMALL_OBJECT_MAX {
+                        return Err(S3Error::Other(format!("{shown}: the answer is too large")));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok((status, String::from_utf8_lossy(&body).into_owned()))
+            })
+            .await
+        });
+        let (status, body) = match result {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(S3Error::Unreachable(format!(
+                    "{shown}: no answer within {}",
+                    humantime::format_duration(self.timeout)
+                )));
+            }
+        };
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = xml_text(&body, "Code").unwrap_or_else(|| status.to_string());
+        Err(match code.as_str() {
+            "NoSuchBucket" => S3Error::NoBucket(format!("{shown}: the bucket does not exist (create it first)")),
+            "NoSuchUpload" | "NoSuchKey" => S3Error::NotFound(format!("{shown}: no such upload")),
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "AccessDenied" => {
+                S3Error::Denied(format!("{shown}: the server refused us ({})", clean(&code)))
+            }
+            _ => S3Error::Other(format!("{shown}: {} {}", status.as_u16(), clean(&code))),
+        })
+    }
+
     /// Whether the bucket answers to our credentials: one list request.
     pub fn probe(&self) -> Result<(), S3Error> {
         let prefix = self.key(super::META_DIR);
@@ -305,6 +482,47 @@ fn classify(what: &str, e: object_store::Error) -> S3Error {
         }
         _ => S3Error::Other(format!("{what}: {}", clean(&text))),
     }
+}
+
+/// S3's URI encoding: everything but unreserved characters, `%XX`.
+fn uri_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The inner texts of every `<tag>…</tag>` in `xml` (S3's answers are
+/// flat enough for this; nothing nests a tag inside itself).
+fn xml_elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start + open.len()..];
+        let Some(end) = after.find(&close) else { break };
+        out.push(&after[..end]);
+        rest = &after[end + close.len()..];
+    }
+    out
+}
+
+/// The first `<tag>` text in `xml`, with XML's five entities decoded.
+fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let inner = *xml_elements(xml, tag).first()?;
+    Some(
+        inner
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
 }
 
 /// Server text for a message: one line, escaped, bounded.
