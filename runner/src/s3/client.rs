@@ -132,8 +132,8 @@ impl Bucket {
         if let Some(token) = &credentials.session_token {
             builder = builder.with_token(token);
         }
-        if let Some(endpoint) = &settings.endpoint {
-            builder = builder.with_endpoint(endpoint.trim_end_matches('/'));
+        if let Some(endpoint) = client_endpoint(settings, &location.bucket) {
+            builder = builder.with_endpoint(endpoint);
         }
         let s3 = builder.build().map_err(|e| S3Error::Other(format!("{location}: {e}")))?;
         // One worker drives the connections; callers on any thread wait in
@@ -484,6 +484,18 @@ fn classify(what: &str, e: object_store::Error) -> S3Error {
     }
 }
 
+/// The endpoint object_store wants: for virtual-hosted style on a server
+/// of the user's, the bucket's own host name (`https://BUCKET.HOST`);
+/// `None` is AWS, whose host names object_store makes itself.
+fn client_endpoint(settings: &S3Settings, bucket: &str) -> Option<String> {
+    let endpoint = settings.endpoint.as_deref()?.trim_end_matches('/');
+    if settings.path_style {
+        return Some(endpoint.to_string());
+    }
+    let (scheme, host) = endpoint.split_once("://")?;
+    Some(format!("{scheme}://{bucket}.{host}"))
+}
+
 /// S3's URI encoding: everything but unreserved characters, `%XX`.
 fn uri_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -528,4 +540,33 @@ fn xml_text(xml: &str, tag: &str) -> Option<String> {
 /// Server text for a message: one line, escaped, bounded.
 fn clean(text: &str) -> String {
     crate::text::truncate(&crate::text::escape(text), 400).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_hosted_style_puts_the_bucket_in_the_host_name() {
+        let with = |endpoint: Option<&str>, path_style| {
+            client_endpoint(
+                &S3Settings { endpoint: endpoint.map(str::to_string), path_style, ..Default::default() },
+                "bk",
+            )
+        };
+        assert_eq!(with(Some("https://s3.example.net/"), true).as_deref(), Some("https://s3.example.net"));
+        assert_eq!(with(Some("https://s3.example.net:9000"), false).as_deref(), Some("https://bk.s3.example.net:9000"));
+        assert_eq!(with(None, false), None);
+    }
+
+    #[test]
+    fn xml_answers_are_read_with_their_entities() {
+        let xml = "<R><Upload><Key>a&amp;b &lt;c&gt;</Key><UploadId>1</UploadId></Upload><Upload><Key>d</Key>\
+                   <UploadId>2</UploadId></Upload><IsTruncated>false</IsTruncated></R>";
+        let uploads = xml_elements(xml, "Upload");
+        assert_eq!(uploads.len(), 2);
+        assert_eq!(xml_text(uploads[0], "Key").as_deref(), Some("a&b <c>"));
+        assert_eq!(xml_text(xml, "IsTruncated").as_deref(), Some("false"));
+        assert_eq!(uri_encode("a b&c/~"), "a%20b%26c%2F~");
+    }
 }
