@@ -280,3 +280,41 @@ fn incomplete_uploads_a_killed_run_left_are_found_and_aborted() {
     let wrong = bucket_with(&server, "s3://backups/web1", "not-the-secret");
     assert!(matches!(wrong.pending_uploads(".offsite/runs"), Err(S3Error::Denied(_))));
 }
+
+/// A run seals each output as it ends and completes them only when the
+/// whole run has succeeded: until then the old objects stay as they were,
+/// and a run that fails drops its sealed uploads, which aborts them.
+#[test]
+fn sealed_outputs_replace_nothing_until_completed_and_are_aborted_if_the_run_fails() {
+    use offsite::s3::upload::{MIN_PART, ObjectWriter};
+    use std::io::Write;
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let b = bucket(&server, "s3://backups/web1");
+    b.put("db.sql", b"yesterday".to_vec(), Put::Overwrite).unwrap();
+    let seal = |name: &str, data: &[u8]| {
+        let mut w = ObjectWriter::create(Arc::clone(&b), name, MIN_PART).unwrap();
+        w.write_all(data).unwrap();
+        w.seal().unwrap()
+    };
+    let today = noise(MIN_PART * 2 + 3, 9);
+    let (db, web) = (seal("db.sql", &today), seal("web.tgz", b"site"));
+    assert_eq!((db.rel(), db.bytes()), ("db.sql", today.len() as u64));
+    assert_eq!(b.get("db.sql").unwrap().unwrap().0, b"yesterday", "the old object until completion");
+    assert_eq!(b.head("web.tgz").unwrap(), None);
+    db.complete().unwrap();
+    web.complete().unwrap();
+    let mut back = Vec::new();
+    b.download("db.sql", &mut back).unwrap();
+    assert_eq!(sha256(&back), sha256(&today));
+    assert_eq!(b.get("web.tgz").unwrap().unwrap().0, b"site");
+
+    // A failed run: sealed, never completed.
+    let failed = seal("db.sql", b"partial garbage");
+    assert_eq!(server.pending_uploads("backups"), 1);
+    drop(failed);
+    assert_eq!(server.pending_uploads("backups"), 0);
+    let mut back = Vec::new();
+    b.download("db.sql", &mut back).unwrap();
+    assert_eq!(sha256(&back), sha256(&today), "the good object stays");
+}

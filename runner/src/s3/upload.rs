@@ -4,10 +4,13 @@
 //! [`IN_FLIGHT`] parts are on the wire and one is being filled, so memory
 //! is `part_size × (IN_FLIGHT + 1)` whatever the object's size.
 //!
-//! Nothing is visible until [`ObjectWriter::finish`] completes the
-//! upload; a writer dropped before that (a failed run) aborts it, and a
-//! process killed meanwhile leaves an incomplete upload that no reader
-//! ever sees (the next run's cleanup aborts it).
+//! Nothing is visible until the upload is completed: a run seals each
+//! output when it ends ([`ObjectWriter::seal`]: every byte on the server)
+//! and completes them only after the whole run has succeeded, so a failed
+//! run never replaces an object. A writer or sealed upload dropped before
+//! that (a failed run) aborts its upload; a process killed meanwhile
+//! leaves an incomplete upload that no reader ever sees, and the next
+//! run aborts it ([`Bucket::pending_uploads`](super::Bucket::pending_uploads)).
 
 use std::collections::VecDeque;
 use std::io;
@@ -100,18 +103,29 @@ impl ObjectWriter {
         Ok(())
     }
 
-    /// Sends the last part, waits for every part, and completes the
-    /// upload: the object is visible from here on. Returns its ETag.
-    pub fn finish(mut self) -> Result<String, S3Error> {
+    /// Sends the last part and waits for every part: all the bytes are on
+    /// the server, and still nothing is visible. A run seals each output
+    /// as it ends and completes them all only once the run has succeeded
+    /// (see [`SealedUpload`]).
+    pub fn seal(mut self) -> Result<SealedUpload, S3Error> {
         if !self.part.is_empty() || self.parts == 0 {
             self.send_part()?;
         }
         while let Some(part) = self.in_flight.pop_front() {
             self.bucket.call(&self.rel, async move { part.await.unwrap_or_else(|e| Err(join_error(e))) })?;
         }
-        let mut upload = self.upload.take().expect("not finished");
-        let done = self.bucket.call(&self.rel, async move { upload.complete().await })?;
-        done.e_tag.ok_or_else(|| S3Error::Other(format!("{}: the server sent no ETag", self.bucket.shown(&self.rel))))
+        let upload = self.upload.take().expect("not sealed twice");
+        Ok(SealedUpload {
+            bucket: Arc::clone(&self.bucket),
+            rel: self.rel.clone(),
+            upload: Some(upload),
+            bytes: self.written,
+        })
+    }
+
+    /// [`seal`](Self::seal), then [`SealedUpload::complete`].
+    pub fn finish(self) -> Result<String, S3Error> {
+        self.seal()?.complete()
     }
 
     /// Gives up: stops the parts on the wire and aborts the upload, so
@@ -154,4 +168,41 @@ impl io::Write for ObjectWriter {
 
 fn join_error(e: tokio::task::JoinError) -> object_store::Error {
     object_store::Error::Generic { store: "S3", source: Box::new(e) }
+}
+
+/// An upload whose bytes are all on the server, not yet an object:
+/// [`complete`](Self::complete) makes it one (atomically: readers see the
+/// old object or the whole new one); dropped, it is aborted.
+pub struct SealedUpload {
+    bucket: Arc<Bucket>,
+    rel: String,
+    upload: Option<Box<dyn MultipartUpload>>,
+    bytes: u64,
+}
+
+impl SealedUpload {
+    pub fn rel(&self) -> &str {
+        &self.rel
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Makes the object visible under its key; returns its ETag.
+    pub fn complete(mut self) -> Result<String, S3Error> {
+        let mut upload = self.upload.take().expect("completed once");
+        let done = self.bucket.call(&self.rel, async move { upload.complete().await })?;
+        done.e_tag.ok_or_else(|| S3Error::Other(format!("{}: the server sent no ETag", self.bucket.shown(&self.rel))))
+    }
+}
+
+impl Drop for SealedUpload {
+    fn drop(&mut self) {
+        if let Some(mut upload) = self.upload.take()
+            && let Err(e) = self.bucket.call(&self.rel, async move { upload.abort().await })
+        {
+            log::warn!(target: "offsite::store", "cannot abort the upload of {}: {e}", self.bucket.shown(&self.rel));
+        }
+    }
 }
