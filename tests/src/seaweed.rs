@@ -23,14 +23,25 @@ pub struct S3Server {
     filer: SocketAddr,
 }
 
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}")).local_addr().unwrap().port()
-}
-
 impl S3Server {
     /// Starts SeaweedFS (master, volume, filer and S3 gateway in one
     /// process) on `ip` and waits until the S3 port answers.
+    ///
+    /// Its eight ports are picked free, but another test may take one
+    /// before `weed` binds it: a start that fails on a taken port is tried
+    /// again with new ports.
     pub fn start(ip: &str) -> S3Server {
+        let mut tries = 0;
+        loop {
+            match S3Server::try_start(ip) {
+                Ok(server) => return server,
+                Err(why) if why.contains("address already in use") && tries < 5 => tries += 1,
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn try_start(ip: &str) -> Result<S3Server, String> {
         let dir = tempfile::tempdir().expect("scratch dir for SeaweedFS");
         let d = dir.path();
         std::fs::create_dir(d.join("data")).unwrap();
@@ -41,7 +52,13 @@ impl S3Server {
             ),
         )
         .unwrap();
-        let port = |_: &str| free_port(ip).to_string();
+        // Held until all are picked, so that no two are the same.
+        let listeners: Vec<TcpListener> =
+            (0..8).map(|_| TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}"))).collect();
+        let ports: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().port().to_string()).collect();
+        drop(listeners);
+        let mut next = ports.iter();
+        let mut port = |_: &str| next.next().expect("eight ports").clone();
         let s3_port = port("s3");
         let filer_port = port("filer");
         let mut cmd = Command::new("weed");
@@ -81,12 +98,14 @@ impl S3Server {
         // filer must answer too before buckets can be made.
         while !(http(addr, "GET", "/").is_some() && http(filer, "GET", "/").is_some()) {
             if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("SeaweedFS exited ({status}): {}", server.failure());
+                return Err(format!("SeaweedFS exited ({status}): {}", server.failure()));
             }
-            assert!(Instant::now() < deadline, "SeaweedFS did not come up in 60 s: {}", server.failure());
+            if Instant::now() > deadline {
+                return Err(format!("SeaweedFS did not come up in 60 s: {}", server.failure()));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
-        server
+        Ok(server)
     }
 
     /// `http://IP:PORT`, for an `[s3] endpoint`.
