@@ -54,51 +54,47 @@ impl Sshd {
         // The privilege-separation directory sshd insists on.
         std::fs::create_dir_all("/run/sshd").ok();
 
-        let port = free_port(ip);
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let config = format!(
-            "ListenAddress {addr}\n\
-             HostKey {d}/host_ed25519\n\
-             PidFile {d}/sshd.pid\n\
-             AuthorizedKeysFile {d}/authorized_keys\n\
-             PubkeyAuthentication yes\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\n\
-             StrictModes no\n\
-             UsePAM no\n\
-             LogLevel VERBOSE\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("sshd_config"), config).unwrap();
-        let child = Command::new(&sshd)
-            .args(["-D", "-f"])
-            .arg(d.join("sshd_config"))
-            .arg("-E")
-            .arg(d.join("sshd.log"))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", sshd.display()));
+        // The port is picked free, but another test may bind it before
+        // sshd does: then sshd says so and we try again with another.
+        let mut tries = 0;
+        let (child, addr, port) = loop {
+            let port = free_port(ip);
+            let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+            let config = format!(
+                "ListenAddress {addr}\n\
+                 HostKey {d}/host_ed25519\n\
+                 PidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\n\
+                 PubkeyAuthentication yes\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\n\
+                 StrictModes no\n\
+                 UsePAM no\n\
+                 LogLevel VERBOSE\n",
+                d = d.display()
+            );
+            std::fs::write(d.join("sshd_config"), config).unwrap();
+            let _ = std::fs::remove_file(d.join("sshd.log"));
+            let mut child = Command::new(&sshd)
+                .args(["-D", "-f"])
+                .arg(d.join("sshd_config"))
+                .arg("-E")
+                .arg(d.join("sshd.log"))
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", sshd.display()));
+            match wait_ready(&mut child, addr, &d.join("sshd.log")) {
+                Ok(()) => break (child, addr, port),
+                Err(why) if why.contains("Address already in use") && tries < 5 => tries += 1,
+                Err(why) => panic!("{why}"),
+            }
+        };
         let host_pub = std::fs::read_to_string(d.join("host_ed25519.pub")).unwrap();
         let key = host_pub.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        let mut server = Sshd { child, dir, addr, user, known_hosts_line: format!("[{ip}]:{port} {key}") };
-        server.wait_ready();
+        let server = Sshd { child, dir, addr, user, known_hosts_line: format!("[{ip}]:{port} {key}") };
         std::fs::write(server.dir.path().join("known_hosts"), format!("{}\n", server.known_hosts_line)).unwrap();
         server
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("sshd exited with {status}:\n{}", self.log());
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("sshd did not listen on {} within 15 s:\n{}", self.addr, self.log());
     }
 
     /// Private key that `authorized_keys` accepts (mode 0600, no passphrase).
@@ -229,6 +225,25 @@ fn keygen(path: &Path) {
         .status()
         .expect("run ssh-keygen");
     assert!(status.success(), "ssh-keygen failed for {}", path.display());
+}
+
+/// Waits until `child` (sshd) accepts connections on `addr`; its log if
+/// it exits or does not listen within 15 s.
+fn wait_ready(child: &mut Child, addr: SocketAddr, log: &Path) -> Result<(), String> {
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("sshd exited with {status}:\n{}", read_log()));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(format!("sshd did not listen on {addr} within 15 s:\n{}", read_log()))
 }
 
 fn free_port(ip: &str) -> u16 {
