@@ -187,8 +187,10 @@ impl Bucket {
         self.rt.spawn(f)
     }
 
+    /// The object `rel` for a message. Keys can come from the server (an
+    /// incomplete upload's), so they are escaped.
     pub(super) fn shown(&self, rel: &str) -> String {
-        format!("s3://{}/{}", self.location.bucket, self.location.key(rel))
+        format!("s3://{}/{}", self.location.bucket, crate::text::escape(&self.location.key(rel)))
     }
 
     /// Runs `f` on the client's runtime within the call timeout.

@@ -261,7 +261,10 @@ impl Shared {
                     Ok(other) => {
                         let by = other
                             .and_then(|(b, _)| from_json(&b))
-                            .map(|b| format!(" by site {:?} on {}", b.holder.site, b.holder.host))
+                            .map(|b| {
+                                let escape = crate::text::escape;
+                                format!(" by site {:?} on {}", escape(&b.holder.site), escape(&b.holder.host))
+                            })
                             .unwrap_or_default();
                         self.lose(&mut owned, format!("the store's lock was taken over{by}"));
                     }
