@@ -121,9 +121,10 @@ impl Bucket {
             retry_timeout: timeout.min(Duration::from_secs(120)),
             ..Default::default()
         };
+        let region = region.unwrap_or("us-east-1").to_string();
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&location.bucket)
-            .with_region(region.unwrap_or("us-east-1"))
+            .with_region(&region)
             .with_access_key_id(&credentials.access_key_id)
             .with_secret_access_key(&credentials.secret_access_key)
             .with_virtual_hosted_style_request(!settings.path_style)
@@ -144,7 +145,6 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| S3Error::Other(format!("cannot start the S3 client: {e}")))?;
-        let region = region.unwrap_or("us-east-1").to_string();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(30)))
@@ -310,10 +310,7 @@ impl Bucket {
             let body = self.raw_request(rel_dir, reqwest::Method::GET, "", &query)?;
             for upload in xml_elements(&body, "Upload") {
                 let (Some(key), Some(id)) = (xml_text(upload, "Key"), xml_text(upload, "UploadId")) else { continue };
-                let rel = match self.location.prefix.as_str() {
-                    "" => key.clone(),
-                    p => key.strip_prefix(p).and_then(|k| k.strip_prefix('/')).unwrap_or(&key).to_string(),
-                };
+                let rel = self.location.rel_of(&key).to_string();
                 let initiated = xml_text(upload, "Initiated")
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
                     .map(|t| t.with_timezone(&chrono::Utc));
@@ -439,11 +436,7 @@ impl Bucket {
     }
 
     fn meta(&self, m: object_store::ObjectMeta) -> Meta {
-        let full = m.location.to_string();
-        let rel = match self.location.prefix.as_str() {
-            "" => full,
-            p => full.strip_prefix(p).and_then(|r| r.strip_prefix('/')).unwrap_or(&full).to_string(),
-        };
+        let rel = self.location.rel_of(m.location.as_ref()).to_string();
         Meta { rel, size: m.size, etag: m.e_tag, modified: m.last_modified }
     }
 }

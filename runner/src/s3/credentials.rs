@@ -77,10 +77,7 @@ pub fn resolve(profile: Option<&str>, env: &Env) -> Result<(Credentials, Option<
     let credentials_file = env.file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials");
     let config_file = env.file("AWS_CONFIG_FILE", ".aws/config");
     let mut looked = Vec::new();
-    // The credentials file's section is the bare name; the config file's
-    // is `profile NAME` (but `default` for the default profile).
-    let config_section = if name == "default" { "default".to_string() } else { format!("profile {name}") };
-    for (file, section) in [(&credentials_file, name.to_string()), (&config_file, config_section)] {
+    for (file, section) in [(&credentials_file, name.to_string()), (&config_file, config_section(name))] {
         let Some(file) = file else { continue };
         looked.push(file.display().to_string());
         let Some(values) = read_section(file, &section)? else { continue };
@@ -118,8 +115,13 @@ pub fn resolve(profile: Option<&str>, env: &Env) -> Result<(Credentials, Option<
 
 fn profile_region(env: &Env, name: &str) -> Option<String> {
     let file = env.file("AWS_CONFIG_FILE", ".aws/config")?;
-    let section = if name == "default" { "default".to_string() } else { format!("profile {name}") };
-    read_section(&file, &section).ok().flatten()?.get("region").cloned()
+    read_section(&file, &config_section(name)).ok().flatten()?.get("region").cloned()
+}
+
+/// A profile's section in the config file: `profile NAME`, but `default`
+/// for the default profile (the credentials file uses the bare name).
+fn config_section(name: &str) -> String {
+    if name == "default" { "default".to_string() } else { format!("profile {name}") }
 }
 
 /// The `key = value` pairs of `[section]` in an AWS-style INI file;

@@ -40,6 +40,15 @@ impl S3Location {
     pub fn key(&self, rel: &str) -> String {
         if self.prefix.is_empty() { rel.to_string() } else { format!("{}/{rel}", self.prefix) }
     }
+
+    /// The path of `key` under the prefix: the inverse of [`key`](Self::key)
+    /// (a key outside the prefix comes back whole).
+    pub fn rel_of<'a>(&self, key: &'a str) -> &'a str {
+        match self.prefix.as_str() {
+            "" => key,
+            p => key.strip_prefix(p).and_then(|k| k.strip_prefix('/')).unwrap_or(key),
+        }
+    }
 }
 
 impl fmt::Display for S3Location {
@@ -135,9 +144,11 @@ mod tests {
         let l = S3Location::parse("s3://backups/web1/daily/").unwrap();
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("backups", "web1/daily"));
         assert_eq!(l.key("x.tgz"), "web1/daily/x.tgz");
+        assert_eq!(l.rel_of(&l.key("a/x.tgz")), "a/x.tgz");
+        assert_eq!(l.rel_of("web1/dailyx"), "web1/dailyx");
         assert_eq!(l.to_string(), "s3://backups/web1/daily");
         let whole = S3Location::parse("s3://backups").unwrap();
-        assert_eq!((whole.prefix.as_str(), whole.key("a")), ("", "a".to_string()));
+        assert_eq!((whole.prefix.as_str(), whole.key("a"), whole.rel_of("a")), ("", "a".to_string(), "a"));
         for bad in [
             "backups/web1",
             "s3://",

@@ -165,6 +165,13 @@ impl S3Lock {
 
     /// Marks the lock free for the next runner.
     pub fn release(mut self) -> Result<(), S3Error> {
+        self.free()
+    }
+
+    /// Stops the heartbeat and writes a free body over ours, unless the
+    /// lock was lost or taken over meanwhile (then it is somebody else's
+    /// to free).
+    fn free(&mut self) -> Result<(), S3Error> {
         self.stop_heartbeat();
         let mut owned = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if owned.why_lost.is_some() {
@@ -179,7 +186,6 @@ impl S3Lock {
                 owned.body = body;
                 Ok(())
             }
-            // Taken over meanwhile: it is somebody else's to free.
             Err(S3Error::Conflict(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -199,15 +205,10 @@ impl Drop for S3Lock {
         // Dropped without release (a failed run): the heartbeat stops and
         // the lock goes stale, which is what a crash leaves too; a
         // release is tried so the next run need not wait.
-        if self.heartbeat.is_some() {
-            self.stop_heartbeat();
-            let owned = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            if owned.why_lost.is_none() {
-                let mut body = owned.body.clone();
-                body.state = State::Free;
-                body.beat += 1;
-                let _ = self.shared.bucket.put(LOCK_KEY, to_json(&body), Put::Replace(owned.etag.clone()));
-            }
+        if self.heartbeat.is_some()
+            && let Err(e) = self.free()
+        {
+            log::warn!(target: "offsite::store", "cannot free the store's lock: {e}");
         }
     }
 }
@@ -252,16 +253,15 @@ impl Shared {
                 // The write may have landed and its answer been lost (a
                 // retried request then fails its own condition): only
                 // the token says whose the lock is now.
-                match self.bucket.get(LOCK_KEY) {
-                    Ok(Some((bytes, etag))) if from_json(&bytes).is_some_and(|b| b.token == body.token) => {
+                match self.bucket.get(LOCK_KEY).map(|got| got.and_then(|(b, etag)| Some((from_json(&b)?, etag)))) {
+                    Ok(Some((current, etag))) if current.token == body.token => {
                         owned.etag = etag;
-                        owned.body = from_json(&bytes).expect("checked");
+                        owned.body = current;
                         owned.confirmed = sent;
                     }
                     Ok(other) => {
                         let by = other
-                            .and_then(|(b, _)| from_json(&b))
-                            .map(|b| {
+                            .map(|(b, _)| {
                                 let escape = crate::text::escape;
                                 format!(" by site {:?} on {}", escape(&b.holder.site), escape(&b.holder.host))
                             })
