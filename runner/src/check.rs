@@ -60,17 +60,25 @@ pub fn check(
     let _ = writeln!(out, "site {} ({file})", site.name);
 
     // What the site allows, in plain words.
-    let _ = writeln!(out, "  writes files only beneath {}", site.store.display());
-    if site.store.exists() {
-        if let Err(e) = probe_writable(&site.store) {
-            problems.push(Problem {
-                at: at_key("", "store"),
-                what: format!("the store {} is not writable: {e}", site.store.display()),
-                fix: "fix its ownership or mode, or point `store` elsewhere".into(),
-            });
+    match &site.store {
+        crate::site::StoreAt::Dir(dir) => {
+            let _ = writeln!(out, "  writes files only beneath {}", dir.display());
+            if dir.exists() {
+                if let Err(e) = probe_writable(dir) {
+                    problems.push(Problem {
+                        at: at_key("", "store"),
+                        what: format!("the store {} is not writable: {e}", dir.display()),
+                        fix: "fix its ownership or mode, or point `store` elsewhere".into(),
+                    });
+                }
+            } else {
+                let _ = writeln!(out, "    (it does not exist yet; the first run creates it, mode 0700)");
+            }
         }
-    } else {
-        let _ = writeln!(out, "    (it does not exist yet; the first run creates it, mode 0700)");
+        crate::site::StoreAt::S3(spec) => {
+            let _ = writeln!(out, "  writes objects only beneath {}", spec.location);
+            s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_key, connect);
+        }
     }
     if site.read_roots.is_empty() {
         let _ = writeln!(out, "  reads no local files");
@@ -684,6 +692,88 @@ fn script_report(
                 "  note: script {} can use {iface}, but {why}: such calls will be denied ({fix} if it needs them)",
                 info.name
             );
+        }
+    }
+}
+
+/// An S3 store: where the credentials come from (never what they are),
+/// and with `--connect` whether the bucket answers to them, who holds the
+/// lock and what interrupted runs left.
+fn s3_report(
+    out: &mut String,
+    problems: &mut Vec<Problem>,
+    spec: &crate::site::S3Store,
+    timeout: std::time::Duration,
+    at_key: &dyn Fn(&str, &str) -> String,
+    connect: bool,
+) {
+    let endpoint = spec.settings.endpoint.as_deref().unwrap_or("AWS");
+    let _ = writeln!(
+        out,
+        "    endpoint {endpoint}{}, parts of {} MiB, a lock unrenewed for {} is stale",
+        if spec.settings.path_style { " (path-style)" } else { "" },
+        spec.part_size >> 20,
+        humantime::format_duration(spec.lock_stale)
+    );
+    let root = match crate::store::s3::S3Root::open(spec, timeout) {
+        Ok(root) => root,
+        Err(e) => {
+            problems.push(Problem {
+                at: at_key("", "store"),
+                what: e.to_string(),
+                fix: "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials \
+                      ([s3] profile or AWS_PROFILE)"
+                    .into(),
+            });
+            return;
+        }
+    };
+    let _ = writeln!(out, "    credentials from {}", root.credentials_source());
+    if !connect {
+        return;
+    }
+    if let Err(e) = root.probe() {
+        let fix = match &e {
+            crate::s3::S3Error::Denied(_) => "check the key pair and what the bucket's policy grants it",
+            crate::s3::S3Error::NoBucket(_) => "create the bucket, or fix its name in `store`",
+            crate::s3::S3Error::Unreachable(_) => "check [s3] endpoint, and that the server is up",
+            _ => "check [s3] and the store's URL",
+        };
+        let _ = writeln!(out, "    cannot reach the store");
+        problems.push(Problem { at: at_key("", "store"), what: e.to_string(), fix: fix.into() });
+        return;
+    }
+    let _ = writeln!(out, "    connected: the bucket answers to these credentials");
+    match root.holder() {
+        Ok(Some(h)) => {
+            let escape = crate::text::escape;
+            let _ = writeln!(
+                out,
+                "    locked by site {:?} on {} (pid {}), started {}",
+                escape(&h.site),
+                escape(&h.host),
+                h.pid,
+                escape(&h.started)
+            );
+        }
+        Ok(None) => {
+            let _ = writeln!(out, "    not locked: no run is using it");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "    cannot read the lock: {e}");
+        }
+    }
+    match root.bucket().pending_uploads("") {
+        Ok(p) if p.is_empty() => {}
+        Ok(p) => {
+            let _ = writeln!(
+                out,
+                "    {} incomplete upload(s) (a run in progress, or left by a killed one; the next run aborts them)",
+                p.len()
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "    cannot list incomplete uploads: {e}");
         }
     }
 }

@@ -19,7 +19,8 @@ use crate::run::{describe, site_path};
 use crate::site::Site;
 use crate::store::lock::{Holder, LockError};
 use crate::store::run::{hostname, new_run_id};
-use crate::store::{StoreRoot, protect, retention};
+use crate::store::s3::Root;
+use crate::store::{protect, retention};
 
 /// Process exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,12 +489,14 @@ fn verify(
     keys: VerifyKeys,
     verbose: bool,
 ) -> Result<(), Failure> {
-    let (store, site_key) = if target.is_dir() {
-        (target.to_path_buf(), None)
+    let (store, copies, site_key, timeout) = if target.is_dir() {
+        let dir = crate::site::StoreAt::Dir(target.to_path_buf());
+        (dir, Vec::new(), None, crate::site::Limits::default().call_timeout)
     } else {
         let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
         let site = Site::load(target, &cwd).exit(Exit::Usage)?;
-        (site.store, site.protect.verify_key)
+        let copies = site.copies.into_iter().map(|c| c.store).collect();
+        (site.store, copies, site.protect.verify_key, site.limits.call_timeout)
     };
     let identities = match &keys.age_identity {
         Some(file) => age::IdentityFile::from_file(file.display().to_string())
@@ -512,17 +515,52 @@ fn verify(
         verify_key: keys.key.or(site_key).as_deref().map(protect::verify_key).transpose().exit(Exit::Usage)?,
         identities,
     };
-    let root = StoreRoot::open_existing(&store).exit(Exit::Usage)?;
-    let report = crate::verify::verify(&root, &options)
+    let root = open_existing(&store, timeout)?;
+    let mut report = crate::verify::verify(&root, &options)
         .with_context(|| format!("cannot read the store {}", store.display()))
         .exit(Exit::BackupFailed)?;
-    let summary = format!(
+    let mut summary = format!(
         "{}: {} file(s) in {} run(s) checked, {} problem(s)",
         store.display(),
         report.files,
         report.runs,
         report.problems.len()
     );
+    // Each `[[copy]]` store is checked the same way; its lines say which.
+    let mut copy_reports = Vec::new();
+    for (i, copy) in copies.iter().enumerate() {
+        let name = format!("copy {} ({})", i + 1, copy.display());
+        let checked = match Root::open_existing(copy, timeout) {
+            Ok(root) => crate::verify::verify(&root, &options).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let r = checked.unwrap_or_else(|e| crate::verify::Report {
+            problems: vec![format!("cannot be read: {e}")],
+            ..Default::default()
+        });
+        summary.push_str(&format!(
+            "\n{name}: {} file(s) in {} run(s) checked, {} problem(s)",
+            r.files,
+            r.runs,
+            r.problems.len()
+        ));
+        // A copy that has a run the first store has no record of: the
+        // first store lost runs (an emptied bucket reads as a new store).
+        if let Some(newest) = &r.newest
+            && report.newest.as_ref().is_none_or(|n| n < newest)
+        {
+            report.problems.push(format!(
+                "{}: has no record of run {newest}, which {name} holds: runs were lost from it (restore them from \
+                 the copy)",
+                store.display()
+            ));
+        }
+        report.problems.extend(r.problems.iter().map(|p| format!("{name}: {p}")));
+        report.checked.extend(r.checked.iter().map(|c| format!("{name}: {c}")));
+        copy_reports.push(serde_json::json!({
+            "store": copy.display(), "runs": r.runs, "files": r.files, "problems": r.problems.len(),
+        }));
+    }
     if crate::json::on() {
         crate::json::report(serde_json::json!({
             "status": if report.problems.is_empty() { "ok" } else { "problems" },
@@ -531,6 +569,7 @@ fn verify(
             "files": report.files,
             "problems": report.problems,
             "checked": report.checked,
+            "copies": copy_reports,
         }));
         if report.problems.is_empty() {
             return Ok(());
@@ -611,9 +650,46 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Opens a store that should exist: a configuration fault is exit 2, an
+/// unreachable server exit 1.
+fn open_existing(store: &crate::site::StoreAt, timeout: std::time::Duration) -> Result<Root, Failure> {
+    Root::open_existing(store, timeout).map_err(|e| {
+        let exit = if e.is_config() { Exit::Usage } else { Exit::BackupFailed };
+        Failure { exit, error: anyhow!("store {}: {e}", store.display()) }
+    })
+}
+
+/// A store's lock held by a command.
+enum CommandLock {
+    Dir(#[allow(dead_code)] crate::store::lock::Lock),
+    S3(#[allow(dead_code)] crate::s3::lock::S3Lock),
+}
+
 /// Takes the store's lock for `what` (prune, forget), as a run would:
 /// exit 4 naming the holder when a run has it.
-fn lock_for(root: &StoreRoot, site: &Site, what: &str) -> Result<crate::store::lock::Lock, Failure> {
+fn lock_for(root: &Root, site: &Site, what: &str) -> Result<CommandLock, Failure> {
+    let root = match root {
+        Root::Dir(root) => root,
+        Root::S3(root) => {
+            let started = Local::now();
+            let header = crate::store::run::RunHeader {
+                run_id: format!("{what}-{}", new_run_id(started)),
+                site: site.name.clone(),
+                hostname: hostname(),
+                pid: std::process::id(),
+                script: Default::default(),
+                grants_sha256: String::new(),
+                started: started.to_rfc3339(),
+            };
+            return match root.lock(&header) {
+                Ok(lock) => Ok(CommandLock::S3(lock)),
+                Err(e @ crate::s3::lock::LockError::Busy { .. }) => {
+                    Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked)
+                }
+                Err(e) => Err(anyhow!("{e}")).exit(Exit::BackupFailed),
+            };
+        }
+    };
     let started = Local::now();
     let me = Holder {
         pid: std::process::id(),
@@ -623,7 +699,7 @@ fn lock_for(root: &StoreRoot, site: &Site, what: &str) -> Result<crate::store::l
         run_id: format!("{what}-{}", new_run_id(started)),
     };
     match root.lock(&me) {
-        Ok((lock, _)) => Ok(lock),
+        Ok((lock, _)) => Ok(CommandLock::Dir(lock)),
         Err(e @ LockError::Held(_)) => Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
         Err(e) => Err(anyhow!("{e}")).exit(Exit::BackupFailed),
     }
@@ -633,9 +709,17 @@ fn lock_for(root: &StoreRoot, site: &Site, what: &str) -> Result<crate::store::l
 fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = Site::load(&site_path(site_file), &cwd).exit(Exit::Usage)?;
-    let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
+    let root = open_existing(&site.store, site.limits.call_timeout)?;
+    let Root::Dir(dir) = &root else {
+        return Err(anyhow!(
+            "site {}: forget works on a store in a directory; in an S3 store, a run whose objects were lost is \
+             reported by verify until retention prunes it",
+            site.name
+        ))
+        .exit(Exit::Usage);
+    };
     let _lock = lock_for(&root, &site, "forget")?;
-    for line in root.forget(run_id).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)? {
+    for line in dir.forget(run_id).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)? {
         println!("{line}");
     }
     Ok(())
@@ -662,13 +746,13 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
         }
         return Ok(());
     }
-    let root = StoreRoot::open_existing(&site.store).exit(Exit::Usage)?;
+    let root = open_existing(&site.store, site.limits.call_timeout)?;
     // Pruning for real takes the lock, like a run; a dry run changes nothing.
     let _lock = if dry_run { None } else { Some(lock_for(&root, &site, "prune")?) };
     let failed = |e: std::io::Error| anyhow!("pruning {}: {e}", site.store.display());
     let mut done = Vec::new();
     if !dry_run {
-        for line in retention::resume(&root).map_err(failed).exit(Exit::BackupFailed)? {
+        for line in root.resume_prune().map_err(failed).exit(Exit::BackupFailed)? {
             if !json {
                 println!("{line}");
             }
@@ -721,7 +805,7 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
         }
     }
     if !dry_run {
-        for line in retention::apply(&root, &plan).map_err(failed).exit(Exit::BackupFailed)? {
+        for line in root.prune(&plan).map_err(failed).exit(Exit::BackupFailed)? {
             log::info!(target: "offsite::retention", "{line}");
             done.push(line);
         }

@@ -21,11 +21,13 @@ use crate::cli::{Exit, ExitContext, Failure, runtime};
 use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure};
 use crate::policy::{ParamGrant, Policy};
 use crate::report::{self, Event, Note};
+use crate::s3::S3Error;
 use crate::share::reference::ScriptSource;
-use crate::site::Site;
+use crate::site::{Site, StoreAt};
 use crate::store::lock::{Holder, Lock, LockError};
 use crate::store::manifest::ScriptRef;
 use crate::store::run::{Outcome, RunHeader, Runs, hostname, kept_dir, new_run_id};
+use crate::store::s3::{Root, S3Root};
 use crate::store::{Budget, Manifest, Status, StoreRoot, StoredFile};
 use crate::store::{protect, retention};
 use crate::transport::openssh::OpenSsh;
@@ -155,15 +157,22 @@ pub fn run(args: Request) -> Result<(), Failure> {
     // takes no lock and leaves no manifest. (Last, so nothing above can
     // fail after the run has begun in the store.)
     let mut session = None;
+    let mut signer = None;
     if args.dry_run {
         // It still finds what the real run would trip on first.
-        store_writable(&site.store)
-            .with_context(|| format!("the store {} cannot be written", site.store.display()))
-            .exit(Exit::Usage)?;
+        match &site.store {
+            StoreAt::Dir(dir) => store_writable(dir)
+                .with_context(|| format!("the store {} cannot be written", dir.display()))
+                .exit(Exit::Usage)?,
+            StoreAt::S3(spec) => {
+                let root = S3Root::open(spec, site.limits.call_timeout).map_err(s3_failure)?;
+                root.probe().map_err(s3_failure)?;
+            }
+        }
     }
     if !args.dry_run {
         let recipients = protect::recipients(&site.protect.recipients, None).exit(Exit::Usage)?;
-        let signer = site
+        signer = site
             .protect
             .signing_key
             .as_deref()
@@ -171,15 +180,28 @@ pub fn run(args: Request) -> Result<(), Failure> {
             .transpose()
             .context("[protect] signing_key")
             .exit(Exit::Usage)?;
-        let (root, lock) = open_locked(&site, &header, signer)?;
-        claim_store(&root, &site);
-        if site.file.is_none()
-            && let Err(e) = root.mark_shared()
-        {
-            log::warn!(target: "offsite::run", "cannot mark {} as a shared directory: {e}", site.store.display());
-        }
-        let store = root
-            .begin_encrypted_run(&header, Budget::new(site.limits.max_bytes, site.limits.max_files), recipients)
+        let (root, lock) = open_locked(&site, &header, signer.clone())?;
+        let budget = Budget::new(site.limits.max_bytes, site.limits.max_files);
+        let begun = match &root {
+            Root::Dir(dir) => {
+                claim_store(dir, &site);
+                if site.file.is_none()
+                    && let Err(e) = dir.mark_shared()
+                {
+                    log::warn!(target: "offsite::run", "cannot mark {} as a shared directory: {e}", site.store.display());
+                }
+                dir.begin_encrypted_run(&header, budget, recipients)
+            }
+            Root::S3(s3) => {
+                if site.shared_store
+                    && let Err(e) = s3.mark_sites_shared()
+                {
+                    log::warn!(target: "offsite::run", "cannot mark {} as shared by sites: {e}", site.store.display());
+                }
+                s3.begin_run(&header, budget, recipients).map_err(std::io::Error::other)
+            }
+        };
+        let store = begun
             .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
             .exit(Exit::BackupFailed)?;
         caps.store = Some(Arc::new(store));
@@ -199,9 +221,9 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let (mut failure, aborted) = judge(result, &unseen, &caps);
 
     let mut manifest = None;
-    if let Some((root, _lock)) = &session {
+    if let Some((root, lock)) = &session {
         let store = caps.store.take().expect("a run has a store");
-        let recorded = record(root, &site, &header, &store, &caps, &outputs, failure, aborted);
+        let recorded = record(root, lock, signer.as_ref(), &site, &header, &store, &caps, &outputs, failure, aborted);
         (manifest, failure) = recorded;
     }
     if session.is_some() {
@@ -371,7 +393,9 @@ fn judge(result: Result<Result<(), String>, ScriptFailure>, unseen: &[String], c
 /// (which recording can add to).
 #[allow(clippy::too_many_arguments)]
 fn record(
-    root: &StoreRoot,
+    root: &Root,
+    lock: &Held,
+    signer: Option<&ssh_key::PrivateKey>,
     site: &Site,
     header: &RunHeader,
     store: &crate::store::Store,
@@ -406,7 +430,12 @@ fn record(
         warnings: crate::logging::capture_snapshot().warnings,
         aborted,
     };
-    match root.finish_run(header, store, &outcome) {
+    let finished = match (root, lock) {
+        (Root::Dir(dir), _) => dir.finish_run(header, store, &outcome),
+        (Root::S3(s3), Held::S3(lock)) => s3.finish_run(header, store, &outcome, lock).map_err(std::io::Error::other),
+        (Root::S3(_), Held::Dir(_)) => unreachable!("an S3 store is locked in S3"),
+    };
+    match finished {
         Ok(m) => {
             if failure.is_none() && !m.status.is_good() {
                 let why = m.error.clone().unwrap_or_default();
@@ -415,15 +444,23 @@ fn record(
             manifest = Some(m);
         }
         Err(e) => {
+            let left = match root {
+                Root::Dir(_) => format!("its files stay in {} for the next run to recover", kept_dir(&header.run_id)),
+                Root::S3(_) => "the next run recovers what it left (nothing unpublished becomes visible)".into(),
+            };
             let error = anyhow!(
-                "{}the run could not be recorded in the store {}: {e}; its files stay in {} for the next run to \
-                 recover",
+                "{}the run could not be recorded in the store {}: {e}; {left}",
                 failure.as_ref().map(|f| format!("{:#}; and ", f.error)).unwrap_or_else(|| "backup failed: ".into()),
                 site.store.display(),
-                kept_dir(&header.run_id)
             );
             failure = Some(Failure { exit: failure.map_or(Exit::BackupFailed, |f| f.exit), error });
         }
+    }
+    if let Some(m) = manifest.as_mut()
+        && m.status.is_good()
+        && !site.copies.is_empty()
+    {
+        copy(root, site, header, signer, m);
     }
     if let Some(m) = &manifest {
         after_run(root, site, m);
@@ -431,15 +468,87 @@ fn record(
     (manifest, failure)
 }
 
+/// A good run goes to the site's `[[copy]]` stores (before retention, so
+/// a run a copy still lacks is not pruned first). A copy that fails makes
+/// the run a warning, recorded in its manifest.
+fn copy(root: &Root, site: &Site, header: &RunHeader, signer: Option<&ssh_key::PrivateKey>, m: &mut Manifest) {
+    let failed = crate::copy::copy_all(root, site, header, signer);
+    if failed.is_empty() {
+        return;
+    }
+    for line in &failed {
+        log::warn!(target: "offsite::copy", "{line}");
+    }
+    m.warnings.extend(failed);
+    m.status = Status::Warning;
+    if let Err(e) = root.rewrite_manifest(m) {
+        log::warn!(target: "offsite::copy", "cannot add the copy's failure to the run's manifest: {e}");
+    }
+}
+
+/// A store's lock, held for the run.
+enum Held {
+    Dir(#[allow(dead_code)] Lock),
+    S3(crate::s3::lock::S3Lock),
+}
+
+/// An S3 store that cannot be used: wrong credentials, a missing bucket
+/// or a bad setting are the site's to fix (exit 2); an unreachable server
+/// fails the backup (exit 1).
+fn s3_failure(e: S3Error) -> Failure {
+    let exit = if matches!(e, S3Error::Unreachable(_)) { Exit::BackupFailed } else { Exit::Usage };
+    Failure { exit, error: anyhow!("{e}") }
+}
+
 /// Opens the site's store and takes its lock, then finishes whatever an
-/// interrupted run left (see `StoreRoot::recover`).
-fn open_locked(
+/// interrupted run left (see `StoreRoot::recover`, `S3Root::recover`).
+fn open_locked(site: &Site, header: &RunHeader, signer: Option<ssh_key::PrivateKey>) -> Result<(Root, Held), Failure> {
+    let (root, held, recovered) = match &site.store {
+        StoreAt::Dir(dir) => {
+            let (root, lock) = open_locked_dir(site, dir, header, signer)?;
+            let recovered = root
+                .recover()
+                .with_context(|| format!("cannot recover what an interrupted run left in {}", dir.display()))
+                .exit(Exit::BackupFailed)?;
+            (Root::Dir(root), Held::Dir(lock), recovered)
+        }
+        StoreAt::S3(spec) => {
+            let root = S3Root::open(spec, site.limits.call_timeout).map_err(s3_failure)?.with_signer(signer);
+            root.probe().map_err(s3_failure)?;
+            let lock = match root.lock(header) {
+                Ok(lock) => lock,
+                Err(e @ crate::s3::lock::LockError::Busy { .. }) => {
+                    return Err(anyhow!(
+                        "site {}: store {}: {e}; this run did not start (that one goes on)",
+                        site.name,
+                        site.store.display()
+                    ))
+                    .exit(Exit::Locked);
+                }
+                Err(crate::s3::lock::LockError::S3(e)) => return Err(s3_failure(e)),
+            };
+            crate::logging::capture_start();
+            let recovered = root
+                .recover()
+                .map_err(|e| anyhow!("cannot recover what an interrupted run left in {}: {e}", site.store.display()))
+                .exit(Exit::BackupFailed)?;
+            (Root::S3(root), Held::S3(lock), recovered)
+        }
+    };
+    for line in recovered {
+        log::warn!(target: "offsite::run", "{line}");
+    }
+    Ok((root, held))
+}
+
+fn open_locked_dir(
     site: &Site,
+    dir: &Path,
     header: &RunHeader,
     signer: Option<ssh_key::PrivateKey>,
 ) -> Result<(StoreRoot, Lock), Failure> {
-    let root = StoreRoot::open(&site.store)
-        .with_context(|| format!("cannot open the store {}", site.store.display()))
+    let root = StoreRoot::open(dir)
+        .with_context(|| format!("cannot open the store {}", dir.display()))
         .exit(Exit::Usage)?
         .with_signer(signer);
     let me = Holder {
@@ -455,22 +564,15 @@ fn open_locked(
             return Err(anyhow!(
                 "site {}: store {}: {e}; this run did not start (that one goes on)",
                 site.name,
-                site.store.display()
+                dir.display()
             ))
             .exit(Exit::Locked);
         }
-        Err(e) => return Err(anyhow!("store {}: {e}", site.store.display())).exit(Exit::BackupFailed),
+        Err(e) => return Err(anyhow!("store {}: {e}", dir.display())).exit(Exit::BackupFailed),
     };
     crate::logging::capture_start();
     if let Some(dead) = stale {
         log::warn!(target: "offsite::run", "took over the store's lock from {dead}: that run ended without releasing it (killed or crashed)");
-    }
-    let recovered = root
-        .recover()
-        .with_context(|| format!("cannot recover what an interrupted run left in {}", site.store.display()))
-        .exit(Exit::BackupFailed)?;
-    for line in recovered {
-        log::warn!(target: "offsite::run", "{line}");
     }
     Ok((root, lock))
 }
@@ -510,12 +612,12 @@ fn claim_store(root: &StoreRoot, site: &Site) {
 
 /// After a run is recorded: retention (after good runs only) and the
 /// node_exporter textfile. Neither changes the run's status.
-fn after_run(root: &StoreRoot, site: &Site, manifest: &Manifest) {
+fn after_run(root: &Root, site: &Site, manifest: &Manifest) {
     if manifest.status.is_good() && !site.retention.is_empty() {
-        let pruned = retention::resume(root).and_then(|mut lines| {
+        let pruned = root.resume_prune().and_then(|mut lines| {
             let (manifests, _) = root.manifests()?;
             let plan = retention::plan(&manifests, &root.runs_of(&site.name), &site.retention);
-            lines.extend(retention::apply(root, &plan)?);
+            lines.extend(root.prune(&plan)?);
             Ok(lines)
         });
         match pruned {

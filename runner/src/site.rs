@@ -91,8 +91,8 @@ pub struct Site {
     pub name: String,
     /// The file it came from; `None` for the implicit current-directory site.
     pub file: Option<PathBuf>,
-    /// The one directory backups are written into.
-    pub store: PathBuf,
+    /// Where backups are written: one directory, or one bucket and prefix.
+    pub store: StoreAt,
     /// Several site files write into `store` (`shared_store = true`): each
     /// sees only the runs made under its name. Otherwise the store is the
     /// site's own and every run in it is the site's.
@@ -121,6 +121,8 @@ pub struct Site {
     pub deliveries: BTreeMap<String, Delivery>,
     /// Which runs to keep after a good run (`[retention]`); empty keeps all.
     pub retention: crate::store::retention::Keep,
+    /// Further stores each good run is copied to (`[[copy]]`).
+    pub copies: Vec<CopyTo>,
     /// node_exporter textfile to rewrite after every run (`[report]`).
     pub prometheus: Option<PathBuf>,
     /// An output smaller than this percentage of the same output in the
@@ -233,7 +235,7 @@ impl Site {
         Ok(Site {
             name: cwd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into()),
             file: None,
-            store: cwd.clone(),
+            store: StoreAt::Dir(cwd.clone()),
             shared_store: false,
             read_roots: vec![cwd.clone()],
             base_dir: cwd,
@@ -246,6 +248,7 @@ impl Site {
             secrets: BTreeMap::new(),
             deliveries: BTreeMap::new(),
             retention: Default::default(),
+            copies: Vec::new(),
             prometheus: None,
             shrink_warning: DEFAULT_SHRINK_WARNING,
             notify: Notify { timeout: NOTIFY_TIMEOUT, ..Notify::default() },
@@ -291,7 +294,21 @@ impl Site {
             }
         };
 
-        let store = file_dir.join(&raw.store);
+        let store =
+            store_at(&raw.store, raw.s3, &file_dir).map_err(|(key, why)| anyhow::anyhow!("{}: {why}", at(key)))?;
+        let mut copies: Vec<CopyTo> = Vec::new();
+        for (i, copy) in raw.copy.into_iter().enumerate() {
+            let n = i + 1;
+            let fail = |key: &str, why: String| anyhow::anyhow!("{}: (copy {n}) {why}", at(&format!("copy.{key}")));
+            let to = store_at(&copy.store, copy.s3, &file_dir).map_err(|(key, why)| fail(key, why))?;
+            if to == store || copies.iter().any(|c| c.store == to) {
+                return Err(fail(
+                    "store",
+                    format!("{} is already a store of this site; a copy goes elsewhere", to.display()),
+                ));
+            }
+            copies.push(CopyTo { store: to, retention: copy.retention.keep() });
+        }
         let mut read_roots = Vec::new();
         for root in &raw.read.roots {
             let abs = file_dir.join(root);
@@ -357,9 +374,6 @@ impl Site {
             max_files: raw.limits.max_files.unwrap_or(defaults.max_files),
         };
         limits.validate().map_err(|(key, why)| anyhow::anyhow!("{}: {why}", at(&format!("limits.{key}"))))?;
-        if raw.store.as_os_str().is_empty() {
-            bail!("{}: name the directory backups go into, like \"/srv/offsite/web1\"", at("store"));
-        }
         if let Some(name) = &raw.name
             && (name.trim().is_empty() || name.contains(['/', '\\']) || name.chars().any(char::is_control))
         {
@@ -466,12 +480,8 @@ impl Site {
             ssh_config: raw.ssh_config.map(|p| expand_home(&p, &file_dir)),
             secrets,
             deliveries,
-            retention: crate::store::retention::Keep {
-                last: raw.retention.keep_last.unwrap_or(0),
-                daily: raw.retention.keep_daily.unwrap_or(0),
-                weekly: raw.retention.keep_weekly.unwrap_or(0),
-                monthly: raw.retention.keep_monthly.unwrap_or(0),
-            },
+            retention: raw.retention.keep(),
+            copies,
             prometheus: raw.report.prometheus.map(|p| expand_home(&p, &file_dir)),
             shrink_warning,
             notify,
@@ -503,7 +513,8 @@ impl Site {
             })
             .collect();
         let grants = serde_json::json!({
-            "store": self.store,
+            "store": self.store.display(),
+            "copies": self.copies.iter().map(|c| c.store.display()).collect::<Vec<_>>(),
             "shared_store": self.shared_store,
             "read_roots": self.read_roots,
             "unreadable_fatal": self.unreadable_fatal,
@@ -562,6 +573,127 @@ struct SiteFile {
     notify: NotifySection,
     #[serde(default)]
     protect: ProtectSection,
+    s3: Option<S3Section>,
+    #[serde(default)]
+    copy: Vec<CopySection>,
+}
+
+/// `[[copy]]`: a further store, with its own `[copy.s3]` and
+/// `[copy.retention]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopySection {
+    store: PathBuf,
+    s3: Option<S3Section>,
+    #[serde(default)]
+    retention: RetentionSection,
+}
+
+/// A further store a site's good runs are copied to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyTo {
+    pub store: StoreAt,
+    /// Which runs the copy keeps; empty keeps all.
+    pub retention: crate::store::retention::Keep,
+}
+
+/// `[s3]`: how to reach an `s3://` store. Credentials are never here.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3Section {
+    endpoint: Option<String>,
+    region: Option<String>,
+    #[serde(default)]
+    path_style: bool,
+    profile: Option<String>,
+    part_size: Option<ByteSize>,
+    lock_stale: Option<HumanDuration>,
+}
+
+/// Where a site's backups go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAt {
+    /// A directory on this machine.
+    Dir(PathBuf),
+    /// A bucket and prefix on S3-compatible storage.
+    S3(Box<S3Store>),
+}
+
+/// An `s3://` store and the `[s3]` settings that reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Store {
+    pub location: crate::s3::S3Location,
+    pub settings: crate::s3::S3Settings,
+    /// Size of each part of a multipart upload (`[s3] part_size`).
+    pub part_size: u64,
+    /// A lock not renewed for this long belongs to a dead run
+    /// (`[s3] lock_stale`).
+    pub lock_stale: Duration,
+}
+
+/// `[s3] part_size` unless set: objects up to 160 GiB in 10,000 parts.
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+/// `[s3] lock_stale` unless set.
+pub const DEFAULT_LOCK_STALE: Duration = Duration::from_secs(600);
+
+impl StoreAt {
+    /// The directory, for a store on this machine.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            StoreAt::Dir(p) => Some(p),
+            StoreAt::S3(_) => None,
+        }
+    }
+
+    /// For messages: the directory's path, or `s3://BUCKET/PREFIX`.
+    pub fn display(&self) -> String {
+        match self {
+            StoreAt::Dir(p) => p.display().to_string(),
+            StoreAt::S3(s) => s.location.to_string(),
+        }
+    }
+}
+
+/// The site file's `store` (and `[s3]`), or the key at fault and why.
+fn store_at(raw: &Path, s3: Option<S3Section>, file_dir: &Path) -> Result<StoreAt, (&'static str, String)> {
+    let text = raw.to_string_lossy();
+    if text.is_empty() {
+        return Err(("store", "name the directory backups go into, like \"/srv/offsite/web1\"".into()));
+    }
+    if !text.starts_with("s3://") {
+        if s3.is_some() {
+            return Err((
+                "s3",
+                "an [s3] table is for a store = \"s3://BUCKET/PREFIX\"; this store is a directory".into(),
+            ));
+        }
+        return Ok(StoreAt::Dir(file_dir.join(raw)));
+    }
+    let location = crate::s3::S3Location::parse(&text).map_err(|e| ("store", e))?;
+    let s3 = s3.unwrap_or(S3Section {
+        endpoint: None,
+        region: None,
+        path_style: false,
+        profile: None,
+        part_size: None,
+        lock_stale: None,
+    });
+    let settings = crate::s3::S3Settings {
+        endpoint: s3.endpoint,
+        region: s3.region,
+        path_style: s3.path_style,
+        profile: s3.profile,
+    };
+    settings.check().map_err(|e| ("s3.endpoint", e))?;
+    let part_size = s3.part_size.map_or(DEFAULT_PART_SIZE, |b| b.0);
+    if !(5 << 20..=5 << 30).contains(&part_size) {
+        return Err(("s3.part_size", "must be between 5MiB and 5GiB (S3's limits for a part)".into()));
+    }
+    let lock_stale = s3.lock_stale.map_or(DEFAULT_LOCK_STALE, |d| d.0);
+    if lock_stale < Duration::from_secs(10) {
+        return Err(("s3.lock_stale", "must be at least 10s (the lock is renewed every tenth of it)".into()));
+    }
+    Ok(StoreAt::S3(Box::new(S3Store { location, settings, part_size, lock_stale })))
 }
 
 #[derive(Deserialize, Default)]
@@ -581,6 +713,17 @@ struct RetentionSection {
     keep_daily: Option<u32>,
     keep_weekly: Option<u32>,
     keep_monthly: Option<u32>,
+}
+
+impl RetentionSection {
+    fn keep(&self) -> crate::store::retention::Keep {
+        crate::store::retention::Keep {
+            last: self.keep_last.unwrap_or(0),
+            daily: self.keep_daily.unwrap_or(0),
+            weekly: self.keep_weekly.unwrap_or(0),
+            monthly: self.keep_monthly.unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -840,7 +983,7 @@ mod tests {
     fn minimal_site_uses_defaults_and_file_stem() {
         let site = parse("store = \"/srv/backup/web1\"\n").unwrap();
         assert_eq!(site.name, "web1");
-        assert_eq!(site.store, Path::new("/srv/backup/web1"));
+        assert_eq!(site.store.dir(), Some(Path::new("/srv/backup/web1")));
         assert_eq!(site.limits, Limits::default());
         assert!(site.read_roots.is_empty());
     }
@@ -906,7 +1049,44 @@ mod tests {
     #[test]
     fn relative_store_resolves_against_the_site_file() {
         let site = parse("store = \"backups\"\n").unwrap();
-        assert_eq!(site.store, Path::new("/etc/offsite/backups"));
+        assert_eq!(site.store.dir(), Some(Path::new("/etc/offsite/backups")));
+    }
+
+    #[test]
+    fn an_s3_store_takes_its_settings_from_the_s3_table() {
+        let site = parse(
+            "store = \"s3://backups/web1\"\n[s3]\nendpoint = \"https://s3.example.net\"\npath_style = true\n\
+             part_size = \"8MiB\"\nlock_stale = \"5m\"\n",
+        )
+        .unwrap();
+        let crate::site::StoreAt::S3(s3) = &site.store else { panic!("{:?}", site.store) };
+        assert_eq!((s3.location.bucket.as_str(), s3.location.prefix.as_str()), ("backups", "web1"));
+        assert_eq!(s3.settings.endpoint.as_deref(), Some("https://s3.example.net"));
+        assert!(s3.settings.path_style);
+        assert_eq!((s3.part_size, s3.lock_stale), (8 << 20, Duration::from_secs(300)));
+        assert_eq!(site.store.display(), "s3://backups/web1");
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        let e = err("store = \"s3://Bad_Bucket/x\"\n");
+        assert!(e.contains("key `store`") && e.contains("lower-case"), "{e}");
+        let e = err("store = \"s3://backups\"\n[s3]\nendpoint = \"http://s3.example.net\"\n");
+        assert!(e.contains("key `s3.endpoint`") && e.contains("unencrypted"), "{e}");
+        let e = err("store = \"s3://backups\"\n[s3]\npart_size = \"1MiB\"\n");
+        assert!(e.contains("key `s3.part_size`"), "{e}");
+        let e = err("store = \"/srv/x\"\n[s3]\nregion = \"eu-west-1\"\n");
+        assert!(e.contains("[s3] table"), "{e}");
+        let site = parse(
+            "store = \"/srv/a\"\n[[copy]]\nstore = \"copies/a\"\n[copy.retention]\nkeep_last = 3\n[[copy]]\n\
+             store = \"s3://vault/a\"\n[copy.s3]\npath_style = true\n",
+        )
+        .unwrap();
+        assert_eq!(site.copies.len(), 2);
+        assert_eq!(site.copies[0].store.dir(), Some(Path::new("/etc/offsite/copies/a")));
+        assert_eq!(site.copies[0].retention.last, 3);
+        assert_eq!(site.copies[1].store.display(), "s3://vault/a");
+        let e = err("store = \"/srv/a\"\n[[copy]]\nstore = \"/srv/a\"\n");
+        assert!(e.contains("key `copy.store`") && e.contains("already a store of this site"), "{e}");
+        let e = err("store = \"s3://backups\"\n[s3]\naccess_key = \"AKIA\"\n");
+        assert!(e.contains("access_key"), "credentials never in the site file: {e}");
     }
 
     #[test]

@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
 use crate::site::Site;
+use crate::store::Manifest;
 use crate::store::run::Runs;
-use crate::store::{Manifest, StoreRoot};
+use crate::store::s3::Root;
 
 /// One site's state.
 pub struct SiteStatus {
@@ -50,10 +51,10 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
         "last_run": null, "last_good": null, "running": null, "interrupted": null, "next_run": null,
     });
     let mut failing;
-    match StoreRoot::open_existing(&site.store) {
+    match Root::open_existing(&site.store, site.limits.call_timeout) {
         // Never run and an unreadable store both fail a monitoring check:
         // there is no backup to count on.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.is_not_found() => {
             failing = true;
             let _ = writeln!(text, "  last run:  never (no store at {} yet)", site.store.display());
         }
@@ -118,7 +119,10 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                     }
                 };
             }
-            match (root.holder(), root.died_holder()) {
+            if !site.copies.is_empty() {
+                json["copies"] = copies(site, &mine, &mut text).into();
+            }
+            match root.holders() {
                 (Some(h), _) => {
                     json["running"] = serde_json::json!({ "pid": h.pid, "hostname": h.hostname, "started": h.started });
                     let _ =
@@ -183,4 +187,39 @@ fn summary(m: &Manifest) -> String {
         _ => 0.0,
     };
     format!("{} file(s), {:.1} MiB, {secs:.1} s", m.files.len(), m.bytes() as f64 / (1 << 20) as f64)
+}
+
+/// Each `[[copy]]` store: the newest good run it has, and how many good
+/// runs of the first store it lacks (a copy that failed is caught up by
+/// the next run).
+fn copies(site: &Site, mine: &[Manifest], text: &mut String) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for copy in &site.copies {
+        let store = copy.store.display();
+        let newest =
+            Root::open_existing(&copy.store, site.limits.call_timeout).map_err(|e| e.to_string()).and_then(|root| {
+                let (all, _) = root.manifests().map_err(|e| e.to_string())?;
+                let runs = root.runs_of(&site.name);
+                Ok(all.into_iter().rev().find(|m| runs.includes(m) && m.status.is_good()).map(|m| m.run.run_id))
+            });
+        match newest {
+            Ok(newest) => {
+                let behind = mine
+                    .iter()
+                    .filter(|m| m.status.is_good() && newest.as_ref().is_none_or(|n| m.run.run_id > *n))
+                    .count();
+                let _ = match (&newest, behind) {
+                    (Some(n), 0) => writeln!(text, "  copy:      {store}: up to date (run {n})"),
+                    (Some(n), b) => writeln!(text, "  copy:      {store}: {b} good run(s) behind (newest copied: {n})"),
+                    (None, _) => writeln!(text, "  copy:      {store}: nothing copied yet"),
+                };
+                out.push(serde_json::json!({ "store": store, "last_copied": newest, "behind": behind }));
+            }
+            Err(e) => {
+                let _ = writeln!(text, "  copy:      {store}: cannot be read: {e}");
+                out.push(serde_json::json!({ "store": store, "last_copied": null, "behind": 0, "error": e }));
+            }
+        }
+    }
+    out
 }

@@ -36,7 +36,6 @@ use chrono::{DateTime, Utc};
 use crate::engine::{Runtime, default_cache_dir};
 use crate::reload::{Reload, Slot, Version};
 use crate::schedule::{Missed, Schedule};
-use crate::store::StoreRoot;
 
 /// How late a scheduled run may start and still be on time. Later than
 /// this, the machine was asleep or the clock jumped: the run was missed
@@ -351,8 +350,8 @@ fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<U
 }
 
 /// When the site last started a run, from its store's manifests.
-fn last_run(store: &Path, site: &str) -> Option<DateTime<Utc>> {
-    let root = StoreRoot::open_existing(store).ok()?;
+fn last_run(store: &crate::site::StoreAt, site: &str) -> Option<DateTime<Utc>> {
+    let root = crate::store::s3::Root::open_existing(store, std::time::Duration::from_secs(60)).ok()?;
     let (manifests, _) = root.manifests().ok()?;
     let runs = root.runs_of(site);
     manifests.iter().rev().find(|m| runs.includes(m)).and_then(|m| m.started_at()).map(|t| t.with_timezone(&Utc))

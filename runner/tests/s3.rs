@@ -31,7 +31,13 @@ fn bucket(server: &S3Server, url: &str) -> Arc<Bucket> {
 }
 
 fn holder(site: &str) -> Holder {
-    Holder { site: site.into(), host: "machine".into(), pid: 1, started: "2026-12-01T00:00:00Z".into() }
+    Holder {
+        site: site.into(),
+        host: "machine".into(),
+        pid: 1,
+        started: "2026-12-01T00:00:00Z".into(),
+        run_id: "r".into(),
+    }
 }
 
 #[test]

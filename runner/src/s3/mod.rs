@@ -7,12 +7,17 @@
 //! - [`lock`]: one run per store at a time, across machines;
 //! - [`upload`]: streaming an object in parts with bounded memory.
 
+#[cfg(feature = "runtime")]
 pub mod client;
+#[cfg(feature = "runtime")]
 pub mod credentials;
 pub mod location;
+#[cfg(feature = "runtime")]
 pub mod lock;
+#[cfg(feature = "runtime")]
 pub mod upload;
 
+#[cfg(feature = "runtime")]
 pub use self::client::{Bucket, Put, S3Error};
 pub use self::location::{S3Location, S3Settings};
 

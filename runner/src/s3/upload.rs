@@ -135,8 +135,11 @@ impl ObjectWriter {
     }
 
     fn abort_now(&mut self) -> Result<(), S3Error> {
-        for part in self.in_flight.drain(..) {
-            part.abort();
+        // Parts on the wire are let finish first: a part that lands after
+        // the abort would bring the upload back on some servers (S3 says
+        // an abort may need repeating while parts are in progress).
+        for part in std::mem::take(&mut self.in_flight) {
+            let _ = self.bucket.call(&self.rel, async move { part.await.unwrap_or_else(|e| Err(join_error(e))) });
         }
         match self.upload.take() {
             Some(mut upload) => self.bucket.call(&self.rel, async move { upload.abort().await }),

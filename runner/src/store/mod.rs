@@ -28,6 +28,8 @@ pub mod manifest;
 pub mod protect;
 pub mod retention;
 pub mod run;
+#[cfg(feature = "runtime")]
+pub mod s3;
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -53,10 +55,20 @@ pub const META_DIR: &str = ".offsite";
 /// Where one run writes: its staging directory inside the store, the
 /// journal of files it has completed, and its budget.
 pub struct Store {
-    root: PathBuf,
     run_id: String,
-    staging: Dir,
+    target: Target,
     shared: Arc<RunShared>,
+}
+
+/// Where a run's files go while it runs.
+enum Target {
+    /// This run's staging directory in a store on this machine.
+    Staging(Dir),
+    /// Multipart uploads to their final keys, each sealed (every byte on
+    /// the server, nothing visible) when its file is complete; the run's
+    /// end completes them (see `s3`).
+    #[cfg(feature = "runtime")]
+    Bucket { bucket: Arc<crate::s3::Bucket>, part_size: usize },
 }
 
 /// What every pending file of a run updates when it completes.
@@ -64,7 +76,11 @@ struct RunShared {
     budget: Budget,
     /// Encrypt every file to these (none: store plain files).
     recipients: Vec<age::x25519::Recipient>,
-    journal: Mutex<std::fs::File>,
+    /// The staging directory's journal (a store on this machine).
+    journal: Mutex<Option<std::fs::File>>,
+    /// Uploads sealed, waiting for the run's end (an S3 store).
+    #[cfg(feature = "runtime")]
+    sealed: Mutex<Vec<crate::s3::upload::SealedUpload>>,
     /// Paths created in this run (pending or stored): each at most once.
     claimed: Mutex<HashSet<PathBuf>>,
     /// Files completed, in order.
@@ -228,12 +244,37 @@ pub(crate) fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> io::Result<()
 }
 
 impl Store {
-    pub fn root(&self) -> &Path {
-        &self.root
+    fn new(
+        run_id: &str,
+        target: Target,
+        budget: Budget,
+        recipients: Vec<age::x25519::Recipient>,
+        journal: Option<std::fs::File>,
+    ) -> Store {
+        Store {
+            run_id: run_id.to_string(),
+            target,
+            shared: Arc::new(RunShared {
+                budget,
+                recipients,
+                journal: Mutex::new(journal),
+                #[cfg(feature = "runtime")]
+                sealed: Mutex::new(Vec::new()),
+                claimed: Mutex::new(Default::default()),
+                stored: Mutex::new(Vec::new()),
+            }),
+        }
     }
 
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// The uploads sealed so far (an S3 store), for the run's end to
+    /// complete, or to abort by dropping them.
+    #[cfg(feature = "runtime")]
+    pub(crate) fn take_sealed(&self) -> Vec<crate::s3::upload::SealedUpload> {
+        std::mem::take(&mut *self.shared.sealed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The files completed so far, in order.
@@ -254,26 +295,34 @@ impl Store {
         }
         let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
         self.shared.budget.take_file()?;
-        let parent = make_dirs(&self.staging, rel.parent().unwrap_or(Path::new("")))?;
         let mut final_name = file_name.to_string_lossy().into_owned();
-        let tmp_name = temp_name(&final_name);
-        let file = HashingWriter::new(DurableFile::new(create_new(&parent, &tmp_name)?.into_std()));
+        if !self.shared.recipients.is_empty() {
+            final_name.push_str(protect::AGE_SUFFIX);
+        }
+        let (place, out) = match &self.target {
+            Target::Staging(staging) => {
+                let parent = make_dirs(staging, rel.parent().unwrap_or(Path::new("")))?;
+                let tmp_name = temp_name(&final_name);
+                let out = Out::File(DurableFile::new(create_new(&parent, &tmp_name)?.into_std()));
+                (Place::Staging { parent, tmp_name }, out)
+            }
+            #[cfg(feature = "runtime")]
+            Target::Bucket { bucket, part_size } => {
+                let key = rel.with_file_name(&final_name).to_string_lossy().into_owned();
+                let writer = crate::s3::upload::ObjectWriter::create(Arc::clone(bucket), &key, *part_size)
+                    .map_err(io::Error::other)?;
+                (Place::Bucket, Out::Object(Box::new(writer), Vec::new()))
+            }
+        };
+        let file = HashingWriter::new(out);
         let writer = if self.shared.recipients.is_empty() {
             Sink::Plain(file)
         } else {
-            final_name.push_str(protect::AGE_SUFFIX);
             let recipients = self.shared.recipients.iter().map(|r| r as &dyn age::Recipient);
             let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
             Sink::Age(HashingWriter::new(encryptor.wrap_output(file)?))
         };
-        Ok(PendingFile {
-            parent,
-            tmp_name,
-            final_name: final_name.into(),
-            writer: Some(writer),
-            claim,
-            scratch: Vec::new(),
-        })
+        Ok(PendingFile { place, final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() })
     }
 }
 
@@ -288,8 +337,7 @@ struct Claim {
 ///
 /// [`commit`]: PendingFile::commit
 pub struct PendingFile {
-    parent: Dir,
-    tmp_name: String,
+    place: Place,
     final_name: PathBuf,
     writer: Option<Sink>,
     claim: Claim,
@@ -297,17 +345,93 @@ pub struct PendingFile {
     scratch: Vec<u8>,
 }
 
+/// Where a pending file is: a temporary name in the staging directory,
+/// or an upload to its final key.
+enum Place {
+    Staging {
+        parent: Dir,
+        tmp_name: String,
+    },
+    #[cfg(feature = "runtime")]
+    Bucket,
+}
+
+/// Where the stored bytes end: a file, or an object being uploaded (with
+/// the buffer [`PendingFile::spare`] hands out).
+enum Out {
+    File(DurableFile),
+    #[cfg(feature = "runtime")]
+    Object(Box<crate::s3::upload::ObjectWriter>, Vec<u8>),
+}
+
+/// A pending file's bytes, all on their way: the file to sync and rename,
+/// or the sealed upload to complete at the run's end.
+enum Finished {
+    File(File),
+    #[cfg(feature = "runtime")]
+    Object(crate::s3::upload::SealedUpload),
+}
+
+impl Out {
+    fn spare(&mut self) -> &mut [u8] {
+        match self {
+            Out::File(f) => f.spare(),
+            #[cfg(feature = "runtime")]
+            Out::Object(_, buf) => {
+                if buf.is_empty() {
+                    buf.resize(256 << 10, 0);
+                }
+                buf
+            }
+        }
+    }
+
+    fn filled(&mut self, n: usize) -> io::Result<()> {
+        match self {
+            Out::File(f) => f.filled(n),
+            #[cfg(feature = "runtime")]
+            Out::Object(w, buf) => w.write_all_bytes(&buf[..n]).map_err(io::Error::other),
+        }
+    }
+
+    fn finish(self) -> io::Result<Finished> {
+        match self {
+            Out::File(f) => Ok(Finished::File(File::from_std(f.finish()?))),
+            #[cfg(feature = "runtime")]
+            Out::Object(w, _) => Ok(Finished::Object(w.seal().map_err(io::Error::other)?)),
+        }
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::File(f) => f.write(buf),
+            #[cfg(feature = "runtime")]
+            Out::Object(w, _) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Out::File(f) => f.flush(),
+            #[cfg(feature = "runtime")]
+            Out::Object(..) => Ok(()),
+        }
+    }
+}
+
 /// Where a pending file's bytes go: straight to the file, or through age.
 /// Either way the stored bytes are counted and hashed; through age the
 /// plaintext is too.
 enum Sink {
-    Plain(HashingWriter<DurableFile>),
-    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<DurableFile>>>),
+    Plain(HashingWriter<Out>),
+    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<Out>>>),
 }
 
 impl Sink {
-    /// The file, its stored size and hash, and the plaintext's if encrypted.
-    fn finish(self) -> io::Result<(File, u64, String, Option<Plain>)> {
+    /// The bytes' end, their stored size and hash, and the plaintext's if
+    /// encrypted.
+    fn finish(self) -> io::Result<(Finished, u64, String, Option<Plain>)> {
         let (file, plain) = match self {
             Sink::Plain(file) => (file, None),
             Sink::Age(plain) => {
@@ -315,8 +439,8 @@ impl Sink {
                 (stream.finish()?, Some(Plain { bytes, sha256 }))
             }
         };
-        let (file, bytes, sha256) = file.finish();
-        Ok((File::from_std(file.finish()?), bytes, sha256, plain))
+        let (out, bytes, sha256) = file.finish();
+        Ok((out.finish()?, bytes, sha256, plain))
     }
 }
 
@@ -371,22 +495,71 @@ pub struct Plain {
 
 impl PendingFile {
     /// Syncs the data, renames it into place in the staging directory,
-    /// syncs the directory and notes the file in the run's journal.
-    pub fn commit(mut self, origin: Origin) -> io::Result<StoredFile> {
+    /// syncs the directory and notes the file in the run's journal. (An
+    /// upload is sealed instead, and completed at the run's end.)
+    pub fn commit(self, origin: Origin) -> io::Result<StoredFile> {
+        self.commit_as(|path, bytes, sha256, plain| {
+            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None })
+        })
+    }
+
+    /// Commits a copy of `original` (a file of another store of the
+    /// site): the bytes written must be its bytes, by size and SHA-256, and
+    /// the record keeps its plaintext's size and hash and its origin.
+    pub fn commit_copy(self, original: &StoredFile) -> io::Result<StoredFile> {
+        self.commit_as(|path, bytes, sha256, _| {
+            if (path.as_str(), bytes, sha256.as_str()) != (original.path.as_str(), original.bytes, original.sha256.as_str())
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{path}: read {bytes} bytes with sha256 {sha256}, but its manifest says {} bytes with sha256 {}",
+                        original.bytes, original.sha256
+                    ),
+                ));
+            }
+            Ok(StoredFile { replaces: None, ..original.clone() })
+        })
+    }
+
+    /// Finishes the bytes, lets `record` judge them (path, size, hash and
+    /// plaintext) and make their record, then stores them.
+    fn commit_as(
+        mut self,
+        record: impl FnOnce(String, u64, String, Option<Plain>) -> io::Result<StoredFile>,
+    ) -> io::Result<StoredFile> {
         let writer = self.writer.take().expect("commit called once");
-        let (file, bytes, sha256, plain) = writer.finish()?;
-        file.sync_all()?;
-        drop(file);
-        if let Err(e) = self.parent.rename(&self.tmp_name, &self.parent, &self.final_name) {
-            let _ = self.parent.remove_file(&self.tmp_name);
-            return Err(e);
-        }
-        sync_dir(&self.parent)?;
         let path = self.claim.rel.with_file_name(&self.final_name).to_string_lossy().into_owned();
-        let stored = StoredFile { path, bytes, sha256, plain, origin, replaces: None };
-        let shared = &self.claim.shared;
-        {
-            let mut journal = shared.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let judged = writer
+            .finish()
+            .and_then(|(finished, bytes, sha256, plain)| Ok((finished, record(path, bytes, sha256, plain)?)));
+        let (finished, stored) = match judged {
+            Ok(done) => done,
+            Err(e) => {
+                // (An upload's end aborts itself when dropped.)
+                if let Place::Staging { parent, tmp_name } = &self.place {
+                    let _ = parent.remove_file(tmp_name);
+                }
+                return Err(e);
+            }
+        };
+        let shared = Arc::clone(&self.claim.shared);
+        match (finished, &self.place) {
+            (Finished::File(file), Place::Staging { parent, tmp_name }) => {
+                file.sync_all()?;
+                drop(file);
+                if let Err(e) = parent.rename(tmp_name, parent, &self.final_name) {
+                    let _ = parent.remove_file(tmp_name);
+                    return Err(e);
+                }
+                sync_dir(parent)?;
+            }
+            #[cfg(feature = "runtime")]
+            (Finished::Object(sealed), _) => shared.sealed.lock().unwrap_or_else(|e| e.into_inner()).push(sealed),
+            #[cfg(feature = "runtime")]
+            _ => unreachable!("a file's end matches its place"),
+        }
+        if let Some(journal) = shared.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             let mut line = serde_json::to_vec(&stored).expect("a stored file serialises");
             line.push(b'\n');
             journal.write_all(&line)?;
@@ -438,8 +611,11 @@ impl Write for PendingFile {
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        if self.writer.is_some() {
-            let _ = self.parent.remove_file(&self.tmp_name);
+        // (An unfinished upload aborts itself when its writer drops.)
+        if self.writer.is_some()
+            && let Place::Staging { parent, tmp_name } = &self.place
+        {
+            let _ = parent.remove_file(tmp_name);
         }
     }
 }
@@ -470,8 +646,8 @@ impl<W: Write> HashingWriter<W> {
     }
 }
 
-impl HashingWriter<DurableFile> {
-    /// [`DurableFile::spare`].
+impl HashingWriter<Out> {
+    /// [`Out::spare`].
     fn spare(&mut self) -> &mut [u8] {
         self.inner.spare()
     }

@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -14,7 +13,7 @@ use super::lock::{self, Holder, Lock, LockError};
 pub use super::manifest::RunHeader;
 use super::manifest::{FORMAT, Manifest, ScriptRef, Status};
 use super::protect;
-use super::{Budget, META_DIR, RunShared, Store, StoredFile, TEMP_PREFIX, make_dirs, sync_dir, write_atomic};
+use super::{Budget, META_DIR, Store, StoredFile, TEMP_PREFIX, make_dirs, sync_dir, write_atomic};
 
 /// A site's store, opened with its `.offsite` directory.
 pub struct StoreRoot {
@@ -393,18 +392,30 @@ impl StoreRoot {
         io::Write::write_all(&mut journal, &line)?;
         journal.sync_all()?;
         sync_dir(&self.runs)?;
-        Ok(Store {
-            root: self.root.clone(),
-            run_id: header.run_id.clone(),
-            staging,
-            shared: Arc::new(RunShared {
-                budget,
-                recipients,
-                journal: Mutex::new(journal),
-                claimed: Mutex::new(Default::default()),
-                stored: Mutex::new(Vec::new()),
-            }),
-        })
+        Ok(Store::new(&header.run_id, super::Target::Staging(staging), budget, recipients, Some(journal)))
+    }
+
+    /// Gives up a run without recording it: its staged files and journal
+    /// go (a copy that failed, which the next run makes again).
+    pub fn abandon_run(&self, store: Store) -> io::Result<()> {
+        let run_id = store.run_id().to_string();
+        drop(store);
+        if self.runs.is_dir(&run_id) {
+            self.runs.remove_dir_all(&run_id)?;
+        }
+        let _ = self.runs.remove_file(journal_name(&run_id));
+        sync_dir(&self.runs)
+    }
+
+    /// Rewrites a recorded run's manifest (and its signature): a run whose
+    /// copy failed after it was recorded gets the warning.
+    pub fn rewrite_manifest(&self, manifest: &Manifest) -> io::Result<()> {
+        let json = manifest.to_json();
+        let name = format!("{}.json", manifest.run.run_id);
+        if let Some(key) = &self.signer {
+            write_atomic(&self.manifests, &format!("{name}{}", protect::SIG_SUFFIX), &protect::sign(key, &json)?)?;
+        }
+        write_atomic(&self.manifests, &name, &json)
     }
 
     /// Ends a run: a good run's files are moved to their paths and its

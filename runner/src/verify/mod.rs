@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use cap_std::fs::Dir;
 use sha2::{Digest, Sha256};
 
-use crate::store::{META_DIR, Manifest, StoreRoot, StoredFile, TEMP_PREFIX, protect};
+use crate::store::s3::{Root, S3Root};
+use crate::store::{META_DIR, Manifest, StoredFile, TEMP_PREFIX, protect};
 
 /// What to check beyond hashes and formats.
 #[derive(Default)]
@@ -38,16 +39,22 @@ pub struct Report {
     pub checked: Vec<String>,
     pub files: usize,
     pub runs: usize,
+    /// The newest run the store has a manifest of.
+    pub newest: Option<String>,
 }
 
-/// Checks the store at `root`.
-pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
+/// Checks the store at `root`. Objects in an S3 store are downloaded (one
+/// at a time, into a private scratch directory) and checked as files are:
+/// the server's own checksums are not relied on, since not every server
+/// keeps a SHA-256.
+pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
     let mut report = Report::default();
     let (manifests, bad) = root.manifests()?;
     for b in bad {
         report.problems.push(format!("{META_DIR}/manifests/{}: cannot be read: {}", b.name, b.error));
     }
     report.runs = manifests.len();
+    report.newest = manifests.iter().map(|m| m.run.run_id.clone()).max();
     if let Some(key) = &options.verify_key {
         for m in &manifests {
             let name = format!("{META_DIR}/manifests/{}.json", m.run.run_id);
@@ -68,7 +75,37 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
             owners.insert(m.location(f), (m, f));
         }
     }
+    // Where an S3 store's objects are checked, one at a time.
+    let scratch = match root {
+        Root::Dir(_) => None,
+        Root::S3(_) => {
+            let tmp = tempfile::Builder::new().prefix("offsite-verify.").tempdir()?;
+            let dir = Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())?;
+            Some((tmp, dir))
+        }
+    };
     for (location, (m, f)) in &owners {
+        let downloaded;
+        let dir = match (root, &scratch) {
+            (Root::Dir(r), _) => &r.dir,
+            (Root::S3(r), Some((_, dir))) => match download(r, dir, location) {
+                Ok(()) => {
+                    downloaded = Downloaded { dir, rel: location };
+                    downloaded.dir
+                }
+                Err(e) => {
+                    report.files += 1;
+                    report.problems.push(format!(
+                        "{}: {e} (run {}, status {})",
+                        location.display(),
+                        m.run.run_id,
+                        m.status
+                    ));
+                    continue;
+                }
+            },
+            (Root::S3(_), None) => unreachable!("an S3 store has a scratch directory"),
+        };
         if let Some(r) = &f.replaces {
             report.checked.push(format!(
                 "{}: run {} replaced the file of the same name from run {} (sha256 {})",
@@ -79,7 +116,7 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
             ));
         }
         report.files += 1;
-        match check_file(&root.dir, location, f, &options.identities) {
+        match check_file(dir, location, f, &options.identities) {
             Ok(line) => {
                 report.checked.push(line);
                 let plain_name = plain_name(location);
@@ -89,7 +126,7 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
                     && readable
                     && is_dump(&plain_name)
                 {
-                    let opened = open_plain(&root.dir, location, &options.identities);
+                    let opened = open_plain(dir, location, &options.identities);
                     match opened.and_then(|r| restore_test(r, &plain_name, Engine::of(f), scratch)) {
                         Ok(line) => report.checked.push(line),
                         Err(e) => report.problems.push(format!("{}: restore test failed: {e}", location.display())),
@@ -101,6 +138,13 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
             }
         }
     }
+    let root = match root {
+        Root::Dir(r) => r,
+        Root::S3(r) => {
+            unlisted_objects(r, &owners, &mut report)?;
+            return Ok(report);
+        }
+    };
     let active = root.holder().map(|h| h.run_id);
     let mut unlisted = Vec::new();
     walk(&root.dir, Path::new(""), &mut |rel| {
@@ -124,6 +168,62 @@ pub fn verify(root: &StoreRoot, options: &Options) -> io::Result<Report> {
         report.problems.extend(unlisted);
     }
     Ok(report)
+}
+
+/// An object downloaded for checking; removed when checked.
+struct Downloaded<'a> {
+    dir: &'a Dir,
+    rel: &'a Path,
+}
+
+impl Drop for Downloaded<'_> {
+    fn drop(&mut self) {
+        let _ = self.dir.remove_file(self.rel);
+    }
+}
+
+/// Downloads the object `rel` to the same path beneath `scratch`.
+fn download(root: &S3Root, scratch: &Dir, rel: &Path) -> Result<(), String> {
+    let key = rel.to_string_lossy();
+    if root.bucket().head(&key).map_err(|e| format!("cannot be read: {e}"))?.is_none() {
+        return Err("missing".into());
+    }
+    if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+        scratch.create_dir_all(parent).map_err(|e| format!("cannot make room to check it: {e}"))?;
+    }
+    let mut file = scratch.create(rel).map_err(|e| format!("cannot make room to check it: {e}"))?;
+    root.bucket().download(&key, &mut file).map_err(|e| format!("cannot be read: {e}"))?;
+    Ok(())
+}
+
+/// Objects under an S3 store's prefix that no manifest lists and that
+/// are not the store's own: problems, as unlisted files are. A run's
+/// record in progress (or left by a killed run, which the next run
+/// finishes) is noted, not counted.
+fn unlisted_objects(
+    root: &S3Root,
+    owners: &BTreeMap<PathBuf, (&Manifest, &StoredFile)>,
+    report: &mut Report,
+) -> io::Result<()> {
+    for object in root.bucket().list("").map_err(io::Error::other)? {
+        let rel = object.rel.as_str();
+        if owners.contains_key(Path::new(rel)) || crate::store::s3::is_bookkeeping(rel) {
+            continue;
+        }
+        let shown = crate::text::escape(rel);
+        if crate::store::s3::is_run_record(rel) {
+            report.checked.push(format!("{shown}: the record of a run in progress, or of one the next run finishes"));
+        } else if rel.ends_with(".json.pruning") {
+            report.problems.push(format!("{shown}: an interrupted prune (the next prune finishes it)"));
+        } else {
+            report.problems.push(format!("{shown}: unlisted: no manifest lists this object"));
+        }
+    }
+    report.checked.push(format!(
+        "{}: every object was downloaded and hashed (the server's checksums are not used)",
+        root.bucket().location()
+    ));
+    Ok(())
 }
 
 /// The runner's own files, and the files of the run in progress.

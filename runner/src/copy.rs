@@ -1,0 +1,183 @@
+//! `[[copy]]`: after a good run, its files and manifest go to each further
+//! store of the site (a directory, or S3), each with its own retention.
+//!
+//! A copy is a run in the other store with the same run id, header and
+//! records: each file is streamed from the store that has it into the
+//! copy's store through the same staged, hashed and atomic path a run's
+//! files take, and must hash to what its manifest says (so a file that
+//! rotted in the first store is not copied as good). The copy's manifest
+//! comes last, as for any run.
+//!
+//! A copy that fails is a warning on the run, never a failed backup: the
+//! run itself is safe in the first store. The next run copies every good
+//! run newer than the copy's newest (those its retention would keep), so
+//! a copy missed once catches up.
+
+use std::io;
+use std::path::Path;
+
+use crate::site::{CopyTo, Site, StoreAt};
+use crate::store::lock::{Holder, LockError};
+use crate::store::retention;
+use crate::store::run::{Outcome, RunHeader};
+use crate::store::s3::{Root, S3Root};
+use crate::store::{Budget, Manifest, StoreRoot};
+
+/// Copies to every `[[copy]]` store of `site` what it lacks of `from`,
+/// taking each copy's lock as `me`. Returns one warning per copy that
+/// failed (the rest is logged).
+pub fn copy_all(from: &Root, site: &Site, me: &RunHeader, signer: Option<&ssh_key::PrivateKey>) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (i, copy) in site.copies.iter().enumerate() {
+        match copy_to(from, site, copy, me, signer) {
+            Ok(lines) => lines.iter().for_each(|l| log::info!(target: "offsite::copy", "{l}")),
+            Err(e) => failed.push(format!(
+                "copy {} to {} failed: {e}; the run is safe in {}, and the next run copies it again",
+                i + 1,
+                copy.store.display(),
+                site.store.display()
+            )),
+        }
+    }
+    failed
+}
+
+/// A copy's store, opened and locked for this process.
+struct Target {
+    root: Root,
+    lock: Locked,
+}
+
+enum Locked {
+    Dir(#[allow(dead_code)] crate::store::lock::Lock),
+    S3(crate::s3::lock::S3Lock),
+}
+
+fn open(copy: &CopyTo, site: &Site, me: &RunHeader, signer: Option<&ssh_key::PrivateKey>) -> io::Result<Target> {
+    match &copy.store {
+        StoreAt::Dir(dir) => {
+            let root = StoreRoot::open(dir)?.with_signer(signer.cloned());
+            let holder = Holder {
+                pid: me.pid,
+                hostname: me.hostname.clone(),
+                started: me.started.clone(),
+                site: me.site.clone(),
+                run_id: me.run_id.clone(),
+            };
+            let (lock, _) = root.lock(&holder).map_err(|e| match e {
+                LockError::Held(_) => io::Error::new(io::ErrorKind::ResourceBusy, e.to_string()),
+                other => io::Error::other(other.to_string()),
+            })?;
+            for line in root.recover()? {
+                log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
+            }
+            Ok(Target { root: Root::Dir(root), lock: Locked::Dir(lock) })
+        }
+        StoreAt::S3(spec) => {
+            let root =
+                S3Root::open(spec, site.limits.call_timeout).map_err(io::Error::other)?.with_signer(signer.cloned());
+            root.probe().map_err(io::Error::other)?;
+            let lock = root.lock(me).map_err(|e| io::Error::other(e.to_string()))?;
+            for line in root.recover().map_err(io::Error::other)? {
+                log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
+            }
+            Ok(Target { root: Root::S3(root), lock: Locked::S3(lock) })
+        }
+    }
+}
+
+fn copy_to(
+    from: &Root,
+    site: &Site,
+    copy: &CopyTo,
+    me: &RunHeader,
+    signer: Option<&ssh_key::PrivateKey>,
+) -> io::Result<Vec<String>> {
+    let target = open(copy, site, me, signer)?;
+    let to = &target.root;
+    let (there, _) = to.manifests()?;
+    let newest_there = there.iter().filter(|m| m.status.is_good()).map(|m| m.run.run_id.clone()).max();
+    let (here, _) = from.manifests()?;
+    let runs = from.runs_of(&site.name);
+    let good: Vec<&Manifest> = here.iter().filter(|m| runs.includes(m) && m.status.is_good()).collect();
+    // Every good run newer than the copy's newest good one, but not those
+    // the copy's own retention would prune at once (a new copy of a long
+    // history with `keep_last = 7` gets seven runs, not all).
+    let mut todo: Vec<&Manifest> =
+        good.into_iter().filter(|m| newest_there.as_ref().is_none_or(|n| m.run.run_id > *n)).collect();
+    if !copy.retention.is_empty() && !todo.is_empty() {
+        let mut combined: Vec<Manifest> = there.clone();
+        combined.extend(todo.iter().map(|m| (*m).clone()));
+        combined.sort_by(|a, b| a.run.run_id.cmp(&b.run.run_id));
+        let plan = retention::plan(&combined, &to.runs_of(&site.name), &copy.retention);
+        let kept: std::collections::BTreeSet<&str> =
+            plan.iter().filter(|v| v.keep()).map(|v| v.run_id.as_str()).collect();
+        todo.retain(|m| kept.contains(m.run.run_id.as_str()));
+    }
+    let mut lines = Vec::new();
+    for m in todo {
+        copy_run(from, &target, m)?;
+        lines.push(format!(
+            "copied run {} ({} file(s), {} bytes) to {}",
+            m.run.run_id,
+            m.files.len(),
+            m.bytes(),
+            copy.store.display()
+        ));
+    }
+    if !copy.retention.is_empty() {
+        lines.extend(to.resume_prune()?);
+        let (manifests, _) = to.manifests()?;
+        let plan = retention::plan(&manifests, &to.runs_of(&site.name), &copy.retention);
+        lines.extend(to.prune(&plan)?.into_iter().map(|l| format!("{}: {l}", copy.store.display())));
+    }
+    if let Locked::S3(lock) = target.lock
+        && let Err(e) = lock.release()
+    {
+        log::warn!(target: "offsite::copy", "cannot free the lock of {}: {e}", copy.store.display());
+    }
+    Ok(lines)
+}
+
+/// One run into the copy: each file streamed and checked, then the
+/// manifest. A copy that fails leaves nothing in the copy's store (no
+/// manifest either), so the next run tries it again.
+fn copy_run(from: &Root, to: &Target, m: &Manifest) -> io::Result<()> {
+    let store = match &to.root {
+        Root::Dir(r) => r.begin_run(&m.run, Budget::unlimited())?,
+        Root::S3(r) => r.begin_run(&m.run, Budget::unlimited(), Vec::new()).map_err(io::Error::other)?,
+    };
+    let copied = (|| {
+        for f in &m.files {
+            let mut pending = store.create(Path::new(&f.path))?;
+            match from {
+                Root::Dir(r) => {
+                    let mut file = r.dir.open(m.location(f))?;
+                    io::copy(&mut file, &mut pending)?;
+                }
+                Root::S3(r) => {
+                    r.bucket().download(&f.path, &mut pending).map_err(io::Error::other)?;
+                }
+            }
+            pending.commit_copy(f)?;
+        }
+        Ok::<(), io::Error>(())
+    })();
+    if let Err(e) = copied {
+        match &to.root {
+            Root::Dir(r) => r.abandon_run(store)?,
+            Root::S3(r) => r.abandon_run(store).map_err(io::Error::other)?,
+        }
+        return Err(io::Error::new(e.kind(), format!("copying run {}: {e}", m.run.run_id)));
+    }
+    let outcome = Outcome { error: None, warnings: m.warnings.clone(), aborted: false };
+    let recorded = match (&to.root, &to.lock) {
+        (Root::Dir(r), _) => r.finish_run(&m.run, &store, &outcome),
+        (Root::S3(r), Locked::S3(lock)) => r.finish_run(&m.run, &store, &outcome, lock).map_err(io::Error::other),
+        (Root::S3(_), Locked::Dir(_)) => unreachable!("an S3 store is locked in S3"),
+    }?;
+    if !recorded.status.is_good() {
+        return Err(io::Error::other(recorded.error.unwrap_or_else(|| format!("run {} was not copied", m.run.run_id))));
+    }
+    Ok(())
+}

@@ -1,0 +1,665 @@
+//! A store on S3-compatible object storage, with a directory store's
+//! guarantees. Object stores have no rename, so visibility is built from
+//! what they do have: a multipart upload is invisible until completed, and
+//! completing it replaces the object atomically.
+//!
+//! Layout under `s3://BUCKET/PREFIX`:
+//!
+//! ```text
+//! <the files of good runs, at the paths the scripts chose>
+//! .offsite/lock                      one run at a time, across machines
+//! .offsite/clock/…                   the lock's probe of the server's clock
+//! .offsite/sites                     several sites share this store
+//! .offsite/manifests/<run>.json      one per finished run, written last
+//! .offsite/runs/<run>.journal        a run in progress (its header)
+//! .offsite/runs/<run>.manifest       a good run being published
+//! ```
+//!
+//! A run uploads each output straight to its final key and seals it when
+//! the output ends: every byte is on the server, nothing is visible. Only
+//! when the whole run has succeeded, and the lock is confirmed still ours,
+//! does the run write its manifest under `runs/` (the intent), complete
+//! every upload (each object appears whole, replacing the old one at once),
+//! and install the manifest. A failed run aborts its uploads: nothing of it
+//! is ever visible, and no object is replaced or removed. A killed run
+//! leaves invisible uploads, which the next run aborts, and a journal,
+//! which it records as an interrupted run. A run killed while completing
+//! leaves its intent: the next run checks which objects are this run's
+//! (downloaded and hashed) and installs the manifest, or records the run
+//! as incomplete.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::manifest::{Manifest, Status};
+use super::run::{BadManifest, Outcome, RunHeader, Runs, manifest_for};
+use super::{Budget, Store, StoredFile, Target, protect};
+use crate::s3::credentials::{self, Env};
+use crate::s3::lock::{self as s3lock, LockError, S3Lock};
+use crate::s3::{Bucket, Put, S3Error};
+use crate::site::S3Store;
+
+const MANIFESTS: &str = ".offsite/manifests";
+const RUNS: &str = ".offsite/runs";
+/// In `.offsite`: several sites write into this store (see `run::SITES_MARK`).
+const SITES_MARK: &str = ".offsite/sites";
+
+/// A site's S3 store, reached with the credentials the environment gives.
+pub struct S3Root {
+    bucket: Arc<Bucket>,
+    spec: S3Store,
+    signer: Option<ssh_key::PrivateKey>,
+    /// Where the credentials came from, for messages.
+    credentials: String,
+    sites_shared: AtomicBool,
+}
+
+impl S3Root {
+    /// Resolves the credentials and prepares the client (nothing is sent
+    /// yet). Every request is bounded by `timeout`.
+    pub fn open(spec: &S3Store, timeout: Duration) -> Result<S3Root, S3Error> {
+        let (creds, region) = credentials::resolve(spec.settings.profile.as_deref(), &Env::current())
+            .map_err(|e| S3Error::Denied(format!("{}: {e}", spec.location)))?;
+        let region = spec.settings.region.clone().or(region);
+        let bucket = Bucket::open(&spec.location, &spec.settings, &creds, region.as_deref(), timeout)?;
+        Ok(S3Root {
+            bucket: Arc::new(bucket),
+            spec: spec.clone(),
+            signer: None,
+            credentials: creds.source.clone(),
+            sites_shared: AtomicBool::new(false),
+        })
+    }
+
+    /// Signs every manifest written from now on with `key`.
+    pub fn with_signer(mut self, key: Option<ssh_key::PrivateKey>) -> S3Root {
+        self.signer = key;
+        self
+    }
+
+    pub fn bucket(&self) -> &Arc<Bucket> {
+        &self.bucket
+    }
+
+    /// Where the credentials came from ("environment", or a file and profile).
+    pub fn credentials_source(&self) -> &str {
+        &self.credentials
+    }
+
+    /// Whether the bucket answers to our credentials, and whether several
+    /// sites share the store.
+    pub fn probe(&self) -> Result<(), S3Error> {
+        self.bucket.probe()?;
+        let shared = self.bucket.head(SITES_MARK)?.is_some();
+        self.sites_shared.store(shared, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Takes the store's lock for `header`'s run.
+    pub fn lock(&self, header: &RunHeader) -> Result<S3Lock, LockError> {
+        let holder = s3lock::Holder {
+            site: header.site.clone(),
+            host: header.hostname.clone(),
+            pid: header.pid,
+            started: header.started.clone(),
+            run_id: header.run_id.clone(),
+        };
+        S3Lock::acquire(Arc::clone(&self.bucket), holder, self.spec.lock_stale)
+    }
+
+    /// Who holds the lock now, if anyone.
+    pub fn holder(&self) -> Result<Option<s3lock::Holder>, S3Error> {
+        s3lock::holder(&self.bucket)
+    }
+
+    /// The lock's holder, and whether it has stopped renewing it for
+    /// longer than `[s3] lock_stale` (by this machine's clock: a hint for
+    /// `status`; taking a lock over uses the server's).
+    pub fn holder_state(&self) -> Result<Option<(super::lock::Holder, bool)>, S3Error> {
+        let Some(h) = self.holder()? else { return Ok(None) };
+        let quiet = self.bucket.head(s3lock::LOCK_KEY)?.map(|m| chrono::Utc::now() - m.modified);
+        let stale = quiet.and_then(|q| q.to_std().ok()).is_some_and(|q| q > self.spec.lock_stale);
+        let escape = |t: &str| crate::text::escape(t).into_owned();
+        let holder = super::lock::Holder {
+            pid: h.pid,
+            hostname: escape(&h.host),
+            started: escape(&h.started),
+            site: escape(&h.site),
+            run_id: escape(&h.run_id),
+        };
+        Ok(Some((holder, stale)))
+    }
+
+    /// Marks the store as one several sites write into.
+    pub fn mark_sites_shared(&self) -> Result<(), S3Error> {
+        if !self.sites_shared.load(Ordering::Relaxed) {
+            let text = b"several sites write into this store; runs are told apart by site name\n".to_vec();
+            self.bucket.put(SITES_MARK, text, Put::Overwrite)?;
+            self.sites_shared.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Which runs in this store are `site`'s: all of them, unless several
+    /// sites share it (as [`super::StoreRoot::runs_of`]).
+    pub fn runs_of(&self, site: &str) -> Runs {
+        if self.sites_shared.load(Ordering::Relaxed) { Runs::Named(site.to_string()) } else { Runs::All }
+    }
+
+    /// Finishes what interrupted runs left, under the lock: a run killed
+    /// while publishing is installed (or recorded as incomplete), a run
+    /// killed earlier is recorded as interrupted, and every incomplete
+    /// upload beneath the prefix is aborted. One line per thing done.
+    pub fn recover(&self) -> Result<Vec<String>, S3Error> {
+        let mut done = Vec::new();
+        let names: BTreeSet<String> = self
+            .bucket
+            .list(RUNS)?
+            .into_iter()
+            .filter_map(|m| m.rel.strip_prefix(&format!("{RUNS}/")).map(str::to_string))
+            .collect();
+        for name in &names {
+            if let Some(run_id) = name.strip_suffix(".manifest") {
+                done.push(self.finish_publishing(run_id)?);
+            } else if let Some(run_id) = name.strip_suffix(".journal")
+                && !names.contains(&format!("{run_id}.manifest"))
+            {
+                done.push(self.record_interrupted(run_id)?);
+            }
+        }
+        let pending = self.bucket.pending_uploads("")?;
+        for upload in &pending {
+            self.bucket.abort_upload(&upload.rel, &upload.upload_id)?;
+        }
+        if !pending.is_empty() {
+            let shown: Vec<String> = pending.iter().take(5).map(|u| crate::text::escape(&u.rel).into_owned()).collect();
+            done.push(format!(
+                "aborted {} incomplete upload(s) an interrupted run left ({}{})",
+                pending.len(),
+                shown.join(", "),
+                if pending.len() > 5 { ", …" } else { "" }
+            ));
+        }
+        Ok(done)
+    }
+
+    /// A run killed after it decided to publish: each of its files that is
+    /// on the server with the recorded hash is its own; the manifest is
+    /// installed with those.
+    fn finish_publishing(&self, run_id: &str) -> Result<String, S3Error> {
+        let staged = format!("{RUNS}/{run_id}.manifest");
+        let Some((bytes, _)) = self.bucket.get(&staged)? else { return Ok(format!("run {run_id}: nothing to finish")) };
+        let Some(mut manifest) = serde_json::from_slice::<Manifest>(&bytes).ok() else {
+            return Err(S3Error::Other(format!(
+                "{}: cannot be read as a manifest",
+                self.bucket.location().key(&staged)
+            )));
+        };
+        let total = manifest.files.len();
+        let mut kept = Vec::new();
+        for f in std::mem::take(&mut manifest.files) {
+            if self.holds(&f)? {
+                kept.push(f);
+            }
+        }
+        let line = if kept.len() == total {
+            format!("run {run_id} was interrupted while publishing its {total} file(s); it is now installed")
+        } else {
+            manifest.error = Some(format!(
+                "interrupted while publishing: {} of its {total} file(s) never appeared",
+                total - kept.len()
+            ));
+            manifest.status = if kept.is_empty() { Status::Failed } else { Status::Incomplete };
+            format!(
+                "run {run_id} was interrupted while publishing: recorded as {}, {} of {total} file(s) in place",
+                manifest.status,
+                kept.len()
+            )
+        };
+        manifest.files = kept;
+        self.install_manifest(&manifest)?;
+        self.bucket.delete(&staged)?;
+        self.bucket.delete(&format!("{staged}{}", protect::SIG_SUFFIX))?;
+        self.bucket.delete(&format!("{RUNS}/{run_id}.journal"))?;
+        Ok(line)
+    }
+
+    /// Whether the object at `f`'s path has `f`'s size and SHA-256.
+    fn holds(&self, f: &StoredFile) -> Result<bool, S3Error> {
+        match self.bucket.head(&f.path)? {
+            Some(meta) if meta.size == f.bytes => {}
+            _ => return Ok(false),
+        }
+        let mut hasher = HashSink(Sha256::new());
+        self.bucket.download(&f.path, &mut hasher)?;
+        Ok(hex::encode(hasher.0.finalize()) == f.sha256)
+    }
+
+    /// A run whose journal remains, with nothing published: killed or
+    /// crashed before it finished. Its uploads are aborted by `recover`.
+    fn record_interrupted(&self, run_id: &str) -> Result<String, S3Error> {
+        let journal = format!("{RUNS}/{run_id}.journal");
+        let header: Option<RunHeader> = self.bucket.get(&journal)?.and_then(|(b, _)| serde_json::from_slice(&b).ok());
+        let now = chrono::Local::now().to_rfc3339();
+        let header = header.unwrap_or_else(|| RunHeader {
+            run_id: run_id.to_string(),
+            site: String::new(),
+            hostname: String::new(),
+            pid: 0,
+            script: Default::default(),
+            grants_sha256: String::new(),
+            started: now.clone(),
+        });
+        let who = format!("pid {} on {}", header.pid, crate::text::escape(&header.hostname));
+        let outcome = Outcome {
+            error: Some(format!(
+                "interrupted: the run ({who}, started {}) stopped before it finished; it was killed or crashed, \
+                 and nothing of it was published",
+                crate::text::escape(&header.started)
+            )),
+            ..Outcome::default()
+        };
+        let manifest = manifest_for(&header, Vec::new(), &outcome, &now);
+        self.install_manifest(&manifest)?;
+        self.bucket.delete(&journal)?;
+        Ok(format!("run {run_id} ({who}) was interrupted before it published anything: recorded as failed"))
+    }
+
+    /// Starts a run: its journal (so a crash is recorded by the next run)
+    /// and a store that uploads to final keys without publishing.
+    pub fn begin_run(
+        &self,
+        header: &RunHeader,
+        budget: Budget,
+        recipients: Vec<age::x25519::Recipient>,
+    ) -> Result<Store, S3Error> {
+        let journal = serde_json::to_vec(header).expect("a header serialises");
+        self.bucket.put(&format!("{RUNS}/{}.journal", header.run_id), journal, Put::Create)?;
+        let target = Target::Bucket { bucket: Arc::clone(&self.bucket), part_size: self.spec.part_size as usize };
+        Ok(Store::new(&header.run_id, target, budget, recipients, None))
+    }
+
+    /// Ends a run. A good run is published (see the module documentation),
+    /// provided `lock` is still ours; any other run's uploads are aborted
+    /// and only its manifest is written.
+    pub fn finish_run(
+        &self,
+        header: &RunHeader,
+        store: &Store,
+        outcome: &Outcome,
+        lock: &S3Lock,
+    ) -> Result<Manifest, S3Error> {
+        let files = store.stored();
+        let sealed = store.take_sealed();
+        let ended = chrono::Local::now().to_rfc3339();
+        let mut manifest = manifest_for(header, files, outcome, &ended);
+        let run_id = &header.run_id;
+        let journal = format!("{RUNS}/{run_id}.journal");
+        if !manifest.status.is_good() {
+            let discarded = sealed.len();
+            drop(sealed);
+            if discarded > 0 {
+                manifest.warnings.push(format!(
+                    "{discarded} complete file(s) of this run were discarded: an S3 store keeps nothing of a run \
+                     that did not succeed"
+                ));
+            }
+            manifest.files.clear();
+            manifest.status = Status::Failed;
+            self.install_manifest(&manifest)?;
+            self.bucket.delete(&journal)?;
+            return Ok(manifest);
+        }
+        if let Err(why) = lock.confirm() {
+            return Err(S3Error::Other(format!("{why}; nothing of this run was published")));
+        }
+        self.note_replacements(&mut manifest)?;
+        let json = manifest.to_json();
+        let staged = format!("{RUNS}/{run_id}.manifest");
+        self.bucket.put(&staged, json, Put::Overwrite)?;
+        for upload in sealed {
+            upload.complete()?;
+        }
+        self.install_manifest(&manifest)?;
+        self.bucket.delete(&staged)?;
+        self.bucket.delete(&journal)?;
+        Ok(manifest)
+    }
+
+    /// Gives up a run without recording it: its uploads are aborted and
+    /// its journal goes (a copy that failed, which the next run makes
+    /// again).
+    pub fn abandon_run(&self, store: Store) -> Result<(), S3Error> {
+        drop(store.take_sealed());
+        self.bucket.delete(&format!("{RUNS}/{}.journal", store.run_id()))
+    }
+
+    /// Rewrites a recorded run's manifest (and its signature).
+    pub fn rewrite_manifest(&self, manifest: &Manifest) -> Result<(), S3Error> {
+        let json = manifest.to_json();
+        let name = format!("{MANIFESTS}/{}.json", manifest.run.run_id);
+        if let Some(key) = &self.signer {
+            let sig = protect::sign(key, &json).map_err(|e| S3Error::Other(format!("signing the manifest: {e}")))?;
+            self.bucket.put(&format!("{name}{}", protect::SIG_SUFFIX), sig, Put::Overwrite)?;
+        }
+        self.bucket.put(&name, json, Put::Overwrite).map(|_| ())
+    }
+
+    /// Writes a run's manifest (its signature first), once.
+    fn install_manifest(&self, manifest: &Manifest) -> Result<(), S3Error> {
+        let json = manifest.to_json();
+        let name = format!("{MANIFESTS}/{}.json", manifest.run.run_id);
+        if let Some(key) = &self.signer {
+            let sig = protect::sign(key, &json).map_err(|e| S3Error::Other(format!("signing the manifest: {e}")))?;
+            self.bucket.put(&format!("{name}{}", protect::SIG_SUFFIX), sig, Put::Overwrite)?;
+        }
+        match self.bucket.put(&name, json, Put::Create) {
+            Ok(_) => Ok(()),
+            // Installed before an interruption.
+            Err(S3Error::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// For each file a good run is about to publish over an object an
+    /// earlier good run stored at the same path, records which run's
+    /// object it replaces.
+    fn note_replacements(&self, manifest: &mut Manifest) -> Result<(), S3Error> {
+        let mut taken = Vec::new();
+        for (i, f) in manifest.files.iter().enumerate() {
+            if self.bucket.head(&f.path)?.is_some() {
+                taken.push(i);
+            }
+        }
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let (all, _) = self.manifests()?;
+        for i in taken {
+            let path = manifest.files[i].path.clone();
+            let previous = all.iter().rev().filter(|m| m.status.is_good()).find_map(|m| {
+                m.files.iter().find(|f| f.path == path).map(|f| (m.run.run_id.clone(), f.sha256.clone()))
+            });
+            if let Some((run, sha256)) = previous {
+                log::info!(target: "offsite::store", "{} replaces the object of the same name from run {run}", crate::text::escape(&path));
+                manifest.files[i].replaces = Some(super::Replaced { run, sha256 });
+            }
+        }
+        Ok(())
+    }
+
+    fn manifest_names(&self) -> Result<Vec<String>, S3Error> {
+        let mut names: Vec<String> = self
+            .bucket
+            .list(MANIFESTS)?
+            .into_iter()
+            .filter_map(|m| m.rel.strip_prefix(&format!("{MANIFESTS}/")).map(str::to_string))
+            .filter(|n| n.ends_with(".json") && !n.contains('/'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every manifest, oldest run first, and the ones that cannot be read.
+    pub fn manifests(&self) -> Result<(Vec<Manifest>, Vec<BadManifest>), S3Error> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for name in self.manifest_names()? {
+            let parsed = match self.bucket.get(&format!("{MANIFESTS}/{name}"))? {
+                Some((bytes, _)) => serde_json::from_slice::<Manifest>(&bytes).map_err(|e| e.to_string()),
+                None => continue,
+            };
+            match parsed {
+                Ok(m) if format!("{}.json", m.run.run_id) == name => good.push(m),
+                Ok(m) => bad.push(BadManifest { name, error: format!("it names run {}", m.run.run_id) }),
+                Err(error) => bad.push(BadManifest { name, error }),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// The newest good run of `runs`.
+    pub fn last_good(&self, runs: &Runs) -> Result<Option<Manifest>, S3Error> {
+        let (all, _) = self.manifests()?;
+        Ok(all.into_iter().rev().find(|m| runs.includes(m) && m.status.is_good()))
+    }
+
+    /// The raw bytes of a manifest and of its signature, if it has one.
+    pub fn manifest_bytes(&self, run_id: &str) -> Result<(Vec<u8>, Option<Vec<u8>>), S3Error> {
+        let name = format!("{MANIFESTS}/{run_id}.json");
+        let sig = self.bucket.get(&format!("{name}{}", protect::SIG_SUFFIX))?.map(|(b, _)| b);
+        match self.bucket.get(&name)? {
+            Some((bytes, _)) => Ok((bytes, sig)),
+            None => Err(S3Error::NotFound(format!("no manifest for run {run_id}"))),
+        }
+    }
+
+    /// Removes the runs `verdicts` prune, as [`super::retention::apply`]
+    /// does in a directory: the manifest is first set aside as
+    /// `.json.pruning`, so an interrupted prune is finished by the next.
+    pub fn prune(&self, verdicts: &[super::retention::Verdict]) -> Result<Vec<String>, S3Error> {
+        let mut lines = Vec::new();
+        for v in verdicts.iter().filter(|v| !v.keep()) {
+            let name = format!("{MANIFESTS}/{}.json", v.run_id);
+            let pruning = format!("{name}.pruning");
+            let Some((bytes, _)) = self.bucket.get(&name)? else { continue };
+            self.bucket.put(&pruning, bytes, Put::Overwrite)?;
+            self.bucket.delete(&name)?;
+            self.remove_objects(&v.files, &mut lines)?;
+            self.bucket.delete(&format!("{name}{}", protect::SIG_SUFFIX))?;
+            self.bucket.delete(&pruning)?;
+            lines.push(format!("pruned run {} ({})", v.run_id, v.pruned_because.as_deref().unwrap_or_default()));
+        }
+        Ok(lines)
+    }
+
+    /// Finishes prunes that were interrupted; objects a current manifest
+    /// lists stay.
+    pub fn resume_prune(&self) -> Result<Vec<String>, S3Error> {
+        let leftovers: Vec<String> =
+            self.bucket.list(MANIFESTS)?.into_iter().map(|m| m.rel).filter(|r| r.ends_with(".json.pruning")).collect();
+        let mut lines = Vec::new();
+        if leftovers.is_empty() {
+            return Ok(lines);
+        }
+        let (current, _) = self.manifests()?;
+        let protected: BTreeSet<PathBuf> = current.iter().flat_map(|m| m.files.iter().map(|f| m.location(f))).collect();
+        for rel in leftovers {
+            let Some(m) = self.bucket.get(&rel)?.and_then(|(b, _)| serde_json::from_slice::<Manifest>(&b).ok()) else {
+                lines.push(format!("left {} alone: it cannot be read", crate::text::escape(&rel)));
+                continue;
+            };
+            let files: Vec<(PathBuf, u64)> =
+                m.files.iter().map(|f| (m.location(f), f.bytes)).filter(|(loc, _)| !protected.contains(loc)).collect();
+            self.remove_objects(&files, &mut lines)?;
+            let sig = format!("{MANIFESTS}/{}.json{}", m.run.run_id, protect::SIG_SUFFIX);
+            self.bucket.delete(&sig)?;
+            self.bucket.delete(&rel)?;
+            lines.push(format!("finished pruning run {}, which an earlier prune had started", m.run.run_id));
+        }
+        Ok(lines)
+    }
+
+    /// Deletes each object that still has the size its manifest lists.
+    fn remove_objects(&self, files: &[(PathBuf, u64)], lines: &mut Vec<String>) -> Result<(), S3Error> {
+        for (path, bytes) in files {
+            let rel = path.to_string_lossy();
+            match self.bucket.head(&rel)? {
+                Some(meta) if meta.size == *bytes => {
+                    self.bucket.delete(&rel)?;
+                    lines.push(format!("removed {}", crate::text::escape(&rel)));
+                }
+                Some(meta) => lines.push(format!(
+                    "left {} alone: it is not the {bytes}-byte object the manifest lists ({} bytes now)",
+                    crate::text::escape(&rel),
+                    meta.size
+                )),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hashes what is written to it.
+struct HashSink(Sha256);
+
+impl io::Write for HashSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `rel` (relative to the prefix) is the store's own bookkeeping,
+/// not a backup: what `verify` does not count as unlisted.
+pub fn is_bookkeeping(rel: &str) -> bool {
+    rel == s3lock::LOCK_KEY
+        || rel == SITES_MARK
+        || rel.starts_with(".offsite/clock/")
+        || rel.strip_prefix(&format!("{MANIFESTS}/")).is_some_and(|n| {
+            !n.contains('/') && (n.ends_with(".json") || n.ends_with(&format!(".json{}", protect::SIG_SUFFIX)))
+        })
+}
+
+/// A run's record in progress (`verify` notes it, a run finishes it).
+pub fn is_run_record(rel: &str) -> bool {
+    rel.starts_with(&format!("{RUNS}/"))
+}
+
+/// A site's store, wherever it is: what runs, `status` and retention read
+/// the same way from either.
+pub enum Root {
+    Dir(super::StoreRoot),
+    S3(S3Root),
+}
+
+impl Root {
+    /// Every manifest, oldest run first, and the ones that cannot be read.
+    pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
+        match self {
+            Root::Dir(r) => r.manifests(),
+            Root::S3(r) => r.manifests().map_err(io::Error::other),
+        }
+    }
+
+    /// The newest good run of `runs`.
+    pub fn last_good(&self, runs: &Runs) -> io::Result<Option<Manifest>> {
+        match self {
+            Root::Dir(r) => r.last_good(runs),
+            Root::S3(r) => r.last_good(runs).map_err(io::Error::other),
+        }
+    }
+
+    /// Who is running now, and who died holding the lock (see
+    /// [`super::StoreRoot::died_holder`]).
+    pub fn holders(&self) -> (Option<super::lock::Holder>, Option<super::lock::Holder>) {
+        match self {
+            Root::Dir(r) => (r.holder(), r.died_holder()),
+            Root::S3(r) => match r.holder_state() {
+                Ok(Some((h, false))) => (Some(h), None),
+                Ok(Some((h, true))) => (None, Some(h)),
+                _ => (None, None),
+            },
+        }
+    }
+
+    /// Rewrites a recorded run's manifest (see `StoreRoot::rewrite_manifest`).
+    pub fn rewrite_manifest(&self, manifest: &Manifest) -> io::Result<()> {
+        match self {
+            Root::Dir(r) => r.rewrite_manifest(manifest),
+            Root::S3(r) => r.rewrite_manifest(manifest).map_err(io::Error::other),
+        }
+    }
+
+    /// Which runs in the store are `site`'s.
+    pub fn runs_of(&self, site: &str) -> Runs {
+        match self {
+            Root::Dir(r) => r.runs_of(site),
+            Root::S3(r) => r.runs_of(site),
+        }
+    }
+
+    /// The raw bytes of a manifest and of its signature, if it has one.
+    pub fn manifest_bytes(&self, run_id: &str) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+        match self {
+            Root::Dir(r) => r.manifest_bytes(run_id),
+            Root::S3(r) => r.manifest_bytes(run_id).map_err(io::Error::other),
+        }
+    }
+
+    /// Applies retention: finishes interrupted prunes, then removes the
+    /// runs `verdicts` prune. One line per thing done.
+    pub fn resume_prune(&self) -> io::Result<Vec<String>> {
+        match self {
+            Root::Dir(r) => super::retention::resume(r),
+            Root::S3(r) => r.resume_prune().map_err(io::Error::other),
+        }
+    }
+
+    pub fn prune(&self, verdicts: &[super::retention::Verdict]) -> io::Result<Vec<String>> {
+        match self {
+            Root::Dir(r) => super::retention::apply(r, verdicts),
+            Root::S3(r) => r.prune(verdicts).map_err(io::Error::other),
+        }
+    }
+}
+
+impl Root {
+    /// Opens a store that should exist already (`status`, `verify`,
+    /// `prune`): an S3 store is probed, so wrong credentials or a missing
+    /// bucket are said here.
+    pub fn open_existing(store: &crate::site::StoreAt, timeout: Duration) -> Result<Root, OpenError> {
+        match store {
+            crate::site::StoreAt::Dir(p) => super::StoreRoot::open_existing(p).map(Root::Dir).map_err(OpenError::Dir),
+            crate::site::StoreAt::S3(spec) => {
+                let root = S3Root::open(spec, timeout).map_err(OpenError::S3)?;
+                root.probe().map_err(OpenError::S3)?;
+                Ok(Root::S3(root))
+            }
+        }
+    }
+}
+
+/// Why a store could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    Dir(io::Error),
+    S3(S3Error),
+}
+
+impl OpenError {
+    /// No such directory (a site that never ran).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, OpenError::Dir(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+
+    /// Whether the fault is the configuration's (credentials, bucket, a
+    /// directory that is not a store) rather than the network's.
+    pub fn is_config(&self) -> bool {
+        match self {
+            OpenError::Dir(_) => true,
+            OpenError::S3(e) => !matches!(e, S3Error::Unreachable(_)),
+        }
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Dir(e) => e.fmt(f),
+            OpenError::S3(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}

@@ -1,0 +1,542 @@
+//! Sites whose store is `s3://…`, end to end: the real runner binary and
+//! the arc script against a real S3-compatible server (SeaweedFS on
+//! loopback), archives restored with GNU tar, and every way a run can go
+//! wrong leaving the last good backup alone and nothing half-visible.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use offsite::s3::credentials::Credentials;
+use offsite::s3::{Bucket, Put, S3Location, S3Settings};
+use offsite_testkit::seaweed::{ACCESS_KEY, S3Server, SECRET_KEY};
+use offsite_testkit::{Ran, assert_same_tree, offsite, script, tempfile};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+const NOW: &str = "2004-03-21T01:48:44Z";
+const ARCHIVE: &str = "www.20040321-014844.tgz";
+
+/// A site whose store is a prefix of a bucket on `server`, archiving
+/// `www` beneath its directory; `extra` is appended to the site file.
+struct S3Site {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    url: String,
+    endpoint: String,
+}
+
+impl S3Site {
+    fn new(server: &S3Server, url: &str, extra: &str) -> S3Site {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www");
+        std::fs::create_dir_all(www.join("img")).unwrap();
+        std::fs::write(www.join("index.html"), "<html>hello</html>\n").unwrap();
+        std::fs::write(www.join("img/logo.bin"), (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>())
+            .unwrap();
+        let site = S3Site { file: dir.path().join("web1.toml"), dir, url: url.into(), endpoint: server.endpoint() };
+        site.write(extra);
+        site
+    }
+
+    fn write(&self, extra: &str) {
+        let www = self.dir.path().join("www");
+        let text = format!(
+            "store = \"{}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"{}\"\n{extra}\n[s3]\nendpoint = \"{}\"\n\
+             path_style = true\npart_size = \"5MiB\"\nlock_stale = \"10s\"\n",
+            self.url,
+            www.display(),
+            www.display(),
+            self.endpoint
+        );
+        std::fs::write(&self.file, text).unwrap();
+    }
+
+    fn www(&self) -> PathBuf {
+        self.dir.path().join("www")
+    }
+
+    /// `offsite ARGS` with the test server's credentials in the
+    /// environment, and a HOME with no `~/.aws`.
+    fn offsite(&self, args: &[&str]) -> Command {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.current_dir(self.dir.path())
+            .env("HOME", self.dir.path())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .args(args);
+        cmd
+    }
+
+    fn run(&self, extra_args: &[&str]) -> Ran {
+        let arc = script("arc");
+        let mut args = vec!["run", arc.to_str().unwrap(), "--site", self.file.to_str().unwrap()];
+        args.extend_from_slice(extra_args);
+        Ran::from_output(self.offsite(&args).output().unwrap())
+    }
+
+    fn command(&self, args: &[&str]) -> Ran {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push(self.file.to_str().unwrap());
+        Ran::from_output(self.offsite(&all).output().unwrap())
+    }
+}
+
+/// The test's own view of the bucket, as another machine would have it.
+fn bucket(server: &S3Server, url: &str) -> Arc<Bucket> {
+    let settings = S3Settings { endpoint: Some(server.endpoint()), path_style: true, ..Default::default() };
+    let credentials = Credentials {
+        access_key_id: ACCESS_KEY.into(),
+        secret_access_key: SECRET_KEY.into(),
+        session_token: None,
+        source: "test".into(),
+    };
+    let location = S3Location::parse(url).unwrap();
+    Arc::new(Bucket::open(&location, &settings, &credentials, None, Duration::from_secs(20)).unwrap())
+}
+
+/// The keys under the prefix, sorted.
+fn keys(b: &Bucket) -> Vec<String> {
+    let mut keys: Vec<String> = b.list("").unwrap().into_iter().map(|m| m.rel).collect();
+    keys.sort();
+    keys
+}
+
+fn manifests(b: &Bucket) -> Vec<serde_json::Value> {
+    keys(b)
+        .iter()
+        .filter(|k| k.starts_with(".offsite/manifests/") && k.ends_with(".json"))
+        .map(|k| serde_json::from_slice(&b.get(k).unwrap().unwrap().0).unwrap())
+        .collect()
+}
+
+fn download(b: &Bucket, rel: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    b.download(rel, &mut out).unwrap();
+    out
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A file of `mib` MiB that gzip cannot shrink, so the archive is as big.
+fn incompressible(path: &Path, mib: usize) {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut data = Vec::with_capacity(mib << 20);
+    while data.len() < mib << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn arc_into_an_s3_store_then_restored_from_it_with_gnu_tar() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    let ran = site.run(&["--now", NOW]);
+    ran.expect_code(0);
+    assert_eq!((ran.stdout.as_str(), ran.stderr.as_str()), ("", ""), "quiet on success");
+
+    let b = bucket(&server, "s3://backups/web1");
+    let all = keys(&b);
+    let manifest_keys: Vec<&String> = all.iter().filter(|k| k.starts_with(".offsite/manifests/")).collect();
+    assert!(all.contains(&ARCHIVE.to_string()), "{all:?}");
+    assert_eq!(manifest_keys.len(), 1, "{all:?}");
+    assert!(!all.iter().any(|k| k.starts_with(".offsite/runs/")), "no run record left: {all:?}");
+    assert_eq!(server.pending_uploads("backups"), 0, "every upload completed");
+
+    // The manifest has the object's size and SHA-256.
+    let m = &manifests(&b)[0];
+    assert_eq!(m["status"], "ok");
+    let archive = download(&b, ARCHIVE);
+    assert_eq!(m["files"][0]["path"], ARCHIVE);
+    assert_eq!(m["files"][0]["bytes"], archive.len() as u64);
+    assert_eq!(m["files"][0]["sha256"], sha256(&archive));
+
+    // Restored: GNU tar reads it back byte for byte.
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join(ARCHIVE), &archive).unwrap();
+    let x = Command::new("tar").arg("-xzf").arg(out.path().join(ARCHIVE)).arg("-C").arg(out.path()).output().unwrap();
+    assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
+    // (The site names the source by its absolute path; tar keeps it
+    // without the leading `/`, as GNU tar does.)
+    assert_same_tree(&site.www(), &out.path().join(site.www().strip_prefix("/").unwrap()));
+
+    // verify downloads and hashes; status reads the manifests.
+    let verified = site.command(&["verify", "-v"]);
+    verified.expect_code(0);
+    assert!(verified.stdout.contains("downloaded and hashed"), "{}", verified.stdout);
+    assert!(verified.stdout.contains("1 file(s) in 1 run(s) checked, 0 problem(s)"), "{}", verified.stdout);
+    let status = site.command(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains(" ok "), "{}", status.stdout);
+    assert!(status.stdout.contains("running:   no"), "{}", status.stdout);
+
+    // check --connect says where the credentials came from, never what.
+    let check = site.command(&["check", "--connect"]);
+    check.expect_code(0);
+    assert!(check.stdout.contains("credentials from the environment"), "{}", check.stdout);
+    assert!(check.stdout.contains("connected"), "{}", check.stdout);
+    assert!(!check.stdout.contains(SECRET_KEY) && !check.stderr.contains(SECRET_KEY));
+
+    // The same name again (a pinned clock): the new object replaces the
+    // old one, and the manifest says whose it replaced.
+    std::fs::write(site.www().join("index.html"), "<html>changed</html>\n").unwrap();
+    site.run(&["--now", NOW]).expect_code(0);
+    let ms = manifests(&b);
+    assert_eq!(ms.len(), 2);
+    assert_eq!(ms[1]["files"][0]["replaces"]["run"], ms[0]["run_id"]);
+    assert_ne!(download(&b, ARCHIVE), archive);
+}
+
+#[test]
+fn wrong_credentials_or_a_missing_bucket_exit_2_and_say_so() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    let arc = script("arc");
+    let args = ["run", arc.to_str().unwrap(), "--site", site.file.to_str().unwrap()];
+    let ran = Ran::from_output(site.offsite(&args).env("AWS_SECRET_ACCESS_KEY", "wrong").output().unwrap());
+    ran.expect_code(2).expect_stderr("refused our credentials");
+    assert!(!ran.stderr.contains("wrong"), "no secret in messages: {}", ran.stderr);
+
+    let ran = Ran::from_output(
+        site.offsite(&args).env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY").output().unwrap(),
+    );
+    ran.expect_code(2).expect_stderr("AWS_ACCESS_KEY_ID");
+
+    let missing = S3Site::new(&server, "s3://no-such-bucket/web1", "");
+    missing.run(&[]).expect_code(2).expect_stderr("does not exist");
+    let check = missing.command(&["check", "--connect"]);
+    assert_ne!(check.code, 0);
+    assert!(
+        check.stdout.contains("cannot reach the store") || check.stderr.contains("create the bucket"),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
+    assert_eq!(keys(&bucket(&server, "s3://backups/web1")), Vec::<String>::new(), "nothing was written");
+}
+
+#[test]
+fn a_failed_run_publishes_nothing_and_leaves_the_last_good_object_alone() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    site.run(&["--now", NOW]).expect_code(0);
+    let b = bucket(&server, "s3://backups/web1");
+    let good = download(&b, ARCHIVE);
+
+    // Bigger than the run may store: it fails after uploading a part.
+    incompressible(&site.www().join("big.bin"), 12);
+    site.write("[limits]\nmax_bytes = \"8MiB\"\n");
+    site.run(&["--now", NOW]).expect_code(1).expect_stderr("max_bytes");
+    assert_eq!(download(&b, ARCHIVE), good, "the good object is untouched");
+    assert_eq!(server.pending_uploads("backups"), 0, "the failed upload was aborted");
+    let ms = manifests(&b);
+    assert_eq!(ms.len(), 2);
+    assert_eq!(ms[1]["status"], "failed");
+    assert_eq!(ms[1]["files"], serde_json::json!([]));
+    assert!(!keys(&b).iter().any(|k| k.starts_with(".offsite/runs/")));
+    site.command(&["verify"]).expect_code(0);
+    // The last run failed: status says so.
+    site.command(&["status"]).expect_code(1);
+}
+
+/// A run killed while it uploads: nothing appears under the archive's
+/// name, and the next run records the dead run, aborts its upload and
+/// backs up as usual.
+#[test]
+fn a_run_killed_mid_upload_leaves_nothing_visible_and_the_next_run_recovers() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    incompressible(&site.www().join("big.bin"), 96);
+    let arc = script("arc");
+    let mut child = site
+        .offsite(&["run", arc.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--now", NOW])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.pending_uploads("backups") == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it began uploading");
+        assert!(Instant::now() < deadline, "no upload began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let b = bucket(&server, "s3://backups/web1");
+    assert_eq!(b.head(ARCHIVE).unwrap(), None, "nothing visible");
+    assert!(server.pending_uploads("backups") > 0, "the killed run's upload is left");
+    assert!(keys(&b).iter().any(|k| k.ends_with(".journal")), "{:?}", keys(&b));
+
+    // Its lock is stale after 10 s (the site's lock_stale): until then
+    // the next run is turned away, after it the next run takes over.
+    std::fs::remove_file(site.www().join("big.bin")).unwrap();
+    let ran = site.run(&["--now", NOW]);
+    ran.expect_code(4).expect_stderr("another run holds the store");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ran = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let ran = site.run(&["--now", NOW]);
+        if ran.code != 4 || Instant::now() > deadline {
+            break ran;
+        }
+    };
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("was interrupted before it published anything"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("aborted 1 incomplete upload"), "{}", ran.stderr);
+    assert_eq!(server.pending_uploads("backups"), 0);
+    let ms = manifests(&b);
+    // The run that found the dead one says so: a warning, as on a local
+    // store.
+    assert_eq!(ms.iter().map(|m| m["status"].as_str().unwrap()).collect::<Vec<_>>(), ["failed", "warning"]);
+    assert!(ms[0]["error"].as_str().unwrap().contains("interrupted"), "{}", ms[0]);
+    site.command(&["verify"]).expect_code(0);
+}
+
+/// The server goes away in the middle of an upload: the run fails with
+/// a clear error; when it is back, nothing of the run is visible and the
+/// next run cleans up and succeeds.
+#[test]
+fn the_server_stopping_mid_run_fails_the_run_and_nothing_is_half_visible() {
+    let mut server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "[limits]\ncall_timeout = \"15s\"\n");
+    site.run(&["--now", NOW]).expect_code(0);
+    let b = bucket(&server, "s3://backups/web1");
+    let good = download(&b, ARCHIVE);
+    incompressible(&site.www().join("big.bin"), 96);
+    let arc = script("arc");
+    let child = site
+        .offsite(&["run", arc.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--now", NOW])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.pending_uploads("backups") == 0 {
+        assert!(Instant::now() < deadline, "no upload began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop();
+    let ran = Ran::from_output(child.wait_with_output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("backup failed"), "{}", ran.stderr);
+
+    server.restart();
+    // (Its volumes take a moment to be served again.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        let mut out = Vec::new();
+        match b.download(ARCHIVE, &mut out) {
+            Ok(_) => break out,
+            Err(e) if Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    assert_eq!(again, good, "the good object is untouched");
+    std::fs::remove_file(site.www().join("big.bin")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ran = loop {
+        let ran = site.run(&["--now", NOW]);
+        if ran.code != 4 || Instant::now() > deadline {
+            break ran;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    ran.expect_code(0);
+    assert_eq!(server.pending_uploads("backups"), 0);
+    site.command(&["verify"]).expect_code(0);
+}
+
+#[test]
+fn two_runners_racing_for_one_store_never_both_run() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    // Two machines: two site files (two working directories) on one store.
+    let a = S3Site::new(&server, "s3://backups/shared", "");
+    let b = S3Site::new(&server, "s3://backups/shared", "");
+    incompressible(&a.www().join("big.bin"), 48);
+    let arc = script("arc");
+    let spawn = |site: &S3Site| {
+        site.offsite(&["run", arc.to_str().unwrap(), "--site", site.file.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = spawn(&a);
+    let view = bucket(&server, "s3://backups/shared");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while view.get(".offsite/lock").unwrap().is_none_or(|(b, _)| !String::from_utf8_lossy(&b).contains("held")) {
+        assert!(Instant::now() < deadline, "the first run never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = Ran::from_output(spawn(&b).wait_with_output().unwrap());
+    second.expect_code(4).expect_stderr("another run holds the store");
+    Ran::from_output(first.wait_with_output().unwrap()).expect_code(0);
+    let ms = manifests(&view);
+    assert_eq!(ms.len(), 1, "only the first ran");
+}
+
+#[test]
+fn verify_catches_a_flipped_byte_in_an_object() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    site.run(&["--now", NOW]).expect_code(0);
+    site.command(&["verify"]).expect_code(0);
+    let b = bucket(&server, "s3://backups/web1");
+    let mut bytes = download(&b, ARCHIVE);
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    b.put(ARCHIVE, bytes, Put::Overwrite).unwrap();
+    let ran = site.command(&["verify"]);
+    ran.expect_code(1).expect_stderr("corrupt: sha256");
+    // An object no manifest lists is a problem too.
+    b.put("stray.txt", b"?".to_vec(), Put::Create).unwrap();
+    site.command(&["verify"]).expect_code(1).expect_stderr("stray.txt: unlisted");
+}
+
+#[test]
+fn retention_prunes_old_runs_and_never_the_last_good_one() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "[retention]\nkeep_last = 1\n");
+    let b = bucket(&server, "s3://backups/web1");
+    site.run(&["--now", "2004-03-21T01:48:44Z"]).expect_code(0);
+    site.run(&["--now", "2004-03-22T01:48:44Z"]).expect_code(0);
+    let archives = |b: &Bucket| keys(b).into_iter().filter(|k| k.ends_with(".tgz")).collect::<Vec<_>>();
+    assert_eq!(archives(&b), ["www.20040322-014844.tgz"], "the older run was pruned");
+    // A failed run prunes nothing, and the last good run stays.
+    incompressible(&site.www().join("big.bin"), 12);
+    site.write("[retention]\nkeep_last = 1\n[limits]\nmax_bytes = \"8MiB\"\n");
+    site.run(&["--now", "2004-03-23T01:48:44Z"]).expect_code(1);
+    site.command(&["prune"]).expect_code(0);
+    assert_eq!(archives(&b), ["www.20040322-014844.tgz"]);
+    let statuses: Vec<String> = manifests(&b).iter().map(|m| m["status"].as_str().unwrap().to_string()).collect();
+    assert_eq!(statuses, ["ok", "failed"]);
+    site.command(&["verify"]).expect_code(0);
+}
+
+/// `[[copy]]` for S3: the endpoint of `server`.
+fn copy_table(server: &S3Server, url: &str, retention: &str) -> String {
+    format!(
+        "[[copy]]\nstore = \"{url}\"\n[copy.s3]\nendpoint = \"{}\"\npath_style = true\npart_size = \"5MiB\"\n{retention}",
+        server.endpoint()
+    )
+}
+
+/// The 3-2-1 rule: a run goes to its store and to two copies (a directory
+/// and another bucket with retention of its own); when the first store is
+/// lost, the copies restore it.
+#[test]
+fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    server.create_bucket("vault");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    let local = site.dir.path().join("copy/web1");
+    let copies = format!(
+        "[[copy]]\nstore = \"copy/web1\"\n{}",
+        copy_table(&server, "s3://vault/web1", "[copy.retention]\nkeep_last = 1\n")
+    );
+    site.write(&copies);
+    site.run(&["--now", "2004-03-21T01:48:44Z"]).expect_code(0);
+    let ran = site.run(&["--now", "2004-03-22T01:48:44Z"]);
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "", "quiet on success");
+
+    // The directory keeps both runs, the vault its newest (keep_last = 1).
+    let first = bucket(&server, "s3://backups/web1");
+    let vault = bucket(&server, "s3://vault/web1");
+    let archives = |names: Vec<String>| names.into_iter().filter(|k| k.ends_with(".tgz")).collect::<Vec<_>>();
+    assert_eq!(archives(keys(&first)), ["www.20040321-014844.tgz", "www.20040322-014844.tgz"]);
+    assert_eq!(archives(keys(&vault)), ["www.20040322-014844.tgz"]);
+    let mut in_dir: Vec<String> = std::fs::read_dir(&local)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tgz"))
+        .collect();
+    in_dir.sort();
+    assert_eq!(in_dir, ["www.20040321-014844.tgz", "www.20040322-014844.tgz"]);
+    // The copies' manifests are the runs' own: same ids, same hashes.
+    let ms = manifests(&first);
+    let copied: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(local.join(format!(".offsite/manifests/{}.json", ms[1]["run_id"].as_str().unwrap()))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(copied["files"], ms[1]["files"]);
+    assert_eq!(manifests(&vault)[0]["files"], ms[1]["files"]);
+
+    let verified = site.command(&["verify", "-v"]);
+    verified.expect_code(0);
+    assert!(
+        verified.stdout.contains("copy 1 (") && verified.stdout.contains("copy 2 (s3://vault/web1)"),
+        "{}",
+        verified.stdout
+    );
+    let status = site.command(&["status"]);
+    status.expect_code(0);
+    assert_eq!(status.stdout.matches("up to date").count(), 2, "{}", status.stdout);
+
+    // The first store is lost: every object under its prefix goes.
+    for key in keys(&first) {
+        first.delete(&key).unwrap();
+    }
+    site.command(&["verify"]).expect_code(1).expect_stderr("runs were lost from it");
+    // The copies restore it: GNU tar reads the directory's and the
+    // vault's archive back to the tree.
+    let out = tempfile::tempdir().unwrap();
+    let from_vault = out.path().join("vault.tgz");
+    std::fs::write(&from_vault, download(&vault, "www.20040322-014844.tgz")).unwrap();
+    for archive in [local.join("www.20040322-014844.tgz"), from_vault] {
+        let into = tempfile::tempdir_in(out.path()).unwrap();
+        let x = Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(into.path()).output().unwrap();
+        assert!(x.status.success(), "{}", String::from_utf8_lossy(&x.stderr));
+        assert_same_tree(&site.www(), &into.path().join(site.www().strip_prefix("/").unwrap()));
+    }
+    Ran::from_output(offsite(Path::new(BIN)).arg("verify").arg(&local).output().unwrap()).expect_code(0);
+}
+
+/// A copy whose store is not there yet: the run is good and says the
+/// copy failed (a warning, exit 0); once the store is there, the next
+/// run copies both runs.
+#[test]
+fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    site.write(&copy_table(&server, "s3://late/web1", ""));
+    let ran = site.run(&["--now", "2004-03-21T01:48:44Z"]);
+    ran.expect_code(0).expect_stderr("copy 1 to s3://late/web1 failed");
+    assert!(ran.stderr.contains("does not exist"), "{}", ran.stderr);
+    let first = bucket(&server, "s3://backups/web1");
+    let ms = manifests(&first);
+    assert_eq!(ms[0]["status"], "warning", "the manifest records the failed copy");
+    assert!(ms[0]["warnings"].to_string().contains("copy 1 to s3://late/web1 failed"), "{}", ms[0]);
+    let status = site.command(&["status"]);
+    assert!(status.stdout.contains("cannot be read"), "{}", status.stdout);
+
+    server.create_bucket("late");
+    site.run(&["--now", "2004-03-22T01:48:44Z"]).expect_code(0);
+    let late = bucket(&server, "s3://late/web1");
+    let copied: Vec<String> = manifests(&late).iter().map(|m| m["run_id"].as_str().unwrap().to_string()).collect();
+    let ran_ids: Vec<String> = manifests(&first).iter().map(|m| m["run_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(copied, ran_ids, "both runs are in the copy");
+    site.command(&["verify"]).expect_code(0);
+    assert!(site.command(&["status"]).stdout.contains("up to date"));
+}
