@@ -540,3 +540,96 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
     site.command(&["verify"]).expect_code(0);
     assert!(site.command(&["status"]).stdout.contains("up to date"));
 }
+
+/// Encryption happens before the upload, and manifests are signed, as in
+/// a directory: age decrypts what the bucket holds, ssh-keygen checks the
+/// signature object, and verify checks both.
+#[test]
+fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    let keys = site.dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let identity = keys.join("age.txt");
+    assert!(Command::new("age-keygen").arg("-o").arg(&identity).output().unwrap().status.success());
+    let recipient = Command::new("age-keygen").arg("-y").arg(&identity).output().unwrap().stdout;
+    let recipient = String::from_utf8(recipient).unwrap().trim().to_string();
+    let signing = keys.join("manifest_key");
+    let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&signing).status().unwrap();
+    assert!(made.success());
+    site.write(&format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display()));
+    site.run(&["--now", NOW]).expect_code(0);
+
+    let b = bucket(&server, "s3://backups/web1");
+    let name = format!("{ARCHIVE}.age");
+    let stored = download(&b, &name);
+    assert!(stored.starts_with(b"age-encryption.org/v1"), "encrypted before it left");
+    let m = &manifests(&b)[0];
+    assert_eq!(
+        (m["files"][0]["path"].as_str(), m["files"][0]["sha256"].as_str()),
+        (Some(name.as_str()), Some(sha256(&stored).as_str()))
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::write(scratch.path().join("a.age"), &stored).unwrap();
+    let shell = format!("age -d -i {} {} | tar -tzf -", identity.display(), scratch.path().join("a.age").display());
+    let listed = Command::new("sh").args(["-c", &shell]).output().unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("www/index.html"));
+
+    // The signature object, checked by ssh-keygen.
+    let manifest_key = keys_of(&b).into_iter().find(|k| k.ends_with(".json")).unwrap();
+    std::fs::write(scratch.path().join("m.json"), b.get(&manifest_key).unwrap().unwrap().0).unwrap();
+    std::fs::write(scratch.path().join("m.json.sig"), b.get(&format!("{manifest_key}.sig")).unwrap().unwrap().0)
+        .unwrap();
+    let public = std::fs::read_to_string(signing.with_extension("pub")).unwrap();
+    std::fs::write(scratch.path().join("allowed"), format!("offsite {public}")).unwrap();
+    let checked = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-I", "offsite", "-n", "offsite-manifest", "-f"])
+        .arg(scratch.path().join("allowed"))
+        .arg("-s")
+        .arg(scratch.path().join("m.json.sig"))
+        .stdin(std::fs::File::open(scratch.path().join("m.json")).unwrap())
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+
+    let ran = site.command(&[
+        "verify",
+        "-v",
+        "--key",
+        signing.with_extension("pub").to_str().unwrap(),
+        "--age-identity",
+        identity.to_str().unwrap(),
+    ]);
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("signature ok") && ran.stdout.contains("decrypted, gzip ok"), "{}", ran.stdout);
+}
+
+fn keys_of(b: &Bucket) -> Vec<String> {
+    keys(b).into_iter().filter(|k| k.starts_with(".offsite/manifests/")).collect()
+}
+
+/// Memory stays flat whatever the size of an output: one four times the
+/// size of another (both many parts long) takes no more, and both stay
+/// under 64 MiB plus three parts (the one filling and two on the wire).
+#[test]
+fn memory_stays_flat_whatever_the_size_of_an_output() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    let peak = |now: &str| {
+        let ran = site.run(&["--now", now, "--json"]);
+        ran.expect_code(0);
+        let summary: serde_json::Value = serde_json::from_str(ran.stdout.trim()).unwrap();
+        summary["peak_rss_kib"].as_u64().unwrap()
+    };
+    incompressible(&site.www().join("big.bin"), 24);
+    let medium = peak("2004-03-21T01:48:44Z");
+    incompressible(&site.www().join("big.bin"), 96);
+    let large = peak("2004-03-22T01:48:44Z");
+    let bound = (64 + 3 * 5) << 10;
+    assert!(medium < bound && large < bound, "peak RSS {medium} KiB and {large} KiB, bound {bound} KiB");
+    eprintln!("peak RSS: 24 MiB output {medium} KiB, 96 MiB output {large} KiB");
+    assert!(large < medium + (6 << 10), "96 MiB took {large} KiB, 24 MiB {medium} KiB");
+}

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use object_store::path::Path as Key;
 use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutPayload};
@@ -40,6 +40,47 @@ pub struct ObjectWriter {
     parts: usize,
     in_flight: VecDeque<tokio::task::JoinHandle<object_store::Result<()>>>,
     written: u64,
+    pool: Pool,
+}
+
+/// Part buffers, reused: a buffer comes back when the request that sent
+/// it is done with it (retries included), so an upload allocates at most
+/// `IN_FLIGHT + 1` of them whatever its size, and the allocator never sees
+/// a stream of part-sized blocks to fragment its heap with.
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Pool {
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_else(|| Vec::with_capacity(capacity))
+    }
+
+    /// `buf` as a payload that gives the buffer back when dropped.
+    fn payload(&self, buf: Vec<u8>) -> PutPayload {
+        PutPayload::from(bytes::Bytes::from_owner(Pooled { buf, pool: self.clone() }))
+    }
+}
+
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() <= IN_FLIGHT {
+            free.push(buf);
+        }
+    }
 }
 
 impl ObjectWriter {
@@ -50,15 +91,17 @@ impl ObjectWriter {
         let s3 = Arc::clone(bucket.s3());
         let upload =
             bucket.call(rel, async move { s3.put_multipart_opts(&key, PutMultipartOptions::default()).await })?;
+        let pool = Pool::default();
         Ok(ObjectWriter {
             bucket,
             rel: rel.to_string(),
             upload: Some(upload),
-            part: Vec::with_capacity(part_size),
+            part: pool.take(part_size),
             part_size,
             parts: 0,
             in_flight: VecDeque::new(),
             written: 0,
+            pool,
         })
     }
 
@@ -95,9 +138,9 @@ impl ObjectWriter {
             let oldest = self.in_flight.pop_front().expect("not empty");
             self.bucket.call(&self.rel, async move { oldest.await.unwrap_or_else(|e| Err(join_error(e))) })?;
         }
-        let full = std::mem::replace(&mut self.part, Vec::with_capacity(self.part_size));
+        let full = std::mem::replace(&mut self.part, self.pool.take(self.part_size));
         let upload = self.upload.as_mut().expect("not finished");
-        let sending = upload.put_part(PutPayload::from(full));
+        let sending = upload.put_part(self.pool.payload(full));
         self.in_flight.push_back(self.bucket.spawn(sending));
         self.parts += 1;
         Ok(())
