@@ -56,6 +56,18 @@ enum Locked {
 fn open(copy: &CopyTo, site: &Site, me: &RunHeader, signer: Option<&ssh_key::PrivateKey>) -> io::Result<Target> {
     match &copy.store {
         StoreAt::Dir(dir) => {
+            // Never made here: a copy on a disk that is not mounted would
+            // otherwise land on the disk under the mount point.
+            if !dir.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "{} does not exist (a disk not mounted?); a copy goes only into a directory that is there \
+                         (mkdir -m 700 it once where the copy belongs)",
+                        dir.display()
+                    ),
+                ));
+            }
             let root = StoreRoot::open(dir)?.with_signer(signer.cloned());
             let holder = Holder {
                 pid: me.pid,

@@ -443,17 +443,8 @@ fn encrypted_outputs_open_with_age_and_signed_manifests_verify_with_ssh_keygen()
     let mut site = Site::new();
     let keys = site.path("keys");
     std::fs::create_dir(&keys).unwrap();
-    let identity = keys.join("age.txt");
-    assert!(Command::new("age-keygen").arg("-o").arg(&identity).output().unwrap().status.success());
-    let recipient = Command::new("age-keygen").arg("-y").arg(&identity).output().unwrap().stdout;
-    let recipient = String::from_utf8(recipient).unwrap().trim().to_string();
-    let signing = keys.join("manifest_key");
-    let made = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "offsite", "-f"])
-        .arg(&signing)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let (identity, recipient) = offsite_testkit::age_keypair(&keys);
+    let (signing, _) = offsite_testkit::ssh_keypair(&keys, "manifest_key");
     site.extra = format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display());
     site.arc("2004-03-21T01:48:44").expect_code(0);
     assert_eq!(site.backups(), vec!["www.20040321-014844.tgz.age"]);

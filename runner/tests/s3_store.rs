@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use offsite::s3::credentials::Credentials;
 use offsite::s3::{Bucket, Put, S3Location, S3Settings};
 use offsite_testkit::seaweed::{ACCESS_KEY, S3Server, SECRET_KEY};
-use offsite_testkit::{Ran, assert_same_tree, offsite, script, tempfile};
+use offsite_testkit::{Ran, age_keypair, assert_same_tree, offsite, script, ssh_keypair, tempfile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 const NOW: &str = "2004-03-21T01:48:44Z";
@@ -450,6 +450,7 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
     server.create_bucket("vault");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     let local = site.dir.path().join("copy/web1");
+    std::fs::create_dir_all(&local).unwrap();
     let copies = format!(
         "[[copy]]\nstore = \"copy/web1\"\n{}",
         copy_table(&server, "s3://vault/web1", "[copy.retention]\nkeep_last = 1\n")
@@ -520,25 +521,35 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
     let server = S3Server::start("127.0.0.1");
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
-    site.write(&copy_table(&server, "s3://late/web1", ""));
+    site.write(&format!("[[copy]]\nstore = \"usb/web1\"\n{}", copy_table(&server, "s3://late/web1", "")));
     let ran = site.run(&["--now", "2004-03-21T01:48:44Z"]);
-    ran.expect_code(0).expect_stderr("copy 1 to s3://late/web1 failed");
+    ran.expect_code(0).expect_stderr("copy 2 to s3://late/web1 failed");
     assert!(ran.stderr.contains("does not exist"), "{}", ran.stderr);
+    // A copy directory that is not there (a disk not mounted) is never
+    // made: the copy fails instead of landing under the mount point.
+    assert!(ran.stderr.contains("a disk not mounted?"), "{}", ran.stderr);
+    assert!(!site.dir.path().join("usb").exists());
     let first = bucket(&server, "s3://backups/web1");
     let ms = manifests(&first);
     assert_eq!(ms[0]["status"], "warning", "the manifest records the failed copy");
-    assert!(ms[0]["warnings"].to_string().contains("copy 1 to s3://late/web1 failed"), "{}", ms[0]);
+    assert!(ms[0]["warnings"].to_string().contains("copy 2 to s3://late/web1 failed"), "{}", ms[0]);
     let status = site.command(&["status"]);
     assert!(status.stdout.contains("cannot be read"), "{}", status.stdout);
 
     server.create_bucket("late");
+    std::fs::create_dir_all(site.dir.path().join("usb/web1")).unwrap();
     site.run(&["--now", "2004-03-22T01:48:44Z"]).expect_code(0);
+    assert_eq!(
+        std::fs::read_dir(site.dir.path().join("usb/web1/.offsite/manifests")).unwrap().count(),
+        2,
+        "both runs are in the directory copy too"
+    );
     let late = bucket(&server, "s3://late/web1");
     let copied: Vec<String> = manifests(&late).iter().map(|m| m["run_id"].as_str().unwrap().to_string()).collect();
     let ran_ids: Vec<String> = manifests(&first).iter().map(|m| m["run_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(copied, ran_ids, "both runs are in the copy");
     site.command(&["verify"]).expect_code(0);
-    assert!(site.command(&["status"]).stdout.contains("up to date"));
+    assert_eq!(site.command(&["status"]).stdout.matches("up to date").count(), 2);
 }
 
 /// Encryption happens before the upload, and manifests are signed, as in
@@ -551,13 +562,8 @@ fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
     let site = S3Site::new(&server, "s3://backups/web1", "");
     let keys = site.dir.path().join("keys");
     std::fs::create_dir(&keys).unwrap();
-    let identity = keys.join("age.txt");
-    assert!(Command::new("age-keygen").arg("-o").arg(&identity).output().unwrap().status.success());
-    let recipient = Command::new("age-keygen").arg("-y").arg(&identity).output().unwrap().stdout;
-    let recipient = String::from_utf8(recipient).unwrap().trim().to_string();
-    let signing = keys.join("manifest_key");
-    let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&signing).status().unwrap();
-    assert!(made.success());
+    let (identity, recipient) = age_keypair(&keys);
+    let (signing, _) = ssh_keypair(&keys, "offsite");
     site.write(&format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display()));
     site.run(&["--now", NOW]).expect_code(0);
 

@@ -326,6 +326,15 @@ pub fn ssh_keypair(dir: &Path, name: &str) -> (PathBuf, String) {
     (key, public.trim().to_string())
 }
 
+/// A new age identity file `dir/age.txt`: its path and its recipient
+/// (`age1...`), made with age-keygen.
+pub fn age_keypair(dir: &Path) -> (PathBuf, String) {
+    let identity = dir.join("age.txt");
+    assert!(Command::new("age-keygen").arg("-o").arg(&identity).output().expect("age-keygen").status.success());
+    let recipient = Command::new("age-keygen").arg("-y").arg(&identity).output().expect("age-keygen -y").stdout;
+    (identity, String::from_utf8(recipient).unwrap().trim().to_string())
+}
+
 pub mod mariadb;
 pub mod postgres;
 pub mod registry;

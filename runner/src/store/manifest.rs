@@ -100,6 +100,22 @@ pub struct RunHeader {
     pub started: String,
 }
 
+impl RunHeader {
+    /// The header of a run whose own record was lost (a journal torn
+    /// before its first line): only its id is known.
+    pub fn unknown(run_id: &str, started: &str) -> RunHeader {
+        RunHeader {
+            run_id: run_id.to_string(),
+            site: String::new(),
+            hostname: String::new(),
+            pid: 0,
+            script: ScriptRef::default(),
+            grants_sha256: String::new(),
+            started: started.to_string(),
+        }
+    }
+}
+
 /// The record of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

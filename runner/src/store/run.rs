@@ -11,7 +11,7 @@ use cap_std::fs::Dir;
 
 use super::lock::{self, Holder, Lock, LockError};
 pub use super::manifest::RunHeader;
-use super::manifest::{FORMAT, Manifest, ScriptRef, Status};
+use super::manifest::{FORMAT, Manifest, Status};
 use super::protect;
 use super::{Budget, META_DIR, Store, StoredFile, TEMP_PREFIX, make_dirs, sync_dir, write_atomic};
 
@@ -340,20 +340,7 @@ impl StoreRoot {
             files.retain(|f| self.runs.open_dir(run_id).and_then(|d| d.metadata(&f.path)).is_ok());
         }
         let now = chrono::Local::now().to_rfc3339();
-        let header = header.unwrap_or_else(|| RunHeader {
-            run_id: run_id.to_string(),
-            site: String::new(),
-            hostname: String::new(),
-            pid: 0,
-            script: ScriptRef {
-                name: String::new(),
-                version: String::new(),
-                sha256: String::new(),
-                ..Default::default()
-            },
-            grants_sha256: String::new(),
-            started: now.clone(),
-        });
+        let header = header.unwrap_or_else(|| RunHeader::unknown(run_id, &now));
         let who = format!("pid {} on {}", header.pid, header.hostname);
         let outcome = Outcome {
             error: Some(format!(
@@ -660,6 +647,7 @@ mod tests {
 
     use super::*;
     use crate::store::Origin;
+    use crate::store::manifest::ScriptRef;
 
     fn header(run_id: &str) -> RunHeader {
         RunHeader {

@@ -247,15 +247,7 @@ impl S3Root {
         let journal = format!("{RUNS}/{run_id}.journal");
         let header: Option<RunHeader> = self.bucket.get(&journal)?.and_then(|(b, _)| serde_json::from_slice(&b).ok());
         let now = chrono::Local::now().to_rfc3339();
-        let header = header.unwrap_or_else(|| RunHeader {
-            run_id: run_id.to_string(),
-            site: String::new(),
-            hostname: String::new(),
-            pid: 0,
-            script: Default::default(),
-            grants_sha256: String::new(),
-            started: now.clone(),
-        });
+        let header = header.unwrap_or_else(|| RunHeader::unknown(run_id, &now));
         let who = format!("pid {} on {}", header.pid, crate::text::escape(&header.hostname));
         let outcome = Outcome {
             error: Some(format!(
