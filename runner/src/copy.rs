@@ -14,7 +14,6 @@
 //! a copy missed once catches up.
 
 use std::io;
-use std::path::Path;
 
 use crate::site::{CopyTo, Site, StoreAt};
 use crate::store::lock::{Holder, LockError};
@@ -30,7 +29,12 @@ pub fn copy_all(from: &Root, site: &Site, me: &RunHeader, signer: Option<&ssh_ke
     let mut failed = Vec::new();
     for (i, copy) in site.copies.iter().enumerate() {
         match copy_to(from, site, copy, me, signer) {
-            Ok(lines) => lines.iter().for_each(|l| log::info!(target: "offsite::copy", "{l}")),
+            Ok((lines, skipped)) => {
+                lines.iter().for_each(|l| log::info!(target: "offsite::copy", "{l}"));
+                failed.extend(
+                    skipped.into_iter().map(|why| format!("copy {} to {}: {why}", i + 1, copy.store.display())),
+                );
+            }
             Err(e) => failed.push(format!(
                 "copy {} to {} failed: {e}; the run is safe in {}, and the next run copies it again",
                 i + 1,
@@ -104,7 +108,7 @@ fn copy_to(
     copy: &CopyTo,
     me: &RunHeader,
     signer: Option<&ssh_key::PrivateKey>,
-) -> io::Result<Vec<String>> {
+) -> io::Result<(Vec<String>, Vec<String>)> {
     let target = open(copy, site, me, signer)?;
     let to = &target.root;
     let (there, _) = to.manifests()?;
@@ -127,8 +131,20 @@ fn copy_to(
         todo.retain(|m| kept.contains(m.run.run_id.as_str()));
     }
     let mut lines = Vec::new();
+    let mut skipped = Vec::new();
     for m in todo {
-        copy_run(from, &target, m)?;
+        // A run whose files are gone or not what its manifest says (lost
+        // or rotted in the first store, a manifest naming a path no run
+        // may store) is left out for good, with a warning: trying it again would block every
+        // newer run. Anything else (the network, a full disk) stops here
+        // and is tried again by the next run.
+        if let Err(e) = copy_run(from, &target, m) {
+            if !matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::NotFound) {
+                return Err(e);
+            }
+            skipped.push(format!("left out run {}, which cannot be copied as it is: {e}", m.run.run_id));
+            continue;
+        }
         lines.push(format!(
             "copied run {} ({} file(s), {} bytes) to {}",
             m.run.run_id,
@@ -148,7 +164,7 @@ fn copy_to(
     {
         log::warn!(target: "offsite::copy", "cannot free the lock of {}: {e}", copy.store.display());
     }
-    Ok(lines)
+    Ok((lines, skipped))
 }
 
 /// One run into the copy: each file streamed and checked, then the
@@ -161,14 +177,22 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest) -> io::Result<()> {
     };
     let copied = (|| {
         for f in &m.files {
-            let mut pending = store.create(Path::new(&f.path))?;
+            // A manifest is data another machine may have written: only a
+            // path a script could have stored is copied.
+            let rel = crate::policy::store_path(&f.path).map_err(|d| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("its manifest names a file the copy refuses: {d}"))
+            })?;
+            let mut pending = store.create(&rel)?;
             match from {
                 Root::Dir(r) => {
                     let mut file = r.dir.open(m.location(f))?;
                     io::copy(&mut file, &mut pending)?;
                 }
                 Root::S3(r) => {
-                    r.bucket().download(&f.path, &mut pending).map_err(io::Error::other)?;
+                    r.bucket().download(&f.path, &mut pending).map_err(|e| match e {
+                        crate::s3::S3Error::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
+                        e => io::Error::other(e),
+                    })?;
                 }
             }
             pending.commit_copy(f)?;

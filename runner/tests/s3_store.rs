@@ -639,3 +639,42 @@ fn memory_stays_flat_whatever_the_size_of_an_output() {
     eprintln!("peak RSS: 24 MiB output {medium} KiB, 96 MiB output {large} KiB");
     assert!(large < medium + (6 << 10), "96 MiB took {large} KiB, 24 MiB {medium} KiB");
 }
+
+/// A manifest is data anyone with write access to the bucket can change.
+/// One that names the store's own objects is never acted on: retention
+/// does not delete them, and a copy leaves its run out (with a warning)
+/// and goes on with the others.
+#[test]
+fn a_tampered_manifest_neither_deletes_the_stores_objects_nor_blocks_copies() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    site.run(&["--now", "2004-03-21T01:48:44Z"]).expect_code(0);
+    let b = bucket(&server, "s3://backups/web1");
+    let first = manifests(&b).remove(0);
+    let first_key = format!(".offsite/manifests/{}.json", first["run_id"].as_str().unwrap());
+    let size = b.head(&first_key).unwrap().unwrap().size;
+    // An older "run" whose one file is the first run's manifest.
+    let mut fake = first.clone();
+    fake["run_id"] = "20000101T000000.000Z-1".into();
+    fake["files"][0]["path"] = first_key.clone().into();
+    fake["files"][0]["bytes"] = size.into();
+    b.put(".offsite/manifests/20000101T000000.000Z-1.json", serde_json::to_vec(&fake).unwrap(), Put::Create).unwrap();
+
+    let copy = site.dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    site.write("[retention]\nkeep_last = 1\n[[copy]]\nstore = \"copy\"\n");
+    let ran = site.run(&["--now", "2004-03-22T01:48:44Z"]);
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("left out run 20000101T000000.000Z-1"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("refuses"), "{}", ran.stderr);
+    // The other runs were copied; retention pruned the first run's
+    // archive (its own manifest told it to) and left its manifest object
+    // alone when the fake listed it.
+    let copied = std::fs::read_dir(copy.join(".offsite/manifests")).unwrap().count();
+    assert_eq!(copied, 2, "the two real runs are in the copy");
+    let all = keys(&b);
+    assert!(!all.contains(&ARCHIVE.to_string()), "{all:?}");
+    assert!(all.contains(&"www.20040322-014844.tgz".to_string()), "{all:?}");
+    assert!(!all.iter().any(|k| k.starts_with(".offsite/manifests/20000101")), "the fake was pruned: {all:?}");
+}

@@ -482,6 +482,12 @@ impl S3Root {
     fn remove_objects(&self, files: &[(PathBuf, u64)], lines: &mut Vec<String>) -> Result<(), S3Error> {
         for (path, bytes) in files {
             let rel = path.to_string_lossy();
+            // The manifest came from the bucket: nothing but a path a run
+            // could have stored is ever deleted (never the store's own).
+            if crate::policy::store_path(&rel).is_err() {
+                lines.push(format!("left {} alone: no run stores a file there", crate::text::escape(&rel)));
+                continue;
+            }
             match self.bucket.head(&rel)? {
                 Some(meta) if meta.size == *bytes => {
                     self.bucket.delete(&rel)?;
