@@ -286,7 +286,7 @@ fn a_run_killed_mid_upload_leaves_nothing_visible_and_the_next_run_recovers() {
     // the next run is turned away, after it the next run takes over.
     std::fs::remove_file(site.www().join("big.bin")).unwrap();
     let ran = site.run(&["--now", NOW]);
-    ran.expect_code(4).expect_stderr("another run holds the store");
+    ran.expect_code(4).expect_stderr("another run holds the store").expect_stderr("silent for 10s");
     let deadline = Instant::now() + Duration::from_secs(60);
     let ran = loop {
         std::thread::sleep(Duration::from_secs(1));

@@ -74,6 +74,8 @@ pub enum LockError {
     Busy {
         holder: Holder,
         quiet_for: Duration,
+        /// How long it must be silent to be taken over.
+        stale: Duration,
     },
     S3(S3Error),
 }
@@ -81,14 +83,16 @@ pub enum LockError {
 impl std::fmt::Display for LockError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LockError::Busy { holder, quiet_for } => write!(
+            LockError::Busy { holder, quiet_for, stale } => write!(
                 f,
-                "another run holds the store: site {:?} on {} (pid {}), started {}, last heard from {} ago",
+                "another run holds the store: site {:?} on {} (pid {}), started {}, last heard from {} ago (a lock \
+                 silent for {} belongs to a dead run and is taken over: [s3] lock_stale)",
                 crate::text::escape(&holder.site),
                 crate::text::escape(&holder.host),
                 holder.pid,
                 crate::text::escape(&holder.started),
-                humantime::format_duration(Duration::from_secs(quiet_for.as_secs()))
+                humantime::format_duration(Duration::from_secs(quiet_for.as_secs())),
+                humantime::format_duration(*stale)
             ),
             LockError::S3(e) => write!(f, "cannot take the store's lock: {e}"),
         }
@@ -323,7 +327,7 @@ fn take_existing(bucket: &Bucket, body: &mut Body, stale: Duration) -> Result<St
             let quiet_for = quiet_for(bucket)?;
             if quiet_for < stale {
                 return Err(match current {
-                    Some(c) => LockError::Busy { holder: c.holder, quiet_for },
+                    Some(c) => LockError::Busy { holder: c.holder, quiet_for, stale },
                     None => LockError::S3(S3Error::Other(format!(
                         "{}/{LOCK_KEY} is not a lock offsite wrote; remove it if no run is using the store",
                         bucket.location()
