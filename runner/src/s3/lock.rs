@@ -72,7 +72,7 @@ enum State {
 pub enum LockError {
     /// Another runner holds it and it is not stale.
     Busy {
-        holder: Holder,
+        holder: Box<Holder>,
         quiet_for: Duration,
         /// How long it must be silent to be taken over.
         stale: Duration,
@@ -327,7 +327,7 @@ fn take_existing(bucket: &Bucket, body: &mut Body, stale: Duration) -> Result<St
             let quiet_for = quiet_for(bucket)?;
             if quiet_for < stale {
                 return Err(match current {
-                    Some(c) => LockError::Busy { holder: c.holder, quiet_for, stale },
+                    Some(c) => LockError::Busy { holder: Box::new(c.holder), quiet_for, stale },
                     None => LockError::S3(S3Error::Other(format!(
                         "{}/{LOCK_KEY} is not a lock offsite wrote; remove it if no run is using the store",
                         bucket.location()
