@@ -10,8 +10,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     match Site::parse(text, Path::new("/fuzz/site.toml"), Path::new("/fuzz")) {
         Ok(site) => {
-            // Whatever parsed is fully resolved.
-            assert!(site.store.is_absolute());
+            // Whatever parsed is fully resolved: a directory is absolute,
+            // and so is every copy's.
+            for store in std::iter::once(&site.store).chain(site.copies.iter().map(|c| &c.store)) {
+                if let Some(dir) = store.dir() {
+                    assert!(dir.is_absolute());
+                }
+            }
             for host in site.hosts.values() {
                 assert!(!host.name.is_empty());
             }

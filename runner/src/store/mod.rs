@@ -356,6 +356,20 @@ enum Place {
     Bucket,
 }
 
+impl Place {
+    /// Removes what an unfinished file left: its temporary file. (An
+    /// upload aborts itself when its writer or sealed upload drops.)
+    fn discard(&self) {
+        match self {
+            Place::Staging { parent, tmp_name } => {
+                let _ = parent.remove_file(tmp_name);
+            }
+            #[cfg(feature = "runtime")]
+            Place::Bucket => {}
+        }
+    }
+}
+
 /// Where the stored bytes end: a file, or an object being uploaded (with
 /// the buffer [`PendingFile::spare`] hands out).
 enum Out {
@@ -536,10 +550,7 @@ impl PendingFile {
         let (finished, stored) = match judged {
             Ok(done) => done,
             Err(e) => {
-                // (An upload's end aborts itself when dropped.)
-                if let Place::Staging { parent, tmp_name } = &self.place {
-                    let _ = parent.remove_file(tmp_name);
-                }
+                self.place.discard();
                 return Err(e);
             }
         };
@@ -611,11 +622,8 @@ impl Write for PendingFile {
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        // (An unfinished upload aborts itself when its writer drops.)
-        if self.writer.is_some()
-            && let Place::Staging { parent, tmp_name } = &self.place
-        {
-            let _ = parent.remove_file(tmp_name);
+        if self.writer.is_some() {
+            self.place.discard();
         }
     }
 }
