@@ -256,7 +256,8 @@ pub fn run(args: Request) -> Result<(), Failure> {
             started: local_start.to_rfc3339(),
             duration_s: started.elapsed().as_secs_f64(),
             dry_run: args.dry_run,
-            files: &outputs,
+            // The manifest's (a bucket keeps no files of a failed run).
+            files: manifest.as_ref().map_or(&outputs[..], |m| &m.files[..]),
             kept_in: manifest.as_ref().and_then(|m| m.kept_in.as_deref()),
             warnings: manifest.as_ref().map_or(0, |m| m.warnings.len()),
             denials: caps.denials,

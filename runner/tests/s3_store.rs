@@ -238,7 +238,10 @@ fn a_failed_run_publishes_nothing_and_leaves_the_last_good_object_alone() {
     // Bigger than the run may store: it fails after uploading a part.
     incompressible(&site.www().join("big.bin"), 12);
     site.write("[limits]\nmax_bytes = \"8MiB\"\n");
-    site.run(&["--now", NOW]).expect_code(1).expect_stderr("max_bytes");
+    let ran = site.run(&["--now", NOW, "--json"]);
+    ran.expect_code(1).expect_stderr("max_bytes");
+    let summary: serde_json::Value = serde_json::from_str(ran.stdout.trim()).unwrap();
+    assert_eq!((summary["status"].as_str(), &summary["files"]), (Some("failed"), &serde_json::json!([])));
     assert_eq!(download(&b, ARCHIVE), good, "the good object is untouched");
     assert_eq!(server.pending_uploads("backups"), 0, "the failed upload was aborted");
     let ms = manifests(&b);
