@@ -204,11 +204,14 @@ fn copies(site: &Site, mine: &[Manifest], text: &mut String) -> Vec<serde_json::
             });
         match newest {
             Ok(newest) => {
+                // A run id read from the copy's manifests: the store's
+                // text, escaped (a bucket is anyone's with write access).
+                let shown = newest.as_deref().map(crate::text::escape);
                 let behind = mine
                     .iter()
                     .filter(|m| m.status.is_good() && newest.as_ref().is_none_or(|n| m.run.run_id > *n))
                     .count();
-                let _ = match (&newest, behind) {
+                let _ = match (&shown, behind) {
                     (Some(n), 0) => writeln!(text, "  copy:      {store}: up to date (run {n})"),
                     (Some(n), b) => writeln!(text, "  copy:      {store}: {b} good run(s) behind (newest copied: {n})"),
                     (None, _) => writeln!(text, "  copy:      {store}: nothing copied yet"),

@@ -496,6 +496,17 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
     let status = site.command(&["status"]);
     status.expect_code(0);
     assert_eq!(status.stdout.matches("up to date").count(), 2, "{}", status.stdout);
+    // A copy's manifests are the copy store's text: a forged run id with
+    // a terminal escape reaches status escaped.
+    let forged_id = "99990101T000000.000Z-1\u{1b}[2J";
+    let mut forged = copied.clone();
+    forged["run_id"] = forged_id.into();
+    std::fs::write(local.join(format!(".offsite/manifests/{forged_id}.json")), serde_json::to_vec(&forged).unwrap())
+        .unwrap();
+    let status = site.command(&["status"]);
+    assert!(status.stdout.contains("99990101T000000.000Z-1\\e[2J"), "{}", status.stdout);
+    assert!(!status.stdout.contains('\u{1b}'), "{}", status.stdout);
+    std::fs::remove_file(local.join(format!(".offsite/manifests/{forged_id}.json"))).unwrap();
 
     // The first store is lost: every object under its prefix goes.
     for key in keys(&first) {
