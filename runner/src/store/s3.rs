@@ -28,11 +28,11 @@
 //! (downloaded and hashed) and installs the manifest, or records the run
 //! as incomplete.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -58,6 +58,12 @@ pub struct S3Root {
     /// Where the credentials came from, for messages.
     credentials: String,
     sites_shared: AtomicBool,
+    /// Manifests fetched so far, by object name. A run reads the manifests
+    /// several times (the shrink check, replacements, retention, copies),
+    /// and a manifest changes only through the root that holds the lock,
+    /// so each is fetched once; every read still lists the names, so
+    /// manifests added or removed meanwhile are seen.
+    fetched: Mutex<BTreeMap<String, Manifest>>,
 }
 
 impl S3Root {
@@ -74,6 +80,7 @@ impl S3Root {
             signer: None,
             credentials: creds.source.clone(),
             sites_shared: AtomicBool::new(false),
+            fetched: Mutex::default(),
         })
     }
 
@@ -334,29 +341,34 @@ impl S3Root {
 
     /// Rewrites a recorded run's manifest (and its signature).
     pub fn rewrite_manifest(&self, manifest: &Manifest) -> Result<(), S3Error> {
-        let json = manifest.to_json();
-        let name = format!("{MANIFESTS}/{}.json", manifest.run.run_id);
-        if let Some(key) = &self.signer {
-            let sig = protect::sign(key, &json).map_err(|e| S3Error::Other(format!("signing the manifest: {e}")))?;
-            self.bucket.put(&format!("{name}{}", protect::SIG_SUFFIX), sig, Put::Overwrite)?;
-        }
-        self.bucket.put(&name, json, Put::Overwrite).map(|_| ())
+        self.write_manifest(manifest, Put::Overwrite)
+    }
+
+    /// Notes a manifest as it is now in the bucket (see `fetched`).
+    fn remember(&self, m: &Manifest) {
+        let name = format!("{}.json", m.run.run_id);
+        self.fetched.lock().unwrap_or_else(|e| e.into_inner()).insert(name, m.clone());
     }
 
     /// Writes a run's manifest (its signature first), once.
     fn install_manifest(&self, manifest: &Manifest) -> Result<(), S3Error> {
+        match self.write_manifest(manifest, Put::Create) {
+            // Installed before an interruption.
+            Err(S3Error::Conflict(_)) => Ok(()),
+            done => done,
+        }
+    }
+
+    fn write_manifest(&self, manifest: &Manifest, mode: Put) -> Result<(), S3Error> {
         let json = manifest.to_json();
         let name = format!("{MANIFESTS}/{}.json", manifest.run.run_id);
         if let Some(key) = &self.signer {
             let sig = protect::sign(key, &json).map_err(|e| S3Error::Other(format!("signing the manifest: {e}")))?;
             self.bucket.put(&format!("{name}{}", protect::SIG_SUFFIX), sig, Put::Overwrite)?;
         }
-        match self.bucket.put(&name, json, Put::Create) {
-            Ok(_) => Ok(()),
-            // Installed before an interruption.
-            Err(S3Error::Conflict(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.bucket.put(&name, json, mode)?;
+        self.remember(manifest);
+        Ok(())
     }
 
     /// For each file a good run is about to publish over an object an
@@ -403,12 +415,19 @@ impl S3Root {
         let mut good = Vec::new();
         let mut bad = Vec::new();
         for name in self.manifest_names()? {
+            if let Some(m) = self.fetched.lock().unwrap_or_else(|e| e.into_inner()).get(&name) {
+                good.push(m.clone());
+                continue;
+            }
             let parsed = match self.bucket.get(&format!("{MANIFESTS}/{name}"))? {
                 Some((bytes, _)) => serde_json::from_slice::<Manifest>(&bytes).map_err(|e| e.to_string()),
                 None => continue,
             };
             match parsed {
-                Ok(m) if format!("{}.json", m.run.run_id) == name => good.push(m),
+                Ok(m) if format!("{}.json", m.run.run_id) == name => {
+                    self.remember(&m);
+                    good.push(m)
+                }
                 Ok(m) => bad.push(BadManifest { name, error: format!("it names run {}", m.run.run_id) }),
                 Err(error) => bad.push(BadManifest { name, error }),
             }
