@@ -73,14 +73,7 @@ fn open(copy: &CopyTo, site: &Site, me: &RunHeader, signer: Option<&ssh_key::Pri
                 ));
             }
             let root = StoreRoot::open(dir)?.with_signer(signer.cloned());
-            let holder = Holder {
-                pid: me.pid,
-                hostname: me.hostname.clone(),
-                started: me.started.clone(),
-                site: me.site.clone(),
-                run_id: me.run_id.clone(),
-            };
-            let (lock, _) = root.lock(&holder).map_err(|e| match e {
+            let (lock, _) = root.lock(&Holder::from(me)).map_err(|e| match e {
                 LockError::Held(_) => io::Error::new(io::ErrorKind::ResourceBusy, e.to_string()),
                 other => io::Error::other(other.to_string()),
             })?;

@@ -552,14 +552,7 @@ fn open_locked_dir(
         .with_context(|| format!("cannot open the store {}", dir.display()))
         .exit(Exit::Usage)?
         .with_signer(signer);
-    let me = Holder {
-        pid: header.pid,
-        hostname: header.hostname.clone(),
-        started: header.started.clone(),
-        site: header.site.clone(),
-        run_id: header.run_id.clone(),
-    };
-    let (lock, stale) = match root.lock(&me) {
+    let (lock, stale) = match root.lock(&Holder::from(header)) {
         Ok(taken) => taken,
         Err(e @ LockError::Held(_)) => {
             return Err(anyhow!(

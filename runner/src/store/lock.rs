@@ -23,6 +23,19 @@ pub struct Holder {
     pub run_id: String,
 }
 
+impl From<&super::manifest::RunHeader> for Holder {
+    /// The run of `header`, as the holder of a lock.
+    fn from(header: &super::manifest::RunHeader) -> Holder {
+        Holder {
+            pid: header.pid,
+            hostname: header.hostname.clone(),
+            started: header.started.clone(),
+            site: header.site.clone(),
+            run_id: header.run_id.clone(),
+        }
+    }
+}
+
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
