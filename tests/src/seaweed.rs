@@ -121,7 +121,11 @@ impl S3Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         // The S3 port answers (anything) once the gateway runs; the
         // filer must answer too before buckets can be made.
-        while !(http(addr, "GET", "/").is_some() && http(filer, "GET", "/").is_some()) {
+        // The S3 port must answer as an S3 gateway (an XML body): another
+        // test's server that took the port between pick and bind answers
+        // too, but not in S3's words.
+        let s3_answers = || http(addr, "GET", "/").is_some_and(|a| a.starts_with("HTTP/1.") && a.contains("<?xml"));
+        while !(s3_answers() && http(filer, "GET", "/").is_some()) {
             if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 return Err(format!("SeaweedFS exited ({status}): {}", server.failure()));
             }
