@@ -3,5 +3,21 @@ fn main() -> std::process::ExitCode {
     if offsite::transport::openssh::askpass_main() {
         return std::process::ExitCode::SUCCESS;
     }
+    fixed_mmap_threshold();
     offsite::cli::main()
+}
+
+/// Large blocks (S3 part buffers, HTTP and wasm buffers) come straight from
+/// mmap and go back to the kernel when freed. glibc otherwise raises its
+/// mmap threshold each time such a block is freed, so later ones land in
+/// the heap, which fragments and keeps the peak. Measured on a run into
+/// S3: a 96 MiB output peaked up to 10 MiB above a 24 MiB one; with a
+/// fixed threshold the two peak within 2 MiB of each other.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
