@@ -35,7 +35,10 @@ pub struct ObjectWriter {
     bucket: Arc<Bucket>,
     rel: String,
     upload: Option<Box<dyn MultipartUpload>>,
+    /// The part being filled: always `part_size` long; its first `fill`
+    /// bytes are the part's.
     part: Vec<u8>,
+    fill: usize,
     part_size: usize,
     parts: usize,
     in_flight: VecDeque<tokio::task::JoinHandle<object_store::Result<()>>>,
@@ -46,36 +49,39 @@ pub struct ObjectWriter {
 /// Part buffers, reused: a buffer comes back when the request that sent
 /// it is done with it (retries included), so an upload allocates at most
 /// `IN_FLIGHT + 1` of them whatever its size, and the allocator never sees
-/// a stream of part-sized blocks to fragment its heap with.
+/// a stream of part-sized blocks to fragment its heap with. A buffer is
+/// zeroed once, when allocated, and then read into directly
+/// ([`ObjectWriter::spare`]).
 #[derive(Clone, Default)]
 struct Pool(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl Pool {
-    fn take(&self, capacity: usize) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_else(|| Vec::with_capacity(capacity))
+    fn take(&self, size: usize) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_else(|| vec![0; size])
     }
 
-    /// `buf` as a payload that gives the buffer back when dropped.
-    fn payload(&self, buf: Vec<u8>) -> PutPayload {
-        PutPayload::from(bytes::Bytes::from_owner(Pooled { buf, pool: self.clone() }))
+    /// The first `len` bytes of `buf` as a payload that gives the buffer
+    /// back when dropped.
+    fn payload(&self, buf: Vec<u8>, len: usize) -> PutPayload {
+        PutPayload::from(bytes::Bytes::from_owner(Pooled { buf, len, pool: self.clone() }))
     }
 }
 
 struct Pooled {
     buf: Vec<u8>,
+    len: usize,
     pool: Pool,
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        &self.buf[..self.len]
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
+        let buf = std::mem::take(&mut self.buf);
         let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() <= IN_FLIGHT {
             free.push(buf);
@@ -97,6 +103,7 @@ impl ObjectWriter {
             rel: rel.to_string(),
             upload: Some(upload),
             part: pool.take(part_size),
+            fill: 0,
             part_size,
             parts: 0,
             in_flight: VecDeque::new(),
@@ -113,14 +120,29 @@ impl ObjectWriter {
     /// Takes `data`, sending each full part.
     pub fn write_all_bytes(&mut self, mut data: &[u8]) -> Result<(), S3Error> {
         while !data.is_empty() {
-            let room = self.part_size - self.part.len();
-            let n = room.min(data.len());
-            self.part.extend_from_slice(&data[..n]);
-            self.written += n as u64;
+            let spare = self.spare();
+            let n = spare.len().min(data.len());
+            spare[..n].copy_from_slice(&data[..n]);
             data = &data[n..];
-            if self.part.len() == self.part_size {
-                self.send_part()?;
-            }
+            self.filled(n)?;
+        }
+        Ok(())
+    }
+
+    /// The rest of the part being filled, to read the next bytes straight
+    /// into; [`filled`](Self::filled) takes the first `n`. Never empty.
+    pub fn spare(&mut self) -> &mut [u8] {
+        &mut self.part[self.fill..]
+    }
+
+    /// Takes the first `n` bytes of [`spare`](Self::spare), sending the
+    /// part once it is full.
+    pub fn filled(&mut self, n: usize) -> Result<(), S3Error> {
+        assert!(n <= self.part_size - self.fill, "filled more than spare");
+        self.fill += n;
+        self.written += n as u64;
+        if self.fill == self.part_size {
+            self.send_part()?;
         }
         Ok(())
     }
@@ -139,8 +161,9 @@ impl ObjectWriter {
             self.bucket.call(&self.rel, async move { oldest.await.unwrap_or_else(|e| Err(join_error(e))) })?;
         }
         let full = std::mem::replace(&mut self.part, self.pool.take(self.part_size));
+        let len = std::mem::take(&mut self.fill);
         let upload = self.upload.as_mut().expect("not finished");
-        let sending = upload.put_part(self.pool.payload(full));
+        let sending = upload.put_part(self.pool.payload(full, len));
         self.in_flight.push_back(self.bucket.spawn(sending));
         self.parts += 1;
         Ok(())
@@ -151,7 +174,7 @@ impl ObjectWriter {
     /// as it ends and completes them all only once the run has succeeded
     /// (see [`SealedUpload`]).
     pub fn seal(mut self) -> Result<SealedUpload, S3Error> {
-        if !self.part.is_empty() || self.parts == 0 {
+        if self.fill > 0 || self.parts == 0 {
             self.send_part()?;
         }
         while let Some(part) = self.in_flight.pop_front() {

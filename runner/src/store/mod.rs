@@ -311,7 +311,7 @@ impl Store {
                 let key = rel.with_file_name(&final_name).to_string_lossy().into_owned();
                 let writer = crate::s3::upload::ObjectWriter::create(Arc::clone(bucket), &key, *part_size)
                     .map_err(io::Error::other)?;
-                (Place::Bucket, Out::Object(Box::new(writer), Vec::new()))
+                (Place::Bucket, Out::Object(Box::new(writer)))
             }
         };
         let file = HashingWriter::new(out);
@@ -375,7 +375,7 @@ impl Place {
 enum Out {
     File(DurableFile),
     #[cfg(feature = "runtime")]
-    Object(Box<crate::s3::upload::ObjectWriter>, Vec<u8>),
+    Object(Box<crate::s3::upload::ObjectWriter>),
 }
 
 /// A pending file's bytes, all on their way: the file to sync and rename,
@@ -391,12 +391,7 @@ impl Out {
         match self {
             Out::File(f) => f.spare(),
             #[cfg(feature = "runtime")]
-            Out::Object(_, buf) => {
-                if buf.is_empty() {
-                    buf.resize(256 << 10, 0);
-                }
-                buf
-            }
+            Out::Object(w) => w.spare(),
         }
     }
 
@@ -404,7 +399,7 @@ impl Out {
         match self {
             Out::File(f) => f.filled(n),
             #[cfg(feature = "runtime")]
-            Out::Object(w, buf) => w.write_all_bytes(&buf[..n]).map_err(io::Error::other),
+            Out::Object(w) => w.filled(n).map_err(io::Error::other),
         }
     }
 
@@ -412,7 +407,7 @@ impl Out {
         match self {
             Out::File(f) => Ok(Finished::File(File::from_std(f.finish()?))),
             #[cfg(feature = "runtime")]
-            Out::Object(w, _) => Ok(Finished::Object(w.seal().map_err(io::Error::other)?)),
+            Out::Object(w) => Ok(Finished::Object(w.seal().map_err(io::Error::other)?)),
         }
     }
 }
@@ -422,7 +417,7 @@ impl Write for Out {
         match self {
             Out::File(f) => f.write(buf),
             #[cfg(feature = "runtime")]
-            Out::Object(w, _) => w.write(buf),
+            Out::Object(w) => w.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
