@@ -228,14 +228,26 @@ fn objects_stream_up_in_parts_and_read_back_identically() {
     let server = S3Server::start("127.0.0.1");
     server.create_bucket("backups");
     let b = bucket(&server, "s3://backups/web1");
+    use std::io::Read;
     // Sizes around the part edges: empty, one byte, exactly one part, and
-    // 23 parts and a bit written in uneven pieces.
+    // 23 parts and a bit written in uneven pieces, some copied in and some
+    // read straight into the part (spare, filled).
     for (i, len) in [0, 1, MIN_PART, 23 * MIN_PART + 12345].into_iter().enumerate() {
         let data = noise(len, 7 + i as u64);
         let rel = format!("runs/r1/obj{i}.bin");
         let mut w = ObjectWriter::create(Arc::clone(&b), &rel, MIN_PART).unwrap();
-        for piece in data.chunks(65_537) {
-            w.write_all(piece).unwrap();
+        for (j, mut piece) in data.chunks(65_537).enumerate() {
+            if j % 2 == 0 {
+                w.write_all(piece).unwrap();
+                continue;
+            }
+            while !piece.is_empty() {
+                let spare = w.spare();
+                let n = spare.len().min(piece.len()).min(40_000);
+                spare[..n].copy_from_slice(&piece[..n]);
+                w.filled(n).unwrap();
+                piece = &piece[n..];
+            }
         }
         assert_eq!(w.written(), len as u64);
         w.finish().unwrap();
@@ -243,7 +255,19 @@ fn objects_stream_up_in_parts_and_read_back_identically() {
         let mut back = Vec::new();
         assert_eq!(b.download(&rel, &mut back).unwrap(), len as u64);
         assert!(back.len() == data.len() && sha256(&back) == sha256(&data), "{rel} reads back identically");
+        // And read as it downloads, in small reads.
+        let mut reader = b.reader(&rel).unwrap().unwrap();
+        assert_eq!(reader.size(), len as u64);
+        let (mut back, mut buf) = (Vec::new(), [0u8; 4099]);
+        loop {
+            match reader.read(&mut buf).unwrap() {
+                0 => break,
+                n => back.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(back.len() == data.len() && sha256(&back) == sha256(&data), "{rel} reads back identically");
     }
+    assert!(b.reader("runs/r1/none.bin").unwrap().is_none(), "no such object");
     assert_eq!(server.pending_uploads("backups"), 0);
 }
 

@@ -52,6 +52,18 @@ impl std::fmt::Display for S3Error {
 
 impl std::error::Error for S3Error {}
 
+impl From<std::io::Error> for S3Error {
+    /// An [`ObjectReader`]'s error back as what it was; any other I/O error
+    /// as `Other`.
+    fn from(e: std::io::Error) -> S3Error {
+        let text = e.to_string();
+        match e.into_inner().map(|inner| inner.downcast::<S3Error>()) {
+            Some(Ok(s3)) => *s3,
+            _ => S3Error::Other(text),
+        }
+    }
+}
+
 /// How a put treats an existing object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Put {
@@ -278,21 +290,35 @@ impl Bucket {
         Ok(listed.into_iter().map(|m| self.meta(m)).collect())
     }
 
+    /// Opens the object `rel` for reading as it downloads; `None` if there
+    /// is no such object. Each chunk must arrive within the call timeout (a
+    /// stalled server fails the read, however large the object).
+    pub fn reader(&self, rel: &str) -> Result<Option<ObjectReader<'_>>, S3Error> {
+        let got = match self.call(rel, self.s3.get(&self.key(rel))) {
+            Ok(g) => g,
+            Err(S3Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(ObjectReader {
+            bucket: self,
+            rel: rel.to_string(),
+            size: got.meta.size,
+            stream: got.into_stream(),
+            chunk: bytes::Bytes::new(),
+        }))
+    }
+
     /// Streams the object `rel` into `sink`; returns how many bytes came.
-    /// Each chunk must arrive within the call timeout (a stalled server
-    /// fails the read, however large the object).
     pub fn download(&self, rel: &str, sink: &mut dyn std::io::Write) -> Result<u64, S3Error> {
-        let key = self.key(rel);
-        let got = self.call(rel, self.s3.get(&key))?;
-        let mut stream = got.into_stream();
+        let mut reader =
+            self.reader(rel)?.ok_or_else(|| S3Error::NotFound(format!("{}: no such object", self.shown(rel))))?;
         let mut total = 0u64;
-        loop {
-            let next = self.call(rel, async { stream.next().await.transpose() })?;
-            let Some(chunk) = next else { return Ok(total) };
+        while let Some(chunk) = reader.next_chunk()? {
             sink.write_all(&chunk)
                 .map_err(|e| S3Error::Other(format!("{}: writing what arrived: {e}", self.shown(rel))))?;
             total += chunk.len() as u64;
         }
+        Ok(total)
     }
 
     /// The multipart uploads begun beneath `rel_dir` and never completed or
@@ -448,6 +474,49 @@ impl Bucket {
 /// Sorts object_store's error into ours. Servers differ in how they say
 /// things (AWS, SeaweedFS, MinIO), so the S3 error code in the message
 /// decides where the status alone does not.
+/// An object being downloaded, read as it arrives ([`Bucket::reader`]).
+pub struct ObjectReader<'a> {
+    bucket: &'a Bucket,
+    rel: String,
+    size: u64,
+    stream: futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    /// What has arrived and not been read yet.
+    chunk: bytes::Bytes,
+}
+
+impl ObjectReader<'_> {
+    /// The object's size, as the server gave it when the download began.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next piece to arrive (or what is left of one); `None` at the end.
+    fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, S3Error> {
+        if !self.chunk.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.chunk)));
+        }
+        let stream = &mut self.stream;
+        self.bucket.call(&self.rel, async { stream.next().await.transpose() })
+    }
+}
+
+impl std::io::Read for ObjectReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.chunk.is_empty() {
+            match self.next_chunk().map_err(std::io::Error::other)? {
+                Some(chunk) => self.chunk = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
 fn classify(what: &str, e: object_store::Error) -> S3Error {
     use object_store::Error as E;
     let text = e.to_string();

@@ -239,12 +239,12 @@ impl S3Root {
 
     /// Whether the object at `f`'s path has `f`'s size and SHA-256.
     fn holds(&self, f: &StoredFile) -> Result<bool, S3Error> {
-        match self.bucket.head(&f.path)? {
-            Some(meta) if meta.size == f.bytes => {}
+        let mut object = match self.bucket.reader(&f.path)? {
+            Some(object) if object.size() == f.bytes => object,
             _ => return Ok(false),
-        }
+        };
         let mut hasher = HashSink(Sha256::new());
-        self.bucket.download(&f.path, &mut hasher)?;
+        io::copy(&mut object, &mut hasher)?;
         Ok(hex::encode(hasher.0.finalize()) == f.sha256)
     }
 

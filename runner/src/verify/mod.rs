@@ -43,10 +43,11 @@ pub struct Report {
     pub newest: Option<String>,
 }
 
-/// Checks the store at `root`. Objects in an S3 store are downloaded (one
-/// at a time, into a private scratch directory) and checked as files are:
-/// the server's own checksums are not relied on, since not every server
-/// keeps a SHA-256.
+/// Checks the store at `root`. Objects in an S3 store are checked as they
+/// download, the same way as files (nothing is written to disk, so a
+/// runner with little room can verify any size of object): the server's
+/// own checksums are not relied on, since not every server keeps a
+/// SHA-256.
 pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
     let mut report = Report::default();
     let (manifests, bad) = root.manifests()?;
@@ -75,37 +76,11 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
             owners.insert(m.location(f), (m, f));
         }
     }
-    // Where an S3 store's objects are checked, one at a time.
-    let scratch = match root {
-        Root::Dir(_) => None,
-        Root::S3(_) => {
-            let tmp = tempfile::Builder::new().prefix("offsite-verify.").tempdir()?;
-            let dir = Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())?;
-            Some((tmp, dir))
-        }
+    let source = match root {
+        Root::Dir(r) => Source::Dir(&r.dir),
+        Root::S3(r) => Source::S3(r),
     };
     for (location, (m, f)) in &owners {
-        let downloaded;
-        let dir = match (root, &scratch) {
-            (Root::Dir(r), _) => &r.dir,
-            (Root::S3(r), Some((_, dir))) => match download(r, dir, location) {
-                Ok(()) => {
-                    downloaded = Downloaded { dir, rel: location };
-                    downloaded.dir
-                }
-                Err(e) => {
-                    report.files += 1;
-                    report.problems.push(format!(
-                        "{}: {e} (run {}, status {})",
-                        location.display(),
-                        m.run.run_id,
-                        m.status
-                    ));
-                    continue;
-                }
-            },
-            (Root::S3(_), None) => unreachable!("an S3 store has a scratch directory"),
-        };
         if let Some(r) = &f.replaces {
             report.checked.push(format!(
                 "{}: run {} replaced the file of the same name from run {} (sha256 {})",
@@ -116,7 +91,7 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
             ));
         }
         report.files += 1;
-        match check_file(dir, location, f, &options.identities) {
+        match check_file(&source, location, f, &options.identities) {
             Ok(line) => {
                 report.checked.push(line);
                 let plain_name = plain_name(location);
@@ -126,7 +101,7 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
                     && readable
                     && is_dump(&plain_name)
                 {
-                    let opened = open_plain(dir, location, &options.identities);
+                    let opened = open_plain(&source, location, &options.identities);
                     match opened.and_then(|r| restore_test(r, &plain_name, Engine::of(f), scratch)) {
                         Ok(line) => report.checked.push(line),
                         Err(e) => report.problems.push(format!("{}: restore test failed: {e}", location.display())),
@@ -170,30 +145,35 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
     Ok(report)
 }
 
-/// An object downloaded for checking; removed when checked.
-struct Downloaded<'a> {
-    dir: &'a Dir,
-    rel: &'a Path,
+/// Where the stored files are read from.
+enum Source<'a> {
+    Dir(&'a Dir),
+    S3(&'a S3Root),
 }
 
-impl Drop for Downloaded<'_> {
-    fn drop(&mut self) {
-        let _ = self.dir.remove_file(self.rel);
+impl<'a> Source<'a> {
+    /// The file `rel`: its size, and its bytes (an object's as they
+    /// download). The error is the report's word for it.
+    fn open(&self, rel: &Path) -> Result<(u64, Box<dyn Read + 'a>), String> {
+        match self {
+            Source::Dir(dir) => {
+                let meta = dir.symlink_metadata(rel).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => "missing".to_string(),
+                    _ => format!("cannot be read: {e}"),
+                })?;
+                if !meta.is_file() {
+                    return Err("corrupt: it is no longer a regular file".into());
+                }
+                let file = dir.open(rel).map_err(|e| format!("cannot be read: {e}"))?.into_std();
+                Ok((meta.len(), Box::new(file)))
+            }
+            Source::S3(root) => match root.bucket().reader(&rel.to_string_lossy()) {
+                Ok(Some(object)) => Ok((object.size(), Box::new(object))),
+                Ok(None) => Err("missing".into()),
+                Err(e) => Err(format!("cannot be read: {e}")),
+            },
+        }
     }
-}
-
-/// Downloads the object `rel` to the same path beneath `scratch`.
-fn download(root: &S3Root, scratch: &Dir, rel: &Path) -> Result<(), String> {
-    let key = rel.to_string_lossy();
-    if root.bucket().head(&key).map_err(|e| format!("cannot be read: {e}"))?.is_none() {
-        return Err("missing".into());
-    }
-    if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-        scratch.create_dir_all(parent).map_err(|e| format!("cannot make room to check it: {e}"))?;
-    }
-    let mut file = scratch.create(rel).map_err(|e| format!("cannot make room to check it: {e}"))?;
-    root.bucket().download(&key, &mut file).map_err(|e| format!("cannot be read: {e}"))?;
-    Ok(())
 }
 
 /// Objects under an S3 store's prefix that no manifest lists and that
@@ -325,7 +305,7 @@ impl Engine {
 /// psql clients run commands (`\!`, `system`, `\copy ... program`) found in
 /// their input.
 fn restore_test(
-    file: Box<dyn Read>,
+    file: Box<dyn Read + '_>,
     rel: &Path,
     engine: Option<Engine>,
     scratch: &mysql::Scratch,
@@ -333,7 +313,7 @@ fn restore_test(
     let Some(engine) = engine else {
         return Ok(format!("{}: not loaded: its manifest does not say mysqldump or pg_dump made it", rel.display()));
     };
-    let plain: Box<dyn Read> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+    let plain: Box<dyn Read + '_> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
         file
@@ -376,7 +356,7 @@ fn load_lines(
     mut client: std::process::Command,
     what: &str,
     first: &[u8],
-    mut reader: Box<dyn BufRead>,
+    mut reader: Box<dyn BufRead + '_>,
     mut feed: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), String> {
     use std::io::Write;
@@ -423,67 +403,76 @@ fn plain_name(path: &Path) -> PathBuf {
 }
 
 /// The file's contents, decrypted if it is an age file.
-fn open_plain(dir: &Dir, rel: &Path, identities: &[Box<dyn age::Identity>]) -> Result<Box<dyn Read>, String> {
-    let file = dir.open(rel).map_err(|e| format!("cannot be read: {e}"))?.into_std();
+fn open_plain<'a>(
+    source: &Source<'a>,
+    rel: &Path,
+    identities: &[Box<dyn age::Identity>],
+) -> Result<Box<dyn Read + 'a>, String> {
+    let (_, file) = source.open(rel)?;
     if !is_encrypted(rel) {
-        return Ok(Box::new(file));
+        return Ok(file);
     }
-    let decryptor = age::Decryptor::new(io::BufReader::new(file)).map_err(|e| format!("age: {e}"))?;
+    decrypt(file, identities)
+}
+
+fn decrypt<'a>(cipher: impl Read + 'a, identities: &[Box<dyn age::Identity>]) -> Result<Box<dyn Read + 'a>, String> {
+    let decryptor = age::Decryptor::new(io::BufReader::new(cipher)).map_err(|e| format!("age: {e}"))?;
     let reader = decryptor
         .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
         .map_err(|e| format!("age: {e}"))?;
     Ok(Box::new(reader))
 }
 
-/// Re-reads one file: size, SHA-256, and its format when the name says
-/// gzip or tar. An encrypted file is decrypted (given identities) and its
-/// plaintext checked the same way.
+/// Re-reads one file, once: size, SHA-256, and its format when the name
+/// says gzip or tar. An encrypted file is decrypted (given identities) as
+/// it is read, and its plaintext checked the same way.
 fn check_file(
-    dir: &Dir,
+    source: &Source,
     rel: &Path,
     entry: &StoredFile,
     identities: &[Box<dyn age::Identity>],
 ) -> Result<String, String> {
-    let meta = dir.symlink_metadata(rel).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => "missing".to_string(),
-        _ => format!("cannot be read: {e}"),
-    })?;
-    if !meta.is_file() {
-        return Err("corrupt: it is no longer a regular file".into());
-    }
-    if meta.len() != entry.bytes {
-        return Err(format!("corrupt: {} bytes, the manifest says {}", meta.len(), entry.bytes));
+    let (size, file) = source.open(rel)?;
+    if size != entry.bytes {
+        return Err(format!("corrupt: {size} bytes, the manifest says {}", entry.bytes));
     }
     let encrypted = is_encrypted(rel);
     let format = Format::of(&plain_name(rel));
-    let file = dir.open(rel).map_err(|e| format!("cannot be read: {e}"))?;
     let mut reader = HashingReader { inner: file, hasher: Sha256::new(), bytes: 0 };
-    let checked = if encrypted { Ok(String::new()) } else { format.check(&mut reader) };
-    // Whatever the format check read, hash the rest too.
+    let checked = match (encrypted, identities.is_empty()) {
+        (false, _) => format.check(&mut reader),
+        (true, true) => Ok(", encrypted (age): contents not checked without --age-identity".into()),
+        (true, false) => check_plain(&mut reader, format, entry, identities),
+    };
+    // Whatever the checks read, hash the rest too.
     io::copy(&mut reader, &mut io::sink()).map_err(|e| format!("cannot be read: {e}"))?;
     let sha256 = hex::encode(reader.hasher.finalize());
     if sha256 != entry.sha256 {
         let detail = checked.err().map(|e| format!("; {e}")).unwrap_or_default();
         return Err(format!("corrupt: sha256 {sha256}, the manifest says {}{detail}", entry.sha256));
     }
-    let mut what = checked.map_err(|e| format!("corrupt: {e}, although its sha256 matches the manifest"))?;
-    if encrypted {
-        if identities.is_empty() {
-            what = ", encrypted (age): contents not checked without --age-identity".into();
-        } else {
-            let mut plain = HashingReader { inner: open_plain(dir, rel, identities)?, hasher: Sha256::new(), bytes: 0 };
-            let checked = format.check(&mut plain);
-            io::copy(&mut plain, &mut io::sink()).map_err(|e| format!("corrupt: cannot be decrypted: {e}"))?;
-            let plain_sha = hex::encode(plain.hasher.finalize());
-            if let Some(p) = &entry.plain
-                && (p.sha256 != plain_sha || p.bytes != plain.bytes)
-            {
-                return Err(format!("corrupt: its plaintext has sha256 {plain_sha}, the manifest says {}", p.sha256));
-            }
-            what = format!(", decrypted{}", checked.map_err(|e| format!("corrupt: {e}"))?);
-        }
-    }
+    let what = checked.map_err(|e| format!("corrupt: {e}, although its sha256 matches the manifest"))?;
     Ok(format!("{}: ok ({} bytes, sha256 {}{what})", rel.display(), entry.bytes, entry.sha256))
+}
+
+/// Decrypts an age file as it is read and checks the plaintext: its
+/// format, and its size and SHA-256 against the manifest's.
+fn check_plain(
+    cipher: &mut impl Read,
+    format: Format,
+    entry: &StoredFile,
+    identities: &[Box<dyn age::Identity>],
+) -> Result<String, String> {
+    let mut plain = HashingReader { inner: decrypt(cipher, identities)?, hasher: Sha256::new(), bytes: 0 };
+    let checked = format.check(&mut plain);
+    io::copy(&mut plain, &mut io::sink()).map_err(|e| format!("cannot be decrypted: {e}"))?;
+    let plain_sha = hex::encode(plain.hasher.finalize());
+    if let Some(p) = &entry.plain
+        && (p.sha256 != plain_sha || p.bytes != plain.bytes)
+    {
+        return Err(format!("its plaintext has sha256 {plain_sha}, the manifest says {}", p.sha256));
+    }
+    Ok(format!(", decrypted{}", checked?))
 }
 
 /// What a file's name says it is.

@@ -56,7 +56,7 @@ impl Scratch {
 
 /// Loads the dump `reader` yields (plain SQL, named `rel`) and compares row
 /// counts.
-pub fn restore_test(reader: Box<dyn BufRead>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
+pub fn restore_test(reader: Box<dyn BufRead + '_>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
     let db = &scratch.database;
     let existed =
         scratch.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
@@ -91,7 +91,7 @@ pub fn restore_test(reader: Box<dyn BufRead>, rel: &Path, scratch: &Scratch) -> 
 
 /// Streams the dump into the client, counting rows per table on the way;
 /// then compares with `COUNT(*)` in the scratch database.
-fn load_and_count(reader: Box<dyn BufRead>, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
+fn load_and_count(reader: Box<dyn BufRead + '_>, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
     let mut client = scratch.client();
     client.arg(&scratch.database);
     let mut counter = InsertCounter::default();

@@ -41,7 +41,7 @@ fn query(database: &str, sql: &str) -> Result<String, String> {
 
 /// Loads the plain-SQL dump `reader` yields into the scratch database
 /// `database` (a plain name, checked by the caller) and compares row counts.
-pub fn restore_test(reader: Box<dyn BufRead>, database: &str) -> Result<(usize, u64), String> {
+pub fn restore_test(reader: Box<dyn BufRead + '_>, database: &str) -> Result<(usize, u64), String> {
     require_restricted_mode()?;
     let exists = admin(&format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'"))?;
     if exists.trim() != "0" {
@@ -57,7 +57,7 @@ pub fn restore_test(reader: Box<dyn BufRead>, database: &str) -> Result<(usize, 
     Ok((counts.len(), counts.values().sum()))
 }
 
-fn load_and_count(reader: Box<dyn BufRead>, database: &str) -> Result<BTreeMap<String, u64>, String> {
+fn load_and_count(reader: Box<dyn BufRead + '_>, database: &str) -> Result<BTreeMap<String, u64>, String> {
     let mut client = psql(database);
     client.arg("--single-transaction");
     let mut counter = CopyCounter::default();
