@@ -12,8 +12,14 @@
 //! run itself is safe in the first store. The next run copies every good
 //! run newer than the copy's newest (those its retention would keep), so
 //! a copy missed once catches up.
+//!
+//! Copies are part of the run, so the run's deadline bounds them: every
+//! call to an S3 store ends by it, and a file being copied stops at it.
+//! What a stopped copy must undo (its uploads, its lock) gets
+//! [`CLEANUP`] more.
 
-use std::io;
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
 
 use crate::site::{CopyTo, Site, StoreAt};
 use crate::store::lock::{Holder, LockError};
@@ -22,13 +28,37 @@ use crate::store::run::{Outcome, RunHeader};
 use crate::store::s3::{Root, S3Root};
 use crate::store::{Budget, Manifest, StoreRoot};
 
+/// How long a copy stopped by the run's deadline has to undo what it
+/// started (abort its uploads, free its lock).
+pub const CLEANUP: Duration = Duration::from_secs(30);
+
 /// Copies to every `[[copy]]` store of `site` what it lacks of `from`,
-/// taking each copy's lock as `me`. Returns one warning per copy that
-/// failed (the rest is logged).
-pub fn copy_all(from: &Root, site: &Site, me: &RunHeader, signer: Option<&ssh_key::PrivateKey>) -> Vec<String> {
+/// taking each copy's lock as `me`, all by `until` (the run's deadline).
+/// Returns one warning per copy that failed (the rest is logged).
+pub fn copy_all(
+    from: &Root,
+    site: &Site,
+    me: &RunHeader,
+    signer: Option<&ssh_key::PrivateKey>,
+    until: Option<Instant>,
+) -> Vec<String> {
     let mut failed = Vec::new();
+    from.set_deadline(until);
     for (i, copy) in site.copies.iter().enumerate() {
-        match copy_to(from, site, copy, me, signer) {
+        if let Some(until) = until
+            && Instant::now() >= until
+        {
+            failed.push(format!(
+                "copy {} to {} did not start: the run's deadline ({}) had passed; the run is safe in {}, and the \
+                 next run copies it",
+                i + 1,
+                copy.store.display(),
+                humantime::format_duration(site.limits.deadline),
+                site.store.display()
+            ));
+            continue;
+        }
+        match copy_to(from, site, copy, me, signer, until) {
             Ok((lines, skipped)) => {
                 lines.iter().for_each(|l| log::info!(target: "offsite::copy", "{l}"));
                 failed.extend(
@@ -43,6 +73,7 @@ pub fn copy_all(from: &Root, site: &Site, me: &RunHeader, signer: Option<&ssh_ke
             )),
         }
     }
+    from.set_deadline(None);
     failed
 }
 
@@ -57,7 +88,21 @@ enum Locked {
     S3(crate::s3::lock::S3Lock),
 }
 
-fn open(copy: &CopyTo, site: &Site, me: &RunHeader, signer: Option<&ssh_key::PrivateKey>) -> io::Result<Target> {
+impl Target {
+    /// After a failure: what is left to undo gets [`CLEANUP`] more than the
+    /// deadline (which may have passed).
+    fn give_cleanup_time(&self, until: Option<Instant>) {
+        self.root.set_deadline(until.map(|u| u.max(Instant::now()) + CLEANUP));
+    }
+}
+
+fn open(
+    copy: &CopyTo,
+    site: &Site,
+    me: &RunHeader,
+    signer: Option<&ssh_key::PrivateKey>,
+    until: Option<Instant>,
+) -> io::Result<Target> {
     match &copy.store {
         StoreAt::Dir(dir) => {
             // Never made here: a copy on a disk that is not mounted would
@@ -85,9 +130,15 @@ fn open(copy: &CopyTo, site: &Site, me: &RunHeader, signer: Option<&ssh_key::Pri
         StoreAt::S3(spec) => {
             let root =
                 S3Root::open(spec, site.limits.call_timeout).map_err(io::Error::other)?.with_signer(signer.cloned());
+            root.bucket().set_deadline(until);
             root.probe().map_err(io::Error::other)?;
             let lock = root.lock(me).map_err(|e| io::Error::other(e.to_string()))?;
-            for line in root.recover().map_err(io::Error::other)? {
+            let recovered = root.recover();
+            if recovered.is_err() {
+                // Time to free the lock.
+                root.bucket().set_deadline(until.map(|u| u.max(Instant::now()) + CLEANUP));
+            }
+            for line in recovered.map_err(io::Error::other)? {
                 log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
             }
             Ok(Target { root: Root::S3(root), lock: Locked::S3(lock) })
@@ -101,8 +152,30 @@ fn copy_to(
     copy: &CopyTo,
     me: &RunHeader,
     signer: Option<&ssh_key::PrivateKey>,
+    until: Option<Instant>,
 ) -> io::Result<(Vec<String>, Vec<String>)> {
-    let target = open(copy, site, me, signer)?;
+    let target = open(copy, site, me, signer, until)?;
+    let copied = copy_runs(from, site, copy, &target, until);
+    if copied.is_err() {
+        target.give_cleanup_time(until);
+    }
+    let lines = copied?;
+    if let Locked::S3(lock) = target.lock
+        && let Err(e) = lock.release()
+    {
+        log::warn!(target: "offsite::copy", "cannot free the lock of {}: {e}", copy.store.display());
+    }
+    Ok(lines)
+}
+
+/// What the copy in `target` lacks, copied; then its retention.
+fn copy_runs(
+    from: &Root,
+    site: &Site,
+    copy: &CopyTo,
+    target: &Target,
+    until: Option<Instant>,
+) -> io::Result<(Vec<String>, Vec<String>)> {
     let to = &target.root;
     let (there, _) = to.manifests()?;
     let newest_there = there.iter().filter(|m| m.status.is_good()).map(|m| m.run.run_id.clone()).max();
@@ -131,7 +204,7 @@ fn copy_to(
         // may store) is left out for good, with a warning: trying it again would block every
         // newer run. Anything else (the network, a full disk) stops here
         // and is tried again by the next run.
-        if let Err(e) = copy_run(from, &target, m) {
+        if let Err(e) = copy_run(from, target, m, until) {
             if !matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::NotFound) {
                 return Err(e);
             }
@@ -152,18 +225,13 @@ fn copy_to(
         let plan = retention::plan(&manifests, &to.runs_of(&site.name), &copy.retention);
         lines.extend(to.prune(&plan)?.into_iter().map(|l| format!("{}: {l}", copy.store.display())));
     }
-    if let Locked::S3(lock) = target.lock
-        && let Err(e) = lock.release()
-    {
-        log::warn!(target: "offsite::copy", "cannot free the lock of {}: {e}", copy.store.display());
-    }
     Ok((lines, skipped))
 }
 
 /// One run into the copy: each file streamed and checked, then the
 /// manifest. A copy that fails leaves nothing in the copy's store (no
 /// manifest either), so the next run tries it again.
-fn copy_run(from: &Root, to: &Target, m: &Manifest) -> io::Result<()> {
+fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> io::Result<()> {
     let store = match &to.root {
         Root::Dir(r) => r.begin_run(&m.run, Budget::unlimited())?,
         Root::S3(r) => r.begin_run(&m.run, Budget::unlimited(), Vec::new()).map_err(io::Error::other)?,
@@ -176,13 +244,14 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest) -> io::Result<()> {
                 io::Error::new(io::ErrorKind::InvalidData, format!("its manifest names a file the copy refuses: {d}"))
             })?;
             let mut pending = store.create(&rel)?;
+            let mut bounded = Until { inner: &mut pending, until };
             match from {
                 Root::Dir(r) => {
                     let mut file = r.dir.open(m.location(f))?;
-                    io::copy(&mut file, &mut pending)?;
+                    io::copy(&mut file, &mut bounded)?;
                 }
                 Root::S3(r) => {
-                    r.bucket().download(&f.path, &mut pending).map_err(|e| match e {
+                    r.bucket().download(&f.path, &mut bounded).map_err(|e| match e {
                         crate::s3::S3Error::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
                         e => io::Error::other(e),
                     })?;
@@ -193,6 +262,7 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest) -> io::Result<()> {
         Ok::<(), io::Error>(())
     })();
     if let Err(e) = copied {
+        to.give_cleanup_time(until);
         match &to.root {
             Root::Dir(r) => r.abandon_run(store)?,
             Root::S3(r) => r.abandon_run(store).map_err(io::Error::other)?,
@@ -209,4 +279,40 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest) -> io::Result<()> {
         return Err(io::Error::other(recorded.error.unwrap_or_else(|| format!("run {} was not copied", m.run.run_id))));
     }
     Ok(())
+}
+
+/// A writer that fails once `until` has passed.
+struct Until<'a, W> {
+    inner: &'a mut W,
+    until: Option<Instant>,
+}
+
+impl<W: Write> Write for Until<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.until.is_some_and(|u| Instant::now() >= u) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "stopped at the run's deadline"));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_passes_bytes_before_the_deadline_and_stops_at_it() {
+        let mut out = Vec::new();
+        let later = Instant::now() + Duration::from_secs(3600);
+        Until { inner: &mut out, until: Some(later) }.write_all(b"abc").unwrap();
+        Until { inner: &mut out, until: None }.write_all(b"def").unwrap();
+        assert_eq!(out, b"abcdef");
+        let passed = Instant::now();
+        let e = Until { inner: &mut out, until: Some(passed) }.write_all(b"ghi").unwrap_err();
+        assert_eq!((e.kind(), out.len()), (io::ErrorKind::TimedOut, 6));
+    }
 }

@@ -461,7 +461,7 @@ fn record(
         && m.status.is_good()
         && !site.copies.is_empty()
     {
-        copy(root, site, header, signer, m);
+        copy(root, site, header, signer, m, caps.run_deadline);
     }
     if let Some(m) = &manifest {
         after_run(root, site, m);
@@ -472,8 +472,15 @@ fn record(
 /// A good run goes to the site's `[[copy]]` stores (before retention, so
 /// a run a copy still lacks is not pruned first). A copy that fails makes
 /// the run a warning, recorded in its manifest.
-fn copy(root: &Root, site: &Site, header: &RunHeader, signer: Option<&ssh_key::PrivateKey>, m: &mut Manifest) {
-    let failed = crate::copy::copy_all(root, site, header, signer);
+fn copy(
+    root: &Root,
+    site: &Site,
+    header: &RunHeader,
+    signer: Option<&ssh_key::PrivateKey>,
+    m: &mut Manifest,
+    until: Option<Instant>,
+) {
+    let failed = crate::copy::copy_all(root, site, header, signer, until);
     if failed.is_empty() {
         return;
     }

@@ -574,6 +574,37 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
     assert_eq!(site.command(&["status"]).stdout.matches("up to date").count(), 2);
 }
 
+/// Copies are part of the run: a copy store that accepts connections and
+/// never answers holds the run up to its deadline, not for the hour of
+/// `call_timeout`. The run is a warning and its backup stays good.
+#[test]
+fn a_copy_to_a_silent_store_ends_at_the_runs_deadline() {
+    let server = S3Server::start("127.0.0.1");
+    server.create_bucket("backups");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    site.write(&format!(
+        "[limits]\ndeadline = \"8s\"\ncall_timeout = \"1h\"\n[[copy]]\nstore = \"s3://silent/web1\"\n[copy.s3]\n\
+         endpoint = \"http://127.0.0.1:{port}\"\npath_style = true\n"
+    ));
+    let started = Instant::now();
+    let ran = site.run(&["--now", NOW]);
+    let took = started.elapsed();
+    ran.expect_code(0).expect_stderr("copy 1 to s3://silent/web1 failed");
+    assert!(ran.stderr.contains("stopped at the run's deadline"), "{}", ran.stderr);
+    assert!(took < Duration::from_secs(40), "the run took {took:?}");
+    let ms = manifests(&bucket(&server, "s3://backups/web1"));
+    assert_eq!(ms[0]["status"], "warning", "{}", ms[0]);
+    assert_eq!(ms[0]["files"].as_array().unwrap().len(), 1, "the backup itself is in place");
+}
+
 /// Encryption happens before the upload, and manifests are signed, as in
 /// a directory: age decrypts what the bucket holds, ssh-keygen checks the
 /// signature object, and verify checks both.

@@ -4,7 +4,7 @@
 //! user can act on.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -89,6 +89,8 @@ pub struct Bucket {
     rt: tokio::runtime::Runtime,
     location: S3Location,
     timeout: Duration,
+    /// When set, no call lasts past it ([`Bucket::set_deadline`]).
+    deadline: std::sync::Mutex<Option<Instant>>,
     /// For the requests object_store does not make (listing and aborting
     /// incomplete uploads), signed with its SigV4 signer.
     raw: RawRequests,
@@ -176,7 +178,7 @@ impl Bucket {
                 token: credentials.session_token.clone(),
             },
         };
-        Ok(Bucket { s3: Arc::new(s3), rt, location: location.clone(), timeout, raw })
+        Ok(Bucket { s3: Arc::new(s3), rt, location: location.clone(), timeout, deadline: Default::default(), raw })
     }
 
     pub fn location(&self) -> &S3Location {
@@ -205,15 +207,39 @@ impl Bucket {
         format!("s3://{}/{}", self.location.bucket, crate::text::escape(&self.location.key(rel)))
     }
 
+    /// From now on every call (each chunk of a download too) also ends by
+    /// `until`: work a run does after its script, such as copies, stays
+    /// within the run's deadline. `None` lifts it.
+    pub fn set_deadline(&self, until: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = until;
+    }
+
+    /// How long the next call may take: the call timeout, or less when the
+    /// deadline comes first (then `true`).
+    fn limit(&self) -> (Duration, bool) {
+        match *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(until) if until.saturating_duration_since(Instant::now()) < self.timeout => {
+                (until.saturating_duration_since(Instant::now()), true)
+            }
+            _ => (self.timeout, false),
+        }
+    }
+
+    /// What a call to `shown` that ran out of time (see [`limit`](Self::limit)) failed with.
+    fn timed_out(&self, shown: &str, by_deadline: bool) -> S3Error {
+        S3Error::Unreachable(if by_deadline {
+            format!("{shown}: stopped at the run's deadline")
+        } else {
+            format!("{shown}: no answer within {}", humantime::format_duration(self.timeout))
+        })
+    }
+
     /// Runs `f` on the client's runtime within the call timeout.
     pub(super) fn call<T>(&self, rel: &str, f: impl Future<Output = object_store::Result<T>>) -> Result<T, S3Error> {
-        match self.rt.block_on(async { tokio::time::timeout(self.timeout, f).await }) {
+        let (limit, by_deadline) = self.limit();
+        match self.rt.block_on(async { tokio::time::timeout(limit, f).await }) {
             Ok(r) => r.map_err(|e| classify(&self.shown(rel), e)),
-            Err(_) => Err(S3Error::Unreachable(format!(
-                "{}: no answer within {}",
-                self.shown(rel),
-                humantime::format_duration(self.timeout)
-            ))),
+            Err(_) => Err(self.timed_out(&self.shown(rel), by_deadline)),
         }
     }
 
@@ -416,8 +442,9 @@ impl Bucket {
             send = send.header(name.as_str(), value.as_bytes());
         }
         let shown = self.shown(rel);
+        let (limit, by_deadline) = self.limit();
         let result = self.rt.block_on(async {
-            tokio::time::timeout(self.timeout, async {
+            tokio::time::timeout(limit, async {
                 let response = send.send().await.map_err(|e| {
                     S3Error::Unreachable(format!("{shown}: cannot reach the server: {}", clean(&e.to_string())))
                 })?;
@@ -438,12 +465,7 @@ impl Bucket {
         });
         let (status, body) = match result {
             Ok(r) => r?,
-            Err(_) => {
-                return Err(S3Error::Unreachable(format!(
-                    "{shown}: no answer within {}",
-                    humantime::format_duration(self.timeout)
-                )));
-            }
+            Err(_) => return Err(self.timed_out(&shown, by_deadline)),
         };
         if status.is_success() {
             return Ok(body);
