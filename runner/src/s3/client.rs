@@ -493,9 +493,6 @@ impl Bucket {
     }
 }
 
-/// Sorts object_store's error into ours. Servers differ in how they say
-/// things (AWS, SeaweedFS, MinIO), so the S3 error code in the message
-/// decides where the status alone does not.
 /// An object being downloaded, read as it arrives ([`Bucket::reader`]).
 pub struct ObjectReader<'a> {
     bucket: &'a Bucket,
@@ -539,25 +536,32 @@ impl std::io::Read for ObjectReader<'_> {
     }
 }
 
+/// Sorts object_store's error into ours. Servers differ in how they say
+/// things (AWS, SeaweedFS, MinIO), so the S3 error code in the message
+/// decides where the status alone does not.
 fn classify(what: &str, e: object_store::Error) -> S3Error {
     use object_store::Error as E;
     let text = e.to_string();
-    let has = |code: &str| text.contains(code);
-    if has("NoSuchBucket") {
+    // The server's error code, from the XML body object_store quotes. (The
+    // message also holds the request's URI, which may hold any key, but a
+    // URI cannot hold `<`.)
+    let code = |code: &str| text.contains(&format!("<Code>{code}</Code>"));
+    if code("NoSuchBucket") {
         return S3Error::NoBucket(format!("{what}: the bucket does not exist (create it first)"));
     }
-    if has("InvalidAccessKeyId") || has("SignatureDoesNotMatch") || has("ExpiredToken") {
+    if let Some(why) = [
+        ("InvalidAccessKeyId", "unknown access key"),
+        ("ExpiredToken", "expired token"),
+        ("SignatureDoesNotMatch", "signature does not match"),
+    ]
+    .into_iter()
+    .find_map(|(c, why)| code(c).then_some(why))
+    {
         return S3Error::Denied(format!(
-            "{what}: the server refused our credentials ({}); check the access key and secret",
-            if has("InvalidAccessKeyId") {
-                "unknown access key"
-            } else if has("ExpiredToken") {
-                "expired token"
-            } else {
-                "signature does not match"
-            }
+            "{what}: the server refused our credentials ({why}); check the access key and secret"
         ));
     }
+    let unanswered = no_answer(&e);
     match e {
         E::NotFound { .. } => S3Error::NotFound(format!("{what}: no such object")),
         E::AlreadyExists { .. } => S3Error::Conflict(format!("{what}: it already exists")),
@@ -567,11 +571,23 @@ fn classify(what: &str, e: object_store::Error) -> S3Error {
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
             S3Error::Denied(format!("{what}: access denied: {}", clean(&text)))
         }
-        _ if has("error sending request") || has("connect") || has("timed out") || has("dns") => {
-            S3Error::Unreachable(format!("{what}: cannot reach the server: {}", clean(&text)))
-        }
+        _ if unanswered => S3Error::Unreachable(format!("{what}: cannot reach the server: {}", clean(&text))),
         _ => S3Error::Other(format!("{what}: {}", clean(&text))),
     }
+}
+
+/// Whether a request got no answer: no connection, or one that broke or
+/// timed out on the way, as object_store's HTTP layer sorted it. An answer
+/// that could not be decoded is an answer.
+fn no_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(http) = err.downcast_ref::<object_store::client::HttpError>() {
+            return http.kind() != object_store::client::HttpErrorKind::Decode;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// The endpoint object_store wants: for virtual-hosted style on a server
@@ -658,5 +674,24 @@ mod tests {
         assert_eq!(xml_text(uploads[0], "Key").as_deref(), Some("a&b <c>"));
         assert_eq!(xml_text(xml, "IsTruncated").as_deref(), Some("false"));
         assert_eq!(uri_encode("a b&c/~"), "a%20b%26c%2F~");
+    }
+
+    #[test]
+    fn errors_are_sorted_by_what_happened_not_by_what_a_key_says() {
+        use object_store::client::{HttpError, HttpErrorKind};
+        let generic =
+            |source: Box<dyn std::error::Error + Send + Sync>| object_store::Error::Generic { store: "S3", source };
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = generic(Box::new(HttpError::new(HttpErrorKind::Connect, refused)));
+        assert!(matches!(classify("s3://b/k", e), S3Error::Unreachable(_)));
+        // A server's answer that names a key with such words in it.
+        let answered = "PUT http://h/b/reconnect-timed-out-NoSuchBucket.tgz - Server returned non-2xx status \
+                        code: 500: <Error><Code>InternalError</Code></Error>";
+        assert!(matches!(classify("s3://b/k", generic(answered.into())), S3Error::Other(_)));
+        let no_bucket = "Server returned non-2xx status code: 404: <Error><Code>NoSuchBucket</Code></Error>";
+        assert!(matches!(classify("s3://b/k", generic(no_bucket.into())), S3Error::NoBucket(_)));
+        let denied = "Server returned non-2xx status code: 403: <Error><Code>InvalidAccessKeyId</Code></Error>";
+        let sorted = classify("s3://b/k", generic(denied.into()));
+        assert!(matches!(&sorted, S3Error::Denied(m) if m.contains("unknown access key")), "{sorted:?}");
     }
 }
