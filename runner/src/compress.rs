@@ -4,7 +4,9 @@
 //! (RFC 1952 §2.2), which `gzip -d` and GNU tar read as a whole.
 //!
 //! Memory is bounded by the block size times the number of blocks in flight,
-//! whatever the size of the input.
+//! whatever the size of the input. The blocks and the members' buffers are
+//! reused, so a long input costs no allocation per block (each would be an
+//! mmap and its page faults: see `fixed_mmap_threshold` in main.rs).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -18,8 +20,10 @@ use flate2::write::GzEncoder;
 /// Size of one independently compressed block.
 pub const BLOCK_SIZE: usize = 1 << 20;
 
-type Job = (u64, Vec<u8>);
-type Done = (u64, io::Result<Vec<u8>>);
+/// A block to compress, and the buffer to compress it into.
+type Job = (u64, Vec<u8>, Vec<u8>);
+/// The member (or why not), and the block's buffer back.
+type Done = (u64, io::Result<Vec<u8>>, Vec<u8>);
 
 /// A `Write` that gzips onto `out` using `workers` threads.
 pub struct ParallelGz<W: Write> {
@@ -32,6 +36,9 @@ pub struct ParallelGz<W: Write> {
     next_write: u64,
     finished: BTreeMap<u64, Vec<u8>>,
     max_in_flight: u64,
+    /// Emptied block and member buffers, for the next blocks.
+    free_blocks: Vec<Vec<u8>>,
+    free_members: Vec<Vec<u8>>,
 }
 
 impl<W: Write> ParallelGz<W> {
@@ -62,16 +69,20 @@ impl<W: Write> ParallelGz<W> {
             next_write: 0,
             finished: BTreeMap::new(),
             max_in_flight: 2 * workers as u64,
+            free_blocks: Vec::new(),
+            free_members: Vec::new(),
         }
     }
 
     fn submit_block(&mut self) -> io::Result<()> {
-        let data = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK_SIZE));
         while self.next_submit - self.next_write >= self.max_in_flight {
             self.wait_one()?;
         }
+        let next = self.free_blocks.pop().unwrap_or_else(|| Vec::with_capacity(BLOCK_SIZE));
+        let data = std::mem::replace(&mut self.block, next);
+        let member = self.free_members.pop().unwrap_or_else(|| Vec::with_capacity(BLOCK_SIZE / 2 + 64));
         let jobs = self.jobs.as_ref().expect("not finished");
-        jobs.send((self.next_submit, data)).map_err(|_| io::Error::other("gzip worker stopped"))?;
+        jobs.send((self.next_submit, data, member)).map_err(|_| io::Error::other("gzip worker stopped"))?;
         self.next_submit += 1;
         self.drain_ready()
     }
@@ -80,24 +91,35 @@ impl<W: Write> ParallelGz<W> {
     fn wait_one(&mut self) -> io::Result<()> {
         let before = self.next_write;
         while self.next_write == before {
-            let (seq, result) = self.done.recv().map_err(|_| io::Error::other("gzip worker stopped"))?;
-            self.finished.insert(seq, result?);
+            let done = self.done.recv().map_err(|_| io::Error::other("gzip worker stopped"))?;
+            self.take(done)?;
             self.write_in_order()?;
         }
         Ok(())
     }
 
     fn drain_ready(&mut self) -> io::Result<()> {
-        while let Ok((seq, result)) = self.done.try_recv() {
-            self.finished.insert(seq, result?);
+        while let Ok(done) = self.done.try_recv() {
+            self.take(done)?;
         }
         self.write_in_order()
     }
 
+    /// Keeps a compressed member for writing out, and its block's buffer
+    /// for a next block.
+    fn take(&mut self, (seq, result, mut block): Done) -> io::Result<()> {
+        block.clear();
+        self.free_blocks.push(block);
+        self.finished.insert(seq, result?);
+        Ok(())
+    }
+
     fn write_in_order(&mut self) -> io::Result<()> {
-        while let Some(member) = self.finished.remove(&self.next_write) {
+        while let Some(mut member) = self.finished.remove(&self.next_write) {
             self.out.as_mut().expect("not finished").write_all(&member)?;
             self.next_write += 1;
+            member.clear();
+            self.free_members.push(member);
         }
         Ok(())
     }
@@ -154,13 +176,13 @@ impl<W: Write> Drop for ParallelGz<W> {
 fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, level: Compression) {
     loop {
         let job = jobs.lock().map(|rx| rx.recv());
-        let Ok(Ok((seq, data))) = job else { return };
+        let Ok(Ok((seq, data, member))) = job else { return };
         let result = (|| {
-            let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 2 + 64), level);
+            let mut enc = GzEncoder::new(member, level);
             enc.write_all(&data)?;
             enc.finish()
         })();
-        if done.send((seq, result)).is_err() {
+        if done.send((seq, result, data)).is_err() {
             return;
         }
     }
