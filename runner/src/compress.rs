@@ -39,6 +39,10 @@ pub struct ParallelGz<W: Write> {
     /// Emptied block and member buffers, for the next blocks.
     free_blocks: Vec<Vec<u8>>,
     free_members: Vec<Vec<u8>>,
+    /// The first error: once the output has lost a member, every later
+    /// write fails with it (a member in the middle cannot be written again,
+    /// and waiting for it would wait forever).
+    broken: Option<Box<(io::ErrorKind, String)>>,
 }
 
 impl<W: Write> ParallelGz<W> {
@@ -71,10 +75,29 @@ impl<W: Write> ParallelGz<W> {
             max_in_flight: 2 * workers as u64,
             free_blocks: Vec::new(),
             free_members: Vec::new(),
+            broken: None,
         }
     }
 
+    /// Fails with the first error, if there was one.
+    fn intact(&self) -> io::Result<()> {
+        match &self.broken {
+            Some(b) => Err(io::Error::new(b.0, b.1.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the block off; after an error, remembers it (see `broken`).
     fn submit_block(&mut self) -> io::Result<()> {
+        self.intact()?;
+        let sent = self.send_block();
+        if let Err(e) = &sent {
+            self.broken = Some(Box::new((e.kind(), e.to_string())));
+        }
+        sent
+    }
+
+    fn send_block(&mut self) -> io::Result<()> {
         while self.next_submit - self.next_write >= self.max_in_flight {
             self.wait_one()?;
         }
@@ -127,6 +150,7 @@ impl<W: Write> ParallelGz<W> {
     /// Compresses what is left, writes every member and returns the output.
     /// An empty input still produces one (empty) gzip member.
     pub fn finish(mut self) -> io::Result<W> {
+        self.intact()?;
         if !self.block.is_empty() || self.next_submit == 0 {
             self.submit_block()?;
         }
@@ -149,6 +173,7 @@ impl<W: Write> ParallelGz<W> {
 
 impl<W: Write> Write for ParallelGz<W> {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
+        self.intact()?;
         let total = buf.len();
         while !buf.is_empty() {
             let room = BLOCK_SIZE - self.block.len();
@@ -211,6 +236,52 @@ mod tests {
         assert_eq!(roundtrip(&input, 2), input);
         assert_eq!(roundtrip(&input, 1), input);
         assert_eq!(roundtrip(&input, 3), input);
+    }
+
+    /// A writer that takes `room` bytes, then fails (a full disk, a
+    /// store's byte limit).
+    struct Full {
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if buf.len() > self.room {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "no room"));
+            }
+            self.room -= buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Once the output has failed, every later write and the finish fail
+    /// at once with that error: a member lost in the middle is never
+    /// waited for (a tar builder writes its end on drop, after the error).
+    #[test]
+    fn after_the_output_fails_every_write_fails_and_none_waits() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let noise: Vec<u8> = (0..12 * BLOCK_SIZE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let mut gz = ParallelGz::new(Full { room: 2 * BLOCK_SIZE }, 1, 2);
+            let first = noise.chunks(BLOCK_SIZE / 3).map(|c| gz.write_all(c)).find_map(Result::err);
+            let later = gz.write_all(&[0; 2 * BLOCK_SIZE]).unwrap_err();
+            let finished = gz.finish().err();
+            let _ = tx.send((first.map(|e| e.kind()), later.kind(), finished.map(|e| e.kind())));
+        });
+        let outcome = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("no write waits forever");
+        let full = io::ErrorKind::StorageFull;
+        assert_eq!(outcome, (Some(full), full, Some(full)));
     }
 
     #[test]
