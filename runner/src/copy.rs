@@ -14,13 +14,14 @@
 //! a copy missed once catches up.
 //!
 //! Copies are part of the run, so the run's deadline bounds them: every
-//! call to an S3 store ends by it, and a file being copied stops at it.
-//! What a stopped copy must undo (its uploads, its lock) gets
-//! [`CLEANUP`] more.
+//! call to an S3 store ends by it ([`deadline_scope`]), and a file being
+//! copied stops at it. What a stopped copy must undo (its uploads, its
+//! lock) gets [`CLEANUP`] more.
 
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
+use crate::s3::client::{DeadlineScope, deadline_scope};
 use crate::site::{CopyTo, Site, StoreAt};
 use crate::store::lock::{Holder, LockError};
 use crate::store::retention;
@@ -43,7 +44,7 @@ pub fn copy_all(
     until: Option<Instant>,
 ) -> Vec<String> {
     let mut failed = Vec::new();
-    from.set_deadline(until);
+    let _bounded = deadline_scope(until);
     for (i, copy) in site.copies.iter().enumerate() {
         if let Some(until) = until
             && Instant::now() >= until
@@ -73,7 +74,6 @@ pub fn copy_all(
             )),
         }
     }
-    from.set_deadline(None);
     failed
 }
 
@@ -88,12 +88,10 @@ enum Locked {
     S3(crate::s3::lock::S3Lock),
 }
 
-impl Target {
-    /// After a failure: what is left to undo gets [`CLEANUP`] more than the
-    /// deadline (which may have passed).
-    fn give_cleanup_time(&self, until: Option<Instant>) {
-        self.root.set_deadline(until.map(|u| u.max(Instant::now()) + CLEANUP));
-    }
+/// After a failure, while the guard lives: what is left to undo gets
+/// [`CLEANUP`] more than the deadline (which may have passed).
+fn cleanup_time(until: Option<Instant>) -> DeadlineScope {
+    deadline_scope(until.map(|u| u.max(Instant::now()) + CLEANUP))
 }
 
 fn open(
@@ -130,15 +128,17 @@ fn open(
         StoreAt::S3(spec) => {
             let root =
                 S3Root::open(spec, site.limits.call_timeout).map_err(io::Error::other)?.with_signer(signer.cloned());
-            root.bucket().set_deadline(until);
             root.probe().map_err(io::Error::other)?;
             let lock = root.lock(me).map_err(|e| io::Error::other(e.to_string()))?;
-            let recovered = root.recover();
-            if recovered.is_err() {
-                // Time to free the lock.
-                root.bucket().set_deadline(until.map(|u| u.max(Instant::now()) + CLEANUP));
-            }
-            for line in recovered.map_err(io::Error::other)? {
+            let recovered = match root.recover() {
+                Ok(lines) => lines,
+                Err(e) => {
+                    let _grace = cleanup_time(until);
+                    drop(lock);
+                    return Err(io::Error::other(e));
+                }
+            };
+            for line in recovered {
                 log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
             }
             Ok(Target { root: Root::S3(root), lock: Locked::S3(lock) })
@@ -155,11 +155,14 @@ fn copy_to(
     until: Option<Instant>,
 ) -> io::Result<(Vec<String>, Vec<String>)> {
     let target = open(copy, site, me, signer, until)?;
-    let copied = copy_runs(from, site, copy, &target, until);
-    if copied.is_err() {
-        target.give_cleanup_time(until);
-    }
-    let lines = copied?;
+    let lines = match copy_runs(from, site, copy, &target, until) {
+        Ok(lines) => lines,
+        Err(e) => {
+            let _grace = cleanup_time(until);
+            drop(target);
+            return Err(e);
+        }
+    };
     if let Locked::S3(lock) = target.lock
         && let Err(e) = lock.release()
     {
@@ -262,7 +265,7 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
         Ok::<(), io::Error>(())
     })();
     if let Err(e) = copied {
-        to.give_cleanup_time(until);
+        let _grace = cleanup_time(until);
         match &to.root {
             Root::Dir(r) => r.abandon_run(store)?,
             Root::S3(r) => r.abandon_run(store).map_err(io::Error::other)?,

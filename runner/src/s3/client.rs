@@ -89,8 +89,6 @@ pub struct Bucket {
     rt: tokio::runtime::Runtime,
     location: S3Location,
     timeout: Duration,
-    /// When set, no call lasts past it ([`Bucket::set_deadline`]).
-    deadline: std::sync::Mutex<Option<Instant>>,
     /// For the requests object_store does not make (listing and aborting
     /// incomplete uploads), signed with its SigV4 signer.
     raw: RawRequests,
@@ -178,7 +176,7 @@ impl Bucket {
                 token: credentials.session_token.clone(),
             },
         };
-        Ok(Bucket { s3: Arc::new(s3), rt, location: location.clone(), timeout, deadline: Default::default(), raw })
+        Ok(Bucket { s3: Arc::new(s3), rt, location: location.clone(), timeout, raw })
     }
 
     pub fn location(&self) -> &S3Location {
@@ -207,20 +205,11 @@ impl Bucket {
         format!("s3://{}/{}", self.location.bucket, crate::text::escape(&self.location.key(rel)))
     }
 
-    /// From now on every call (each chunk of a download too) also ends by
-    /// `until`: work a run does after its script, such as copies, stays
-    /// within the run's deadline. `None` lifts it.
-    pub fn set_deadline(&self, until: Option<Instant>) {
-        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = until;
-    }
-
-    /// How long the next call may take: the call timeout, or less when the
-    /// deadline comes first (then `true`).
+    /// How long the next call may take: the call timeout, or less when
+    /// this thread's deadline ([`deadline_scope`]) comes first (then `true`).
     fn limit(&self) -> (Duration, bool) {
-        match *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(until) if until.saturating_duration_since(Instant::now()) < self.timeout => {
-                (until.saturating_duration_since(Instant::now()), true)
-            }
+        match DEADLINE.get().map(|until| until.saturating_duration_since(Instant::now())) {
+            Some(left) if left < self.timeout => (left, true),
             _ => (self.timeout, false),
         }
     }
@@ -493,6 +482,32 @@ impl Bucket {
     }
 }
 
+thread_local! {
+    /// The deadline of the work this thread does; see [`deadline_scope`].
+    static DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Until the guard is dropped, every call this thread makes to any bucket
+/// (each chunk of a download too) also ends by `until`: work a run does
+/// after its script, such as copies, stays within the run's deadline.
+/// Other threads, such as a lock's heartbeat, are not bounded by it. The
+/// deadline before comes back when the guard is dropped.
+pub fn deadline_scope(until: Option<Instant>) -> DeadlineScope {
+    DeadlineScope { before: DEADLINE.replace(until) }
+}
+
+/// See [`deadline_scope`].
+#[must_use = "the deadline holds only while the guard lives"]
+pub struct DeadlineScope {
+    before: Option<Instant>,
+}
+
+impl Drop for DeadlineScope {
+    fn drop(&mut self) {
+        DEADLINE.set(self.before);
+    }
+}
+
 /// An object being downloaded, read as it arrives ([`Bucket::reader`]).
 pub struct ObjectReader<'a> {
     bucket: &'a Bucket,
@@ -674,6 +689,23 @@ mod tests {
         assert_eq!(xml_text(uploads[0], "Key").as_deref(), Some("a&b <c>"));
         assert_eq!(xml_text(xml, "IsTruncated").as_deref(), Some("false"));
         assert_eq!(uri_encode("a b&c/~"), "a%20b%26c%2F~");
+    }
+
+    #[test]
+    fn a_deadline_bounds_its_own_thread_only_and_the_one_before_comes_back() {
+        let later = Instant::now() + Duration::from_secs(60);
+        {
+            let _outer = deadline_scope(Some(later));
+            assert_eq!(DEADLINE.get(), Some(later));
+            {
+                let _inner = deadline_scope(None);
+                assert_eq!(DEADLINE.get(), None);
+            }
+            assert_eq!(DEADLINE.get(), Some(later));
+            // A lock's heartbeat runs on a thread of its own.
+            assert_eq!(std::thread::spawn(|| DEADLINE.get()).join().unwrap(), None);
+        }
+        assert_eq!(DEADLINE.get(), None);
     }
 
     #[test]

@@ -561,14 +561,6 @@ pub enum Root {
 }
 
 impl Root {
-    /// See [`Bucket::set_deadline`]; a directory's calls are local and
-    /// bounded by the caller.
-    pub fn set_deadline(&self, until: Option<std::time::Instant>) {
-        if let Root::S3(r) = self {
-            r.bucket().set_deadline(until);
-        }
-    }
-
     /// Every manifest, oldest run first, and the ones that cannot be read.
     pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
         match self {
