@@ -274,6 +274,97 @@ fn the_password_can_live_in_the_site_as_a_secret_the_script_never_sees() {
     assert!(ran.stderr.contains("Access denied"), "{}", ran.stderr);
 }
 
+/// The gate (`offsite keys authorized-line`) on a key that carries a
+/// secret to mysqldump on its stdin: the site's runs still work through
+/// it, but whoever steals the key and runs the very same granted line
+/// with an option file of their own (writing a file with `result-file`,
+/// or reaching another server with `host`) changes nothing and reaches
+/// nothing. Without the gate the same attack writes the file.
+#[test]
+fn a_stolen_gated_key_cannot_feed_mysqldump_its_own_option_file() {
+    let (server1, server2, _turn) = servers(false);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("db.pass");
+    std::fs::write(&secret, format!("{}\n", server1.db.backup_password())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let argv = [
+        "mysqldump",
+        "--defaults-extra-file=/dev/stdin",
+        "--single-transaction",
+        "--quick",
+        "--add-drop-table",
+        "sitedb",
+        "tbl_ccode",
+    ];
+    let grant = format!("commands = [[{}]]", argv.map(|a| format!("\"{a}\"")).join(", "));
+    let params = format!(
+        "dumps = \"server1:sitedb:tbl_ccode\"\npassword_secret = \"db\"\n\n[secrets]\ndb = {{ file = \"{}\", stdin = \"[client]\\npassword=\\\"{{secret}}\\\"\\n\", programs = [\"mysqldump\"] }}",
+        secret.display()
+    );
+    let site = site_file(dir.path(), &server1, &server2, &grant, DUMP_GRANT_2, &params);
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["keys", "authorized-line"]).arg(&site).arg("server1");
+    let out = Ran::from_output(cmd.output().unwrap());
+    out.expect_code(0);
+    let gated = out.stdout.lines().find(|l| !l.starts_with('#')).unwrap().to_string();
+    assert!(gated.contains("command=\"/bin/sh -c '"), "{gated}");
+
+    // The hostile option files, each sent with the exact granted line.
+    let victim = server1.ssh.files().join("victim");
+    let line = offsite::transport::quote::command_line(&argv).unwrap();
+    let attack = |option_file: &str| {
+        use std::io::Write;
+        let mut child = server1
+            .ssh
+            .ssh()
+            .arg("--")
+            .arg(&line)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(option_file.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let write_file = format!("[client]\nresult-file={}\n", victim.display());
+    let other_server = format!(
+        "[client]\npassword=\"x\"\n[mysqldump]\nhost={}\nport={}\nprotocol=tcp\n",
+        server2.db.addr.ip(),
+        server2.db.addr.port()
+    );
+    let smuggled = format!("[client]\npassword=\"x\"\nresult-file=\"{}\"\n", victim.display());
+
+    // Unrestricted, the key does what the option file says: the attack is real.
+    let key = std::fs::read_to_string(server1.ssh.client_key().with_extension("pub")).unwrap();
+    std::fs::write(server1.ssh.authorized_keys(), format!("restrict {}", key)).unwrap();
+    attack(&write_file);
+    assert!(victim.exists(), "the unrestricted key's mysqldump wrote the attacker's file");
+    std::fs::remove_file(&victim).unwrap();
+
+    // Gated, every hostile option file is refused before mysqldump runs.
+    std::fs::write(server1.ssh.authorized_keys(), format!("{gated}\n")).unwrap();
+    for hostile in [&write_file, &other_server, &smuggled] {
+        let out = attack(hostile);
+        assert_eq!(out.status.code(), Some(126), "{hostile:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout.is_empty(), "{hostile:?}: nothing dumped");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("reads on stdin only what its site sends"));
+        assert!(!victim.exists(), "{hostile:?} wrote a file on the server");
+    }
+
+    // The site's own run goes through the gate with its secret.
+    let ran = run(&site);
+    ran.expect_code(0);
+    let sql = gunzip(&dir.path().join("backups/server1/sitedb-20040321-014844.sql.gz"));
+    assert!(String::from_utf8_lossy(&sql).contains("tbl_ccode"));
+    // And check calls the key restricted to the current grants.
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["check", "--connect"]).arg(&site);
+    let checked = Ran::from_output(cmd.output().unwrap());
+    assert!(checked.stdout.contains("restricted to the site's current command lines"), "{}", checked.stdout);
+}
+
 /// The article's scenario with the backups going to S3-compatible storage
 /// (a real SeaweedFS): the dumps arrive as objects, restore to the live
 /// databases, and `verify --restore-test` loads them from the bucket.

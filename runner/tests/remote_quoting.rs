@@ -58,3 +58,53 @@ fn hostile_argv_arrives_literally_through_every_login_shell() {
         assert!(!pwned.exists(), "{shell} ran injected syntax");
     }
 }
+
+/// The forced-command gate through a real sshd under every login shell,
+/// fish included (sshd starts a forced command with the account's shell):
+/// the granted line runs, anything else is refused.
+#[test]
+fn the_gate_works_under_every_login_shell() {
+    let server = Sshd::start_as("127.0.0.4", "offsite-gateshell");
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("s.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"b\"\n{}",
+            server.host_section("server1", "commands = [[\"printf\", \"%s\", \"it's granted\"]]")
+        ),
+    )
+    .unwrap();
+    let out = offsite_testkit::offsite(Path::new(env!("CARGO_BIN_EXE_offsite")))
+        .args(["keys", "authorized-line"])
+        .arg(&site)
+        .arg("server1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text.lines().find(|l| !l.starts_with('#')).unwrap();
+    std::fs::write(server.authorized_keys(), format!("{line}\n")).unwrap();
+    let granted = command_line(&["printf", "%s", "it's granted"]).unwrap();
+    for shell in ["/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/fish"] {
+        assert!(Path::new(shell).exists(), "{shell} is missing (CI installs every shell)");
+        let set = (0..100).any(|_| {
+            let ok = std::process::Command::new("usermod")
+                .args(["--shell", shell, &server.user])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if !ok {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            ok
+        });
+        assert!(set, "usermod --shell {shell} {}", server.user);
+        let out = server.ssh().arg("--").arg(&granted).stdin(std::process::Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's granted", "through {shell}");
+        let out = server.ssh().arg("--").arg("id").stdin(std::process::Stdio::null()).output().unwrap();
+        assert_eq!(out.status.code(), Some(126), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

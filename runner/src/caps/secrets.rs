@@ -32,8 +32,7 @@ impl SecretHandle {
     }
 }
 
-/// Most bytes a secret's value may have (a password, a token, a key).
-pub const MAX_SECRET_BYTES: usize = 4096;
+pub use crate::site::MAX_SECRET_BYTES;
 
 impl Host for Caps {
     fn open(&mut self, name: String) -> Result<Resource<SecretHandle>, Error> {
