@@ -77,15 +77,36 @@ impl WasiView for RunState {
     }
 }
 
+/// The engine's configuration: epochs for deadlines, a bounded stack, and
+/// only the WebAssembly features our SDKs' scripts use.
+///
+/// On (what Rust, componentize-py and componentize-js emit): the component
+/// model, multi-value, bulk memory, reference types, SIMD and relaxed
+/// SIMD, tail calls and extended constants.
+/// Off, because no script needs them and each widens what a hostile one
+/// can do: multi-memory and 64-bit memories (more memory than a 32-bit
+/// one, and a memory limit is easier to hold over fewer), custom page
+/// sizes, wide arithmetic and stack switching; threads, GC, exceptions and
+/// the component model's async are not built into our wasmtime.
+fn config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(1 << 20);
+    config
+        .wasm_multi_memory(false)
+        .wasm_memory64(false)
+        .wasm_custom_page_sizes(false)
+        .wasm_wide_arithmetic(false)
+        .wasm_stack_switching(false);
+    config
+}
+
 impl Runtime {
     /// Builds the engine, the linker with every capability, and the epoch
     /// ticker. `cache` is the compiled-component cache directory, if any.
     pub fn new(cache: Option<PathBuf>) -> Result<Runtime> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        config.max_wasm_stack(1 << 20);
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&config())?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         // Sleeps end at the deadline and on a stop request.
@@ -245,7 +266,7 @@ impl Runtime {
             caps,
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limiter: Limiter { memory: limits.memory as usize, hit: None },
+            limiter: Limiter::new(limits.memory as usize),
             deadline,
             clock_base: Instant::now(),
         };
@@ -316,36 +337,53 @@ pub fn one_line(text: &str) -> String {
 
 /// Caps memory and table growth and instance counts, and remembers which
 /// limit was hit so that the run can report it (exit 3) rather than a bare
-/// trap.
+/// trap. The limits bound the sum over every memory and every table of the
+/// store: a component may instantiate many core modules, each with its
+/// own memory.
 struct Limiter {
     memory: usize,
+    memory_used: usize,
+    table_used: usize,
     hit: Option<String>,
 }
 
+/// Most table elements a script's tables may hold together.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
+impl Limiter {
+    fn new(memory: usize) -> Limiter {
+        Limiter { memory, memory_used: 0, table_used: 0, hit: None }
+    }
+
+    fn refuse(&mut self, msg: String) -> wasmtime::Result<bool> {
+        self.hit = Some(msg.clone());
+        Err(wasmtime::Error::msg(msg))
+    }
+}
+
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.memory {
-            let msg = format!(
-                "the script tried to grow its memory to {} MiB, over its limit of {} MiB",
-                desired >> 20,
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        // `current` is already counted: a new memory starts at 0.
+        let total = self.memory_used.saturating_sub(current).saturating_add(desired);
+        if total > self.memory {
+            return self.refuse(format!(
+                "the script tried to grow its memory to {} MiB in all, over its limit of {} MiB",
+                total >> 20,
                 self.memory >> 20
-            );
-            self.hit = Some(msg.clone());
-            return Err(wasmtime::Error::msg(msg));
+            ));
         }
+        self.memory_used = total;
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS {
-            let msg = format!(
-                "the script tried to grow a table to {desired} elements, over the limit of {MAX_TABLE_ELEMENTS}"
-            );
-            self.hit = Some(msg.clone());
-            return Err(wasmtime::Error::msg(msg));
+    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.table_used.saturating_sub(current).saturating_add(desired);
+        if total > MAX_TABLE_ELEMENTS {
+            return self.refuse(format!(
+                "the script tried to grow its tables to {total} elements in all, over the limit of {MAX_TABLE_ELEMENTS}"
+            ));
         }
+        self.table_used = total;
         Ok(true)
     }
 
@@ -614,6 +652,55 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The memory limit holds for all of a store's memories together: two
+    /// instances of a module, each growing to 60% of the limit, cannot both
+    /// have it. Tables are summed the same way.
+    #[test]
+    fn the_memory_limit_bounds_the_sum_of_every_memory_and_table() {
+        let engine = Engine::new(&config()).unwrap();
+        let module = wasmtime::Module::new(
+            &engine,
+            offsite_testkit::wat(
+                r#"(module
+                     (memory 1)
+                     (table 1 funcref)
+                     (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))
+                     (func (export "grow_table") (param i32) (result i32) (table.grow (ref.null func) (local.get 0))))"#,
+            ),
+        )
+        .unwrap();
+        let mut store = Store::new(&engine, Limiter::new(10 << 20));
+        store.limiter(|l| l);
+        store.set_epoch_deadline(1 << 40);
+        let a = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let b = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let grow = |store: &mut Store<Limiter>, i: &wasmtime::Instance, pages: i32| {
+            i.get_typed_func::<i32, i32>(&mut *store, "grow").unwrap().call(&mut *store, pages)
+        };
+        // 6 MiB each: 96 pages beyond the first.
+        assert_eq!(grow(&mut store, &a, 95).unwrap(), 1);
+        assert!(grow(&mut store, &b, 95).is_err(), "12 MiB in all is over 10 MiB");
+        assert!(store.data().hit.as_deref().unwrap().contains("over its limit of 10 MiB"));
+        // What is left under the limit is still there for either.
+        assert_eq!(grow(&mut store, &b, 50).unwrap(), 1);
+
+        let grow_table = |store: &mut Store<Limiter>, i: &wasmtime::Instance, n: i32| {
+            i.get_typed_func::<i32, i32>(&mut *store, "grow_table").unwrap().call(&mut *store, n)
+        };
+        assert_eq!(grow_table(&mut store, &a, 60_000).unwrap(), 1);
+        assert!(grow_table(&mut store, &b, 60_000).is_err(), "120,000 elements in all");
+    }
+
+    /// Features no script needs are refused at compile time.
+    #[test]
+    fn modules_with_several_memories_or_64_bit_memory_do_not_compile() {
+        let engine = Engine::new(&config()).unwrap();
+        for text in ["(module (memory 1) (memory 1))", "(module (memory i64 1))"] {
+            let err = wasmtime::Module::new(&engine, offsite_testkit::wat(text)).unwrap_err();
+            assert!(format!("{err:#}").contains("memor"), "{text}: {err:#}");
+        }
+    }
 
     #[test]
     fn the_compile_cache_evicts_least_recently_used_entries_past_its_limit() {
