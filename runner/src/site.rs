@@ -212,6 +212,18 @@ pub struct Delivery {
     pub programs: Vec<String>,
 }
 
+/// The directory a file is in: `.` for a bare file name (whose
+/// `parent()` is the empty path, which no system call accepts).
+pub fn dir_of(file: &Path) -> &Path {
+    match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Most bytes a secret's value may have (a password, a token, a key).
+pub const MAX_SECRET_BYTES: usize = 4096;
+
 /// Most bytes a secret's stdin template may have.
 pub const MAX_STDIN_TEMPLATE: usize = 4096;
 
@@ -659,6 +671,9 @@ fn store_at(raw: &Path, s3: Option<S3Section>, file_dir: &Path) -> Result<StoreA
     let text = raw.to_string_lossy();
     if text.is_empty() {
         return Err(("store", "name the directory backups go into, like \"/srv/offsite/web1\"".into()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(("store", format!("{} holds a control character", crate::text::escape(&text))));
     }
     if !text.starts_with("s3://") {
         if s3.is_some() {
