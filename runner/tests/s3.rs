@@ -351,3 +351,68 @@ fn sealed_outputs_replace_nothing_until_completed_and_are_aborted_if_the_run_fai
     b.download("db.sql", &mut back).unwrap();
     assert_eq!(sha256(&back), sha256(&today), "the good object stays");
 }
+
+/// A hostile or broken endpoint: answers every request with a 200 and a
+/// listing page of `body_len` bytes (one key `key_len` long, then
+/// padding), and counts the bytes the client took before it stopped.
+fn hostile_endpoint(body_len: usize, key_len: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&sent);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(8) {
+            let Ok(mut conn) = conn else { return };
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let mut request = [0u8; 8192];
+                let _ = conn.read(&mut request);
+                let head = format!(
+                    "<?xml version=\"1.0\"?><ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>\
+                     <Contents><Key>{}</Key><Size>1</Size><LastModified>2026-01-01T00:00:00.000Z</LastModified>\
+                     <ETag>\"e\"</ETag></Contents><!--",
+                    "k".repeat(key_len)
+                );
+                let tail = "--></ListBucketResult>";
+                let total = body_len.max(head.len() + tail.len());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {total}\r\n\r\n{head}"
+                );
+                let mut left = total - head.len() - tail.len();
+                let pad = vec![b' '; 64 << 10];
+                while left > 0 {
+                    let n = left.min(pad.len());
+                    if conn.write_all(&pad[..n]).is_err() {
+                        return;
+                    }
+                    counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    left -= n;
+                }
+                let _ = conn.write_all(tail.as_bytes());
+            });
+        }
+    });
+    (endpoint, sent)
+}
+
+/// A listing page is read only up to a bound in bytes, whatever length the
+/// server claims, and a key longer than S3 allows is refused.
+#[test]
+fn a_listing_from_a_hostile_endpoint_is_bounded_in_bytes_and_key_length() {
+    let open = |endpoint: String| {
+        let settings = S3Settings { endpoint: Some(endpoint), path_style: true, ..Default::default() };
+        let location = S3Location::parse("s3://backups/p").unwrap();
+        Bucket::open(&location, &settings, &credentials(SECRET_KEY), None, Duration::from_secs(20)).unwrap()
+    };
+    let (endpoint, sent) = hostile_endpoint(512 << 20, 10);
+    let err = open(endpoint).list("runs").unwrap_err().to_string();
+    assert!(err.contains("longer than 8 MiB"), "{err}");
+    let took = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(took < 64 << 20, "the client read {took} bytes of a 512 MiB page");
+
+    let (endpoint, _) = hostile_endpoint(0, 2000);
+    let err = open(endpoint).list("runs").unwrap_err().to_string();
+    assert!(err.contains("longer than 1024 bytes"), "{err}");
+}

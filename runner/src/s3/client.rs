@@ -19,6 +19,10 @@ use super::location::{S3Location, S3Settings};
 pub const SMALL_OBJECT_MAX: u64 = 16 << 20;
 /// Most keys one [`Bucket::list`] returns.
 pub const LIST_MAX: usize = 100_000;
+/// The longest key S3 allows; a listing with a longer one is refused.
+pub const KEY_MAX: usize = 1024;
+/// Most bytes of keys one listing may hold in all.
+pub const LIST_KEY_BYTES_MAX: usize = 32 << 20;
 
 /// What went wrong, sorted by what the user does about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +145,7 @@ impl Bucket {
             .with_secret_access_key(&credentials.secret_access_key)
             .with_virtual_hosted_style_request(!settings.path_style)
             .with_client_options(options)
+            .with_http_connector(super::bounded::BoundedConnector)
             .with_retry(retry);
         if let Some(token) = &credentials.session_token {
             builder = builder.with_token(token);
@@ -291,8 +296,21 @@ impl Bucket {
         let listed = self.call(rel_dir, async move {
             let mut stream = s3.list(Some(&prefix));
             let mut out = Vec::new();
+            let mut key_bytes = 0usize;
             while let Some(item) = stream.next().await {
-                out.push(item?);
+                let item = item?;
+                key_bytes += item.location.as_ref().len();
+                if item.location.as_ref().len() > KEY_MAX || key_bytes > LIST_KEY_BYTES_MAX {
+                    return Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: format!(
+                            "the server listed a key longer than {KEY_MAX} bytes, or more than {} MiB of keys",
+                            LIST_KEY_BYTES_MAX >> 20
+                        )
+                        .into(),
+                    });
+                }
+                out.push(item);
                 if out.len() > LIST_MAX {
                     break;
                 }
@@ -355,6 +373,12 @@ impl Bucket {
             let body = self.raw_request(rel_dir, reqwest::Method::GET, "", &query)?;
             for upload in xml_elements(&body, "Upload") {
                 let (Some(key), Some(id)) = (xml_text(upload, "Key"), xml_text(upload, "UploadId")) else { continue };
+                if key.len() > KEY_MAX || id.len() > KEY_MAX {
+                    return Err(S3Error::Other(format!(
+                        "{}: the server listed an upload with a key or id longer than {KEY_MAX} bytes",
+                        self.shown(rel_dir)
+                    )));
+                }
                 let rel = self.location.rel_of(&key).to_string();
                 let initiated = xml_text(upload, "Initiated")
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
@@ -385,7 +409,7 @@ impl Bucket {
     }
 
     /// One signed request for `key` (empty: the bucket) with `query`;
-    /// the response body, bounded to [`SMALL_OBJECT_MAX`].
+    /// the response body, bounded to [`super::bounded::ANSWER_MAX`].
     fn raw_request(
         &self,
         rel: &str,
@@ -443,7 +467,7 @@ impl Bucket {
                 while let Some(chunk) =
                     response.chunk().await.map_err(|e| S3Error::Unreachable(format!("{shown}: {e}")))?
                 {
-                    if (body.len() + chunk.len()) as u64 > SMALL_OBJECT_MAX {
+                    if (body.len() + chunk.len()) as u64 > super::bounded::ANSWER_MAX {
                         return Err(S3Error::Other(format!("{shown}: the answer is too large")));
                     }
                     body.extend_from_slice(&chunk);

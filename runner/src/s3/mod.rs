@@ -4,9 +4,12 @@
 //! - [`credentials`]: keys from the environment or `~/.aws`, never from
 //!   the site file;
 //! - [`client`]: a blocking client with a timeout on every call;
+//! - [`bounded`]: every answer read whole is bounded by bytes;
 //! - [`lock`]: one run per store at a time, across machines;
 //! - [`upload`]: streaming an object in parts with bounded memory.
 
+#[cfg(feature = "runtime")]
+pub mod bounded;
 #[cfg(feature = "runtime")]
 pub mod client;
 #[cfg(feature = "runtime")]
