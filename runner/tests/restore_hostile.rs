@@ -106,3 +106,64 @@ fn client_commands_in_a_stored_dump_never_run_on_the_storage_box() {
     assert_eq!(mysql.sql("SHOW DATABASES LIKE 'scratch_hostile'"), "");
     assert_eq!(pg.sql("SELECT count(*) FROM pg_database WHERE datname = 'scratch_hostile'").trim(), "0");
 }
+
+/// A compromised server sizes what it sends: an archive whose GNU long
+/// name is 2 MB, and a dump with a 20 MB line. verify reports each as a
+/// problem (it used to hold them whole, and pass the archive), and the
+/// restore test loads nothing of the dump.
+#[test]
+fn oversized_items_a_server_sends_are_problems_not_held_whole() {
+    let server = Sshd::start("127.0.0.2");
+    let mysql = MariaDb::start("127.0.0.2");
+    let dir = tempfile::tempdir().unwrap();
+    let files = server.files();
+    std::fs::create_dir_all(files.join("big")).unwrap();
+    // The archive: a valid GNU tar whose first entry's long name record
+    // holds 2 MB.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    let long = format!("{}/f", "d".repeat(2 << 20));
+    header.set_size(1);
+    header.set_mode(0o644);
+    builder.append_data(&mut header, &long, &b"x"[..]).unwrap();
+    std::fs::write(files.join("big/evil.tar"), builder.into_inner().unwrap()).unwrap();
+    executable(
+        &files.join("big/mysqldump"),
+        "#!/bin/sh\nprintf -- '-- MySQL dump 10.19\\nCREATE TABLE t (id INT);\\nINSERT INTO t VALUES (1);'\n\
+         head -c 20000000 /dev/zero | tr '\\0' ' '\nprintf '\\n-- Dump completed on 2026-12-04\\n'\n",
+    );
+    std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+    let f = files.display();
+    let grants = format!("commands = [[\"{f}/big/mysqldump\"], [\"cat\", \"{f}/big/evil.tar\"]]");
+    let site = dir.path().join("site.toml");
+    std::fs::write(
+        &site,
+        format!("store = \"store\"\nssh_config = \"ssh_config\"\n{}", server.host_section("server1", &grants)),
+    )
+    .unwrap();
+    for (argv, dest) in [(format!("{f}/big/mysqldump"), "big.sql"), (format!("cat\u{1f}{f}/big/evil.tar"), "evil.tar")]
+    {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("run").arg(script("probe")).arg("--site").arg(&site);
+        cmd.args(["--param", "op=stream", "--param"]).arg(format!("dest={dest}"));
+        cmd.arg("--param").arg(format!("argv={argv}"));
+        cmd.env("HOME", dir.path()).env_remove("SSH_AUTH_SOCK");
+        Ran::from_output(cmd.output().unwrap()).expect_code(0);
+    }
+    // GNU tar reads the archive: it is well-formed, only oversized.
+    let mut plain = offsite(Path::new(BIN));
+    let ran = Ran::from_output(plain.args(["verify"]).arg(&site).output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("evil.tar") && ran.stderr.contains("more than any archiver writes"), "{}", ran.stderr);
+
+    let defaults = dir.path().join("verify.cnf");
+    std::fs::write(&defaults, format!("[client]\nuser=root\nsocket={}\n", mysql.socket().display())).unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.args(["verify"]).arg(&site).args(["--restore-test", "scratch_big", "--mysql-defaults"]).arg(&defaults);
+    let ran = Ran::from_output(cmd.output().unwrap());
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("big.sql: restore test failed"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("line 3 of the dump: longer than 16 MiB"), "{}", ran.stderr);
+    assert!(ran.stderr.len() < 64 << 10, "the problem lines stay short: {} bytes", ran.stderr.len());
+    assert_eq!(mysql.sql("SHOW DATABASES LIKE 'scratch_big'"), "");
+}

@@ -7,8 +7,10 @@
 //! When several manifests list the same path (a script that rewrites a
 //! fixed name), the newest one owns it: older entries were superseded.
 
+pub mod client;
 pub mod mysql;
 pub mod postgres;
+pub mod tar_walk;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Read};
@@ -337,65 +339,6 @@ fn restore_test(
     }
 }
 
-/// Runs a database client once (`what` in errors) with no input: its
-/// output, or its stderr as the error.
-fn client_output(mut client: std::process::Command, what: &str) -> Result<String, String> {
-    let out = client.stdin(std::process::Stdio::null()).output().map_err(|e| format!("cannot run {what}: {e}"))?;
-    if !out.status.success() {
-        let program = client.get_program().to_string_lossy().into_owned();
-        return Err(format!("{program}: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Streams a dump line by line into a database client's stdin (`client`,
-/// spawned here, named `what` in errors). Every line goes through `feed`
-/// first, which leaves it out by returning false. Fails with the client's
-/// stderr when the client fails, or when the dump cannot be read.
-fn load_lines(
-    mut client: std::process::Command,
-    what: &str,
-    first: &[u8],
-    mut reader: Box<dyn BufRead + '_>,
-    mut feed: impl FnMut(&[u8]) -> bool,
-) -> Result<(), String> {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut child = client
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let mut stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut stdin = child.stdin.take().expect("piped");
-    let fed = (|| -> io::Result<()> {
-        stdin.write_all(first)?;
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            if feed(&line) {
-                stdin.write_all(&line)?;
-            }
-        }
-    })();
-    drop(stdin);
-    let status = child.wait().map_err(|e| e.to_string())?;
-    let errors = errors.join().unwrap_or_default();
-    if !status.success() {
-        return Err(format!("the load failed ({status}): {}", errors.trim()));
-    }
-    fed.map_err(|e| format!("reading the dump: {e}"))
-}
-
 /// The name without `.age`: what the contents are.
 fn plain_name(path: &Path) -> PathBuf {
     let text = path.to_string_lossy();
@@ -521,18 +464,7 @@ impl Format {
 
 /// Reads every entry of a tar stream; returns how many there are.
 fn list_tar(reader: &mut impl Read) -> Result<u64, String> {
-    let mut archive = tar::Archive::new(reader);
-    let mut n = 0;
-    for entry in archive.entries().map_err(|e| format!("tar: {e}"))? {
-        let mut entry = entry.map_err(|e| format!("tar: entry {}: {e}", n + 1))?;
-        let size = entry.size();
-        let read = io::copy(&mut entry, &mut io::sink()).map_err(|e| format!("tar: entry {}: {e}", n + 1))?;
-        if read != size {
-            return Err(format!("tar: entry {} is cut short ({read} of {size} bytes)", n + 1));
-        }
-        n += 1;
-    }
-    Ok(n)
+    tar_walk::count_entries(reader)
 }
 
 struct HashingReader<R> {

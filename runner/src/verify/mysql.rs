@@ -50,7 +50,7 @@ impl Scratch {
     fn query(&self, sql: &str) -> Result<String, String> {
         let mut client = self.client();
         client.args(["-e", sql]);
-        super::client_output(client, "the mysql client")
+        super::client::output(client, "the mysql client")
     }
 }
 
@@ -95,7 +95,7 @@ fn load_and_count(reader: Box<dyn BufRead + '_>, scratch: &Scratch) -> Result<BT
     let mut client = scratch.client();
     client.arg(&scratch.database);
     let mut counter = InsertCounter::default();
-    super::load_lines(client, "the mysql client", b"", reader, |line| {
+    super::client::load_lines(client, "the mysql client", b"", reader, |line| {
         if selects_database(line) {
             return false;
         }

@@ -36,7 +36,7 @@ fn admin(sql: &str) -> Result<String, String> {
 fn query(database: &str, sql: &str) -> Result<String, String> {
     let mut client = psql(database);
     client.args(["-c", sql]);
-    super::client_output(client, "the PostgreSQL client psql")
+    super::client::output(client, "the PostgreSQL client psql")
 }
 
 /// Loads the plain-SQL dump `reader` yields into the scratch database
@@ -68,7 +68,7 @@ fn load_and_count(reader: Box<dyn BufRead + '_>, database: &str) -> Result<BTree
     // in the dump. The dump's own \restrict / \unrestrict lines (pg_dump
     // writes them too) are left out.
     let first = format!("\\restrict {}\n", restrict_key());
-    super::load_lines(client, "the PostgreSQL client psql", first.as_bytes(), reader, |line| {
+    super::client::load_lines(client, "the PostgreSQL client psql", first.as_bytes(), reader, |line| {
         if !counter.in_copy()
             && (selects_database(line) || line.starts_with(b"\\restrict ") || line.starts_with(b"\\unrestrict "))
         {

@@ -1,0 +1,174 @@
+//! Walks a tar stream header by header, holding nothing a server chose the
+//! size of: entry data and the extension records (GNU long names, PAX
+//! headers) are read through and dropped, never collected, and extension
+//! records longer than any archiver makes are reported.
+
+use std::io::{self, Read};
+
+/// Longest GNU long name or long link record (`L`, `K`): names stop at
+/// `PATH_MAX` (4,096 bytes) on every system we restore to.
+pub const LONG_NAME_MAX: u64 = 64 << 10;
+/// Longest PAX header record (`x`, `g`): paths, times, ACLs and xattrs.
+pub const PAX_MAX: u64 = 1 << 20;
+
+/// Reads every entry of a tar stream up to its end-of-archive block;
+/// returns how many entries it has (extension records belong to the entry
+/// they precede and are not counted).
+pub fn count_entries(reader: &mut impl Read) -> Result<u64, String> {
+    let mut entries = 0u64;
+    let mut header = [0u8; 512];
+    loop {
+        let n = entry_no(entries);
+        if !read_block(reader, &mut header).map_err(|e| format!("tar: {n}: {e}"))? {
+            // A stream that ends without its end-of-archive block: GNU tar
+            // reads it with a warning; so do we, as the tar crate did.
+            return Ok(entries);
+        }
+        if header.iter().all(|b| *b == 0) {
+            return Ok(entries);
+        }
+        check_sum(&header).map_err(|e| format!("tar: {n}: {e}"))?;
+        let size = size_of(&header).map_err(|e| format!("tar: {n}: {e}"))?;
+        let kind = header[156];
+        let bound = match kind {
+            b'L' | b'K' => Some(("a GNU long name", LONG_NAME_MAX)),
+            b'x' | b'g' => Some(("a PAX header", PAX_MAX)),
+            _ => None,
+        };
+        if let Some((what, max)) = bound
+            && size > max
+        {
+            return Err(format!("tar: {n}: {what} of {size} bytes, more than any archiver writes ({max})"));
+        }
+        let padded = size.div_ceil(512) * 512;
+        let read = io::copy(&mut reader.take(padded), &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;
+        if read != padded {
+            return Err(format!("tar: {n} is cut short ({} of {size} bytes)", read.min(size)));
+        }
+        if !matches!(kind, b'L' | b'K' | b'x') {
+            entries += 1;
+        }
+    }
+}
+
+fn entry_no(counted: u64) -> String {
+    format!("entry {}", counted + 1)
+}
+
+/// Fills `block`; `false` when the stream ended before its first byte.
+fn read_block(reader: &mut impl Read, block: &mut [u8; 512]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < block.len() {
+        match reader.read(&mut block[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the header is cut short")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// The header's checksum field against the sum of its bytes (with the
+/// field itself as spaces), unsigned or, as old archivers wrote, signed.
+fn check_sum(header: &[u8; 512]) -> Result<(), String> {
+    let want = octal(&header[148..156]).ok_or("the header's checksum field is not a number")?;
+    let mut unsigned = 0u64;
+    let mut signed = 0i64;
+    for (i, b) in header.iter().enumerate() {
+        let b = if (148..156).contains(&i) { b' ' } else { *b };
+        unsigned += u64::from(b);
+        signed += i64::from(b as i8);
+    }
+    if want == unsigned || i64::try_from(want).is_ok_and(|w| w == signed) {
+        Ok(())
+    } else {
+        Err("the header's checksum does not match (not a tar archive, or damaged)".into())
+    }
+}
+
+/// The entry's size: octal digits, or GNU's base-256 for large sizes.
+fn size_of(header: &[u8; 512]) -> Result<u64, String> {
+    let field = &header[124..136];
+    if field[0] & 0x80 != 0 {
+        if field[0] & 0x40 != 0 {
+            return Err("a negative size".into());
+        }
+        let mut size = u64::from(field[0] & 0x3f);
+        for b in &field[1..] {
+            size = size.checked_mul(256).and_then(|s| s.checked_add(u64::from(*b))).ok_or("a size past 2^64")?;
+        }
+        return Ok(size);
+    }
+    octal(field).ok_or_else(|| "the size field is not a number".to_string())
+}
+
+/// An octal field: leading spaces, digits, then NUL or space.
+fn octal(field: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(field).ok()?;
+    let digits = text.trim_start_matches(' ').trim_end_matches(['\0', ' ']);
+    if digits.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(digits, 8).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(build: impl FnOnce(&mut ::tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = ::tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn file(b: &mut ::tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(::tar::EntryType::Regular);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+
+    #[test]
+    fn entries_are_counted_with_long_names_and_pax_records_as_part_of_theirs() {
+        let long = format!("{}/f", "d".repeat(300));
+        let bytes = archive(|b| {
+            file(b, "a", b"hello");
+            file(b, &long, b"x");
+            b.append_pax_extensions([("comment", b"hi".as_slice())]).unwrap();
+            file(b, "c", &[7; 1000]);
+        });
+        assert_eq!(count_entries(&mut bytes.as_slice()).unwrap(), 3);
+        // GNU tar agrees the archive is whole; a cut one is not.
+        assert!(count_entries(&mut &bytes[..1024 + 512 + 100]).unwrap_err().contains("cut short"));
+    }
+
+    /// A server chooses the size of a long name or a PAX record: one past
+    /// the bound is a problem, and none is ever held.
+    #[test]
+    fn oversized_extension_records_are_problems() {
+        for (kind, max) in [(::tar::EntryType::GNULongName, LONG_NAME_MAX), (::tar::EntryType::XHeader, PAX_MAX)] {
+            let bytes = archive(|b| {
+                let mut h = ::tar::Header::new_gnu();
+                h.set_size(max + 1);
+                h.set_entry_type(kind);
+                h.set_path("././@LongLink").unwrap();
+                h.set_cksum();
+                b.append(&h, std::io::repeat(b'a').take(max + 1)).unwrap();
+                file(b, "x", b"x");
+            });
+            let err = count_entries(&mut bytes.as_slice()).unwrap_err();
+            assert!(err.contains("more than any archiver writes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_header_is_named() {
+        let mut bytes = archive(|b| file(b, "a", b"hello"));
+        bytes[0] ^= 1;
+        assert!(count_entries(&mut bytes.as_slice()).unwrap_err().contains("checksum"));
+    }
+}
