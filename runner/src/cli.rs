@@ -369,11 +369,13 @@ pub fn main() -> ExitCode {
                 _ => crate::build::Lang::Rust,
             };
             crate::new::new(&name, lang, dir.as_deref())
-                .map(|d| println!("{}: build with `offsite build`, test with ./test.sh", d.display()))
+                .map(|d| crate::outln!("{}: build with `offsite build`, test with ./test.sh", d.display()))
                 .exit(Exit::Usage)
         }
         Command::Completions { shell } => {
-            crate::docs::completions(shell, &mut std::io::stdout().lock());
+            let mut script = Vec::new();
+            crate::docs::completions(shell, &mut script);
+            crate::out!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
         Command::SystemdGenerator { dirs } => {
@@ -382,7 +384,7 @@ pub fn main() -> ExitCode {
         }
         Command::GenerateDocs { dir } => crate::docs::generate(&dir).exit(Exit::Usage),
         Command::Build { dir } => crate::build::build(dir.as_deref().unwrap_or(Path::new(".")))
-            .map(|out| println!("{}", out.display()))
+            .map(|out| crate::outln!("{}", out.display()))
             .exit(Exit::Usage),
     };
     match result {
@@ -458,11 +460,11 @@ fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Fa
             "report": report.text.lines().collect::<Vec<_>>(),
         }));
     } else {
-        print!("{}", report.text);
+        crate::out!("{}", report.text);
     }
     if report.problems.is_empty() {
         if !crate::json::on() {
-            println!("no problems found");
+            crate::outln!("no problems found");
         }
         return Ok(());
     }
@@ -578,10 +580,10 @@ fn verify(
     }
     // Store paths and manifest fields are script-controlled text: escaped.
     if verbose {
-        report.checked.iter().for_each(|l| println!("{}", crate::text::escape(l)));
+        report.checked.iter().for_each(|l| crate::outln!("{}", crate::text::escape(l)));
     }
     if verbose || std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        println!("{summary}");
+        crate::outln!("{summary}");
     }
     if report.problems.is_empty() {
         return Ok(());
@@ -612,7 +614,7 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
                 if crate::json::on() {
                     sites.push(s.json);
                 } else {
-                    print!("{}", s.text);
+                    crate::out!("{}", s.text);
                 }
                 if s.failing {
                     failing.push(site.name);
@@ -720,7 +722,7 @@ fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
     };
     let _lock = lock_for(&root, &site, "forget")?;
     for line in dir.forget(run_id).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)? {
-        println!("{line}");
+        crate::outln!("{line}");
     }
     Ok(())
 }
@@ -739,7 +741,7 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
     };
     if site.retention.is_empty() {
         if show_keeps {
-            println!("{}: no [retention] rules, so every run is kept", site_file.display());
+            crate::outln!("{}: no [retention] rules, so every run is kept", site_file.display());
         }
         if json {
             report(None, Vec::new(), Vec::new());
@@ -754,7 +756,7 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
     if !dry_run {
         for line in root.resume_prune().map_err(failed).exit(Exit::BackupFailed)? {
             if !json {
-                println!("{line}");
+                crate::outln!("{line}");
             }
             done.push(line);
         }
@@ -762,7 +764,7 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
     let (manifests, _) = root.manifests().map_err(failed).exit(Exit::BackupFailed)?;
     let plan = retention::plan(&manifests, &root.runs_of(&site.name), &site.retention);
     if show_keeps || (!json && plan.iter().any(|v| v.pruned_because.is_some())) {
-        println!("rules: {}", site.retention);
+        crate::outln!("rules: {}", site.retention);
     }
     let mut runs = Vec::new();
     for v in &plan {
@@ -780,11 +782,11 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
         }
         match &v.pruned_because {
             None if show_keeps => {
-                println!("keep  {} {:10} {}: {}", v.run_id, v.status, v.started, v.kept_because.join("; "))
+                crate::outln!("keep  {} {:10} {}: {}", v.run_id, v.status, v.started, v.kept_because.join("; "))
             }
             None => {}
             Some(why) => {
-                println!(
+                crate::outln!(
                     "{} {} {:10} {}: {why}",
                     if dry_run { "would prune" } else { "prune" },
                     v.run_id,
@@ -792,14 +794,14 @@ fn prune(site_file: &Path, dry_run: bool, verbose: bool) -> Result<(), Failure> 
                     v.started
                 );
                 for (path, bytes) in &v.files {
-                    println!(
+                    crate::outln!(
                         "    {} {} ({bytes} bytes)",
                         if dry_run { "would remove" } else { "remove" },
                         path.display()
                     );
                 }
                 for path in &v.shared {
-                    println!("    keep {} (a kept run lists it too)", path.display());
+                    crate::outln!("    keep {} (a kept run lists it too)", path.display());
                 }
             }
         }
@@ -821,9 +823,9 @@ fn authorized_line(site_file: &Path, host: &str, key: Option<&Path>) -> Result<(
     let site = Site::load(site_file, &cwd).exit(Exit::Usage)?;
     let line = crate::keys::authorized_line(&site, host, key).exit(Exit::Usage)?;
     for note in &line.notes {
-        println!("# {note}");
+        crate::outln!("# {note}");
     }
-    println!("{}", line.line);
+    crate::outln!("{}", line.line);
     Ok(())
 }
 
@@ -876,20 +878,20 @@ fn inspect(arg: &str) -> Result<(), Failure> {
         return Ok(());
     }
     let info = crate::check::shown_info(&raw);
-    println!("script:      {} {}", info.name, info.version);
-    println!("from:        {}", crate::text::escape(&fetched.source));
-    println!("compiled:    {compiled}");
-    println!("sha256:      {}", script.sha256);
+    crate::outln!("script:      {} {}", info.name, info.version);
+    crate::outln!("from:        {}", crate::text::escape(&fetched.source));
+    crate::outln!("compiled:    {compiled}");
+    crate::outln!("sha256:      {}", script.sha256);
     if !info.description.is_empty() {
-        println!("description: {}", info.description);
+        crate::outln!("description: {}", info.description);
     }
-    println!(
+    crate::outln!(
         "capabilities declared: {}",
         if info.capabilities.is_empty() { "none".into() } else { info.capabilities.join(", ") }
     );
-    println!("parameters:");
+    crate::outln!("parameters:");
     if info.params.is_empty() {
-        println!("  (none)");
+        crate::outln!("  (none)");
     }
     for p in &info.params {
         let mut flags = vec![if p.required { "required" } else { "optional" }];
@@ -897,20 +899,23 @@ fn inspect(arg: &str) -> Result<(), Failure> {
             flags.push("secret");
         }
         let default = p.default.as_ref().map(|d| format!(", default {d:?}")).unwrap_or_default();
-        println!("  {} ({}{default}): {}", p.name, flags.join(", "), p.description);
+        crate::outln!("  {} ({}{default}): {}", p.name, flags.join(", "), p.description);
     }
-    println!("imports:");
+    crate::outln!("imports:");
     let ty = script.component.component_type();
     let imports: Vec<String> = ty.imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
     for name in &imports {
-        println!("  {name}");
+        crate::outln!("  {name}");
     }
     let (notes, undeclared) = crate::check::import_notes(&imports, &info.capabilities);
     for note in notes {
-        println!("note: {note}");
+        crate::outln!("note: {note}");
     }
     if !undeclared.is_empty() {
-        println!("note: uses {} without declaring it: what it says about itself is incomplete", undeclared.join(", "));
+        crate::outln!(
+            "note: uses {} without declaring it: what it says about itself is incomplete",
+            undeclared.join(", ")
+        );
     }
     Ok(())
 }

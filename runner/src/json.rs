@@ -37,7 +37,7 @@ pub fn report(fields: impl serde::Serialize) {
             out.insert("result".into(), other);
         }
     }
-    println!("{}", terminal_safe(&Value::Object(out).to_string()));
+    crate::outln!("{}", terminal_safe(&Value::Object(out).to_string()));
     REPORTED.store(true, Ordering::Relaxed);
 }
 

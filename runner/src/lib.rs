@@ -63,6 +63,7 @@ pub mod site;
 pub mod sleep;
 #[cfg(feature = "runtime")]
 pub mod status;
+pub mod stdout;
 pub mod store;
 #[cfg(feature = "runtime")]
 pub mod systemd;

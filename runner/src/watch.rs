@@ -802,7 +802,7 @@ fn spawn_run(snapshots: &Snapshots, site_file: &Path, version: &Version, verbose
     }
     cmd.arg("run").arg(&script).arg("--site").arg(site_file).arg("--site-stdin");
     cmd.arg("--script-source").arg(&version.script_source);
-    cmd.current_dir(site_file.parent().unwrap_or(Path::new("/")));
+    cmd.current_dir(crate::site::dir_of(site_file));
     cmd.env("OFFSITE_LOG_PREFIX", format!("[{}] ", version.site.name));
     cmd.env(crate::logging::LOG_TIME_VAR, "1");
     cmd.stdin(Stdio::piped()).stdout(Stdio::null());

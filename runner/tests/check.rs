@@ -204,7 +204,7 @@ fn the_authorized_keys_line_lets_the_key_do_only_what_the_site_grants() {
     };
     write("127.0.0.0/8");
     let line = authorized_line(&site, "server1");
-    assert!(line.starts_with("restrict,from=\"127.0.0.0/8\",command=\"case "), "{line}");
+    assert!(line.starts_with("restrict,from=\"127.0.0.0/8\",command=\"/bin/sh -c '"), "{line}");
     std::fs::write(server.authorized_keys(), format!("{line}\n")).unwrap();
 
     // What the site grants still works through the runner...
@@ -374,4 +374,33 @@ fn check_reports_a_lock_file_runs_cannot_read() {
         ran.stdout,
         ran.stderr
     );
+}
+
+/// `offsite inspect X | head` and the like: a reader that goes away ends
+/// the command quietly, as `ls | head` ends (no panic, no backtrace), and
+/// its exit code is what the command itself decided.
+#[test]
+fn every_printing_command_ends_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("s.toml");
+    std::fs::write(&site, "store = \"b\"\n").unwrap();
+    let noop = script("noop");
+    let commands: Vec<Vec<&std::ffi::OsStr>> = vec![
+        vec!["inspect".as_ref(), noop.as_os_str()],
+        vec!["completions".as_ref(), "bash".as_ref()],
+        vec!["check".as_ref(), site.as_os_str(), noop.as_os_str()],
+        vec!["run".as_ref(), noop.as_os_str(), "--site".as_ref(), site.as_os_str(), "--json".as_ref()],
+        vec!["status".as_ref(), site.as_os_str()],
+    ];
+    for args in commands {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        // The reader is gone before the first byte is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
 }

@@ -61,7 +61,7 @@ pub fn read(site_file: &Path) -> Result<Option<ScriptLock>> {
 pub fn write(site_file: &Path, lock: &ScriptLock) -> Result<PathBuf> {
     use std::io::Write;
     let path = path_for(site_file);
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = crate::site::dir_of(&path);
     let mut temp =
         tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
     let text = format!(
