@@ -103,11 +103,18 @@ impl Slot {
                 let new = (v.script.sha256.clone(), v.site_sha256.clone());
                 // A new version from a followed tag has not been reviewed:
                 // it must not ask for calls the site does not grant.
-                if new.0 != old.0
-                    && v.site.script_follow
-                    && let Err(reason) = grants_hold(runtime, &self.site_file, &self.current, &v)
-                {
-                    return Reload::Rejected { reason };
+                if new.0 != old.0 && v.site.script_follow {
+                    if let Some(why) = crate::share::diff::step_back(&self.current.info, &v.info) {
+                        return Reload::Rejected {
+                            reason: format!(
+                                "{why}: a followed tag never takes a site back (`offsite script update \
+                                 --allow-downgrade` pins such a version)"
+                            ),
+                        };
+                    }
+                    if let Err(reason) = grants_hold(runtime, &self.site_file, &self.current, &v) {
+                        return Reload::Rejected { reason };
+                    }
                 }
                 self.current = Arc::new(v);
                 Reload::Replaced { old, new, script_kept: None }
@@ -191,7 +198,7 @@ fn validate_with(
         std::fs::read_to_string(site_file).with_context(|| format!("cannot read site file {}", site_file.display()))?;
     // `site_file` is absolute: relative paths in the site (and archive
     // sources) resolve against its directory.
-    let cwd = site_file.parent().unwrap_or(Path::new("/"));
+    let cwd = crate::site::dir_of(site_file);
     let site = Site::parse(&text, site_file, cwd)?;
     let site_sha256 = hex::encode(Sha256::digest(text.as_bytes()));
     if kept.is_some_and(|v| v.site_sha256 == site_sha256) {

@@ -536,7 +536,17 @@ fn two_sites_share_a_signed_script_and_an_update_wanting_more_is_refused() {
         on(m, &reg, &["run", "--site", site.to_str().unwrap(), "--dry-run"])
             .expect_code(2)
             .expect_stderr("script update");
-        let up = on(m, &reg, &["script", "update", site.to_str().unwrap()]);
+        // The second machine's admin names the site file from its own
+        // directory, as a bare file name.
+        let up = if site.ends_with("db2.toml") {
+            let mut cmd = offsite(Path::new(BIN));
+            m.apply(&reg, &mut cmd);
+            Ran::from_output(
+                cmd.current_dir(site.parent().unwrap()).args(["script", "update", "db2.toml"]).output().unwrap(),
+            )
+        } else {
+            on(m, &reg, &["script", "update", site.to_str().unwrap()])
+        };
         up.expect_code(0);
         assert!(
             up.stdout.contains("runs `mysqldump --single-transaction --quick --add-drop-table shop` on server1"),
@@ -681,4 +691,67 @@ fn watch_follows_a_tag_but_only_to_signed_versions() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(!text.contains("panicked"), "{text}");
+}
+
+/// Anyone who can write to the registry can point a tag back at an older
+/// build the same key signed, signature and all: `script update` refuses
+/// to take a site back (or to another script) unless asked, and says what
+/// changed.
+#[test]
+fn a_tag_moved_back_to_an_older_signed_version_is_refused() {
+    let server = offsite_testkit::sshd::Sshd::start("127.0.0.2");
+    let reg = Registry::start(IP);
+    let publisher = Machine::new(&reg);
+    let (alice, alice_pub) = ssh_keypair(publisher.dir.path(), "alice");
+    let tag = reg.reference("backup/mysql-pull:stable");
+    let push = |name: &str| {
+        pushed(&on(
+            &publisher,
+            &reg,
+            &["script", "push", script(name).to_str().unwrap(), &tag, "--sign", alice.to_str().unwrap()],
+        ))
+    };
+    let m = Machine::new(&reg);
+    let etc = m.dir.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("allowed_signers"), format!("alice@example.org {alice_pub}\n")).unwrap();
+    let site = etc.join("db1.toml");
+    let grants = "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"*\"], \
+                  [\"mysql\", \"-N\", \"-e\", \"SHOW DATABASES\"]]";
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"{}\"\nscript = \"{tag}\"\nscript_signers = \"allowed_signers\"\n[params]\ndumps = \"server1:shop\"\n{}",
+            m.dir.path().join("store").display(),
+            server.host_section("server1", grants)
+        ),
+    )
+    .unwrap();
+    let v1 = push("mysql-pull");
+    let v2 = push("mysql-pull-next");
+    let up = on(&m, &reg, &["script", "update", site.to_str().unwrap()]);
+    up.expect_code(0);
+    assert!(up.stdout.contains(&format!("recorded {v2}")), "{}", up.stdout);
+    let lock = std::fs::read_to_string(site.with_extension("lock")).unwrap();
+
+    // The tag goes back to 0.1.0, still signed by alice.
+    assert_eq!(push("mysql-pull"), v1);
+    let up = on(&m, &reg, &["script", "update", site.to_str().unwrap()]);
+    up.expect_code(2).expect_stderr("mysql-pull 0.1.0 is older than the recorded 0.2.0");
+    assert!(up.stderr.contains("--allow-downgrade"), "{}", up.stderr);
+    assert_eq!(std::fs::read_to_string(site.with_extension("lock")).unwrap(), lock, "the lock is unchanged");
+    // Asked for, it is taken.
+    let up = on(&m, &reg, &["script", "update", site.to_str().unwrap(), "--allow-downgrade"]);
+    up.expect_code(0);
+    assert!(up.stdout.contains(&format!("recorded {v1}")), "{}", up.stdout);
+
+    // Another script under the same tag, signed by the same key.
+    pushed(&on(
+        &publisher,
+        &reg,
+        &["script", "push", script("noop").to_str().unwrap(), &tag, "--sign", alice.to_str().unwrap()],
+    ));
+    on(&m, &reg, &["script", "update", site.to_str().unwrap()])
+        .expect_code(2)
+        .expect_stderr("the tag now holds script noop where mysql-pull was recorded");
 }

@@ -59,6 +59,10 @@ pub enum ScriptCommand {
     Update {
         /// The site file whose `script` is an oci:// tag.
         site: PathBuf,
+        /// Take the tag's version even when it is older than the recorded
+        /// one, or another script.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// What would NEW do on a site that OLD does not? Declared metadata and
     /// the calls each makes in a dry run (no server is contacted); exit 1
@@ -97,7 +101,7 @@ pub fn main(cmd: ScriptCommand) -> Result<(), Failure> {
         ScriptCommand::Ls => ls(),
         ScriptCommand::Sign { script, key } => sign_script(&script, &key),
         ScriptCommand::Verify { script, signers } => verify(&script, signers),
-        ScriptCommand::Update { site } => update(&site),
+        ScriptCommand::Update { site, allow_downgrade } => update(&site, allow_downgrade),
         ScriptCommand::Diff { old, new, site } => diff(&old, &new, &site),
     }
 }
@@ -143,7 +147,7 @@ fn push(file: &Path, reference: &str, sign: Option<&Path>) -> Result<(), Failure
             .add_signature(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fetched.bytes)), sig)
             .exit(Exit::Usage)?;
     }
-    println!("{}", r.pinned(&manifest));
+    crate::outln!("{}", r.pinned(&manifest));
     Ok(())
 }
 
@@ -167,7 +171,7 @@ fn pull(reference: &str) -> Result<(), Failure> {
         pulled.signatures,
         if pulled.was_cached { ", already stored" } else { "" }
     );
-    println!("{}", pulled.record.reference);
+    crate::outln!("{}", pulled.record.reference);
     Ok(())
 }
 
@@ -203,13 +207,13 @@ fn ls() -> Result<(), Failure> {
         eprintln!("offsite: no scripts in {}", cache.root.display());
         return Ok(());
     }
-    println!("{:<20} {:<10} {:<19} {:>9}  {:<24} FROM", "NAME", "VERSION", "COMPONENT", "SIZE", "SIGNED BY");
+    crate::outln!("{:<20} {:<10} {:<19} {:>9}  {:<24} FROM", "NAME", "VERSION", "COMPONENT", "SIZE", "SIGNED BY");
     let mut listed = std::collections::HashSet::new();
     for rec in &records {
         listed.insert(rec.component.clone());
         let stored = cache.has(&rec.component);
         let signers = signers_of(&rec.component);
-        println!(
+        crate::outln!(
             "{:<20} {:<10} sha256:{:<12} {:>9}  {:<24} {}{}",
             crate::text::escape(&crate::text::truncate(&rec.name, 20)),
             crate::text::escape(&crate::text::truncate(&rec.version, 10)),
@@ -221,7 +225,7 @@ fn ls() -> Result<(), Failure> {
         );
     }
     for (hex, size) in blobs.iter().filter(|(h, _)| !listed.contains(h)) {
-        println!("{:<20} {:<10} sha256:{:<12} {:>9}  {:<24} (local file)", "-", "-", &hex[..12], size, "-");
+        crate::outln!("{:<20} {:<10} sha256:{:<12} {:>9}  {:<24} (local file)", "-", "-", &hex[..12], size, "-");
     }
     Ok(())
 }
@@ -261,11 +265,11 @@ fn sign_script(script: &str, key: &Path) -> Result<(), Failure> {
             .exit(Exit::BackupFailed)?;
         let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fetched.bytes));
         cache()?.add_signature(&hex, &sig).exit(Exit::Usage)?;
-        println!("signed {} with {fingerprint}", r);
+        crate::outln!("signed {} with {fingerprint}", r);
     } else {
         let path = resolve::sig_path(&fetched.path);
         std::fs::write(&path, &sig).with_context(|| format!("cannot write {}", path.display())).exit(Exit::Usage)?;
-        println!("signed {} with {fingerprint}: {}", fetched.path.display(), path.display());
+        crate::outln!("signed {} with {fingerprint}: {}", fetched.path.display(), path.display());
     }
     Ok(())
 }
@@ -284,7 +288,7 @@ fn verify(script: &str, signers: Option<PathBuf>) -> Result<(), Failure> {
     let allowed = AllowedSigners::load(&file).exit(Exit::Usage)?;
     match allowed.verify_any(&fetched.bytes, &fetched.signatures) {
         Ok(who) => {
-            println!("{}: signed by {who}", fetched.source);
+            crate::outln!("{}: signed by {who}", fetched.source);
             Ok(())
         }
         Err(why) => Err(anyhow!("{}: {why}", fetched.source)).exit(Exit::Usage),
@@ -298,7 +302,7 @@ fn diff(old: &str, new: &str, site_file: &Path) -> Result<(), Failure> {
     let old = super::diff::side(fetch_arg(old)?)?;
     let new = super::diff::side(fetch_arg(new)?)?;
     let report = super::diff::diff(&site_file, Some(&old), &new).exit(Exit::Usage)?;
-    print!("{}", report.text);
+    crate::out!("{}", report.text);
     if report.denied.is_empty() && report.unusable.is_none() {
         Ok(())
     } else {
@@ -313,7 +317,7 @@ fn diff(old: &str, new: &str, site_file: &Path) -> Result<(), Failure> {
     }
 }
 
-fn update(site_file: &Path) -> Result<(), Failure> {
+fn update(site_file: &Path, allow_downgrade: bool) -> Result<(), Failure> {
     let site_file = crate::run::site_path(site_file);
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = crate::site::Site::load(&site_file, &cwd).exit(Exit::Usage)?;
@@ -335,7 +339,7 @@ fn update(site_file: &Path) -> Result<(), Failure> {
     let manifest = Registry::connect(&r.registry).and_then(|reg| reg.resolve(&r)).exit(Exit::Usage)?;
     let lock = super::lockfile::read(&site_file).exit(Exit::Usage)?.filter(|l| l.reference == r.to_string());
     if lock.as_ref().is_some_and(|l| l.manifest_hex() == manifest) {
-        println!(
+        crate::outln!(
             "{r} still points to sha256:{manifest}, which {} records",
             super::lockfile::path_for(&site_file).display()
         );
@@ -359,7 +363,7 @@ fn update(site_file: &Path) -> Result<(), Failure> {
     };
     let new = super::diff::side(new)?;
     let report = super::diff::diff(&site_file, old.as_ref(), &new).exit(Exit::Usage)?;
-    print!("{}", report.text);
+    crate::out!("{}", report.text);
     let lock_path = super::lockfile::path_for(&site_file);
     if !report.denied.is_empty() {
         return Err(anyhow!(
@@ -380,6 +384,17 @@ fn update(site_file: &Path) -> Result<(), Failure> {
         ))
         .exit(Exit::Usage);
     }
+    match old.as_ref().and_then(|o| super::diff::step_back(&o.info, &new.info)) {
+        Some(why) if !allow_downgrade => {
+            return Err(anyhow!(
+                "update refused: {why}; {} is unchanged (`--allow-downgrade` takes it anyway)",
+                lock_path.display()
+            ))
+            .exit(Exit::Usage);
+        }
+        Some(why) => log::warn!(target: "offsite::script", "{why}: taken, as --allow-downgrade asks"),
+        None => {}
+    }
     let record = super::lockfile::ScriptLock {
         reference: r.to_string(),
         manifest: format!("sha256:{manifest}"),
@@ -388,6 +403,6 @@ fn update(site_file: &Path) -> Result<(), Failure> {
         updated: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
     let written = super::lockfile::write(&site_file, &record).exit(Exit::Usage)?;
-    println!("recorded {} in {}", r.pinned(&manifest), written.display());
+    crate::outln!("recorded {} in {}", r.pinned(&manifest), written.display());
     Ok(())
 }

@@ -14,6 +14,28 @@ use anyhow::{Context, Result};
 use super::resolve::Fetched;
 use crate::bindings::meta::ScriptInfo;
 
+/// Why moving from `old` to `new` takes a site back or to another script:
+/// another name, or a lower version (semantic versions compared as such,
+/// others only for equality). `None` when it moves forward or stays.
+///
+/// A signature says who built a component, not that it is the newest: a
+/// registry writer can point a tag at any older build the same key signed.
+pub fn step_back(old: &ScriptInfo, new: &ScriptInfo) -> Option<String> {
+    let shown = |s: &str| crate::text::escape(s).into_owned();
+    if old.name != new.name {
+        return Some(format!("the tag now holds script {} where {} was recorded", shown(&new.name), shown(&old.name)));
+    }
+    match (semver::Version::parse(&old.version), semver::Version::parse(&new.version)) {
+        (Ok(o), Ok(n)) if n < o => Some(format!(
+            "{} {} is older than the recorded {}",
+            shown(&new.name),
+            shown(&new.version),
+            shown(&old.version)
+        )),
+        _ => None,
+    }
+}
+
 /// One side of a diff: a script as fetched, and what it declares.
 pub struct Side {
     pub fetched: Fetched,
