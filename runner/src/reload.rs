@@ -94,45 +94,103 @@ impl Slot {
 
     /// Re-reads both files; swaps in the new pair only if it is valid.
     pub fn reload(&mut self, runtime: &Runtime) -> Reload {
+        let prepared = self.job().prepare(runtime);
+        self.apply(prepared)
+    }
+
+    /// What a reload reads, apart from the slot: [`ReloadJob::prepare`]
+    /// may run on another thread (registries and compiling take their
+    /// time) while the slot keeps serving its current version.
+    pub fn job(&self) -> ReloadJob {
+        ReloadJob {
+            site_file: self.site_file.clone(),
+            script_file: self.script_file.clone(),
+            current: Arc::clone(&self.current),
+        }
+    }
+
+    /// Takes a prepared reload. One prepared from a version that is no
+    /// longer current changes nothing.
+    pub fn apply(&mut self, prepared: Prepared) -> Reload {
         let old = (self.current.script.sha256.clone(), self.current.site_sha256.clone());
-        match validate(runtime, &self.site_file, self.script_file.as_deref()) {
-            Ok(v) if (v.script.sha256.as_str(), v.site_sha256.as_str()) == (old.0.as_str(), old.1.as_str()) => {
-                Reload::Unchanged
+        if prepared.based_on != old {
+            return Reload::Unchanged;
+        }
+        match prepared.outcome {
+            Outcome::Unchanged => Reload::Unchanged,
+            Outcome::Rejected(reason) => Reload::Rejected { reason },
+            Outcome::Replace { version, script_kept } => {
+                let new = (version.script.sha256.clone(), version.site_sha256.clone());
+                self.current = Arc::new(*version);
+                Reload::Replaced { old, new, script_kept }
+            }
+        }
+    }
+}
+
+/// The inputs of one reload, taken from a [`Slot`].
+pub struct ReloadJob {
+    site_file: PathBuf,
+    script_file: Option<PathBuf>,
+    current: Arc<Version>,
+}
+
+/// A reload worked out, for [`Slot::apply`].
+pub struct Prepared {
+    /// The (script, site) SHA-256s of the version it was worked out from.
+    based_on: (String, String),
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Unchanged,
+    Replace { version: Box<Version>, script_kept: Option<String> },
+    Rejected(String),
+}
+
+impl ReloadJob {
+    /// Validates the files on disk (fetching a registry script, compiling,
+    /// checking) against the version the job was taken from.
+    pub fn prepare(&self, runtime: &Runtime) -> Prepared {
+        let current = &self.current;
+        let based_on = (current.script.sha256.clone(), current.site_sha256.clone());
+        let outcome = match validate(runtime, &self.site_file, self.script_file.as_deref()) {
+            Ok(v)
+                if (v.script.sha256.as_str(), v.site_sha256.as_str()) == (based_on.0.as_str(), based_on.1.as_str()) =>
+            {
+                Outcome::Unchanged
             }
             Ok(v) => {
-                let new = (v.script.sha256.clone(), v.site_sha256.clone());
                 // A new version from a followed tag has not been reviewed:
-                // it must not ask for calls the site does not grant.
-                if new.0 != old.0 && v.site.script_follow {
-                    if let Some(why) = crate::share::diff::step_back(&self.current.info, &v.info) {
-                        return Reload::Rejected {
-                            reason: format!(
+                // it must not take the site back, nor ask for calls the
+                // site does not grant.
+                if v.script.sha256 != based_on.0 && v.site.script_follow {
+                    if let Some(why) = crate::share::diff::step_back(&current.info, &v.info) {
+                        return Prepared {
+                            based_on,
+                            outcome: Outcome::Rejected(format!(
                                 "{why}: a followed tag never takes a site back (`offsite script update \
                                  --allow-downgrade` pins such a version)"
-                            ),
+                            )),
                         };
                     }
-                    if let Err(reason) = grants_hold(runtime, &self.site_file, &self.current, &v) {
-                        return Reload::Rejected { reason };
+                    if let Err(reason) = grants_hold(runtime, &self.site_file, current, &v) {
+                        return Prepared { based_on, outcome: Outcome::Rejected(reason) };
                     }
                 }
-                self.current = Arc::new(v);
-                Reload::Replaced { old, new, script_kept: None }
+                Outcome::Replace { version: Box::new(v), script_kept: None }
             }
             Err(e) => {
                 let reason = one_line(&format!("{e:#}"));
                 // An edited site is not held back by a script whose rebuild
                 // is broken: it may be good with the script already held.
-                match validate_with(runtime, &self.site_file, self.script_file.as_deref(), Some(&self.current)) {
-                    Ok(v) => {
-                        let new = (v.script.sha256.clone(), v.site_sha256.clone());
-                        self.current = Arc::new(v);
-                        Reload::Replaced { old, new, script_kept: Some(reason) }
-                    }
-                    _ => Reload::Rejected { reason },
+                match validate_with(runtime, &self.site_file, self.script_file.as_deref(), Some(current)) {
+                    Ok(v) => Outcome::Replace { version: Box::new(v), script_kept: Some(reason) },
+                    _ => Outcome::Rejected(reason),
                 }
             }
-        }
+        };
+        Prepared { based_on, outcome }
     }
 }
 

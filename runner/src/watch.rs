@@ -204,6 +204,9 @@ struct Entry {
     /// A site following a registry tag (`script_update = "follow"`): when
     /// to look at the tag next (`script_poll`).
     poll_at: Option<Instant>,
+    /// A reload being prepared on a thread of its own: since when, and
+    /// its number (a result that comes after [`RELOAD_TIMEOUT`] is dropped).
+    reloading: Option<(Instant, u64)>,
 }
 
 impl Entry {
@@ -233,7 +236,14 @@ impl Entry {
 enum Message {
     Files(Vec<PathBuf>),
     Signal(i32),
+    /// A reload worked out off the loop, for the site file, by number.
+    Prepared(PathBuf, u64, Box<crate::reload::Prepared>),
 }
+
+/// How long a reload may take (a registry that trickles, a compile) before
+/// the watcher stops waiting for it; the registry client's own timeouts
+/// (5 minutes an operation) end it sooner.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Runs `offsite watch` until SIGTERM or SIGINT. Every site must load and
 /// validate at start-up; later, bad versions are refused one by one.
@@ -272,7 +282,9 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
     })
     .context("cannot watch files (inotify)")?;
     let mut state = Watch {
-        runtime,
+        runtime: Arc::new(runtime),
+        tx: tx.clone(),
+        reloads: 0,
         options,
         args: args.to_vec(),
         entries,
@@ -343,6 +355,7 @@ fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<U
         retired: false,
         last_rejection: None,
         poll_at: None,
+        reloading: None,
     };
     let mut entry = entry;
     entry.schedule_poll();
@@ -372,7 +385,12 @@ fn forward_signals(tx: Sender<Message>) -> Result<()> {
 }
 
 struct Watch {
-    runtime: Runtime,
+    /// Shared with the threads that prepare reloads.
+    runtime: Arc<Runtime>,
+    /// Where those threads send what they prepared.
+    tx: std::sync::mpsc::Sender<Message>,
+    /// Reloads started so far (each one's number).
+    reloads: u64,
     options: Options,
     args: Vec<PathBuf>,
     entries: Vec<Entry>,
@@ -420,7 +438,7 @@ impl Watch {
                 }
                 self.stop_runs(grace_end);
             } else {
-                self.reload_due(watcher);
+                self.reload_due();
                 self.fire_due(Utc::now());
                 self.start_queued();
             }
@@ -429,9 +447,9 @@ impl Watch {
                 wait = wait.min(REAP_EVERY);
             }
             let now = Instant::now();
-            for at in
-                self.entries.iter().filter_map(|e| e.reload_at).chain(self.entries.iter().filter_map(|e| e.poll_at))
-            {
+            // A site whose reload is under way waits for its message.
+            let idle = self.entries.iter().filter(|e| e.reloading.is_none());
+            for at in idle.flat_map(|e| e.reload_at.into_iter().chain(e.poll_at)) {
                 wait = wait.min(at.saturating_duration_since(now));
             }
             if let Some(next) = self.entries.iter().filter_map(|e| e.timer.as_ref()?.next()).min() {
@@ -441,6 +459,7 @@ impl Watch {
             match rx.recv_timeout(wait) {
                 Ok(Message::Files(paths)) => self.touched(&paths),
                 Ok(Message::Signal(signal)) => self.signal(signal, watcher),
+                Ok(Message::Prepared(file, number, prepared)) => self.prepared(&file, number, *prepared, watcher),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -530,7 +549,8 @@ impl Watch {
             }
         }
         self.drop_retired();
-        self.reload_due(watcher);
+        self.rewatch(watcher);
+        self.reload_due();
     }
 
     fn drop_retired(&mut self) {
@@ -541,76 +561,121 @@ impl Watch {
         }
     }
 
-    /// Re-reads the sites whose debounce ran out, and those whose followed
-    /// tag is due a look (a new digest is pulled, signer-checked, diffed
-    /// against the site's grants and validated like any new version).
-    fn reload_due(&mut self, watcher: &mut impl notify::Watcher) {
+    /// Starts a reload, on a thread of its own, for each site whose
+    /// debounce ran out or whose followed tag is due a look (a new digest
+    /// is pulled, signer-checked, diffed against the site's grants and
+    /// validated like any new version). The loop goes on scheduling and
+    /// answering signals meanwhile, whatever a registry does.
+    fn reload_due(&mut self) {
         let now = Instant::now();
-        let mut changed = false;
         for e in &mut self.entries {
+            if let Some((since, _)) = e.reloading
+                && now.duration_since(since) > RELOAD_TIMEOUT
+            {
+                log::error!(
+                    target: "offsite::watch",
+                    "site {}: a reload (its registry, or a compile) did not finish in {}; keeping the running version",
+                    e.name(),
+                    humantime::format_duration(RELOAD_TIMEOUT)
+                );
+                e.reloading = None;
+            }
             if e.poll_at.is_some_and(|at| at <= now) {
                 e.reload_at = Some(now);
                 e.schedule_poll();
             }
-            if e.reload_at.is_none_or(|at| at > now) {
+            if e.reloading.is_some() || e.reload_at.is_none_or(|at| at > now) {
                 continue;
             }
             e.reload_at = None;
-            let name = e.name();
-            let old_schedule = e.slot.current().site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
-            match e.slot.reload(&self.runtime) {
-                Reload::Unchanged => {}
-                Reload::Rejected { reason } if e.last_rejection.as_deref() == Some(reason.as_str()) => {
-                    log::debug!(target: "offsite::watch", "site {name}: still not valid: {reason}");
-                }
-                Reload::Rejected { reason } => {
+            self.reloads += 1;
+            let number = self.reloads;
+            e.reloading = Some((now, number));
+            let job = e.slot.job();
+            let (runtime, tx, file) = (Arc::clone(&self.runtime), self.tx.clone(), e.slot.site_file.clone());
+            let spawned = std::thread::Builder::new().name("reload".into()).spawn(move || {
+                let prepared = job.prepare(&runtime);
+                let _ = tx.send(Message::Prepared(file, number, Box::new(prepared)));
+            });
+            if let Err(err) = spawned {
+                log::error!(target: "offsite::watch", "site {}: cannot start a reload: {err}", e.name());
+                e.reloading = None;
+            }
+        }
+    }
+
+    /// Takes a reload prepared off the loop.
+    fn prepared(
+        &mut self,
+        file: &Path,
+        number: u64,
+        prepared: crate::reload::Prepared,
+        watcher: &mut impl notify::Watcher,
+    ) {
+        let Some(e) =
+            self.entries.iter_mut().find(|e| e.slot.site_file == file && e.reloading.is_some_and(|(_, n)| n == number))
+        else {
+            return;
+        };
+        e.reloading = None;
+        if self.stopping.is_some() {
+            return;
+        }
+        let name = e.name();
+        let old_schedule = e.slot.current().site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
+        let mut changed = false;
+        match e.slot.apply(prepared) {
+            Reload::Unchanged => {}
+            Reload::Rejected { reason } if e.last_rejection.as_deref() == Some(reason.as_str()) => {
+                log::debug!(target: "offsite::watch", "site {name}: still not valid: {reason}");
+            }
+            Reload::Rejected { reason } => {
+                log::error!(
+                    target: "offsite::watch",
+                    "site {name}: the new version is not valid; keeping the running one (script sha256 {}): {reason}",
+                    e.slot.current().script.sha256
+                );
+                e.last_rejection = Some(reason);
+            }
+            Reload::Replaced { old, new, script_kept } => {
+                changed = true;
+                e.last_rejection = None;
+                let current = e.slot.current();
+                if let Some(reason) = script_kept {
                     log::error!(
                         target: "offsite::watch",
-                        "site {name}: the new version is not valid; keeping the running one (script sha256 {}): {reason}",
-                        e.slot.current().script.sha256
+                        "site {name}: the script on disk is not valid; keeping the running one (script sha256 {}) with the new site file: {reason}",
+                        old.0
                     );
-                    e.last_rejection = Some(reason);
                 }
-                Reload::Replaced { old, new, script_kept } => {
-                    changed = true;
-                    e.last_rejection = None;
-                    let current = e.slot.current();
-                    if let Some(reason) = script_kept {
-                        log::error!(
-                            target: "offsite::watch",
-                            "site {name}: the script on disk is not valid; keeping the running one (script sha256 {}) with the new site file: {reason}",
-                            old.0
-                        );
+                let change = |what: &str, old: &str, new: &str| {
+                    if old == new {
+                        format!("{what} sha256 {old} (unchanged)")
+                    } else {
+                        format!("{what} sha256 {old} -> {new}")
                     }
-                    let change = |what: &str, old: &str, new: &str| {
-                        if old == new {
-                            format!("{what} sha256 {old} (unchanged)")
-                        } else {
-                            format!("{what} sha256 {old} -> {new}")
-                        }
-                    };
-                    log::info!(
-                        target: "offsite::watch",
-                        "site {}: reloaded {} {}: {}, {}",
-                        current.site.name,
-                        current.info.name,
-                        current.info.version,
-                        change("script", &old.0, &new.0),
-                        change("site", &old.1, &new.1)
-                    );
-                    let schedule = current.site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
-                    if schedule != old_schedule {
-                        e.timer = current.site.schedule.clone().map(|s| Timer::new(s, current.site.missed, Utc::now()));
-                        if e.timer.is_none() && !self.options.run_on_change {
-                            log::warn!(target: "offsite::watch", "site {name}: its site file has no `schedule` now: it will not run until it has one again");
-                        }
+                };
+                log::info!(
+                    target: "offsite::watch",
+                    "site {}: reloaded {} {}: {}, {}",
+                    current.site.name,
+                    current.info.name,
+                    current.info.version,
+                    change("script", &old.0, &new.0),
+                    change("site", &old.1, &new.1)
+                );
+                let schedule = current.site.schedule.as_ref().map(|s| (s.expression.clone(), s.zone));
+                if schedule != old_schedule {
+                    e.timer = current.site.schedule.clone().map(|s| Timer::new(s, current.site.missed, Utc::now()));
+                    if e.timer.is_none() && !self.options.run_on_change {
+                        log::warn!(target: "offsite::watch", "site {name}: its site file has no `schedule` now: it will not run until it has one again");
                     }
-                    if self.options.run_on_change {
-                        if e.running.is_some() {
-                            e.rerun = true;
-                        } else {
-                            e.queue("its files changed".into());
-                        }
+                }
+                if self.options.run_on_change {
+                    if e.running.is_some() {
+                        e.rerun = true;
+                    } else {
+                        e.queue("its files changed".into());
                     }
                 }
             }

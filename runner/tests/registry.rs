@@ -727,15 +727,16 @@ fn a_tag_moved_back_to_an_older_signed_version_is_refused() {
         ),
     )
     .unwrap();
-    let v1 = push("mysql-pull");
+    push("mysql-pull");
     let v2 = push("mysql-pull-next");
     let up = on(&m, &reg, &["script", "update", site.to_str().unwrap()]);
     up.expect_code(0);
     assert!(up.stdout.contains(&format!("recorded {v2}")), "{}", up.stdout);
     let lock = std::fs::read_to_string(site.with_extension("lock")).unwrap();
 
-    // The tag goes back to 0.1.0, still signed by alice.
-    assert_eq!(push("mysql-pull"), v1);
+    // The tag goes back to 0.1.0 (a manifest of its own, the same
+    // component), still signed by alice.
+    let back = push("mysql-pull");
     let up = on(&m, &reg, &["script", "update", site.to_str().unwrap()]);
     up.expect_code(2).expect_stderr("mysql-pull 0.1.0 is older than the recorded 0.2.0");
     assert!(up.stderr.contains("--allow-downgrade"), "{}", up.stderr);
@@ -743,7 +744,7 @@ fn a_tag_moved_back_to_an_older_signed_version_is_refused() {
     // Asked for, it is taken.
     let up = on(&m, &reg, &["script", "update", site.to_str().unwrap(), "--allow-downgrade"]);
     up.expect_code(0);
-    assert!(up.stdout.contains(&format!("recorded {v1}")), "{}", up.stdout);
+    assert!(up.stdout.contains(&format!("recorded {back}")), "{}", up.stdout);
 
     // Another script under the same tag, signed by the same key.
     pushed(&on(
@@ -754,4 +755,112 @@ fn a_tag_moved_back_to_an_older_signed_version_is_refused() {
     on(&m, &reg, &["script", "update", site.to_str().unwrap()])
         .expect_code(2)
         .expect_stderr("the tag now holds script noop where mysql-pull was recorded");
+}
+
+/// A TCP relay in front of `reg` on another port of its address (its TLS
+/// certificate names the address, so clients accept it there), which holds
+/// every byte while `stall` is set: a registry that stops answering.
+fn stalling_relay(reg: &Registry, stall: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let target: std::net::SocketAddr = reg.host().parse().unwrap();
+    let listener = std::net::TcpListener::bind((target.ip(), 0)).unwrap();
+    let relay = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(200) {
+            let Ok(client) = conn else { return };
+            let Ok(server) = std::net::TcpStream::connect(target) else { return };
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                let stall = std::sync::Arc::clone(&stall);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 << 10];
+                    loop {
+                        let Ok(n) = from.read(&mut buf) else { return };
+                        if n == 0 {
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        while stall.load(Ordering::Relaxed) {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    relay
+}
+
+/// A followed tag whose registry stops answering holds nothing up: the
+/// watcher answers SIGTERM at once (the look at the tag used to run in its
+/// main loop, which then heard nothing until the registry client's read
+/// timeout).
+#[test]
+fn a_registry_that_stops_answering_never_holds_up_the_watcher() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let dir = m.dir.path();
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "hello").unwrap();
+    pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &reg.reference("offsite/arc:live")]));
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = stalling_relay(&reg, std::sync::Arc::clone(&stall));
+    // The relay is the registry's address to this machine: its CA and
+    // credentials, under the relay's HOST:PORT.
+    let certs = reg.certs_d().join(&relay);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(reg.ca_file(), certs.join("ca.crt")).unwrap();
+    let auth = std::fs::read_to_string(m.auth_file()).unwrap().replace(&reg.host(), &relay);
+    std::fs::write(m.auth_file(), auth).unwrap();
+    let site = dir.join("web.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"{}\"\nscript = \"oci://{relay}/offsite/arc:live\"\nscript_update = \"follow\"\nscript_poll = \"10s\"\n\
+             schedule = \"0 0 1 1 *\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"www\"\n",
+            dir.join("store").display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("watch.log");
+    let mut cmd = offsite(Path::new(BIN));
+    m.apply(&reg, &mut cmd);
+    let mut child = cmd
+        .arg("watch")
+        .arg(&site)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("watching site web") {
+        assert!(std::time::Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The registry stops answering; the next look at the tag (10 s after
+    // the start) hangs there.
+    stall.store(true, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(std::time::Duration::from_secs(13));
+    let asked = std::time::Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if asked.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let took = asked.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap();
+    stall.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(took < std::time::Duration::from_secs(2), "SIGTERM answered after {took:?}:\n{text}");
+    assert!(status.success(), "{status}:\n{text}");
+    assert!(text.contains("stopped"), "{text}");
 }

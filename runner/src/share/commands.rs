@@ -365,6 +365,17 @@ fn update(site_file: &Path, allow_downgrade: bool) -> Result<(), Failure> {
     let report = super::diff::diff(&site_file, old.as_ref(), &new).exit(Exit::Usage)?;
     crate::out!("{}", report.text);
     let lock_path = super::lockfile::path_for(&site_file);
+    match old.as_ref().and_then(|o| super::diff::step_back(&o.info, &new.info)) {
+        Some(why) if !allow_downgrade => {
+            return Err(anyhow!(
+                "update refused: {why}; {} is unchanged (`--allow-downgrade` takes it anyway)",
+                lock_path.display()
+            ))
+            .exit(Exit::Usage);
+        }
+        Some(why) => log::warn!(target: "offsite::script", "{why}: taken, as --allow-downgrade asks"),
+        None => {}
+    }
     if !report.denied.is_empty() {
         return Err(anyhow!(
             "update refused: {} {} asks for {} call(s) this site does not grant ({}); {} is unchanged and runs \
@@ -383,17 +394,6 @@ fn update(site_file: &Path, allow_downgrade: bool) -> Result<(), Failure> {
             lock_path.display()
         ))
         .exit(Exit::Usage);
-    }
-    match old.as_ref().and_then(|o| super::diff::step_back(&o.info, &new.info)) {
-        Some(why) if !allow_downgrade => {
-            return Err(anyhow!(
-                "update refused: {why}; {} is unchanged (`--allow-downgrade` takes it anyway)",
-                lock_path.display()
-            ))
-            .exit(Exit::Usage);
-        }
-        Some(why) => log::warn!(target: "offsite::script", "{why}: taken, as --allow-downgrade asks"),
-        None => {}
     }
     let record = super::lockfile::ScriptLock {
         reference: r.to_string(),
