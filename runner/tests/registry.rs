@@ -864,3 +864,67 @@ fn a_registry_that_stops_answering_never_holds_up_the_watcher() {
     assert!(status.success(), "{status}:\n{text}");
     assert!(text.contains("stopped"), "{text}");
 }
+
+/// A registry that answers a manifest request with 512 MiB: the pull is
+/// refused after the manifest's bound, in bounded memory (oci-client read
+/// such an answer whole before anything checked its size).
+#[test]
+fn a_huge_manifest_is_refused_without_being_held() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let keys = reg.ca_file().parent().unwrap().to_path_buf();
+    // A TLS server with the registry's certificate that sends files as
+    // they are (`openssl s_server -HTTP`): the manifest is a header and
+    // 512 MiB of sparse zeros.
+    let www = tempfile::tempdir().unwrap();
+    let manifests = www.path().join("v2/offsite/arc/manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let file = std::fs::File::create(manifests.join("live")).unwrap();
+    std::io::Write::write_all(
+        &mut &file,
+        b"HTTP/1.0 200 ok\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n",
+    )
+    .unwrap();
+    file.set_len(512 << 20).unwrap();
+    let port = std::net::TcpListener::bind((IP, 0)).unwrap().local_addr().unwrap().port();
+    let addr = format!("{IP}:{port}");
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-HTTP", "-accept", &addr, "-cert"])
+        .arg(keys.join("cert.pem"))
+        .arg("-key")
+        .arg(keys.join("key.pem"))
+        .current_dir(www.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "openssl s_server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let certs = reg.certs_d().join(&addr);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(reg.ca_file(), certs.join("ca.crt")).unwrap();
+    let errors = m.dir.path().join("stderr");
+    let mut cmd = offsite(Path::new(BIN));
+    m.apply(&reg, &mut cmd);
+    let child = cmd
+        .args(["script", "pull", &format!("oci://{addr}/offsite/arc:live")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(waited, child.id() as i32);
+    let stderr = std::fs::read_to_string(&errors).unwrap();
+    assert_eq!(libc::WEXITSTATUS(status), 2, "{stderr}");
+    assert!(stderr.contains("the manifest is longer than 262144 bytes"), "{stderr}");
+    let peak_mib = usage.ru_maxrss / 1024;
+    assert!(peak_mib < 128, "the pull peaked at {peak_mib} MiB on a 512 MiB answer");
+}

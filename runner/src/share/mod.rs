@@ -9,6 +9,8 @@ pub mod commands;
 #[cfg(feature = "runtime")]
 pub mod diff;
 pub mod lockfile;
+#[cfg(feature = "runtime")]
+pub mod pull;
 pub mod reference;
 #[cfg(feature = "runtime")]
 pub mod registry;

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures_util::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
@@ -58,6 +57,9 @@ pub struct ScriptMeta {
 /// A registry reached over HTTPS with the user's credentials for it.
 pub struct Registry {
     client: oci_client::Client,
+    /// Everything read (manifests, tokens, blobs) goes through this
+    /// bounded client; oci-client only pushes.
+    reader: super::pull::Reader,
     auth: oci_client::secrets::RegistryAuth,
     rt: tokio::runtime::Runtime,
     registry: String,
@@ -77,10 +79,9 @@ impl Registry {
     pub fn connect(registry: &str) -> Result<Registry> {
         // rustls needs a crypto provider; ring is the one built in.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let certs = auth::registry_cas(registry)?
-            .into_iter()
-            .map(|data| Certificate { encoding: CertificateEncoding::Pem, data })
-            .collect();
+        let cas = auth::registry_cas(registry)?;
+        let certs =
+            cas.iter().map(|data| Certificate { encoding: CertificateEncoding::Pem, data: data.clone() }).collect();
         let config = ClientConfig {
             protocol: ClientProtocol::Https,
             extra_root_certificates: certs,
@@ -99,7 +100,37 @@ impl Registry {
             .build()
             .context("cannot start the registry client's runtime")?;
         let auth = auth::credentials(registry)?;
-        Ok(Registry { client, auth, rt, registry: registry.to_string() })
+        let reader = super::pull::Reader::new(registry, &cas, auth.clone(), CONNECT_TIMEOUT, READ_TIMEOUT)?;
+        Ok(Registry { client, reader, auth, rt, registry: registry.to_string() })
+    }
+
+    /// Runs one read with the whole-operation timeout.
+    fn read<T>(&self, what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.rt.block_on(async {
+            match tokio::time::timeout(OPERATION_TIMEOUT, f).await {
+                Ok(r) => r,
+                Err(_) => bail!("{what}: the registry {} did not finish within {OPERATION_TIMEOUT:?}", self.registry),
+            }
+        })
+    }
+
+    /// GETs `path` of `r`'s repository: the answer, or what went wrong in
+    /// words (`what` names the thing fetched).
+    async fn get(&self, r: &OciRef, path: &str, accept: Option<&str>, what: &str) -> Result<reqwest::Response> {
+        match self.reader.get(&r.repository, path, accept).await {
+            Ok(super::pull::Found::Yes(response)) => Ok(response),
+            Ok(super::pull::Found::No) => {
+                Err(anyhow::Error::new(NotFound(format!("{r}: the registry has no {what} there (not found)"))))
+            }
+            Err(e) if e.downcast_ref::<super::pull::Refused>().is_some() => Err(anyhow!(
+                "{r}: {what}: the registry {} refused the credentials (or asked for some and none were found): log \
+                 in with `docker login {0}` or `podman login {0}`",
+                r.registry
+            )),
+            Err(e) => {
+                Err(anyhow!("{r}: {what}: {}", crate::text::escape(&crate::text::truncate(&format!("{e:#}"), 500))))
+            }
+        }
     }
 
     /// Runs one operation with the whole-operation timeout.
@@ -119,20 +150,25 @@ impl Registry {
         Ok(digest)
     }
 
-    /// Fetches and checks the image manifest of `r`: (manifest, its hex digest).
+    /// Fetches and checks the image manifest of `r`: (manifest, its hex
+    /// digest). At most [`MAX_MANIFEST_BYTES`] are read.
     fn manifest(&self, r: &OciRef) -> Result<(OciImageManifest, String)> {
-        let reference = client_ref(r);
-        let (bytes, digest) = self.block(&format!("fetching the manifest of {r}"), async {
-            self.client
-                .pull_manifest_raw(&reference, &self.auth, &[MANIFEST_MEDIA_TYPE])
+        let reference = match &r.digest {
+            Some(d) => format!("sha256:{d}"),
+            None => r.tag_or_latest().to_string(),
+        };
+        let (bytes, said) = self.read(&format!("fetching the manifest of {r}"), async {
+            let response =
+                self.get(r, &format!("manifests/{reference}"), Some(MANIFEST_MEDIA_TYPE), "the manifest").await?;
+            let said =
+                response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let bytes = super::pull::read_bounded(response, MAX_MANIFEST_BYTES, "the manifest")
                 .await
-                .map_err(|e| describe(e, r, "the manifest"))
+                .map_err(|e| anyhow!("{r}: {e:#}"))?;
+            Ok((bytes, said))
         })?;
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            bail!("{r}: the manifest is {} bytes, over the limit of {MAX_MANIFEST_BYTES}", bytes.len());
-        }
         let hex = hex::encode(Sha256::digest(&bytes));
-        if digest != format!("sha256:{hex}") || r.digest.as_ref().is_some_and(|d| *d != hex) {
+        if said.is_some_and(|d| d != format!("sha256:{hex}")) || r.digest.as_ref().is_some_and(|d| *d != hex) {
             bail!("{r}: the manifest received does not hash to its digest: refused");
         }
         let manifest: OciImageManifest = serde_json::from_slice(&bytes)
@@ -150,17 +186,15 @@ impl Registry {
         super::cache::check_hex(&component)?;
         let was_cached = cache.load(&component).is_ok();
         if !was_cached {
-            let reference = client_ref(&r.pinned(&manifest_hex));
             let limit = (layer.size as u64).min(MAX_SCRIPT_BYTES);
             let mut writer = cache.writer(&component)?;
-            self.block(&format!("downloading {r}"), async {
-                let mut stream = self
-                    .client
-                    .pull_blob_stream(&reference, &layer)
+            self.read(&format!("downloading {r}"), async {
+                let mut response = self.get(r, &format!("blobs/{}", layer.digest), None, "the component").await?;
+                while let Some(chunk) = response
+                    .chunk()
                     .await
-                    .map_err(|e| describe(e, r, "the component"))?;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| anyhow!("{r}: downloading the component: {e}"))?;
+                    .map_err(|e| anyhow!("{r}: downloading the component: {}", super::pull::chain(&e)))?
+                {
                     writer.write(&chunk, limit).with_context(|| format!("{r}"))?;
                 }
                 Ok(())
@@ -210,18 +244,15 @@ impl Registry {
 
     /// A small blob, whole, checked against its digest.
     fn blob(&self, r: &OciRef, layer: &OciDescriptor) -> Result<Vec<u8>> {
-        let reference = client_ref(r);
-        let mut out = Vec::new();
-        self.block(&format!("downloading a blob of {r}"), async {
-            let mut stream =
-                self.client.pull_blob_stream(&reference, layer).await.map_err(|e| describe(e, r, "a signature"))?;
-            while let Some(chunk) = stream.next().await {
-                out.extend_from_slice(&chunk?);
-                if out.len() as i64 > layer.size {
-                    bail!("{r}: a blob is larger than its descriptor says");
-                }
-            }
-            Ok(())
+        let size = usize::try_from(layer.size).unwrap_or(0);
+        // The digest names a URL path: only `sha256:` and 64 hex digits.
+        super::cache::check_hex(layer.digest.strip_prefix("sha256:").unwrap_or_default())
+            .map_err(|_| anyhow!("{r}: a layer's digest is not sha256: refused"))?;
+        let out = self.read(&format!("downloading a blob of {r}"), async {
+            let response = self.get(r, &format!("blobs/{}", layer.digest), None, "a signature").await?;
+            super::pull::read_bounded(response, size, "a blob")
+                .await
+                .map_err(|e| anyhow!("{r}: {e:#} (larger than its descriptor says)"))
         })?;
         if format!("sha256:{}", hex::encode(Sha256::digest(&out))) != layer.digest {
             bail!("{r}: a blob does not hash to its digest: refused");
