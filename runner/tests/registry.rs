@@ -909,6 +909,8 @@ fn a_huge_manifest_is_refused_without_being_held() {
     let errors = m.dir.path().join("stderr");
     let mut cmd = offsite(Path::new(BIN));
     m.apply(&reg, &mut cmd);
+    // Reaped by wait4 below, which also reports its peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = cmd
         .args(["script", "pull", &format!("oci://{addr}/offsite/arc:live")])
         .stdout(std::process::Stdio::null())
