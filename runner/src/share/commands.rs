@@ -138,7 +138,11 @@ fn push(file: &Path, reference: &str, sign: Option<&Path>) -> Result<(), Failure
     let fetched = resolve::fetch_file(file).exit(Exit::Usage)?;
     // Only a script that loads and describes itself is published.
     let meta = meta_of(&fetched.bytes, file)?;
-    let signature = sign.map(|key| signing::sign(key, &fetched.bytes)).transpose().exit(Exit::Usage)?;
+    // What is signed says which script, version and repository these
+    // bytes are, so the signature cannot be moved to another tag's past.
+    let statement =
+        signing::Statement::now(&fetched.bytes, &format!("{}/{}", r.registry, r.repository), &meta.name, &meta.version);
+    let signature = sign.map(|key| signing::sign_statement(key, &statement)).transpose().exit(Exit::Usage)?;
     let cache = cache()?;
     let registry = Registry::connect(&r.registry).exit(Exit::Usage)?;
     let manifest = registry.push(&cache, &r, &fetched.bytes, &meta, signature.as_deref()).exit(Exit::BackupFailed)?;
@@ -255,10 +259,17 @@ fn sign_script(script: &str, key: &Path) -> Result<(), Failure> {
     if fetched.bytes.len() as u64 > MAX_SCRIPT_BYTES {
         return Err(anyhow!("the script is over the limit of {MAX_SCRIPT_BYTES} bytes")).exit(Exit::Usage);
     }
-    let sig = signing::sign(key, &fetched.bytes).exit(Exit::Usage)?;
-    let fingerprint = signing::signature_key(&sig).unwrap_or_default();
     if script.starts_with(super::reference::SCHEME) {
         let r: OciRef = fetched.source.parse().exit(Exit::Usage)?;
+        let meta = meta_of(&fetched.bytes, &fetched.path)?;
+        let statement = signing::Statement::now(
+            &fetched.bytes,
+            &format!("{}/{}", r.registry, r.repository),
+            &meta.name,
+            &meta.version,
+        );
+        let sig = signing::sign_statement(key, &statement).exit(Exit::Usage)?;
+        let fingerprint = signing::signature_key(&sig).unwrap_or_default();
         let manifest = r.digest.clone().expect("pinned");
         Registry::connect(&r.registry)
             .and_then(|reg| reg.push_signature(&r, &manifest, &sig))
@@ -267,6 +278,10 @@ fn sign_script(script: &str, key: &Path) -> Result<(), Failure> {
         cache()?.add_signature(&hex, &sig).exit(Exit::Usage)?;
         crate::outln!("signed {} with {fingerprint}", r);
     } else {
+        // A local file has no repository: its signature is over its bytes,
+        // exactly what `ssh-keygen -Y sign` makes of the file.
+        let sig = signing::sign(key, &fetched.bytes).exit(Exit::Usage)?;
+        let fingerprint = signing::signature_key(&sig).unwrap_or_default();
         let path = resolve::sig_path(&fetched.path);
         std::fs::write(&path, &sig).with_context(|| format!("cannot write {}", path.display())).exit(Exit::Usage)?;
         crate::outln!("signed {} with {fingerprint}: {}", fetched.path.display(), path.display());
@@ -286,9 +301,18 @@ fn verify(script: &str, signers: Option<PathBuf>) -> Result<(), Failure> {
     let fetched = fetch_arg(script)?;
     let file = signers.unwrap_or_else(default_signers);
     let allowed = AllowedSigners::load(&file).exit(Exit::Usage)?;
-    match allowed.verify_any(&fetched.bytes, &fetched.signatures) {
-        Ok(who) => {
+    match allowed.verify_script(&fetched.bytes, fetched.repository().as_deref(), &fetched.signatures) {
+        Ok((who, _, statement)) => {
             crate::outln!("{}: signed by {who}", fetched.source);
+            if let Some(st) = statement {
+                crate::outln!(
+                    "  as {} {} of {}, at {}",
+                    crate::text::escape(&st.name),
+                    crate::text::escape(&st.version),
+                    crate::text::escape(&st.repository),
+                    crate::text::escape(&st.signed)
+                );
+            }
             Ok(())
         }
         Err(why) => Err(anyhow!("{}: {why}", fetched.source)).exit(Exit::Usage),

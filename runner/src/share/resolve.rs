@@ -28,6 +28,15 @@ pub struct Fetched {
     pub signatures: Vec<Vec<u8>>,
 }
 
+impl Fetched {
+    /// `REGISTRY/REPOSITORY` for a script from a registry (what its
+    /// signatures must name); `None` for a local file.
+    pub fn repository(&self) -> Option<String> {
+        let r: OciRef = self.source.parse().ok()?;
+        Some(format!("{}/{}", r.registry, r.repository))
+    }
+}
+
 /// Loads the script `source` for `site` (see the module docs).
 pub fn fetch(source: &ScriptSource, site: &Site) -> Result<Fetched> {
     match source {
@@ -165,8 +174,8 @@ pub struct Verified {
 pub fn check_signer(fetched: &Fetched, signers: Option<&Path>) -> Result<Option<Verified>> {
     let Some(file) = signers else { return Ok(None) };
     let allowed = AllowedSigners::load(file)?;
-    let (signer, i) = allowed
-        .verify_first(&fetched.bytes, &fetched.signatures)
+    let (signer, i, _) = allowed
+        .verify_script(&fetched.bytes, fetched.repository().as_deref(), &fetched.signatures)
         .map_err(|why| anyhow!("refusing to run {}: {why}", fetched.source))?;
     Ok(Some(Verified { signer, signature: fetched.signatures[i].clone() }))
 }

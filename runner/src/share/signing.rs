@@ -26,6 +26,100 @@ pub const MAX_SIGNATURE: u64 = 16 * 1024;
 /// Largest allowed_signers file read.
 const MAX_SIGNERS_FILE: u64 = 4 * 1024 * 1024;
 
+/// The first line of a signed statement.
+pub const STATEMENT_HEADER: &str = "offsite script statement v1";
+
+/// What a signature of a published script says: this component is
+/// NAME VERSION of this repository, signed at this time. A signature over
+/// the bytes alone says nothing of where they belong, so a registry writer
+/// could move a tag to any build the key ever signed, under any name.
+///
+/// The statement is the SSHSIG's message; stored, it comes before the
+/// armored signature (see [`split`]), so `ssh-keygen -Y verify` checks the
+/// statement once the two are cut apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    /// The component's SHA-256, hex.
+    pub component: String,
+    /// `REGISTRY/REPOSITORY`.
+    pub repository: String,
+    pub name: String,
+    pub version: String,
+    /// When it was signed (RFC 3339, UTC).
+    pub signed: String,
+}
+
+impl Statement {
+    /// The exact text signed: one `key value` line each, in this order.
+    pub fn text(&self) -> String {
+        format!(
+            "{STATEMENT_HEADER}\ncomponent sha256:{}\nrepository {}\nname {}\nversion {}\nsigned {}\n",
+            self.component, self.repository, self.name, self.version, self.signed
+        )
+    }
+
+    /// Reads a statement written by [`Statement::text`], and nothing else.
+    pub fn parse(text: &str) -> Result<Statement, String> {
+        let mut lines = text.strip_suffix('\n').ok_or("a statement ends with a newline")?.split('\n');
+        if lines.next() != Some(STATEMENT_HEADER) {
+            return Err("not an offsite script statement".into());
+        }
+        let mut field = |key: &str| -> Result<String, String> {
+            let line = lines.next().ok_or_else(|| format!("the statement has no {key}"))?;
+            let value = line.strip_prefix(key).and_then(|v| v.strip_prefix(' ')).ok_or_else(|| {
+                format!("the statement's line {:?} is not its {key}", crate::text::truncate(line, 80))
+            })?;
+            if value.is_empty() || value.chars().any(char::is_control) {
+                return Err(format!("the statement's {key} is empty or holds a control character"));
+            }
+            Ok(value.to_string())
+        };
+        let component = field("component")?;
+        let component = component.strip_prefix("sha256:").ok_or("the statement's component is not sha256")?.to_string();
+        let statement = Statement {
+            component,
+            repository: field("repository")?,
+            name: field("name")?,
+            version: field("version")?,
+            signed: field("signed")?,
+        };
+        if lines.next().is_some() {
+            return Err("the statement has more lines than it should".into());
+        }
+        Ok(statement)
+    }
+
+    /// Makes one for `component` now.
+    pub fn now(component: &[u8], repository: &str, name: &str, version: &str) -> Statement {
+        use sha2::Digest;
+        Statement {
+            component: hex::encode(sha2::Sha256::digest(component)),
+            repository: repository.to_string(),
+            name: name.to_string(),
+            version: version.to_string(),
+            signed: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+}
+
+/// A stored signature cut into its statement (none for a signature over
+/// the component's bytes alone) and its armored SSHSIG.
+pub fn split(stored: &[u8]) -> (Option<&[u8]>, &[u8]) {
+    const ARMOR: &[u8] = b"-----BEGIN SSH SIGNATURE-----";
+    match stored.windows(ARMOR.len()).position(|w| w == ARMOR) {
+        Some(0) | None => (None, stored),
+        Some(at) => (Some(&stored[..at]), &stored[at..]),
+    }
+}
+
+/// Signs `statement` with `key`: the stored form, statement then signature.
+pub fn sign_statement(key: &Path, statement: &Statement) -> Result<Vec<u8>> {
+    let text = statement.text();
+    let mut stored = text.clone().into_bytes();
+    stored.extend_from_slice(&sign(key, text.as_bytes())?);
+    Ok(stored)
+}
+
 /// Who signed a script, as the allowed_signers file names them.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Signer {
@@ -84,6 +178,61 @@ impl AllowedSigners {
         Ok(AllowedSigners { file: file.to_path_buf(), entries })
     }
 
+    /// Checks the stored `signatures` of the component `bytes`: the first
+    /// that passes gives the signer and its statement. A signature with a
+    /// statement must name these bytes and, for a script from a registry,
+    /// its `repository` (`REGISTRY/REPOSITORY`); one over the bytes alone
+    /// is accepted only for a local file, since it binds no repository.
+    pub fn verify_script(
+        &self,
+        bytes: &[u8],
+        repository: Option<&str>,
+        signatures: &[Vec<u8>],
+    ) -> Result<(Signer, usize, Option<Statement>), String> {
+        use sha2::Digest;
+        if signatures.is_empty() {
+            return Err(format!("the script is not signed (signers are checked against {})", self.file.display()));
+        }
+        let component = hex::encode(sha2::Sha256::digest(bytes));
+        let mut why = Vec::new();
+        for (i, stored) in signatures.iter().enumerate() {
+            let (statement, armored) = split(stored);
+            let checked = match statement {
+                Some(text) => {
+                    let text = String::from_utf8_lossy(text);
+                    Statement::parse(&text).and_then(|st| {
+                        if st.component != component {
+                            return Err(format!(
+                                "a statement for another component (sha256:{}) came with this one",
+                                crate::text::truncate(&st.component, 64)
+                            ));
+                        }
+                        if let Some(repo) = repository
+                            && st.repository != repo
+                        {
+                            return Err(format!(
+                                "signed for {}, not {repo}: a signature moved from elsewhere",
+                                crate::text::escape(&crate::text::truncate(&st.repository, 200))
+                            ));
+                        }
+                        self.verify(text.as_bytes(), armored, Utc::now()).map(|s| (s, Some(st)))
+                    })
+                }
+                None if repository.is_some() => Err(format!(
+                    "{} signed the bytes alone, which binds no repository, name or version: sign it again with \
+                     `offsite script sign REF --key KEY`",
+                    signature_key(armored).unwrap_or_else(|| "a key".into())
+                )),
+                None => self.verify(bytes, armored, Utc::now()).map(|s| (s, None)),
+            };
+            match checked {
+                Ok((signer, statement)) => return Ok((signer, i, statement)),
+                Err(e) => why.push(e),
+            }
+        }
+        Err(format!("no signature is from an allowed signer in {}: {}", self.file.display(), why.join("; ")))
+    }
+
     /// Checks `signatures` of `message`: the first one by a listed key,
     /// in our namespace, that verifies gives the signer. Otherwise the
     /// error says, for each signature, whose it was and why it failed.
@@ -140,8 +289,8 @@ impl AllowedSigners {
 }
 
 /// The fingerprint of a signature's key, for listings.
-pub fn signature_key(armored: &[u8]) -> Option<String> {
-    let sig = ssh_key::SshSig::from_pem(armored).ok()?;
+pub fn signature_key(stored: &[u8]) -> Option<String> {
+    let sig = ssh_key::SshSig::from_pem(split(stored).1).ok()?;
     Some(sig.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string())
 }
 
@@ -313,6 +462,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(both.verify_any(&script, &[good]).unwrap().principal, "alice@example.org,ops@example.org");
+    }
+
+    /// A published script's signature is over a statement binding its
+    /// component to a repository, name and version: moved to another
+    /// repository it fails, and one over the bytes alone binds nothing, so
+    /// it passes for a local file only.
+    #[test]
+    fn statements_bind_a_signature_to_its_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, alice_pub) = offsite_testkit::ssh_keypair(dir.path(), "alice");
+        let signers =
+            AllowedSigners::parse(&dir.path().join("s"), &format!("alice@example.org {alice_pub}\n")).unwrap();
+        let script = b"\0asm pretend component".to_vec();
+        let st = Statement::now(&script, "reg.example:5000/backup/mysql-pull", "mysql-pull", "0.2.0");
+        assert_eq!(Statement::parse(&st.text()).unwrap(), st);
+        let stored = sign_statement(&alice, &st).unwrap();
+        let (text, armored) = split(&stored);
+        assert_eq!(text.unwrap(), st.text().as_bytes());
+        assert!(armored.starts_with(b"-----BEGIN SSH SIGNATURE-----"));
+
+        let repo = Some("reg.example:5000/backup/mysql-pull");
+        let (who, i, found) = signers.verify_script(&script, repo, std::slice::from_ref(&stored)).unwrap();
+        assert_eq!((who.principal.as_str(), i, found.as_ref()), ("alice@example.org", 0, Some(&st)));
+        // The same signature on another repository's tag.
+        let moved = signers
+            .verify_script(&script, Some("reg.example:5000/backup/dump-everything"), std::slice::from_ref(&stored))
+            .unwrap_err();
+        assert!(moved.contains("signed for reg.example:5000/backup/mysql-pull, not"), "{moved}");
+        // Another component under this statement.
+        let other = signers.verify_script(b"\0asm other", repo, std::slice::from_ref(&stored)).unwrap_err();
+        assert!(other.contains("another component"), "{other}");
+        // A statement edited after signing.
+        let forged = String::from_utf8(stored.clone()).unwrap().replace("0.2.0", "9.9.9").into_bytes();
+        assert!(signers.verify_script(&script, repo, &[forged]).unwrap_err().contains("over another build"));
+        // A signature over the bytes alone: a local file's, not a registry's.
+        let bare = sign(&alice, &script).unwrap();
+        let refused = signers.verify_script(&script, repo, std::slice::from_ref(&bare)).unwrap_err();
+        assert!(refused.contains("signed the bytes alone"), "{refused}");
+        assert!(signers.verify_script(&script, None, &[bare]).is_ok());
+        // Statements are read strictly.
+        for bad in [
+            st.text().replace("version 0.2.0\n", ""),
+            st.text().replace("name mysql-pull", "name mysql\u{1b}pull"),
+            format!("{}extra line\n", st.text()),
+            st.text().trim_end().to_string(),
+        ] {
+            assert!(Statement::parse(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

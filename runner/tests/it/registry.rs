@@ -930,3 +930,63 @@ fn a_huge_manifest_is_refused_without_being_held() {
     let peak_mib = usage.ru_maxrss / 1024;
     assert!(peak_mib < 128, "the pull peaked at {peak_mib} MiB on a 512 MiB answer");
 }
+
+/// A signature pushed with a script is over a statement naming its
+/// repository, name and version (which OpenSSH checks too, once cut from
+/// the signature); copied to another repository's build of the same
+/// bytes, it is refused (a signature over the bytes alone passed there).
+#[test]
+fn a_signature_moved_to_another_repository_is_refused() {
+    let reg = Registry::start(IP);
+    let m = Machine::new(&reg);
+    let (alice, alice_pub) = ssh_keypair(m.dir.path(), "alice");
+    let signers = m.dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("alice@example.org {alice_pub}\n")).unwrap();
+    let arc = script("arc");
+    let a = reg.reference("offsite/arc:1.0");
+    pushed(&on(&m, &reg, &["script", "push", arc.to_str().unwrap(), &a, "--sign", alice.to_str().unwrap()]));
+    let ok = on(&m, &reg, &["script", "verify", &a, "--signers", signers.to_str().unwrap()]);
+    ok.expect_code(0);
+    assert!(ok.stdout.contains(&format!("as arc 0.1.0 of {}/offsite/arc, at ", reg.host())), "{}", ok.stdout);
+
+    // The stored signature: the statement, then the SSHSIG over it.
+    let component = sha256_hex(&std::fs::read(&arc).unwrap());
+    let sig_dir = m.scripts_dir().join("sigs/sha256").join(&component);
+    let stored = std::fs::read_dir(&sig_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", sig_dir.display()))
+        .flatten()
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .next()
+        .unwrap();
+    let text = String::from_utf8(stored.clone()).unwrap();
+    let (statement, armored) = text.split_at(text.find("-----BEGIN SSH SIGNATURE-----").unwrap());
+    assert!(statement.starts_with("offsite script statement v1\ncomponent sha256:"), "{statement}");
+    let sig = m.dir.path().join("statement.sig");
+    std::fs::write(&sig, armored).unwrap();
+    let statement_file = m.dir.path().join("statement");
+    std::fs::write(&statement_file, statement).unwrap();
+    let verified = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-n", "offsite-script", "-I", "alice@example.org", "-f"])
+        .arg(&signers)
+        .arg("-s")
+        .arg(&sig)
+        .stdin(std::fs::File::open(&statement_file).unwrap())
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+
+    // Whoever can write to the registry copies it to another repository.
+    let b = reg.reference("offsite/dump-everything:1.0");
+    let b_pinned = pushed(&on(&m, &reg, &["script", "push", arc.to_str().unwrap(), &b]));
+    let b_manifest = b_pinned.rsplit("sha256:").next().unwrap();
+    push_raw(
+        &reg,
+        "offsite/dump-everything",
+        &format!("sha256-{b_manifest}.sig"),
+        &[("application/vnd.offsite.sshsig.v1", &stored, None)],
+        "application/vnd.oci.empty.v1+json",
+    );
+    let other = Machine::new(&reg);
+    let bad = on(&other, &reg, &["script", "verify", &b, "--signers", signers.to_str().unwrap()]);
+    bad.expect_code(2).expect_stderr(&format!("signed for {}/offsite/arc, not", reg.host()));
+}
