@@ -166,11 +166,6 @@ pub struct SecretSlot {
 /// quoted value it stands in (nor the gate's own quoting).
 pub const SECRET_CHARS: &str = " !#%&()*+,./:;<=>?@^_{|}~0-9A-Za-z-";
 
-/// Whether `c` may stand in a secret sent through a gated key.
-pub fn secret_char_allowed(c: char) -> bool {
-    c.is_ascii_alphanumeric() || " !#%&()*+,./:;<=>?@^_{|}~-".contains(c)
-}
-
 impl SecretSlot {
     /// The template's parts around its slot, when a gate can check it.
     pub fn of(template: &str) -> Option<SecretSlot> {
@@ -207,8 +202,19 @@ fn gate_digest(lines: &[Allowed]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(GATE_VERSION.as_bytes());
+    // Each line, then what it may read: "pass", or each template's parts
+    // (lengths first, so no two encodings run together).
     for a in lines {
-        h.update(format!("\n{:?}", a).as_bytes());
+        h.update(format!("\nline {} {}", a.line.len(), a.line).as_bytes());
+        match &a.stdin {
+            Stdin::Pass => h.update(b"\nstdin pass"),
+            Stdin::Secret(slots) => {
+                h.update(b"\nstdin secret");
+                for t in slots {
+                    h.update(format!(" {} {}{} {}", t.before.len(), t.before, t.after.len(), t.after).as_bytes());
+                }
+            }
+        }
     }
     hex::encode(&h.finalize()[..8])
 }

@@ -11,8 +11,11 @@ use std::process::{Command, Stdio};
 /// at `net_buffer_length` (1 MiB by default, 16 MiB at most), and pg_dump
 /// writes a COPY row a line. A longer line is a problem, not a load.
 pub const LINE_MAX: usize = 16 << 20;
-/// Most bytes of a client's output or errors kept.
+/// Most bytes of a client's errors kept.
 pub const CAPTURED_MAX: usize = 64 << 10;
+/// Most bytes of a query's answer (a row count per table: enough for
+/// hundreds of thousands of tables).
+pub const ANSWER_MAX: usize = 16 << 20;
 
 /// Runs a database client once (`what` in errors) with no input: its
 /// output, or its stderr as the error.
@@ -23,26 +26,26 @@ pub fn output(mut client: Command, what: &str) -> Result<String, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let errors = capture(child.stderr.take().expect("piped"));
-    let out = capture(child.stdout.take().expect("piped"));
+    let errors = capture(child.stderr.take().expect("piped"), CAPTURED_MAX);
+    let out = capture(child.stdout.take().expect("piped"), ANSWER_MAX);
     let status = child.wait().map_err(|e| format!("{what}: {e}"))?;
     let (out, errors) = (out.join().unwrap_or_default(), errors.join().unwrap_or_default());
     if !status.success() {
         let program = client.get_program().to_string_lossy().into_owned();
         return Err(format!("{program}: {}", errors.trim()));
     }
-    if out.len() >= CAPTURED_MAX {
-        return Err(format!("{what} answered with more than {} KiB", CAPTURED_MAX >> 10));
+    if out.len() >= ANSWER_MAX {
+        return Err(format!("{what} answered with more than {} MiB", ANSWER_MAX >> 20));
     }
     Ok(out)
 }
 
 /// Reads `pipe` to its end on a thread of its own, keeping the first
-/// [`CAPTURED_MAX`] bytes (and saying how many more came).
-fn capture(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+/// `max` bytes (and saying how many more came).
+fn capture(mut pipe: impl Read + Send + 'static, max: usize) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
-        let _ = (&mut pipe).take(CAPTURED_MAX as u64).read_to_end(&mut kept);
+        let _ = (&mut pipe).take(max as u64).read_to_end(&mut kept);
         let dropped = io::copy(&mut pipe, &mut io::sink()).unwrap_or(0);
         let mut text = String::from_utf8_lossy(&kept).into_owned();
         if dropped > 0 {
@@ -70,7 +73,7 @@ pub fn load_lines(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let errors = capture(child.stderr.take().expect("piped"));
+    let errors = capture(child.stderr.take().expect("piped"), CAPTURED_MAX);
     let mut stdin = child.stdin.take().expect("piped");
     let mut number = 0u64;
     let fed = (|| -> io::Result<()> {
@@ -168,6 +171,10 @@ mod tests {
         assert!(err.contains("more bytes)"), "{}", &err[err.len() - 100..]);
         let mut chatty = Command::new("sh");
         chatty.args(["-c", "head -c 50000000 /dev/zero"]);
-        assert!(output(chatty, "a chatty client").unwrap_err().contains("more than 64 KiB"));
+        assert!(output(chatty, "a chatty client").unwrap_err().contains("more than 16 MiB"));
+        // A long but reasonable answer (row counts of many tables) is whole.
+        let mut counts = Command::new("sh");
+        counts.args(["-c", "seq 1 100000 | sed 's/$/\tt/'"]);
+        assert_eq!(output(counts, "the counts").unwrap().lines().count(), 100_000);
     }
 }

@@ -40,6 +40,19 @@ pub fn count_entries(reader: &mut impl Read) -> Result<u64, String> {
         {
             return Err(format!("tar: {n}: {what} of {size} bytes, more than any archiver writes ({max})"));
         }
+        // An old-GNU sparse entry whose map did not fit its header goes on
+        // in extension blocks, each saying whether another follows.
+        if kind == b'S' && header[482] != 0 {
+            let mut block = [0u8; 512];
+            loop {
+                if !read_block(reader, &mut block).map_err(|e| format!("tar: {n}: {e}"))? {
+                    return Err(format!("tar: {n} is cut short in its sparse map"));
+                }
+                if block[504] == 0 {
+                    break;
+                }
+            }
+        }
         let padded = size.div_ceil(512) * 512;
         let read = io::copy(&mut reader.take(padded), &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;
         if read != padded {
@@ -163,6 +176,28 @@ mod tests {
             let err = count_entries(&mut bytes.as_slice()).unwrap_err();
             assert!(err.contains("more than any archiver writes"), "{err}");
         }
+    }
+
+    /// GNU tar's old format puts a long sparse map in extension blocks
+    /// after the header: they belong to the entry.
+    #[test]
+    fn an_old_gnu_sparse_entry_with_extension_blocks_is_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = std::fs::File::create(dir.path().join("sparse.img")).unwrap();
+        img.set_len(10 << 20).unwrap();
+        for i in 1..=8u64 {
+            std::os::unix::fs::FileExt::write_at(&img, b"x", i * 1_000_000).unwrap();
+        }
+        std::fs::write(dir.path().join("b.txt"), "small").unwrap();
+        let tar = |args: &[&str]| {
+            let ok = std::process::Command::new("tar").args(args).current_dir(dir.path()).status().unwrap();
+            assert!(ok.success(), "tar {args:?}");
+        };
+        tar(&["--format=oldgnu", "-S", "-cf", "a.tar", "sparse.img", "b.txt"]);
+        let bytes = std::fs::read(dir.path().join("a.tar")).unwrap();
+        assert_eq!(bytes[156], b'S');
+        assert_eq!(bytes[482], 1, "the map goes on in an extension block");
+        assert_eq!(count_entries(&mut bytes.as_slice()).unwrap(), 2);
     }
 
     #[test]
