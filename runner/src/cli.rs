@@ -388,6 +388,7 @@ pub fn main() -> ExitCode {
             .exit(Exit::Usage),
     };
     match result {
+        Ok(()) if crate::stdout::failed() => ExitCode::from(Exit::Usage as u8),
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             // The error may quote a script or a server: escaped, bounded,

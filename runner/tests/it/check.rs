@@ -403,4 +403,10 @@ fn every_printing_command_ends_quietly_when_its_reader_goes_away() {
         assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
+    // Output lost any other way is a failure, said once.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = offsite(Path::new(BIN)).args(["completions", "bash"]).stdout(full).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.matches("cannot write to standard output").count(), 1, "{stderr}");
 }
