@@ -40,6 +40,8 @@ pub mod docs;
 #[cfg(feature = "runtime")]
 pub mod engine;
 #[cfg(feature = "runtime")]
+pub mod http;
+#[cfg(feature = "runtime")]
 pub mod json;
 pub mod keys;
 pub mod logging;

@@ -462,17 +462,15 @@ impl Bucket {
                     S3Error::Unreachable(format!("{shown}: cannot reach the server: {}", clean(&e.to_string())))
                 })?;
                 let status = response.status();
-                let mut body = Vec::new();
-                let mut response = response;
-                while let Some(chunk) =
-                    response.chunk().await.map_err(|e| S3Error::Unreachable(format!("{shown}: {e}")))?
-                {
-                    if (body.len() + chunk.len()) as u64 > super::bounded::ANSWER_MAX {
-                        return Err(S3Error::Other(format!("{shown}: the answer is too large")));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok((status, String::from_utf8_lossy(&body).into_owned()))
+                let body = crate::http::read_bounded(response, super::bounded::ANSWER_MAX as usize).await.map_err(
+                    |e| match e {
+                        crate::http::BodyError::TooLong(_) => {
+                            S3Error::Other(format!("{shown}: the answer is too large"))
+                        }
+                        crate::http::BodyError::Transport(why) => S3Error::Unreachable(format!("{shown}: {why}")),
+                    },
+                )?;
+                Ok::<_, S3Error>((status, String::from_utf8_lossy(&body).into_owned()))
             })
             .await
         });

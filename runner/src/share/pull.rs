@@ -107,7 +107,7 @@ impl Reader {
         if let Some(a) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, a);
         }
-        request.send().await.map_err(|e| anyhow!("{}", chain(&e)))
+        request.send().await.map_err(|e| anyhow!("{}", crate::http::chain(&e)))
     }
 
     /// The `Authorization` a 401's challenge asks for.
@@ -149,7 +149,7 @@ impl Reader {
         } else if let RegistryAuth::Bearer(token) = &self.auth {
             return Ok(format!("Bearer {token}"));
         }
-        let answer = request.send().await.map_err(|e| anyhow!("{}", chain(&e)))?;
+        let answer = request.send().await.map_err(|e| anyhow!("{}", crate::http::chain(&e)))?;
         if !answer.status().is_success() {
             return Err(anyhow::Error::new(Refused));
         }
@@ -166,32 +166,12 @@ impl Reader {
     }
 }
 
-/// A response's body, whole, at most `max` bytes.
-pub async fn read_bounded(mut response: reqwest::Response, max: usize, what: &str) -> Result<Vec<u8>> {
-    if response.content_length().is_some_and(|n| n > max as u64) {
-        bail!("{what} is longer than {max} bytes: refused");
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| anyhow!("{}", chain(&e)))? {
-        if body.len() + chunk.len() > max {
-            bail!("{what} is longer than {max} bytes: refused");
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// An error with its whole chain of causes (a TLS or connection error is
-/// in the source).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+/// A response's body, whole, at most `max` bytes (`what` names it).
+pub async fn read_bounded(response: reqwest::Response, max: usize, what: &str) -> Result<Vec<u8>> {
+    crate::http::read_bounded(response, max).await.map_err(|e| match e {
+        crate::http::BodyError::TooLong(_) => anyhow!("{what} is {e}"),
+        crate::http::BodyError::Transport(why) => anyhow!("{what}: {why}"),
+    })
 }
 
 /// `key="value", key=value` pairs of a challenge.

@@ -193,7 +193,7 @@ impl Registry {
                 while let Some(chunk) = response
                     .chunk()
                     .await
-                    .map_err(|e| anyhow!("{r}: downloading the component: {}", super::pull::chain(&e)))?
+                    .map_err(|e| anyhow!("{r}: downloading the component: {}", crate::http::chain(&e)))?
                 {
                     writer.write(&chunk, limit).with_context(|| format!("{r}"))?;
                 }
@@ -250,9 +250,10 @@ impl Registry {
             .map_err(|_| anyhow!("{r}: a layer's digest is not sha256: refused"))?;
         let out = self.read(&format!("downloading a blob of {r}"), async {
             let response = self.get(r, &format!("blobs/{}", layer.digest), None, "a signature").await?;
-            super::pull::read_bounded(response, size, "a blob")
-                .await
-                .map_err(|e| anyhow!("{r}: {e:#} (larger than its descriptor says)"))
+            crate::http::read_bounded(response, size).await.map_err(|e| match e {
+                crate::http::BodyError::TooLong(_) => anyhow!("{r}: a blob is larger than its descriptor says"),
+                crate::http::BodyError::Transport(why) => anyhow!("{r}: downloading a blob: {why}"),
+            })
         })?;
         if format!("sha256:{}", hex::encode(Sha256::digest(&out))) != layer.digest {
             bail!("{r}: a blob does not hash to its digest: refused");
