@@ -819,27 +819,21 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
         match gate_state(&remote, &host.name) {
             Gate::None => {}
             Gate::Offsite(digest) if Some(&digest) == crate::keys::expected_gate(site, host).as_ref() => {
-                for name in crate::keys::unchecked_secrets(site) {
-                    let sent_here = site.deliveries[name]
-                        .programs
-                        .iter()
-                        .any(|p| host.commands.iter().any(|c| c.first() == Some(p)));
-                    if sent_here {
-                        problems.push(Problem {
-                            at: at.clone(),
-                            what: format!(
-                                "host {}: secret {name:?} cannot pass the key's forced command: its `stdin` does \
-                                 not hold {{secret}} once, as a double-quoted value ending its line, so the gate \
-                                 cannot tell it from an option file of someone else's and refuses it",
-                                host.name
-                            ),
-                            fix: format!(
-                                "write it like stdin = \"[client]\\npassword=\\\"{{secret}}\\\"\\n\", then reinstall \
-                                 the line `offsite keys authorized-line {file} {}` prints",
-                                host.name
-                            ),
-                        });
-                    }
+                for name in crate::keys::unchecked_secrets(site, host) {
+                    problems.push(Problem {
+                        at: at.clone(),
+                        what: format!(
+                            "host {}: secret {name:?} cannot pass the key's forced command: its `stdin` does not \
+                             hold {{secret}} once, as a double-quoted value ending its line, so the gate cannot tell \
+                             it from an option file of someone else's and refuses it",
+                            host.name
+                        ),
+                        fix: format!(
+                            "write it like stdin = \"[client]\\npassword=\\\"{{secret}}\\\"\\n\", then reinstall the \
+                             line `offsite keys authorized-line {file} {}` prints",
+                            host.name
+                        ),
+                    });
                 }
                 let _ = writeln!(
                     out,

@@ -47,7 +47,7 @@ pub fn authorized_line(site: &Site, host: &str, key: Option<&Path>) -> Result<Au
     }
     match fixed_lines(site, h) {
         Some(lines) => {
-            for name in unchecked_secrets(site) {
+            for name in unchecked_secrets(site, h) {
                 notes.push(format!(
                     "secret {name:?}: its `stdin` does not hold {{secret}} once, as a quoted value ending its line \
                      (like \"[client]\\npassword=\\\"{{secret}}\\\"\\n\"), so the gate cannot check what arrives \
@@ -154,17 +154,19 @@ enum Stdin {
 /// A secret's stdin template that a gate can check: exactly one
 /// `{secret}`, standing as a double-quoted option value (`name="{secret}"`
 /// ending its line), so that whatever fills the slot, within
-/// [`SECRET_CHARS`], is that one value and can name no other option.
+/// [`SECRET_PUNCTUATION`] and alphanumerics, is that one value and can
+/// name no other option.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SecretSlot {
     before: String,
     after: String,
 }
 
-/// What a secret sent through a gated key may consist of: printable ASCII
-/// without quotes, backslash, `$` and backtick, so it cannot close the
-/// quoted value it stands in (nor the gate's own quoting).
-pub const SECRET_CHARS: &str = " !#%&()*+,./:;<=>?@^_{|}~0-9A-Za-z-";
+/// What a secret sent through a gated key may consist of besides letters,
+/// digits and spaces: printable ASCII without quotes, backslash, `$` and
+/// backtick, so it cannot close the quoted value it stands in (nor the
+/// gate's own quoting). `-` ends it, where `tr` reads it literally.
+const SECRET_PUNCTUATION: &str = "!#%&()*+,./:;<=>?@^_{|}~-";
 
 impl SecretSlot {
     /// The template's parts around its slot, when a gate can check it.
@@ -181,10 +183,16 @@ impl SecretSlot {
     }
 }
 
-/// The secrets whose stdin template a gate cannot check, by name: a gated
-/// key refuses every call that would send them.
-pub fn unchecked_secrets(site: &Site) -> Vec<&str> {
-    site.deliveries.iter().filter(|(_, d)| SecretSlot::of(&d.stdin).is_none()).map(|(n, _)| n.as_str()).collect()
+/// The secrets sent to a program granted on `h` whose stdin template a
+/// gate cannot check, by name: a gated key refuses every call that would
+/// send them.
+pub fn unchecked_secrets<'a>(site: &'a Site, h: &HostConfig) -> Vec<&'a str> {
+    let granted = |p: &String| h.commands.iter().any(|c| c.first() == Some(p));
+    site.deliveries
+        .iter()
+        .filter(|(_, d)| d.programs.iter().any(granted) && SecretSlot::of(&d.stdin).is_none())
+        .map(|(n, _)| n.as_str())
+        .collect()
 }
 
 /// The command a check sends to learn whether a key is held to a gate of
@@ -291,15 +299,14 @@ fn gate(lines: &[Allowed]) -> String {
          [ $n -gt $((a + b)) ] && [ $n -le $((a + b + {max_secret})) ] || continue; \
          x=$(printf %s \"$s\" | head -c $a | sha256sum); [ \"${{x%% *}}\" = $p ] || continue; \
          x=$(printf %s \"$s\" | tail -c $b | sha256sum); [ \"${{x%% *}}\" = $q ] || continue; \
-         x=$(printf %s \"$s\" | head -c $((n - b)) | tail -c $((n - a - b)) | tr -d \"{SECRET_CHARS}\"; echo x); \
+         x=$(printf %s \"$s\" | head -c $((n - b)) | tail -c $((n - a - b)) | tr -d \" 0-9A-Za-z{SECRET_PUNCTUATION}\" && echo x); \
          [ \"$x\" = x ] || continue; ok=1; break; \
          done; \
          if [ -z \"$ok\" ]; then echo \"offsite: this key reads on stdin only what its site sends with a secret, \
-         and a secret may hold only letters, digits, spaces and these: {punct}\" >&2; exit 126; fi; \
+         and a secret may hold only letters, digits, spaces and these: {SECRET_PUNCTUATION}\" >&2; exit 126; fi; \
          printf %s \"$s\" | eval \"$SSH_ORIGINAL_COMMAND\"",
         limit = most + 1,
         max_secret = crate::site::MAX_SECRET_BYTES,
-        punct = "!#%&()*+,./:;<=>?@^_{|}~-",
     );
     debug_assert!(!script.contains(['\'', '\\']), "the gate must read the same in every shell");
     format!("/bin/sh -c '{script}'")
@@ -380,6 +387,17 @@ mod tests {
         ] {
             assert!(SecretSlot::of(bad).is_none(), "{bad:?}");
         }
+    }
+
+    /// A secret whose template a gate cannot check is named for the hosts
+    /// whose granted programs it goes to, and only there.
+    #[test]
+    fn unchecked_secrets_are_named_where_they_are_sent() {
+        let site = site(&[("bad", "[client]\n{secret}\n", "mysqldump"), ("good", "p=\"{secret}\"", "mysqldump")]);
+        assert_eq!(unchecked_secrets(&site, &host(&[&["mysqldump", "db"]], &[])), ["bad"]);
+        assert!(unchecked_secrets(&site, &host(&[&["pg_dump", "db"]], &[])).is_empty());
+        let line = fixed_lines(&site, &host(&[&["mysqldump", "db"]], &[])).unwrap();
+        assert_eq!(line[0].stdin, Stdin::Secret(vec![SecretSlot::of("p=\"{secret}\"").unwrap()]), "only the good one");
     }
 
     /// Runs a gate as sshd would: the login shell `shell` with `-c` and the
