@@ -138,11 +138,7 @@ fn push(file: &Path, reference: &str, sign: Option<&Path>) -> Result<(), Failure
     let fetched = resolve::fetch_file(file).exit(Exit::Usage)?;
     // Only a script that loads and describes itself is published.
     let meta = meta_of(&fetched.bytes, file)?;
-    // What is signed says which script, version and repository these
-    // bytes are, so the signature cannot be moved to another tag's past.
-    let statement =
-        signing::Statement::now(&fetched.bytes, &format!("{}/{}", r.registry, r.repository), &meta.name, &meta.version);
-    let signature = sign.map(|key| signing::sign_statement(key, &statement)).transpose().exit(Exit::Usage)?;
+    let signature = sign.map(|key| sign_for(&r, key, &fetched.bytes, &meta)).transpose()?;
     let cache = cache()?;
     let registry = Registry::connect(&r.registry).exit(Exit::Usage)?;
     let manifest = registry.push(&cache, &r, &fetched.bytes, &meta, signature.as_deref()).exit(Exit::BackupFailed)?;
@@ -153,6 +149,14 @@ fn push(file: &Path, reference: &str, sign: Option<&Path>) -> Result<(), Failure
     }
     crate::outln!("{}", r.pinned(&manifest));
     Ok(())
+}
+
+/// A signature for `component` as published at `r`: over a statement of
+/// which script, version and repository these bytes are, so it cannot be
+/// moved to another repository or stand for another name.
+fn sign_for(r: &OciRef, key: &Path, component: &[u8], meta: &ScriptMeta) -> Result<Vec<u8>, Failure> {
+    let statement = signing::Statement::now(component, &r.repository_path(), &meta.name, &meta.version);
+    signing::sign_statement(key, &statement).exit(Exit::Usage)
 }
 
 fn pull(reference: &str) -> Result<(), Failure> {
@@ -261,14 +265,7 @@ fn sign_script(script: &str, key: &Path) -> Result<(), Failure> {
     }
     if script.starts_with(super::reference::SCHEME) {
         let r: OciRef = fetched.source.parse().exit(Exit::Usage)?;
-        let meta = meta_of(&fetched.bytes, &fetched.path)?;
-        let statement = signing::Statement::now(
-            &fetched.bytes,
-            &format!("{}/{}", r.registry, r.repository),
-            &meta.name,
-            &meta.version,
-        );
-        let sig = signing::sign_statement(key, &statement).exit(Exit::Usage)?;
+        let sig = sign_for(&r, key, &fetched.bytes, &meta_of(&fetched.bytes, &fetched.path)?)?;
         let fingerprint = signing::signature_key(&sig).unwrap_or_default();
         let manifest = r.digest.clone().expect("pinned");
         Registry::connect(&r.registry)

@@ -99,6 +99,12 @@ impl OciRef {
         OciRef { digest: None, ..self.clone() }
     }
 
+    /// `REGISTRY/REPOSITORY`: where the script lives, whatever its tag or
+    /// digest (what a signature's statement names).
+    pub fn repository_path(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+
     /// The tag, `latest` when none is given (as docker and oras read it).
     pub fn tag_or_latest(&self) -> &str {
         self.tag.as_deref().unwrap_or("latest")

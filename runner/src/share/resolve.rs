@@ -32,8 +32,7 @@ impl Fetched {
     /// `REGISTRY/REPOSITORY` for a script from a registry (what its
     /// signatures must name); `None` for a local file.
     pub fn repository(&self) -> Option<String> {
-        let r: OciRef = self.source.parse().ok()?;
-        Some(format!("{}/{}", r.registry, r.repository))
+        self.source.parse::<OciRef>().ok().map(|r| r.repository_path())
     }
 }
 
