@@ -402,9 +402,8 @@ mod tests {
             std::fs::write(sites.path().join("s.toml"), text).unwrap();
             let problems = generate(sites.path(), out.path());
             assert!(problems.len() == 1 && problems[0].contains("control character"), "case {i}: {problems:?}");
-            let written: Vec<_> = walk(out.path());
-            for f in &written {
-                let unit = std::fs::read_to_string(f).unwrap();
+            for f in offsite_testkit::tree(out.path()).iter().map(|f| out.path().join(f)).filter(|f| f.is_file()) {
+                let unit = std::fs::read_to_string(&f).unwrap();
                 assert!(!unit.contains(|c: char| c.is_control() && c != '\n'), "case {i}: {unit:?}");
                 assert!(!unit.contains("ExecStartPre"), "case {i}: {unit}");
             }
@@ -415,17 +414,5 @@ mod tests {
             }
         }
         assert_eq!(unit_quote("/a\rb"), "\"/a\\x0db\"");
-    }
-
-    fn walk(dir: &Path) -> Vec<PathBuf> {
-        let mut files = Vec::new();
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            if e.path().is_dir() {
-                files.extend(walk(&e.path()));
-            } else {
-                files.push(e.path());
-            }
-        }
-        files
     }
 }

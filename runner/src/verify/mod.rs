@@ -450,21 +450,16 @@ impl Format {
                     .map_err(|e| format!("gzip: {e}"))?;
                 Ok(format!(", gzip ok, {n} bytes uncompressed"))
             }
-            Format::Tar => list_tar(reader).map(|n| format!(", tar of {n} entries")),
+            Format::Tar => tar_walk::count_entries(reader).map(|n| format!(", tar of {n} entries")),
             Format::TarGz => {
                 let mut gz = flate2::read::MultiGzDecoder::new(reader);
-                let n = list_tar(&mut gz)?;
+                let n = tar_walk::count_entries(&mut gz)?;
                 // The end of the archive is not the end of the gzip stream.
                 io::copy(&mut gz, &mut io::sink()).map_err(|e| format!("gzip: {e}"))?;
                 Ok(format!(", gzip ok, tar of {n} entries"))
             }
         }
     }
-}
-
-/// Reads every entry of a tar stream; returns how many there are.
-fn list_tar(reader: &mut impl Read) -> Result<u64, String> {
-    tar_walk::count_entries(reader)
 }
 
 struct HashingReader<R> {

@@ -638,38 +638,10 @@ fn watch_follows_a_tag_but_only_to_signed_versions() {
         pushed(&on(&m, &reg, &args))
     };
     push(&arc, "v1.wasm", true);
-    let site = dir.join("web.toml");
-    std::fs::write(
-        &site,
-        format!(
-            "store = \"{}\"\nscript = \"{tag}\"\nscript_update = \"follow\"\nscript_poll = \"10s\"\n\
-             script_signers = \"allowed_signers\"\nschedule = \"0 0 1 1 *\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"www\"\n",
-            dir.join("store").display(),
-            dir.display()
-        ),
-    )
-    .unwrap();
+    let site = followed_arc_site(dir, &tag, "script_signers = \"allowed_signers\"\n");
     let log = dir.join("watch.log");
-    let mut cmd = offsite(Path::new(BIN));
-    m.apply(&reg, &mut cmd);
-    let mut child = cmd
-        .arg("watch")
-        .arg(&site)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let wait_for = |needle: &str, count: usize| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.matches(needle).count() >= count {
-                return text;
-            }
-            assert!(std::time::Instant::now() < deadline, "no {needle:?} ({count}) in:\n{text}");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    };
+    let mut child = watch(&m, &reg, &site, &log);
+    let wait_for = |needle: &str, count: usize| wait_for_log(&log, needle, count);
     wait_for("watching site web", 1);
     push(&rebuilt(&arc, "unsigned"), "v2.wasm", false);
     let text = wait_for("keeping the running one", 1);
@@ -691,6 +663,49 @@ fn watch_follows_a_tag_but_only_to_signed_versions() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(!text.contains("panicked"), "{text}");
+}
+
+/// `web.toml` in `dir`: the arc script of `reference`, followed (a look
+/// every 10 s), scheduled once a year, archiving `dir/www`; `extra` is
+/// more top-level settings.
+fn followed_arc_site(dir: &Path, reference: &str, extra: &str) -> PathBuf {
+    let site = dir.join("web.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"{}\"\nscript = \"{reference}\"\nscript_update = \"follow\"\nscript_poll = \"10s\"\n{extra}\
+             schedule = \"0 0 1 1 *\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"www\"\n",
+            dir.join("store").display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    site
+}
+
+/// `offsite watch SITE` on machine `m`, its log (stderr) in `log`.
+fn watch(m: &Machine, reg: &Registry, site: &Path, log: &Path) -> std::process::Child {
+    let mut cmd = offsite(Path::new(BIN));
+    m.apply(reg, &mut cmd);
+    cmd.arg("watch")
+        .arg(site)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (a minute at most) until `log` says `needle` `count` times; the log.
+fn wait_for_log(log: &Path, needle: &str, count: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {needle:?} ({count}) in:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Anyone who can write to the registry can point a tag back at an older
@@ -815,32 +830,10 @@ fn a_registry_that_stops_answering_never_holds_up_the_watcher() {
     std::fs::copy(reg.ca_file(), certs.join("ca.crt")).unwrap();
     let auth = std::fs::read_to_string(m.auth_file()).unwrap().replace(&reg.host(), &relay);
     std::fs::write(m.auth_file(), auth).unwrap();
-    let site = dir.join("web.toml");
-    std::fs::write(
-        &site,
-        format!(
-            "store = \"{}\"\nscript = \"oci://{relay}/offsite/arc:live\"\nscript_update = \"follow\"\nscript_poll = \"10s\"\n\
-             schedule = \"0 0 1 1 *\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"www\"\n",
-            dir.join("store").display(),
-            dir.display()
-        ),
-    )
-    .unwrap();
+    let site = followed_arc_site(dir, &format!("oci://{relay}/offsite/arc:live"), "");
     let log = dir.join("watch.log");
-    let mut cmd = offsite(Path::new(BIN));
-    m.apply(&reg, &mut cmd);
-    let mut child = cmd
-        .arg("watch")
-        .arg(&site)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("watching site web") {
-        assert!(std::time::Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let mut child = watch(&m, &reg, &site, &log);
+    wait_for_log(&log, "watching site web", 1);
     // The registry stops answering; the next look at the tag (10 s after
     // the start) hangs there.
     stall.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -34,21 +34,7 @@ fn hostile_argv_arrives_literally_through_every_login_shell() {
     let line = command_line(&argv).unwrap();
     for shell in ["/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/fish"] {
         assert!(Path::new(shell).exists(), "{shell} is missing (CI installs every shell)");
-        // usermod refuses while the account still has a process (the last
-        // session's may take a moment to go): retried.
-        let set = (0..100).any(|_| {
-            let ok = std::process::Command::new("usermod")
-                .args(["--shell", shell, &server.user])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            if !ok {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            ok
-        });
-        assert!(set, "usermod --shell {shell} {}", server.user);
+        set_login_shell(&server.user, shell);
         let out = server.ssh().arg("--").arg(&line).output().unwrap();
         assert!(out.status.success(), "{shell}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
         let mut got: Vec<String> =
@@ -88,23 +74,30 @@ fn the_gate_works_under_every_login_shell() {
     let granted = command_line(&["printf", "%s", "it's granted"]).unwrap();
     for shell in ["/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/zsh", "/usr/bin/fish"] {
         assert!(Path::new(shell).exists(), "{shell} is missing (CI installs every shell)");
-        let set = (0..100).any(|_| {
-            let ok = std::process::Command::new("usermod")
-                .args(["--shell", shell, &server.user])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            if !ok {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            ok
-        });
-        assert!(set, "usermod --shell {shell} {}", server.user);
+        set_login_shell(&server.user, shell);
         let out = server.ssh().arg("--").arg(&granted).stdin(std::process::Stdio::null()).output().unwrap();
         assert!(out.status.success(), "{shell}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
         assert_eq!(String::from_utf8_lossy(&out.stdout), "it's granted", "through {shell}");
         let out = server.ssh().arg("--").arg("id").stdin(std::process::Stdio::null()).output().unwrap();
         assert_eq!(out.status.code(), Some(126), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// Gives `user` the login shell `shell`. usermod refuses while the account
+/// still has a process (the last session's may take a moment to go):
+/// retried.
+fn set_login_shell(user: &str, shell: &str) {
+    let set = (0..100).any(|_| {
+        let ok = std::process::Command::new("usermod")
+            .args(["--shell", shell, user])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(set, "usermod --shell {shell} {user}");
 }

@@ -20,6 +20,17 @@ fn executable(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Runs the probe script on `site` to stream what `argv` (arguments split
+/// by U+001F) prints on the server into `dest` in the store; it must work.
+fn stream_into_store(site: &Path, home: &Path, argv: &str, dest: &str) {
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("run").arg(script("probe")).arg("--site").arg(site);
+    cmd.args(["--param", "op=stream", "--param"]).arg(format!("dest={dest}"));
+    cmd.arg("--param").arg(format!("argv={argv}"));
+    cmd.env("HOME", home).env_remove("SSH_AUTH_SOCK");
+    Ran::from_output(cmd.output().unwrap()).expect_code(0);
+}
+
 #[test]
 fn client_commands_in_a_stored_dump_never_run_on_the_storage_box() {
     let server = Sshd::start("127.0.0.2");
@@ -69,12 +80,7 @@ fn client_commands_in_a_stored_dump_never_run_on_the_storage_box() {
         (format!("{f}/pg_dump"), "evil-pg.sql"),
         (format!("cat\u{1f}{f}/plain.sql"), "plain.sql"),
     ] {
-        let mut cmd = offsite(Path::new(BIN));
-        cmd.arg("run").arg(script("probe")).arg("--site").arg(&site);
-        cmd.args(["--param", "op=stream", "--param"]).arg(format!("dest={dest}"));
-        cmd.arg("--param").arg(format!("argv={argv}"));
-        cmd.env("HOME", dir.path()).env_remove("SSH_AUTH_SOCK");
-        Ran::from_output(cmd.output().unwrap()).expect_code(0);
+        stream_into_store(&site, dir.path(), &argv, dest);
     }
 
     let defaults = dir.path().join("verify.cnf");
@@ -143,12 +149,7 @@ fn oversized_items_a_server_sends_are_problems_not_held_whole() {
     .unwrap();
     for (argv, dest) in [(format!("{f}/big/mysqldump"), "big.sql"), (format!("cat\u{1f}{f}/big/evil.tar"), "evil.tar")]
     {
-        let mut cmd = offsite(Path::new(BIN));
-        cmd.arg("run").arg(script("probe")).arg("--site").arg(&site);
-        cmd.args(["--param", "op=stream", "--param"]).arg(format!("dest={dest}"));
-        cmd.arg("--param").arg(format!("argv={argv}"));
-        cmd.env("HOME", dir.path()).env_remove("SSH_AUTH_SOCK");
-        Ran::from_output(cmd.output().unwrap()).expect_code(0);
+        stream_into_store(&site, dir.path(), &argv, dest);
     }
     // GNU tar reads the archive: it is well-formed, only oversized.
     let mut plain = offsite(Path::new(BIN));
