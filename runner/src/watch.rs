@@ -236,8 +236,8 @@ impl Entry {
 enum Message {
     Files(Vec<PathBuf>),
     Signal(i32),
-    /// A reload worked out off the loop, for the site file, by number.
-    Prepared(PathBuf, u64, Box<crate::reload::Prepared>),
+    /// A reload worked out off the loop, by its number.
+    Prepared(u64, Box<crate::reload::Prepared>),
 }
 
 /// How long a reload may take (a registry that trickles, a compile) before
@@ -459,7 +459,7 @@ impl Watch {
             match rx.recv_timeout(wait) {
                 Ok(Message::Files(paths)) => self.touched(&paths),
                 Ok(Message::Signal(signal)) => self.signal(signal, watcher),
-                Ok(Message::Prepared(file, number, prepared)) => self.prepared(&file, number, *prepared, watcher),
+                Ok(Message::Prepared(number, prepared)) => self.prepared(number, *prepared, watcher),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -592,10 +592,10 @@ impl Watch {
             let number = self.reloads;
             e.reloading = Some((now, number));
             let job = e.slot.job();
-            let (runtime, tx, file) = (Arc::clone(&self.runtime), self.tx.clone(), e.slot.site_file.clone());
+            let (runtime, tx) = (Arc::clone(&self.runtime), self.tx.clone());
             let spawned = std::thread::Builder::new().name("reload".into()).spawn(move || {
                 let prepared = job.prepare(&runtime);
-                let _ = tx.send(Message::Prepared(file, number, Box::new(prepared)));
+                let _ = tx.send(Message::Prepared(number, Box::new(prepared)));
             });
             if let Err(err) = spawned {
                 log::error!(target: "offsite::watch", "site {}: cannot start a reload: {err}", e.name());
@@ -605,16 +605,8 @@ impl Watch {
     }
 
     /// Takes a reload prepared off the loop.
-    fn prepared(
-        &mut self,
-        file: &Path,
-        number: u64,
-        prepared: crate::reload::Prepared,
-        watcher: &mut impl notify::Watcher,
-    ) {
-        let Some(e) =
-            self.entries.iter_mut().find(|e| e.slot.site_file == file && e.reloading.is_some_and(|(_, n)| n == number))
-        else {
+    fn prepared(&mut self, number: u64, prepared: crate::reload::Prepared, watcher: &mut impl notify::Watcher) {
+        let Some(e) = self.entries.iter_mut().find(|e| e.reloading.is_some_and(|(_, n)| n == number)) else {
             return;
         };
         e.reloading = None;
