@@ -23,8 +23,14 @@ fn main() {
     println!("cargo:rustc-env=OFFSITE_COMMIT={}", commit.unwrap_or_else(unknown));
     println!("cargo:rustc-env=OFFSITE_WASMTIME={}", wasmtime.unwrap_or_else(unknown));
     println!("cargo:rustc-env=OFFSITE_WIT={}", package.unwrap_or_else(unknown));
+    // Only what exists: cargo treats a missing file as changed, and would
+    // run this script (and rebuild the crate) on every build. A branch
+    // packed later (`git gc`) leaves `refs/heads`, which is watched.
     for watched in [".git/HEAD", ".git/refs/heads", ".git/packed-refs", "Cargo.lock", "wit/offsite.wit"] {
-        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+        let path = root.join(watched);
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
     }
     println!("cargo:rerun-if-env-changed=OFFSITE_BUILD_COMMIT");
 }
