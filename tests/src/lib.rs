@@ -41,41 +41,51 @@ pub fn script(name: &str) -> PathBuf {
 
 /// The component of the Python script project `scripts/NAME`, built with
 /// `offsite build` (the binary at `bin`) against the SDK in
-/// `guest-sdk/python`; rebuilt only when its app.py or the SDK is newer.
+/// `guest-sdk/python`, once per checkout: see [`guest_build`].
 pub fn python_script(bin: &Path, name: &str) -> PathBuf {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = repo_root().join("scripts").join(name);
-    let out = dir.join(format!("{name}.wasm"));
-    let sdk = repo_root().join("guest-sdk/python");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let newest_source = [dir.join("app.py"), sdk.join("offsite_sdk/__init__.py"), repo_root().join("wit/offsite.wit")]
-        .iter()
-        .filter_map(|p| modified(p))
-        .max();
-    if modified(&out).is_some_and(|built| Some(built) > newest_source) {
-        return out;
-    }
-    let status = Command::new(bin)
-        .arg("build")
-        .arg(&dir)
-        .env("OFFSITE_PYTHON_SDK", &sdk)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run offsite build");
-    assert!(status.success(), "offsite build {} failed (pip install componentize-py==0.25.1?)", dir.display());
-    out
+    // One build of a project at a time, in this test process or another.
+    let _one_at_a_time = shared::turn(&format!("guest-{name}"));
+    let root = repo_root();
+    let dir = root.join("scripts").join(name);
+    let sdk = root.join("guest-sdk/python");
+    let mut sources = vec![dir.join("app.py"), sdk.join("pyproject.toml")];
+    sources.extend(files_under(&sdk.join("offsite_sdk")));
+    let tools = [tool_version("componentize-py", &["--version"])];
+    guest_build(name, &sources, &tools, || {
+        let status = Command::new(bin)
+            .arg("build")
+            .arg(&dir)
+            .env("OFFSITE_PYTHON_SDK", &sdk)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run offsite build");
+        assert!(status.success(), "offsite build {} failed (pip install componentize-py==0.25.1?)", dir.display());
+        dir.join(format!("{name}.wasm"))
+    })
 }
 
 /// The component of the JavaScript script project `scripts/NAME`, built
 /// with `offsite build` against the SDK in `guest-sdk/js` (whose npm
 /// dependencies, and the project's link to it, are installed first when
-/// missing); rebuilt only when its app.js or the SDK is newer.
+/// missing), once per checkout: see [`guest_build`].
 pub fn js_script(bin: &Path, name: &str) -> PathBuf {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = repo_root().join("scripts").join(name);
-    let sdk = repo_root().join("guest-sdk/js");
+    // One build of a project at a time, in this test process or another.
+    let _one_at_a_time = shared::turn(&format!("guest-{name}"));
+    let root = repo_root();
+    let dir = root.join("scripts").join(name);
+    let sdk = root.join("guest-sdk/js");
+    // package-lock.json pins esbuild and componentize-js.
+    let mut sources = vec![
+        dir.join("app.js"),
+        dir.join("package.json"),
+        sdk.join("index.js"),
+        sdk.join("build.mjs"),
+        sdk.join("package.json"),
+        sdk.join("package-lock.json"),
+    ];
+    sources.extend(files_under(&sdk.join("lib")));
+    sources.extend(files_under(&sdk.join("wit")));
+    let tools = [tool_version("node", &["--version"])];
     let npm_install = |at: &Path| {
         if at.join("node_modules").is_dir() {
             return;
@@ -90,27 +100,83 @@ pub fn js_script(bin: &Path, name: &str) -> PathBuf {
             .success();
         assert!(ok, "npm install in {} failed", at.display());
     };
+    // The SDK's own install also fills npm's cache, which other tests use.
     npm_install(&sdk);
-    npm_install(&dir);
-    let out = dir.join(format!("{name}.wasm"));
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut sources =
-        vec![dir.join("app.js"), sdk.join("index.js"), sdk.join("build.mjs"), repo_root().join("wit/offsite.wit")];
-    if let Ok(lib) = std::fs::read_dir(sdk.join("lib")) {
-        sources.extend(lib.flatten().map(|e| e.path()));
+    guest_build(name, &sources, &tools, || {
+        npm_install(&dir);
+        let status = Command::new(bin)
+            .arg("build")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run offsite build");
+        assert!(status.success(), "offsite build {} failed", dir.display());
+        dir.join(format!("{name}.wasm"))
+    })
+}
+
+/// A guest component built once per checkout: the build's result is kept
+/// in `target/offsite-guests/NAME-KEY.wasm`, where KEY hashes the
+/// contents of every source the build reads (the project, the SDK, the
+/// WIT, and `offsite build`'s own recipe in `runner/src/build.rs`) and the
+/// versions of the tools it runs. A later test, or a later `cargo test`,
+/// with the same key reuses the file and builds nothing; any change to a
+/// source or a tool makes a new key. (Rust guests are built by cargo,
+/// whose fingerprints already key on sources and the compiler.)
+fn guest_build(name: &str, sources: &[PathBuf], tools: &[String], build: impl FnOnce() -> PathBuf) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let root = repo_root();
+    let mut hash = Sha256::new();
+    let mut add = |label: &str, bytes: &[u8]| {
+        hash.update((label.len() as u64).to_le_bytes());
+        hash.update(label.as_bytes());
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    };
+    add("name", name.as_bytes());
+    let mut sources = sources.to_vec();
+    sources.push(root.join("wit/offsite.wit"));
+    sources.push(root.join("runner/src/build.rs"));
+    sources.sort();
+    for source in &sources {
+        let bytes = std::fs::read(source).unwrap_or_else(|e| panic!("read {}: {e}", source.display()));
+        add(&source.strip_prefix(&root).unwrap_or(source).to_string_lossy(), &bytes);
     }
-    let newest_source = sources.iter().filter_map(|p| modified(p)).max();
-    if modified(&out).is_some_and(|built| Some(built) > newest_source) {
-        return out;
+    for tool in tools {
+        add("tool", tool.as_bytes());
     }
-    let status = Command::new(bin)
-        .arg("build")
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run offsite build");
-    assert!(status.success(), "offsite build {} failed", dir.display());
-    out
+    let key: String = hash.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
+    let kept_dir = root.join("target/offsite-guests");
+    let kept = kept_dir.join(format!("{name}-{key}.wasm"));
+    if kept.is_file() {
+        return kept;
+    }
+    let built = build();
+    std::fs::create_dir_all(&kept_dir).expect("create target/offsite-guests");
+    // Copied under a temporary name and renamed: another test process
+    // never sees half a component.
+    let partial = kept_dir.join(format!(".{name}-{key}.{}.partial", std::process::id()));
+    std::fs::copy(&built, &partial).unwrap_or_else(|e| panic!("keep {}: {e}", built.display()));
+    std::fs::rename(&partial, &kept).expect("rename the kept component");
+    kept
+}
+
+/// The regular files under `dir`, skipping caches (`__pycache__`).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    tree(dir)
+        .into_iter()
+        .map(|relative| dir.join(relative))
+        .filter(|p| p.is_file() && !p.components().any(|c| c.as_os_str() == "__pycache__"))
+        .collect()
+}
+
+/// What `tool ARGS` prints, as part of a build's key (or a note that it
+/// is missing, so that installing it later makes a new key).
+fn tool_version(tool: &str, args: &[&str]) -> String {
+    match Command::new(tool).args(args).output() {
+        Ok(out) => format!("{tool}: {}", String::from_utf8_lossy(&out.stdout).trim()),
+        Err(_) => format!("{tool}: missing"),
+    }
 }
 
 /// Runs the Rust `arc` and `other` (the same script in another language)
@@ -339,6 +405,7 @@ pub mod mariadb;
 pub mod postgres;
 pub mod registry;
 pub mod seaweed;
+pub mod shared;
 pub mod sshd;
 
 pub use tempfile;

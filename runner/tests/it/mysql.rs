@@ -33,13 +33,12 @@ fn start(ip: &'static str, user: &'static str, password_in_file: bool) -> std::t
 /// The two servers. They log in as the same two accounts in every test,
 /// whose `~/.my.cnf` names this test's MariaDB sockets, so the tests here
 /// take turns: the guard is held for the whole test.
-fn two_servers() -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
+fn two_servers() -> (Server, Server, offsite_testkit::shared::Turn) {
     servers(true)
 }
 
-fn servers(password_in_file: bool) -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+fn servers(password_in_file: bool) -> (Server, Server, offsite_testkit::shared::Turn) {
+    let turn = offsite_testkit::shared::turn("mysql-accounts");
     let (a, b) =
         (start("127.0.0.2", "offsite-srv1", password_in_file), start("127.0.0.3", "offsite-srv2", password_in_file));
     let (server1, server2) = (a.join().unwrap(), b.join().unwrap());
@@ -370,16 +369,17 @@ fn a_stolen_gated_key_cannot_feed_mysqldump_its_own_option_file() {
 /// databases, and `verify --restore-test` loads them from the bucket.
 #[test]
 fn the_dumps_go_to_an_s3_store_and_restore_from_it() {
-    use offsite_testkit::seaweed::{ACCESS_KEY, S3Server, SECRET_KEY};
+    use offsite_testkit::seaweed::{ACCESS_KEY, S3Space, SECRET_KEY};
     let (server1, server2, _turn) = two_servers();
-    let s3 = S3Server::start("127.0.0.1");
+    let s3 = S3Space::shared();
     s3.create_bucket("offsite");
+    let store = s3.url("s3://offsite/article");
     let dir = tempfile::tempdir().unwrap();
     let params = "dumps = \"server1:sitedb:tbl_ccode,tbl_machine,tbl_session,tbl_stats server2:transdb\"";
     let site = site_file(dir.path(), &server1, &server2, DUMP_GRANT_1, DUMP_GRANT_2, params);
     let text = std::fs::read_to_string(&site).unwrap();
     let local_store = format!("store = \"{}\"", dir.path().join("backups").display());
-    let text = text.replace(&local_store, "store = \"s3://offsite/article\"")
+    let text = text.replace(&local_store, &format!("store = \"{store}\""))
         + &format!("\n[s3]\nendpoint = \"{}\"\npath_style = true\n", s3.endpoint());
     std::fs::write(&site, text).unwrap();
     let with_keys = |cmd: &mut Command| {
@@ -407,7 +407,7 @@ fn the_dumps_go_to_an_s3_store_and_restore_from_it() {
             session_token: None,
             source: "test".into(),
         };
-        let location = S3Location::parse("s3://offsite/article").unwrap();
+        let location = S3Location::parse(&store).unwrap();
         Bucket::open(&location, &settings, &creds, None, std::time::Duration::from_secs(20)).unwrap()
     };
     let fetch = |rel: &str| {

@@ -23,9 +23,8 @@ struct Server {
 /// The two servers. Their login users' `~/.pgpass` and
 /// `~/.pg_service.conf` name this test's servers, so the tests here take
 /// turns: the guard is held for the whole test.
-fn two_servers() -> (Server, Server, std::sync::MutexGuard<'static, ()>) {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+fn two_servers() -> (Server, Server, offsite_testkit::shared::Turn) {
+    let turn = offsite_testkit::shared::turn("postgres-accounts");
     let start = |ip: &'static str, user: &'static str| {
         std::thread::spawn(move || {
             let ssh = Sshd::start_as(ip, user);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use offsite::s3::credentials::Credentials;
 use offsite::s3::lock::{Holder, LockError, S3Lock};
 use offsite::s3::{Bucket, Put, S3Error, S3Location, S3Settings};
-use offsite_testkit::seaweed::{ACCESS_KEY, S3Server, SECRET_KEY};
+use offsite_testkit::seaweed::{ACCESS_KEY, S3Space, SECRET_KEY};
 
 fn credentials(secret: &str) -> Credentials {
     Credentials {
@@ -20,13 +20,13 @@ fn credentials(secret: &str) -> Credentials {
 }
 
 /// A client of its own, as a separate machine would have.
-fn bucket_with(server: &S3Server, url: &str, secret: &str) -> Bucket {
+fn bucket_with(server: &S3Space, url: &str, secret: &str) -> Bucket {
     let settings = S3Settings { endpoint: Some(server.endpoint()), path_style: true, ..Default::default() };
-    let location = S3Location::parse(url).unwrap();
+    let location = S3Location::parse(&server.url(url)).unwrap();
     Bucket::open(&location, &settings, &credentials(secret), None, Duration::from_secs(20)).unwrap()
 }
 
-fn bucket(server: &S3Server, url: &str) -> Arc<Bucket> {
+fn bucket(server: &S3Space, url: &str) -> Arc<Bucket> {
     Arc::new(bucket_with(server, url, SECRET_KEY))
 }
 
@@ -42,7 +42,7 @@ fn holder(site: &str) -> Holder {
 
 #[test]
 fn objects_round_trip_and_wrong_credentials_or_a_missing_bucket_are_named() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let b = bucket(&server, "s3://backups/web1");
     b.probe().unwrap();
@@ -75,7 +75,7 @@ fn objects_round_trip_and_wrong_credentials_or_a_missing_bucket_are_named() {
 /// lock never writes the same body twice for that reason.
 #[test]
 fn the_servers_conditional_writes_admit_exactly_one_writer() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     for round in 0..3 {
         let key = format!("race/{round}");
@@ -108,7 +108,7 @@ fn the_servers_conditional_writes_admit_exactly_one_writer() {
 #[test]
 fn runners_racing_for_the_lock_never_both_hold_it() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let holding = Arc::new(AtomicUsize::new(0));
     let (mut won, mut refused) = (0, 0);
@@ -149,7 +149,7 @@ fn runners_racing_for_the_lock_never_both_hold_it() {
 
 #[test]
 fn a_stale_lock_is_taken_over_and_its_holder_finds_out_before_publishing() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let stale = Duration::from_secs(3);
 
@@ -189,7 +189,7 @@ fn a_stale_lock_is_taken_over_and_its_holder_finds_out_before_publishing() {
 
 #[test]
 fn a_released_or_dropped_lock_is_free_at_once() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let long = Duration::from_secs(600);
     let first = S3Lock::acquire(bucket(&server, "s3://backups/web1"), holder("a"), long).unwrap();
@@ -225,7 +225,7 @@ fn sha256(data: &[u8]) -> String {
 fn objects_stream_up_in_parts_and_read_back_identically() {
     use offsite::s3::upload::{MIN_PART, ObjectWriter};
     use std::io::Write;
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let b = bucket(&server, "s3://backups/web1");
     use std::io::Read;
@@ -274,7 +274,7 @@ fn objects_stream_up_in_parts_and_read_back_identically() {
 #[test]
 fn an_unfinished_upload_is_never_visible_and_is_aborted_when_dropped() {
     use offsite::s3::upload::{MIN_PART, ObjectWriter};
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let b = bucket(&server, "s3://backups/web1");
     let mut w = ObjectWriter::create(Arc::clone(&b), "partial.bin", MIN_PART).unwrap();
@@ -291,7 +291,7 @@ fn an_unfinished_upload_is_never_visible_and_is_aborted_when_dropped() {
 #[test]
 fn incomplete_uploads_a_killed_run_left_are_found_and_aborted() {
     use offsite::s3::upload::{MIN_PART, ObjectWriter};
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let web = bucket(&server, "s3://backups/web1");
     let db = bucket(&server, "s3://backups/db1");
@@ -321,7 +321,7 @@ fn incomplete_uploads_a_killed_run_left_are_found_and_aborted() {
 fn sealed_outputs_replace_nothing_until_completed_and_are_aborted_if_the_run_fails() {
     use offsite::s3::upload::{MIN_PART, ObjectWriter};
     use std::io::Write;
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let b = bucket(&server, "s3://backups/web1");
     b.put("db.sql", b"yesterday".to_vec(), Put::Overwrite).unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use offsite::s3::credentials::Credentials;
 use offsite::s3::{Bucket, Put, S3Location, S3Settings};
-use offsite_testkit::seaweed::{ACCESS_KEY, S3Server, SECRET_KEY};
+use offsite_testkit::seaweed::{ACCESS_KEY, S3Space, SECRET_KEY};
 use offsite_testkit::{Ran, age_keypair, assert_same_tree, offsite, script, ssh_keypair, tempfile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
@@ -27,14 +27,15 @@ struct S3Site {
 }
 
 impl S3Site {
-    fn new(server: &S3Server, url: &str, extra: &str) -> S3Site {
+    fn new(server: &S3Space, url: &str, extra: &str) -> S3Site {
         let dir = tempfile::tempdir().unwrap();
         let www = dir.path().join("www");
         std::fs::create_dir_all(www.join("img")).unwrap();
         std::fs::write(www.join("index.html"), "<html>hello</html>\n").unwrap();
         std::fs::write(www.join("img/logo.bin"), (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>())
             .unwrap();
-        let site = S3Site { file: dir.path().join("web1.toml"), dir, url: url.into(), endpoint: server.endpoint() };
+        let site =
+            S3Site { file: dir.path().join("web1.toml"), dir, url: server.url(url), endpoint: server.endpoint() };
         site.write(extra);
         site
     }
@@ -85,7 +86,7 @@ impl S3Site {
 }
 
 /// The test's own view of the bucket, as another machine would have it.
-fn bucket(server: &S3Server, url: &str) -> Arc<Bucket> {
+fn bucket(server: &S3Space, url: &str) -> Arc<Bucket> {
     let settings = S3Settings { endpoint: Some(server.endpoint()), path_style: true, ..Default::default() };
     let credentials = Credentials {
         access_key_id: ACCESS_KEY.into(),
@@ -93,7 +94,7 @@ fn bucket(server: &S3Server, url: &str) -> Arc<Bucket> {
         session_token: None,
         source: "test".into(),
     };
-    let location = S3Location::parse(url).unwrap();
+    let location = S3Location::parse(&server.url(url)).unwrap();
     Arc::new(Bucket::open(&location, &settings, &credentials, None, Duration::from_secs(20)).unwrap())
 }
 
@@ -138,7 +139,7 @@ fn incompressible(path: &Path, mib: usize) {
 
 #[test]
 fn arc_into_an_s3_store_then_restored_from_it_with_gnu_tar() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     let ran = site.run(&["--now", NOW]);
@@ -199,7 +200,7 @@ fn arc_into_an_s3_store_then_restored_from_it_with_gnu_tar() {
 
 #[test]
 fn wrong_credentials_or_a_missing_bucket_exit_2_and_say_so() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     let arc = script("arc");
@@ -228,7 +229,7 @@ fn wrong_credentials_or_a_missing_bucket_exit_2_and_say_so() {
 
 #[test]
 fn a_failed_run_publishes_nothing_and_leaves_the_last_good_object_alone() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     site.run(&["--now", NOW]).expect_code(0);
@@ -259,7 +260,7 @@ fn a_failed_run_publishes_nothing_and_leaves_the_last_good_object_alone() {
 /// backs up as usual.
 #[test]
 fn a_run_killed_mid_upload_leaves_nothing_visible_and_the_next_run_recovers() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     incompressible(&site.www().join("big.bin"), 96);
@@ -315,7 +316,8 @@ fn a_run_killed_mid_upload_leaves_nothing_visible_and_the_next_run_recovers() {
 /// next run cleans up and succeeds.
 #[test]
 fn the_server_stopping_mid_run_fails_the_run_and_nothing_is_half_visible() {
-    let mut server = S3Server::start("127.0.0.1");
+    // It stops the server: one of its own.
+    let mut server = S3Space::own();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "[limits]\ncall_timeout = \"15s\"\n");
     site.run(&["--now", NOW]).expect_code(0);
@@ -367,7 +369,7 @@ fn the_server_stopping_mid_run_fails_the_run_and_nothing_is_half_visible() {
 
 #[test]
 fn two_runners_racing_for_one_store_never_both_run() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     // Two machines: two site files (two working directories) on one store.
     let a = S3Site::new(&server, "s3://backups/shared", "");
@@ -397,7 +399,7 @@ fn two_runners_racing_for_one_store_never_both_run() {
 
 #[test]
 fn verify_catches_a_flipped_byte_in_an_object() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     site.run(&["--now", NOW]).expect_code(0);
@@ -424,7 +426,7 @@ fn verify_catches_a_flipped_byte_in_an_object() {
 
 #[test]
 fn retention_prunes_old_runs_and_never_the_last_good_one() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "[retention]\nkeep_last = 1\n");
     let b = bucket(&server, "s3://backups/web1");
@@ -444,9 +446,10 @@ fn retention_prunes_old_runs_and_never_the_last_good_one() {
 }
 
 /// `[[copy]]` for S3: the endpoint of `server`.
-fn copy_table(server: &S3Server, url: &str, retention: &str) -> String {
+fn copy_table(server: &S3Space, url: &str, retention: &str) -> String {
     format!(
-        "[[copy]]\nstore = \"{url}\"\n[copy.s3]\nendpoint = \"{}\"\npath_style = true\npart_size = \"5MiB\"\n{retention}",
+        "[[copy]]\nstore = \"{}\"\n[copy.s3]\nendpoint = \"{}\"\npath_style = true\npart_size = \"5MiB\"\n{retention}",
+        server.url(url),
         server.endpoint()
     )
 }
@@ -456,7 +459,7 @@ fn copy_table(server: &S3Server, url: &str, retention: &str) -> String {
 /// lost, the copies restore it.
 #[test]
 fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     server.create_bucket("vault");
     let site = S3Site::new(&server, "s3://backups/web1", "");
@@ -497,7 +500,8 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
     let verified = site.command(&["verify", "-v"]);
     verified.expect_code(0);
     assert!(
-        verified.stdout.contains("copy 1 (") && verified.stdout.contains("copy 2 (s3://vault/web1)"),
+        verified.stdout.contains("copy 1 (")
+            && verified.stdout.contains(&format!("copy 2 ({})", server.url("s3://vault/web1"))),
         "{}",
         verified.stdout
     );
@@ -540,12 +544,13 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
 /// run copies both runs.
 #[test]
 fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     site.write(&format!("[[copy]]\nstore = \"usb/web1\"\n{}", copy_table(&server, "s3://late/web1", "")));
     let ran = site.run(&["--now", "2004-03-21T01:48:44Z"]);
-    ran.expect_code(0).expect_stderr("copy 2 to s3://late/web1 failed");
+    let late_failed = format!("copy 2 to {} failed", server.url("s3://late/web1"));
+    ran.expect_code(0).expect_stderr(&late_failed);
     assert!(ran.stderr.contains("does not exist"), "{}", ran.stderr);
     // A copy directory that is not there (a disk not mounted) is never
     // made: the copy fails instead of landing under the mount point.
@@ -554,7 +559,7 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
     let first = bucket(&server, "s3://backups/web1");
     let ms = manifests(&first);
     assert_eq!(ms[0]["status"], "warning", "the manifest records the failed copy");
-    assert!(ms[0]["warnings"].to_string().contains("copy 2 to s3://late/web1 failed"), "{}", ms[0]);
+    assert!(ms[0]["warnings"].to_string().contains(&late_failed), "{}", ms[0]);
     let status = site.command(&["status"]);
     assert!(status.stdout.contains("cannot be read"), "{}", status.stdout);
 
@@ -579,7 +584,7 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
 /// `call_timeout`. The run is a warning and its backup stays good.
 #[test]
 fn a_copy_to_a_silent_store_ends_at_the_runs_deadline() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
@@ -610,7 +615,7 @@ fn a_copy_to_a_silent_store_ends_at_the_runs_deadline() {
 /// signature object, and verify checks both.
 #[test]
 fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     let keys = site.dir.path().join("keys");
@@ -683,7 +688,7 @@ fn keys_of(b: &Bucket) -> Vec<String> {
 /// under 64 MiB plus three parts (the one filling and two on the wire).
 #[test]
 fn memory_stays_flat_whatever_the_size_of_an_output() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     let peak = |now: &str| {
@@ -708,7 +713,7 @@ fn memory_stays_flat_whatever_the_size_of_an_output() {
 /// and goes on with the others.
 #[test]
 fn a_tampered_manifest_neither_deletes_the_stores_objects_nor_blocks_copies() {
-    let server = S3Server::start("127.0.0.1");
+    let server = S3Space::shared();
     server.create_bucket("backups");
     let site = S3Site::new(&server, "s3://backups/web1", "");
     site.run(&["--now", "2004-03-21T01:48:44Z"]).expect_code(0);

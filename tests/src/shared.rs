@@ -1,0 +1,122 @@
+//! What the tests of one test process share, and what they share with
+//! other test processes.
+//!
+//! **Shared servers.** Starting SeaweedFS takes about three seconds and a
+//! registry needs a CA and a certificate first, so the tests of one
+//! process share one of each ([`crate::seaweed::S3Space::shared`],
+//! [`crate::registry::Registry::shared`]), started on first use. That is
+//! safe because every test works in a space of its own on it: buckets and
+//! repositories whose names carry a tag no other test uses, its own
+//! credentials files and scratch directories. Nothing a test asserts
+//! depends on a server-wide state (a catalog, a log, the server's
+//! health), and a test that stops, kills or reconfigures a server starts
+//! one of its own. A shared server lives as long as its test process: it
+//! is started from a thread that never ends, with the kernel told to kill
+//! it when that thread's process goes ([`spawn_for_process`]), and its
+//! scratch directory is removed by the next test process that starts one.
+//!
+//! `sshd`, MariaDB and PostgreSQL stay one per test: an `sshd` starts in
+//! tens of milliseconds and its configuration (host key, authorized keys,
+//! forced commands, login shell) is what the tests vary; the database
+//! tests need their login accounts' `~/.my.cnf` and `~/.pgpass` to name
+//! their own server, so they take turns ([`turn`]).
+//!
+//! **Turns.** Tests that use one fixed resource of the machine (a login
+//! account's home directory on the test "servers") take turns through a
+//! lock file, which holds across test processes too (cargo-nextest runs
+//! each test in a process of its own).
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::sync::mpsc::{Sender, channel};
+
+type Spawn = (Command, Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` as a server shared by this process's tests: it is killed
+/// (SIGKILL) when this process ends, however it ends, since no destructor
+/// runs for a shared server.
+///
+/// The kernel's parent-death signal fires when the *thread* that spawned
+/// the child ends, so every shared server is spawned from one thread that
+/// lives as long as the process.
+pub(crate) fn spawn_for_process(cmd: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<Sender<Spawn>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (requests, incoming) = channel::<Spawn>();
+        std::thread::Builder::new()
+            .name("shared-servers".into())
+            .spawn(move || {
+                // Ends only with the process: the sender is in a static.
+                for (mut cmd, reply) in incoming {
+                    // SAFETY: prctl and getppid are async-signal-safe and
+                    // touch no memory of the parent.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the thread that owns shared servers");
+        requests
+    });
+    let (reply, answer) = channel();
+    keeper.send((cmd, reply)).expect("the shared-servers thread runs");
+    answer.recv().expect("the shared-servers thread answers")
+}
+
+/// A scratch directory for a shared server of kind `kind`, named after
+/// this process; directories that earlier test processes left (their pid
+/// no longer runs) are removed first.
+pub(crate) fn shared_scratch(kind: &str) -> PathBuf {
+    let base = std::env::temp_dir().join("offsite-test-shared");
+    std::fs::create_dir_all(&base).expect("create the shared servers' scratch directory");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = base.join(format!("{kind}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a shared server's scratch directory");
+    dir
+}
+
+/// A tag no other space of this process has, for names on shared servers.
+pub(crate) fn unique_tag() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    format!("t{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// A turn at the resource `name`, held until dropped; waits for the test
+/// (in this process or another) that holds it.
+pub struct Turn {
+    _file: std::fs::File,
+}
+
+/// Waits for, and takes, the turn at `name` (see the module's docs).
+pub fn turn(name: &str) -> Turn {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir().join("offsite-test-turns");
+    std::fs::create_dir_all(&dir).expect("create the turns directory");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{name}.lock")))
+        .expect("open a turn's lock file");
+    // SAFETY: flock on a descriptor this function owns.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {name}: {}", std::io::Error::last_os_error());
+    Turn { _file: file }
+}
