@@ -87,7 +87,10 @@ pub fn js_script(bin: &Path, name: &str) -> PathBuf {
     sources.extend(files_under(&sdk.join("wit")));
     let tools = [tool_version("node", &["--version"])];
     let npm_install = |at: &Path| {
-        if at.join("node_modules").is_dir() {
+        // npm writes node_modules/.package-lock.json when an install is
+        // complete: a half-done one (another test's, or a killed one) is
+        // not taken for done.
+        if at.join("node_modules/.package-lock.json").is_file() {
             return;
         }
         // Exactly the locked versions where there is a lock (the SDK).
@@ -100,8 +103,12 @@ pub fn js_script(bin: &Path, name: &str) -> PathBuf {
             .success();
         assert!(ok, "npm install in {} failed", at.display());
     };
-    // The SDK's own install also fills npm's cache, which other tests use.
-    npm_install(&sdk);
+    // The SDK's own install also fills npm's cache, which other tests use;
+    // every JavaScript project's build waits for it.
+    {
+        let _sdk_install = shared::turn("npm-guest-sdk-js");
+        npm_install(&sdk);
+    }
     guest_build(name, &sources, &tools, || {
         npm_install(&dir);
         let status = Command::new(bin)
@@ -275,6 +282,37 @@ pub fn offsite(bin: &Path) -> Command {
     let mut cmd = Command::new(bin);
     cmd.env("OFFSITE_CACHE_DIR", shared_cache_dir()).env_remove("RUST_LOG").env("TZ", "UTC");
     cmd
+}
+
+/// `cmd` (its program, arguments, environment and directory) run under a
+/// small python3 that writes the peak resident memory of what it ran, in
+/// KiB, to `peak_file`. A child forked straight from the test process
+/// would report the test process's memory at the fork as its own peak
+/// (Linux keeps `ru_maxrss` across exec), which in one test binary with
+/// many tests running is anything.
+pub fn with_peak_memory(cmd: &Command, peak_file: &Path) -> Command {
+    const MEASURE: &str = "import resource, subprocess, sys\n\
+        code = subprocess.run(sys.argv[2:]).returncode\n\
+        open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n\
+        sys.exit(code if code >= 0 else 128 - code)\n";
+    let mut wrapped = Command::new("python3");
+    wrapped.arg("-c").arg(MEASURE).arg(peak_file).arg(cmd.get_program()).args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
+}
+
+/// The peak written by a [`with_peak_memory`] command, in MiB.
+pub fn peak_memory_mib(peak_file: &Path) -> u64 {
+    let text = std::fs::read_to_string(peak_file).unwrap_or_else(|e| panic!("read {}: {e}", peak_file.display()));
+    text.trim().parse::<u64>().unwrap_or_else(|e| panic!("peak {text:?}: {e}")) / 1024
 }
 
 /// The result of one run, with helpers for assertions.

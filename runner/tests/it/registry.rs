@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use offsite_testkit::registry::{Machine, PASSWORD, Registry, USER};
-use offsite_testkit::{Ran, offsite, rebuilt, script, ssh_keypair};
+use offsite_testkit::{Ran, offsite, peak_memory_mib, rebuilt, script, ssh_keypair, with_peak_memory};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 const IP: &str = "127.0.0.5";
@@ -900,27 +900,21 @@ fn a_huge_manifest_is_refused_without_being_held() {
     std::fs::create_dir_all(&certs).unwrap();
     std::fs::copy(reg.ca_file(), certs.join("ca.crt")).unwrap();
     let errors = m.dir.path().join("stderr");
+    let peak = m.dir.path().join("peak");
     let mut cmd = offsite(Path::new(BIN));
     m.apply(&reg, &mut cmd);
-    // Reaped by wait4 below, which also reports its peak memory.
-    #[allow(clippy::zombie_processes)]
-    let child = cmd
-        .args(["script", "pull", &format!("oci://{addr}/offsite/arc:live")])
+    cmd.args(["script", "pull", &format!("oci://{addr}/offsite/arc:live")]);
+    let status = with_peak_memory(&cmd, &peak)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&errors).unwrap())
-        .spawn()
+        .status()
         .unwrap();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 fills it for our child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     let _ = server.kill();
     let _ = server.wait();
-    assert_eq!(waited, child.id() as i32);
     let stderr = std::fs::read_to_string(&errors).unwrap();
-    assert_eq!(libc::WEXITSTATUS(status), 2, "{stderr}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("the manifest is longer than 262144 bytes"), "{stderr}");
-    let peak_mib = usage.ru_maxrss / 1024;
+    let peak_mib = peak_memory_mib(&peak);
     assert!(peak_mib < 128, "the pull peaked at {peak_mib} MiB on a 512 MiB answer");
 }
 
