@@ -347,6 +347,64 @@ fn a_version_whose_dry_run_never_ends_is_stopped_and_refused() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
 }
 
+/// `script diff` (and `script update`, which shows it) says its dry runs
+/// contact no server: a version that fetches a file must not log in to
+/// look it up either. The same site's plain dry run does log in, so the
+/// check of sshd's log can fail.
+#[test]
+fn script_diff_logs_in_nowhere_even_for_a_script_that_fetches() {
+    let server = Sshd::start("127.0.0.2");
+    let files = server.files();
+    std::fs::write(files.join("userdb.tgz"), "archive").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ssh_config"), "").unwrap();
+    let site = dir.path().join("db.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"b\"\nssh_config = \"ssh_config\"\n[params]\nmode = \"command\"\n\
+             commands = \"server1:{0}/dbbackup.sh:{0}/userdb.tgz\"\n\n{1}",
+            files.display(),
+            server.host_section(
+                "server1",
+                &format!("commands = [[\"{0}/dbbackup.sh\"]]\nfetch = [\"{0}/*.tgz\"]", files.display())
+            )
+        ),
+    )
+    .unwrap();
+    // From a script that calls nothing, so every call is new and listed.
+    let mysql_pull = script("mysql-pull");
+    let ran = Ran::from_output(
+        offsite(Path::new(BIN))
+            .args(["script", "diff"])
+            .arg(script("noop"))
+            .arg(&mysql_pull)
+            .arg("--site")
+            .arg(&site)
+            .env_remove("SSH_AUTH_SOCK")
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("no server contacted"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("userdb.tgz"), "the fetch is among the calls: {}", ran.stdout);
+    let log = server.log();
+    assert!(!log.contains("Accepted"), "script diff logged in:\n{log}");
+
+    let dry = Ran::from_output(
+        offsite(Path::new(BIN))
+            .args(["run", "--dry-run"])
+            .arg(&mysql_pull)
+            .arg("--site")
+            .arg(&site)
+            .env_remove("SSH_AUTH_SOCK")
+            .output()
+            .unwrap(),
+    );
+    dry.expect_code(0);
+    assert!(server.log().contains("Accepted"), "a plain dry run logs in:\n{}", server.log());
+}
+
 /// A site's lock file that cannot be read stops every run of a registry
 /// script; check says so instead of passing.
 #[test]
