@@ -123,6 +123,24 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                 json["copies"] = copies(site, &mine, &mut text).into();
             }
             match root.holders() {
+                // An S3 store's lock is an object that outlives its holder
+                // until it is stale; a holder on this machine whose process
+                // is gone is not running, whatever the object says.
+                (Some(h), _) if h.hostname == crate::store::run::hostname() && !process_exists(h.pid) => {
+                    failing = true;
+                    json["interrupted"] = serde_json::json!({
+                        "run_id": h.run_id, "pid": h.pid, "hostname": h.hostname, "started": h.started,
+                    });
+                    let _ = writeln!(
+                        text,
+                        "  running:   no; run {} (pid {} on this machine, started {}) was killed or crashed before \
+                         it finished; the store's lock it held is taken over once it is stale (`lock_stale`), and \
+                         the run that takes it recovers it",
+                        h.run_id,
+                        h.pid,
+                        local(&h.started)
+                    );
+                }
                 (Some(h), _) => {
                     json["running"] = serde_json::json!({ "pid": h.pid, "hostname": h.hostname, "started": h.started });
                     let _ =
@@ -167,12 +185,32 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                 let _ = writeln!(text, "  next run:  never ({} has no future time)", s.expression);
             }
         },
-        None => {
-            let _ = writeln!(text, "  next run:  not scheduled (the site has no `schedule`; cron runs it)");
-        }
+        None => match crate::systemd::enabled_timer(file) {
+            // The shipped timer's own calendar, which the generator leaves
+            // alone for a site without a schedule.
+            Some(timer) => {
+                let _ = writeln!(
+                    text,
+                    "  next run:  daily at midnight ({timer} is enabled and the site has no `schedule`: the \
+                     timer's default)"
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    text,
+                    "  next run:  not scheduled here (the site has no `schedule` and no enabled offsite@ timer; \
+                     cron or another scheduler runs it)"
+                );
+            }
+        },
     }
     json["failing"] = failing.into();
     SiteStatus { text, failing, json }
+}
+
+/// Whether a process with this pid runs on this machine.
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn local(rfc3339: &str) -> String {

@@ -12,7 +12,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod tar_walk;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
 
@@ -123,20 +123,52 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
         }
     };
     let active = root.holder().map(|h| h.run_id);
-    let mut unlisted = Vec::new();
+    let mut found = Vec::new();
     walk(&root.dir, Path::new(""), &mut |rel| {
-        if owners.contains_key(rel) || is_bookkeeping(rel, active.as_deref()) {
-            return;
+        if !owners.contains_key(rel) && !is_bookkeeping(rel, active.as_deref()) {
+            found.push(rel.to_path_buf());
         }
-        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        unlisted.push(if name.starts_with(TEMP_PREFIX) {
-            format!("{}: a leftover temporary file of an interrupted run (the next run removes it)", rel.display())
-        } else if name.ends_with(".json.pruning") {
-            format!("{}: an interrupted prune (the next prune finishes it)", rel.display())
-        } else {
-            format!("{}: unlisted: no manifest lists this file", rel.display())
-        });
     })?;
+    // A run that was killed or crashed left its journal (and what it had
+    // staged) in `.offsite/runs/`; the next run records it as interrupted.
+    let runs = Path::new(META_DIR).join("runs");
+    let interrupted: BTreeSet<String> = found
+        .iter()
+        .filter_map(|rel| rel.strip_prefix(&runs).ok()?.to_str()?.strip_suffix(".journal").map(str::to_string))
+        .collect();
+    let unlisted: Vec<String> = found
+        .iter()
+        .map(|rel| {
+            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let run = rel
+                .strip_prefix(&runs)
+                .ok()
+                .and_then(|r| r.components().next())
+                .map(|c| c.as_os_str().to_string_lossy().into_owned());
+            let of_interrupted = |run: &str| interrupted.contains(run.strip_suffix(".journal").unwrap_or(run));
+            match run {
+                Some(run) if run.ends_with(".journal") && of_interrupted(&run) => format!(
+                    "{}: the journal of run {}, which was interrupted (killed or crashed); the next run of the \
+                     site records it as interrupted",
+                    rel.display(),
+                    run.trim_end_matches(".journal")
+                ),
+                Some(run) if of_interrupted(&run) => format!(
+                    "{}: staged by run {run}, which was interrupted before it finished; the next run of the site \
+                     records that run as interrupted",
+                    rel.display()
+                ),
+                _ if name.starts_with(TEMP_PREFIX) => format!(
+                    "{}: a leftover temporary file of an interrupted run (the next run removes it)",
+                    rel.display()
+                ),
+                _ if name.ends_with(".json.pruning") => {
+                    format!("{}: an interrupted prune (the next prune finishes it)", rel.display())
+                }
+                _ => format!("{}: unlisted: no manifest lists this file", rel.display()),
+            }
+        })
+        .collect();
     if root.is_shared() {
         // The current directory of runs without a site: its other files
         // are the user's, not problems.

@@ -587,6 +587,12 @@ fn status_sees_a_killed_run_and_an_unreadable_store() {
     let ran = Ran::from_output(offsite(Path::new(BIN)).arg("status").arg(&file).output().unwrap());
     ran.expect_code(1);
     assert!(ran.stdout.contains("was killed or crashed before it finished"), "{}", ran.stdout);
+    // verify calls its journal what it is, not an unlisted file.
+    let verified = Ran::from_output(offsite(Path::new(BIN)).arg("verify").arg(&file).output().unwrap());
+    let said = format!("{}{}", verified.stdout, verified.stderr);
+    assert!(said.contains(".journal: the journal of run "), "{said}");
+    assert!(said.contains("which was interrupted (killed or crashed)"), "{said}");
+    assert!(!said.contains("unlisted"), "{said}");
 
     // Unreadable: a store directory whose .offsite cannot be opened.
     let other = Site::new();
