@@ -21,7 +21,7 @@
 //!   [`KILL_AFTER`] SIGKILL. A second SIGTERM/SIGINT skips the grace.
 //!   SIGHUP re-reads every site and script (and re-lists directories).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write as _;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -238,6 +238,20 @@ enum Message {
     Signal(i32),
     /// A reload worked out off the loop, by its number.
     Prepared(u64, Box<crate::reload::Prepared>),
+    /// A refused site file loaded again off the loop: its entry, or why not.
+    Loaded(PathBuf, std::result::Result<Box<Entry>, String>),
+}
+
+/// A site file that does not load (bad TOML, a script that does not
+/// compile or validate, no schedule): refused, logged once, and tried
+/// again when it changes or on SIGHUP; every other site keeps its
+/// schedule meanwhile.
+struct Refused {
+    error: String,
+    /// When to try again (the debounce after a change).
+    retry_at: Option<Instant>,
+    /// A load under way on its thread.
+    loading: bool,
 }
 
 /// How long a reload may take (a registry that trickles, a compile) before
@@ -245,8 +259,9 @@ enum Message {
 /// (5 minutes an operation) end it sooner.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Runs `offsite watch` until SIGTERM or SIGINT. Every site must load and
-/// validate at start-up; later, bad versions are refused one by one.
+/// Runs `offsite watch` until SIGTERM or SIGINT. A site that does not load
+/// or validate is refused (logged, tried again when its file changes), and
+/// the others run on; later, bad versions are refused one by one.
 pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
     if options.jobs == 0 {
         bail!("--jobs must be at least 1");
@@ -257,7 +272,7 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
         bail!("no site files in {}", args.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", "));
     }
     let mut entries = Vec::new();
-    let mut problems = Vec::new();
+    let mut refused = BTreeMap::new();
     let now = Utc::now();
     for file in &files {
         match load_entry(&runtime, file, &options, now) {
@@ -265,11 +280,12 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
                 let queued = fire.and_then(|f| announce(&entry.name(), &f)).map(|why| (Instant::now(), why));
                 entries.push(Entry { queued, ..entry });
             }
-            Err(e) => problems.push(format!("{e:#}")),
+            Err(e) => {
+                let error = format!("{e:#}");
+                log_refused(file, &error);
+                refused.insert(absolute(file), Refused { error, retry_at: None, loading: false });
+            }
         }
-    }
-    if !problems.is_empty() {
-        bail!("{}", problems.join("\n"));
     }
 
     let (tx, rx) = std::sync::mpsc::channel();
@@ -288,6 +304,7 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
         options,
         args: args.to_vec(),
         entries,
+        refused,
         snapshots: Snapshots::new()?,
         watched: BTreeSet::new(),
         stopping: None,
@@ -309,6 +326,20 @@ pub fn watch(args: &[PathBuf], options: Options) -> Result<()> {
     }
     state.run(&rx, &mut watcher);
     Ok(())
+}
+
+/// The site file as the watcher keys it (absolute, as the entries' are).
+fn absolute(file: &Path) -> PathBuf {
+    std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf())
+}
+
+fn log_refused(file: &Path, error: &str) {
+    log::error!(
+        target: "offsite::watch",
+        "site file {} is refused, and the other sites keep their schedules: {error} (it is loaded again when \
+         it changes, or on SIGHUP)",
+        file.display()
+    );
 }
 
 /// Logs what start-up found about missed runs; the reason to queue a run.
@@ -394,6 +425,8 @@ struct Watch {
     options: Options,
     args: Vec<PathBuf>,
     entries: Vec<Entry>,
+    /// Site files that do not load, by absolute path.
+    refused: BTreeMap<PathBuf, Refused>,
     snapshots: Snapshots,
     watched: BTreeSet<PathBuf>,
     /// Since SIGTERM/SIGINT: when the grace period ends.
@@ -414,7 +447,11 @@ impl Watch {
             .map(|(at, name)| format!("; next: {name} at {}", local(&at)))
             .unwrap_or_default();
         let what = if self.stopping.is_some() { "stopping: " } else { "" };
-        format!("{what}{} site(s), {running} running{next}", self.entries.len())
+        let refused = match self.refused.len() {
+            0 => String::new(),
+            n => format!(", {n} refused (see the log)"),
+        };
+        format!("{what}{} site(s){refused}, {running} running{next}", self.entries.len())
     }
 
     /// Tells systemd the status when it changed (nothing outside systemd).
@@ -439,6 +476,7 @@ impl Watch {
                 self.stop_runs(grace_end);
             } else {
                 self.reload_due();
+                self.retry_refused();
                 self.fire_due(Utc::now());
                 self.start_queued();
             }
@@ -452,6 +490,9 @@ impl Watch {
             for at in idle.flat_map(|e| e.reload_at.into_iter().chain(e.poll_at)) {
                 wait = wait.min(at.saturating_duration_since(now));
             }
+            for at in self.refused.values().filter(|r| !r.loading).filter_map(|r| r.retry_at) {
+                wait = wait.min(at.saturating_duration_since(now));
+            }
             if let Some(next) = self.entries.iter().filter_map(|e| e.timer.as_ref()?.next()).min() {
                 let until = (next - Utc::now()).to_std().unwrap_or_default();
                 wait = wait.min(until);
@@ -460,6 +501,7 @@ impl Watch {
                 Ok(Message::Files(paths)) => self.touched(&paths),
                 Ok(Message::Signal(signal)) => self.signal(signal, watcher),
                 Ok(Message::Prepared(number, prepared)) => self.prepared(number, *prepared, watcher),
+                Ok(Message::Loaded(file, loaded)) => self.loaded(file, loaded, watcher),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -472,6 +514,66 @@ impl Watch {
         for e in &mut self.entries {
             if paths.iter().any(|p| e.files().contains(p)) {
                 e.reload_at = Some(at);
+            }
+        }
+        for (file, r) in &mut self.refused {
+            if paths.contains(file) {
+                r.retry_at = Some(at);
+            }
+        }
+    }
+
+    /// Loads again, each on a thread of its own, the refused site files
+    /// whose debounce ran out.
+    fn retry_refused(&mut self) {
+        let now = Instant::now();
+        for (file, r) in &mut self.refused {
+            if r.loading || r.retry_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            r.retry_at = None;
+            r.loading = true;
+            let (runtime, tx, options, path) =
+                (Arc::clone(&self.runtime), self.tx.clone(), self.options.clone(), file.clone());
+            let spawned = std::thread::Builder::new().name("load".into()).spawn(move || {
+                let loaded = load_entry(&runtime, &path, &options, Utc::now())
+                    .map(|(entry, _)| Box::new(entry))
+                    .map_err(|e| format!("{e:#}"));
+                let _ = tx.send(Message::Loaded(path, loaded));
+            });
+            if let Err(err) = spawned {
+                log::error!(target: "offsite::watch", "cannot load {} again: {err}", file.display());
+                r.loading = false;
+            }
+        }
+    }
+
+    /// Takes a refused site file's new load: it joins the sites, or stays
+    /// refused (logged again only when the reason changed).
+    fn loaded(
+        &mut self,
+        file: PathBuf,
+        loaded: std::result::Result<Box<Entry>, String>,
+        watcher: &mut impl notify::Watcher,
+    ) {
+        let Some(r) = self.refused.get_mut(&file) else { return };
+        r.loading = false;
+        if self.stopping.is_some() {
+            return;
+        }
+        match loaded {
+            Ok(entry) => {
+                self.refused.remove(&file);
+                log::info!(target: "offsite::watch", "site {}: {} loads now; added", entry.name(), file.display());
+                self.entries.push(*entry);
+                self.rewatch(watcher);
+            }
+            Err(error) if error == r.error => {
+                log::debug!(target: "offsite::watch", "site file {} is still refused: {error}", file.display());
+            }
+            Err(error) => {
+                log_refused(&file, &error);
+                r.error = error;
             }
         }
     }
@@ -535,9 +637,14 @@ impl Watch {
                 log::info!(target: "offsite::watch", "site {}: {} is no longer listed; dropping it", e.name(), e.slot.site_file.display());
             }
         }
+        // Refused files that are still listed are tried again now.
+        self.refused.retain(|file, _| listed.contains(file));
+        for r in self.refused.values_mut() {
+            r.retry_at = Some(Instant::now());
+        }
         let now = Utc::now();
         for file in listed {
-            if self.entries.iter().any(|e| e.slot.site_file == file) {
+            if self.entries.iter().any(|e| e.slot.site_file == file) || self.refused.contains_key(&file) {
                 continue;
             }
             match load_entry(&self.runtime, &file, &self.options, now) {
@@ -545,7 +652,11 @@ impl Watch {
                     log::info!(target: "offsite::watch", "site {}: added ({})", entry.name(), file.display());
                     self.entries.push(entry);
                 }
-                Err(e) => log::error!(target: "offsite::watch", "not adding {}: {e:#}", file.display()),
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    log_refused(&file, &error);
+                    self.refused.insert(file, Refused { error, retry_at: None, loading: false });
+                }
             }
         }
         self.drop_retired();
@@ -681,8 +792,13 @@ impl Watch {
     /// Watches the directories of every site and script file, and only
     /// those.
     fn rewatch(&mut self, watcher: &mut impl notify::Watcher) {
-        let wanted: BTreeSet<PathBuf> =
-            self.entries.iter().flat_map(|e| e.files()).filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        let wanted: BTreeSet<PathBuf> = self
+            .entries
+            .iter()
+            .flat_map(|e| e.files())
+            .chain(self.refused.keys().cloned())
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .collect();
         for dir in self.watched.difference(&wanted) {
             let _ = watcher.unwatch(dir);
         }

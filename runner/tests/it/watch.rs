@@ -541,6 +541,48 @@ fn sighup_rereads_and_picks_up_new_sites_in_a_directory() {
     assert!(w.stop().success());
 }
 
+/// One bad site file never stops the watcher (nor, under systemd, every
+/// other site with it): it is refused and logged once, the good site runs
+/// on, and the bad one joins once it is fixed.
+#[test]
+fn a_site_that_does_not_load_is_refused_and_the_others_run_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites");
+    std::fs::create_dir(&sites).unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("src/file"), "data\n").unwrap();
+    std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
+    let site = |name: &str| {
+        format!(
+            "name = \"{name}\"\nstore = \"../store-{name}\"\nscript = \"../fixture.wasm\"\n[read]\nroots = \
+             [\"../src\"]\n[params]\ncase = \"tar\"\narg = \"../src\"\n"
+        )
+    };
+    std::fs::write(sites.join("a.toml"), site("a")).unwrap();
+    std::fs::write(sites.join("b.toml"), "name = \"b\"\nstore = \n").unwrap();
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.arg("watch").arg(&sites).arg("--run-on-change").arg("--debounce").arg("50ms");
+    // Refused before the good site is watched (which `start` waits for).
+    let mut w = Watcher::start(cmd);
+    assert!(w.log().contains("b.toml is refused, and the other sites keep their schedules"), "{}", w.log());
+    // The good site runs on a change of its own.
+    replace(&sites.join("a.toml"), format!("{}# edited\n", site("a")).as_bytes());
+    w.wait_for("site a: reloaded");
+    let deadline = Instant::now() + PATIENCE;
+    while manifests(&dir.path().join("store-a")).is_empty() {
+        assert!(Instant::now() < deadline, "site a never ran:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same mistake saved again is not logged again; the fix is taken.
+    std::fs::write(sites.join("b.toml"), "name = \"b\"\nstore = \n").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::write(sites.join("b.toml"), site("b")).unwrap();
+    w.wait_for("site b: ");
+    assert!(w.log().contains("b.toml loads now; added"), "{}", w.log());
+    assert_eq!(w.log().matches("is refused").count(), 1, "{}", w.log());
+    assert!(w.stop().success());
+}
+
 #[test]
 fn a_thousand_reloads_grow_neither_memory_nor_file_descriptors() {
     let mut site = Site::new("case = \"tar\"\narg = \"src\"");
