@@ -80,6 +80,29 @@ pub fn check(
             s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_key, connect);
         }
     }
+    for (i, copy) in site.copies.iter().enumerate() {
+        let n = i + 1;
+        match &copy.store {
+            crate::site::StoreAt::Dir(dir) => {
+                let _ = writeln!(out, "  copies each run's files to {} (copy {n})", dir.display());
+                if !dir.is_dir() {
+                    let _ = writeln!(
+                        out,
+                        "    warning: it does not exist (a disk not mounted?); runs never create a copy's \
+                         directory, so copy {n} fails with a warning until it is there (mkdir -m 700 {})",
+                        dir.display()
+                    );
+                } else if let Err(e) = probe_writable(dir) {
+                    let _ = writeln!(out, "    warning: it is not writable ({e}); copy {n} fails with a warning");
+                }
+            }
+            crate::site::StoreAt::S3(spec) => {
+                let _ = writeln!(out, "  copies each run's objects to {} (copy {n})", spec.location);
+                let at_copy = |_: &str, _: &str| format!("{file}: [[copy]] {n}");
+                s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_copy, connect);
+            }
+        }
+    }
     if site.read_roots.is_empty() {
         let _ = writeln!(out, "  reads no local files");
     }
@@ -736,7 +759,9 @@ fn s3_report(
         let fix = match &e {
             crate::s3::S3Error::Denied(_) => "check the key pair and what the bucket's policy grants it",
             crate::s3::S3Error::NoBucket(_) => "create the bucket, or fix its name in `store`",
-            crate::s3::S3Error::Unreachable(_) => "check [s3] endpoint, and that the server is up",
+            crate::s3::S3Error::Unreachable(_) | crate::s3::S3Error::ServerFailed(_) => {
+                "check [s3] endpoint, and that the server (and the storage behind it) is up"
+            }
             _ => "check [s3] and the store's URL",
         };
         let _ = writeln!(out, "    cannot reach the store");
@@ -898,6 +923,9 @@ fn connect_fix(e: &crate::transport::TransportError) -> String {
         }
         T::ChangedHostKey { .. } => {
             "find out why the key changed before trusting the new one; then replace the old line".into()
+        }
+        T::AuthFailed { detail, .. } if detail.starts_with("this side") => {
+            "make the key usable on this side first (the agent, keychain or `passphrase`), as the message says".into()
         }
         T::AuthFailed { .. } => {
             "install the backup key's public half in the account's authorized_keys, or load it into the agent".into()

@@ -504,7 +504,10 @@ enum Held {
 /// or a bad setting are the site's to fix (exit 2); an unreachable server
 /// fails the backup (exit 1).
 fn s3_failure(e: S3Error) -> Failure {
-    let exit = if matches!(e, S3Error::Unreachable(_)) { Exit::BackupFailed } else { Exit::Usage };
+    // An outage (nothing answers, or the server says it failed) fails the
+    // backup; settings the server refuses (keys, bucket) are the site's.
+    let exit =
+        if matches!(e, S3Error::Unreachable(_) | S3Error::ServerFailed(_)) { Exit::BackupFailed } else { Exit::Usage };
     Failure { exit, error: anyhow!("{e}") }
 }
 

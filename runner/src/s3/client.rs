@@ -38,6 +38,10 @@ pub enum S3Error {
     NoBucket(String),
     /// Nothing answered, or not in time.
     Unreachable(String),
+    /// The server answered that it failed (a 5xx: its storage behind the
+    /// gateway is down, it is overloaded): an outage, like `Unreachable`,
+    /// not a mistake in the site's settings.
+    ServerFailed(String),
     Other(String),
 }
 
@@ -49,6 +53,7 @@ impl std::fmt::Display for S3Error {
             | S3Error::Denied(m)
             | S3Error::NoBucket(m)
             | S3Error::Unreachable(m)
+            | S3Error::ServerFailed(m)
             | S3Error::Other(m) => f.write_str(m),
         }
     }
@@ -488,6 +493,9 @@ impl Bucket {
             "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "AccessDenied" => {
                 S3Error::Denied(format!("{shown}: the server refused us ({})", clean(&code)))
             }
+            _ if status.is_server_error() => {
+                S3Error::ServerFailed(format!("{shown}: the server failed: {} {}", status.as_u16(), clean(&code)))
+            }
             _ => S3Error::Other(format!("{shown}: {} {}", status.as_u16(), clean(&code))),
         })
     }
@@ -609,6 +617,10 @@ fn classify(what: &str, e: object_store::Error) -> S3Error {
             S3Error::Denied(format!("{what}: access denied: {}", clean(&text)))
         }
         _ if unanswered => S3Error::Unreachable(format!("{what}: cannot reach the server: {}", clean(&text))),
+        // object_store's words for an answer it gave up on after retries.
+        _ if text.contains("non-2xx status code: 5") => {
+            S3Error::ServerFailed(format!("{what}: the server failed: {}", clean(&text)))
+        }
         _ => S3Error::Other(format!("{what}: {}", clean(&text))),
     }
 }
@@ -741,7 +753,7 @@ mod tests {
         // A server's answer that names a key with such words in it.
         let answered = "PUT http://h/b/reconnect-timed-out-NoSuchBucket.tgz - Server returned non-2xx status \
                         code: 500: <Error><Code>InternalError</Code></Error>";
-        assert!(matches!(classify("s3://b/k", generic(answered.into())), S3Error::Other(_)));
+        assert!(matches!(classify("s3://b/k", generic(answered.into())), S3Error::ServerFailed(_)));
         let no_bucket = "Server returned non-2xx status code: 404: <Error><Code>NoSuchBucket</Code></Error>";
         assert!(matches!(classify("s3://b/k", generic(no_bucket.into())), S3Error::NoBucket(_)));
         let denied = "Server returned non-2xx status code: 403: <Error><Code>InvalidAccessKeyId</Code></Error>";

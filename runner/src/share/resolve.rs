@@ -170,13 +170,43 @@ pub struct Verified {
 /// The signer of `fetched` under the site's `script_signers`: `None` when
 /// the site does not check; an error (naming what was found and the file
 /// consulted) when it checks and no signature passes.
+///
+/// A stored registry script whose stored signatures do not pass is not
+/// refused on them alone: a signature may have been added to the registry
+/// since it was pulled, so the registry is asked for its signatures first
+/// (only on this path: a script that passes never touches the network).
 pub fn check_signer(fetched: &Fetched, signers: Option<&Path>) -> Result<Option<Verified>> {
     let Some(file) = signers else { return Ok(None) };
     let allowed = AllowedSigners::load(file)?;
-    let (signer, i, _) = allowed
-        .verify_script(&fetched.bytes, fetched.repository().as_deref(), &fetched.signatures)
-        .map_err(|why| anyhow!("refusing to run {}: {why}", fetched.source))?;
-    Ok(Some(Verified { signer, signature: fetched.signatures[i].clone() }))
+    let verify = |signatures: &[Vec<u8>]| {
+        allowed
+            .verify_script(&fetched.bytes, fetched.repository().as_deref(), signatures)
+            .map(|(signer, i, _)| Verified { signer, signature: signatures[i].clone() })
+    };
+    let why = match verify(&fetched.signatures) {
+        Ok(verified) => return Ok(Some(verified)),
+        Err(why) => why,
+    };
+    let Some(r) = fetched.source.parse::<OciRef>().ok().filter(|r| r.digest.is_some()) else {
+        bail!("refusing to run {}: {why}", fetched.source);
+    };
+    let refreshed = ScriptCache::open_default().and_then(|cache| {
+        let pulled = Registry::connect(&r.registry)?.pull(&cache, &r)?;
+        cache.signatures(&pulled.record.component)
+    });
+    match refreshed {
+        Ok(signatures) => match verify(&signatures) {
+            Ok(verified) => {
+                log::info!(target: "offsite::script", "{}: a signature added since it was pulled passes", fetched.source);
+                Ok(Some(verified))
+            }
+            Err(why) => bail!("refusing to run {}: {why} (signatures asked of the registry again)", fetched.source),
+        },
+        Err(e) => bail!(
+            "refusing to run {}: {why} (the registry could not be asked for newer signatures: {e:#})",
+            fetched.source
+        ),
+    }
 }
 
 fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {

@@ -665,7 +665,7 @@ impl OpenError {
     pub fn is_config(&self) -> bool {
         match self {
             OpenError::Dir(_) => true,
-            OpenError::S3(e) => !matches!(e, S3Error::Unreachable(_)),
+            OpenError::S3(e) => !matches!(e, S3Error::Unreachable(_) | S3Error::ServerFailed(_)),
         }
     }
 }

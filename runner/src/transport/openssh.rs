@@ -356,7 +356,25 @@ impl OpenSsh {
             // With no identity and no agent, this side had no key to offer:
             // say so first, and where the agent was looked for, rather
             // than blame the server.
-            let mut detail = if self.agent.is_none() && conn.cfg.identity.is_none() {
+            // A key with a passphrase that nothing can open (no agent, no
+            // `passphrase`): ssh could not use it, so the fault is here too.
+            let locked = conn
+                .cfg
+                .identity
+                .as_deref()
+                .filter(|key| conn.cfg.passphrase.is_none() && key_has_passphrase(key));
+            let mut detail = if let Some(key) = locked {
+                let agent = match &self.agent {
+                    None => format!("no ssh-agent was found ({})", self.agent_looked.join("; ")),
+                    Some(sock) => format!("the ssh-agent at {} does not hold it", sock.display()),
+                };
+                format!(
+                    "this side could not use its key: {} has a passphrase and {agent}; add it to the agent \
+                     (keychain) for this user, or give the host a `passphrase` (server: {})",
+                    key.display(),
+                    line.trim()
+                )
+            } else if self.agent.is_none() && conn.cfg.identity.is_none() {
                 format!(
                     "this side had no key to offer: no ssh-agent was found ({}) and the host has no `identity`; \
                      start the agent (keychain) for this user, or set `identity` (server: {})",
@@ -651,6 +669,17 @@ impl Drop for OpenSshProcess {
             self.kill();
         }
     }
+}
+
+/// Whether the private key file is protected by a passphrase (OpenSSH's
+/// format, or an old PEM file marked ENCRYPTED). A file that cannot be
+/// read or parsed counts as not: ssh's own message says what is wrong.
+fn key_has_passphrase(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return true;
+    }
+    ssh_key::PrivateKey::from_openssh(&text).is_ok_and(|key| key.is_encrypted())
 }
 
 fn read_lossy(path: &Path) -> String {

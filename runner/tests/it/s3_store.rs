@@ -285,6 +285,12 @@ fn a_run_killed_mid_upload_leaves_nothing_visible_and_the_next_run_recovers() {
     assert_eq!(b.head(ARCHIVE).unwrap(), None, "nothing visible");
     assert!(server.pending_uploads("backups") > 0, "the killed run's upload is left");
     assert!(keys(&b).iter().any(|k| k.ends_with(".journal")), "{:?}", keys(&b));
+    // Its lock object is still fresh, but status on this machine sees that
+    // its process is gone.
+    let status = site.command(&["status"]);
+    status.expect_code(1);
+    assert!(status.stdout.contains("was killed or crashed before it finished"), "{}", status.stdout);
+    assert!(!status.stdout.contains("running:   yes"), "{}", status.stdout);
 
     // Its lock is stale after 10 s (the site's lock_stale): until then
     // the next run is turned away, after it the next run takes over.
@@ -365,6 +371,51 @@ fn the_server_stopping_mid_run_fails_the_run_and_nothing_is_half_visible() {
     ran.expect_code(0);
     assert_eq!(server.pending_uploads("backups"), 0);
     site.command(&["verify"]).expect_code(0);
+}
+
+/// An outage exits 1 (the backup failed) whichever part of the server is
+/// down: nothing listening, or a gateway that answers but whose storage
+/// fails (5xx). Only the site's own settings (keys, bucket) exit 2.
+#[test]
+fn an_outage_exits_1_whichever_part_of_the_server_is_down() {
+    use std::io::{BufRead, BufReader, Write};
+    let failing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let failing_endpoint = format!("http://{}", failing.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in failing.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let body = "<?xml version=\"1.0\"?><Error><Code>ServiceUnavailable</Code><Message>the storage \
+                            behind this gateway is down</Message></Error>";
+                let _ = write!(
+                    &stream,
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let server = S3Space::shared();
+    for endpoint in [failing_endpoint, closed] {
+        let mut site = S3Site::new(&server, "s3://backups/web1", "[limits]\ncall_timeout = \"10s\"\n");
+        site.endpoint = endpoint.clone();
+        site.write("[limits]\ncall_timeout = \"10s\"\n");
+        let ran = site.run(&["--now", NOW]);
+        assert_eq!(ran.code, 1, "{endpoint}: {}", ran.stderr);
+    }
+    // The same site against the real server with a bucket that is not
+    // there: the site's mistake, exit 2.
+    let site = S3Site::new(&server, "s3://never-made/web1", "");
+    site.run(&["--now", NOW]).expect_code(2).expect_stderr("does not exist");
 }
 
 #[test]
@@ -556,6 +607,14 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
     // made: the copy fails instead of landing under the mount point.
     assert!(ran.stderr.contains("a disk not mounted?"), "{}", ran.stderr);
     assert!(!site.dir.path().join("usb").exists());
+    // check names both copies and what is wrong with each.
+    let checked = site.command(&["check", "--connect"]);
+    assert!(checked.stdout.contains("usb/web1 (copy 1)"), "{}", checked.stdout);
+    assert!(checked.stdout.contains("copy 1 fails with a warning until it is there"), "{}", checked.stdout);
+    assert!(checked.stdout.contains("late"), "{}", checked.stdout);
+    assert!(checked.stdout.contains("(copy 2)"), "{}", checked.stdout);
+    checked.expect_code(2);
+    assert!(checked.stderr.contains("[[copy]] 2") && checked.stderr.contains("create the bucket"), "{}", checked.stderr);
     let first = bucket(&server, "s3://backups/web1");
     let ms = manifests(&first);
     assert_eq!(ms[0]["status"], "warning", "the manifest records the failed copy");

@@ -741,6 +741,27 @@ fn no_agent_is_reported_on_this_side_with_where_it_was_looked_for() {
     let ran = Ran::from_output(cmd.env("SSH_AUTH_SOCK", &dead).output().unwrap());
     ran.expect_code(1);
     assert!(ran.stderr.contains(&format!("SSH_AUTH_SOCK={}: no such socket", dead.display())), "{}", ran.stderr);
+
+    // An `identity` with a passphrase and no agent to open it: also this
+    // side's fault, never "the server refused every key".
+    let key = site.path("home/id_pass");
+    std::fs::copy(server.client_key(), &key).unwrap();
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "", "-N", "correct horse", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    site.hosts.clear();
+    site.hosts.push(format!("{section}\n").replace(
+        &format!("identity = \"{}\"", server.client_key().display()),
+        &format!("identity = \"{}\"", key.display()),
+    ));
+    let ran = site.run(&[("op", "exec"), ("argv", "true")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("this side could not use its key"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("has a passphrase and no ssh-agent was found"), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("refused every key"), "{}", ran.stderr);
 }
 
 /// The clients stay in the run's session (one scheduler autogroup: the run
