@@ -5,7 +5,9 @@
 //!
 //! - Rust (`Cargo.toml`): `cargo build --release --target wasm32-wasip2`.
 //! - Python (`app.py`): `componentize-py` against the SDK's WIT, with the
-//!   installed `offsite_sdk` package on its path.
+//!   installed `offsite_sdk` package on its path, and the `script` world
+//!   narrowed to the interfaces the project's code names, so the component
+//!   imports only what the script uses (as a Rust or JavaScript one does).
 //! - JavaScript (`package.json` and `app.js`): the SDK's own
 //!   `offsite-sdk-build` (esbuild bundle, then componentize-js), from the
 //!   project's `node_modules` (`npm install` first).
@@ -143,11 +145,17 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
     if !wit.join("offsite.wit").is_file() {
         bail!("{} has no offsite.wit: reinstall the Python SDK", wit.display());
     }
+    let used = python_interfaces(dir)?;
+    let narrowed = tempfile::Builder::new().prefix("offsite-wit.").tempdir().context("cannot create a scratch directory")?;
+    let text = std::fs::read_to_string(wit.join("offsite.wit"))
+        .with_context(|| format!("cannot read {}", wit.join("offsite.wit").display()))?;
+    std::fs::write(narrowed.path().join("offsite.wit"), narrow_world(&text, &used)?)
+        .context("cannot write the narrowed WIT")?;
     let out = dir.join(format!(".{name}.wasm.building"));
     run(
         Command::new("componentize-py")
             .arg("-d")
-            .arg(&wit)
+            .arg(narrowed.path())
             .args(["-w", "script", "componentize", "-p"])
             .arg(dir)
             .arg("-p")
@@ -160,6 +168,75 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
         "pip install componentize-py==0.25.1",
     )?;
     place(&out, &dir.join(format!("{name}.wasm")))
+}
+
+/// The SDK's capability modules, each the WIT interface of its name.
+const PYTHON_INTERFACES: [&str; 8] = ["archive", "clock", "files", "log", "params", "scp", "secrets", "ssh"];
+
+/// Reads every `.py` file of a project (Python's own parser, in python3)
+/// and prints the SDK modules its code names: `from offsite_sdk import
+/// ssh`, `offsite_sdk.ssh` after `import offsite_sdk [as x]`, and every
+/// one for `from offsite_sdk import *`.
+const PYTHON_SCAN: &str = r#"
+import ast, pathlib, sys
+names = set(sys.argv[2].split())
+root = pathlib.Path(sys.argv[1])
+used = set()
+for path in sorted(root.rglob("*.py")):
+    rel = path.relative_to(root).parts
+    if any(p == "__pycache__" or p.startswith(".") for p in rel):
+        continue
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "offsite_sdk":
+            for a in node.names:
+                if a.name == "*":
+                    used |= names
+                elif a.name in names:
+                    used.add(a.name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "offsite_sdk":
+                    aliases.add(a.asname or "offsite_sdk")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            if node.attr in names:
+                used.add(node.attr)
+print(" ".join(sorted(used)))
+"#;
+
+/// The interfaces the Python project in `dir` uses (see [`PYTHON_SCAN`]).
+fn python_interfaces(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(PYTHON_SCAN)
+        .arg(dir)
+        .arg(PYTHON_INTERFACES.join(" "))
+        .output()
+        .map_err(|e| anyhow!("cannot run python3 to read the project: {e}"))?;
+    if !out.status.success() {
+        bail!(
+            "cannot read the project's Python code: {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("python3 failed")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect())
+}
+
+/// The WIT with the `script` world importing only the interfaces in
+/// `used` (the others stay defined, unused).
+fn narrow_world(wit: &str, used: &std::collections::BTreeSet<String>) -> Result<String> {
+    let start = wit.find("world script {").ok_or_else(|| anyhow!("the SDK's WIT has no `world script`"))?;
+    let len = wit[start..].find("\n}").ok_or_else(|| anyhow!("the SDK's WIT has no end to `world script`"))?;
+    let body: Vec<&str> = wit[start..start + len]
+        .lines()
+        .filter(|line| match line.trim().strip_prefix("import ").and_then(|r| r.strip_suffix(';')) {
+            Some(name) => used.contains(name.trim()),
+            None => true,
+        })
+        .collect();
+    Ok(format!("{}{}{}", &wit[..start], body.join("\n"), &wit[start + len..]))
 }
 
 fn build_js(dir: &Path) -> Result<PathBuf> {
@@ -199,4 +276,24 @@ fn place(built: &Path, dest: &Path) -> Result<PathBuf> {
         let _ = std::fs::remove_file(built);
     }
     Ok(dest.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_python_world_is_narrowed_to_what_the_code_names() {
+        let wit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../wit/offsite.wit")).unwrap();
+        let used = ["archive", "params"].iter().map(|s| s.to_string()).collect();
+        let narrowed = narrow_world(&wit, &used).unwrap();
+        let world = &narrowed[narrowed.find("world script {").unwrap()..];
+        assert!(world.contains("  import archive;\n") && world.contains("  import params;\n"), "{world}");
+        for gone in ["ssh", "scp", "files", "secrets", "clock", "log"] {
+            assert!(!world.contains(&format!("import {gone};")), "{world}");
+            // The interface itself stays defined.
+            assert!(narrowed.contains(&format!("interface {gone} {{")), "{gone}");
+        }
+        assert!(world.contains("export run: func()"), "{world}");
+    }
 }

@@ -16,18 +16,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, TypeVar
 
+import importlib
+
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports import archive as _archive
-from wit_world.imports import clock as _clock
-from wit_world.imports import files as _files
-from wit_world.imports import log as _log
 from wit_world.imports import meta as _meta
-from wit_world.imports import params as _params
-from wit_world.imports import scp as _scp
-from wit_world.imports import secrets as _secrets
-from wit_world.imports import ssh as _ssh
-from wit_world.imports import types as _types
+
+
+class _Interface:
+    """A capability's generated bindings, or a stand-in that says why not.
+
+    ``offsite build`` builds a script against the ``script`` world narrowed
+    to the interfaces its code names (as the JavaScript SDK does), so the
+    component imports only what the script uses and ``offsite check`` can
+    compare that with what it declares. An interface left out has no
+    bindings. The import is tried here, while the module loads: that is
+    during the build (componentize-py snapshots the loaded modules), since
+    a running script has no file system to import from."""
+
+    def __init__(self, name: str):
+        self._name = name
+        try:
+            self._module: object = importlib.import_module(f"wit_world.imports.{name}")
+        except ImportError:
+            self._module = None
+
+    def __getattr__(self, attr: str) -> object:
+        if self._module is None:
+            raise HostError(
+                "denied",
+                f"this script was built without the {self._name} interface: name it in the script's code "
+                f"(offsite_sdk.{self._name}) and build again",
+            )
+        return getattr(self._module, attr)
+
+
+_archive = _Interface("archive")
+_clock = _Interface("clock")
+_files = _Interface("files")
+_log = _Interface("log")
+_params = _Interface("params")
+_scp = _Interface("scp")
+_secrets = _Interface("secrets")
+_ssh = _Interface("ssh")
+_types = _Interface("types")
 
 __all__ = [
     "HostError", "Info", "Param", "Script", "export",
@@ -80,7 +112,12 @@ def _host(f: Callable[..., T], *args: object) -> T:
         raise HostError._from_wit(e.value) from None
 
 
-FileInfo = _types.FileInfo
+def __getattr__(name: str) -> object:
+    # ``FileInfo`` (what a stored file is), from the bindings of the
+    # ``types`` interface, which only a script using a capability has.
+    if name == "FileInfo":
+        return _types.FileInfo
+    raise AttributeError(f"module 'offsite_sdk' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- describe
@@ -256,7 +293,9 @@ archive = _Archive()
 class _Files:
     """A read-only view of the read roots; links are reported, never followed."""
 
-    Kind = _files.Kind
+    @property
+    def Kind(self) -> object:  # noqa: N802 (the WIT enum, as before)
+        return _files.Kind
 
     @staticmethod
     def list_dir(path: str) -> List[_files.Entry]:
@@ -306,7 +345,9 @@ class Pending:
 
 
 class _Ssh:
-    ExecOutput = _ssh.ExecOutput
+    @property
+    def ExecOutput(self) -> object:  # noqa: N802 (the WIT record, as before)
+        return _ssh.ExecOutput
 
     @staticmethod
     def exec(host: str, argv: Sequence[str]) -> _ssh.ExecOutput:

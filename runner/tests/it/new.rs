@@ -123,6 +123,27 @@ fn a_new_python_project_builds_runs_and_passes_its_test() {
     let dir = outside.path().join("db-files");
     run_test_sh(&dir, &[("OFFSITE_PYTHON_SDK", installed.path().display().to_string())]);
     assert!(dir.join("db-files.wasm").is_file());
+    // It imports what its code uses, and no other capability, so the fresh
+    // project passes `check` (and a watcher takes it).
+    let site = outside.path().join("site.toml");
+    std::fs::write(
+        &site,
+        format!(
+            "store = \"{}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"{}\"\n",
+            outside.path().join("store").display(),
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let checked =
+        Ran::from_output(offsite(Path::new(BIN)).arg("check").arg(&site).arg(dir.join("db-files.wasm")).output().unwrap());
+    checked.expect_code(0);
+    let imports = checked.stdout.lines().find(|l| l.trim_start().starts_with("imports:")).unwrap_or_default();
+    assert!(imports.contains("archive") && imports.contains("params"), "{}", checked.stdout);
+    for unused in ["ssh", "scp", "files", "secrets"] {
+        assert!(!imports.contains(unused), "imports {unused}: {}", checked.stdout);
+    }
 }
 
 #[test]
