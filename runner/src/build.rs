@@ -146,7 +146,8 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
         bail!("{} has no offsite.wit: reinstall the Python SDK", wit.display());
     }
     let used = python_interfaces(dir)?;
-    let narrowed = tempfile::Builder::new().prefix("offsite-wit.").tempdir().context("cannot create a scratch directory")?;
+    let narrowed =
+        tempfile::Builder::new().prefix("offsite-wit.").tempdir().context("cannot create a scratch directory")?;
     let text = std::fs::read_to_string(wit.join("offsite.wit"))
         .with_context(|| format!("cannot read {}", wit.join("offsite.wit").display()))?;
     std::fs::write(narrowed.path().join("offsite.wit"), narrow_world(&text, &used)?)

@@ -192,7 +192,8 @@ pub fn enabled_timer(site_file: &Path) -> Option<String> {
         return None;
     }
     let timer = format!("offsite@{}.timer", absolute.file_stem()?.to_str()?);
-    let units = std::env::var_os("OFFSITE_SYSTEMD_DIR").map_or_else(|| PathBuf::from("/etc/systemd/system"), PathBuf::from);
+    let units =
+        std::env::var_os("OFFSITE_SYSTEMD_DIR").map_or_else(|| PathBuf::from("/etc/systemd/system"), PathBuf::from);
     units.join("timers.target.wants").join(&timer).symlink_metadata().is_ok().then_some(timer)
 }
 
@@ -254,8 +255,7 @@ fn site_dropins(file: &Path, instance: &str, out: &Path) -> Result<()> {
     }
     write_dropin(out, &format!("offsite@{instance}.service"), &service)?;
     if let Some(expression) = text_of("schedule")? {
-        let calendar =
-            Schedule::parse(expression, text_of("timezone")?).and_then(|s| Ok((on_calendar(&s)?, s)));
+        let calendar = Schedule::parse(expression, text_of("timezone")?).and_then(|s| Ok((on_calendar(&s)?, s)));
         let (lines, schedule) = match calendar {
             Ok(found) => found,
             Err(e) => {
@@ -427,11 +427,15 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         for site in ["db1", "db2"] {
             assert!(
-                problems.iter().any(|p| p.contains(&format!("{site}.toml: invalid `schedule`; offsite@{site}.timer will not start"))),
+                problems
+                    .iter()
+                    .any(|p| p
+                        .contains(&format!("{site}.toml: invalid `schedule`; offsite@{site}.timer will not start"))),
                 "{problems:?}"
             );
             let timer =
-                std::fs::read_to_string(out.path().join(format!("offsite@{site}.timer.d/50-offsite-site.conf"))).unwrap();
+                std::fs::read_to_string(out.path().join(format!("offsite@{site}.timer.d/50-offsite-site.conf")))
+                    .unwrap();
             // No calendar at all (the template's `daily` is cleared), and
             // the reason where `systemctl status` shows it.
             assert!(timer.ends_with("[Timer]\nOnCalendar=\n"), "{timer}");

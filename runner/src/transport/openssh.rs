@@ -358,11 +358,8 @@ impl OpenSsh {
             // than blame the server.
             // A key with a passphrase that nothing can open (no agent, no
             // `passphrase`): ssh could not use it, so the fault is here too.
-            let locked = conn
-                .cfg
-                .identity
-                .as_deref()
-                .filter(|key| conn.cfg.passphrase.is_none() && key_has_passphrase(key));
+            let locked =
+                conn.cfg.identity.as_deref().filter(|key| conn.cfg.passphrase.is_none() && key_has_passphrase(key));
             let mut detail = if let Some(key) = locked {
                 let agent = match &self.agent {
                     None => format!("no ssh-agent was found ({})", self.agent_looked.join("; ")),

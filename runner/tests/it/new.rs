@@ -136,8 +136,9 @@ fn a_new_python_project_builds_runs_and_passes_its_test() {
         ),
     )
     .unwrap();
-    let checked =
-        Ran::from_output(offsite(Path::new(BIN)).arg("check").arg(&site).arg(dir.join("db-files.wasm")).output().unwrap());
+    let checked = Ran::from_output(
+        offsite(Path::new(BIN)).arg("check").arg(&site).arg(dir.join("db-files.wasm")).output().unwrap(),
+    );
     checked.expect_code(0);
     let imports = checked.stdout.lines().find(|l| l.trim_start().starts_with("imports:")).unwrap_or_default();
     assert!(imports.contains("archive") && imports.contains("params"), "{}", checked.stdout);

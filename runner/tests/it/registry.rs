@@ -446,8 +446,12 @@ fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
     // Signed in the registry afterwards, from another machine: the next run
     // asks the registry for signatures, and runs, without a `script pull`.
     let other_machine = Machine::new(&reg);
-    on(&other_machine, &reg, &["script", "sign", &reg.reference("offsite/arc:unsigned"), "--key", alice.to_str().unwrap()])
-        .expect_code(0);
+    on(
+        &other_machine,
+        &reg,
+        &["script", "sign", &reg.reference("offsite/arc:unsigned"), "--key", alice.to_str().unwrap()],
+    )
+    .expect_code(0);
     run(&site(&unsigned)).expect_code(0);
     std::fs::remove_dir_all(dir.join("store")).unwrap();
     let other = rebuilt(&std::fs::read(script("arc")).unwrap(), "mallory's");

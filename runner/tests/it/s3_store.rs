@@ -614,7 +614,11 @@ fn a_failed_copy_is_a_warning_and_the_next_run_catches_up() {
     assert!(checked.stdout.contains("late"), "{}", checked.stdout);
     assert!(checked.stdout.contains("(copy 2)"), "{}", checked.stdout);
     checked.expect_code(2);
-    assert!(checked.stderr.contains("[[copy]] 2") && checked.stderr.contains("create the bucket"), "{}", checked.stderr);
+    assert!(
+        checked.stderr.contains("[[copy]] 2") && checked.stderr.contains("create the bucket"),
+        "{}",
+        checked.stderr
+    );
     let first = bucket(&server, "s3://backups/web1");
     let ms = manifests(&first);
     assert_eq!(ms[0]["status"], "warning", "the manifest records the failed copy");
