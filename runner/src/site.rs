@@ -840,12 +840,13 @@ impl HostSection {
     }
 }
 
-/// `~/x` against `$HOME`, other relative paths against `base`.
+/// `~/x` against the home directory (`$HOME`, else the password
+/// database's), other relative paths against `base`.
 pub(crate) fn expand_home(p: &Path, base: &Path) -> PathBuf {
     if let Ok(rest) = p.strip_prefix("~")
-        && let Some(home) = std::env::var_os("HOME")
+        && let Some(home) = crate::home::home_dir()
     {
-        return PathBuf::from(home).join(rest);
+        return home.join(rest);
     }
     base.join(p)
 }

@@ -42,7 +42,7 @@ pub struct Env {
 
 impl Env {
     pub fn current() -> Env {
-        Env { vars: std::env::vars().collect(), home: std::env::var_os("HOME").map(PathBuf::from) }
+        Env { vars: std::env::vars().collect(), home: crate::home::home_dir() }
     }
 
     fn var(&self, name: &str) -> Option<&str> {

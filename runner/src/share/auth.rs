@@ -24,7 +24,7 @@ use oci_client::secrets::RegistryAuth;
 const MAX_AUTH_FILE: u64 = 1024 * 1024;
 
 fn home() -> Option<PathBuf> {
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+    crate::home::home_dir()
 }
 
 /// The auth files, in the order they are consulted.

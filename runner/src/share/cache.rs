@@ -82,10 +82,10 @@ impl ScriptCache {
         if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
             return Ok(PathBuf::from(d).join("offsite/scripts"));
         }
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context(
+        let home = crate::home::home_dir().context(
             "no place for the script store: set OFFSITE_SCRIPTS_DIR (or HOME) so pulled scripts can be kept",
         )?;
-        Ok(PathBuf::from(home).join(".local/share/offsite/scripts"))
+        Ok(home.join(".local/share/offsite/scripts"))
     }
 
     pub fn open_default() -> Result<ScriptCache> {

@@ -21,7 +21,7 @@ pub fn find_agent(env_sock: Option<&str>, home: Option<&Path>, hostname: &str) -
         None => looked.push("SSH_AUTH_SOCK: not set (as under cron)".into()),
     }
     let Some(home) = home else {
-        looked.push("~/.keychain: HOME is not set".into());
+        looked.push("~/.keychain: no home directory (HOME is not set, and the password database has none)".into());
         return (None, looked);
     };
     let file = home.join(".keychain").join(format!("{hostname}-sh"));

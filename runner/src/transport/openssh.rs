@@ -110,7 +110,7 @@ impl OpenSsh {
                 (name.clone(), Arc::new(conn))
             })
             .collect();
-        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let home = crate::home::home_dir();
         let env_sock = std::env::var("SSH_AUTH_SOCK").ok();
         let (agent, agent_looked) = keychain::find_agent(env_sock.as_deref(), home.as_deref(), &keychain::hostname());
         Ok(OpenSsh {
