@@ -218,6 +218,17 @@ impl Registry {
 
     /// Fetches the signature artifact of `manifest_hex`, stores each
     /// signature in it under `component`, and returns how many there are.
+    /// The signatures the registry has now for the stored manifest `r`
+    /// pins, added to the store. Nothing else changes: not the manifest's
+    /// record, nor when it was pulled, which a followed tag falls back on
+    /// when the registry is down.
+    pub fn refresh_signatures(&self, cache: &ScriptCache, r: &OciRef) -> Result<Vec<Vec<u8>>> {
+        let hex = r.digest.as_deref().ok_or_else(|| anyhow!("{r} names no digest"))?;
+        let record = cache.manifest(hex).ok_or_else(|| anyhow!("{r} is not in the local script store"))?;
+        self.pull_signatures(cache, r, hex, &record.component)?;
+        cache.signatures(&record.component)
+    }
+
     fn pull_signatures(&self, cache: &ScriptCache, r: &OciRef, manifest_hex: &str, component: &str) -> Result<usize> {
         let Some((sig_manifest, _)) = self.signature_manifest(r, manifest_hex)? else { return Ok(0) };
         let mut found = 0;

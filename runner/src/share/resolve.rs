@@ -190,10 +190,8 @@ pub fn check_signer(fetched: &Fetched, signers: Option<&Path>) -> Result<Option<
     let Some(r) = fetched.source.parse::<OciRef>().ok().filter(|r| r.digest.is_some()) else {
         bail!("refusing to run {}: {why}", fetched.source);
     };
-    let refreshed = ScriptCache::open_default().and_then(|cache| {
-        let pulled = Registry::connect(&r.registry)?.pull(&cache, &r)?;
-        cache.signatures(&pulled.record.component)
-    });
+    let refreshed =
+        ScriptCache::open_default().and_then(|cache| Registry::connect(&r.registry)?.refresh_signatures(&cache, &r));
     match refreshed {
         Ok(signatures) => match verify(&signatures) {
             Ok(verified) => {
