@@ -637,16 +637,24 @@ impl std::hash::Hasher for HashInto<'_> {
     }
 }
 
+/// Where root's compiled scripts are kept (the units' `CacheDirectory=offsite`).
+pub const ROOT_CACHE_DIR: &str = "/var/cache/offsite";
+
 /// The default cache directory: `$OFFSITE_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/offsite`, else `~/.cache/offsite`.
+/// `/var/cache/offsite` for root (the directory the shipped units use, so
+/// that `offsite check` as root warms the cache the timer's run reads),
+/// else `$XDG_CACHE_HOME/offsite`, else `~/.cache/offsite`.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("OFFSITE_CACHE_DIR") {
+    if let Some(dir) = std::env::var_os("OFFSITE_CACHE_DIR").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir));
+    }
+    if rustix::process::geteuid().is_root() {
+        return Some(PathBuf::from(ROOT_CACHE_DIR));
     }
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("offsite"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/offsite"))
+    crate::home::home_dir().map(|h| h.join(".cache/offsite"))
 }
 
 #[cfg(test)]

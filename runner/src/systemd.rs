@@ -250,8 +250,13 @@ fn site_dropins(file: &Path, instance: &str, out: &Path) -> Result<()> {
         let _ = writeln!(service, "# The store is {store}: no local path to open.");
     } else {
         let store = crate::site::expand_home(Path::new(store), file.parent().unwrap_or(Path::new(SITES_DIR)));
-        // The one directory a run writes; quoted for systemd.
-        let _ = writeln!(service, "ReadWritePaths=-{}", unit_quote(&store.display().to_string()));
+        // The one directory a run writes; quoted for systemd. `-`: a store
+        // that does not exist yet is left out, rather than failing the
+        // unit, so it is created first, outside the sandbox (`+`), as the
+        // run itself would (parents too; mode 0700 from the unit's UMask=).
+        let shown = store.display().to_string();
+        let _ = writeln!(service, "ExecStartPre=+/bin/mkdir -p -- {}", unit_quote(&shown.replace('$', "$$")));
+        let _ = writeln!(service, "ReadWritePaths=-{}", unit_quote(&shown));
     }
     write_dropin(out, &format!("offsite@{instance}.service"), &service)?;
     if let Some(expression) = text_of("schedule")? {
@@ -402,7 +407,7 @@ mod tests {
             "store = \"/srv/offsite/web1\"\nschedule = \"34 3,20 * * *\"\ntimezone = \"Europe/Berlin\"\n",
         )
         .unwrap();
-        std::fs::write(sites.path().join("adhoc.toml"), "store = \"/srv/offsite/adhoc\"\n").unwrap();
+        std::fs::write(sites.path().join("adhoc.toml"), "store = \"/srv/off site/$HOME%n\"\n").unwrap();
         std::fs::write(sites.path().join("broken.toml"), "store = \n").unwrap();
         std::fs::write(sites.path().join("bad name.toml"), "store = \"/x\"\n").unwrap();
         let problems = generate(sites.path(), out.path());
@@ -412,8 +417,17 @@ mod tests {
         let read = |p: &str| std::fs::read_to_string(out.path().join(p)).unwrap();
         let timer = read("offsite@web1.timer.d/50-offsite-site.conf");
         assert!(timer.contains("OnCalendar=\nOnCalendar=*-*-* 03,20:34:00 Europe/Berlin\n"), "{timer}");
-        assert!(read("offsite@web1.service.d/50-offsite-site.conf").contains("ReadWritePaths=-/srv/offsite/web1\n"));
-        assert!(read("offsite@adhoc.service.d/50-offsite-site.conf").contains("ReadWritePaths=-/srv/offsite/adhoc"));
+        let web1 = read("offsite@web1.service.d/50-offsite-site.conf");
+        // The store is created before the run, outside the sandbox, then
+        // made the one writable path.
+        assert!(
+            web1.contains("ExecStartPre=+/bin/mkdir -p -- /srv/offsite/web1\nReadWritePaths=-/srv/offsite/web1\n"),
+            "{web1}"
+        );
+        // Neither a specifier nor a variable is expanded in a store's path.
+        let adhoc = read("offsite@adhoc.service.d/50-offsite-site.conf");
+        assert!(adhoc.contains("ExecStartPre=+/bin/mkdir -p -- \"/srv/off site/$$HOME%%n\"\n"), "{adhoc}");
+        assert!(adhoc.contains("ReadWritePaths=-\"/srv/off site/$HOME%%n\"\n"), "{adhoc}");
         assert!(!out.path().join("offsite@adhoc.timer.d").exists(), "no schedule: the template's calendar");
     }
 
@@ -465,7 +479,7 @@ mod tests {
             for f in offsite_testkit::tree(out.path()).iter().map(|f| out.path().join(f)).filter(|f| f.is_file()) {
                 let unit = std::fs::read_to_string(&f).unwrap();
                 assert!(!unit.contains(|c: char| c.is_control() && c != '\n'), "case {i}: {unit:?}");
-                assert!(!unit.contains("ExecStartPre"), "case {i}: {unit}");
+                assert!(!unit.contains("pwned"), "case {i}: {unit}");
             }
             // And the site itself is refused where `check` reads it.
             if i < 2 {
