@@ -101,7 +101,7 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Print the result as one JSON object on stdout (run, check, inspect,
-    /// verify, status, prune, script ls); errors too. See docs/JSON.md.
+    /// verify, status, prune, script ls); errors too. See /usr/share/doc/offsite/JSON.md (docs/JSON.md in the source).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]

@@ -20,4 +20,6 @@ export const ssh = {
   /** Sends the secret on stdin as the site's [secrets] entry says. */
   execToFileWithSecret: (h, argv, dest, secret, stream) =>
     host(rawSsh.execToFileWithSecret, h, [...argv], dest, streamOptions(stream), secret, ''),
+  startExecToFileWithSecret: (h, argv, dest, secret, stream) =>
+    pending(host(rawSsh.startExecToFileWithSecret, h, [...argv], dest, streamOptions(stream), secret, '')),
 };

@@ -369,6 +369,15 @@ class _Ssh:
         """Like ``exec_to_file``, sending the secret on stdin as the site's ``[secrets]`` entry says."""
         return _host(_ssh.exec_to_file_with_secret, host, list(argv), dest, (stream or Stream())._wit(), secret, "")
 
+    @staticmethod
+    def start_exec_to_file_with_secret(
+        host: str, argv: Sequence[str], dest: str, secret: "_secrets.Secret", stream: Optional[Stream] = None
+    ) -> Pending:
+        """``exec_to_file_with_secret``, started in the background."""
+        return Pending(
+            _host(_ssh.start_exec_to_file_with_secret, host, list(argv), dest, (stream or Stream())._wit(), secret, "")
+        )
+
 
 ssh = _Ssh()
 

@@ -169,6 +169,22 @@ pub fn exec_to_file_with_secret<S: AsRef<str>>(
 }
 
 /// [`exec_to_file_with_secret`] in the background.
+///
+/// ```no_run
+/// use offsite_sdk::secrets::Secret;
+/// use offsite_sdk::ssh::{self, Stream};
+/// let password = Secret::open("db_password")?;
+/// let argv = ["mysqldump", "--defaults-extra-file=/dev/stdin", "--quick", "sitedb"];
+/// let stream = Stream::new().gzip().require_tail("-- Dump completed");
+/// let jobs = [
+///     ssh::start_exec_to_file_with_secret("server1", &argv, "server1/sitedb.sql.gz", &stream, &password)?,
+///     ssh::start_exec_to_file_with_secret("server2", &argv, "server2/sitedb.sql.gz", &stream, &password)?,
+/// ];
+/// for job in jobs {
+///     job.wait()?;
+/// }
+/// # Ok::<(), offsite_sdk::HostError>(())
+/// ```
 pub fn start_exec_to_file_with_secret<S: AsRef<str>>(
     host: &str,
     argv: &[S],
