@@ -372,35 +372,22 @@ fn script_diff_logs_in_nowhere_even_for_a_script_that_fetches() {
         ),
     )
     .unwrap();
+    // With the site and no agent (the key is the site's `identity`).
+    let with_site = |args: &[&std::ffi::OsStr]| {
+        Ran::from_output(
+            offsite(Path::new(BIN)).args(args).arg("--site").arg(&site).env_remove("SSH_AUTH_SOCK").output().unwrap(),
+        )
+    };
     // From a script that calls nothing, so every call is new and listed.
-    let mysql_pull = script("mysql-pull");
-    let ran = Ran::from_output(
-        offsite(Path::new(BIN))
-            .args(["script", "diff"])
-            .arg(script("noop"))
-            .arg(&mysql_pull)
-            .arg("--site")
-            .arg(&site)
-            .env_remove("SSH_AUTH_SOCK")
-            .output()
-            .unwrap(),
-    );
+    let (noop, mysql_pull) = (script("noop"), script("mysql-pull"));
+    let ran = with_site(&["script".as_ref(), "diff".as_ref(), noop.as_os_str(), mysql_pull.as_os_str()]);
     ran.expect_code(0);
     assert!(ran.stdout.contains("no server contacted"), "{}", ran.stdout);
     assert!(ran.stdout.contains("userdb.tgz"), "the fetch is among the calls: {}", ran.stdout);
     let log = server.log();
     assert!(!log.contains("Accepted"), "script diff logged in:\n{log}");
 
-    let dry = Ran::from_output(
-        offsite(Path::new(BIN))
-            .args(["run", "--dry-run"])
-            .arg(&mysql_pull)
-            .arg("--site")
-            .arg(&site)
-            .env_remove("SSH_AUTH_SOCK")
-            .output()
-            .unwrap(),
-    );
+    let dry = with_site(&["run".as_ref(), "--dry-run".as_ref(), mysql_pull.as_os_str()]);
     dry.expect_code(0);
     assert!(server.log().contains("Accepted"), "a plain dry run logs in:\n{}", server.log());
 }

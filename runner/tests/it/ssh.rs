@@ -466,14 +466,7 @@ fn agent_from_keychain_file_and_passphrase_keys_work_without_prompting() {
     let server = Sshd::start("127.0.0.2");
     let mut site = Site::new();
     // A passphrase-protected copy of the authorized key.
-    let key = site.path("home/id_pass");
-    std::fs::copy(server.client_key(), &key).unwrap();
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-p", "-P", "", "-N", "correct horse", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let key = passphrase_copy(&server.client_key(), &site.path("home/id_pass"), "correct horse");
     std::fs::write(site.path("home/pass"), "correct horse\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(site.path("home/pass"), std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -744,14 +737,7 @@ fn no_agent_is_reported_on_this_side_with_where_it_was_looked_for() {
 
     // An `identity` with a passphrase and no agent to open it: also this
     // side's fault, never "the server refused every key".
-    let key = site.path("home/id_pass");
-    std::fs::copy(server.client_key(), &key).unwrap();
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-p", "-P", "", "-N", "correct horse", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let key = passphrase_copy(&server.client_key(), &site.path("home/id_pass"), "correct horse");
     site.hosts.clear();
     site.hosts.push(format!("{section}\n").replace(
         &format!("identity = \"{}\"", server.client_key().display()),
@@ -820,4 +806,13 @@ fn ssh_clients_share_the_runs_session_but_not_its_terminal_or_process_group() {
         assert_ne!(pgrp, runner_pgrp, "the client has a process group of its own: {seen}");
         assert_eq!(tty, 0, "the client has no controlling terminal: {seen}");
     }
+}
+
+/// A copy of the private key `key` at `to`, locked with `passphrase`.
+fn passphrase_copy(key: &Path, to: &Path, passphrase: &str) -> PathBuf {
+    std::fs::copy(key, to).unwrap();
+    let status =
+        Command::new("ssh-keygen").args(["-q", "-p", "-P", "", "-N", passphrase, "-f"]).arg(to).status().unwrap();
+    assert!(status.success(), "ssh-keygen -p {}", to.display());
+    to.to_path_buf()
 }

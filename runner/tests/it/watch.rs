@@ -518,17 +518,11 @@ fn sighup_rereads_and_picks_up_new_sites_in_a_directory() {
     std::fs::create_dir(&sites).unwrap();
     std::fs::create_dir(dir.path().join("src")).unwrap();
     std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
-    let site = |name: &str| {
-        format!(
-            "name = \"{name}\"\nstore = \"../store-{name}\"\nscript = \"../fixture.wasm\"\n[read]\nroots = \
-             [\"../src\"]\n[params]\ncase = \"tar\"\narg = \"../src\"\n"
-        )
-    };
-    std::fs::write(sites.join("a.toml"), site("a")).unwrap();
+    std::fs::write(sites.join("a.toml"), dir_site("a")).unwrap();
     let mut cmd = offsite(Path::new(BIN));
     cmd.arg("watch").arg(&sites).arg("--run-on-change");
     let mut w = Watcher::start(cmd);
-    std::fs::write(sites.join("b.toml"), site("b")).unwrap();
+    std::fs::write(sites.join("b.toml"), dir_site("b")).unwrap();
     w.signal(Signal::HUP);
     w.wait_for("re-reading every site and script");
     w.wait_for("site b: added");
@@ -552,13 +546,7 @@ fn a_site_that_does_not_load_is_refused_and_the_others_run_on() {
     std::fs::create_dir(dir.path().join("src")).unwrap();
     std::fs::write(dir.path().join("src/file"), "data\n").unwrap();
     std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
-    let site = |name: &str| {
-        format!(
-            "name = \"{name}\"\nstore = \"../store-{name}\"\nscript = \"../fixture.wasm\"\n[read]\nroots = \
-             [\"../src\"]\n[params]\ncase = \"tar\"\narg = \"../src\"\n"
-        )
-    };
-    std::fs::write(sites.join("a.toml"), site("a")).unwrap();
+    std::fs::write(sites.join("a.toml"), dir_site("a")).unwrap();
     std::fs::write(sites.join("b.toml"), "name = \"b\"\nstore = \n").unwrap();
     let mut cmd = offsite(Path::new(BIN));
     cmd.arg("watch").arg(&sites).arg("--run-on-change").arg("--debounce").arg("50ms");
@@ -566,7 +554,7 @@ fn a_site_that_does_not_load_is_refused_and_the_others_run_on() {
     let mut w = Watcher::start(cmd);
     assert!(w.log().contains("b.toml is refused, and the other sites keep their schedules"), "{}", w.log());
     // The good site runs on a change of its own.
-    replace(&sites.join("a.toml"), format!("{}# edited\n", site("a")).as_bytes());
+    replace(&sites.join("a.toml"), format!("{}# edited\n", dir_site("a")).as_bytes());
     w.wait_for("site a: reloaded");
     let deadline = Instant::now() + PATIENCE;
     while manifests(&dir.path().join("store-a")).is_empty() {
@@ -576,7 +564,7 @@ fn a_site_that_does_not_load_is_refused_and_the_others_run_on() {
     // The same mistake saved again is not logged again; the fix is taken.
     std::fs::write(sites.join("b.toml"), "name = \"b\"\nstore = \n").unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    std::fs::write(sites.join("b.toml"), site("b")).unwrap();
+    std::fs::write(sites.join("b.toml"), dir_site("b")).unwrap();
     w.wait_for("site b: ");
     assert!(w.log().contains("b.toml loads now; added"), "{}", w.log());
     assert_eq!(w.log().matches("is refused").count(), 1, "{}", w.log());
@@ -721,4 +709,13 @@ fn lines_carry_the_time_and_a_refusal_is_logged_once() {
     };
     assert!(log.lines().all(stamped), "every line starts with the time:\n{log}");
     assert!(w.stop().success(), "{log}");
+}
+
+/// A site file for `DIR/sites/`: the fixture at `DIR/fixture.wasm`
+/// archiving `DIR/src` into `DIR/store-NAME`.
+fn dir_site(name: &str) -> String {
+    format!(
+        "name = \"{name}\"\nstore = \"../store-{name}\"\nscript = \"../fixture.wasm\"\n[read]\nroots = \
+         [\"../src\"]\n[params]\ncase = \"tar\"\narg = \"../src\"\n"
+    )
 }
