@@ -224,7 +224,8 @@ pub fn generate(sites: &Path, out: &Path) -> Vec<String> {
     problems
 }
 
-/// Only what the units need is read (store, schedule, timezone): a site
+/// Only what the units need is read (store, copy stores, schedule,
+/// timezone): a site
 /// whose read roots are not there yet still gets its timer, and its run
 /// says what is wrong.
 fn site_dropins(file: &Path, instance: &str, out: &Path) -> Result<()> {
@@ -257,6 +258,29 @@ fn site_dropins(file: &Path, instance: &str, out: &Path) -> Result<()> {
         let shown = store.display().to_string();
         let _ = writeln!(service, "ExecStartPre=+/bin/mkdir -p -- {}", unit_quote(&shown.replace('$', "$$")));
         let _ = writeln!(service, "ReadWritePaths=-{}", unit_quote(&shown));
+    }
+    // Each `[[copy]]` directory is written too. Never created: a copy goes
+    // only into a directory that is there (a disk not mounted stays empty).
+    let copies = match table.get("copy") {
+        None => &Vec::new(),
+        Some(toml::Value::Array(copies)) => copies,
+        Some(_) => bail!("`copy` must be an array of tables ([[copy]])"),
+    };
+    for copy in copies {
+        match copy.get("store") {
+            Some(toml::Value::String(s)) if s.chars().any(char::is_control) => {
+                bail!(
+                    "a `[[copy]]` store holds a control character ({}); no unit is written for it",
+                    crate::text::escape(s)
+                )
+            }
+            Some(toml::Value::String(s)) if s.starts_with("s3://") => {}
+            Some(toml::Value::String(s)) => {
+                let dir = crate::site::expand_home(Path::new(s), file.parent().unwrap_or(Path::new(SITES_DIR)));
+                let _ = writeln!(service, "ReadWritePaths=-{}", unit_quote(&dir.display().to_string()));
+            }
+            _ => bail!("each `[[copy]]` needs a `store` string"),
+        }
     }
     write_dropin(out, &format!("offsite@{instance}.service"), &service)?;
     if let Some(expression) = text_of("schedule")? {
@@ -407,7 +431,12 @@ mod tests {
             "store = \"/srv/offsite/web1\"\nschedule = \"34 3,20 * * *\"\ntimezone = \"Europe/Berlin\"\n",
         )
         .unwrap();
-        std::fs::write(sites.path().join("adhoc.toml"), "store = \"/srv/off site/$HOME%n\"\n").unwrap();
+        std::fs::write(
+            sites.path().join("adhoc.toml"),
+            "store = \"/srv/off site/$HOME%n\"\n[[copy]]\nstore = \"/mnt/usb/adhoc\"\n[[copy]]\nstore = \
+             \"s3://bucket/adhoc\"\n[[copy]]\nstore = \"copies/adhoc\"\n",
+        )
+        .unwrap();
         std::fs::write(sites.path().join("broken.toml"), "store = \n").unwrap();
         std::fs::write(sites.path().join("bad name.toml"), "store = \"/x\"\n").unwrap();
         let problems = generate(sites.path(), out.path());
@@ -428,6 +457,12 @@ mod tests {
         let adhoc = read("offsite@adhoc.service.d/50-offsite-site.conf");
         assert!(adhoc.contains("ExecStartPre=+/bin/mkdir -p -- \"/srv/off site/$$HOME%%n\"\n"), "{adhoc}");
         assert!(adhoc.contains("ReadWritePaths=-\"/srv/off site/$HOME%%n\"\n"), "{adhoc}");
+        // Copy directories are writable too (relative ones beside the site
+        // file), never created; a bucket needs no path.
+        let copies =
+            format!("ReadWritePaths=-/mnt/usb/adhoc\nReadWritePaths=-{}/copies/adhoc\n", sites.path().display());
+        assert!(adhoc.ends_with(&copies), "{adhoc}");
+        assert_eq!(adhoc.matches("ExecStartPre").count(), 1, "{adhoc}");
         assert!(!out.path().join("offsite@adhoc.timer.d").exists(), "no schedule: the template's calendar");
     }
 
@@ -469,6 +504,7 @@ mod tests {
             format!("store = \"/srv/a\"\nschedule = \"0 3 * * *\"\ntimezone = \"UTC{injected}\"\n"),
             "store = \"/srv/a\\u0085b\"\n".to_string(),
             "store = \"/srv/a\\u000bb\"\n".to_string(),
+            format!("store = \"/srv/a\"\n[[copy]]\nstore = \"/mnt/b{injected}\"\n"),
         ];
         for (i, text) in cases.iter().enumerate() {
             let sites = tempfile::tempdir().unwrap();
