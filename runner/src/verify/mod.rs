@@ -140,20 +140,16 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
         .iter()
         .map(|rel| {
             let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let run = rel
-                .strip_prefix(&runs)
-                .ok()
-                .and_then(|r| r.components().next())
-                .map(|c| c.as_os_str().to_string_lossy().into_owned());
-            let of_interrupted = |run: &str| interrupted.contains(run.strip_suffix(".journal").unwrap_or(run));
-            match run {
-                Some(run) if run.ends_with(".journal") && of_interrupted(&run) => format!(
-                    "{}: the journal of run {}, which was interrupted (killed or crashed); the next run of the \
+            // `.offsite/runs/RUN.journal`, or a file staged in `.offsite/runs/RUN/`.
+            let top = rel.strip_prefix(&runs).ok().and_then(|r| r.components().next()?.as_os_str().to_str());
+            let of_run = top.map(|t| t.strip_suffix(".journal").map_or((t, false), |run| (run, true)));
+            match of_run {
+                Some((run, true)) if interrupted.contains(run) => format!(
+                    "{}: the journal of run {run}, which was interrupted (killed or crashed); the next run of the \
                      site records it as interrupted",
-                    rel.display(),
-                    run.trim_end_matches(".journal")
+                    rel.display()
                 ),
-                Some(run) if of_interrupted(&run) => format!(
+                Some((run, false)) if interrupted.contains(run) => format!(
                     "{}: staged by run {run}, which was interrupted before it finished; the next run of the site \
                      records that run as interrupted",
                     rel.display()
