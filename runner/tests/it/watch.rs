@@ -513,12 +513,7 @@ fn a_run_that_ends_within_the_grace_period_finishes_normally() {
 
 #[test]
 fn sighup_rereads_and_picks_up_new_sites_in_a_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let sites = dir.path().join("sites");
-    std::fs::create_dir(&sites).unwrap();
-    std::fs::create_dir(dir.path().join("src")).unwrap();
-    std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
-    std::fs::write(sites.join("a.toml"), dir_site("a")).unwrap();
+    let (dir, sites) = sites_dir();
     let mut cmd = offsite(Path::new(BIN));
     cmd.arg("watch").arg(&sites).arg("--run-on-change");
     let mut w = Watcher::start(cmd);
@@ -540,13 +535,8 @@ fn sighup_rereads_and_picks_up_new_sites_in_a_directory() {
 /// on, and the bad one joins once it is fixed.
 #[test]
 fn a_site_that_does_not_load_is_refused_and_the_others_run_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let sites = dir.path().join("sites");
-    std::fs::create_dir(&sites).unwrap();
-    std::fs::create_dir(dir.path().join("src")).unwrap();
+    let (dir, sites) = sites_dir();
     std::fs::write(dir.path().join("src/file"), "data\n").unwrap();
-    std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
-    std::fs::write(sites.join("a.toml"), dir_site("a")).unwrap();
     std::fs::write(sites.join("b.toml"), "name = \"b\"\nstore = \n").unwrap();
     let mut cmd = offsite(Path::new(BIN));
     cmd.arg("watch").arg(&sites).arg("--run-on-change").arg("--debounce").arg("50ms");
@@ -709,6 +699,18 @@ fn lines_carry_the_time_and_a_refusal_is_logged_once() {
     };
     assert!(log.lines().all(stamped), "every line starts with the time:\n{log}");
     assert!(w.stop().success(), "{log}");
+}
+
+/// DIR with `sites/a.toml` (see [`dir_site`]), an empty `src/` and the
+/// fixture at `fixture.wasm`; returns DIR and its `sites/`.
+fn sites_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites");
+    std::fs::create_dir(&sites).unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::copy(script("fixture"), dir.path().join("fixture.wasm")).unwrap();
+    std::fs::write(sites.join("a.toml"), dir_site("a")).unwrap();
+    (dir, sites)
 }
 
 /// A site file for `DIR/sites/`: the fixture at `DIR/fixture.wasm`
