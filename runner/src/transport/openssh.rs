@@ -672,7 +672,14 @@ impl Drop for OpenSshProcess {
 /// format, or an old PEM file marked ENCRYPTED). A file that cannot be
 /// read or parsed counts as not: ssh's own message says what is wrong.
 fn key_has_passphrase(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    use std::io::Read as _;
+    // A private key is a few KiB; whatever the path names, read no more
+    // than a bounded start of it.
+    let mut text = String::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(1 << 20).read_to_string(&mut text));
+    if read.is_err() {
+        return false;
+    }
     if text.contains("Proc-Type: 4,ENCRYPTED") {
         return true;
     }
