@@ -27,7 +27,7 @@ use crate::store::lock::{Holder, LockError};
 use crate::store::retention;
 use crate::store::run::{Outcome, RunHeader};
 use crate::store::s3::{Root, S3Root};
-use crate::store::{Budget, Manifest, StoreRoot};
+use crate::store::{Budget, Manifest, Status, StoreRoot};
 
 /// How long a copy stopped by the run's deadline has to undo what it
 /// started (abort its uploads, free its lock).
@@ -181,11 +181,11 @@ fn copy_runs(
 ) -> io::Result<(Vec<String>, Vec<String>)> {
     let to = &target.root;
     let (there, _) = to.manifests()?;
-    let newest_there = there.iter().filter(|m| m.status.is_good()).map(|m| m.run.run_id.clone()).max();
+    let newest_there = there.iter().filter(|m| m.status.publishes()).map(|m| m.run.run_id.clone()).max();
     let (here, _) = from.manifests()?;
     let runs = from.runs_of(&site.name);
-    let good: Vec<&Manifest> = here.iter().filter(|m| runs.includes(m) && m.status.is_good()).collect();
-    // Every good run newer than the copy's newest good one, but not those
+    let good: Vec<&Manifest> = here.iter().filter(|m| runs.includes(m) && m.status.publishes()).collect();
+    // Every good or partial run newer than the copy's newest one, but not those
     // the copy's own retention would prune at once (a new copy of a long
     // history with `keep_last = 7` gets seven runs, not all).
     let mut todo: Vec<&Manifest> =
@@ -240,7 +240,7 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
         Root::S3(r) => r.begin_run(&m.run, Budget::unlimited(), Vec::new()).map_err(io::Error::other)?,
     };
     let copied = (|| {
-        for f in &m.files {
+        for f in m.published() {
             // A manifest is data another machine may have written: only a
             // path a script could have stored is copied.
             let rel = crate::policy::store_path(&f.path).map_err(|d| {
@@ -272,13 +272,23 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
         }
         return Err(io::Error::new(e.kind(), format!("copying run {}: {e}", m.run.run_id)));
     }
-    let outcome = Outcome { error: None, warnings: m.warnings.clone(), aborted: false };
+    // A partial run stays partial in the copy, with what it published.
+    let outcome = match m.status {
+        Status::Partial => Outcome {
+            error: m.error.clone(),
+            warnings: m.warnings.clone(),
+            publish_completed: true,
+            failed: m.failed.clone(),
+            aborted: false,
+        },
+        _ => Outcome { warnings: m.warnings.clone(), ..Outcome::default() },
+    };
     let recorded = match (&to.root, &to.lock) {
         (Root::Dir(r), _) => r.finish_run(&m.run, &store, &outcome),
         (Root::S3(r), Locked::S3(lock)) => r.finish_run(&m.run, &store, &outcome, lock).map_err(io::Error::other),
         (Root::S3(_), Locked::Dir(_)) => unreachable!("an S3 store is locked in S3"),
     }?;
-    if !recorded.status.is_good() {
+    if !recorded.status.publishes() {
         return Err(io::Error::other(recorded.error.unwrap_or_else(|| format!("run {} was not copied", m.run.run_id))));
     }
     Ok(())

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::site::{Notify, Site};
+use crate::store::outputs::OutputState;
 use crate::store::{Manifest, Status};
 
 /// When a notification is sent.
@@ -159,6 +160,7 @@ pub fn write_prometheus(
     site: &Site,
     last: &Manifest,
     last_good: Option<&Manifest>,
+    outputs: &[OutputState],
 ) -> std::io::Result<()> {
     let label = format!("site=\"{}\"", escape_label(&site.name));
     let time = |m: &Manifest| m.ended_at().map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
@@ -181,7 +183,7 @@ pub fn write_prometheus(
     );
     gauge(
         "offsite_last_run_status",
-        "1 for the last run's status (ok, warning, incomplete, failed), 0 for the others.",
+        "1 for the last run's status (ok, warning, partial, incomplete, failed), 0 for the others.",
         Status::ALL
             .iter()
             .map(|s| (format!("{label},status=\"{s}\""), if *s == last.status { 1.0 } else { 0.0 }))
@@ -189,7 +191,25 @@ pub fn write_prometheus(
     );
     gauge("offsite_last_run_duration_seconds", "How long the last run took.", vec![(label.clone(), duration)]);
     gauge("offsite_last_run_bytes", "Bytes the last run stored.", vec![(label.clone(), last.bytes() as f64)]);
-    gauge("offsite_last_run_files", "Files the last run stored.", vec![(label, last.files.len() as f64)]);
+    gauge("offsite_last_run_files", "Files the last run stored.", vec![(label.clone(), last.files.len() as f64)]);
+    // Per output (its name has each time stamp set aside), so a server down
+    // for a week shows while the site's other outputs keep coming.
+    let shown = &outputs[..outputs.len().min(crate::store::outputs::MAX_REPORTED)];
+    let output_label = |o: &OutputState| format!("{label},output=\"{}\"", escape_label(&o.name));
+    let stamp = |t: &str| chrono::DateTime::parse_from_rfc3339(t).map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
+    gauge(
+        "offsite_output_last_success_timestamp_seconds",
+        "When the newest run that published a copy of the output ended; 0 if none did.",
+        shown.iter().map(|o| (output_label(o), o.last_good.as_ref().map_or(0.0, |c| stamp(&c.ended)))).collect(),
+    );
+    gauge(
+        "offsite_output_failing",
+        "1 if the output's newest attempt failed (or it never had a good copy), 0 if it succeeded.",
+        shown
+            .iter()
+            .map(|o| (output_label(o), if o.failing.is_some() || o.last_good.is_none() { 1.0 } else { 0.0 }))
+            .collect(),
+    );
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".offsite-").suffix(".prom.tmp").tempfile_in(dir)?;
     tmp.write_all(text.as_bytes())?;

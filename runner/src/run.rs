@@ -414,12 +414,15 @@ fn record(
             log::warn!(target: "offsite::calls", "site {}: {line}", site.name);
         }
     }
-    // A backup that lost most of its content is not silently `ok`.
-    if failure.is_none()
-        && site.shrink_warning > 0
-        && let Ok(Some(previous)) = root.last_good(&root.runs_of(&site.name))
+    // A backup that lost most of its content is not silently `ok`: each
+    // output is compared with its own last good copy.
+    if site.shrink_warning > 0
+        && !outputs.is_empty()
+        && let Ok((all, _)) = root.manifests()
     {
-        for line in crate::store::shrunk(outputs, &previous, site.shrink_warning) {
+        let runs = root.runs_of(&site.name);
+        let mine: Vec<Manifest> = all.into_iter().filter(|m| runs.includes(m)).collect();
+        for line in crate::store::shrunk(outputs, &mine, site.shrink_warning) {
             log::warn!(target: "offsite::run", "{line}");
         }
     }
@@ -430,6 +433,10 @@ fn record(
             .map(|f| crate::text::truncate(&format!("{:#}", f.error), crate::logging::MAX_MESSAGE).into_owned()),
         warnings: crate::logging::capture_snapshot().warnings,
         aborted,
+        // A script that failed still made the outputs its calls
+        // completed; a run stopped by a signal publishes nothing.
+        publish_completed: !aborted,
+        failed: caps.failed_outputs(),
     };
     let finished = match (root, lock) {
         (Root::Dir(dir), _) => dir.finish_run(header, store, &outcome),
@@ -441,6 +448,11 @@ fn record(
             if failure.is_none() && !m.status.is_good() {
                 let why = m.error.clone().unwrap_or_default();
                 failure = Some(Failure { exit: Exit::BackupFailed, error: anyhow!("backup failed: {why}") });
+            }
+            if m.status == Status::Partial
+                && let Some(f) = failure.take()
+            {
+                failure = Some(Failure { exit: f.exit, error: anyhow!("{}", partial_message(&m, &f.error)) });
             }
             manifest = Some(m);
         }
@@ -458,7 +470,7 @@ fn record(
         }
     }
     if let Some(m) = manifest.as_mut()
-        && m.status.is_good()
+        && m.status.publishes()
         && !site.copies.is_empty()
     {
         copy(root, site, header, signer, m, caps.run_deadline);
@@ -614,10 +626,45 @@ fn claim_store(root: &StoreRoot, site: &Site) {
     }
 }
 
+/// What a partial run says: what it published, which outputs it did not
+/// make and why, then the script's own error. Names and errors are the
+/// script's and servers' words: escaped.
+fn partial_message(m: &Manifest, error: &anyhow::Error) -> String {
+    let why = format!("{error:#}");
+    let why = why.strip_prefix("backup failed: ").unwrap_or(&why).to_string();
+    let list = |names: Vec<String>| crate::text::shorten_middle(&names.join(", "), 400).into_owned();
+    let published: Vec<String> = m.published().map(|f| crate::text::escape(&f.path).into_owned()).collect();
+    let mut text = format!("backup partial: {} output(s) published ({})", published.len(), list(published));
+    if !m.failed.is_empty() {
+        // Each with its call's error, unless the script's error says it.
+        let failed: Vec<String> = m
+            .failed
+            .iter()
+            .map(|f| {
+                let detail = f.error.split_once(": ").map_or(f.error.as_str(), |(_, rest)| rest);
+                match why.contains(detail) {
+                    true => crate::text::escape(&f.path).into_owned(),
+                    false => format!("{} ({})", crate::text::escape(&f.path), crate::text::escape(&f.error)),
+                }
+            })
+            .collect();
+        text.push_str(&format!(", {} not made ({})", failed.len(), list(failed)));
+    }
+    let kept = m.files.iter().filter(|f| f.kept).count();
+    if let (true, Some(dir)) = (kept > 0, &m.kept_in) {
+        text.push_str(&format!(
+            ", {kept} kept aside in {dir} instead of replacing the file of the same name (a partial run replaces \
+             nothing)"
+        ));
+    }
+    text.push_str(&format!("; the script failed: {why}"));
+    text
+}
+
 /// After a run is recorded: retention (after good runs only) and the
 /// node_exporter textfile. Neither changes the run's status.
 fn after_run(root: &Root, site: &Site, manifest: &Manifest) {
-    if manifest.status.is_good() && !site.retention.is_empty() {
+    if manifest.status.publishes() && !site.retention.is_empty() {
         let pruned = root.resume_prune().and_then(|mut lines| {
             let (manifests, _) = root.manifests()?;
             let plan = retention::plan(&manifests, &root.runs_of(&site.name), &site.retention);
@@ -630,19 +677,18 @@ fn after_run(root: &Root, site: &Site, manifest: &Manifest) {
         }
     }
     if let Some(path) = &site.prometheus {
-        // A good run is its own last good run; only after a failure are the
-        // earlier manifests read.
-        let earlier;
-        let last_good = if manifest.status.is_good() {
-            Some(manifest)
-        } else {
-            earlier = root.manifests().ok().and_then(|(all, _)| {
-                let runs = root.runs_of(&site.name);
-                all.into_iter().rev().find(|m| runs.includes(m) && m.status.is_good())
-            });
-            earlier.as_ref()
+        let runs = root.runs_of(&site.name);
+        let mine: Vec<Manifest> = match root.manifests() {
+            Ok((all, _)) => all.into_iter().filter(|m| runs.includes(m)).collect(),
+            Err(e) => {
+                log::warn!(target: "offsite::report", "cannot read the store's manifests for the textfile: {e}");
+                vec![manifest.clone()]
+            }
         };
-        if let Err(e) = report::write_prometheus(path, site, manifest, last_good) {
+        let last_good = mine.iter().rev().find(|m| m.status.is_good());
+        let refs: Vec<&Manifest> = mine.iter().collect();
+        let outputs = crate::store::outputs::states(&refs);
+        if let Err(e) = report::write_prometheus(path, site, manifest, last_good, &outputs) {
             log::warn!(target: "offsite::report", "cannot write the node_exporter textfile {}: {e}", path.display());
         }
     }

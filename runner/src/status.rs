@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::site::Site;
 use crate::store::Manifest;
+use crate::store::outputs::OutputState;
 use crate::store::run::Runs;
 use crate::store::s3::Root;
 
@@ -103,6 +104,8 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
                             let _ = writeln!(text, "  last good: never");
                         }
                     }
+                    let refs: Vec<&Manifest> = mine.iter().collect();
+                    json["outputs"] = outputs(&crate::store::outputs::states(&refs), &last.run.run_id, &mut text);
                 }
             }
             if !others.is_empty() {
@@ -208,6 +211,53 @@ pub fn status(site: &Site, file: &Path, now: DateTime<Utc>) -> SiteStatus {
     SiteStatus { text, failing, json }
 }
 
+/// The site's outputs (see `store::outputs`): in the text only when one
+/// of them did not come from the last run, each such one with its last
+/// good copy and why its newest attempt failed; all of them in the JSON.
+fn outputs(states: &[OutputState], last_run: &str, text: &mut String) -> serde_json::Value {
+    let behind: Vec<&OutputState> =
+        states.iter().filter(|o| o.last_good.as_ref().is_none_or(|c| c.run_id != last_run)).collect();
+    if !behind.is_empty() {
+        let _ = writeln!(text, "  outputs:   {} of {} not made by the last run:", behind.len(), states.len());
+        for o in behind.iter().take(20) {
+            // Names and errors are the script's and the servers' words.
+            let name = crate::text::escape(&o.name);
+            let good = match &o.last_good {
+                Some(c) => format!("last good copy started {} (run {})", local(&c.started), c.run_id),
+                None => "no good copy yet".to_string(),
+            };
+            let failing = match &o.failing {
+                Some(f) => format!(
+                    "; failed in run {}: {}",
+                    f.run_id,
+                    crate::text::escape(crate::text::shorten_middle(&f.error, 300).as_ref())
+                ),
+                None => String::new(),
+            };
+            let _ = writeln!(text, "             {name}: {good}{failing}");
+        }
+        if behind.len() > 20 {
+            let _ = writeln!(text, "             and {} more (--json lists them all)", behind.len() - 20);
+        }
+    }
+    states
+        .iter()
+        .take(crate::store::outputs::MAX_REPORTED)
+        .map(|o| {
+            serde_json::json!({
+                "output": o.name,
+                "last_good": o.last_good.as_ref().map(|c| serde_json::json!({
+                    "run_id": c.run_id, "started": c.started, "path": c.path,
+                })),
+                "failing": o.failing.as_ref().map(|f| serde_json::json!({
+                    "run_id": f.run_id, "started": f.started, "error": f.error,
+                })),
+            })
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
 /// Whether a process with this pid runs on this machine.
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -238,7 +288,7 @@ fn copies(site: &Site, mine: &[Manifest], text: &mut String) -> Vec<serde_json::
             Root::open_existing(&copy.store, site.limits.call_timeout).map_err(|e| e.to_string()).and_then(|root| {
                 let (all, _) = root.manifests().map_err(|e| e.to_string())?;
                 let runs = root.runs_of(&site.name);
-                Ok(all.into_iter().rev().find(|m| runs.includes(m) && m.status.is_good()).map(|m| m.run.run_id))
+                Ok(all.into_iter().rev().find(|m| runs.includes(m) && m.status.publishes()).map(|m| m.run.run_id))
             });
         match newest {
             Ok(newest) => {
@@ -247,7 +297,7 @@ fn copies(site: &Site, mine: &[Manifest], text: &mut String) -> Vec<serde_json::
                 let shown = newest.as_deref().map(crate::text::escape);
                 let behind = mine
                     .iter()
-                    .filter(|m| m.status.is_good() && newest.as_ref().is_none_or(|n| m.run.run_id > *n))
+                    .filter(|m| m.status.publishes() && newest.as_ref().is_none_or(|n| m.run.run_id > *n))
                     .count();
                 let _ = match (&shown, behind) {
                     (Some(n), 0) => writeln!(text, "  copy:      {store}: up to date (run {n})"),

@@ -21,6 +21,7 @@ const GZIP_LEVEL: u32 = 6;
 impl Host for Caps {
     fn tar_gz(&mut self, sources: Vec<String>, dest: String) -> Result<FileInfo, Error> {
         let before = self.denials;
+        let note = self.output_note("archive.tar-gz", None, &dest);
         let result = (|| {
             let mut reads = Vec::with_capacity(sources.len());
             for source in &sources {
@@ -91,6 +92,7 @@ impl Host for Caps {
             self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored);
             Ok(info)
         })();
+        note.record(&result);
         self.noted("archive.tar-gz", before, result)
     }
 }

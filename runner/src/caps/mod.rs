@@ -27,6 +27,7 @@ use crate::transport::Transport;
 use crate::bindings::types::Error as WitError;
 use crate::bindings::{meta, types};
 use crate::policy::{Call, Grant, Policy};
+use crate::store::manifest::FailedOutput;
 use crate::store::{Store, StoredFile};
 
 pub use self::clock::{Clock, format_instant};
@@ -60,6 +61,9 @@ pub struct Caps {
     pub secrets: Vec<String>,
     /// Files this run has stored, in order of completion.
     pub outputs: Arc<Mutex<Vec<StoredFile>>>,
+    /// Outputs the script asked for that were not made (see
+    /// [`OutputNote`]).
+    pub failed_outputs: Arc<Mutex<Vec<FailedOutput>>>,
     /// Calls refused by the policy during this run.
     pub denials: u32,
     /// Calls that failed otherwise: a run that still succeeds reports each
@@ -103,6 +107,7 @@ impl Caps {
             unreadable_fatal: false,
             secrets: Vec::new(),
             outputs: Arc::new(Mutex::new(Vec::new())),
+            failed_outputs: Arc::new(Mutex::new(Vec::new())),
             denials: 0,
             failed_calls: Vec::new(),
             read_dirs: (0..roots).map(|_| None).collect(),
@@ -122,6 +127,24 @@ impl Caps {
     /// The files stored so far.
     pub fn outputs(&self) -> Vec<StoredFile> {
         self.outputs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The outputs asked for and not made so far.
+    pub fn failed_outputs(&self) -> Vec<FailedOutput> {
+        self.failed_outputs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A note to take of the output at `dest` that `call` is to make: if
+    /// the call fails (denied included), the output is recorded as not
+    /// made, so status and retention can tell which output failed.
+    fn output_note(&self, call: &str, host: Option<&str>, dest: &str) -> OutputNote {
+        OutputNote {
+            list: Arc::clone(&self.failed_outputs),
+            secrets: Arc::new(self.secrets.clone()),
+            call: call.to_string(),
+            host: host.map(str::to_string),
+            path: dest.to_string(),
+        }
     }
 
     /// When a host call started now must end: its own timeout, or the
@@ -314,6 +337,38 @@ impl AuditLog {
         if let Err(e) = file.write_all(line.as_bytes()) {
             ::log::error!(target: "offsite::policy", "cannot write the audit log: {e}");
         }
+    }
+}
+
+/// At most this many failed outputs are recorded per run, each path and
+/// error bounded: a script that fails in a loop cannot grow the manifest.
+const MAX_FAILED_OUTPUTS: usize = 256;
+const FAILED_OUTPUT_TEXT: usize = 1024;
+
+/// See [`Caps::output_note`]; moved into a background transfer's thread.
+pub struct OutputNote {
+    list: Arc<Mutex<Vec<FailedOutput>>>,
+    secrets: Arc<Vec<String>>,
+    call: String,
+    host: Option<String>,
+    path: String,
+}
+
+impl OutputNote {
+    /// Records the output as not made if `result` is an error.
+    pub fn record<T>(&self, result: &Result<T, WitError>) {
+        let Err(e) = result else { return };
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() >= MAX_FAILED_OUTPUTS {
+            return;
+        }
+        let bound = |t: &str| crate::text::shorten_middle(&redact(&self.secrets, t), FAILED_OUTPUT_TEXT).into_owned();
+        list.push(FailedOutput {
+            path: bound(&self.path),
+            call: self.call.clone(),
+            host: self.host.as_deref().map(bound),
+            error: bound(&describe_error(e)),
+        });
     }
 }
 

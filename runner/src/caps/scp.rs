@@ -43,24 +43,39 @@ impl Caps {
 impl Host for Caps {
     fn fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<FileInfo, Error> {
         let before = self.denials;
+        let note = self.output_note("scp.fetch", Some(&host), &dest);
         let result = (|| {
             let (path, allowed) = self.decide_fetch(&host, &remote_path)?;
             let rel = self.decide_write(&dest)?;
             self.remote(&host)?.fetch(&host, &path, &rel, &*allowed)
         })();
+        note.record(&result);
         self.noted("scp.fetch", before, result)
     }
 
     fn start_fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<Resource<Job>, Error> {
         let before = self.denials;
-        let result = (|| {
+        let note = self.output_note("scp.fetch", Some(&host), &dest);
+        let started = (|| {
             let (path, allowed) = self.decide_fetch(&host, &remote_path)?;
             let rel = self.decide_write(&dest)?;
             let remote = self.remote(&host)?;
-            self.start_job(format!("fetching {host}:{path} into {dest}"), move || {
-                remote.fetch(&host, &path, &rel, &*allowed)
-            })
+            Ok((path, allowed, rel, remote))
         })();
+        let result = match started {
+            Ok((path, allowed, rel, remote)) => {
+                self.start_job(format!("fetching {host}:{path} into {dest}"), move || {
+                    let result = remote.fetch(&host, &path, &rel, &*allowed);
+                    note.record(&result);
+                    result
+                })
+            }
+            Err(e) => {
+                let failed = Err(e);
+                note.record(&failed);
+                failed
+            }
+        };
         self.noted("scp.start-fetch", before, result)
     }
 }

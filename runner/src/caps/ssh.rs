@@ -28,10 +28,12 @@ impl Host for Caps {
         options: StreamOptions,
     ) -> Result<FileInfo, Error> {
         let before = self.denials;
+        let note = self.output_note("ssh.exec-to-file", Some(&host), &dest);
         let result = (|| {
             let rel = self.decide_stream(&host, &argv, &dest)?;
             self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, None)
         })();
+        note.record(&result);
         self.noted("ssh.exec-to-file", before, result)
     }
 
@@ -43,13 +45,24 @@ impl Host for Caps {
         options: StreamOptions,
     ) -> Result<Resource<Job>, Error> {
         let before = self.denials;
-        let result = (|| {
+        let note = self.output_note("ssh.exec-to-file", Some(&host), &dest);
+        let started = (|| {
             let rel = self.decide_stream(&host, &argv, &dest)?;
             let remote = self.remote(&host)?;
-            self.start_job(format!("streaming from {host} into {dest}"), move || {
-                remote.exec_to_file(&host, &argv, &rel, &options, None)
-            })
+            Ok((rel, remote))
         })();
+        let result = match started {
+            Ok((rel, remote)) => self.start_job(format!("streaming from {host} into {dest}"), move || {
+                let result = remote.exec_to_file(&host, &argv, &rel, &options, None);
+                note.record(&result);
+                result
+            }),
+            Err(e) => {
+                let failed = Err(e);
+                note.record(&failed);
+                failed
+            }
+        };
         self.noted("ssh.start-exec-to-file", before, result)
     }
 
@@ -63,11 +76,13 @@ impl Host for Caps {
         stdin_template: String,
     ) -> Result<FileInfo, Error> {
         let before = self.denials;
+        let note = self.output_note("ssh.exec-to-file", Some(&host), &dest);
         let result = (|| {
             let rel = self.decide_stream(&host, &argv, &dest)?;
             let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
             self.remote(&host)?.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
         })();
+        note.record(&result);
         self.noted("ssh.exec-to-file-with-secret", before, result)
     }
 
@@ -81,14 +96,25 @@ impl Host for Caps {
         stdin_template: String,
     ) -> Result<Resource<Job>, Error> {
         let before = self.denials;
-        let result = (|| {
+        let note = self.output_note("ssh.exec-to-file", Some(&host), &dest);
+        let started = (|| {
             let rel = self.decide_stream(&host, &argv, &dest)?;
             let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
             let remote = self.remote(&host)?;
-            self.start_job(format!("streaming from {host} into {dest}"), move || {
-                remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
-            })
+            Ok((rel, stdin, remote))
         })();
+        let result = match started {
+            Ok((rel, stdin, remote)) => self.start_job(format!("streaming from {host} into {dest}"), move || {
+                let result = remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin));
+                note.record(&result);
+                result
+            }),
+            Err(e) => {
+                let failed = Err(e);
+                note.record(&failed);
+                failed
+            }
+        };
         self.noted("ssh.start-exec-to-file-with-secret", before, result)
     }
 }

@@ -17,6 +17,11 @@ pub enum Status {
     /// Stored, but something deserves a look (a denial the script handled,
     /// a warning it logged, a file that changed while it was read).
     Warning,
+    /// The run failed, but some of its calls succeeded: each of their
+    /// outputs is complete by its own evidence and was published (except
+    /// where it would have replaced an earlier file: that one is kept
+    /// aside). `failed` names the outputs that were not made.
+    Partial,
     /// The run failed or was interrupted after storing some files: they
     /// are kept aside, not as a backup.
     Incomplete,
@@ -25,17 +30,24 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [Status::Ok, Status::Warning, Status::Incomplete, Status::Failed];
+    pub const ALL: [Status; 5] = [Status::Ok, Status::Warning, Status::Partial, Status::Incomplete, Status::Failed];
 
     /// A good run's files are a backup.
     pub fn is_good(self) -> bool {
         self <= Status::Warning
     }
 
+    /// A run whose files at their paths are backups: a good run (all of
+    /// them) or a partial one (those not kept aside).
+    pub fn publishes(self) -> bool {
+        self <= Status::Partial
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Ok => "ok",
             Status::Warning => "warning",
+            Status::Partial => "partial",
             Status::Incomplete => "incomplete",
             Status::Failed => "failed",
         }
@@ -130,10 +142,77 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// For a run that did not succeed: the directory (relative to the store
-    /// root) its files were kept in, instead of their paths.
+    /// root) its files were kept in, instead of their paths (for a partial
+    /// run, only the files marked `kept`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_in: Option<String>,
     pub files: Vec<StoredFile>,
+    /// The outputs the run's calls failed to make (see [`FailedOutput`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedOutput>,
+}
+
+/// An output a call failed to make: where the script asked for it, what
+/// was called, and why it failed (the script's and the server's words,
+/// bounded; escaped wherever shown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedOutput {
+    /// The destination as the script named it.
+    pub path: String,
+    /// `interface.function`, as in [`Origin::call`].
+    pub call: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub error: String,
+}
+
+impl FailedOutput {
+    /// Its output name (see [`output_name`]).
+    pub fn output(&self) -> String {
+        output_name(&self.path)
+    }
+}
+
+/// The name under which runs' files count as the same output: the path
+/// with each time stamp or counter set aside. A run of digits (with `-`,
+/// `_`, `:`, `.` or `T` between digit groups) that holds at least four
+/// digits becomes `#`: `db1/sitedb-20040321-014844.sql.gz` is
+/// `db1/sitedb-#.sql.gz`, and `server1` stays `server1`, so two servers'
+/// dumps are two outputs. (A stored file's name counts without the
+/// `.age` encryption adds, see `StoredFile::output`.) Status, retention,
+/// the shrink check and the textfile track outputs by this name, so a
+/// dump that failed for a week shows as such.
+pub fn output_name(path: &str) -> String {
+    let path = path.strip_prefix("./").unwrap_or(path);
+    let chars: Vec<char> = path.chars().collect();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut digits = 0;
+        loop {
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                digits += 1;
+                i += 1;
+            }
+            let joined = i + 1 < chars.len() && "-_:.T".contains(chars[i]) && chars[i + 1].is_ascii_digit();
+            if !joined {
+                break;
+            }
+            i += 1;
+        }
+        if digits >= 4 {
+            out.push('#');
+        } else {
+            out.extend(&chars[start..i]);
+        }
+    }
+    out
 }
 
 pub const FORMAT: u32 = 1;
@@ -142,9 +221,17 @@ impl Manifest {
     /// Where `entry` is, relative to the store root.
     pub fn location(&self, entry: &StoredFile) -> PathBuf {
         match &self.kept_in {
-            Some(dir) => Path::new(dir).join(&entry.path),
-            None => PathBuf::from(&entry.path),
+            Some(dir) if self.status != Status::Partial || entry.kept => Path::new(dir).join(&entry.path),
+            _ => PathBuf::from(&entry.path),
         }
+    }
+
+    /// The files that are backups at their paths: all of a good run's,
+    /// those of a partial run not kept aside, none of another run's.
+    pub fn published(&self) -> impl Iterator<Item = &StoredFile> {
+        let all = self.status.is_good();
+        let partial = self.status == Status::Partial;
+        self.files.iter().filter(move |f| all || (partial && !f.kept))
     }
 
     pub fn bytes(&self) -> u64 {
@@ -176,6 +263,18 @@ mod tests {
         assert_eq!(Status::Incomplete.max(Status::Warning), Status::Incomplete);
         assert_eq!(Status::ALL.iter().copied().max(), Some(Status::Failed));
         assert!(Status::Warning.is_good() && !Status::Incomplete.is_good());
+        assert!(!Status::Partial.is_good() && Status::Partial.publishes() && !Status::Incomplete.publishes());
+        assert_eq!(Status::Partial.max(Status::Warning), Status::Partial);
         assert_eq!(serde_json::to_string(&Status::Incomplete).unwrap(), "\"incomplete\"");
+    }
+
+    #[test]
+    fn output_names_set_digits_aside() {
+        assert_eq!(output_name("db1/sitedb-20040321-014844.sql.gz"), "db1/sitedb-#.sql.gz");
+        assert_eq!(output_name("./www.20261205-010000.tgz"), "www.#.tgz");
+        assert_eq!(output_name("server1/db-2026-12-05T01:34:00.sql"), "server1/db-#.sql");
+        assert_eq!(output_name("server2/db.1733363226.sql"), "server2/db.#.sql");
+        assert_eq!(output_name("plain.txt"), "plain.txt");
+        assert_ne!(output_name("server1/x-20261205.sql"), output_name("server2/x-20261205.sql"));
     }
 }

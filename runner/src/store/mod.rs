@@ -25,6 +25,7 @@
 mod durable;
 pub mod lock;
 pub mod manifest;
+pub mod outputs;
 pub mod protect;
 pub mod retention;
 pub mod run;
@@ -176,44 +177,39 @@ pub(crate) fn temp_name(final_name: &str) -> String {
     format!("{TEMP_PREFIX}{}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), &final_name[..cut])
 }
 
-/// Outputs of this run that shrank to less than `percent`% of the same
-/// output of `previous` (the last good run): one line each, with both
-/// sizes. "The same output" is the same path once every run of digits is
-/// set aside (`sitedb-20040321-014844.sql.gz` ~ `sitedb-20040322-014844.sql.gz`),
-/// compared by the uncompressed size where the file is encrypted. A dump
-/// that lost its tables still exits 0 with its trailer: this catches it.
-pub fn shrunk(now: &[StoredFile], previous: &manifest::Manifest, percent: u32) -> Vec<String> {
-    fn slot(path: &str) -> String {
-        let mut out = String::with_capacity(path.len());
-        let mut in_digits = false;
-        for c in path.chars() {
-            if c.is_ascii_digit() {
-                if !in_digits {
-                    out.push('#');
-                }
-                in_digits = true;
-            } else {
-                in_digits = false;
-                out.push(c);
+/// The files of `now` that shrank below `percent` of the newest published
+/// copy of the same output (see [`manifest::output_name`]) among
+/// `earlier` (a site's runs, oldest first): one line each, with both
+/// sizes. Each output is compared with its own last good copy, so a dump
+/// whose server was down for a week is compared with the dump of a week
+/// ago, compared by the uncompressed size where the file is encrypted. A
+/// dump that lost its tables still exits 0 with its trailer: this catches it.
+pub fn shrunk(now: &[StoredFile], earlier: &[manifest::Manifest], percent: u32) -> Vec<String> {
+    let size = |f: &StoredFile| f.plain.as_ref().map_or(f.bytes, |p| p.bytes);
+    let mut wanted: std::collections::BTreeSet<String> = now.iter().map(StoredFile::output).collect();
+    let mut before: std::collections::BTreeMap<String, (&StoredFile, &str)> = std::collections::BTreeMap::new();
+    for m in earlier.iter().rev() {
+        if wanted.is_empty() {
+            break;
+        }
+        for f in m.published() {
+            let name = f.output();
+            if wanted.remove(&name) {
+                before.insert(name, (f, &m.run.run_id));
             }
         }
-        out
     }
-    let size = |f: &StoredFile| f.plain.as_ref().map_or(f.bytes, |p| p.bytes);
-    let before: std::collections::BTreeMap<String, &StoredFile> =
-        previous.files.iter().map(|f| (slot(&f.path), f)).collect();
     let mut out = Vec::new();
     for f in now {
-        if let Some(old) = before.get(&slot(&f.path)) {
+        if let Some((old, run)) = before.get(&f.output()) {
             let (was, is) = (size(old), size(f));
             if was > 0 && (is as u128) * 100 < (was as u128) * percent as u128 {
                 out.push(format!(
-                    "{} is {is} bytes, {}% of the {was} bytes of {} in the last good run {}; check that nothing \
-                     was lost (threshold: [report] shrink_warning = \"{percent}%\")",
+                    "{} is {is} bytes, {}% of the {was} bytes of {} in run {run}, its last good copy; check that \
+                     nothing was lost (threshold: [report] shrink_warning = \"{percent}%\")",
                     f.path,
                     (is as u128 * 100 / was as u128),
                     old.path,
-                    previous.run.run_id
                 ));
             }
         }
@@ -486,6 +482,23 @@ pub struct StoredFile {
     /// the loss of the earlier file is never silent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<Replaced>,
+    /// A partial run's file that was not published, because a file was
+    /// already at its path (a partial run replaces nothing): it is in the
+    /// run's `kept_in` directory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
+}
+
+impl StoredFile {
+    /// Its output name (see [`manifest::output_name`]), without the `.age`
+    /// of an encrypted file.
+    pub fn output(&self) -> String {
+        let path = match &self.plain {
+            Some(_) => self.path.strip_suffix(".age").unwrap_or(&self.path),
+            None => &self.path,
+        };
+        manifest::output_name(path)
+    }
 }
 
 /// See [`StoredFile::replaces`].
@@ -508,7 +521,7 @@ impl PendingFile {
     /// upload is sealed instead, and completed at the run's end.)
     pub fn commit(self, origin: Origin) -> io::Result<StoredFile> {
         self.commit_as(|path, bytes, sha256, plain| {
-            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None })
+            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None, kept: false })
         })
     }
 
@@ -527,7 +540,7 @@ impl PendingFile {
                     ),
                 ));
             }
-            Ok(StoredFile { replaces: None, ..original.clone() })
+            Ok(StoredFile { replaces: None, kept: false, ..original.clone() })
         })
     }
 

@@ -1,9 +1,12 @@
 //! Retention: which runs to keep, and removing the others.
 //!
 //! Rules (per site): the last N good runs, plus the newest good run of each
-//! of the last D days, W ISO weeks and M months that have one. Runs that did
-//! not succeed are kept until a newer good run exists. Whatever the rules
-//! say, the newest good run is kept; a file is removed only when the pruned
+//! of the last D days, W ISO weeks and M months that have one (a partial
+//! run counts: its published files are backups). Runs that did not succeed
+//! are kept until a newer good run exists. Whatever the rules say, the
+//! newest good run is kept, and so is the newest copy of each output
+//! (`manifest::output_name`) made since it, so a server that failed for a
+//! week never ages out its last good dump; a file is removed only when the pruned
 //! run's manifest lists it, no kept manifest lists it, and its size is still
 //! the size recorded; nothing no manifest lists is ever touched.
 
@@ -79,7 +82,7 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], runs: &Runs, keep: &Keep, t
     let (mut days, mut weeks, mut months) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     let mut good_seen = 0u32;
     for (i, m) in mine.iter().enumerate().rev() {
-        if !m.status.is_good() {
+        if !m.status.publishes() {
             continue;
         }
         if Some(i) == newest_good {
@@ -108,8 +111,13 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], runs: &Runs, keep: &Keep, t
         }
     }
     for (i, m) in mine.iter().enumerate() {
-        if !m.status.is_good() && newest_good.is_none_or(|g| i > g) {
+        if !m.status.publishes() && newest_good.is_none_or(|g| i > g) {
             reasons[i].push(format!("{} and no good run is newer", m.status));
+        }
+    }
+    for (i, outputs) in newest_copies(&mine) {
+        if reasons[i].is_empty() {
+            reasons[i].push(format!("the newest good copy of {}", list_outputs(&outputs)));
         }
     }
     // Every location a kept manifest lists, of any site sharing the store.
@@ -124,7 +132,7 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], runs: &Runs, keep: &Keep, t
         .zip(reasons)
         .map(|(m, kept_because)| {
             let pruned_because = kept_because.is_empty().then(|| {
-                if m.status.is_good() {
+                if m.status.publishes() {
                     format!("outside the rules ({keep})")
                 } else {
                     let newer = newest_good.map(|g| mine[g].run.run_id.as_str()).unwrap_or("?");
@@ -153,6 +161,29 @@ pub fn plan_in<Tz: TimeZone>(manifests: &[Manifest], runs: &Runs, keep: &Keep, t
             }
         })
         .collect()
+}
+
+/// Per run index, the current outputs (see [`super::outputs::states`]) it
+/// holds the newest copy of.
+fn newest_copies(runs: &[&Manifest]) -> std::collections::BTreeMap<usize, Vec<String>> {
+    let mut out: std::collections::BTreeMap<usize, Vec<String>> = std::collections::BTreeMap::new();
+    for state in super::outputs::states(runs) {
+        if let Some(copy) = state.last_good
+            && let Some(i) = runs.iter().position(|m| m.run.run_id == copy.run_id)
+        {
+            out.entry(i).or_default().push(state.name);
+        }
+    }
+    out
+}
+
+/// Up to three output names, and how many more.
+fn list_outputs(outputs: &[String]) -> String {
+    let shown: Vec<String> = outputs.iter().take(3).map(|o| crate::text::escape(o).into_owned()).collect();
+    match outputs.len() {
+        n if n > 3 => format!("{} and {} more output(s)", shown.join(", "), n - 3),
+        _ => shown.join(", "),
+    }
 }
 
 /// Removes the runs `verdicts` prune. Each run's manifest is first renamed
@@ -279,7 +310,7 @@ mod tests {
             status,
             error: None,
             warnings: vec![],
-            kept_in: (!status.is_good()).then(|| format!(".offsite/runs/{id}")),
+            kept_in: (!status.publishes()).then(|| format!(".offsite/runs/{id}")),
             files: files
                 .iter()
                 .map(|p| StoredFile {
@@ -289,8 +320,10 @@ mod tests {
                     plain: None,
                     origin: Default::default(),
                     replaces: None,
+                    kept: false,
                 })
                 .collect(),
+            failed: vec![],
         }
     }
 
@@ -356,6 +389,53 @@ mod tests {
         assert_eq!(v[0].shared, vec![PathBuf::from("latest.tgz")]);
         assert_eq!(v[1].files, vec![(PathBuf::from(".offsite/runs/2/x.tgz"), 1)]);
         assert!(v[1].pruned_because.as_deref().unwrap().contains("superseded by good run 3"));
+    }
+
+    #[test]
+    fn the_newest_copy_of_each_output_survives_partial_runs() {
+        // Both servers, then server2 fails for a week while server1 works,
+        // then server1 fails once while server2 is back.
+        let mut runs =
+            vec![run("1", "2026-11-20T03:00:00+00:00", Status::Ok, &["s1/db-20261120.sql", "s2/db-20261120.sql"])];
+        for i in 2..9 {
+            let mut m = run(
+                &i.to_string(),
+                &format!("2026-11-2{i}T03:00:00+00:00"),
+                Status::Partial,
+                &[&format!("s1/db-2026112{i}.sql")],
+            );
+            m.failed.push(crate::store::manifest::FailedOutput {
+                path: format!("s2/db-2026112{i}.sql"),
+                call: "ssh.exec-to-file".into(),
+                host: Some("s2".into()),
+                error: "connection refused".into(),
+            });
+            runs.push(m);
+        }
+        let keep = Keep { last: 2, ..Keep::default() };
+        let v = plan_in(&runs, &Runs::Named("s".into()), &keep, &chrono::Utc);
+        assert_eq!(kept(&v), vec!["1", "7", "8"], "the last good run holds s2's newest dump: {v:#?}");
+        // A fully good run later: s2's week-old dump is back to the rules.
+        runs.push(run("9", "2026-11-29T03:00:00+00:00", Status::Ok, &["s1/db-20261129.sql", "s2/db-20261129.sql"]));
+        let v = plan_in(&runs, &Runs::Named("s".into()), &keep, &chrono::Utc);
+        assert_eq!(kept(&v), vec!["8", "9"]);
+        // Alternating failures: s2's newest copy is in a partial run, older
+        // than what the rules keep.
+        let mut alternating =
+            vec![run("1", "2026-11-20T03:00:00+00:00", Status::Ok, &["s1/a-20261120", "s2/a-20261120"])];
+        alternating.push(run("2", "2026-11-21T03:00:00+00:00", Status::Partial, &["s2/a-20261121"]));
+        for i in 3..6 {
+            alternating.push(run(
+                &i.to_string(),
+                &format!("2026-11-2{i}T03:00:00+00:00"),
+                Status::Partial,
+                &[&format!("s1/a-2026112{i}")],
+            ));
+        }
+        let v = plan_in(&alternating, &Runs::Named("s".into()), &Keep { last: 1, ..Keep::default() }, &chrono::Utc);
+        assert_eq!(kept(&v), vec!["1", "2", "5"]);
+        let second = &v[1];
+        assert_eq!(second.kept_because, vec!["the newest good copy of s2/a-#".to_string()]);
     }
 
     #[test]

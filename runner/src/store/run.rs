@@ -35,6 +35,11 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     /// The run was stopped (a signal): `failed` even with complete files.
     pub aborted: bool,
+    /// The run failed, but the files its calls completed may be published
+    /// (a `partial` run): the script's failure, not a stop or a crash.
+    pub publish_completed: bool,
+    /// The outputs the run's calls failed to make.
+    pub failed: Vec<super::manifest::FailedOutput>,
 }
 
 /// A manifest file that could not be read.
@@ -423,13 +428,28 @@ impl StoreRoot {
     ) -> io::Result<Manifest> {
         let mut manifest = manifest_for(header, files, outcome, ended);
         if manifest.status.is_good()
-            && let Err(e) = self.check_destinations(&manifest)
+            && let Err(e) = self.check_destinations(&manifest.files)
         {
             manifest.status = Status::Incomplete;
             manifest.error = Some(e.to_string());
         }
         let run_id = &header.run_id;
-        if manifest.status.is_good() {
+        if manifest.status == Status::Partial {
+            // Each file whose path is free is published; one that would
+            // replace a file (or cannot be installed) is kept aside.
+            for f in &mut manifest.files {
+                let path = Path::new(&f.path);
+                f.kept = self.dir.symlink_metadata(path).is_ok()
+                    || self.check_destinations(std::slice::from_ref(f)).is_err();
+            }
+            if manifest.files.iter().all(|f| f.kept) {
+                manifest.status = Status::Incomplete;
+                manifest.files.iter_mut().for_each(|f| f.kept = false);
+            } else if manifest.files.iter().any(|f| f.kept) {
+                manifest.kept_in = Some(kept_dir(run_id));
+            }
+        }
+        if manifest.status.publishes() {
             self.note_replacements(&mut manifest);
             let json = manifest.to_json();
             let staged = staged_manifest_name(run_id);
@@ -463,17 +483,19 @@ impl StoreRoot {
     /// replaces (read from the newest manifest listing the path; only on
     /// such a collision are manifests read).
     fn note_replacements(&self, manifest: &mut Manifest) {
-        let taken: Vec<usize> =
-            (0..manifest.files.len()).filter(|&i| self.dir.is_file(&manifest.files[i].path)).collect();
+        let taken: Vec<usize> = (0..manifest.files.len())
+            .filter(|&i| !manifest.files[i].kept && self.dir.is_file(&manifest.files[i].path))
+            .collect();
         if taken.is_empty() {
             return;
         }
         let Ok((all, _)) = self.manifests() else { return };
         for i in taken {
             let path = manifest.files[i].path.clone();
-            let previous = all.iter().rev().filter(|m| m.status.is_good() && m.kept_in.is_none()).find_map(|m| {
-                m.files.iter().find(|f| f.path == path).map(|f| (m.run.run_id.clone(), f.sha256.clone()))
-            });
+            let previous = all
+                .iter()
+                .rev()
+                .find_map(|m| m.published().find(|f| f.path == path).map(|f| (m.run.run_id.clone(), f.sha256.clone())));
             if let Some((run, sha256)) = previous {
                 log::info!(target: "offsite::store", "{path} replaces the file of the same name from run {run}");
                 manifest.files[i].replaces = Some(super::Replaced { run, sha256 });
@@ -483,8 +505,8 @@ impl StoreRoot {
 
     /// A good run may only be installed if every path it names can take a
     /// file: nothing there, or a regular file (which it replaces).
-    fn check_destinations(&self, manifest: &Manifest) -> io::Result<()> {
-        for f in &manifest.files {
+    fn check_destinations(&self, files: &[StoredFile]) -> io::Result<()> {
+        for f in files {
             let path = Path::new(&f.path);
             if let Ok(meta) = self.dir.symlink_metadata(path)
                 && !meta.is_file()
@@ -515,7 +537,7 @@ impl StoreRoot {
         let mut parents = BTreeSet::new();
         if self.runs.is_dir(run_id) {
             let staging = self.runs.open_dir(run_id)?;
-            for f in &manifest.files {
+            for f in manifest.published() {
                 let rel = Path::new(&f.path);
                 let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
                 let name = rel.file_name().expect("stored files have names");
@@ -543,7 +565,8 @@ impl StoreRoot {
         }
         self.runs.rename(&staged, &self.manifests, &name)?;
         sync_dir(&self.manifests)?;
-        if self.runs.is_dir(run_id) {
+        // A partial run's kept files stay where its manifest says.
+        if self.runs.is_dir(run_id) && manifest.kept_in.is_none() {
             self.runs.remove_dir_all(run_id)?;
         }
         let _ = self.runs.remove_file(journal_name(run_id));
@@ -606,6 +629,7 @@ pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcom
     let status = match (&outcome.error, files.is_empty()) {
         (Some(_), _) if outcome.aborted => Status::Failed,
         (Some(_), true) => Status::Failed,
+        (Some(_), false) if outcome.publish_completed => Status::Partial,
         (Some(_), false) => Status::Incomplete,
         (None, _) if !outcome.warnings.is_empty() => Status::Warning,
         (None, _) => Status::Ok,
@@ -619,6 +643,7 @@ pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcom
         warnings: outcome.warnings.clone(),
         kept_in: None,
         files,
+        failed: outcome.failed.clone(),
     }
 }
 
@@ -723,6 +748,49 @@ mod tests {
         let m = root.finish_run(&header("r2"), &store, &outcome).unwrap();
         assert_eq!((m.status, m.kept_in), (Status::Failed, None));
         assert!(!dir.path().join(".offsite/runs/r2").exists());
+    }
+
+    #[test]
+    fn a_partial_run_publishes_new_outputs_and_keeps_aside_what_would_replace_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StoreRoot::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "good").unwrap();
+        let store = root.begin_run(&header("r1"), Budget::unlimited()).unwrap();
+        write(&store, "a.txt", b"newer");
+        write(&store, "s2/b.txt", b"bee");
+        let outcome = Outcome {
+            error: Some("server1 failed".into()),
+            publish_completed: true,
+            failed: vec![crate::store::manifest::FailedOutput {
+                path: "s1/c.txt".into(),
+                call: "ssh.exec-to-file".into(),
+                host: Some("s1".into()),
+                error: "connection refused".into(),
+            }],
+            ..Outcome::default()
+        };
+        let m = root.finish_run(&header("r1"), &store, &outcome).unwrap();
+        assert_eq!(m.status, Status::Partial);
+        assert_eq!(m.kept_in.as_deref(), Some(".offsite/runs/r1"));
+        assert_eq!(std::fs::read(dir.path().join("a.txt")).unwrap(), b"good", "a partial run replaces nothing");
+        assert_eq!(std::fs::read(dir.path().join("s2/b.txt")).unwrap(), b"bee", "the new output is published");
+        let kept: Vec<&str> = m.files.iter().filter(|f| f.kept).map(|f| f.path.as_str()).collect();
+        assert_eq!(kept, vec!["a.txt"]);
+        assert_eq!(std::fs::read(dir.path().join(m.location(&m.files[0]))).unwrap(), b"newer");
+        assert_eq!(m.location(&m.files[1]), PathBuf::from("s2/b.txt"));
+        assert_eq!(m.published().map(|f| f.path.as_str()).collect::<Vec<_>>(), vec!["s2/b.txt"]);
+        assert_eq!(m.failed[0].output(), "s1/c.txt");
+        assert_eq!(tree(dir.path()), vec![".offsite/manifests/r1.json", ".offsite/runs/r1/a.txt", "a.txt", "s2/b.txt"]);
+        assert!(root.recover().unwrap().is_empty(), "the kept file stays where the manifest says");
+        assert_eq!(root.manifests().unwrap().0, vec![m]);
+
+        // A stop (signal) publishes nothing, whatever was complete.
+        let store = root.begin_run(&header("r2"), Budget::unlimited()).unwrap();
+        write(&store, "s3/d.txt", b"d");
+        let stopped = Outcome { aborted: true, ..outcome };
+        let m = root.finish_run(&header("r2"), &store, &stopped).unwrap();
+        assert_eq!(m.status, Status::Failed);
+        assert!(!dir.path().join("s3").exists());
     }
 
     #[test]

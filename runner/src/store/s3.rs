@@ -300,7 +300,34 @@ impl S3Root {
         let mut manifest = manifest_for(header, files, outcome, &ended);
         let run_id = &header.run_id;
         let journal = format!("{RUNS}/{run_id}.journal");
-        if !manifest.status.is_good() {
+        let mut sealed = sealed;
+        if manifest.status == Status::Partial {
+            // Each complete file is published unless an object is at its
+            // path already: a partial run replaces nothing, and a bucket
+            // keeps nothing unpublished, so that one is discarded.
+            let mut taken = Vec::new();
+            for f in &manifest.files {
+                if self.bucket.head(&f.path)?.is_some() {
+                    taken.push(f.path.clone());
+                }
+            }
+            if !taken.is_empty() {
+                sealed.retain(|u| !taken.iter().any(|t| t == u.rel()));
+                manifest.files.retain(|f| !taken.contains(&f.path));
+                let shown: Vec<String> = taken.iter().take(5).map(|t| crate::text::escape(t).into_owned()).collect();
+                manifest.warnings.push(format!(
+                    "{} complete file(s) of this partial run were discarded instead of replacing the object of the \
+                     same name ({}{})",
+                    taken.len(),
+                    shown.join(", "),
+                    if taken.len() > 5 { ", …" } else { "" }
+                ));
+            }
+            if manifest.files.is_empty() {
+                manifest.status = Status::Failed;
+            }
+        }
+        if !manifest.status.publishes() {
             let discarded = sealed.len();
             drop(sealed);
             if discarded > 0 {
@@ -387,9 +414,10 @@ impl S3Root {
         let (all, _) = self.manifests()?;
         for i in taken {
             let path = manifest.files[i].path.clone();
-            let previous = all.iter().rev().filter(|m| m.status.is_good()).find_map(|m| {
-                m.files.iter().find(|f| f.path == path).map(|f| (m.run.run_id.clone(), f.sha256.clone()))
-            });
+            let previous = all
+                .iter()
+                .rev()
+                .find_map(|m| m.published().find(|f| f.path == path).map(|f| (m.run.run_id.clone(), f.sha256.clone())));
             if let Some((run, sha256)) = previous {
                 log::info!(target: "offsite::store", "{} replaces the object of the same name from run {run}", crate::text::escape(&path));
                 manifest.files[i].replaces = Some(super::Replaced { run, sha256 });

@@ -99,7 +99,7 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
                 let plain_name = plain_name(location);
                 let readable = !is_encrypted(location) || !options.identities.is_empty();
                 if let Some(scratch) = &options.restore_test
-                    && m.status.is_good()
+                    && m.published().any(|p| std::ptr::eq(p, *f))
                     && readable
                     && is_dump(&plain_name)
                 {

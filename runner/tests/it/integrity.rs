@@ -184,6 +184,36 @@ fn a_run_that_fails_after_storing_a_file_is_incomplete_and_replaces_nothing() {
     assert!(m[3]["warnings"][0].as_str().unwrap().contains("something looked odd"), "{}", m[3]);
 }
 
+#[test]
+fn a_partial_run_publishes_its_new_output_and_keeps_aside_what_would_replace_a_good_file() {
+    let site = Site::new();
+    site.fixture("tar", "www", &[]).expect_code(0);
+    let good = std::fs::read(site.store().join("fixture.tgz")).unwrap();
+    std::fs::write(site.path("src/www/new.html"), "new").unwrap();
+    let ran = site.fixture("tar-twice-then-fail", "www", &["--json"]);
+    ran.expect_code(1)
+        .expect_stderr("backup partial: 1 output(s) published (second.tgz), 1 kept aside in .offsite/runs/");
+    ran.expect_stderr("the script failed: failing after storing fixture.tgz and second.tgz");
+    let summary: Value = serde_json::from_str(ran.stdout.trim()).unwrap();
+    assert_eq!(summary["status"], "partial");
+    let kept_in = summary["kept_in"].as_str().unwrap();
+    assert_eq!(std::fs::read(site.store().join("fixture.tgz")).unwrap(), good, "the good backup is untouched");
+    assert!(site.store().join(kept_in).join("fixture.tgz").is_file(), "the would-be replacement is kept aside");
+    assert!(!site.store().join(kept_in).join("second.tgz").exists());
+    let listed = Command::new("tar").arg("-tzf").arg(site.store().join("second.tgz")).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("www/new.html"), "GNU tar reads the published one");
+    let m = site.manifests();
+    assert_eq!(m[1]["status"], "partial");
+    assert_eq!((m[1]["files"][0]["kept"].as_bool(), m[1]["files"][1].get("kept")), (Some(true), None));
+    // Both files are listed where they are: verify finds nothing wrong.
+    site.verify(&[]).expect_code(0);
+    // The site is failing until a good run, and nothing is lost meanwhile.
+    let status = Ran::from_output(site.offsite().arg("status").arg(site.file()).output().unwrap());
+    status.expect_code(1);
+    site.fixture("tar", "www", &[]).expect_code(0);
+    site.verify(&[]).expect_code(0);
+}
+
 /// Starts `offsite run fixture case=sleep` and waits until its run has begun
 /// (so it holds the lock).
 fn hold_lock(site: &Site, millis: &str) -> std::process::Child {

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use offsite_testkit::mariadb::MariaDb;
 use offsite_testkit::sshd::Sshd;
-use offsite_testkit::{Ran, gunzip, offsite, run_script};
+use offsite_testkit::{Ran, gunzip, offsite, run_script, script};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
 const SITEDB_TABLES: [&str; 4] = ["tbl_ccode", "tbl_machine", "tbl_session", "tbl_stats"];
@@ -182,13 +182,32 @@ fn a_failing_dump_fails_the_run_but_the_other_server_is_still_backed_up() {
     ran.expect_code(1);
     assert!(ran.stderr.contains("1 backup(s) failed") && ran.stderr.contains("server1 sitedb"), "{}", ran.stderr);
     assert!(ran.stderr.contains("exit status 6") && ran.stderr.contains("Couldn't find table"), "{}", ran.stderr);
-    // The run is incomplete: nothing appears as a backup, and server2's
-    // complete dump is kept aside in the run's directory, not lost.
-    assert_eq!(offsite_testkit::tree(&dir.path().join("backups")), Vec::<PathBuf>::new());
+    // The run is partial: server2's complete dump is published, server1's
+    // failed one appears nowhere, and the error names what failed.
+    assert!(
+        ran.stderr.contains(
+            "backup partial: 1 output(s) published (server2/transdb-20040321-014844.sql.gz), 1 not made \
+             (server1/sitedb-20040321-014844.sql.gz)"
+        ),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(
+        offsite_testkit::tree(&dir.path().join("backups")),
+        vec![PathBuf::from("server2"), PathBuf::from("server2/transdb-20040321-014844.sql.gz")]
+    );
+    let sql2 = gunzip(&dir.path().join("backups/server2/transdb-20040321-014844.sql.gz"));
+    server2.db.load("restored_partial_transdb", &sql2);
+    assert_eq!(server2.db.fingerprint("restored_partial_transdb"), server2.db.fingerprint("transdb"));
     let runs = dir.path().join("backups/.offsite/runs");
-    let kept: Vec<PathBuf> = offsite_testkit::tree(&runs).into_iter().filter(|p| runs.join(p).is_file()).collect();
-    assert_eq!(kept.len(), 1, "server2's dump and no temporary file: {kept:?}");
-    assert!(kept[0].ends_with("server2/transdb-20040321-014844.sql.gz"), "{kept:?}");
+    let left: Vec<PathBuf> = offsite_testkit::tree(&runs).into_iter().filter(|p| runs.join(p).is_file()).collect();
+    assert_eq!(left, Vec::<PathBuf>::new(), "no temporary file, nothing kept aside");
+    let manifest = only_manifest(&dir.path().join("backups"));
+    assert_eq!(manifest["status"], "partial");
+    assert_eq!(manifest["failed"][0]["path"], "server1/sitedb-20040321-014844.sql.gz");
+    assert_eq!(manifest["failed"][0]["host"], "server1");
+    let verified = offsite(Path::new(BIN)).arg("verify").arg(&site).env("HOME", dir.path()).output().unwrap();
+    Ran::from_output(verified).expect_code(0);
 
     // A table the grant does not cover is refused before anything runs.
     let params = "dumps = \"server1:sitedb:tbl_ccode,mysql.user server2:transdb\"";
@@ -196,6 +215,108 @@ fn a_failing_dump_fails_the_run_but_the_other_server_is_still_backed_up() {
     let ran = run(&site);
     ran.expect_code(1);
     assert!(ran.stderr.contains("denied") && ran.stderr.contains("match no granted pattern"), "{}", ran.stderr);
+}
+
+/// The one manifest in `store`.
+fn only_manifest(store: &Path) -> serde_json::Value {
+    let dir = store.join(".offsite/manifests");
+    let names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    serde_json::from_slice(&std::fs::read(&names[0]).unwrap()).unwrap()
+}
+
+#[test]
+fn a_server_down_for_days_keeps_its_last_dump_and_shows_in_status_while_the_other_is_backed_up() {
+    let (server1, server2, _turn) = two_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let params = "dumps = \"server1:sitedb:tbl_ccode server2:transdb\"";
+    let site = site_file(dir.path(), &server1, &server2, DUMP_GRANT_1, DUMP_GRANT_2, params);
+    let prom = dir.path().join("offsite.prom");
+    let good = format!(
+        "{}\n[retention]\nkeep_last = 1\n\n[report]\nprometheus = \"{}\"\n",
+        std::fs::read_to_string(&site).unwrap(),
+        prom.display()
+    );
+    std::fs::write(&site, &good).unwrap();
+    let run_at = |now: &str| {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("run").arg(script("mysql-pull")).arg("--site").arg(&site).args(["--now", now]);
+        cmd.env("HOME", dir.path()).env_remove("SSH_AUTH_SOCK");
+        Ran::from_output(cmd.output().unwrap())
+    };
+    let status = || {
+        let out = offsite(Path::new(BIN)).arg("status").arg(&site).env("HOME", dir.path()).output().unwrap();
+        Ran::from_output(out)
+    };
+    run_at("2004-03-21T01:48:44").expect_code(0);
+    let backups = dir.path().join("backups");
+    let first = backups.join("server1/sitedb-20040321-014844.sql.gz");
+    assert!(first.is_file());
+
+    // server1 goes down: nothing listens on its port any more.
+    let closed = std::net::TcpListener::bind((server1.ssh.addr.ip(), 0)).unwrap().local_addr().unwrap().port();
+    let port = format!("port = {}\n", server1.ssh.addr.port());
+    assert_eq!(good.matches(&port).count(), 1, "server1's port is its own");
+    std::fs::write(&site, good.replace(&port, &format!("port = {closed}\n"))).unwrap();
+    for day in ["22", "23", "24"] {
+        let ran = run_at(&format!("2004-03-{day}T01:48:44"));
+        ran.expect_code(1);
+        let said = format!(
+            "backup partial: 1 output(s) published (server2/transdb-200403{day}-014844.sql.gz), 1 not made \
+             (server1/sitedb-200403{day}-014844.sql.gz); the script failed: 1 backup(s) failed: server1 sitedb: "
+        );
+        assert!(ran.stderr.contains(&said), "{}", ran.stderr);
+        assert!(ran.stderr.contains("Connection refused"), "{}", ran.stderr);
+        assert!(backups.join(format!("server2/transdb-200403{day}-014844.sql.gz")).is_file(), "server2 is backed up");
+    }
+    // keep_last = 1, yet server1's only good dump stays: it is the newest
+    // copy of its output (its run is kept whole, server2's dump of that day
+    // with it). server2's dumps of the days between went.
+    assert!(first.is_file(), "server1's last good dump never ages out while server1 is down");
+    let mut server2_dumps: Vec<PathBuf> = offsite_testkit::tree(&backups.join("server2"));
+    server2_dumps.sort();
+    assert_eq!(
+        server2_dumps,
+        vec![PathBuf::from("transdb-20040321-014844.sql.gz"), PathBuf::from("transdb-20040324-014844.sql.gz")]
+    );
+    let shown = status();
+    shown.expect_code(1);
+    assert!(shown.stdout.contains("partial"), "{}", shown.stdout);
+    assert!(shown.stdout.contains("outputs:   1 of 2 not made by the last run:"), "{}", shown.stdout);
+    let line = shown
+        .stdout
+        .lines()
+        .find(|l| l.contains("server1/sitedb-#.sql.gz: last good copy started"))
+        .unwrap_or_else(|| panic!("{}", shown.stdout));
+    assert!(line.contains("failed in run") && line.contains("server1"), "{line}");
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        metrics.contains("offsite_output_failing{site=\"article\",output=\"server1/sitedb-#.sql.gz\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("offsite_output_failing{site=\"article\",output=\"server2/transdb-#.sql.gz\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("offsite_last_run_status{site=\"article\",status=\"partial\"} 1"), "{metrics}");
+
+    // server1 is back: a good run, and its old dump is now the rules' to prune.
+    std::fs::write(&site, &good).unwrap();
+    run_at("2004-03-25T01:48:44").expect_code(0);
+    assert!(!first.exists(), "server1's old dump is pruned once a newer one exists");
+    assert!(backups.join("server1/sitedb-20040325-014844.sql.gz").is_file());
+    let shown = status();
+    shown.expect_code(0);
+    assert!(!shown.stdout.contains("outputs:"), "{}", shown.stdout);
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        metrics.contains("offsite_output_failing{site=\"article\",output=\"server1/sitedb-#.sql.gz\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -174,7 +174,7 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
 }
 
 #[test]
-fn failures_store_nothing_and_say_why() {
+fn failures_publish_only_the_dumps_that_succeeded_and_say_why() {
     let (server1, server2, _turn) = two_servers();
     let dir = tempfile::tempdir().unwrap();
     let backups = dir.path().join("backups");
@@ -187,12 +187,14 @@ fn failures_store_nothing_and_say_why() {
     ran.expect_code(1);
     assert!(ran.stderr.contains("1 backup(s) failed") && ran.stderr.contains("server1 sitedb"), "{}", ran.stderr);
     assert!(ran.stderr.contains("no matching tables were found"), "{}", ran.stderr);
-    // Nothing appears as a backup; server2's complete dump is kept aside.
-    assert_eq!(offsite_testkit::tree(&backups), Vec::<PathBuf>::new());
+    // The run is partial: server2's complete dump is published, nothing of
+    // server1's failed one appears, and no temporary file is left.
+    assert!(ran.stderr.contains("backup partial: 1 output(s) published (server2/transdb-"), "{}", ran.stderr);
+    let published = vec![PathBuf::from("server2"), PathBuf::from("server2/transdb-20040321-014844.sql.gz")];
+    assert_eq!(offsite_testkit::tree(&backups), published);
     let runs = backups.join(".offsite/runs");
-    let kept: Vec<PathBuf> = offsite_testkit::tree(&runs).into_iter().filter(|p| runs.join(p).is_file()).collect();
-    assert_eq!(kept.len(), 1, "server2's dump and no temporary file: {kept:?}");
-    assert!(kept[0].ends_with("server2/transdb-20040321-014844.sql.gz"), "{kept:?}");
+    let left: Vec<PathBuf> = offsite_testkit::tree(&runs).into_iter().filter(|p| runs.join(p).is_file()).collect();
+    assert_eq!(left, Vec::<PathBuf>::new());
 
     // A database that does not exist.
     let site = site_file(dir.path(), &server1, &server2, "dumps = \"server2:nosuchdb\"");
@@ -212,5 +214,5 @@ fn failures_store_nothing_and_say_why() {
     let ran = run(&site);
     ran.expect_code(1);
     assert!(ran.stderr.contains("no password supplied"), "{}", ran.stderr);
-    assert_eq!(offsite_testkit::tree(&backups), Vec::<PathBuf>::new());
+    assert_eq!(offsite_testkit::tree(&backups), published, "no dump of server1 appears");
 }

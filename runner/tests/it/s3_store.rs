@@ -255,6 +255,47 @@ fn a_failed_run_publishes_nothing_and_leaves_the_last_good_object_alone() {
     site.command(&["status"]).expect_code(1);
 }
 
+/// A partial run into a bucket: the upload of its new output is
+/// completed, the one that would replace an object is aborted, and the
+/// manifest says which.
+#[test]
+fn a_partial_run_completes_only_the_uploads_whose_calls_succeeded_and_replace_nothing() {
+    let server = S3Space::shared();
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/partial", "");
+    let www = site.www();
+    // The fixture takes `case` and `arg`, not arc's `path`.
+    let text = std::fs::read_to_string(&site.file).unwrap();
+    std::fs::write(&site.file, text.replace(&format!("path = \"{}\"\n", www.display()), "")).unwrap();
+    let fixture = |case: &str| {
+        let (script, file) = (script("fixture"), site.file.to_str().unwrap().to_string());
+        let (case, arg) = (format!("case={case}"), format!("arg={}", www.display()));
+        let args = ["run", script.to_str().unwrap(), "--site", &file, "--param", &case, "--param", &arg, "--json"];
+        Ran::from_output(site.offsite(&args).output().unwrap())
+    };
+    fixture("tar").expect_code(0);
+    let b = bucket(&server, "s3://backups/partial");
+    let good = download(&b, "fixture.tgz");
+    std::fs::write(www.join("index.html"), "<html>changed</html>\n").unwrap();
+    let ran = fixture("tar-twice-then-fail");
+    ran.expect_code(1).expect_stderr("backup partial: 1 output(s) published (second.tgz)");
+    let summary: serde_json::Value = serde_json::from_str(ran.stdout.trim()).unwrap();
+    assert_eq!(summary["status"], "partial");
+    assert_eq!(download(&b, "fixture.tgz"), good, "a partial run replaces no object");
+    let listed = Command::new("tar").arg("-tzf").arg("-").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn();
+    let mut tar = listed.unwrap();
+    std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &download(&b, "second.tgz")).unwrap();
+    let out = tar.wait_with_output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("index.html"), "GNU tar reads it");
+    assert_eq!(server.pending_uploads("backups"), 0, "the other upload was aborted");
+    let ms = manifests(&b);
+    assert_eq!(ms[1]["status"], "partial");
+    let files: Vec<&str> = ms[1]["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(files, vec!["second.tgz"]);
+    assert!(ms[1]["warnings"].to_string().contains("discarded instead of replacing"), "{}", ms[1]);
+    site.command(&["verify"]).expect_code(0);
+}
+
 /// A run killed while it uploads: nothing appears under the archive's
 /// name, and the next run records the dead run, aborts its upload and
 /// backs up as usual.
