@@ -39,12 +39,47 @@ pub fn new(name: &str, lang: Lang, dir: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The Rust SDK dependency: the crate, or a local checkout's
-/// (`$OFFSITE_RUST_SDK`, a path to guest-sdk/rust).
+/// Where the installed package keeps the SDKs (`/usr/share/offsite/sdk`
+/// beside `/usr/bin/offsite`), or `$OFFSITE_SDK_DIR`; `None` when neither
+/// exists (a build from a checkout: the registries' versions are used).
+fn packaged_sdks() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("OFFSITE_SDK_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let dir = exe.parent()?.parent()?.join("share/offsite/sdk");
+    dir.is_dir().then_some(dir)
+}
+
+/// The one file in `dir` whose name ends with `suffix` (a wheel, a tarball).
+fn packaged_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The Rust SDK dependency: a local checkout's (`$OFFSITE_RUST_SDK`, a
+/// path to guest-sdk/rust), the installed package's, or the crate.
 fn rust_sdk() -> String {
     match std::env::var("OFFSITE_RUST_SDK") {
         Ok(path) if !path.is_empty() => format!("{{ path = {path:?} }}"),
-        _ => "\"0.1\"".to_string(),
+        _ => match packaged_sdks().map(|d| d.join("rust")).filter(|d| d.join("Cargo.toml").is_file()) {
+            Some(dir) => format!("{{ path = {:?} }}", dir.display().to_string()),
+            None => "\"0.1\"".to_string(),
+        },
+    }
+}
+
+/// The Python SDK requirement: the installed package's wheel, or the
+/// registry's version.
+fn python_sdk() -> String {
+    match packaged_sdks().and_then(|d| packaged_file(&d.join("python"), ".whl")) {
+        Some(wheel) => format!("offsite-sdk @ file://{}", wheel.display()),
+        None => "offsite-sdk==0.1.0".to_string(),
     }
 }
 
@@ -111,8 +146,9 @@ name = "{name}"
 version = "0.1.0"
 description = "An Offsite backup script"
 requires-python = ">=3.10"
-dependencies = ["offsite-sdk==0.1.0", "componentize-py==0.25.1"]
-"#
+dependencies = ["{sdk}", "componentize-py==0.25.1"]
+"#,
+        sdk = python_sdk()
     );
     let app = format!(
         r#""""`{name}`: archives one path as PATH.YYYYMMDD-HHMMSS.tgz in the site's store."""
@@ -143,12 +179,16 @@ WitWorld = export(Backup)
     vec![("pyproject.toml", pyproject), ("app.py", app), (".gitignore", "/*.wasm\n__pycache__/\n".into())]
 }
 
-/// The JavaScript SDK dependency: the package, or a local checkout's
-/// (`$OFFSITE_JS_SDK`, a path to guest-sdk/js).
+/// The JavaScript SDK dependency: a local checkout's (`$OFFSITE_JS_SDK`, a
+/// path to guest-sdk/js), the installed package's tarball, or the
+/// registry's version.
 fn js_sdk() -> String {
     match std::env::var("OFFSITE_JS_SDK") {
         Ok(path) if !path.is_empty() => format!("file:{path}"),
-        _ => "0.1.0".to_string(),
+        _ => match packaged_sdks().and_then(|d| packaged_file(&d.join("js"), ".tgz")) {
+            Some(tarball) => format!("file:{}", tarball.display()),
+            None => "0.1.0".to_string(),
+        },
     }
 }
 
@@ -211,10 +251,14 @@ echo ok
 }
 
 fn readme(name: &str, lang: Lang) -> String {
+    let python = match python_sdk().split_once(" @ file://") {
+        Some((_, wheel)) => format!("`pip install {wheel} componentize-py==0.25.1` (in a virtualenv)"),
+        None => "`pip install offsite-sdk componentize-py==0.25.1` (in a virtualenv)".to_string(),
+    };
     let (language, needs) = match lang {
-        Lang::Rust => ("Rust", "Rust with the wasm32-wasip2 target (`rustup target add wasm32-wasip2`)"),
-        Lang::Python => ("Python", "Python 3 with `pip install offsite-sdk componentize-py==0.25.1`"),
-        Lang::Js => ("JavaScript", "Node.js 20 or later, and `npm install` once"),
+        Lang::Rust => ("Rust", "Rust with the wasm32-wasip2 target (`rustup target add wasm32-wasip2`)".to_string()),
+        Lang::Python => ("Python", format!("Python 3 with {python}")),
+        Lang::Js => ("JavaScript", "Node.js 20 or later, and `npm install` once".to_string()),
     };
     format!(
         r#"# {name}
