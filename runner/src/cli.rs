@@ -1,6 +1,6 @@
 //! The `offsite` command line.
 //!
-//! Exit codes (also in the README):
+//! Exit codes (also in docs/running.md):
 //! - 0: the backup succeeded;
 //! - 1: the backup failed (the script returned an error or trapped);
 //! - 2: usage, configuration or module error: nothing was attempted;
@@ -70,7 +70,11 @@ pub(crate) const TOP_EXAMPLES: &str = "Examples:
 
 fn top_after_help() -> String {
     let codes: String = EXIT_CODES.iter().map(|(c, text)| format!("  {}  {text}\n", *c as u8)).collect();
-    format!("Exit codes:\n{codes}\n{TOP_EXAMPLES}")
+    format!(
+        "Exit codes:\n{codes}\n{TOP_EXAMPLES}\n\nThe documentation book (installing, site files, stores, schedules, \
+         databases, sharing and writing scripts, security, recipes): /usr/share/doc/offsite/html/index.html \
+         (docs/ in the source)."
+    )
 }
 
 /// `offsite --version`: the version, then where it came from.
