@@ -5,6 +5,10 @@
 //! Clients trust it the way users set a registry's CA: a `certs.d/HOST:PORT/ca.crt`
 //! (handed to offsite with `OFFSITE_CERTS_D`), never by turning checks off.
 //! Credentials go into an auth file in `docker login`'s format.
+//!
+//! Most tests take a space on the registry their test process shares
+//! ([`Registry::shared`]); a test that stops the server or corrupts a blob
+//! starts its own ([`Registry::start`]).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,11 +18,42 @@ use std::time::{Duration, Instant};
 pub const USER: &str = "ops";
 pub const PASSWORD: &str = "reg-S3cret-pass";
 
-/// A running registry; stopped when dropped.
+/// A test's registry: its own server, or a space on the one this test
+/// process shares, where every repository it names is beneath a namespace
+/// of its own (`offsite/arc` becomes `t7/offsite/arc`), so no test sees
+/// another's repositories, tags or signatures.
 pub struct Registry {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+    server: Held,
+    /// `""` on a server of the test's own, `tN/` on the shared one.
+    ns: String,
     pub addr: SocketAddr,
+}
+
+enum Held {
+    Shared(&'static Server),
+    Own(Server),
+}
+
+/// A running `docker-registry`; stopped when dropped (a shared one lives
+/// as long as its test process, see `crate::shared`).
+struct Server {
+    child: Option<Child>,
+    dir: Scratch,
+    addr: SocketAddr,
+}
+
+enum Scratch {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        match self {
+            Scratch::Temp(dir) => dir.path(),
+            Scratch::Kept(dir) => dir,
+        }
+    }
 }
 
 fn run(cmd: &mut Command) -> Vec<u8> {
@@ -28,8 +63,96 @@ fn run(cmd: &mut Command) -> Vec<u8> {
 }
 
 impl Registry {
+    /// A registry of this test's own, which it may stop, restart or
+    /// corrupt (blobs are shared by every repository of a server).
     pub fn start(ip: &str) -> Registry {
-        let dir = tempfile::tempdir().expect("scratch dir for the registry");
+        let server = Server::start(ip, false);
+        Registry { addr: server.addr, server: Held::Own(server), ns: String::new() }
+    }
+
+    /// A space on the registry this test process shares, started on first
+    /// use (on `ip`, which every caller must name alike).
+    pub fn shared(ip: &str) -> Registry {
+        static SHARED: std::sync::OnceLock<Server> = std::sync::OnceLock::new();
+        let server = SHARED.get_or_init(|| Server::start(ip, true));
+        assert_eq!(server.addr.ip().to_string(), ip, "one shared registry per process");
+        Registry { addr: server.addr, server: Held::Shared(server), ns: format!("{}/", crate::shared::unique_tag()) }
+    }
+
+    fn server(&self) -> &Server {
+        match &self.server {
+            Held::Shared(server) => server,
+            Held::Own(server) => server,
+        }
+    }
+
+    fn own_server(&mut self) -> &mut Server {
+        match &mut self.server {
+            Held::Own(server) => server,
+            Held::Shared(_) => panic!("a shared registry is never stopped by a test: use Registry::start"),
+        }
+    }
+
+    /// Stops the server (the registry is down until `restart`).
+    pub fn stop(&mut self) {
+        self.own_server().stop();
+    }
+
+    pub fn restart(&mut self) {
+        let server = self.own_server();
+        server.stop();
+        server.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.server().dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// `HOST:PORT`, as references name it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Repository `repo` as this test's space names it on the server.
+    pub fn repo(&self, repo: &str) -> String {
+        format!("{}{repo}", self.ns)
+    }
+
+    /// `oci://HOST:PORT/REPO_AND_TAG`, in this test's space.
+    pub fn reference(&self, repo_and_tag: &str) -> String {
+        format!("oci://{}/{}", self.addr, self.repo(repo_and_tag))
+    }
+
+    /// The `certs.d` directory holding this registry's CA.
+    pub fn certs_d(&self) -> PathBuf {
+        self.server().dir.path().join("certs.d")
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.server().dir.path().join("ca.crt")
+    }
+
+    /// Writes a `docker login`-style auth file for `user`:`password`.
+    pub fn auth_file(&self, path: &Path, user: &str, password: &str) {
+        let token = base64(format!("{user}:{password}").as_bytes());
+        std::fs::write(path, format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{token}\"}}}}}}", self.addr)).unwrap();
+    }
+
+    /// Where the registry keeps blobs (for tests that corrupt one; only on
+    /// a registry of the test's own).
+    pub fn blob_data(&self, hex: &str) -> PathBuf {
+        assert!(matches!(self.server, Held::Own(_)), "blobs are shared by every test on a shared registry");
+        self.server().dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    }
+}
+
+impl Server {
+    fn start(ip: &str, shared: bool) -> Server {
+        let dir = if shared {
+            Scratch::Kept(crate::shared::shared_scratch("registry"))
+        } else {
+            Scratch::Temp(tempfile::tempdir().expect("scratch dir for the registry"))
+        };
         let d = dir.path();
         let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
@@ -83,20 +206,24 @@ impl Registry {
             ),
         )
         .unwrap();
-        let mut reg = Registry { child: None, dir, addr };
-        reg.spawn();
-        reg
+        let mut server = Server { child: None, dir, addr };
+        server.spawn_as(shared);
+        server
     }
 
     fn spawn(&mut self) {
+        self.spawn_as(false);
+    }
+
+    fn spawn_as(&mut self, shared: bool) {
         let d = self.dir.path();
-        let child = Command::new("docker-registry")
-            .arg("serve")
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
             .arg(d.join("config.yml"))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(d.join("registry.log")).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).create(true).open(d.join("registry.log")).unwrap())
-            .spawn()
+            .stderr(std::fs::OpenOptions::new().append(true).create(true).open(d.join("registry.log")).unwrap());
+        let child = if shared { crate::shared::spawn_for_process(cmd) } else { cmd.spawn() }
             .expect("start docker-registry (apt-get install docker-registry)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -109,55 +236,19 @@ impl Registry {
         }
     }
 
-    /// Stops the server (the registry is down until `restart`).
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    pub fn log(&self) -> String {
+    fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// `HOST:PORT`, as references name it.
-    pub fn host(&self) -> String {
-        self.addr.to_string()
-    }
-
-    /// `oci://HOST:PORT/REPO_AND_TAG`.
-    pub fn reference(&self, repo_and_tag: &str) -> String {
-        format!("oci://{}/{repo_and_tag}", self.addr)
-    }
-
-    /// The `certs.d` directory holding this registry's CA.
-    pub fn certs_d(&self) -> PathBuf {
-        self.dir.path().join("certs.d")
-    }
-
-    pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
-    }
-
-    /// Writes a `docker login`-style auth file for `user`:`password`.
-    pub fn auth_file(&self, path: &Path, user: &str, password: &str) {
-        let token = base64(format!("{user}:{password}").as_bytes());
-        std::fs::write(path, format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{token}\"}}}}}}", self.addr)).unwrap();
-    }
-
-    /// Where the registry keeps blobs (for tests that corrupt one).
-    pub fn blob_data(&self, hex: &str) -> PathBuf {
-        self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
     }
 }
 
-impl Drop for Registry {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }

@@ -9,7 +9,7 @@
 //! repositories whose names carry a tag no other test uses, its own
 //! credentials files and scratch directories. Nothing a test asserts
 //! depends on a server-wide state (a catalog, a log, the server's
-//! health), and a test that stops, kills or reconfigures a server starts
+//! health), and a test that stops, kills, reconfigures or corrupts a server starts
 //! one of its own. A shared server lives as long as its test process: it
 //! is started from a thread that never ends, with the kernel told to kill
 //! it when that thread's process goes ([`spawn_for_process`]), and its

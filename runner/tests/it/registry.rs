@@ -66,7 +66,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// media types); what it pushes, we pull and run.
 #[test]
 fn pushed_scripts_interoperate_with_an_independent_oci_client() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     let arc = std::fs::read(script("arc")).unwrap();
     let r = reg.reference("offsite/arc:1.0");
@@ -74,11 +74,12 @@ fn pushed_scripts_interoperate_with_an_independent_oci_client() {
     let out = oras(
         &reg,
         &format!(
-            "files = c.pull(target='{host}/offsite/arc:1.0', outdir='{out}')\n\
-             m = c.get_manifest('{host}/offsite/arc:1.0')\n\
+            "files = c.pull(target='{host}/{repo}:1.0', outdir='{out}')\n\
+             m = c.get_manifest('{host}/{repo}:1.0')\n\
              print(json.dumps({{'config': m['config']['mediaType'], 'layers': [l['mediaType'] for l in m['layers']], \
              'sha': [hashlib.sha256(open(f,'rb').read()).hexdigest() for f in files]}}))",
             host = reg.host(),
+            repo = reg.repo("offsite/arc"),
             out = m.dir.path().join("oras-out").display()
         ),
     );
@@ -95,10 +96,11 @@ fn pushed_scripts_interoperate_with_an_independent_oci_client() {
     oras(
         &reg,
         &format!(
-            "import os\nos.chdir('{dir}')\nc.push(target='{host}/offsite/theirs:2.0', files=['theirs.wasm:application/wasm'], \
+            "import os\nos.chdir('{dir}')\nc.push(target='{host}/{repo}:2.0', files=['theirs.wasm:application/wasm'], \
              manifest_config='config.json:application/vnd.wasm.config.v0+json')",
             dir = m.dir.path().display(),
-            host = reg.host()
+            host = reg.host(),
+            repo = reg.repo("offsite/theirs")
         ),
     );
     let other = Machine::new(&reg);
@@ -131,7 +133,7 @@ fn pushed_scripts_interoperate_with_an_independent_oci_client() {
 /// the `sha256-<digest>.sig` tag to another machine.
 #[test]
 fn signatures_are_plain_sshsig_and_travel_with_the_script() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     let (alice, alice_pub) = ssh_keypair(m.dir.path(), "alice");
     let signers = m.dir.path().join("allowed_signers");
@@ -241,7 +243,7 @@ fn a_pinned_stored_script_runs_with_the_registry_down() {
 /// Wrong credentials, an unknown CA: clear errors, nothing stored.
 #[test]
 fn wrong_credentials_and_an_untrusted_certificate_are_clear_errors() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &reg.reference("offsite/arc:1.0")]));
     let other = Machine::new(&reg);
@@ -311,6 +313,7 @@ fn push_raw(reg: &Registry, repo: &str, tag: &str, layers: &[(&str, &[u8], Optio
          m={{'schemaVersion':2,'mediaType':'application/vnd.oci.image.manifest.v1+json','config':{{'mediaType':'{config_type}','digest':blob(cfg),'size':2}},'layers':layers}}\n\
          r=s.put(base+'/manifests/{tag}', data=json.dumps(m), headers={{'Content-Type':'application/vnd.oci.image.manifest.v1+json'}}); r.raise_for_status()\n",
         host = reg.host(),
+        repo = reg.repo(repo),
         ca = reg.ca_file().display(),
         layers = layers_py.join(", "),
     );
@@ -339,7 +342,7 @@ fn hex(bytes: &[u8]) -> String {
 /// says, are refused; nothing is stored or left half-written.
 #[test]
 fn artifacts_that_are_not_one_wasm_component_are_refused() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     let wasm: &[u8] = b"\0asm\x0d\0\x01\0";
     let wasm_config = "application/vnd.wasm.config.v0+json";
@@ -381,7 +384,7 @@ fn artifacts_that_are_not_one_wasm_component_are_refused() {
 /// all succeed, one stored copy, no temporary files left.
 #[test]
 fn concurrent_pulls_of_one_digest_all_succeed() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     let r = reg.reference("offsite/arc:1.0");
     pushed(&on(&m, &reg, &["script", "push", script("arc").to_str().unwrap(), &r]));
@@ -412,7 +415,7 @@ fn concurrent_pulls_of_one_digest_all_succeed() {
 /// each refused with exit 2, naming the signer found and the file.
 #[test]
 fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     let dir = m.dir.path();
     let (alice, alice_pub) = ssh_keypair(dir, "alice");
@@ -511,7 +514,7 @@ fn a_site_with_script_signers_refuses_what_they_did_not_sign() {
 #[test]
 fn two_sites_share_a_signed_script_and_an_update_wanting_more_is_refused() {
     let server = offsite_testkit::sshd::Sshd::start("127.0.0.2");
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let publisher = Machine::new(&reg);
     let (alice, alice_pub) = ssh_keypair(publisher.dir.path(), "alice");
     let tag = reg.reference("backup/mysql-pull:stable");
@@ -726,7 +729,7 @@ fn wait_for_log(log: &Path, needle: &str, count: usize) -> String {
 #[test]
 fn a_tag_moved_back_to_an_older_signed_version_is_refused() {
     let server = offsite_testkit::sshd::Sshd::start("127.0.0.2");
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let publisher = Machine::new(&reg);
     let (alice, alice_pub) = ssh_keypair(publisher.dir.path(), "alice");
     let tag = reg.reference("backup/mysql-pull:stable");
@@ -935,7 +938,7 @@ fn a_huge_manifest_is_refused_without_being_held() {
 /// bytes, it is refused (a signature over the bytes alone passed there).
 #[test]
 fn a_signature_moved_to_another_repository_is_refused() {
-    let reg = Registry::start(IP);
+    let reg = Registry::shared(IP);
     let m = Machine::new(&reg);
     let (alice, alice_pub) = ssh_keypair(m.dir.path(), "alice");
     let signers = m.dir.path().join("allowed_signers");
@@ -945,7 +948,8 @@ fn a_signature_moved_to_another_repository_is_refused() {
     pushed(&on(&m, &reg, &["script", "push", arc.to_str().unwrap(), &a, "--sign", alice.to_str().unwrap()]));
     let ok = on(&m, &reg, &["script", "verify", &a, "--signers", signers.to_str().unwrap()]);
     ok.expect_code(0);
-    assert!(ok.stdout.contains(&format!("as arc 0.1.0 of {}/offsite/arc, at ", reg.host())), "{}", ok.stdout);
+    let shown = format!("as arc 0.1.0 of {}/{}, at ", reg.host(), reg.repo("offsite/arc"));
+    assert!(ok.stdout.contains(&shown), "{}", ok.stdout);
 
     // The stored signature: the statement, then the SSHSIG over it.
     let component = sha256_hex(&std::fs::read(&arc).unwrap());
@@ -986,5 +990,5 @@ fn a_signature_moved_to_another_repository_is_refused() {
     );
     let other = Machine::new(&reg);
     let bad = on(&other, &reg, &["script", "verify", &b, "--signers", signers.to_str().unwrap()]);
-    bad.expect_code(2).expect_stderr(&format!("signed for {}/offsite/arc, not", reg.host()));
+    bad.expect_code(2).expect_stderr(&format!("signed for {}/{}, not", reg.host(), reg.repo("offsite/arc")));
 }
