@@ -74,6 +74,13 @@ pub fn check(
             } else {
                 let _ = writeln!(out, "    (it does not exist yet; the first run creates it, mode 0700)");
             }
+            if site.file.as_deref().is_some_and(crate::systemd::serves) && crate::systemd::watch_needs_reload(dir) {
+                let _ = writeln!(
+                    out,
+                    "    (under offsite-watch.service it is writable only after `systemctl daemon-reload && \
+                     systemctl restart offsite-watch`, which opens the stores of the site files present then)"
+                );
+            }
         }
         crate::site::StoreAt::S3(spec) => {
             let _ = writeln!(out, "  writes objects only beneath {}", spec.location);
