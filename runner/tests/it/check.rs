@@ -48,6 +48,40 @@ fn a_good_site_and_script_are_described_in_plain_words() {
 }
 
 #[test]
+fn a_store_the_watcher_cannot_write_until_a_reload_is_said_to_need_one() {
+    let sites = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir(src.path().join("www")).unwrap();
+    let site = sites.path().join("web1.toml");
+    let write = |store: &str| {
+        let text = format!(
+            "store = \"{store}\"\nscript = \"{}\"\n[read]\nroots = [\"{}\"]\n[params]\npath = \"{}\"\n",
+            script("arc").display(),
+            src.path().display(),
+            src.path().join("www").display()
+        );
+        std::fs::write(&site, text).unwrap();
+    };
+    let checked = || {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("check").arg(&site).env("OFFSITE_CONFIG_DIR", sites.path());
+        Ran::from_output(cmd.output().unwrap())
+    };
+    let note = "under offsite-watch.service it is writable only after `systemctl daemon-reload";
+    // Under /home (read-only for the watcher but for the generator's
+    // drop-in), for a site file the generator serves: said.
+    write("/home/offsite-check-test-no-such-user/web1");
+    let ran = checked();
+    ran.expect_code(0);
+    assert!(ran.stdout.contains(note), "{}", ran.stdout);
+    // Under /srv, writable for the watcher as it is: not said.
+    write("/srv/offsite-check-test/web1");
+    let ran = checked();
+    ran.expect_code(0);
+    assert!(!ran.stdout.contains(note), "{}", ran.stdout);
+}
+
+#[test]
 fn problems_name_the_file_the_line_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let site = dir.path().join("web1.toml");
