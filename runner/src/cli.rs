@@ -172,6 +172,41 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         age_identity: Option<PathBuf>,
     },
+    /// List the runs in a store, newest first: id, start time, status,
+    /// files, bytes, and whether its manifest is signed and its files
+    /// encrypted. Works on a bare store directory (no site file needed).
+    #[command(
+        after_help = "Examples:\n  offsite runs web1                  # the store of /etc/offsite/web1.toml\n  offsite runs /srv/backups/web1 --json"
+    )]
+    Runs {
+        /// A site file (or a site name), or a store directory.
+        target: PathBuf,
+    },
+    /// Write one stored file to stdout, checked against its run's
+    /// manifest as it streams (size first, SHA-256 at the end) and
+    /// decrypted with --age-identity. RUN is `latest` (the default: the
+    /// newest run that published files), `latest-good`, a date
+    /// (YYYY-MM-DD: that day's newest good run) or a run id. On a hash
+    /// mismatch it exits 1 after writing: discard what it wrote.
+    #[command(
+        after_help = "Examples:\n  offsite cat db1 server1/sitedb-20261203-013400.sql.gz | gunzip | mysql sitedb\n  offsite cat /srv/backups/web1 2026-12-03 www.20261203-033400.tgz | tar -tzf -"
+    )]
+    Cat {
+        /// A site file (or a site name), or a store directory.
+        target: PathBuf,
+        /// RUN then FILE, or just FILE (the file's path in the store, as
+        /// `offsite runs --json` and the manifests list it).
+        #[arg(required = true, num_args = 1..=2, value_names = ["RUN", "FILE"])]
+        what: Vec<String>,
+        /// Decrypt an encrypted (.age) file with this identity file;
+        /// without it, the encrypted bytes are written (checked the same).
+        #[arg(long, value_name = "FILE")]
+        age_identity: Option<PathBuf>,
+        /// Check the run's manifest signature with this public key
+        /// (default: the site's [protect] verify_key) before trusting it.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+    },
     /// For each site: its last run, last good run, whether it is running,
     /// and its next scheduled run. Exit 1 if any site's last run failed,
     /// it never ran, a run was killed, or its store cannot be read.
@@ -311,6 +346,7 @@ fn json_name(command: &Command) -> Option<&'static str> {
         Command::Inspect { .. } => "inspect",
         Command::Verify { .. } => "verify",
         Command::Status { .. } => "status",
+        Command::Runs { .. } => "runs",
         Command::Prune { .. } => "prune",
         Command::Script(crate::share::commands::ScriptCommand::Ls) => "script ls",
         _ => return None,
@@ -337,8 +373,8 @@ pub fn main() -> ExitCode {
     crate::logging::init(cli.verbose + u8::from(watching), watching);
     if cli.json {
         let Some(name) = json_name(&cli.command) else {
-            let error = "--json: this command has no JSON output (run, check, inspect, verify, status, prune and \
-                         script ls have)";
+            let error = "--json: this command has no JSON output (run, check, inspect, verify, status, runs, prune \
+                         and script ls have)";
             crate::json::enable("?");
             crate::json::error_if_unreported(Exit::Usage as u8, error);
             crate::logging::emit(log::Level::Error, &format!("offsite: error: {error}\n"));
@@ -360,6 +396,15 @@ pub fn main() -> ExitCode {
         Command::Prune { site, dry_run } => prune(&site, dry_run, cli.verbose > 0),
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
+        Command::Runs { target } => crate::restore::runs(&target, cli.json),
+        Command::Cat { target, what, age_identity, key } => {
+            let (run, file) = match what.as_slice() {
+                [file] => (None, file),
+                [run, file] => (Some(run.as_str()), file),
+                _ => unreachable!("clap takes one or two"),
+            };
+            crate::restore::cat(&target, run, file, age_identity.as_deref(), key.as_deref())
+        }
         Command::Watch { sites, run_on_change, jobs, debounce, grace } => {
             let options = crate::watch::Options { jobs, debounce, grace, run_on_change, verbose: cli.verbose };
             crate::watch::watch(&sites, options).exit(Exit::Usage)
@@ -659,7 +704,7 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
 
 /// Opens a store that should exist: a configuration fault is exit 2, an
 /// unreachable server exit 1.
-fn open_existing(store: &crate::site::StoreAt, timeout: std::time::Duration) -> Result<Root, Failure> {
+pub(crate) fn open_existing(store: &crate::site::StoreAt, timeout: std::time::Duration) -> Result<Root, Failure> {
     Root::open_existing(store, timeout).map_err(|e| {
         let exit = if e.is_config() { Exit::Usage } else { Exit::BackupFailed };
         Failure { exit, error: anyhow!("store {}: {e}", store.display()) }

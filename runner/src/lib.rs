@@ -58,6 +58,8 @@ pub mod progress;
 pub mod reload;
 pub mod report;
 #[cfg(feature = "runtime")]
+pub mod restore;
+#[cfg(feature = "runtime")]
 pub mod run;
 pub mod s3;
 pub mod schedule;

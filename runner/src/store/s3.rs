@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -589,6 +589,28 @@ pub enum Root {
 }
 
 impl Root {
+    /// A stored file (`rel` from the store's root, as a manifest locates
+    /// it): its size, and its bytes as they are read (an object's as it
+    /// downloads). A missing file is `NotFound`; a directory entry that is
+    /// no longer a regular file is `InvalidData`.
+    pub fn open_file(&self, rel: &Path) -> io::Result<(u64, Box<dyn io::Read + '_>)> {
+        match self {
+            Root::Dir(r) => {
+                let meta = r.dir.symlink_metadata(rel)?;
+                if !meta.is_file() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "it is no longer a regular file"));
+                }
+                let file = r.dir.open(rel)?.into_std();
+                Ok((meta.len(), Box::new(file)))
+            }
+            Root::S3(r) => match r.bucket().reader(&rel.to_string_lossy()) {
+                Ok(Some(object)) => Ok((object.size(), Box::new(object))),
+                Ok(None) => Err(io::Error::new(io::ErrorKind::NotFound, "no such object")),
+                Err(e) => Err(io::Error::other(e)),
+            },
+        }
+    }
+
     /// Every manifest, oldest run first, and the ones that cannot be read.
     pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
         match self {

@@ -78,10 +78,7 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
             owners.insert(m.location(f), (m, f));
         }
     }
-    let source = match root {
-        Root::Dir(r) => Source::Dir(&r.dir),
-        Root::S3(r) => Source::S3(r),
-    };
+    let source = Source(root);
     for (location, (m, f)) in &owners {
         if let Some(r) = &f.replaces {
             report.checked.push(format!(
@@ -175,34 +172,17 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
     Ok(report)
 }
 
-/// Where the stored files are read from.
-enum Source<'a> {
-    Dir(&'a Dir),
-    S3(&'a S3Root),
-}
+/// Where the stored files are read from: the store, with the report's
+/// words for what went wrong.
+struct Source<'a>(&'a Root);
 
 impl<'a> Source<'a> {
-    /// The file `rel`: its size, and its bytes (an object's as they
-    /// download). The error is the report's word for it.
     fn open(&self, rel: &Path) -> Result<(u64, Box<dyn Read + 'a>), String> {
-        match self {
-            Source::Dir(dir) => {
-                let meta = dir.symlink_metadata(rel).map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => "missing".to_string(),
-                    _ => format!("cannot be read: {e}"),
-                })?;
-                if !meta.is_file() {
-                    return Err("corrupt: it is no longer a regular file".into());
-                }
-                let file = dir.open(rel).map_err(|e| format!("cannot be read: {e}"))?.into_std();
-                Ok((meta.len(), Box::new(file)))
-            }
-            Source::S3(root) => match root.bucket().reader(&rel.to_string_lossy()) {
-                Ok(Some(object)) => Ok((object.size(), Box::new(object))),
-                Ok(None) => Err("missing".into()),
-                Err(e) => Err(format!("cannot be read: {e}")),
-            },
-        }
+        self.0.open_file(rel).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => "missing".to_string(),
+            io::ErrorKind::InvalidData => format!("corrupt: {e}"),
+            _ => format!("cannot be read: {e}"),
+        })
     }
 }
 
@@ -490,10 +470,17 @@ impl Format {
     }
 }
 
-struct HashingReader<R> {
+/// A reader that hashes (SHA-256) and counts what passes through it.
+pub(crate) struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
-    bytes: u64,
+    pub(crate) hasher: Sha256,
+    pub(crate) bytes: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> HashingReader<R> {
+        HashingReader { inner, hasher: Sha256::new(), bytes: 0 }
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {

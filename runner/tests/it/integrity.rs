@@ -214,6 +214,59 @@ fn a_partial_run_publishes_its_new_output_and_keeps_aside_what_would_replace_a_g
     site.verify(&[]).expect_code(0);
 }
 
+#[test]
+fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    site.arc("2004-03-22T01:48:44").expect_code(0);
+    let store = site.store();
+    let first = std::fs::read(store.join("www.20040321-014844.tgz")).unwrap();
+    let second = std::fs::read(store.join("www.20040322-014844.tgz")).unwrap();
+    let offsite = |args: &[&str]| Ran::from_output(site.offsite().args(args).output().unwrap());
+    let bytes = |args: &[&str]| site.offsite().args(args).output().unwrap();
+    // On the site file and on the bare store directory alike, newest first.
+    let listed = offsite(&["runs", site.file().to_str().unwrap()]);
+    listed.expect_code(0);
+    let lines: Vec<&str> = listed.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two runs: {}", listed.stdout);
+    assert!(lines[1].contains(" ok ") && lines[2].contains(" ok "), "{}", listed.stdout);
+    let json = offsite(&["--json", "runs", store.to_str().unwrap()]);
+    json.expect_code(0);
+    let v: Value = serde_json::from_str(json.stdout.trim()).unwrap();
+    let ids: Vec<&str> = v["runs"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] > ids[1], "newest first: {ids:?}");
+    assert_eq!((&v["runs"][0]["signed"], &v["runs"][0]["encrypted"]), (&false.into(), &"no".into()));
+
+    // `cat`: the latest run by default, or a run id; the bytes are the file's.
+    let s = store.to_str().unwrap();
+    let out = bytes(&["cat", s, "www.20040322-014844.tgz"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, second);
+    let out = bytes(&["cat", s, ids[1], "www.20040321-014844.tgz"]);
+    assert_eq!(out.stdout, first);
+    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    assert_eq!(bytes(&["cat", s, &today, "www.20040322-014844.tgz"]).stdout, second, "a date: its newest good run");
+    offsite(&["cat", s, "www.20040321-014844.tgz"]).expect_code(2).expect_stderr("has no file www.20040321-014844.tgz");
+    offsite(&["cat", s, "nosuchrun", "x"]).expect_code(2).expect_stderr("no run nosuchrun");
+
+    // A flipped byte: the bytes go out, then the command fails and says to
+    // discard them. A truncated file: nothing goes out.
+    let path = store.join("www.20040322-014844.tgz");
+    let mut flipped = second.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 1;
+    std::fs::write(&path, &flipped).unwrap();
+    let out = bytes(&["cat", s, "www.20040322-014844.tgz"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be discarded"), "{out:?}");
+    std::fs::write(&path, &second[..second.len() - 1]).unwrap();
+    let out = bytes(&["cat", s, "www.20040322-014844.tgz"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "nothing written before the size is checked");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was written"), "{out:?}");
+}
+
 /// Starts `offsite run fixture case=sleep` and waits until its run has begun
 /// (so it holds the lock).
 fn hold_lock(site: &Site, millis: &str) -> std::process::Child {

@@ -773,6 +773,36 @@ fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
     ran.expect_code(0);
     assert!(ran.stdout.contains("signature ok") && ran.stdout.contains("decrypted, gzip ok"), "{}", ran.stdout);
 
+    // `runs` and `cat` read it back from the bucket: the manifest's
+    // signature checked first, the object checked and decrypted as it
+    // streams.
+    let file = site.file.to_str().unwrap();
+    let runs = Ran::from_output(site.offsite(&["runs", file, "--json"]).output().unwrap());
+    runs.expect_code(0);
+    let listed: serde_json::Value = serde_json::from_str(runs.stdout.trim()).unwrap();
+    assert_eq!((&listed["runs"][0]["signed"], &listed["runs"][0]["encrypted"]), (&true.into(), &"yes".into()));
+    let public = signing.with_extension("pub");
+    let cat = |args: &[&str]| {
+        let mut all = vec!["cat", file];
+        all.extend_from_slice(args);
+        site.offsite(&all).output().unwrap()
+    };
+    let out = cat(&[ARCHIVE, "--age-identity", identity.to_str().unwrap(), "--key", public.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut tar = Command::new("tar").args(["-tzf", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &out.stdout).unwrap();
+    let entries = tar.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&entries.stdout).contains("www/index.html"), "GNU tar reads what cat wrote");
+    let raw = cat(&["latest", &name]);
+    assert!(raw.status.success(), "{}", String::from_utf8_lossy(&raw.stderr));
+    assert_eq!(sha256(&raw.stdout), sha256(&stored), "without an identity: the stored bytes, checked");
+    // A manifest whose signature does not verify is not trusted.
+    let (other, _) = ssh_keypair(&keys, "other");
+    let refused = cat(&[ARCHIVE, "--key", other.with_extension("pub").to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("signature does not verify"), "{refused:?}");
+
     // A flipped byte in the encrypted object: decryption stops at it, and
     // the report names the hash that no longer matches.
     let mut flipped = stored.clone();
@@ -781,6 +811,9 @@ fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
     b.put(&name, flipped, Put::Overwrite).unwrap();
     let ran = site.command(&["verify", "--age-identity", identity.to_str().unwrap()]);
     ran.expect_code(1).expect_stderr("corrupt: sha256");
+    let out = cat(&[&name]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be discarded"), "{out:?}");
 }
 
 fn keys_of(b: &Bucket) -> Vec<String> {
