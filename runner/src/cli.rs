@@ -207,6 +207,27 @@ enum Command {
         #[arg(long, value_name = "FILE.pub")]
         key: Option<PathBuf>,
     },
+    /// List a run's files (default: the latest run that published files),
+    /// or with a tar archive (.tar, .tgz, .tar.gz; encrypted with
+    /// --age-identity) its entries, read as a stream and checked against
+    /// the manifest as `cat` checks.
+    #[command(
+        after_help = "Examples:\n  offsite ls web1                                  # the latest run's files\n  offsite ls web1 latest www.20261203-033400.tgz   # the archive's entries"
+    )]
+    Ls {
+        /// A site file (or a site name), or a store directory.
+        target: PathBuf,
+        /// [RUN] [FILE]: RUN as for `cat`; one argument is a run when it
+        /// names one, else a file of the latest run.
+        #[arg(num_args = 0..=2, value_names = ["RUN", "FILE"])]
+        what: Vec<String>,
+        /// Decrypt an encrypted archive with this identity file.
+        #[arg(long, value_name = "FILE")]
+        age_identity: Option<PathBuf>,
+        /// Check the run's manifest signature with this public key.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+    },
     /// For each site: its last run, last good run, whether it is running,
     /// and its next scheduled run. Exit 1 if any site's last run failed,
     /// it never ran, a run was killed, or its store cannot be read.
@@ -397,6 +418,9 @@ pub fn main() -> ExitCode {
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
         Command::Runs { target } => crate::restore::runs(&target, cli.json),
+        Command::Ls { target, what, age_identity, key } => {
+            crate::restore::ls(&target, &what, age_identity.as_deref(), key.as_deref())
+        }
         Command::Cat { target, what, age_identity, key } => {
             let (run, file) = match what.as_slice() {
                 [file] => (None, file),

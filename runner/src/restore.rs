@@ -132,23 +132,15 @@ pub fn select<'a>(all: &'a [Manifest], spec: Option<&str>) -> Result<&'a Manifes
     })
 }
 
-/// `offsite cat TARGET [RUN] FILE`: the file's bytes to stdout, decrypted
-/// with `identity` when it is encrypted and one is given. Its size is
-/// checked before the first byte goes out, and its SHA-256 (and the
-/// plaintext's) as it streams: on a mismatch the command fails after the
-/// bytes were written, and says they must be discarded.
-pub fn cat(
-    target: &Path,
-    run: Option<&str>,
-    file: &str,
-    identity: Option<&Path>,
+/// The run `spec` names, its manifest's signature checked when a key is
+/// known (`key`, else the site's `[protect] verify_key`).
+fn chosen<'a>(
+    t: &Target,
+    all: &'a [Manifest],
+    spec: Option<&str>,
     key: Option<&Path>,
-) -> Result<(), Failure> {
-    let t = open(target)?;
-    let (all, _) =
-        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
-    let m = select(&all, run).map_err(|e| anyhow!("{}: {e}", t.shown)).exit(Exit::Usage)?;
-    // A signed store's manifest is trusted only with a valid signature.
+) -> Result<&'a Manifest, Failure> {
+    let m = select(all, spec).map_err(|e| anyhow!("{}: {e}", t.shown)).exit(Exit::Usage)?;
     if let Some(key) = key.map(Path::to_path_buf).or(t.verify_key.clone()) {
         let key = protect::verify_key(&key).exit(Exit::Usage)?;
         let (json, sig) = match &t.root {
@@ -163,9 +155,14 @@ pub fn cat(
             .map_err(|e| anyhow!("run {}: the manifest's signature does not verify: {e}", m.run.run_id))
             .exit(Exit::BackupFailed)?;
     }
-    let wanted = file.strip_prefix("./").unwrap_or(file);
-    let entry = m
-        .files
+    Ok(m)
+}
+
+/// The file `name` of run `m` (an encrypted one also by its name
+/// without `.age`).
+fn find<'a>(m: &'a Manifest, name: &str) -> Result<&'a StoredFile, Failure> {
+    let wanted = name.strip_prefix("./").unwrap_or(name);
+    m.files
         .iter()
         .find(|f| f.path == wanted || (f.plain.is_some() && f.path.strip_suffix(protect::AGE_SUFFIX) == Some(wanted)))
         .ok_or_else(|| {
@@ -179,15 +176,22 @@ pub fn cat(
                 if m.files.len() > 10 { ", …" } else { "" }
             )
         })
-        .exit(Exit::Usage)?;
-    let identities = match identity {
+        .exit(Exit::Usage)
+}
+
+fn identities(identity: Option<&Path>) -> Result<Vec<Box<dyn age::Identity>>, Failure> {
+    match identity {
         Some(path) => age::IdentityFile::from_file(path.display().to_string())
             .map_err(|e| e.to_string())
             .and_then(|f| f.into_identities().map_err(|e| e.to_string()))
             .map_err(|e| anyhow!("--age-identity {}: {e}", path.display()))
-            .exit(Exit::Usage)?,
-        None => Vec::new(),
-    };
+            .exit(Exit::Usage),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Opens `entry` of run `m` and checks its size before anything is read.
+fn open_checked<'a>(t: &'a Target, m: &Manifest, entry: &StoredFile) -> Result<Box<dyn Read + 'a>, Failure> {
     let location = m.location(entry);
     let (size, reader) = t
         .root
@@ -203,11 +207,155 @@ pub fn cat(
         ))
         .exit(Exit::BackupFailed);
     }
+    Ok(reader)
+}
+
+/// `offsite cat TARGET [RUN] FILE`: the file's bytes to stdout, decrypted
+/// with `identity` when it is encrypted and one is given. Its size is
+/// checked before the first byte goes out, and its SHA-256 (and the
+/// plaintext's) as it streams: on a mismatch the command fails after the
+/// bytes were written, and says they must be discarded.
+pub fn cat(
+    target: &Path,
+    run: Option<&str>,
+    file: &str,
+    identity: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<(), Failure> {
+    let t = open(target)?;
+    let (all, _) =
+        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
+    let m = chosen(&t, &all, run, key)?;
+    let entry = find(m, file)?;
+    let identities = identities(identity)?;
+    let reader = open_checked(&t, m, entry)?;
     let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
     stream(reader, entry, &identities, &mut out)
         .and_then(|()| out.flush().map_err(|e| format!("writing to stdout: {e}")))
-        .map_err(|e| anyhow!("{}: {e}", location.display()))
+        .map_err(|e| anyhow!("{}: {e}", m.location(entry).display()))
         .exit(Exit::BackupFailed)
+}
+
+/// `offsite ls TARGET [RUN] [FILE]`: a run's files; with a tar archive
+/// (`.tar`, `.tgz`, `.tar.gz`, encrypted or not), its entries, read as a
+/// stream and checked against the manifest like `cat`. One argument is a
+/// run when it names one, else a file of the latest run.
+pub fn ls(target: &Path, what: &[String], identity: Option<&Path>, key: Option<&Path>) -> Result<(), Failure> {
+    let t = open(target)?;
+    let (all, _) =
+        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
+    let (run, file) = match what {
+        [] => (None, None),
+        [one] if select(&all, Some(one)).is_ok() => (Some(one.as_str()), None),
+        [one] => (None, Some(one.as_str())),
+        [run, file, ..] => (Some(run.as_str()), Some(file.as_str())),
+    };
+    let m = chosen(&t, &all, run, key)?;
+    let Some(file) = file else {
+        crate::outln!(
+            "run {} ({}, {}):",
+            crate::text::escape(&m.run.run_id),
+            m.status,
+            crate::status::local(&m.run.started)
+        );
+        for f in &m.files {
+            let from =
+                [Some(f.origin.call.as_str()), f.origin.host.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+            crate::outln!(
+                "{:>14}  {}  {}{}  ({})",
+                f.bytes,
+                &f.sha256[..f.sha256.len().min(12)],
+                crate::text::escape(&f.path),
+                if f.kept { " [kept aside]" } else { "" },
+                crate::text::escape(&from.join(" "))
+            );
+        }
+        return Ok(());
+    };
+    let entry = find(m, file)?;
+    let plain_name =
+        entry.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| entry.plain.is_some()).unwrap_or(&entry.path);
+    let gzipped = [".tgz", ".tar.gz"].iter().any(|s| plain_name.ends_with(s));
+    if !gzipped && !plain_name.ends_with(".tar") {
+        return Err(anyhow!(
+            "{}: not a tar archive (.tar, .tgz, .tar.gz): `offsite cat` writes it",
+            crate::text::escape(plain_name)
+        ))
+        .exit(Exit::Usage);
+    }
+    if entry.plain.is_some() && identity.is_none() {
+        return Err(anyhow!("{}: encrypted; give --age-identity to list it", crate::text::escape(&entry.path)))
+            .exit(Exit::Usage);
+    }
+    let identities = identities(identity)?;
+    let reader = open_checked(&t, m, entry)?;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let listed = list(reader, entry, &identities, gzipped, &mut out);
+    let _ = out.flush();
+    listed.map_err(|e| anyhow!("{}: {e}", m.location(entry).display())).exit(Exit::BackupFailed)
+}
+
+/// Lists the archive's entries as they stream by, then checks the hashes
+/// of all that was read.
+fn list(
+    reader: Box<dyn Read + '_>,
+    entry: &StoredFile,
+    identities: &[Box<dyn age::Identity>],
+    gzipped: bool,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let mut stored = HashingReader::new(reader);
+    let failed = |what: &str| format!("{what}; the listing above is not to be trusted");
+    let mut show = |e: crate::verify::tar_walk::Entry| {
+        let kind = match e.kind {
+            b'5' => 'd',
+            b'2' => 'l',
+            b'1' => 'h',
+            b'3' | b'4' => 'c',
+            b'6' => 'p',
+            _ => '-',
+        };
+        let when = chrono::DateTime::from_timestamp(e.mtime, 0)
+            .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_default();
+        let link = e.link.filter(|_| matches!(kind, 'l' | 'h')).map(|l| format!(" -> {}", crate::text::escape(&l)));
+        let _ = writeln!(
+            out,
+            "{kind} {:04o} {:>12} {when}  {}{}",
+            e.mode & 0o7777,
+            e.size,
+            crate::text::escape(&e.name),
+            link.unwrap_or_default()
+        );
+    };
+    let walked = {
+        let mut plain: Box<dyn Read + '_> = match (&entry.plain, identities.is_empty()) {
+            (Some(_), false) => {
+                let decryptor =
+                    age::Decryptor::new(io::BufReader::new(&mut stored)).map_err(|e| failed(&format!("age: {e}")))?;
+                Box::new(
+                    decryptor
+                        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+                        .map_err(|e| failed(&format!("age: {e}")))?,
+                )
+            }
+            _ => Box::new(&mut stored),
+        };
+        if gzipped {
+            let mut gz = flate2::read::MultiGzDecoder::new(&mut plain);
+            let walked = crate::verify::tar_walk::walk(&mut gz, &mut show);
+            let _ = io::copy(&mut gz, &mut io::sink());
+            walked
+        } else {
+            crate::verify::tar_walk::walk(&mut plain, &mut show)
+        }
+    };
+    io::copy(&mut stored, &mut io::sink()).map_err(|e| failed(&format!("stopped: {e}")))?;
+    let sha = hex::encode(stored.hasher.finalize());
+    if sha != entry.sha256 || stored.bytes != entry.bytes {
+        return Err(failed(&format!("its sha256 is {sha}, the manifest says {}", entry.sha256)));
+    }
+    walked.map(|_| ()).map_err(|e| failed(&e))
 }
 
 /// Copies the stored bytes to `out`, decrypting when `identities` are

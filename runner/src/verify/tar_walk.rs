@@ -11,12 +11,38 @@ pub const LONG_NAME_MAX: u64 = 64 << 10;
 /// Longest PAX header record (`x`, `g`): paths, times, ACLs and xattrs.
 pub const PAX_MAX: u64 = 1 << 20;
 
+/// One entry of an archive, as `offsite ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// As the archive names it (GNU long name or PAX `path` included):
+    /// the archive's text, to be escaped wherever shown.
+    pub name: String,
+    /// The tar type flag (`0` a file, `5` a directory, `2` a symlink ...).
+    pub kind: u8,
+    pub size: u64,
+    pub mode: u32,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    /// Where a link points.
+    pub link: Option<String>,
+}
+
 /// Reads every entry of a tar stream up to its end-of-archive block;
 /// returns how many entries it has (extension records belong to the entry
 /// they precede and are not counted).
 pub fn count_entries(reader: &mut impl Read) -> Result<u64, String> {
+    walk(reader, |_| {})
+}
+
+/// Reads every entry of a tar stream up to its end-of-archive block,
+/// handing each to `seen` with its long name and PAX records applied;
+/// returns how many there were. Extension records are bounded (see
+/// [`LONG_NAME_MAX`], [`PAX_MAX`]); entry data is read through.
+pub fn walk(reader: &mut impl Read, mut seen: impl FnMut(Entry)) -> Result<u64, String> {
     let mut entries = 0u64;
     let mut header = [0u8; 512];
+    let (mut long_name, mut long_link, mut pax): (Option<String>, Option<String>, Vec<(String, String)>) =
+        (None, None, Vec::new());
     loop {
         let n = entry_no(entries);
         if !read_block(reader, &mut header).map_err(|e| format!("tar: {n}: {e}"))? {
@@ -28,7 +54,7 @@ pub fn count_entries(reader: &mut impl Read) -> Result<u64, String> {
             return Ok(entries);
         }
         check_sum(&header).map_err(|e| format!("tar: {n}: {e}"))?;
-        let size = size_of(&header).map_err(|e| format!("tar: {n}: {e}"))?;
+        let mut size = size_of(&header).map_err(|e| format!("tar: {n}: {e}"))?;
         let kind = header[156];
         let bound = match kind {
             b'L' | b'K' => Some(("a GNU long name", LONG_NAME_MAX)),
@@ -54,14 +80,74 @@ pub fn count_entries(reader: &mut impl Read) -> Result<u64, String> {
             }
         }
         let padded = size.div_ceil(512) * 512;
+        if bound.is_some() {
+            // Bounded above: held, to name the entry it precedes.
+            let mut data = Vec::with_capacity(padded as usize);
+            let read = reader.take(padded).read_to_end(&mut data).map_err(|e| format!("tar: {n}: {e}"))?;
+            if read as u64 != padded {
+                return Err(format!("tar: {n} is cut short ({} of {size} bytes)", (read as u64).min(size)));
+            }
+            data.truncate(size as usize);
+            let text = |d: &[u8]| String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+            match kind {
+                b'L' => long_name = Some(text(&data)),
+                b'K' => long_link = Some(text(&data)),
+                b'x' => pax = pax_records(&data),
+                _ => {}
+            }
+            continue;
+        }
+        let value = |key: &str| pax.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        if let Some(pax_size) = value("size").and_then(|v| v.parse::<u64>().ok()) {
+            size = pax_size;
+        }
+        let padded = size.div_ceil(512) * 512;
         let read = io::copy(&mut reader.take(padded), &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;
         if read != padded {
             return Err(format!("tar: {n} is cut short ({} of {size} bytes)", read.min(size)));
         }
-        if !matches!(kind, b'L' | b'K' | b'x') {
-            entries += 1;
-        }
+        let field = |range: std::ops::Range<usize>| {
+            let bytes = &header[range];
+            String::from_utf8_lossy(bytes.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+        };
+        let name = value("path").or(long_name.take()).unwrap_or_else(|| {
+            // POSIX ustar (not GNU's "ustar  ") keeps a prefix of long names.
+            let (prefix, name) = (field(345..500), field(0..100));
+            if &header[257..263] == b"ustar\0" && !prefix.is_empty() { format!("{prefix}/{name}") } else { name }
+        });
+        let link = value("linkpath").or(long_link.take()).or_else(|| Some(field(157..257)).filter(|l| !l.is_empty()));
+        let mtime = value("mtime")
+            .and_then(|v| v.split('.').next().and_then(|s| s.parse::<i64>().ok()))
+            .or_else(|| octal(&header[136..148]).and_then(|t| i64::try_from(t).ok()))
+            .unwrap_or(0);
+        let mode = octal(&header[100..108]).and_then(|m| u32::try_from(m).ok()).unwrap_or(0);
+        seen(Entry { name, kind, size, mode, mtime, link });
+        pax.clear();
+        entries += 1;
     }
+}
+
+/// The records of a PAX header: `LENGTH key=value\n` each.
+fn pax_records(data: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some(space) = rest.iter().position(|b| *b == b' ') else { break };
+        let Some(len) = std::str::from_utf8(&rest[..space]).ok().and_then(|l| l.parse::<usize>().ok()) else { break };
+        if len <= space || len > rest.len() {
+            break;
+        }
+        let record = &rest[space + 1..len];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        if let Some(eq) = record.iter().position(|b| *b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&record[..eq]).into_owned(),
+                String::from_utf8_lossy(&record[eq + 1..]).into_owned(),
+            ));
+        }
+        rest = &rest[len..];
+    }
+    out
 }
 
 fn entry_no(counted: u64) -> String {
@@ -155,6 +241,9 @@ mod tests {
             file(b, "c", &[7; 1000]);
         });
         assert_eq!(count_entries(&mut bytes.as_slice()).unwrap(), 3);
+        let mut names = Vec::new();
+        walk(&mut bytes.as_slice(), |e| names.push((e.name, e.size, e.mode))).unwrap();
+        assert_eq!(names, vec![("a".into(), 5, 0o644), (long.clone(), 1, 0o644), ("c".into(), 1000, 0o644)]);
         // GNU tar agrees the archive is whole; a cut one is not.
         assert!(count_entries(&mut &bytes[..1024 + 512 + 100]).unwrap_err().contains("cut short"));
     }

@@ -250,6 +250,26 @@ fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
     offsite(&["cat", s, "www.20040321-014844.tgz"]).expect_code(2).expect_stderr("has no file www.20040321-014844.tgz");
     offsite(&["cat", s, "nosuchrun", "x"]).expect_code(2).expect_stderr("no run nosuchrun");
 
+    // `ls`: a run's files, and an archive's entries, streamed and checked.
+    let files = offsite(&["ls", s]);
+    files.expect_code(0);
+    assert!(
+        files.stdout.contains("www.20040322-014844.tgz") && files.stdout.contains("archive.tar-gz"),
+        "{}",
+        files.stdout
+    );
+    let older = offsite(&["ls", s, ids[1]]);
+    assert!(older.stdout.contains("www.20040321-014844.tgz"), "one argument naming a run: {}", older.stdout);
+    let entries = offsite(&["ls", s, "www.20040322-014844.tgz"]);
+    entries.expect_code(0);
+    let line = entries
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("  www/index.html"))
+        .unwrap_or_else(|| panic!("{}", entries.stdout));
+    assert!(line.starts_with("- ") && line.contains(" 1900 "), "type, mode, size: {line}");
+    offsite(&["ls", s, "latest", "nosuch.tgz"]).expect_code(2).expect_stderr("has no file nosuch.tgz");
+
     // A flipped byte: the bytes go out, then the command fails and says to
     // discard them. A truncated file: nothing goes out.
     let path = store.join("www.20040322-014844.tgz");
@@ -260,6 +280,7 @@ fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
     let out = bytes(&["cat", s, "www.20040322-014844.tgz"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be discarded"), "{out:?}");
+    offsite(&["ls", s, "www.20040322-014844.tgz"]).expect_code(1).expect_stderr("not to be trusted");
     std::fs::write(&path, &second[..second.len() - 1]).unwrap();
     let out = bytes(&["cat", s, "www.20040322-014844.tgz"]);
     assert_eq!(out.status.code(), Some(1));

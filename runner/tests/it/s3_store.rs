@@ -793,6 +793,12 @@ fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
     std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &out.stdout).unwrap();
     let entries = tar.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&entries.stdout).contains("www/index.html"), "GNU tar reads what cat wrote");
+    let mut ls = vec!["ls", file, ARCHIVE, "--age-identity", identity.to_str().unwrap()];
+    let listed = Ran::from_output(site.offsite(&ls).output().unwrap());
+    listed.expect_code(0);
+    assert!(listed.stdout.contains("www/index.html"), "{}", listed.stdout);
+    ls.truncate(3);
+    Ran::from_output(site.offsite(&ls).output().unwrap()).expect_code(2).expect_stderr("give --age-identity");
     let raw = cat(&["latest", &name]);
     assert!(raw.status.success(), "{}", String::from_utf8_lossy(&raw.stderr));
     assert_eq!(sha256(&raw.stdout), sha256(&stored), "without an identity: the stored bytes, checked");
