@@ -228,6 +228,34 @@ enum Command {
         #[arg(long, value_name = "FILE.pub")]
         key: Option<PathBuf>,
     },
+    /// Get files back: the FILE (or every file the run published) written
+    /// beneath DIR under its path in the store, each checked against the
+    /// manifest (size, SHA-256, and the plaintext's with --age-identity,
+    /// which also decrypts) before it appears there by rename. Files
+    /// already in DIR are left alone unless --overwrite.
+    #[command(
+        after_help = "Examples:\n  offsite restore web1 --to /var/restore                    # the latest run, every file\n  offsite restore db1 2026-12-03 server1/sitedb-20261203-013400.sql.gz --to /tmp/r"
+    )]
+    Restore {
+        /// A site file (or a site name), or a store directory.
+        target: PathBuf,
+        /// [RUN] [FILE]: RUN as for `cat`; one argument is a run when it
+        /// names one, else a file of the latest run.
+        #[arg(num_args = 0..=2, value_names = ["RUN", "FILE"])]
+        what: Vec<String>,
+        /// The directory to restore into (created if missing).
+        #[arg(long, value_name = "DIR", required = true)]
+        to: PathBuf,
+        /// Replace files that are already there.
+        #[arg(long)]
+        overwrite: bool,
+        /// Decrypt encrypted (.age) files with this identity file.
+        #[arg(long, value_name = "FILE")]
+        age_identity: Option<PathBuf>,
+        /// Check the run's manifest signature with this public key.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+    },
     /// For each site: its last run, last good run, whether it is running,
     /// and its next scheduled run. Exit 1 if any site's last run failed,
     /// it never ran, a run was killed, or its store cannot be read.
@@ -418,6 +446,9 @@ pub fn main() -> ExitCode {
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
         Command::Runs { target } => crate::restore::runs(&target, cli.json),
+        Command::Restore { target, what, to, overwrite, age_identity, key } => {
+            crate::restore::restore(&target, &what, &to, overwrite, age_identity.as_deref(), key.as_deref())
+        }
         Command::Ls { target, what, age_identity, key } => {
             crate::restore::ls(&target, &what, age_identity.as_deref(), key.as_deref())
         }

@@ -358,6 +358,116 @@ fn list(
     walked.map(|_| ()).map_err(|e| failed(&e))
 }
 
+/// `offsite restore TARGET [RUN] [FILE] --to DIR`: the file (or every
+/// file the run published) written beneath `to` under its path in the
+/// store, decrypted (and named without `.age`) when an identity is given.
+/// Each goes to a temporary name, is checked (size, SHA-256, plaintext's
+/// SHA-256) and synced, and only then renamed into place; a file that
+/// fails a check is removed. An existing file is left alone unless
+/// `overwrite`. Paths a manifest names are checked as a run checks them,
+/// and `to` is entered without following links planted beneath it.
+pub fn restore(
+    target: &Path,
+    what: &[String],
+    to: &Path,
+    overwrite: bool,
+    identity: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<(), Failure> {
+    let t = open(target)?;
+    let (all, _) =
+        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
+    let (run, file) = match what {
+        [] => (None, None),
+        [one] if select(&all, Some(one)).is_ok() => (Some(one.as_str()), None),
+        [one] => (None, Some(one.as_str())),
+        [run, file, ..] => (Some(run.as_str()), Some(file.as_str())),
+    };
+    let m = chosen(&t, &all, run, key)?;
+    let entries: Vec<&StoredFile> = match file {
+        Some(file) => vec![find(m, file)?],
+        None => m.published().collect(),
+    };
+    let identities = identities(identity)?;
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display())).exit(Exit::Usage)?;
+    let dir = cap_std::fs::Dir::open_ambient_dir(to, cap_std::ambient_authority())
+        .with_context(|| format!("cannot open {}", to.display()))
+        .exit(Exit::Usage)?;
+    let (mut written, mut skipped, mut failed) = (0usize, Vec::new(), Vec::new());
+    for entry in entries {
+        let decrypting = entry.plain.is_some() && !identities.is_empty();
+        let name = match decrypting {
+            true => entry.path.strip_suffix(protect::AGE_SUFFIX).unwrap_or(&entry.path),
+            false => &entry.path,
+        };
+        let shown = crate::text::escape(name).into_owned();
+        let rel = match crate::policy::store_path(name) {
+            Ok(rel) => rel,
+            Err(d) => {
+                failed.push(format!("{shown}: the manifest names a path no run may store: {d}"));
+                continue;
+            }
+        };
+        if !overwrite && dir.symlink_metadata(&rel).is_ok() {
+            skipped.push(shown);
+            continue;
+        }
+        match restore_one(&t, m, entry, &identities, &dir, &rel) {
+            Ok(()) => written += 1,
+            Err(e) => failed.push(format!("{shown}: {e}")),
+        }
+    }
+    crate::outln!("restored {written} file(s) of run {} into {}", crate::text::escape(&m.run.run_id), to.display());
+    if !skipped.is_empty() {
+        crate::outln!("left alone, already there (--overwrite replaces them): {}", skipped.join(", "));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("{} file(s) not restored, nothing of them left behind:\n{}", failed.len(), failed.join("\n")))
+            .exit(Exit::BackupFailed)
+    }
+}
+
+/// One file: temporary name, checked, synced, renamed.
+fn restore_one(
+    t: &Target,
+    m: &Manifest,
+    entry: &StoredFile,
+    identities: &[Box<dyn age::Identity>],
+    dir: &cap_std::fs::Dir,
+    rel: &Path,
+) -> Result<(), String> {
+    let location = m.location(entry);
+    let (size, reader) = t.root.open_file(&location).map_err(|e| format!("cannot be read: {e}"))?;
+    if size != entry.bytes {
+        return Err(format!("{size} bytes, the manifest says {}", entry.bytes));
+    }
+    let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(p) = parent {
+        dir.create_dir_all(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+    }
+    let file_name = rel.file_name().ok_or("no file name")?.to_string_lossy().into_owned();
+    let tmp = rel.with_file_name(format!(".{file_name}.offsite-restore-{}", std::process::id()));
+    let mut options = cap_std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    let file = dir.open_with(&tmp, &options).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let mut out = io::BufWriter::with_capacity(1 << 16, file.into_std());
+    let done = stream(reader, entry, identities, &mut out)
+        .and_then(|()| out.into_inner().map_err(|e| e.error().to_string()))
+        .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
+        .and_then(|()| dir.rename(&tmp, dir, rel).map_err(|e| e.to_string()));
+    if let Err(e) = done {
+        let _ = dir.remove_file(&tmp);
+        return Err(e.replace("; the bytes written so far are not the stored file and must be discarded", ""));
+    }
+    let synced = match parent {
+        Some(p) => dir.open_dir(p).and_then(|d| d.open(".")).and_then(|d| d.sync_all()),
+        None => dir.open(".").and_then(|d| d.sync_all()),
+    };
+    synced.map_err(|e| format!("syncing its directory: {e}"))
+}
+
 /// Copies the stored bytes to `out`, decrypting when `identities` are
 /// given and the file is encrypted, and checks both hashes at the end.
 fn stream(

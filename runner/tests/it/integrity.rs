@@ -270,6 +270,18 @@ fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
     assert!(line.starts_with("- ") && line.contains(" 1900 "), "type, mode, size: {line}");
     offsite(&["ls", s, "latest", "nosuch.tgz"]).expect_code(2).expect_stderr("has no file nosuch.tgz");
 
+    // `restore`: the latest run's files, checked, beneath --to; what is
+    // there already stays unless --overwrite.
+    let to = site.path("restored");
+    let t = to.to_str().unwrap();
+    offsite(&["restore", s, "--to", t]).expect_code(0);
+    assert_eq!(std::fs::read(to.join("www.20040322-014844.tgz")).unwrap(), second);
+    let again = offsite(&["restore", s, "--to", t]);
+    again.expect_code(0);
+    assert!(again.stdout.contains("left alone, already there"), "{}", again.stdout);
+    offsite(&["restore", s, ids[1], "--to", t]).expect_code(0);
+    assert_eq!(std::fs::read(to.join("www.20040321-014844.tgz")).unwrap(), first);
+
     // A flipped byte: the bytes go out, then the command fails and says to
     // discard them. A truncated file: nothing goes out.
     let path = store.join("www.20040322-014844.tgz");
@@ -281,6 +293,11 @@ fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be discarded"), "{out:?}");
     offsite(&["ls", s, "www.20040322-014844.tgz"]).expect_code(1).expect_stderr("not to be trusted");
+    // A restore of a corrupt file fails and leaves the good copy (and no
+    // temporary file) where it was.
+    offsite(&["restore", s, "--to", t, "--overwrite"]).expect_code(1).expect_stderr("not restored");
+    assert_eq!(std::fs::read(to.join("www.20040322-014844.tgz")).unwrap(), second);
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 2, "no temporary file left behind");
     std::fs::write(&path, &second[..second.len() - 1]).unwrap();
     let out = bytes(&["cat", s, "www.20040322-014844.tgz"]);
     assert_eq!(out.status.code(), Some(1));

@@ -799,6 +799,14 @@ fn an_s3_store_holds_age_encrypted_outputs_and_signed_manifests() {
     assert!(listed.stdout.contains("www/index.html"), "{}", listed.stdout);
     ls.truncate(3);
     Ran::from_output(site.offsite(&ls).output().unwrap()).expect_code(2).expect_stderr("give --age-identity");
+    let to = scratch.path().join("restored");
+    let restore = ["restore", file, "--to", to.to_str().unwrap(), "--age-identity", identity.to_str().unwrap()];
+    Ran::from_output(site.offsite(&restore).output().unwrap()).expect_code(0);
+    let tar = Command::new("tar").arg("-tzf").arg(to.join(ARCHIVE)).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&tar.stdout).contains("www/index.html"),
+        "restored decrypted, under its plain name"
+    );
     let raw = cat(&["latest", &name]);
     assert!(raw.status.success(), "{}", String::from_utf8_lossy(&raw.stderr));
     assert_eq!(sha256(&raw.stdout), sha256(&stored), "without an identity: the stored bytes, checked");
