@@ -234,15 +234,21 @@ enum Command {
     /// which also decrypts) before it appears there by rename. Files
     /// already in DIR are left alone unless --overwrite.
     #[command(
-        after_help = "Examples:\n  offsite restore web1 --to /var/restore                    # the latest run, every file\n  offsite restore db1 2026-12-03 server1/sitedb-20261203-013400.sql.gz --to /tmp/r"
+        after_help = "Examples:\n  offsite restore web1 --to /var/restore                    # the latest run, every file\n  offsite restore db1 2026-12-03 server1/sitedb-20261203-013400.sql.gz --to /tmp/r\n  offsite restore web1 www.20261203-033400.tgz var/www/index.html --extract --to /tmp/r"
     )]
     Restore {
         /// A site file (or a site name), or a store directory.
         target: PathBuf,
-        /// [RUN] [FILE]: RUN as for `cat`; one argument is a run when it
-        /// names one, else a file of the latest run.
-        #[arg(num_args = 0..=2, value_names = ["RUN", "FILE"])]
+        /// [RUN] [FILE [PATHS...]]: RUN as for `cat`; one argument is a run
+        /// when it names one, else a file of the latest run; PATHS (with
+        /// --extract) the archive's entries to unpack.
+        #[arg(value_names = ["RUN", "FILE"])]
         what: Vec<String>,
+        /// Unpack the archive FILE (or only PATHS of it) into DIR, once the
+        /// whole stored file matched its manifest. No entry can land outside
+        /// DIR; devices are left out and setuid bits dropped.
+        #[arg(long)]
+        extract: bool,
         /// The directory to restore into (created if missing).
         #[arg(long, value_name = "DIR", required = true)]
         to: PathBuf,
@@ -446,8 +452,15 @@ pub fn main() -> ExitCode {
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
         Command::Runs { target } => crate::restore::runs(&target, cli.json),
-        Command::Restore { target, what, to, overwrite, age_identity, key } => {
-            crate::restore::restore(&target, &what, &to, overwrite, age_identity.as_deref(), key.as_deref())
+        Command::Restore { target, what, extract, to, overwrite, age_identity, key } => {
+            let options = crate::restore::RestoreOptions {
+                to: &to,
+                overwrite,
+                extract,
+                identity: age_identity.as_deref(),
+                key: key.as_deref(),
+            };
+            crate::restore::restore(&target, &what, &options)
         }
         Command::Ls { target, what, age_identity, key } => {
             crate::restore::ls(&target, &what, age_identity.as_deref(), key.as_deref())

@@ -343,6 +343,12 @@ impl Ran {
         assert!(self.stderr.contains(needle), "stderr lacks {needle:?}:\n{}", self.stderr);
         self
     }
+
+    #[track_caller]
+    pub fn expect_stdout(&self, needle: &str) -> &Ran {
+        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}:\n{}", self.stdout);
+        self
+    }
 }
 
 /// Every file and directory below `dir`, relative, sorted, leaving out

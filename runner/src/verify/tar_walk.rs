@@ -31,14 +31,18 @@ pub struct Entry {
 /// returns how many entries it has (extension records belong to the entry
 /// they precede and are not counted).
 pub fn count_entries(reader: &mut impl Read) -> Result<u64, String> {
-    walk(reader, |_| {})
+    walk(reader, |_, _| Ok(()))
 }
 
 /// Reads every entry of a tar stream up to its end-of-archive block,
-/// handing each to `seen` with its long name and PAX records applied;
+/// handing each to `seen` with its long name and PAX records applied, and
+/// a reader of its data (what `seen` leaves unread is read through);
 /// returns how many there were. Extension records are bounded (see
-/// [`LONG_NAME_MAX`], [`PAX_MAX`]); entry data is read through.
-pub fn walk(reader: &mut impl Read, mut seen: impl FnMut(Entry)) -> Result<u64, String> {
+/// [`LONG_NAME_MAX`], [`PAX_MAX`]). An error from `seen` ends the walk.
+pub fn walk(
+    reader: &mut impl Read,
+    mut seen: impl FnMut(&Entry, &mut dyn Read) -> Result<(), String>,
+) -> Result<u64, String> {
     let mut entries = 0u64;
     let mut header = [0u8; 512];
     let (mut long_name, mut long_link, mut pax): (Option<String>, Option<String>, Vec<(String, String)>) =
@@ -101,11 +105,6 @@ pub fn walk(reader: &mut impl Read, mut seen: impl FnMut(Entry)) -> Result<u64, 
         if let Some(pax_size) = value("size").and_then(|v| v.parse::<u64>().ok()) {
             size = pax_size;
         }
-        let padded = size.div_ceil(512) * 512;
-        let read = io::copy(&mut reader.take(padded), &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;
-        if read != padded {
-            return Err(format!("tar: {n} is cut short ({} of {size} bytes)", read.min(size)));
-        }
         let field = |range: std::ops::Range<usize>| {
             let bytes = &header[range];
             String::from_utf8_lossy(bytes.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
@@ -121,7 +120,19 @@ pub fn walk(reader: &mut impl Read, mut seen: impl FnMut(Entry)) -> Result<u64, 
             .or_else(|| octal(&header[136..148]).and_then(|t| i64::try_from(t).ok()))
             .unwrap_or(0);
         let mode = octal(&header[100..108]).and_then(|m| u32::try_from(m).ok()).unwrap_or(0);
-        seen(Entry { name, kind, size, mode, mtime, link });
+        let entry = Entry { name, kind, size, mode, mtime, link };
+        let mut data = reader.take(size);
+        seen(&entry, &mut data)?;
+        io::copy(&mut data, &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;
+        let read = size - data.limit();
+        if read != size {
+            return Err(format!("tar: {n} is cut short ({read} of {size} bytes)"));
+        }
+        let padding = size.div_ceil(512) * 512 - size;
+        let padded = io::copy(&mut reader.take(padding), &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;
+        if padded != padding {
+            return Err(format!("tar: {n} is cut short ({read} of {size} bytes)"));
+        }
         pax.clear();
         entries += 1;
     }
@@ -242,7 +253,11 @@ mod tests {
         });
         assert_eq!(count_entries(&mut bytes.as_slice()).unwrap(), 3);
         let mut names = Vec::new();
-        walk(&mut bytes.as_slice(), |e| names.push((e.name, e.size, e.mode))).unwrap();
+        walk(&mut bytes.as_slice(), |e, _| {
+            names.push((e.name.clone(), e.size, e.mode));
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(names, vec![("a".into(), 5, 0o644), (long.clone(), 1, 0o644), ("c".into(), 1000, 0o644)]);
         // GNU tar agrees the archive is whole; a cut one is not.
         assert!(count_entries(&mut &bytes[..1024 + 512 + 100]).unwrap_err().contains("cut short"));

@@ -276,9 +276,7 @@ fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
     let t = to.to_str().unwrap();
     offsite(&["restore", s, "--to", t]).expect_code(0);
     assert_eq!(std::fs::read(to.join("www.20040322-014844.tgz")).unwrap(), second);
-    let again = offsite(&["restore", s, "--to", t]);
-    again.expect_code(0);
-    assert!(again.stdout.contains("left alone, already there"), "{}", again.stdout);
+    offsite(&["restore", s, "--to", t]).expect_code(0).expect_stdout("left alone, already there");
     offsite(&["restore", s, ids[1], "--to", t]).expect_code(0);
     assert_eq!(std::fs::read(to.join("www.20040321-014844.tgz")).unwrap(), first);
 
@@ -303,6 +301,106 @@ fn runs_lists_a_store_and_cat_streams_a_file_back_checked() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty(), "nothing written before the size is checked");
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was written"), "{out:?}");
+}
+
+#[test]
+fn restore_extract_unpacks_an_archive_and_refuses_one_that_would_escape() {
+    let site = Site::new();
+    std::fs::create_dir_all(site.path("src/www/docs")).unwrap();
+    std::fs::write(site.path("src/www/docs/manual.txt"), "manual\n").unwrap();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let store = site.store();
+    let s = store.to_str().unwrap();
+    let offsite = |args: &[&str]| Ran::from_output(site.offsite().args(args).output().unwrap());
+    let to = site.path("restored");
+    let t = to.to_str().unwrap();
+    let archive = "www.20040321-014844.tgz";
+    offsite(&["restore", s, archive, "--extract", "--to", t]).expect_code(0).expect_stdout("unpacked 2 file(s)");
+    assert_eq!(
+        std::fs::read(to.join("www/index.html")).unwrap(),
+        std::fs::read(site.path("src/www/index.html")).unwrap()
+    );
+    assert_eq!(std::fs::read(to.join("www/docs/manual.txt")).unwrap(), b"manual\n");
+    let secs = |p: &Path| {
+        let t = std::fs::metadata(p).unwrap().modified().unwrap();
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    };
+    assert_eq!(secs(&to.join("www/index.html")), secs(&site.path("src/www/index.html")), "mtimes as archived");
+    // Only what is asked for, and nothing already there is replaced.
+    let only = site.path("only");
+    offsite(&["restore", s, archive, "www/docs", "--extract", "--to", only.to_str().unwrap()]).expect_code(0);
+    assert!(only.join("www/docs/manual.txt").is_file() && !only.join("www/index.html").exists());
+    std::fs::write(to.join("www/index.html"), "mine").unwrap();
+    offsite(&["restore", s, archive, "--extract", "--to", t]).expect_code(0).expect_stdout("left alone, already there");
+    assert_eq!(std::fs::read(to.join("www/index.html")).unwrap(), b"mine");
+    offsite(&["restore", s, archive, "--extract", "--overwrite", "--to", t]).expect_code(0);
+    assert_ne!(std::fs::read(to.join("www/index.html")).unwrap(), b"mine");
+
+    // An archive crafted to escape (its manifest made to match it, as a
+    // compromised store or server could): refused, nothing left anywhere.
+    let outside = tempfile::tempdir().unwrap();
+    let crafted: Vec<(&str, Vec<u8>)> = vec![
+        ("dotdot", craft(&[(b'0', "../escaped.txt", "")])),
+        ("absolute", craft(&[(b'0', "/tmp/offsite-absolute-escape.txt", "")])),
+        ("symlink", craft(&[(b'2', "link", outside.path().to_str().unwrap()), (b'0', "link/pwned.txt", "")])),
+        ("hardlink", craft(&[(b'1', "hard", "/etc/passwd")])),
+    ];
+    for (what, bytes) in crafted {
+        replace_archive(&store, archive, &bytes);
+        let target = site.path(&format!("crafted-{what}"));
+        let ran = offsite(&["restore", s, archive, "--extract", "--to", target.to_str().unwrap()]);
+        ran.expect_code(1);
+        assert!(ran.stderr.contains("nothing of it was left"), "{what}: {}", ran.stderr);
+        assert!(ran.stderr.contains("the archive is refused"), "{what}: {}", ran.stderr);
+        assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "{what}: nothing in the target");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "{what}: nothing outside");
+        assert!(!site.path("escaped.txt").exists() && !Path::new("/tmp/offsite-absolute-escape.txt").exists());
+    }
+}
+
+/// A .tgz of raw entries (type, name, link target or data), names written
+/// as given, whatever they are.
+fn craft(entries: &[(u8, &str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (kind, name, other) in entries {
+        let mut h = tar::Header::new_gnu();
+        let raw = h.as_gnu_mut().unwrap();
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        let data: &[u8] = if *kind == b'0' { other.as_bytes() } else { b"" };
+        if *kind != b'0' {
+            raw.linkname[..other.len()].copy_from_slice(other.as_bytes());
+        }
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Puts `bytes` in place of the store's `name`, and makes its manifest
+/// say so (size and SHA-256).
+fn replace_archive(store: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(store.join(name), bytes).unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytes))
+    };
+    for entry in std::fs::read_dir(store.join(".offsite/manifests")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut m: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for f in m["files"].as_array_mut().unwrap() {
+            if f["path"] == name {
+                f["bytes"] = bytes.len().into();
+                f["sha256"] = sha.clone().into();
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    }
 }
 
 /// Starts `offsite run fixture case=sleep` and waits until its run has begun

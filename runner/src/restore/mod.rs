@@ -4,6 +4,8 @@
 //! with, and work on a bare store directory without a site file (a new
 //! machine after a disaster).
 
+pub mod extract;
+
 use std::io::{self, Read, Write};
 use std::path::Path;
 
@@ -343,11 +345,17 @@ fn list(
         };
         if gzipped {
             let mut gz = flate2::read::MultiGzDecoder::new(&mut plain);
-            let walked = crate::verify::tar_walk::walk(&mut gz, &mut show);
+            let walked = crate::verify::tar_walk::walk(&mut gz, |e, _| {
+                show(e.clone());
+                Ok(())
+            });
             let _ = io::copy(&mut gz, &mut io::sink());
             walked
         } else {
-            crate::verify::tar_walk::walk(&mut plain, &mut show)
+            crate::verify::tar_walk::walk(&mut plain, |e, _| {
+                show(e.clone());
+                Ok(())
+            })
         }
     };
     io::copy(&mut stored, &mut io::sink()).map_err(|e| failed(&format!("stopped: {e}")))?;
@@ -366,24 +374,37 @@ fn list(
 /// fails a check is removed. An existing file is left alone unless
 /// `overwrite`. Paths a manifest names are checked as a run checks them,
 /// and `to` is entered without following links planted beneath it.
-pub fn restore(
-    target: &Path,
-    what: &[String],
-    to: &Path,
-    overwrite: bool,
-    identity: Option<&Path>,
-    key: Option<&Path>,
-) -> Result<(), Failure> {
+pub struct RestoreOptions<'a> {
+    pub to: &'a Path,
+    pub overwrite: bool,
+    /// Unpack the (one) archive named, or only `what`'s paths after it.
+    pub extract: bool,
+    pub identity: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+}
+
+pub fn restore(target: &Path, what: &[String], options: &RestoreOptions) -> Result<(), Failure> {
+    let RestoreOptions { to, overwrite, extract, identity, key } = *options;
     let t = open(target)?;
     let (all, _) =
         t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
-    let (run, file) = match what {
-        [] => (None, None),
-        [one] if select(&all, Some(one)).is_ok() => (Some(one.as_str()), None),
-        [one] => (None, Some(one.as_str())),
-        [run, file, ..] => (Some(run.as_str()), Some(file.as_str())),
+    // A first argument names a run when it is one (and something follows
+    // it, or nothing needs a file).
+    let (run, file, paths) = match what {
+        [] => (None, None, &what[..0]),
+        [first, rest @ ..] if select(&all, Some(first)).is_ok() && (!extract || !rest.is_empty()) => {
+            (Some(first.as_str()), rest.first().map(String::as_str), rest.get(1..).unwrap_or_default())
+        }
+        [first, rest @ ..] => (None, Some(first.as_str()), rest),
     };
+    if !paths.is_empty() && !extract {
+        return Err(anyhow!("paths after the file name the entries to unpack: add --extract")).exit(Exit::Usage);
+    }
     let m = chosen(&t, &all, run, key)?;
+    if extract {
+        let file = file.ok_or_else(|| anyhow!("--extract needs the archive's name")).exit(Exit::Usage)?;
+        return extract_archive(&t, m, find(m, file)?, paths, to, overwrite, identity);
+    }
     let entries: Vec<&StoredFile> = match file {
         Some(file) => vec![find(m, file)?],
         None => m.published().collect(),
@@ -427,6 +448,127 @@ pub fn restore(
         Err(anyhow!("{} file(s) not restored, nothing of them left behind:\n{}", failed.len(), failed.join("\n")))
             .exit(Exit::BackupFailed)
     }
+}
+
+/// `restore --extract`: the archive unpacked (or only `paths` of it)
+/// into a staging directory beneath `to` as it streams, and moved into
+/// place only once the whole stored file matched its manifest; a refused
+/// or damaged archive leaves nothing in `to`.
+fn extract_archive(
+    t: &Target,
+    m: &Manifest,
+    entry: &StoredFile,
+    paths: &[String],
+    to: &Path,
+    overwrite: bool,
+    identity: Option<&Path>,
+) -> Result<(), Failure> {
+    let plain_name =
+        entry.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| entry.plain.is_some()).unwrap_or(&entry.path);
+    let gzipped = [".tgz", ".tar.gz"].iter().any(|s| plain_name.ends_with(s));
+    if !gzipped && !plain_name.ends_with(".tar") {
+        return Err(anyhow!("{}: not a tar archive (.tar, .tgz, .tar.gz)", crate::text::escape(plain_name)))
+            .exit(Exit::Usage);
+    }
+    if entry.plain.is_some() && identity.is_none() {
+        return Err(anyhow!("{}: encrypted; give --age-identity to unpack it", crate::text::escape(&entry.path)))
+            .exit(Exit::Usage);
+    }
+    let identities = identities(identity)?;
+    let reader = open_checked(t, m, entry)?;
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display())).exit(Exit::Usage)?;
+    let target = cap_std::fs::Dir::open_ambient_dir(to, cap_std::ambient_authority())
+        .with_context(|| format!("cannot open {}", to.display()))
+        .exit(Exit::Usage)?;
+    let staging_name = format!(".offsite-restore-{}", std::process::id());
+    let _ = target.remove_dir_all(&staging_name);
+    target
+        .create_dir(&staging_name)
+        .with_context(|| format!("cannot create {staging_name} in {}", to.display()))
+        .exit(Exit::BackupFailed)?;
+    let staging = target.open_dir(&staging_name).exit(Exit::BackupFailed)?;
+    let unpacked = unpack(reader, entry, &identities, gzipped, &staging, paths);
+    let merged = unpacked.and_then(|done| {
+        let mut kept = Vec::new();
+        extract::merge(&staging, &target, Path::new(""), overwrite, &mut kept)
+            .map_err(|e| format!("moving the unpacked files into place: {e}"))?;
+        Ok((done, kept))
+    });
+    let _ = target.remove_dir_all(&staging_name);
+    let (done, kept) = merged
+        .map_err(|e| anyhow!("{}: {e}; nothing of it was left in {}", m.location(entry).display(), to.display()))
+        .exit(Exit::BackupFailed)?;
+    let _ = target.open(".").and_then(|d| d.sync_all());
+    crate::outln!(
+        "unpacked {} file(s), {} director(ies), {} link(s) of {} (run {}) into {}",
+        done.files,
+        done.dirs,
+        done.links,
+        crate::text::escape(&entry.path),
+        crate::text::escape(&m.run.run_id),
+        to.display()
+    );
+    if !kept.is_empty() {
+        crate::outln!("left alone, already there (--overwrite replaces files): {}", kept.join(", "));
+    }
+    if !done.left_out.is_empty() {
+        crate::outln!("left out (devices, FIFOs, sparse entries): {}", done.left_out.join(", "));
+    }
+    if done.stripped > 0 {
+        crate::outln!("{} entr(ies) lost their setuid, setgid or sticky bit", done.stripped);
+    }
+    if !paths.is_empty() && done.files + done.dirs + done.links == 0 {
+        return Err(anyhow!("no entry of the archive matches {}", crate::text::escape(&paths.join(" "))))
+            .exit(Exit::BackupFailed);
+    }
+    Ok(())
+}
+
+/// Streams the archive through its checks into `staging`.
+fn unpack(
+    reader: Box<dyn Read + '_>,
+    entry: &StoredFile,
+    identities: &[Box<dyn age::Identity>],
+    gzipped: bool,
+    staging: &cap_std::fs::Dir,
+    paths: &[String],
+) -> Result<extract::Extracted, String> {
+    let mut stored = HashingReader::new(reader);
+    let mut done = extract::Extracted::default();
+    let mut dirs = Vec::new();
+    let walked = {
+        let mut plain: Box<dyn Read + '_> = match (&entry.plain, identities.is_empty()) {
+            (Some(_), false) => {
+                let decryptor =
+                    age::Decryptor::new(io::BufReader::new(&mut stored)).map_err(|e| format!("age: {e}"))?;
+                Box::new(
+                    decryptor
+                        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+                        .map_err(|e| format!("age: {e}"))?,
+                )
+            }
+            _ => Box::new(&mut stored),
+        };
+        let mut each = |e: &crate::verify::tar_walk::Entry, data: &mut dyn Read| {
+            extract::entry(staging, e, data, paths, &mut done, &mut dirs)
+        };
+        if gzipped {
+            let mut gz = flate2::read::MultiGzDecoder::new(&mut plain);
+            let walked = crate::verify::tar_walk::walk(&mut gz, &mut each);
+            let _ = io::copy(&mut gz, &mut io::sink());
+            walked
+        } else {
+            crate::verify::tar_walk::walk(&mut plain, &mut each)
+        }
+    };
+    walked?;
+    io::copy(&mut stored, &mut io::sink()).map_err(|e| format!("stopped: {e}"))?;
+    let sha = hex::encode(stored.hasher.finalize());
+    if sha != entry.sha256 || stored.bytes != entry.bytes {
+        return Err(format!("its sha256 is {sha}, the manifest says {}", entry.sha256));
+    }
+    extract::finish_dirs(staging, &dirs)?;
+    Ok(done)
 }
 
 /// One file: temporary name, checked, synced, renamed.
