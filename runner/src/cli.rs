@@ -1,11 +1,5 @@
-//! The `offsite` command line.
-//!
-//! Exit codes (also in docs/running.md):
-//! - 0: the backup succeeded;
-//! - 1: the backup failed (the script returned an error or trapped);
-//! - 2: usage, configuration or module error: nothing was attempted;
-//! - 3: the script hit a sandbox limit (deadline, memory, stack);
-//! - 4: another run of this site holds its lock.
+//! The `offsite` command line: its definition, and each command's
+//! dispatch. Exit codes and failures are in `crate::exit`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,53 +8,13 @@ use anyhow::{Context, anyhow};
 use chrono::Local;
 use clap::{Parser, Subcommand};
 
-use crate::engine::{Runtime, default_cache_dir};
+use crate::exit::{EXIT_CODES, Exit, ExitContext, Failure, open_existing, runtime};
 use crate::run::{describe, site_path};
 use crate::site::Site;
 use crate::store::lock::{Holder, LockError};
 use crate::store::run::{hostname, new_run_id};
 use crate::store::s3::Root;
 use crate::store::{protect, retention};
-
-/// Process exit codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Ok = 0,
-    BackupFailed = 1,
-    Usage = 2,
-    Limit = 3,
-    Locked = 4,
-}
-
-/// An error together with the exit code it maps to.
-#[derive(Debug)]
-pub struct Failure {
-    pub exit: Exit,
-    pub error: anyhow::Error,
-}
-
-pub(crate) trait ExitContext<T> {
-    fn exit(self, exit: Exit) -> Result<T, Failure>;
-}
-
-impl<T, E: Into<anyhow::Error>> ExitContext<T> for Result<T, E> {
-    fn exit(self, exit: Exit) -> Result<T, Failure> {
-        self.map_err(|e| Failure { exit, error: e.into() })
-    }
-}
-
-/// The exit codes, for `offsite --help` and every man page.
-pub(crate) const EXIT_CODES: &[(Exit, &str)] = &[
-    (Exit::Ok, "the backup succeeded (or the command found nothing wrong)"),
-    (
-        Exit::BackupFailed,
-        "the backup failed: the script returned an error or trapped, or a run was partial; verify and status: \
-         a problem was found",
-    ),
-    (Exit::Usage, "usage, configuration or script error: nothing was attempted"),
-    (Exit::Limit, "the script hit a sandbox limit (deadline, memory, stack)"),
-    (Exit::Locked, "another run of this site holds its lock"),
-];
 
 /// Examples for `offsite --help` and offsite(1).
 pub(crate) const TOP_EXAMPLES: &str = "Examples:
@@ -523,10 +477,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub(crate) fn runtime() -> Result<Runtime, Failure> {
-    Runtime::new(default_cache_dir()).exit(Exit::Usage)
-}
-
 fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Failure> {
     let site_file = &site_path(site_file);
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
@@ -768,15 +718,6 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
         .exit(Exit::BackupFailed);
     }
     Ok(())
-}
-
-/// Opens a store that should exist: a configuration fault is exit 2, an
-/// unreachable server exit 1.
-pub(crate) fn open_existing(store: &crate::site::StoreAt, timeout: std::time::Duration) -> Result<Root, Failure> {
-    Root::open_existing(store, timeout).map_err(|e| {
-        let exit = if e.is_config() { Exit::Usage } else { Exit::BackupFailed };
-        Failure { exit, error: anyhow!("store {}: {e}", store.display()) }
-    })
 }
 
 /// A store's lock held by a command.

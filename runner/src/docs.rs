@@ -65,7 +65,7 @@ fn page(name: &str, cmd: Command) -> Result<Vec<u8>> {
         writeln!(out, ".SH EXAMPLES\n.EX\n{}\n.EE", roff_text(examples.trim_end()))?;
     }
     writeln!(out, ".SH \"EXIT STATUS\"")?;
-    for (code, text) in crate::cli::EXIT_CODES {
+    for (code, text) in crate::exit::EXIT_CODES {
         writeln!(out, ".TP\n.B {}\n{}", *code as u8, roff_text(text))?;
     }
     if man_has_version {

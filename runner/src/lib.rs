@@ -39,6 +39,8 @@ pub mod copy;
 pub mod docs;
 #[cfg(feature = "runtime")]
 pub mod engine;
+#[cfg(feature = "runtime")]
+pub mod exit;
 /// The running user's home directory, with or without `HOME`.
 pub mod home;
 #[cfg(feature = "runtime")]

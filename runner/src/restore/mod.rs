@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{Context, anyhow};
 use sha2::Digest;
 
-use crate::cli::{Exit, ExitContext, Failure};
+use crate::exit::{Exit, ExitContext, Failure};
 use crate::store::manifest::Manifest;
 use crate::store::s3::Root;
 use crate::store::{StoredFile, protect};
@@ -32,13 +32,13 @@ pub struct Target {
 pub fn open(target: &Path) -> Result<Target, Failure> {
     if target.is_dir() {
         let store = crate::site::StoreAt::Dir(target.to_path_buf());
-        let root = crate::cli::open_existing(&store, crate::site::Limits::default().call_timeout)?;
+        let root = crate::exit::open_existing(&store, crate::site::Limits::default().call_timeout)?;
         return Ok(Target { root, shown: target.display().to_string(), verify_key: None });
     }
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let file = crate::run::site_path(target);
     let site = crate::site::Site::load(&file, &cwd).exit(Exit::Usage)?;
-    let root = crate::cli::open_existing(&site.store, site.limits.call_timeout)?;
+    let root = crate::exit::open_existing(&site.store, site.limits.call_timeout)?;
     Ok(Target { root, shown: site.store.display(), verify_key: site.protect.verify_key })
 }
 

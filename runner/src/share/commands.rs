@@ -10,7 +10,7 @@ use super::reference::{OciRef, ScriptSource};
 use super::registry::{Registry, ScriptMeta};
 use super::resolve::{self, Fetched};
 use super::signing::{self, AllowedSigners};
-use crate::cli::{Exit, ExitContext, Failure};
+use crate::exit::{Exit, ExitContext, Failure};
 
 #[derive(Subcommand)]
 pub enum ScriptCommand {
@@ -116,7 +116,7 @@ fn cache() -> Result<ScriptCache, Failure> {
 
 /// What a script declares, for the artifact's annotations and config.
 pub fn meta_of(bytes: &[u8], path: &Path) -> Result<ScriptMeta, Failure> {
-    let runtime = crate::cli::runtime()?;
+    let runtime = crate::exit::runtime()?;
     let script = runtime.load_bytes(path, bytes).exit(Exit::Usage)?;
     let info = crate::run::describe(&runtime, &script)?;
     let ty = script.component.component_type();
@@ -167,7 +167,7 @@ fn pull(reference: &str) -> Result<(), Failure> {
     // Compiled now, into the compile cache, so the first scheduled run
     // does not pay for it.
     let bytes = cache.load(&pulled.record.component).map_err(|e| anyhow!("{r}: {e}")).exit(Exit::Usage)?;
-    let runtime = crate::cli::runtime()?;
+    let runtime = crate::exit::runtime()?;
     runtime.load_bytes(&cache.blob_path(&pulled.record.component), &bytes).exit(Exit::Usage)?;
     log::info!(
         target: "offsite::script",

@@ -76,9 +76,9 @@ pub struct Diff {
 }
 
 /// Loads a side: compiles and describes it.
-pub fn side(fetched: Fetched) -> Result<Side, crate::cli::Failure> {
-    use crate::cli::{Exit, ExitContext};
-    let runtime = crate::cli::runtime()?;
+pub fn side(fetched: Fetched) -> Result<Side, crate::exit::Failure> {
+    use crate::exit::{Exit, ExitContext};
+    let runtime = crate::exit::runtime()?;
     let script = runtime.load_bytes(&fetched.path, &fetched.bytes).exit(Exit::Usage)?;
     let info = crate::run::describe(&runtime, &script)?;
     let imports = script.component.component_type().imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
