@@ -135,6 +135,9 @@ enum Command {
     Runs {
         /// A site file (or a site name), or a store directory.
         target: PathBuf,
+        /// Read the site's Nth [[copy]] store (1 for the first) instead.
+        #[arg(long, value_name = "N")]
+        from_copy: Option<usize>,
     },
     /// Write one stored file to stdout, checked against its run's
     /// manifest as it streams (size first, SHA-256 at the end) and
@@ -160,6 +163,9 @@ enum Command {
         /// (default: the site's [protect] verify_key) before trusting it.
         #[arg(long, value_name = "FILE.pub")]
         key: Option<PathBuf>,
+        /// Read the site's Nth [[copy]] store (1 for the first) instead.
+        #[arg(long, value_name = "N")]
+        from_copy: Option<usize>,
     },
     /// List a run's files (default: the latest run that published files),
     /// or with a tar archive (.tar, .tgz, .tar.gz; encrypted with
@@ -181,6 +187,9 @@ enum Command {
         /// Check the run's manifest signature with this public key.
         #[arg(long, value_name = "FILE.pub")]
         key: Option<PathBuf>,
+        /// Read the site's Nth [[copy]] store (1 for the first) instead.
+        #[arg(long, value_name = "N")]
+        from_copy: Option<usize>,
     },
     /// Get files back: the FILE (or every file the run published) written
     /// beneath DIR under its path in the store, each checked against the
@@ -215,6 +224,9 @@ enum Command {
         /// Check the run's manifest signature with this public key.
         #[arg(long, value_name = "FILE.pub")]
         key: Option<PathBuf>,
+        /// Read the site's Nth [[copy]] store (1 for the first) instead.
+        #[arg(long, value_name = "N")]
+        from_copy: Option<usize>,
     },
     /// For each site: its last run, last good run, whether it is running,
     /// and its next scheduled run. Exit 1 if any site's last run failed,
@@ -405,27 +417,30 @@ pub fn main() -> ExitCode {
         Command::Prune { site, dry_run } => prune(&site, dry_run, cli.verbose > 0),
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
-        Command::Runs { target } => crate::restore::runs(&target, cli.json),
-        Command::Restore { target, what, extract, to, overwrite, age_identity, key } => {
-            let options = crate::restore::RestoreOptions {
-                to: &to,
-                overwrite,
-                extract,
-                identity: age_identity.as_deref(),
-                key: key.as_deref(),
-            };
-            crate::restore::restore(&target, &what, &options)
+        Command::Runs { target, from_copy } => crate::restore::runs(&target, from_copy, cli.json),
+        Command::Restore { target, what, extract, to, overwrite, age_identity, key, from_copy } => {
+            let read =
+                crate::restore::ReadOptions { identity: age_identity.as_deref(), key: key.as_deref(), from_copy };
+            crate::restore::restore(
+                &target,
+                &what,
+                &crate::restore::RestoreOptions { to: &to, overwrite, extract, read },
+            )
         }
-        Command::Ls { target, what, age_identity, key } => {
-            crate::restore::ls(&target, &what, age_identity.as_deref(), key.as_deref())
+        Command::Ls { target, what, age_identity, key, from_copy } => {
+            let read =
+                crate::restore::ReadOptions { identity: age_identity.as_deref(), key: key.as_deref(), from_copy };
+            crate::restore::ls(&target, &what, &read)
         }
-        Command::Cat { target, what, age_identity, key } => {
+        Command::Cat { target, what, age_identity, key, from_copy } => {
+            let read =
+                crate::restore::ReadOptions { identity: age_identity.as_deref(), key: key.as_deref(), from_copy };
             let (run, file) = match what.as_slice() {
                 [file] => (None, file),
                 [run, file] => (Some(run.as_str()), file),
                 _ => unreachable!("clap takes one or two"),
             };
-            crate::restore::cat(&target, run, file, age_identity.as_deref(), key.as_deref())
+            crate::restore::cat(&target, run, file, &read)
         }
         Command::Watch { sites, run_on_change, jobs, debounce, grace } => {
             let options = crate::watch::Options { jobs, debounce, grace, run_on_change, verbose: cli.verbose };

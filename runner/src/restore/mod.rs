@@ -28,9 +28,14 @@ pub struct Target {
 }
 
 /// Opens `target`: a store directory, or a site file (or a bare site name,
-/// as `run` takes it) whose store it opens.
-pub fn open(target: &Path) -> Result<Target, Failure> {
+/// as `run` takes it) whose store it opens, or with `from_copy` (1 for the
+/// first) its `[[copy]]` store of that number (when the first store is
+/// lost).
+pub fn open(target: &Path, from_copy: Option<usize>) -> Result<Target, Failure> {
     if target.is_dir() {
+        if from_copy.is_some() {
+            return Err(anyhow!("--from-copy needs a site file, which names the copies")).exit(Exit::Usage);
+        }
         let store = crate::site::StoreAt::Dir(target.to_path_buf());
         let root = crate::exit::open_existing(&store, crate::site::Limits::default().call_timeout)?;
         return Ok(Target { root, shown: target.display().to_string(), verify_key: None });
@@ -38,14 +43,24 @@ pub fn open(target: &Path) -> Result<Target, Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let file = crate::run::site_path(target);
     let site = crate::site::Site::load(&file, &cwd).exit(Exit::Usage)?;
-    let root = crate::exit::open_existing(&site.store, site.limits.call_timeout)?;
-    Ok(Target { root, shown: site.store.display(), verify_key: site.protect.verify_key })
+    let store = match from_copy {
+        None => site.store.clone(),
+        Some(n) => match n.checked_sub(1).and_then(|i| site.copies.get(i)) {
+            Some(copy) => copy.store.clone(),
+            None => {
+                return Err(anyhow!("--from-copy {n}: {} has {} [[copy]] store(s)", file.display(), site.copies.len()))
+                    .exit(Exit::Usage);
+            }
+        },
+    };
+    let root = crate::exit::open_existing(&store, site.limits.call_timeout)?;
+    Ok(Target { root, shown: store.display(), verify_key: site.protect.verify_key })
 }
 
 /// The runs of `target`'s store, newest first: one line each (or one JSON
 /// document with `json`).
-pub fn runs(target: &Path, json: bool) -> Result<(), Failure> {
-    let t = open(target)?;
+pub fn runs(target: &Path, from_copy: Option<usize>, json: bool) -> Result<(), Failure> {
+    let t = open(target, from_copy)?;
     let (mut all, bad) =
         t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
     all.reverse();
@@ -217,14 +232,9 @@ fn open_checked<'a>(t: &'a Target, m: &Manifest, entry: &StoredFile) -> Result<B
 /// checked before the first byte goes out, and its SHA-256 (and the
 /// plaintext's) as it streams: on a mismatch the command fails after the
 /// bytes were written, and says they must be discarded.
-pub fn cat(
-    target: &Path,
-    run: Option<&str>,
-    file: &str,
-    identity: Option<&Path>,
-    key: Option<&Path>,
-) -> Result<(), Failure> {
-    let t = open(target)?;
+pub fn cat(target: &Path, run: Option<&str>, file: &str, options: &ReadOptions) -> Result<(), Failure> {
+    let ReadOptions { identity, key, from_copy } = *options;
+    let t = open(target, from_copy)?;
     let (all, _) =
         t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
     let m = chosen(&t, &all, run, key)?;
@@ -242,8 +252,9 @@ pub fn cat(
 /// (`.tar`, `.tgz`, `.tar.gz`, encrypted or not), its entries, read as a
 /// stream and checked against the manifest like `cat`. One argument is a
 /// run when it names one, else a file of the latest run.
-pub fn ls(target: &Path, what: &[String], identity: Option<&Path>, key: Option<&Path>) -> Result<(), Failure> {
-    let t = open(target)?;
+pub fn ls(target: &Path, what: &[String], options: &ReadOptions) -> Result<(), Failure> {
+    let ReadOptions { identity, key, from_copy } = *options;
+    let t = open(target, from_copy)?;
     let (all, _) =
         t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
     let (run, file) = match what {
@@ -374,18 +385,28 @@ fn list(
 /// fails a check is removed. An existing file is left alone unless
 /// `overwrite`. Paths a manifest names are checked as a run checks them,
 /// and `to` is entered without following links planted beneath it.
+/// What every reading command takes: the identity that decrypts, the key
+/// that checks manifest signatures, and which copy to read instead of the
+/// first store.
+#[derive(Clone, Copy, Default)]
+pub struct ReadOptions<'a> {
+    pub identity: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+    pub from_copy: Option<usize>,
+}
+
 pub struct RestoreOptions<'a> {
     pub to: &'a Path,
     pub overwrite: bool,
     /// Unpack the (one) archive named, or only `what`'s paths after it.
     pub extract: bool,
-    pub identity: Option<&'a Path>,
-    pub key: Option<&'a Path>,
+    pub read: ReadOptions<'a>,
 }
 
 pub fn restore(target: &Path, what: &[String], options: &RestoreOptions) -> Result<(), Failure> {
-    let RestoreOptions { to, overwrite, extract, identity, key } = *options;
-    let t = open(target)?;
+    let RestoreOptions { to, overwrite, extract, read } = *options;
+    let ReadOptions { identity, key, from_copy } = read;
+    let t = open(target, from_copy)?;
     let (all, _) =
         t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
     // A first argument names a run when it is one (and something follows

@@ -629,6 +629,24 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
         assert_same_tree(&site.www(), &into.path().join(site.www().strip_prefix("/").unwrap()));
     }
     Ran::from_output(offsite(Path::new(BIN)).arg("verify").arg(&local).output().unwrap()).expect_code(0);
+    // Offsite reads them back by the site's copy numbers: the vault's one
+    // run, a file from the directory copy, a tree unpacked from the vault.
+    let file = site.file.to_str().unwrap();
+    let listed = Ran::from_output(site.offsite(&["runs", file, "--from-copy", "2", "--json"]).output().unwrap());
+    listed.expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(listed.stdout.trim()).unwrap();
+    assert_eq!(v["runs"].as_array().unwrap().len(), 1, "{v}");
+    let cat = site.offsite(&["cat", file, "www.20040322-014844.tgz", "--from-copy", "1"]).output().unwrap();
+    assert!(cat.status.success(), "{}", String::from_utf8_lossy(&cat.stderr));
+    assert_eq!(cat.stdout, std::fs::read(local.join("www.20040322-014844.tgz")).unwrap());
+    let into = out.path().join("from-vault");
+    let args =
+        ["restore", file, "www.20040322-014844.tgz", "--extract", "--from-copy", "2", "--to", into.to_str().unwrap()];
+    Ran::from_output(site.offsite(&args).output().unwrap()).expect_code(0);
+    assert_same_tree(&site.www(), &into.join(site.www().strip_prefix("/").unwrap()));
+    Ran::from_output(site.offsite(&["runs", file, "--from-copy", "3"]).output().unwrap())
+        .expect_code(2)
+        .expect_stderr("has 2 [[copy]] store(s)");
 }
 
 /// A copy whose store is not there yet: the run is good and says the
