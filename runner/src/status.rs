@@ -263,10 +263,12 @@ fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A manifest's time in local time; a value that is no time (the store's
+/// text) comes back escaped.
 pub(crate) fn local(rfc3339: &str) -> String {
     DateTime::parse_from_rfc3339(rfc3339)
         .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S %Z").to_string())
-        .unwrap_or_else(|_| rfc3339.to_string())
+        .unwrap_or_else(|_| crate::text::escape(rfc3339).into_owned())
 }
 
 fn summary(m: &Manifest) -> String {
