@@ -203,6 +203,24 @@ impl Caps {
         self.table.push(job).map_err(|e| WitError::LimitExceeded(format!("too many pending transfers: {e}")))
     }
 
+    /// Starts an output-making transfer in the background once `prepared`
+    /// (the policy's decision and the call's parts) is ready; `note`
+    /// records the output as not made if either step fails.
+    fn start_output<P: Send + 'static>(
+        &mut self,
+        note: OutputNote,
+        what: String,
+        prepared: Result<P, WitError>,
+        work: impl FnOnce(P) -> Result<types::FileInfo, WitError> + Send + 'static,
+    ) -> Result<Resource<Job>, WitError> {
+        let prepared = prepared.inspect_err(|e| note.failed(e))?;
+        self.start_job(what, move || {
+            let result = work(prepared);
+            note.record(&result);
+            result
+        })
+    }
+
     /// Asks the policy about `call` and records the decision in the log
     /// and, with `--audit`, the audit file.
     fn decide(&mut self, call: Call<'_>) -> Result<Grant, WitError> {
@@ -357,7 +375,13 @@ pub struct OutputNote {
 impl OutputNote {
     /// Records the output as not made if `result` is an error.
     pub fn record<T>(&self, result: &Result<T, WitError>) {
-        let Err(e) = result else { return };
+        if let Err(e) = result {
+            self.failed(e);
+        }
+    }
+
+    /// Records the output as not made, for `e`.
+    pub fn failed(&self, e: &WitError) {
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         if list.len() >= MAX_FAILED_OUTPUTS {
             return;

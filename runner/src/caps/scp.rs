@@ -56,26 +56,14 @@ impl Host for Caps {
     fn start_fetch(&mut self, host: String, remote_path: String, dest: String) -> Result<Resource<Job>, Error> {
         let before = self.denials;
         let note = self.output_note("scp.fetch", Some(&host), &dest);
-        let started = (|| {
+        let prepared = (|| {
             let (path, allowed) = self.decide_fetch(&host, &remote_path)?;
-            let rel = self.decide_write(&dest)?;
-            let remote = self.remote(&host)?;
-            Ok((path, allowed, rel, remote))
+            Ok((path, allowed, self.decide_write(&dest)?, self.remote(&host)?))
         })();
-        let result = match started {
-            Ok((path, allowed, rel, remote)) => {
-                self.start_job(format!("fetching {host}:{path} into {dest}"), move || {
-                    let result = remote.fetch(&host, &path, &rel, &*allowed);
-                    note.record(&result);
-                    result
-                })
-            }
-            Err(e) => {
-                let failed = Err(e);
-                note.record(&failed);
-                failed
-            }
-        };
+        let what = format!("fetching {host}:{remote_path} into {dest}");
+        let result = self.start_output(note, what, prepared, move |(path, allowed, rel, remote)| {
+            remote.fetch(&host, &path, &rel, &*allowed)
+        });
         self.noted("scp.start-fetch", before, result)
     }
 }

@@ -46,23 +46,11 @@ impl Host for Caps {
     ) -> Result<Resource<Job>, Error> {
         let before = self.denials;
         let note = self.output_note("ssh.exec-to-file", Some(&host), &dest);
-        let started = (|| {
-            let rel = self.decide_stream(&host, &argv, &dest)?;
-            let remote = self.remote(&host)?;
-            Ok((rel, remote))
-        })();
-        let result = match started {
-            Ok((rel, remote)) => self.start_job(format!("streaming from {host} into {dest}"), move || {
-                let result = remote.exec_to_file(&host, &argv, &rel, &options, None);
-                note.record(&result);
-                result
-            }),
-            Err(e) => {
-                let failed = Err(e);
-                note.record(&failed);
-                failed
-            }
-        };
+        let prepared = (|| Ok((self.decide_stream(&host, &argv, &dest)?, self.remote(&host)?)))();
+        let what = format!("streaming from {host} into {dest}");
+        let result = self.start_output(note, what, prepared, move |(rel, remote)| {
+            remote.exec_to_file(&host, &argv, &rel, &options, None)
+        });
         self.noted("ssh.start-exec-to-file", before, result)
     }
 
@@ -97,24 +85,15 @@ impl Host for Caps {
     ) -> Result<Resource<Job>, Error> {
         let before = self.denials;
         let note = self.output_note("ssh.exec-to-file", Some(&host), &dest);
-        let started = (|| {
+        let prepared = (|| {
             let rel = self.decide_stream(&host, &argv, &dest)?;
             let stdin = self.secret_stdin(&argv, &secret, &stdin_template)?;
-            let remote = self.remote(&host)?;
-            Ok((rel, stdin, remote))
+            Ok((rel, stdin, self.remote(&host)?))
         })();
-        let result = match started {
-            Ok((rel, stdin, remote)) => self.start_job(format!("streaming from {host} into {dest}"), move || {
-                let result = remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin));
-                note.record(&result);
-                result
-            }),
-            Err(e) => {
-                let failed = Err(e);
-                note.record(&failed);
-                failed
-            }
-        };
+        let what = format!("streaming from {host} into {dest}");
+        let result = self.start_output(note, what, prepared, move |(rel, stdin, remote)| {
+            remote.exec_to_file(&host, &argv, &rel, &options, Some(&stdin))
+        });
         self.noted("ssh.start-exec-to-file-with-secret", before, result)
     }
 }
