@@ -155,17 +155,8 @@ enum Command {
         /// `offsite runs --json` and the manifests list it).
         #[arg(required = true, num_args = 1..=2, value_names = ["RUN", "FILE"])]
         what: Vec<String>,
-        /// Decrypt an encrypted (.age) file with this identity file;
-        /// without it, the encrypted bytes are written (checked the same).
-        #[arg(long, value_name = "FILE")]
-        age_identity: Option<PathBuf>,
-        /// Check the run's manifest signature with this public key
-        /// (default: the site's [protect] verify_key) before trusting it.
-        #[arg(long, value_name = "FILE.pub")]
-        key: Option<PathBuf>,
-        /// Read the site's Nth [[copy]] store (1 for the first) instead.
-        #[arg(long, value_name = "N")]
-        from_copy: Option<usize>,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// List a run's files (default: the latest run that published files),
     /// or with a tar archive (.tar, .tgz, .tar.gz; encrypted with
@@ -181,15 +172,8 @@ enum Command {
         /// names one, else a file of the latest run.
         #[arg(num_args = 0..=2, value_names = ["RUN", "FILE"])]
         what: Vec<String>,
-        /// Decrypt an encrypted archive with this identity file.
-        #[arg(long, value_name = "FILE")]
-        age_identity: Option<PathBuf>,
-        /// Check the run's manifest signature with this public key.
-        #[arg(long, value_name = "FILE.pub")]
-        key: Option<PathBuf>,
-        /// Read the site's Nth [[copy]] store (1 for the first) instead.
-        #[arg(long, value_name = "N")]
-        from_copy: Option<usize>,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Get files back: the FILE (or every file the run published) written
     /// beneath DIR under its path in the store, each checked against the
@@ -218,15 +202,8 @@ enum Command {
         /// Replace files that are already there.
         #[arg(long)]
         overwrite: bool,
-        /// Decrypt encrypted (.age) files with this identity file.
-        #[arg(long, value_name = "FILE")]
-        age_identity: Option<PathBuf>,
-        /// Check the run's manifest signature with this public key.
-        #[arg(long, value_name = "FILE.pub")]
-        key: Option<PathBuf>,
-        /// Read the site's Nth [[copy]] store (1 for the first) instead.
-        #[arg(long, value_name = "N")]
-        from_copy: Option<usize>,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// For each site: its last run, last good run, whether it is running,
     /// and its next scheduled run. Exit 1 if any site's last run failed,
@@ -358,6 +335,32 @@ enum KeysCommand {
     },
 }
 
+/// What `ls`, `cat` and `restore` read with.
+#[derive(clap::Args, Debug)]
+struct ReadArgs {
+    /// Decrypt encrypted (.age) files with this identity file (without it,
+    /// `cat` and `restore` write the encrypted bytes, checked the same).
+    #[arg(long, value_name = "FILE")]
+    age_identity: Option<PathBuf>,
+    /// Check the run's manifest signature with this public key (default:
+    /// the site's [protect] verify_key) before trusting it.
+    #[arg(long, value_name = "FILE.pub")]
+    key: Option<PathBuf>,
+    /// Read the site's Nth [[copy]] store (1 for the first) instead.
+    #[arg(long, value_name = "N")]
+    from_copy: Option<usize>,
+}
+
+impl ReadArgs {
+    fn options(&self) -> crate::restore::ReadOptions<'_> {
+        crate::restore::ReadOptions {
+            identity: self.age_identity.as_deref(),
+            key: self.key.as_deref(),
+            from_copy: self.from_copy,
+        }
+    }
+}
+
 /// The `"command"` of a command's JSON report; `None` for commands that
 /// have none.
 fn json_name(command: &Command) -> Option<&'static str> {
@@ -418,29 +421,18 @@ pub fn main() -> ExitCode {
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
         Command::Runs { target, from_copy } => crate::restore::runs(&target, from_copy, cli.json),
-        Command::Restore { target, what, extract, to, overwrite, age_identity, key, from_copy } => {
-            let read =
-                crate::restore::ReadOptions { identity: age_identity.as_deref(), key: key.as_deref(), from_copy };
-            crate::restore::restore(
-                &target,
-                &what,
-                &crate::restore::RestoreOptions { to: &to, overwrite, extract, read },
-            )
+        Command::Restore { target, what, extract, to, overwrite, read } => {
+            let options = crate::restore::RestoreOptions { to: &to, overwrite, extract, read: read.options() };
+            crate::restore::restore(&target, &what, &options)
         }
-        Command::Ls { target, what, age_identity, key, from_copy } => {
-            let read =
-                crate::restore::ReadOptions { identity: age_identity.as_deref(), key: key.as_deref(), from_copy };
-            crate::restore::ls(&target, &what, &read)
-        }
-        Command::Cat { target, what, age_identity, key, from_copy } => {
-            let read =
-                crate::restore::ReadOptions { identity: age_identity.as_deref(), key: key.as_deref(), from_copy };
+        Command::Ls { target, what, read } => crate::restore::ls(&target, &what, &read.options()),
+        Command::Cat { target, what, read } => {
             let (run, file) = match what.as_slice() {
                 [file] => (None, file),
                 [run, file] => (Some(run.as_str()), file),
                 _ => unreachable!("clap takes one or two"),
             };
-            crate::restore::cat(&target, run, file, &read)
+            crate::restore::cat(&target, run, file, &read.options())
         }
         Command::Watch { sites, run_on_change, jobs, debounce, grace } => {
             let options = crate::watch::Options { jobs, debounce, grace, run_on_change, verbose: cli.verbose };
