@@ -14,6 +14,45 @@ use cap_std::fs::{Dir, OpenOptions, Permissions};
 
 use crate::verify::tar_walk::Entry;
 
+/// Names for a report: the first few, and how many more (an archive or
+/// a manifest chooses how many there are).
+#[derive(Debug, Default)]
+pub struct Names {
+    shown: Vec<String>,
+    more: u64,
+}
+
+impl Names {
+    const SHOWN: usize = 20;
+
+    /// Adds an already escaped name.
+    pub fn push(&mut self, name: String) {
+        if self.shown.len() < Self::SHOWN {
+            self.shown.push(name);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shown.is_empty()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.shown.len() as u64 + self.more
+    }
+}
+
+impl std::fmt::Display for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown.join(", "))?;
+        if self.more > 0 {
+            write!(f, " and {} more", self.more)?;
+        }
+        Ok(())
+    }
+}
+
 /// What an extraction did, for its report.
 #[derive(Debug, Default)]
 pub struct Extracted {
@@ -21,7 +60,7 @@ pub struct Extracted {
     pub dirs: u64,
     pub links: u64,
     /// Devices, FIFOs and sparse entries left out.
-    pub left_out: Vec<String>,
+    pub left_out: Names,
     /// Entries whose setuid, setgid or sticky bit was dropped.
     pub stripped: u64,
     /// Entries not among the paths asked for.
@@ -162,7 +201,7 @@ pub fn finish_dirs(dir: &Dir, dirs: &[(PathBuf, u32)]) -> Result<(), String> {
 /// target lacks by one rename; into a directory both have, entry by
 /// entry; over an existing file only with `overwrite`. Returns what was
 /// left where it was.
-pub fn merge(staging: &Dir, target: &Dir, rel: &Path, overwrite: bool, kept: &mut Vec<String>) -> io::Result<()> {
+pub fn merge(staging: &Dir, target: &Dir, rel: &Path, overwrite: bool, kept: &mut Names) -> io::Result<()> {
     let here = if rel.as_os_str().is_empty() { staging.try_clone()? } else { staging.open_dir(rel)? };
     for item in here.entries()? {
         let item = item?;

@@ -64,10 +64,9 @@ pub fn runs(target: &Path, from_copy: Option<usize>, json: bool) -> Result<(), F
     let (mut all, bad) =
         t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
     all.reverse();
-    let signed = |m: &Manifest| match &t.root {
-        Root::Dir(r) => r.manifest_bytes(&m.run.run_id).is_ok_and(|(_, sig)| sig.is_some()),
-        Root::S3(r) => r.manifest_bytes(&m.run.run_id).is_ok_and(|(_, sig)| sig.is_some()),
-    };
+    let signed_runs =
+        t.root.signed_runs().with_context(|| format!("cannot list {}", t.shown)).exit(Exit::BackupFailed)?;
+    let signed = |m: &Manifest| signed_runs.contains(&m.run.run_id);
     let rows: Vec<serde_json::Value> = all
         .iter()
         .map(|m| {
@@ -100,7 +99,7 @@ pub fn runs(target: &Path, from_copy: Option<usize>, json: bool) -> Result<(), F
         crate::outln!(
             "{:<32} {:<25} {:<10} {:>6} {:>12}  {:<6}  {}",
             crate::text::escape(&m.run.run_id),
-            crate::text::escape(&crate::status::local(&m.run.started)),
+            crate::status::local(&m.run.started),
             m.status.as_str(),
             m.files.len(),
             m.bytes(),
@@ -160,12 +159,11 @@ fn chosen<'a>(
     let m = select(all, spec).map_err(|e| anyhow!("{}: {e}", t.shown)).exit(Exit::Usage)?;
     if let Some(key) = key.map(Path::to_path_buf).or(t.verify_key.clone()) {
         let key = protect::verify_key(&key).exit(Exit::Usage)?;
-        let (json, sig) = match &t.root {
-            Root::Dir(r) => r.manifest_bytes(&m.run.run_id),
-            Root::S3(r) => r.manifest_bytes(&m.run.run_id).map_err(io::Error::other),
-        }
-        .with_context(|| format!("cannot read the manifest of run {}", m.run.run_id))
-        .exit(Exit::BackupFailed)?;
+        let (json, sig) = t
+            .root
+            .manifest_bytes(&m.run.run_id)
+            .with_context(|| format!("cannot read the manifest of run {}", m.run.run_id))
+            .exit(Exit::BackupFailed)?;
         let sig =
             sig.ok_or_else(|| anyhow!("run {}: its manifest is not signed", m.run.run_id)).exit(Exit::BackupFailed)?;
         protect::verify(&key, &json, &sig)
@@ -244,7 +242,12 @@ pub fn cat(target: &Path, run: Option<&str>, file: &str, options: &ReadOptions) 
     let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
     stream(reader, entry, &identities, &mut out)
         .and_then(|()| out.flush().map_err(|e| format!("writing to stdout: {e}")))
-        .map_err(|e| anyhow!("{}: {e}", m.location(entry).display()))
+        .map_err(|e| {
+            anyhow!(
+                "{}: {e}; the bytes written so far are not the stored file and must be discarded",
+                m.location(entry).display()
+            )
+        })
         .exit(Exit::BackupFailed)
 }
 
@@ -277,7 +280,7 @@ pub fn ls(target: &Path, what: &[String], options: &ReadOptions) -> Result<(), F
             crate::outln!(
                 "{:>14}  {}  {}{}  ({})",
                 f.bytes,
-                &f.sha256[..f.sha256.len().min(12)],
+                crate::text::escape(&f.sha256.chars().take(12).collect::<String>()),
                 crate::text::escape(&f.path),
                 if f.kept { " [kept aside]" } else { "" },
                 crate::text::escape(&from.join(" "))
@@ -341,39 +344,12 @@ fn list(
             link.unwrap_or_default()
         );
     };
-    let walked = {
-        let mut plain: Box<dyn Read + '_> = match (&entry.plain, identities.is_empty()) {
-            (Some(_), false) => {
-                let decryptor =
-                    age::Decryptor::new(io::BufReader::new(&mut stored)).map_err(|e| failed(&format!("age: {e}")))?;
-                Box::new(
-                    decryptor
-                        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-                        .map_err(|e| failed(&format!("age: {e}")))?,
-                )
-            }
-            _ => Box::new(&mut stored),
-        };
-        if gzipped {
-            let mut gz = flate2::read::MultiGzDecoder::new(&mut plain);
-            let walked = crate::verify::tar_walk::walk(&mut gz, |e, _| {
-                show(e.clone());
-                Ok(())
-            });
-            let _ = io::copy(&mut gz, &mut io::sink());
-            walked
-        } else {
-            crate::verify::tar_walk::walk(&mut plain, |e, _| {
-                show(e.clone());
-                Ok(())
-            })
-        }
-    };
-    io::copy(&mut stored, &mut io::sink()).map_err(|e| failed(&format!("stopped: {e}")))?;
-    let sha = hex::encode(stored.hasher.finalize());
-    if sha != entry.sha256 || stored.bytes != entry.bytes {
-        return Err(failed(&format!("its sha256 is {sha}, the manifest says {}", entry.sha256)));
-    }
+    let walked =
+        walk_archive(&mut contents(&mut stored, entry, identities).map_err(|e| failed(&e))?, gzipped, |e, _| {
+            show(e.clone());
+            Ok(())
+        });
+    finish(stored, entry).map_err(|e| failed(&e))?;
     walked.map(|_| ()).map_err(|e| failed(&e))
 }
 
@@ -435,7 +411,7 @@ pub fn restore(target: &Path, what: &[String], options: &RestoreOptions) -> Resu
     let dir = cap_std::fs::Dir::open_ambient_dir(to, cap_std::ambient_authority())
         .with_context(|| format!("cannot open {}", to.display()))
         .exit(Exit::Usage)?;
-    let (mut written, mut skipped, mut failed) = (0usize, Vec::new(), Vec::new());
+    let (mut written, mut skipped, mut failed) = (0usize, extract::Names::default(), extract::Names::default());
     for entry in entries {
         let decrypting = entry.plain.is_some() && !identities.is_empty();
         let name = match decrypting {
@@ -461,12 +437,12 @@ pub fn restore(target: &Path, what: &[String], options: &RestoreOptions) -> Resu
     }
     crate::outln!("restored {written} file(s) of run {} into {}", crate::text::escape(&m.run.run_id), to.display());
     if !skipped.is_empty() {
-        crate::outln!("left alone, already there (--overwrite replaces them): {}", skipped.join(", "));
+        crate::outln!("left alone, already there (--overwrite replaces them): {skipped}");
     }
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(anyhow!("{} file(s) not restored, nothing of them left behind:\n{}", failed.len(), failed.join("\n")))
+        Err(anyhow!("{} file(s) not restored, nothing of them left behind: {failed}", failed.len()))
             .exit(Exit::BackupFailed)
     }
 }
@@ -510,7 +486,7 @@ fn extract_archive(
     let staging = target.open_dir(&staging_name).exit(Exit::BackupFailed)?;
     let unpacked = unpack(reader, entry, &identities, gzipped, &staging, paths);
     let merged = unpacked.and_then(|done| {
-        let mut kept = Vec::new();
+        let mut kept = extract::Names::default();
         extract::merge(&staging, &target, Path::new(""), overwrite, &mut kept)
             .map_err(|e| format!("moving the unpacked files into place: {e}"))?;
         Ok((done, kept))
@@ -530,10 +506,10 @@ fn extract_archive(
         to.display()
     );
     if !kept.is_empty() {
-        crate::outln!("left alone, already there (--overwrite replaces files): {}", kept.join(", "));
+        crate::outln!("left alone, already there (--overwrite replaces files): {kept}");
     }
     if !done.left_out.is_empty() {
-        crate::outln!("left out (devices, FIFOs, sparse entries): {}", done.left_out.join(", "));
+        crate::outln!("left out (devices, FIFOs, sparse entries): {}", done.left_out);
     }
     if done.stripped > 0 {
         crate::outln!("{} entr(ies) lost their setuid, setgid or sticky bit", done.stripped);
@@ -557,37 +533,11 @@ fn unpack(
     let mut stored = HashingReader::new(reader);
     let mut done = extract::Extracted::default();
     let mut dirs = Vec::new();
-    let walked = {
-        let mut plain: Box<dyn Read + '_> = match (&entry.plain, identities.is_empty()) {
-            (Some(_), false) => {
-                let decryptor =
-                    age::Decryptor::new(io::BufReader::new(&mut stored)).map_err(|e| format!("age: {e}"))?;
-                Box::new(
-                    decryptor
-                        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-                        .map_err(|e| format!("age: {e}"))?,
-                )
-            }
-            _ => Box::new(&mut stored),
-        };
-        let mut each = |e: &crate::verify::tar_walk::Entry, data: &mut dyn Read| {
-            extract::entry(staging, e, data, paths, &mut done, &mut dirs)
-        };
-        if gzipped {
-            let mut gz = flate2::read::MultiGzDecoder::new(&mut plain);
-            let walked = crate::verify::tar_walk::walk(&mut gz, &mut each);
-            let _ = io::copy(&mut gz, &mut io::sink());
-            walked
-        } else {
-            crate::verify::tar_walk::walk(&mut plain, &mut each)
-        }
+    let each = |e: &crate::verify::tar_walk::Entry, data: &mut dyn Read| {
+        extract::entry(staging, e, data, paths, &mut done, &mut dirs)
     };
-    walked?;
-    io::copy(&mut stored, &mut io::sink()).map_err(|e| format!("stopped: {e}"))?;
-    let sha = hex::encode(stored.hasher.finalize());
-    if sha != entry.sha256 || stored.bytes != entry.bytes {
-        return Err(format!("its sha256 is {sha}, the manifest says {}", entry.sha256));
-    }
+    walk_archive(&mut contents(&mut stored, entry, identities)?, gzipped, each)?;
+    finish(stored, entry)?;
     extract::finish_dirs(staging, &dirs)?;
     Ok(done)
 }
@@ -622,13 +572,60 @@ fn restore_one(
         .and_then(|()| dir.rename(&tmp, dir, rel).map_err(|e| e.to_string()));
     if let Err(e) = done {
         let _ = dir.remove_file(&tmp);
-        return Err(e.replace("; the bytes written so far are not the stored file and must be discarded", ""));
+        return Err(e);
     }
     let synced = match parent {
         Some(p) => dir.open_dir(p).and_then(|d| d.open(".")).and_then(|d| d.sync_all()),
         None => dir.open(".").and_then(|d| d.sync_all()),
     };
     synced.map_err(|e| format!("syncing its directory: {e}"))
+}
+
+/// What `stored` holds, as it is read: decrypted when the entry is
+/// encrypted and identities are given, else the stored bytes.
+fn contents<'s>(
+    stored: &'s mut HashingReader<Box<dyn Read + '_>>,
+    entry: &StoredFile,
+    identities: &[Box<dyn age::Identity>],
+) -> Result<Box<dyn Read + 's>, String> {
+    if entry.plain.is_none() || identities.is_empty() {
+        return Ok(Box::new(stored));
+    }
+    let decryptor = age::Decryptor::new(io::BufReader::new(stored)).map_err(|e| format!("age: {e}"))?;
+    let reader = decryptor
+        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| format!("age: {e}"))?;
+    Ok(Box::new(reader))
+}
+
+/// Reads what is left of the stored bytes (age need not read them all)
+/// and compares their size and SHA-256 with the manifest's.
+fn finish(mut stored: HashingReader<Box<dyn Read + '_>>, entry: &StoredFile) -> Result<(), String> {
+    io::copy(&mut stored, &mut io::sink()).map_err(|e| format!("stopped: {e}"))?;
+    let sha = hex::encode(stored.hasher.finalize());
+    if sha != entry.sha256 || stored.bytes != entry.bytes {
+        return Err(format!(
+            "its sha256 is {sha} ({} bytes), the manifest says {} ({} bytes)",
+            stored.bytes, entry.sha256, entry.bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Walks a tar archive's entries in `contents`, gunzipping first when
+/// `gzipped` (and reading the gzip stream to its end).
+fn walk_archive(
+    contents: &mut dyn Read,
+    gzipped: bool,
+    each: impl FnMut(&crate::verify::tar_walk::Entry, &mut dyn Read) -> Result<(), String>,
+) -> Result<u64, String> {
+    if !gzipped {
+        return crate::verify::tar_walk::walk(&mut &mut *contents, each);
+    }
+    let mut gz = flate2::read::MultiGzDecoder::new(contents);
+    let walked = crate::verify::tar_walk::walk(&mut gz, each);
+    let _ = io::copy(&mut gz, &mut io::sink());
+    walked
 }
 
 /// Copies the stored bytes to `out`, decrypting when `identities` are
@@ -640,36 +637,16 @@ fn stream(
     out: &mut impl Write,
 ) -> Result<(), String> {
     let mut stored = HashingReader::new(reader);
-    let failed = |what: &str| format!("{what}; the bytes written so far are not the stored file and must be discarded");
-    let plain = match (&entry.plain, identities.is_empty()) {
-        (Some(plain), false) => {
-            let decryptor = age::Decryptor::new(io::BufReader::new(&mut stored)).map_err(|e| format!("age: {e}"))?;
-            let reader = decryptor
-                .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-                .map_err(|e| format!("age: {e}"))?;
-            let mut decrypted = HashingReader::new(reader);
-            io::copy(&mut decrypted, out).map_err(|e| failed(&format!("stopped: {e}")))?;
-            let sha = hex::encode(decrypted.hasher.finalize());
-            Some((sha, decrypted.bytes, plain.clone()))
-        }
-        _ => {
-            io::copy(&mut stored, out).map_err(|e| failed(&format!("stopped: {e}")))?;
-            None
-        }
+    let (plain_sha, plain_bytes) = {
+        let mut plain = HashingReader::new(contents(&mut stored, entry, identities)?);
+        io::copy(&mut plain, out).map_err(|e| format!("stopped: {e}"))?;
+        (hex::encode(plain.hasher.finalize()), plain.bytes)
     };
-    // What age did not need of the ciphertext is hashed too.
-    io::copy(&mut stored, &mut io::sink()).map_err(|e| failed(&format!("stopped: {e}")))?;
-    let sha = hex::encode(stored.hasher.finalize());
-    if sha != entry.sha256 || stored.bytes != entry.bytes {
-        return Err(failed(&format!(
-            "its sha256 is {sha} ({} bytes), the manifest says {} ({} bytes)",
-            stored.bytes, entry.sha256, entry.bytes
-        )));
-    }
-    if let Some((sha, bytes, plain)) = plain
-        && (sha != plain.sha256 || bytes != plain.bytes)
+    finish(stored, entry)?;
+    if let Some(p) = entry.plain.as_ref().filter(|_| !identities.is_empty())
+        && (plain_sha != p.sha256 || plain_bytes != p.bytes)
     {
-        return Err(failed(&format!("its plaintext's sha256 is {sha}, the manifest says {}", plain.sha256)));
+        return Err(format!("its plaintext's sha256 is {plain_sha}, the manifest says {}", p.sha256));
     }
     Ok(())
 }

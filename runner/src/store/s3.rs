@@ -664,6 +664,29 @@ impl Root {
         }
     }
 
+    /// The runs whose manifest has a signature beside it, from one
+    /// listing (nothing is read).
+    pub fn signed_runs(&self) -> io::Result<BTreeSet<String>> {
+        let suffix = format!(".json{}", protect::SIG_SUFFIX);
+        let names: Vec<String> = match self {
+            Root::Dir(r) => {
+                let mut names = Vec::new();
+                for entry in r.manifests.entries()? {
+                    names.push(entry?.file_name().to_string_lossy().into_owned());
+                }
+                names
+            }
+            Root::S3(r) => r
+                .bucket
+                .list(MANIFESTS)
+                .map_err(io::Error::other)?
+                .into_iter()
+                .filter_map(|m| m.rel.strip_prefix(&format!("{MANIFESTS}/")).map(str::to_string))
+                .collect(),
+        };
+        Ok(names.iter().filter_map(|n| n.strip_suffix(&suffix).map(str::to_string)).collect())
+    }
+
     /// Applies retention: finishes interrupted prunes, then removes the
     /// runs `verdicts` prune. One line per thing done.
     pub fn resume_prune(&self) -> io::Result<Vec<String>> {
