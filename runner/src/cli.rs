@@ -133,11 +133,15 @@ enum Command {
         after_help = "Examples:\n  offsite runs web1                  # the store of /etc/offsite/web1.toml\n  offsite runs /srv/backups/web1 --json"
     )]
     Runs {
-        /// A site file (or a site name), or a store directory.
+        /// A site file (or a site name), a store directory, or an
+        /// s3://BUCKET/PREFIX store.
         target: PathBuf,
-        /// Read the site's Nth [[copy]] store (1 for the first) instead.
-        #[arg(long, value_name = "N")]
-        from_copy: Option<usize>,
+        /// Check each signed manifest with this public key (default: the
+        /// site's [protect] verify_key): the signed column says ok or BAD.
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Write one stored file to stdout, checked against its run's
     /// manifest as it streams (size first, SHA-256 at the end) and
@@ -181,7 +185,7 @@ enum Command {
     /// which also decrypts) before it appears there by rename. Files
     /// already in DIR are left alone unless --overwrite.
     #[command(
-        after_help = "Examples:\n  offsite restore web1 --to /var/restore                    # the latest run, every file\n  offsite restore db1 2026-12-03 server1/sitedb-20261203-013400.sql.gz --to /tmp/r\n  offsite restore web1 www.20261203-033400.tgz var/www/index.html --extract --to /tmp/r"
+        after_help = "Examples:\n  offsite restore web1 --to /var/restore                    # the latest run, every file\n  offsite restore db1 2026-12-03 server1/sitedb-20261203-013400.sql.gz --to /tmp/r\n  offsite restore web1 www.20261203-033400.tgz var/www/index.html --extract --to /tmp/r\n  offsite restore db1 latest-good 'server1/sitedb-*.sql.gz' --into-database sitedb_restored"
     )]
     Restore {
         /// A site file (or a site name), or a store directory.
@@ -197,11 +201,26 @@ enum Command {
         #[arg(long)]
         extract: bool,
         /// The directory to restore into (created if missing).
-        #[arg(long, value_name = "DIR", required = true)]
-        to: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "into_database")]
+        to: Option<PathBuf>,
         /// Replace files that are already there.
         #[arg(long)]
         overwrite: bool,
+        /// Load the dump FILE into this database (created if missing) with
+        /// the client modes that keep a dump from running commands here,
+        /// and check its row counts. Only for dumps whose manifest says
+        /// mysqldump/mariadb-dump or pg_dump made them. PostgreSQL settings
+        /// come from PGHOST, PGUSER, ~/.pgpass; MySQL's from option files.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["to", "extract", "overwrite"])]
+        into_database: Option<String>,
+        /// With --into-database: load into a database that already holds
+        /// tables.
+        #[arg(long, requires = "into_database")]
+        force: bool,
+        /// With --into-database: the mysql client's option file
+        /// (credentials, socket).
+        #[arg(long, value_name = "FILE", requires = "into_database")]
+        mysql_defaults: Option<PathBuf>,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -346,9 +365,53 @@ struct ReadArgs {
     /// the site's [protect] verify_key) before trusting it.
     #[arg(long, value_name = "FILE.pub")]
     key: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Which store `runs`, `ls`, `cat` and `restore` read, beyond the target.
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
     /// Read the site's Nth [[copy]] store (1 for the first) instead.
     #[arg(long, value_name = "N")]
     from_copy: Option<usize>,
+    /// For an s3:// target without a site file: the S3 endpoint
+    /// (https://HOST[:PORT]; default: $AWS_ENDPOINT_URL_S3, then
+    /// $AWS_ENDPOINT_URL, then AWS itself). Credentials come from the
+    /// environment or ~/.aws as for a run.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// For an s3:// target: https://ENDPOINT/BUCKET/KEY addressing, as
+    /// self-hosted servers want it (the default for any endpoint but
+    /// AWS's).
+    #[arg(long)]
+    s3_path_style: bool,
+    /// For an s3:// target: the region (default: $AWS_REGION, the
+    /// profile's, or us-east-1).
+    #[arg(long, value_name = "REGION")]
+    s3_region: Option<String>,
+    /// For an s3:// target: the profile in ~/.aws (default: $AWS_PROFILE).
+    #[arg(long, value_name = "NAME")]
+    s3_profile: Option<String>,
+}
+
+impl StoreArgs {
+    fn choice(&self) -> crate::restore::StoreChoice {
+        let endpoint = self.s3_endpoint.clone().or_else(|| {
+            ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok().filter(|e| !e.is_empty()))
+        });
+        crate::restore::StoreChoice {
+            from_copy: self.from_copy,
+            s3: crate::s3::S3Settings {
+                endpoint: endpoint.clone(),
+                region: self.s3_region.clone(),
+                path_style: self.s3_path_style || endpoint.as_deref().is_some_and(|e| !e.contains(".amazonaws.com")),
+                profile: self.s3_profile.clone(),
+            },
+        }
+    }
 }
 
 impl ReadArgs {
@@ -356,7 +419,7 @@ impl ReadArgs {
         crate::restore::ReadOptions {
             identity: self.age_identity.as_deref(),
             key: self.key.as_deref(),
-            from_copy: self.from_copy,
+            store: self.store.choice(),
         }
     }
 }
@@ -420,10 +483,18 @@ pub fn main() -> ExitCode {
         Command::Prune { site, dry_run } => prune(&site, dry_run, cli.verbose > 0),
         Command::Forget { site, run } => forget(&site, &run),
         Command::Status { sites } => status(&sites),
-        Command::Runs { target, from_copy } => crate::restore::runs(&target, from_copy, cli.json),
-        Command::Restore { target, what, extract, to, overwrite, read } => {
-            let options = crate::restore::RestoreOptions { to: &to, overwrite, extract, read: read.options() };
-            crate::restore::restore(&target, &what, &options)
+        Command::Runs { target, key, store } => {
+            crate::restore::runs(&target, key.as_deref(), &store.choice(), cli.json)
+        }
+        Command::Restore { target, what, extract, to, overwrite, into_database, force, mysql_defaults, read } => {
+            let into = match into_database {
+                Some(name) => crate::verify::mysql::Database::new(&name, mysql_defaults)
+                    .map(|db| crate::restore::Into::Database { db, force })
+                    .map_err(|e| anyhow!("--into-database: {e}"))
+                    .exit(Exit::Usage),
+                None => Ok(crate::restore::Into::Dir { to: to.expect("clap requires --to"), overwrite, extract }),
+            };
+            into.and_then(|into| crate::restore::restore(&target, &what, &into, &read.options()))
         }
         Command::Ls { target, what, read } => crate::restore::ls(&target, &what, &read.options()),
         Command::Cat { target, what, read } => {
@@ -585,7 +656,7 @@ fn verify(
     };
     let options = crate::verify::Options {
         restore_test: restore_test
-            .map(|db| crate::verify::mysql::Scratch::new(db, mysql_defaults))
+            .map(|db| crate::verify::mysql::Database::new(db, mysql_defaults))
             .transpose()
             .map_err(|e| anyhow!("--restore-test: {e}"))
             .exit(Exit::Usage)?,

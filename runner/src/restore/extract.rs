@@ -100,7 +100,7 @@ pub fn entry(
     data: &mut dyn Read,
     paths: &[String],
     done: &mut Extracted,
-    dirs: &mut Vec<(PathBuf, u32)>,
+    dirs: &mut Vec<(PathBuf, u32, i64)>,
 ) -> Result<(), String> {
     let Some(rel) = inside(&e.name)? else { return Ok(()) };
     let shown = crate::text::escape(&e.name).into_owned();
@@ -148,7 +148,7 @@ pub fn entry(
                 }
                 Err(_) => dir.create_dir(&rel).map_err(|err| failed("cannot create", err))?,
             }
-            dirs.push((rel, mode));
+            dirs.push((rel, mode, e.mtime));
             done.dirs += 1;
         }
         b'0' | b'\0' | b'7' => {
@@ -170,6 +170,7 @@ pub fn entry(
             let target = e.link.clone().unwrap_or_default();
             clear(&rel).map_err(|err| failed("cannot replace", err))?;
             dir.symlink_contents(&target, &rel).map_err(|err| failed("cannot create the link", err))?;
+            set_mtime(dir, &rel, e.mtime);
             done.links += 1;
         }
         b'1' => {
@@ -187,11 +188,25 @@ pub fn entry(
     Ok(())
 }
 
-/// Gives directories their modes once nothing more goes into them
-/// (deepest first, as a directory may not allow writing).
-pub fn finish_dirs(dir: &Dir, dirs: &[(PathBuf, u32)]) -> Result<(), String> {
-    for (rel, mode) in dirs.iter().rev() {
-        dir.set_permissions(rel, Permissions::from_mode(*mode | 0o700))
+/// Gives `rel` (not following a link) the modification time `mtime`, as
+/// GNU tar does; a time that cannot be set is no reason to fail.
+fn set_mtime(dir: &Dir, rel: &Path, mtime: i64) {
+    use cap_fs_ext::{DirExt, SystemTimeSpec};
+    if let Some(t) = chrono::DateTime::from_timestamp(mtime, 0) {
+        let t = cap_std::time::SystemTime::from_std(t.into());
+        let _ = dir.set_symlink_times(rel, None, Some(SystemTimeSpec::Absolute(t)));
+    }
+}
+
+/// Gives directories their modes and modification times once nothing
+/// more goes into them (deepest first, as a directory may not allow
+/// writing). A user other than root keeps write access to them, so that
+/// they can be moved into place; root gets the archive's modes exactly.
+pub fn finish_dirs(dir: &Dir, dirs: &[(PathBuf, u32, i64)]) -> Result<(), String> {
+    let keep_access = if rustix::process::geteuid().is_root() { 0 } else { 0o700 };
+    for (rel, mode, mtime) in dirs.iter().rev() {
+        set_mtime(dir, rel, *mtime);
+        dir.set_permissions(rel, Permissions::from_mode(*mode | keep_access))
             .map_err(|e| format!("{}: cannot set its mode: {e}", rel.display()))?;
     }
     Ok(())

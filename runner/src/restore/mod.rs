@@ -6,8 +6,10 @@
 
 pub mod extract;
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::path::Path;
+use std::rc::Rc;
 
 use anyhow::{Context, anyhow};
 use sha2::Digest;
@@ -25,20 +27,48 @@ pub struct Target {
     pub shown: String,
     /// The site's `[protect] verify_key`, when a site file named it.
     pub verify_key: Option<std::path::PathBuf>,
+    /// How many `[[copy]]` stores the site file names (0 without one).
+    pub copies: usize,
 }
 
-/// Opens `target`: a store directory, or a site file (or a bare site name,
-/// as `run` takes it) whose store it opens, or with `from_copy` (1 for the
-/// first) its `[[copy]]` store of that number (when the first store is
-/// lost).
-pub fn open(target: &Path, from_copy: Option<usize>) -> Result<Target, Failure> {
+/// Which store a reading command opens, beyond its target: a site's
+/// `[[copy]]` (1 for the first), and for a bare `s3://` target the
+/// settings a site's `[s3]` table would give.
+#[derive(Clone, Debug, Default)]
+pub struct StoreChoice {
+    pub from_copy: Option<usize>,
+    pub s3: crate::s3::S3Settings,
+}
+
+/// Opens `target`: a store directory, an `s3://BUCKET/PREFIX` store (a
+/// new machine after a disaster has no site file), or a site file (or a
+/// bare site name, as `run` takes it) whose store it opens, or with
+/// `from_copy` (1 for the first) its `[[copy]]` store of that number (when
+/// the first store is lost).
+pub fn open(target: &Path, choice: &StoreChoice) -> Result<Target, Failure> {
+    let from_copy = choice.from_copy;
+    if let Some(url) = target.to_str().filter(|t| t.starts_with("s3://")) {
+        if from_copy.is_some() {
+            return Err(anyhow!("--from-copy needs a site file, which names the copies")).exit(Exit::Usage);
+        }
+        let location = crate::s3::S3Location::parse(url).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)?;
+        choice.s3.check().map_err(|e| anyhow!("--s3-endpoint: {e}")).exit(Exit::Usage)?;
+        let store = crate::site::StoreAt::S3(Box::new(crate::site::S3Store {
+            location,
+            settings: choice.s3.clone(),
+            part_size: crate::site::DEFAULT_PART_SIZE,
+            lock_stale: crate::site::DEFAULT_LOCK_STALE,
+        }));
+        let root = crate::exit::open_existing(&store, crate::site::Limits::default().call_timeout)?;
+        return Ok(Target { root, shown: store.display(), verify_key: None, copies: 0 });
+    }
     if target.is_dir() {
         if from_copy.is_some() {
             return Err(anyhow!("--from-copy needs a site file, which names the copies")).exit(Exit::Usage);
         }
         let store = crate::site::StoreAt::Dir(target.to_path_buf());
         let root = crate::exit::open_existing(&store, crate::site::Limits::default().call_timeout)?;
-        return Ok(Target { root, shown: target.display().to_string(), verify_key: None });
+        return Ok(Target { root, shown: target.display().to_string(), verify_key: None, copies: 0 });
     }
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let file = crate::run::site_path(target);
@@ -54,25 +84,91 @@ pub fn open(target: &Path, from_copy: Option<usize>) -> Result<Target, Failure> 
         },
     };
     let root = crate::exit::open_existing(&store, site.limits.call_timeout)?;
-    Ok(Target { root, shown: store.display(), verify_key: site.protect.verify_key })
+    Ok(Target { root, shown: store.display(), verify_key: site.protect.verify_key, copies: site.copies.len() })
+}
+
+/// A store's runs, as `Root::manifests` reads them.
+type Runs = (Vec<Manifest>, Vec<crate::store::run::BadManifest>);
+
+/// Opens the store a command reads, with its runs. When a site's first
+/// store cannot be read, or `wanted` finds nothing there (a run or file
+/// that is missing), the first of its `[[copy]]` stores where `wanted`
+/// does is read instead, and a note on stderr says so. `--from-copy`
+/// reads only the copy it names.
+fn open_runs(
+    target: &Path,
+    choice: &StoreChoice,
+    wanted: &dyn Fn(&[Manifest]) -> bool,
+) -> Result<(Target, Runs), Failure> {
+    let read = |choice: &StoreChoice| -> Result<(Target, Runs), Failure> {
+        let t = open(target, choice)?;
+        let runs = t
+            .root
+            .manifests()
+            .with_context(|| format!("cannot read the store {}", t.shown))
+            .exit(Exit::BackupFailed)?;
+        Ok((t, runs))
+    };
+    let first = read(choice);
+    let (why, copies) = match &first {
+        Ok((t, (all, _))) if wanted(all) || t.copies == 0 => return first,
+        Ok((t, _)) => (format!("{} has no such run or file", t.shown), t.copies),
+        Err(_) if choice.from_copy.is_some() || target.is_dir() => return first,
+        Err(e) => {
+            // How many copies the site names, its first store unreadable.
+            let file = crate::run::site_path(target);
+            let cwd = std::env::current_dir().unwrap_or_default();
+            match crate::site::Site::load(&file, &cwd) {
+                Ok(site) if !site.copies.is_empty() => (format!("{:#}", e.error), site.copies.len()),
+                _ => return first,
+            }
+        }
+    };
+    for n in 1..=copies {
+        let copy = StoreChoice { from_copy: Some(n), ..choice.clone() };
+        if let Ok((t, runs)) = read(&copy)
+            && wanted(&runs.0)
+        {
+            eprintln!("offsite: note: {}; reading [[copy]] {n} ({}) instead", crate::text::escape(&why), t.shown);
+            return Ok((t, runs));
+        }
+    }
+    first
 }
 
 /// The runs of `target`'s store, newest first: one line each (or one JSON
 /// document with `json`).
-pub fn runs(target: &Path, from_copy: Option<usize>, json: bool) -> Result<(), Failure> {
-    let t = open(target, from_copy)?;
-    let (mut all, bad) =
-        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
+pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool) -> Result<(), Failure> {
+    let (t, (mut all, bad)) = open_runs(target, choice, &|_| true)?;
     all.reverse();
     let signed_runs =
         t.root.signed_runs().with_context(|| format!("cannot list {}", t.shown)).exit(Exit::BackupFailed)?;
-    let signed = |m: &Manifest| signed_runs.contains(&m.run.run_id);
+    let key = match key.map(Path::to_path_buf).or(t.verify_key.clone()) {
+        Some(k) => Some(protect::verify_key(&k).exit(Exit::Usage)?),
+        None => None,
+    };
+    // With a key, each signature is checked: "ok" or "bad"; without,
+    // "yes" (signed, unchecked) or "no".
+    let signature = |m: &Manifest| -> &'static str {
+        let id = &m.run.run_id;
+        match (&key, signed_runs.contains(id)) {
+            (_, false) => "no",
+            (None, true) => "yes",
+            (Some(key), true) => match t.root.manifest_bytes(id) {
+                Ok((json, Some(sig))) if protect::verify(key, &json, &sig).is_ok() => "ok",
+                _ => "BAD",
+            },
+        }
+    };
     let rows: Vec<serde_json::Value> = all
         .iter()
         .map(|m| {
+            let sig = signature(m);
             serde_json::json!({
                 "run_id": m.run.run_id, "site": m.run.site, "started": m.run.started, "status": m.status.as_str(),
-                "files": m.files.len(), "bytes": m.bytes(), "signed": signed(m), "encrypted": encryption(m),
+                "files": m.files.len(), "bytes": m.bytes(), "signed": sig != "no",
+                "signature": match sig { "ok" => "verified", "BAD" => "bad", "yes" => "unchecked", _ => "none" },
+                "encrypted": encryption(m),
             })
         })
         .collect();
@@ -80,35 +176,46 @@ pub fn runs(target: &Path, from_copy: Option<usize>, json: bool) -> Result<(), F
         let bad: Vec<serde_json::Value> =
             bad.iter().map(|b| serde_json::json!({ "manifest": b.name, "error": b.error })).collect();
         crate::json::report(serde_json::json!({ "store": t.shown, "runs": rows, "unreadable": bad }));
-        return Ok(());
-    }
-    if all.is_empty() {
-        crate::outln!("{}: no runs", t.shown);
     } else {
-        crate::outln!(
-            "{:<32} {:<25} {:<10} {:>6} {:>12}  signed  encrypted",
-            "run",
-            "started",
-            "status",
-            "files",
-            "bytes"
-        );
+        if all.is_empty() {
+            crate::outln!("{}: no runs", t.shown);
+        } else {
+            crate::outln!(
+                "{:<32} {:<25} {:<10} {:>6} {:>12}  signed  encrypted",
+                "run",
+                "started",
+                "status",
+                "files",
+                "bytes"
+            );
+        }
+        for (m, row) in all.iter().zip(&rows) {
+            let sig = match row["signature"].as_str() {
+                Some("verified") => "ok",
+                Some("bad") => "BAD",
+                Some("unchecked") => "yes",
+                _ => "no",
+            };
+            // Run ids and times are the store's text: escaped.
+            crate::outln!(
+                "{:<32} {:<25} {:<10} {:>6} {:>12}  {:<6}  {}",
+                crate::text::escape(&m.run.run_id),
+                crate::status::local(&m.run.started),
+                m.status.as_str(),
+                m.files.len(),
+                m.bytes(),
+                sig,
+                row["encrypted"].as_str().unwrap_or_default()
+            );
+        }
+        for b in &bad {
+            crate::outln!("{}: cannot be read: {}", crate::text::escape(&b.name), crate::text::escape(&b.error));
+        }
     }
-    for (m, row) in all.iter().zip(&rows) {
-        // Run ids and times are the store's text: escaped.
-        crate::outln!(
-            "{:<32} {:<25} {:<10} {:>6} {:>12}  {:<6}  {}",
-            crate::text::escape(&m.run.run_id),
-            crate::status::local(&m.run.started),
-            m.status.as_str(),
-            m.files.len(),
-            m.bytes(),
-            if row["signed"] == true { "yes" } else { "no" },
-            row["encrypted"].as_str().unwrap_or_default()
-        );
-    }
-    for b in &bad {
-        crate::outln!("{}: cannot be read: {}", crate::text::escape(&b.name), crate::text::escape(&b.error));
+    let forged = rows.iter().filter(|r| r["signature"] == "bad").count();
+    if forged > 0 {
+        return Err(anyhow!("{forged} run(s) whose manifest signature does not verify: do not trust them"))
+            .exit(Exit::BackupFailed);
     }
     Ok(())
 }
@@ -167,31 +274,87 @@ fn chosen<'a>(
         let sig =
             sig.ok_or_else(|| anyhow!("run {}: its manifest is not signed", m.run.run_id)).exit(Exit::BackupFailed)?;
         protect::verify(&key, &json, &sig)
-            .map_err(|e| anyhow!("run {}: the manifest's signature does not verify: {e}", m.run.run_id))
+            .map_err(|e| anyhow!("run {}'s manifest: {e}", m.run.run_id))
             .exit(Exit::BackupFailed)?;
     }
     Ok(m)
 }
 
 /// The file `name` of run `m` (an encrypted one also by its name
-/// without `.age`).
+/// without `.age`). A name with `*` or `?` (which match within one path
+/// component) must match exactly one file: `server1/sitedb-*.sql.gz`
+/// names a dump without knowing its time stamp.
 fn find<'a>(m: &'a Manifest, name: &str) -> Result<&'a StoredFile, Failure> {
     let wanted = name.strip_prefix("./").unwrap_or(name);
-    m.files
+    let names = |f: &'a StoredFile| {
+        let plain = f.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| f.plain.is_some());
+        [Some(f.path.as_str()), plain].into_iter().flatten()
+    };
+    let pattern = wanted.contains(['*', '?']);
+    let found: Vec<&StoredFile> = m
+        .files
         .iter()
-        .find(|f| f.path == wanted || (f.plain.is_some() && f.path.strip_suffix(protect::AGE_SUFFIX) == Some(wanted)))
-        .ok_or_else(|| {
-            let names: Vec<String> =
-                m.files.iter().take(10).map(|f| crate::text::escape(&f.path).into_owned()).collect();
-            anyhow!(
-                "run {} has no file {} (it has: {}{})",
-                m.run.run_id,
-                crate::text::escape(wanted),
-                names.join(", "),
-                if m.files.len() > 10 { ", …" } else { "" }
-            )
-        })
-        .exit(Exit::Usage)
+        .filter(|f| names(f).any(|n| if pattern { glob(wanted.as_bytes(), n.as_bytes()) } else { n == wanted }))
+        .collect();
+    let listed = |files: &mut dyn Iterator<Item = &StoredFile>| {
+        let names: Vec<String> = files.take(10).map(|f| crate::text::escape(&f.path).into_owned()).collect();
+        names.join(", ")
+    };
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(anyhow!(
+            "run {} has no file {} (it has: {}{})",
+            crate::text::escape(&m.run.run_id),
+            crate::text::escape(wanted),
+            listed(&mut m.files.iter()),
+            if m.files.len() > 10 { ", …" } else { "" }
+        ))
+        .exit(Exit::Usage),
+        many => Err(anyhow!(
+            "{} matches {} files of run {} ({}{}): name one",
+            crate::text::escape(wanted),
+            many.len(),
+            crate::text::escape(&m.run.run_id),
+            listed(&mut many.iter().copied()),
+            if many.len() > 10 { ", …" } else { "" }
+        ))
+        .exit(Exit::Usage),
+    }
+}
+
+/// Shell-style matching, component by component: `*` any run of bytes
+/// and `?` one byte, neither crossing a `/`.
+fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut pattern, mut name) = (pattern.split(|&b| b == b'/'), name.split(|&b| b == b'/'));
+    loop {
+        match (pattern.next(), name.next()) {
+            (None, None) => return true,
+            (Some(p), Some(n)) if glob_component(p, n) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// One component: the usual two-pointer walk, going back to the last `*`
+/// on a mismatch (linear in practice, never exponential).
+fn glob_component(p: &[u8], n: &[u8]) -> bool {
+    let (mut i, mut j, mut star) = (0, 0, None);
+    while j < n.len() {
+        if i < p.len() && (p[i] == b'?' || p[i] == n[j]) && p[i] != b'*' {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&b| b == b'*')
 }
 
 fn identities(identity: Option<&Path>) -> Result<Vec<Box<dyn age::Identity>>, Failure> {
@@ -231,10 +394,9 @@ fn open_checked<'a>(t: &'a Target, m: &Manifest, entry: &StoredFile) -> Result<B
 /// plaintext's) as it streams: on a mismatch the command fails after the
 /// bytes were written, and says they must be discarded.
 pub fn cat(target: &Path, run: Option<&str>, file: &str, options: &ReadOptions) -> Result<(), Failure> {
-    let ReadOptions { identity, key, from_copy } = *options;
-    let t = open(target, from_copy)?;
-    let (all, _) =
-        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
+    let ReadOptions { identity, key, ref store } = *options;
+    let holds = |all: &[Manifest]| select(all, run).is_ok_and(|m| find(m, file).is_ok());
+    let (t, (all, _)) = open_runs(target, store, &holds)?;
     let m = chosen(&t, &all, run, key)?;
     let entry = find(m, file)?;
     let identities = identities(identity)?;
@@ -251,21 +413,29 @@ pub fn cat(target: &Path, run: Option<&str>, file: &str, options: &ReadOptions) 
         .exit(Exit::BackupFailed)
 }
 
+/// `ls`'s RUN and FILE: one argument is a run when it names one in `all`.
+fn ls_args<'w>(all: &[Manifest], what: &'w [String]) -> (Option<&'w str>, Option<&'w str>) {
+    match what {
+        [] => (None, None),
+        [one] if select(all, Some(one)).is_ok() => (Some(one.as_str()), None),
+        [one] => (None, Some(one.as_str())),
+        [run, file, ..] => (Some(run.as_str()), Some(file.as_str())),
+    }
+}
+
+/// Whether `all` holds the run, and the file in it when one is named.
+fn resolves(all: &[Manifest], (run, file): (Option<&str>, Option<&str>)) -> bool {
+    select(all, run).is_ok_and(|m| file.is_none_or(|f| find(m, f).is_ok()))
+}
+
 /// `offsite ls TARGET [RUN] [FILE]`: a run's files; with a tar archive
 /// (`.tar`, `.tgz`, `.tar.gz`, encrypted or not), its entries, read as a
 /// stream and checked against the manifest like `cat`. One argument is a
 /// run when it names one, else a file of the latest run.
 pub fn ls(target: &Path, what: &[String], options: &ReadOptions) -> Result<(), Failure> {
-    let ReadOptions { identity, key, from_copy } = *options;
-    let t = open(target, from_copy)?;
-    let (all, _) =
-        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
-    let (run, file) = match what {
-        [] => (None, None),
-        [one] if select(&all, Some(one)).is_ok() => (Some(one.as_str()), None),
-        [one] => (None, Some(one.as_str())),
-        [run, file, ..] => (Some(run.as_str()), Some(file.as_str())),
-    };
+    let ReadOptions { identity, key, ref store } = *options;
+    let (t, (all, _)) = open_runs(target, store, &|all| resolves(all, ls_args(all, what)))?;
+    let (run, file) = ls_args(&all, what);
     let m = chosen(&t, &all, run, key)?;
     let Some(file) = file else {
         crate::outln!(
@@ -320,7 +490,6 @@ fn list(
     gzipped: bool,
     out: &mut impl Write,
 ) -> Result<(), String> {
-    let mut stored = HashingReader::new(reader);
     let failed = |what: &str| format!("{what}; the listing above is not to be trusted");
     let mut show = |e: crate::verify::tar_walk::Entry| {
         let kind = match e.kind {
@@ -344,12 +513,12 @@ fn list(
             link.unwrap_or_default()
         );
     };
-    let walked =
-        walk_archive(&mut contents(&mut stored, entry, identities).map_err(|e| failed(&e))?, gzipped, |e, _| {
-            show(e.clone());
-            Ok(())
-        });
-    finish(stored, entry).map_err(|e| failed(&e))?;
+    let mut contents = verified(reader, entry, identities).map_err(|e| failed(&e))?;
+    let walked = walk_archive(&mut contents, gzipped, |e, _| {
+        show(e.clone());
+        Ok(())
+    });
+    contents.finish().map_err(|e| failed(&e))?;
     walked.map(|_| ()).map_err(|e| failed(&e))
 }
 
@@ -364,40 +533,59 @@ fn list(
 /// What every reading command takes: the identity that decrypts, the key
 /// that checks manifest signatures, and which copy to read instead of the
 /// first store.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct ReadOptions<'a> {
     pub identity: Option<&'a Path>,
     pub key: Option<&'a Path>,
-    pub from_copy: Option<usize>,
+    pub store: StoreChoice,
 }
 
-pub struct RestoreOptions<'a> {
-    pub to: &'a Path,
-    pub overwrite: bool,
-    /// Unpack the (one) archive named, or only `what`'s paths after it.
-    pub extract: bool,
-    pub read: ReadOptions<'a>,
+/// Where `restore` puts what it reads.
+pub enum Into {
+    /// Files beneath `to`; with `extract`, the one archive named unpacked
+    /// there (or only the paths after its name).
+    Dir { to: std::path::PathBuf, overwrite: bool, extract: bool },
+    /// The one dump named, loaded into a database.
+    Database { db: crate::verify::mysql::Database, force: bool },
 }
 
-pub fn restore(target: &Path, what: &[String], options: &RestoreOptions) -> Result<(), Failure> {
-    let RestoreOptions { to, overwrite, extract, read } = *options;
-    let ReadOptions { identity, key, from_copy } = read;
-    let t = open(target, from_copy)?;
-    let (all, _) =
-        t.root.manifests().with_context(|| format!("cannot read the store {}", t.shown)).exit(Exit::BackupFailed)?;
-    // A first argument names a run when it is one (and something follows
-    // it, or nothing needs a file).
-    let (run, file, paths) = match what {
+/// `restore`'s RUN, FILE and PATHS: a first argument names a run when it
+/// is one in `all` (and something follows it, or nothing needs a file).
+fn restore_args<'w>(
+    all: &[Manifest],
+    what: &'w [String],
+    needs_file: bool,
+) -> (Option<&'w str>, Option<&'w str>, &'w [String]) {
+    match what {
         [] => (None, None, &what[..0]),
-        [first, rest @ ..] if select(&all, Some(first)).is_ok() && (!extract || !rest.is_empty()) => {
+        [first, rest @ ..] if select(all, Some(first)).is_ok() && (!needs_file || !rest.is_empty()) => {
             (Some(first.as_str()), rest.first().map(String::as_str), rest.get(1..).unwrap_or_default())
         }
         [first, rest @ ..] => (None, Some(first.as_str()), rest),
+    }
+}
+
+pub fn restore(target: &Path, what: &[String], into: &Into, read: &ReadOptions) -> Result<(), Failure> {
+    let ReadOptions { identity, key, ref store } = *read;
+    let (to, overwrite, extract) = match into {
+        Into::Dir { to, overwrite, extract } => (to.as_path(), *overwrite, *extract),
+        Into::Database { .. } => (Path::new(""), false, false),
     };
+    let needs_file = extract || matches!(into, Into::Database { .. });
+    let args = |all: &[Manifest]| restore_args(all, what, needs_file);
+    let (t, (all, _)) = open_runs(target, store, &|all| {
+        let (run, file, _) = args(all);
+        resolves(all, (run, file))
+    })?;
+    let (run, file, paths) = args(&all);
     if !paths.is_empty() && !extract {
         return Err(anyhow!("paths after the file name the entries to unpack: add --extract")).exit(Exit::Usage);
     }
     let m = chosen(&t, &all, run, key)?;
+    if let Into::Database { db, force } = into {
+        let file = file.ok_or_else(|| anyhow!("--into-database needs the dump's name")).exit(Exit::Usage)?;
+        return into_database(&t, m, find(m, file)?, db, *force, identity);
+    }
     if extract {
         let file = file.ok_or_else(|| anyhow!("--extract needs the archive's name")).exit(Exit::Usage)?;
         return extract_archive(&t, m, find(m, file)?, paths, to, overwrite, identity);
@@ -445,6 +633,36 @@ pub fn restore(target: &Path, what: &[String], options: &RestoreOptions) -> Resu
         Err(anyhow!("{} file(s) not restored, nothing of them left behind: {failed}", failed.len()))
             .exit(Exit::BackupFailed)
     }
+}
+
+/// `restore --into-database`: the dump streamed into the database as it
+/// is read, decrypted and gunzipped on the way; a stored file that does
+/// not match its manifest fails the load at its end, before it commits.
+fn into_database(
+    t: &Target,
+    m: &Manifest,
+    entry: &StoredFile,
+    db: &crate::verify::mysql::Database,
+    force: bool,
+    identity: Option<&Path>,
+) -> Result<(), Failure> {
+    if entry.plain.is_some() && identity.is_none() {
+        return Err(anyhow!("{}: encrypted; give --age-identity to load it", crate::text::escape(&entry.path)))
+            .exit(Exit::Usage);
+    }
+    let engine = crate::verify::Engine::of(entry);
+    let plain_name = entry.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| entry.plain.is_some());
+    let rel = Path::new(plain_name.unwrap_or(&entry.path));
+    let identities = identities(identity)?;
+    let reader = open_checked(t, m, entry)?;
+    let contents = verified(reader, entry, &identities)
+        .map_err(|e| anyhow!("{}: {e}", m.location(entry).display()))
+        .exit(Exit::BackupFailed)?;
+    let done = crate::verify::load_into(Box::new(contents), rel, engine, db, force)
+        .map_err(|e| anyhow!("{} (run {}): {e}", crate::text::escape(&entry.path), crate::text::escape(&m.run.run_id)))
+        .exit(Exit::BackupFailed)?;
+    crate::outln!("{} (run {})", crate::text::escape(&done), crate::text::escape(&m.run.run_id));
+    Ok(())
 }
 
 /// `restore --extract`: the archive unpacked (or only `paths` of it)
@@ -530,14 +748,15 @@ fn unpack(
     staging: &cap_std::fs::Dir,
     paths: &[String],
 ) -> Result<extract::Extracted, String> {
-    let mut stored = HashingReader::new(reader);
     let mut done = extract::Extracted::default();
     let mut dirs = Vec::new();
     let each = |e: &crate::verify::tar_walk::Entry, data: &mut dyn Read| {
         extract::entry(staging, e, data, paths, &mut done, &mut dirs)
     };
-    walk_archive(&mut contents(&mut stored, entry, identities)?, gzipped, each)?;
-    finish(stored, entry)?;
+    let mut contents = verified(reader, entry, identities)?;
+    let walked = walk_archive(&mut contents, gzipped, each);
+    contents.finish()?;
+    walked?;
     extract::finish_dirs(staging, &dirs)?;
     Ok(done)
 }
@@ -581,35 +800,102 @@ fn restore_one(
     synced.map_err(|e| format!("syncing its directory: {e}"))
 }
 
-/// What `stored` holds, as it is read: decrypted when the entry is
-/// encrypted and identities are given, else the stored bytes.
-fn contents<'s>(
-    stored: &'s mut HashingReader<Box<dyn Read + '_>>,
-    entry: &StoredFile,
-    identities: &[Box<dyn age::Identity>],
-) -> Result<Box<dyn Read + 's>, String> {
-    if entry.plain.is_none() || identities.is_empty() {
-        return Ok(Box::new(stored));
-    }
-    let decryptor = age::Decryptor::new(io::BufReader::new(stored)).map_err(|e| format!("age: {e}"))?;
-    let reader = decryptor
-        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-        .map_err(|e| format!("age: {e}"))?;
-    Ok(Box::new(reader))
+/// A stored file's contents as they stream (decrypted when it is
+/// encrypted and identities are given), whose end is reported only once
+/// the stored bytes, and the plaintext, matched the manifest's size and
+/// SHA-256. Otherwise the read at the end fails (`InvalidData`), and keeps
+/// failing: whatever consumes it (a file, stdout, an archive walk, a
+/// database client that commits at the end of its input) sees an error,
+/// never a clean end.
+struct Verified<'a> {
+    plain: HashingReader<Box<dyn Read + 'a>>,
+    stored: Rc<RefCell<HashingReader<Box<dyn Read + 'a>>>>,
+    entry: &'a StoredFile,
+    decrypting: bool,
+    checked: Option<Result<(), String>>,
 }
 
-/// Reads what is left of the stored bytes (age need not read them all)
-/// and compares their size and SHA-256 with the manifest's.
-fn finish(mut stored: HashingReader<Box<dyn Read + '_>>, entry: &StoredFile) -> Result<(), String> {
-    io::copy(&mut stored, &mut io::sink()).map_err(|e| format!("stopped: {e}"))?;
-    let sha = hex::encode(stored.hasher.finalize());
-    if sha != entry.sha256 || stored.bytes != entry.bytes {
-        return Err(format!(
-            "its sha256 is {sha} ({} bytes), the manifest says {} ({} bytes)",
-            stored.bytes, entry.sha256, entry.bytes
-        ));
+/// One reader shared by the decryptor and the final check.
+struct Shared<R>(Rc<RefCell<R>>);
+
+impl<R: Read> Read for Shared<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
     }
-    Ok(())
+}
+
+fn verified<'a>(
+    reader: Box<dyn Read + 'a>,
+    entry: &'a StoredFile,
+    identities: &'a [Box<dyn age::Identity>],
+) -> Result<Verified<'a>, String> {
+    let stored = Rc::new(RefCell::new(HashingReader::new(reader)));
+    let decrypting = entry.plain.is_some() && !identities.is_empty();
+    let contents: Box<dyn Read + 'a> = if decrypting {
+        let decryptor =
+            age::Decryptor::new(io::BufReader::new(Shared(stored.clone()))).map_err(|e| format!("age: {e}"))?;
+        let reader = decryptor
+            .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+            .map_err(|e| format!("age: {e}"))?;
+        Box::new(reader)
+    } else {
+        Box::new(Shared(stored.clone()))
+    };
+    Ok(Verified { plain: HashingReader::new(contents), stored, entry, decrypting, checked: None })
+}
+
+impl Verified<'_> {
+    /// Reads what is left of the stored bytes (age need not read them all)
+    /// and compares both hashes with the manifest's.
+    fn check(&mut self) -> Result<(), String> {
+        let mut stored = self.stored.borrow_mut();
+        io::copy(&mut *stored, &mut io::sink()).map_err(|e| format!("stopped: {e}"))?;
+        let sha = hex::encode(stored.hasher.clone().finalize());
+        if sha != self.entry.sha256 || stored.bytes != self.entry.bytes {
+            return Err(format!(
+                "its sha256 is {sha} ({} bytes), the manifest says {} ({} bytes)",
+                stored.bytes, self.entry.sha256, self.entry.bytes
+            ));
+        }
+        if let Some(p) = self.entry.plain.as_ref().filter(|_| self.decrypting) {
+            let plain_sha = hex::encode(self.plain.hasher.clone().finalize());
+            if plain_sha != p.sha256 || self.plain.bytes != p.bytes {
+                return Err(format!("its plaintext's sha256 is {plain_sha}, the manifest says {}", p.sha256));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads to the end: the check's outcome.
+    fn finish(mut self) -> Result<(), String> {
+        io::copy(&mut self, &mut io::sink()).map(drop).map_err(reason)
+    }
+}
+
+impl Read for Verified<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.checked.is_none() {
+            let n = self.plain.read(buf).map_err(|e| io::Error::other(format!("stopped: {e}")))?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            self.checked = Some(self.check());
+        }
+        match self.checked.as_ref().expect("set above") {
+            Ok(()) => Ok(0),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.clone())),
+        }
+    }
+}
+
+/// What went wrong in copying a [`Verified`] somewhere: its own errors
+/// carry their message; an error of the system's is the writer's (a full
+/// disk, a closed pipe).
+fn reason(e: io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => format!("cannot write: {e}"),
+    }
 }
 
 /// Walks a tar archive's entries in `contents`, gunzipping first when
@@ -628,25 +914,40 @@ fn walk_archive(
     walked
 }
 
-/// Copies the stored bytes to `out`, decrypting when `identities` are
-/// given and the file is encrypted, and checks both hashes at the end.
+/// Copies the file's contents to `out` (decrypted when `identities` are
+/// given and it is encrypted), failing at the end unless both hashes
+/// matched.
 fn stream(
     reader: Box<dyn Read + '_>,
     entry: &StoredFile,
     identities: &[Box<dyn age::Identity>],
     out: &mut impl Write,
 ) -> Result<(), String> {
-    let mut stored = HashingReader::new(reader);
-    let (plain_sha, plain_bytes) = {
-        let mut plain = HashingReader::new(contents(&mut stored, entry, identities)?);
-        io::copy(&mut plain, out).map_err(|e| format!("stopped: {e}"))?;
-        (hex::encode(plain.hasher.finalize()), plain.bytes)
-    };
-    finish(stored, entry)?;
-    if let Some(p) = entry.plain.as_ref().filter(|_| !identities.is_empty())
-        && (plain_sha != p.sha256 || plain_bytes != p.bytes)
-    {
-        return Err(format!("its plaintext's sha256 is {plain_sha}, the manifest says {}", p.sha256));
+    let mut contents = verified(reader, entry, identities)?;
+    io::copy(&mut contents, out).map(drop).map_err(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs_match_within_a_component_only() {
+        let yes = |p: &str, n: &str| assert!(glob(p.as_bytes(), n.as_bytes()), "{p} should match {n}");
+        let no = |p: &str, n: &str| assert!(!glob(p.as_bytes(), n.as_bytes()), "{p} should not match {n}");
+        yes("server1/sitedb-*.sql.gz", "server1/sitedb-20261203-013400.sql.gz");
+        yes("*/sitedb-*.sql.gz", "server1/sitedb-20261203-013400.sql.gz");
+        yes("www.*.tgz", "www.20261203.tgz");
+        yes("a?c", "abc");
+        yes("*", "x");
+        yes("a*b*c", "aXbYbZc");
+        no("*.sql.gz", "server1/sitedb.sql.gz");
+        no("server1/*", "server1/a/b");
+        no("a?c", "a/c");
+        no("a*b", "a/b");
+        no("sitedb-*.sql", "sitedb-1.sql.gz");
+        // Many stars against a long name stay quick.
+        let long = "a".repeat(4000);
+        no(&("a*".repeat(50) + "c"), &(long + "b"));
     }
-    Ok(())
 }

@@ -26,7 +26,7 @@ use crate::store::{META_DIR, Manifest, StoredFile, TEMP_PREFIX, protect};
 #[derive(Default)]
 pub struct Options {
     /// Load SQL dumps into this scratch database and compare row counts.
-    pub restore_test: Option<mysql::Scratch>,
+    pub restore_test: Option<mysql::Database>,
     /// Every manifest must carry a signature by this key.
     pub verify_key: Option<ssh_key::PublicKey>,
     /// Decrypt `.age` files with these, to check their contents too.
@@ -318,12 +318,63 @@ fn restore_test(
     file: Box<dyn Read + '_>,
     rel: &Path,
     engine: Option<Engine>,
-    scratch: &mysql::Scratch,
+    scratch: &mysql::Database,
 ) -> Result<String, String> {
     let Some(engine) = engine else {
         return Ok(format!("{}: not loaded: its manifest does not say mysqldump or pg_dump made it", rel.display()));
     };
-    let plain: Box<dyn Read + '_> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
+    if engine == Engine::PostgresCluster {
+        return Ok(format!("{}: not loaded: a PostgreSQL cluster-wide dump (roles, tablespaces)", rel.display()));
+    }
+    let reader = dump_reader(file, rel, engine)?;
+    match engine {
+        Engine::Postgres | Engine::PostgresCluster => {
+            let (tables, rows) = postgres::restore_test(reader, &scratch.database)?;
+            Ok(format!("{}: restore test ok ({tables} tables, {rows} rows; PostgreSQL)", rel.display()))
+        }
+        Engine::Mysql => mysql::restore_test(reader, rel, scratch),
+    }
+}
+
+/// `restore --into-database`: loads one dump (named `rel`, made by
+/// `engine` as its manifest says) into `target`, kept, with the same
+/// client modes as the restore test. `file` must fail at its end when the
+/// stored bytes do not match the manifest: the load is stopped then.
+pub fn load_into(
+    file: Box<dyn Read + '_>,
+    rel: &Path,
+    engine: Option<Engine>,
+    target: &mysql::Database,
+    force: bool,
+) -> Result<String, String> {
+    let db = &target.database;
+    let reader = match engine {
+        None => {
+            return Err("its manifest does not say mysqldump or pg_dump made it, so it is not loaded; `offsite cat` \
+                        writes it for loading by hand"
+                .into());
+        }
+        Some(Engine::PostgresCluster) => {
+            return Err("a pg_dumpall dump (roles, tablespaces, every database) is not loaded into one database; \
+                        `offsite cat` writes it for psql"
+                .into());
+        }
+        Some(engine) => dump_reader(file, rel, engine)?,
+    };
+    let (tables, rows, kind) = match engine {
+        Some(Engine::Mysql) => mysql::load_into(reader, target, force).map(|(t, r)| (t, r, "MySQL/MariaDB"))?,
+        _ => postgres::load_into(reader, db, force).map(|(t, r)| (t, r, "PostgreSQL"))?,
+    };
+    Ok(format!(
+        "loaded {} into the {kind} database {db}: {tables} tables, {rows} rows, as the dump holds",
+        rel.display()
+    ))
+}
+
+/// A dump's SQL, line-buffered: gunzipped when `rel` ends in `.gz`, and a
+/// pg_dump file checked to start with pg_dump's plain-format header.
+fn dump_reader<'a>(file: Box<dyn Read + 'a>, rel: &Path, engine: Engine) -> Result<Box<dyn BufRead + 'a>, String> {
+    let plain: Box<dyn Read + 'a> = if rel.to_string_lossy().to_ascii_lowercase().ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
         file
@@ -332,19 +383,10 @@ fn restore_test(
     let head = reader.fill_buf().map_err(|e| format!("reading the dump: {e}"))?;
     let head = &head[..head.len().min(256)];
     let has = |text: &[u8]| head.windows(text.len()).any(|w| w == text);
-    match engine {
-        Engine::PostgresCluster => {
-            Ok(format!("{}: not loaded: a PostgreSQL cluster-wide dump (roles, tablespaces)", rel.display()))
-        }
-        Engine::Postgres if !has(postgres::HEADER) || has(postgres::CLUSTER_HEADER) => {
-            Err("pg_dump made it, but it does not start with pg_dump's plain-format header".into())
-        }
-        Engine::Postgres => {
-            let (tables, rows) = postgres::restore_test(Box::new(reader), &scratch.database)?;
-            Ok(format!("{}: restore test ok ({tables} tables, {rows} rows; PostgreSQL)", rel.display()))
-        }
-        Engine::Mysql => mysql::restore_test(Box::new(reader), rel, scratch),
+    if engine == Engine::Postgres && (!has(postgres::HEADER) || has(postgres::CLUSTER_HEADER)) {
+        return Err("pg_dump made it, but it does not start with pg_dump's plain-format header".into());
     }
+    Ok(Box::new(reader))
 }
 
 /// The name without `.age`: what the contents are.

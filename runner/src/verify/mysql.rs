@@ -14,23 +14,24 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where dumps are loaded for the test.
+/// A database dumps are loaded into: the scratch database of a restore
+/// test, or the one `restore --into-database` names.
 #[derive(Debug, Clone)]
-pub struct Scratch {
+pub struct Database {
     pub database: String,
     /// `--defaults-file` for the mysql client (else its usual option files).
     pub defaults_file: Option<PathBuf>,
 }
 
-impl Scratch {
-    pub fn new(database: &str, defaults_file: Option<PathBuf>) -> Result<Scratch, String> {
+impl Database {
+    pub fn new(database: &str, defaults_file: Option<PathBuf>) -> Result<Database, String> {
         if database.is_empty()
             || database.len() > 64
             || !database.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
-            return Err(format!("scratch database name {database:?}: use letters, digits and `_` only"));
+            return Err(format!("database name {database:?}: use letters, digits and `_` only"));
         }
-        Ok(Scratch { database: database.to_string(), defaults_file })
+        Ok(Database { database: database.to_string(), defaults_file })
     }
 
     fn client(&self) -> Command {
@@ -56,7 +57,7 @@ impl Scratch {
 
 /// Loads the dump `reader` yields (plain SQL, named `rel`) and compares row
 /// counts.
-pub fn restore_test(reader: Box<dyn BufRead + '_>, rel: &Path, scratch: &Scratch) -> Result<String, String> {
+pub fn restore_test(reader: Box<dyn BufRead + '_>, rel: &Path, scratch: &Database) -> Result<String, String> {
     let db = &scratch.database;
     let existed =
         scratch.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
@@ -89,9 +90,42 @@ pub fn restore_test(reader: Box<dyn BufRead + '_>, rel: &Path, scratch: &Scratch
     Ok(format!("{}: restore test ok ({} tables, {rows} rows)", rel.display(), counts.len()))
 }
 
+/// `restore --into-database`: loads the dump into `target` and checks its
+/// row counts, keeping it. A database that holds tables is refused unless
+/// `force`. A database created here is dropped again when the load fails
+/// or the stored file does not match its manifest (the reader fails at its
+/// end then); MySQL cannot roll back tables, so a load over an existing
+/// database that fails says the database may hold part of the dump.
+pub fn load_into(reader: Box<dyn BufRead + '_>, target: &Database, force: bool) -> Result<(usize, u64), String> {
+    let db = &target.database;
+    let existed =
+        target.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
+    let existed = existed.trim() != "0";
+    if existed {
+        let tables =
+            target.query(&format!("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{db}'"))?;
+        if tables.trim() != "0" && !force {
+            return Err(format!("the database {db} is not empty ({} tables); --force loads over it", tables.trim()));
+        }
+    } else {
+        target.query(&format!("CREATE DATABASE `{db}`"))?;
+    }
+    match load_and_count(reader, target) {
+        Ok(counts) => Ok((counts.len(), counts.values().sum())),
+        Err(e) if !existed => {
+            let dropped = target.query(&format!("DROP DATABASE `{db}`"));
+            Err(match dropped {
+                Ok(_) => format!("{e}; the database {db} this created was dropped again"),
+                Err(d) => format!("{e}; dropping the database {db} this created failed too: {d}"),
+            })
+        }
+        Err(e) => Err(format!("{e}; the database {db} may hold part of the dump")),
+    }
+}
+
 /// Streams the dump into the client, counting rows per table on the way;
 /// then compares with `COUNT(*)` in the scratch database.
-fn load_and_count(reader: Box<dyn BufRead + '_>, scratch: &Scratch) -> Result<BTreeMap<String, u64>, String> {
+fn load_and_count(reader: Box<dyn BufRead + '_>, scratch: &Database) -> Result<BTreeMap<String, u64>, String> {
     let mut client = scratch.client();
     client.arg(&scratch.database);
     let mut counter = InsertCounter::default();
@@ -266,8 +300,8 @@ mod tests {
 
     #[test]
     fn scratch_names_are_plain() {
-        assert!(Scratch::new("restore_test", None).is_ok());
-        assert!(Scratch::new("x`; DROP DATABASE y", None).is_err());
-        assert!(Scratch::new("", None).is_err());
+        assert!(Database::new("restore_test", None).is_ok());
+        assert!(Database::new("x`; DROP DATABASE y", None).is_err());
+        assert!(Database::new("", None).is_err());
     }
 }

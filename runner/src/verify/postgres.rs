@@ -57,7 +57,57 @@ pub fn restore_test(reader: Box<dyn BufRead + '_>, database: &str) -> Result<(us
     Ok((counts.len(), counts.values().sum()))
 }
 
+/// `restore --into-database`: loads the dump into `database` (a plain
+/// name, checked by the caller) in one transaction and checks its row
+/// counts, keeping it. A database that holds tables or views is refused
+/// unless `force`. A failed load, or a stored file that does not match
+/// its manifest (the reader fails at its end, before psql may commit),
+/// leaves an existing database as it was and drops one created here.
+pub fn load_into(reader: Box<dyn BufRead + '_>, database: &str, force: bool) -> Result<(usize, u64), String> {
+    require_restricted_mode()?;
+    let exists = admin(&format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'"))?;
+    let existed = exists.trim() != "0";
+    if existed {
+        let objects = query(
+            database,
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+             AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+        )?;
+        if objects.trim() != "0" && !force {
+            return Err(format!(
+                "the database {database} is not empty ({} tables or views); --force loads over it",
+                objects.trim()
+            ));
+        }
+    } else {
+        admin(&format!("CREATE DATABASE \"{database}\""))?;
+    }
+    let loaded = load(reader, database).map_err(|e| (e, true));
+    let checked = loaded.and_then(|counts| compare(database, &counts).map(|()| counts).map_err(|e| (e, false)));
+    match checked {
+        Ok(counts) => Ok((counts.len(), counts.values().sum())),
+        Err((e, _)) if !existed => {
+            let dropped = admin(&format!("DROP DATABASE \"{database}\""));
+            Err(match dropped {
+                Ok(_) => format!("{e}; the database {database} this created was dropped again"),
+                Err(d) => format!("{e}; dropping the database {database} this created failed too: {d}"),
+            })
+        }
+        Err((e, true)) => Err(format!("{e}; the load was one transaction, rolled back: {database} is as it was")),
+        Err((e, false)) => Err(format!("loaded into {database}, but {e}")),
+    }
+}
+
 fn load_and_count(reader: Box<dyn BufRead + '_>, database: &str) -> Result<BTreeMap<String, u64>, String> {
+    let counts = load(reader, database)?;
+    compare(database, &counts)?;
+    Ok(counts)
+}
+
+/// Streams the dump into psql in one transaction, counting each table's
+/// `COPY` rows on the way.
+fn load(reader: Box<dyn BufRead + '_>, database: &str) -> Result<BTreeMap<String, u64>, String> {
     let mut client = psql(database);
     client.arg("--single-transaction");
     let mut counter = CopyCounter::default();
@@ -77,12 +127,16 @@ fn load_and_count(reader: Box<dyn BufRead + '_>, database: &str) -> Result<BTree
         counter.feed(line);
         true
     })?;
-    let counts = counter.counts;
-    if counts.is_empty() {
+    if counter.counts.is_empty() {
         return Err("the dump creates no tables".into());
     }
+    Ok(counter.counts)
+}
+
+/// Compares the tables' row counts with the dump's.
+fn compare(database: &str, counts: &BTreeMap<String, u64>) -> Result<(), String> {
     let mut mismatches = Vec::new();
-    for (table, rows) in &counts {
+    for (table, rows) in counts {
         // `table` is the name exactly as pg_dump wrote it: qualified and
         // quoted where needed, so it is valid SQL as it stands.
         let loaded = query(database, &format!("SELECT count(*) FROM {table}"))?;
@@ -93,7 +147,7 @@ fn load_and_count(reader: Box<dyn BufRead + '_>, database: &str) -> Result<BTree
     if !mismatches.is_empty() {
         return Err(format!("row counts differ: {}", mismatches.join("; ")));
     }
-    Ok(counts)
+    Ok(())
 }
 
 /// A key for `\restrict`: 32 random hex digits.

@@ -1107,3 +1107,120 @@ fn an_empty_required_parameter_or_a_bad_time_pattern_is_a_usage_error() {
         .expect_stderr("parameter format = \"%Q\"");
     assert!(!site.store().exists(), "nothing was recorded");
 }
+
+/// Every way a restore can meet bad data or a bad target: a swapped file,
+/// a forged manifest (signing on), a wrong age identity, a target disk
+/// that fills. Each exits non-zero with a clear error and leaves nothing
+/// under a final name; a dump whose manifest does not say a database tool
+/// made it is never loaded.
+#[test]
+fn restore_faults_fail_clearly_and_leave_nothing_under_a_final_name() {
+    let mut site = Site::new();
+    let keys = site.path("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let (identity, recipient) = offsite_testkit::age_keypair(&keys);
+    let (signing, _) = offsite_testkit::ssh_keypair(&keys, "manifest_key");
+    site.extra = format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display());
+    // Big enough to fill a small file system.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let noise: Vec<u8> = (0..(256 << 10))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(site.path("src/www/noise.bin"), &noise).unwrap();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    site.arc("2004-03-22T01:48:44").expect_code(0);
+    let file = site.file();
+    let s = file.to_str().unwrap();
+    let id = identity.to_str().unwrap();
+    let offsite = |args: &[&str]| Ran::from_output(site.offsite().args(args).output().unwrap());
+    let (a, b) = (site.store().join("www.20040321-014844.tgz.age"), site.store().join("www.20040322-014844.tgz.age"));
+    let (good_a, good_b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+
+    // A glob names the one archive of a run; the site's key checks its
+    // manifest; the identity decrypts.
+    let to = site.path("restored");
+    let t = to.to_str().unwrap();
+    offsite(&["restore", s, "latest", "www.*.tgz", "--extract", "--to", t, "--age-identity", id]).expect_code(0);
+    assert_eq!(std::fs::read(to.join("www/noise.bin")).unwrap(), noise);
+    std::fs::remove_dir_all(&to).unwrap();
+    offsite(&["restore", s, "*.tgz", "--to", t]).expect_code(0).expect_stdout("restored 1 file(s)");
+    offsite(&["cat", s, "www.2004032?-*.zip"]).expect_code(2).expect_stderr("has no file www.2004032?-*.zip");
+    std::fs::remove_dir_all(&to).unwrap();
+
+    // The wrong identity: refused before a byte is written.
+    let other = site.path("other");
+    std::fs::create_dir(&other).unwrap();
+    let (wrong, _) = offsite_testkit::age_keypair(&other);
+    let ran = offsite(&["restore", s, "www.*.tgz", "--to", t, "--age-identity", wrong.to_str().unwrap()]);
+    ran.expect_code(1).expect_stderr("not restored");
+    assert!(!to.join("www.20040322-014844.tgz").exists() && std::fs::read_dir(&to).unwrap().count() == 0);
+    let ran = offsite(&["restore", s, "www.*.tgz", "--extract", "--to", t, "--age-identity", wrong.to_str().unwrap()]);
+    ran.expect_code(1).expect_stderr("age");
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0, "nothing unpacked, no staging left");
+
+    // A swapped object (the older run's file in the newer's place): the
+    // hash gives it away and nothing appears.
+    std::fs::write(&b, &good_a).unwrap();
+    let ran = offsite(&["restore", s, "www.*.tgz", "--extract", "--to", t, "--age-identity", id]);
+    ran.expect_code(1).expect_stderr("manifest says");
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0);
+    offsite(&["restore", s, "www.*.tgz", "--to", t, "--age-identity", id]).expect_code(1).expect_stderr("not restored");
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0, "no temporary file left behind");
+
+    // A forged manifest, rewritten to list the swapped file: its signature
+    // no longer verifies, so nothing it lists is read.
+    let manifests = site.store().join(".offsite/manifests");
+    let newest = std::fs::read_dir(&manifests)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .max()
+        .unwrap();
+    let original = std::fs::read(&newest).unwrap();
+    let m: Value = serde_json::from_slice(&original).unwrap();
+    let older: Value = serde_json::from_slice(
+        &std::fs::read(
+            std::fs::read_dir(&manifests)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .min()
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut forged = m.clone();
+    forged["files"][0]["sha256"] = older["files"][0]["sha256"].clone();
+    forged["files"][0]["bytes"] = older["files"][0]["bytes"].clone();
+    forged["files"][0]["plain"] = older["files"][0]["plain"].clone();
+    std::fs::write(&newest, serde_json::to_vec_pretty(&forged).unwrap()).unwrap();
+    let ran = offsite(&["restore", s, "www.*.tgz", "--to", t, "--age-identity", id]);
+    ran.expect_code(1).expect_stderr("signature does not verify");
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0);
+    offsite(&["runs", s]).expect_code(1).expect_stdout(" BAD ").expect_stderr("do not trust them");
+    std::fs::write(&newest, &original).unwrap();
+    std::fs::write(&b, &good_b).unwrap();
+
+    // A target that fills: a clear error, and neither the file nor the
+    // unpacked tree is left behind.
+    let small = site.path("small");
+    let _unmount = mount_tmpfs(&small, "size=128k,mode=0755");
+    let sm = small.to_str().unwrap();
+    let ran = offsite(&["restore", s, "www.*.tgz", "--to", sm, "--age-identity", id]);
+    ran.expect_code(1).expect_stderr("No space left on device");
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0, "no partial file");
+    let ran = offsite(&["restore", s, "www.*.tgz", "--extract", "--to", sm, "--age-identity", id]);
+    ran.expect_code(1).expect_stderr("No space left on device").expect_stderr("nothing of it was left");
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0, "no staging directory left");
+
+    // An archive is no dump: nothing is loaded, and no client is needed
+    // to say so.
+    let ran = offsite(&["restore", s, "www.*.tgz", "--into-database", "x", "--age-identity", id]);
+    ran.expect_code(1).expect_stderr("does not say mysqldump or pg_dump made it");
+}

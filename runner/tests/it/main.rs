@@ -13,6 +13,7 @@
 mod arc;
 mod audit;
 mod check;
+mod drill;
 mod files;
 mod hostile;
 mod integrity;

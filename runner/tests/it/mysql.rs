@@ -11,15 +11,15 @@ use offsite_testkit::sshd::Sshd;
 use offsite_testkit::{Ran, gunzip, offsite, run_script, script};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offsite");
-const SITEDB_TABLES: [&str; 4] = ["tbl_ccode", "tbl_machine", "tbl_session", "tbl_stats"];
+pub(crate) const SITEDB_TABLES: [&str; 4] = ["tbl_ccode", "tbl_machine", "tbl_session", "tbl_stats"];
 
 /// One simulated server: sshd and MariaDB on the same loopback address.
-struct Server {
-    ssh: Sshd,
-    db: MariaDb,
+pub(crate) struct Server {
+    pub(crate) ssh: Sshd,
+    pub(crate) db: MariaDb,
 }
 
-fn start(ip: &'static str, user: &'static str, password_in_file: bool) -> std::thread::JoinHandle<Server> {
+pub(crate) fn start(ip: &'static str, user: &'static str, password_in_file: bool) -> std::thread::JoinHandle<Server> {
     std::thread::spawn(move || {
         let ssh = Sshd::start_as(ip, user);
         let db = MariaDb::start(ip);
@@ -47,7 +47,7 @@ fn servers(password_in_file: bool) -> (Server, Server, offsite_testkit::shared::
     (server1, server2, turn)
 }
 
-fn populate_sitedb(db: &MariaDb) {
+pub(crate) fn populate_sitedb(db: &MariaDb) {
     db.sql("CREATE DATABASE sitedb");
     db.sql_in(
         "sitedb",
@@ -95,7 +95,7 @@ fn run(site: &Path) -> Ran {
     run_script(Path::new(BIN), "mysql-pull", site)
 }
 
-const DUMP_GRANT_1: &str = "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"sitedb\", \"tbl_*...\"]]";
+pub(crate) const DUMP_GRANT_1: &str = "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"sitedb\", \"tbl_*...\"]]";
 const DUMP_GRANT_2: &str =
     "commands = [[\"mysqldump\", \"--single-transaction\", \"--quick\", \"--add-drop-table\", \"transdb\"]]";
 
