@@ -171,6 +171,58 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
     assert_eq!(left.trim(), "0", "the scratch database is dropped");
     // A database that exists is never loaded into.
     verify("sitedb").expect_code(1).expect_stderr("the scratch database sitedb exists");
+
+    // `restore --into-database`: the same restricted psql, one
+    // transaction, kept; every table equal.
+    let restore = |args: &[&str]| {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.arg("restore").arg(&site).args(args);
+        cmd.env("PGHOST", server1.db.socket_dir()).env("PGPORT", server1.db.addr.port().to_string());
+        cmd.env("PGUSER", "postgres");
+        Ran::from_output(cmd.output().unwrap())
+    };
+    let sitedb = ["latest", "server1/sitedb-*.sql.gz", "--into-database"];
+    restore(&[&sitedb[..], &["sitedb_back"]].concat())
+        .expect_code(0)
+        .expect_stdout("PostgreSQL database sitedb_back: 4 tables");
+    assert_eq!(server1.db.fingerprint("sitedb_back"), original);
+    restore(&[&sitedb[..], &["sitedb_back"]].concat()).expect_code(1).expect_stderr("sitedb_back is not empty");
+    // Forced over the tables it made, the dump's CREATE TABLE fails: the
+    // one transaction is rolled back and the database is as it was.
+    restore(&[&sitedb[..], &["sitedb_back", "--force"]].concat())
+        .expect_code(1)
+        .expect_stderr("rolled back: sitedb_back is as it was");
+    assert_eq!(server1.db.fingerprint("sitedb_back"), original);
+    restore(&["latest", "server1/globals-*.sql.gz", "--into-database", "x"])
+        .expect_code(1)
+        .expect_stderr("a pg_dumpall dump");
+    // A manifest that says another hash: the check at the dump's end
+    // fails before psql may commit; the database this created is dropped.
+    let manifests = dir.path().join("backups/.offsite/manifests");
+    let manifest = std::fs::read_dir(&manifests)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(backups.join("server1/sitedb-20040321-014844.sql.gz"))
+        .output()
+        .unwrap();
+    let real = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+    assert!(text.contains(&real));
+    std::fs::write(&manifest, text.replace(&real, &"0".repeat(64))).unwrap();
+    restore(&[&sitedb[..], &["sitedb_tampered"]].concat())
+        .expect_code(1)
+        .expect_stderr("the manifest says 0000")
+        .expect_stderr("was dropped again");
+    let left = server1.db.sql("SELECT count(*) FROM pg_database WHERE datname = 'sitedb_tampered'");
+    assert_eq!(left.trim(), "0");
+    // Into a database that exists and is empty: the failed check leaves
+    // it empty (the transaction never committed).
+    server1.db.sql("CREATE DATABASE sitedb_empty");
+    restore(&[&sitedb[..], &["sitedb_empty"]].concat()).expect_code(1).expect_stderr("rolled back");
+    assert_eq!(server1.db.fingerprint("sitedb_empty"), vec![], "nothing of the dump committed");
 }
 
 #[test]

@@ -647,6 +647,20 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
     Ran::from_output(site.offsite(&["runs", file, "--from-copy", "3"]).output().unwrap())
         .expect_code(2)
         .expect_stderr("has 2 [[copy]] store(s)");
+    // Without --from-copy, the first copy that holds what is asked for is
+    // read, and stderr says so: the directory copy, then (gone too) the
+    // vault.
+    let cat = site.offsite(&["cat", file, "www.20040322-014844.tgz"]).output().unwrap();
+    assert!(cat.status.success(), "{}", String::from_utf8_lossy(&cat.stderr));
+    assert_eq!(cat.stdout, std::fs::read(local.join("www.20040322-014844.tgz")).unwrap());
+    let said = String::from_utf8_lossy(&cat.stderr);
+    assert!(said.contains("has no such run or file; reading [[copy]] 1 ("), "{said}");
+    std::fs::rename(&local, local.with_extension("gone")).unwrap();
+    let into = out.path().join("from-vault-again");
+    let args = ["restore", file, "latest", "www.*.tgz", "--extract", "--to", into.to_str().unwrap()];
+    let ran = Ran::from_output(site.offsite(&args).output().unwrap());
+    ran.expect_code(0).expect_stderr(&format!("reading [[copy]] 2 ({})", server.url("s3://vault/web1")));
+    assert_same_tree(&site.www(), &into.join(site.www().strip_prefix("/").unwrap()));
 }
 
 /// A copy whose store is not there yet: the run is good and says the
@@ -913,4 +927,46 @@ fn a_tampered_manifest_neither_deletes_the_stores_objects_nor_blocks_copies() {
     assert!(!all.contains(&ARCHIVE.to_string()), "{all:?}");
     assert!(all.contains(&"www.20040322-014844.tgz".to_string()), "{all:?}");
     assert!(!all.iter().any(|k| k.starts_with(".offsite/manifests/20000101")), "the fake was pruned: {all:?}");
+}
+
+/// Reading back from a bucket streams: `cat` and `restore --extract` of a
+/// 96 MiB archive stay within 64 MiB of memory. A connection that drops
+/// mid-download fails `cat` clearly (exit 1, what it wrote to be
+/// discarded).
+#[test]
+fn reading_back_stays_flat_in_memory_and_a_dropped_connection_fails_clearly() {
+    let mut server = S3Space::own();
+    server.create_bucket("backups");
+    let site = S3Site::new(&server, "s3://backups/web1", "");
+    incompressible(&site.www().join("big.bin"), 96);
+    site.run(&["--now", NOW]).expect_code(0);
+    let file = site.file.to_str().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let to = scratch.path().join("restored");
+    let cat = ["cat", file, ARCHIVE];
+    let extract = ["restore", file, ARCHIVE, "--extract", "--to", to.to_str().unwrap()];
+    for args in [&cat[..], &extract[..]] {
+        let peak = scratch.path().join("peak");
+        let mut cmd = offsite_testkit::with_peak_memory(&site.offsite(args), &peak);
+        let out = cmd.stdout(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let mib = offsite_testkit::peak_memory_mib(&peak);
+        eprintln!("{}: peak RSS {mib} MiB", args[0]);
+        assert!(mib <= 64, "{args:?} peaked at {mib} MiB");
+    }
+    assert_same_tree(&site.www(), &to.join(site.www().strip_prefix("/").unwrap()));
+
+    // The server goes away after the first megabytes have arrived.
+    let mut child = site.offsite(&cat).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = vec![0u8; 4 << 20];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    server.stop();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stdout, &mut rest);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(first.len() + rest.len() < 96 << 20, "it did not get the whole file");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("must be discarded"), "{said}");
 }
