@@ -206,6 +206,14 @@ enum Command {
         /// Replace files that are already there.
         #[arg(long)]
         overwrite: bool,
+        /// With --extract, as root: give each entry the archive's numeric
+        /// owner and group (as `tar --same-owner`).
+        #[arg(long, requires = "extract")]
+        same_owner: bool,
+        /// With --extract, as root: keep setuid, setgid and sticky bits and
+        /// make device nodes and FIFOs.
+        #[arg(long, requires = "extract")]
+        preserve_special: bool,
         /// Load the dump FILE into this database (created if missing) with
         /// the client modes that keep a dump from running commands here,
         /// and check its row counts. Only for dumps whose manifest says
@@ -486,13 +494,30 @@ pub fn main() -> ExitCode {
         Command::Runs { target, key, store } => {
             crate::restore::runs(&target, key.as_deref(), &store.choice(), cli.json)
         }
-        Command::Restore { target, what, extract, to, overwrite, into_database, force, mysql_defaults, read } => {
+        Command::Restore {
+            target,
+            what,
+            extract,
+            to,
+            overwrite,
+            same_owner,
+            preserve_special,
+            into_database,
+            force,
+            mysql_defaults,
+            read,
+        } => {
             let into = match into_database {
                 Some(name) => crate::verify::mysql::Database::new(&name, mysql_defaults)
                     .map(|db| crate::restore::Into::Database { db, force })
                     .map_err(|e| anyhow!("--into-database: {e}"))
                     .exit(Exit::Usage),
-                None => Ok(crate::restore::Into::Dir { to: to.expect("clap requires --to"), overwrite, extract }),
+                None => Ok(crate::restore::Into::Dir {
+                    to: to.expect("clap requires --to"),
+                    overwrite,
+                    extract,
+                    special: crate::restore::extract::Special { same_owner, preserve_special },
+                }),
             };
             into.and_then(|into| crate::restore::restore(&target, &what, &into, &read.options()))
         }

@@ -2,9 +2,11 @@
 //! outside it: names that are absolute or climb with `..` refuse the
 //! archive, every path is opened through `cap_std` (which never follows a
 //! link out of the directory, so a symlink planted by an earlier entry
-//! cannot carry a later one out), hard links must point inside, device
-//! nodes and FIFOs are left out, and setuid, setgid and sticky bits are
-//! dropped. Entries go into a staging directory first; see `merge`.
+//! cannot carry a later one out), and hard links must point inside.
+//! Device nodes and FIFOs are left out, setuid, setgid and sticky bits
+//! dropped and ownership left to the user who restores, unless root asks
+//! for them ([`Special`]). Entries go into a staging directory first; see
+//! `merge`.
 
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
@@ -13,6 +15,15 @@ use cap_std::fs::PermissionsExt;
 use cap_std::fs::{Dir, OpenOptions, Permissions};
 
 use crate::verify::tar_walk::Entry;
+
+/// What root may ask to keep: `same_owner` gives each entry the archive's
+/// numeric owner and group (`tar --same-owner`); `preserve_special` keeps
+/// setuid, setgid and sticky bits and makes device nodes and FIFOs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Special {
+    pub same_owner: bool,
+    pub preserve_special: bool,
+}
 
 /// Names for a report: the first few, and how many more (an archive or
 /// a manifest chooses how many there are).
@@ -99,6 +110,7 @@ pub fn entry(
     e: &Entry,
     data: &mut dyn Read,
     paths: &[String],
+    special: Special,
     done: &mut Extracted,
     dirs: &mut Vec<(PathBuf, u32, i64)>,
 ) -> Result<(), String> {
@@ -127,10 +139,19 @@ pub fn entry(
         }
         dir.create_dir_all(parent).map_err(|err| failed("cannot create its directory", err))?;
     }
-    if e.mode & 0o7000 != 0 {
+    if e.mode & 0o7000 != 0 && !special.preserve_special {
         done.stripped += 1;
     }
-    let mode = e.mode & 0o777;
+    let mode = e.mode & if special.preserve_special { 0o7777 } else { 0o777 };
+    // The owner goes first: chown clears setuid and setgid bits.
+    let own = |rel: &Path| -> Result<(), String> {
+        if !special.same_owner {
+            return Ok(());
+        }
+        let ids = (rustix::fs::Uid::from_raw(e.uid), rustix::fs::Gid::from_raw(e.gid));
+        rustix::fs::chownat(dir, rel, Some(ids.0), Some(ids.1), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|err| failed("cannot set its owner", err.into()))
+    };
     // Whatever an earlier entry put at this name goes first: nothing is
     // ever written through it.
     let clear = |rel: &Path| match dir.symlink_metadata(rel) {
@@ -148,6 +169,7 @@ pub fn entry(
                 }
                 Err(_) => dir.create_dir(&rel).map_err(|err| failed("cannot create", err))?,
             }
+            own(&rel)?;
             dirs.push((rel, mode, e.mtime));
             done.dirs += 1;
         }
@@ -158,12 +180,12 @@ pub fn entry(
             let file = dir.open_with(&rel, &options).map_err(|err| failed("cannot create", err))?;
             let mut file = file.into_std();
             io::copy(data, &mut file).map_err(|err| failed("cannot write", err))?;
+            own(&rel)?;
             if let Some(t) = chrono::DateTime::from_timestamp(e.mtime, 0) {
                 let _ = file.set_modified(t.into());
             }
             file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
                 .map_err(|err| failed("cannot set its mode", err))?;
-            file.sync_all().map_err(|err| failed("cannot sync", err))?;
             done.files += 1;
         }
         b'2' => {
@@ -171,6 +193,7 @@ pub fn entry(
             clear(&rel).map_err(|err| failed("cannot replace", err))?;
             dir.symlink_contents(&target, &rel).map_err(|err| failed("cannot create the link", err))?;
             set_mtime(dir, &rel, e.mtime);
+            own(&rel)?;
             done.links += 1;
         }
         b'1' => {
@@ -182,6 +205,23 @@ pub fn entry(
             dir.hard_link(&target, dir, &rel)
                 .map_err(|err| failed("cannot link (to a file of the archive only)", err))?;
             done.links += 1;
+        }
+        b'3' | b'4' | b'6' if special.preserve_special => {
+            use rustix::fs::FileType;
+            let kind = match e.kind {
+                b'3' => FileType::CharacterDevice,
+                b'4' => FileType::BlockDevice,
+                _ => FileType::Fifo,
+            };
+            clear(&rel).map_err(|err| failed("cannot replace", err))?;
+            let device = rustix::fs::makedev(e.device.0, e.device.1);
+            rustix::fs::mknodat(dir, &rel, kind, rustix::fs::Mode::from_raw_mode(mode), device)
+                .map_err(|err| failed("cannot make the node", err.into()))?;
+            own(&rel)?;
+            dir.set_permissions(&rel, Permissions::from_mode(mode))
+                .map_err(|err| failed("cannot set its mode", err))?;
+            set_mtime(dir, &rel, e.mtime);
+            done.files += 1;
         }
         _ => done.left_out.push(shown),
     }

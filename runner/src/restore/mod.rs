@@ -544,7 +544,7 @@ pub struct ReadOptions<'a> {
 pub enum Into {
     /// Files beneath `to`; with `extract`, the one archive named unpacked
     /// there (or only the paths after its name).
-    Dir { to: std::path::PathBuf, overwrite: bool, extract: bool },
+    Dir { to: std::path::PathBuf, overwrite: bool, extract: bool, special: extract::Special },
     /// The one dump named, loaded into a database.
     Database { db: crate::verify::mysql::Database, force: bool },
 }
@@ -567,10 +567,14 @@ fn restore_args<'w>(
 
 pub fn restore(target: &Path, what: &[String], into: &Into, read: &ReadOptions) -> Result<(), Failure> {
     let ReadOptions { identity, key, ref store } = *read;
-    let (to, overwrite, extract) = match into {
-        Into::Dir { to, overwrite, extract } => (to.as_path(), *overwrite, *extract),
-        Into::Database { .. } => (Path::new(""), false, false),
+    let (to, overwrite, extract, special) = match into {
+        Into::Dir { to, overwrite, extract, special } => (to.as_path(), *overwrite, *extract, *special),
+        Into::Database { .. } => (Path::new(""), false, false, extract::Special::default()),
     };
+    if (special.same_owner || special.preserve_special) && !rustix::process::geteuid().is_root() {
+        return Err(anyhow!("--same-owner and --preserve-special are for root (other users cannot give files away)"))
+            .exit(Exit::Usage);
+    }
     let needs_file = extract || matches!(into, Into::Database { .. });
     let args = |all: &[Manifest]| restore_args(all, what, needs_file);
     let (t, (all, _)) = open_runs(target, store, &|all| {
@@ -588,7 +592,7 @@ pub fn restore(target: &Path, what: &[String], into: &Into, read: &ReadOptions) 
     }
     if extract {
         let file = file.ok_or_else(|| anyhow!("--extract needs the archive's name")).exit(Exit::Usage)?;
-        return extract_archive(&t, m, find(m, file)?, paths, to, overwrite, identity);
+        return extract_archive(&t, m, find(m, file)?, paths, (to, overwrite, special), identity);
     }
     let entries: Vec<&StoredFile> = match file {
         Some(file) => vec![find(m, file)?],
@@ -674,8 +678,7 @@ fn extract_archive(
     m: &Manifest,
     entry: &StoredFile,
     paths: &[String],
-    to: &Path,
-    overwrite: bool,
+    (to, overwrite, special): (&Path, bool, extract::Special),
     identity: Option<&Path>,
 ) -> Result<(), Failure> {
     let plain_name =
@@ -702,7 +705,7 @@ fn extract_archive(
         .with_context(|| format!("cannot create {staging_name} in {}", to.display()))
         .exit(Exit::BackupFailed)?;
     let staging = target.open_dir(&staging_name).exit(Exit::BackupFailed)?;
-    let unpacked = unpack(reader, entry, &identities, gzipped, &staging, paths);
+    let unpacked = unpack(reader, entry, &identities, gzipped, &staging, (paths, special));
     let merged = unpacked.and_then(|done| {
         let mut kept = extract::Names::default();
         extract::merge(&staging, &target, Path::new(""), overwrite, &mut kept)
@@ -746,18 +749,25 @@ fn unpack(
     identities: &[Box<dyn age::Identity>],
     gzipped: bool,
     staging: &cap_std::fs::Dir,
-    paths: &[String],
+    (paths, special): (&[String], extract::Special),
 ) -> Result<extract::Extracted, String> {
     let mut done = extract::Extracted::default();
     let mut dirs = Vec::new();
     let each = |e: &crate::verify::tar_walk::Entry, data: &mut dyn Read| {
-        extract::entry(staging, e, data, paths, &mut done, &mut dirs)
+        extract::entry(staging, e, data, paths, special, &mut done, &mut dirs)
     };
     let mut contents = verified(reader, entry, identities)?;
     let walked = walk_archive(&mut contents, gzipped, each);
     contents.finish()?;
     walked?;
     extract::finish_dirs(staging, &dirs)?;
+    // Everything unpacked reaches the disk before any of it is moved into
+    // place: one syncfs for the whole tree, rather than an fsync a file.
+    // (A cap-std directory handle is O_PATH, which syncfs refuses.)
+    staging
+        .open(".")
+        .and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from))
+        .map_err(|e| format!("cannot sync what was unpacked: {e}"))?;
     Ok(done)
 }
 
@@ -808,10 +818,12 @@ fn restore_one(
 /// database client that commits at the end of its input) sees an error,
 /// never a clean end.
 struct Verified<'a> {
-    plain: HashingReader<Box<dyn Read + 'a>>,
+    contents: Box<dyn Read + 'a>,
     stored: Rc<RefCell<HashingReader<Box<dyn Read + 'a>>>>,
     entry: &'a StoredFile,
-    decrypting: bool,
+    /// The plaintext's hash and size, when decrypting (else the contents
+    /// are the stored bytes, hashed once already).
+    plain: Option<(sha2::Sha256, u64)>,
     checked: Option<Result<(), String>>,
 }
 
@@ -841,7 +853,8 @@ fn verified<'a>(
     } else {
         Box::new(Shared(stored.clone()))
     };
-    Ok(Verified { plain: HashingReader::new(contents), stored, entry, decrypting, checked: None })
+    let plain = decrypting.then(|| (sha2::Sha256::new(), 0));
+    Ok(Verified { contents, stored, entry, plain, checked: None })
 }
 
 impl Verified<'_> {
@@ -857,9 +870,9 @@ impl Verified<'_> {
                 stored.bytes, self.entry.sha256, self.entry.bytes
             ));
         }
-        if let Some(p) = self.entry.plain.as_ref().filter(|_| self.decrypting) {
-            let plain_sha = hex::encode(self.plain.hasher.clone().finalize());
-            if plain_sha != p.sha256 || self.plain.bytes != p.bytes {
+        if let (Some(p), Some((hasher, bytes))) = (self.entry.plain.as_ref(), &self.plain) {
+            let plain_sha = hex::encode(hasher.clone().finalize());
+            if plain_sha != p.sha256 || *bytes != p.bytes {
                 return Err(format!("its plaintext's sha256 is {plain_sha}, the manifest says {}", p.sha256));
             }
         }
@@ -875,7 +888,11 @@ impl Verified<'_> {
 impl Read for Verified<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.checked.is_none() {
-            let n = self.plain.read(buf).map_err(|e| io::Error::other(format!("stopped: {e}")))?;
+            let n = self.contents.read(buf).map_err(|e| io::Error::other(format!("stopped: {e}")))?;
+            if let Some((hasher, bytes)) = &mut self.plain {
+                hasher.update(&buf[..n]);
+                *bytes += n as u64;
+            }
             if n > 0 || buf.is_empty() {
                 return Ok(n);
             }
@@ -924,7 +941,17 @@ fn stream(
     out: &mut impl Write,
 ) -> Result<(), String> {
     let mut contents = verified(reader, entry, identities)?;
-    io::copy(&mut contents, out).map(drop).map_err(reason)
+    // Large reads: a syscall per 8 KiB (io::copy's buffer) costs more than
+    // the copy itself.
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match contents.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => out.write_all(&buf[..n]).map_err(reason)?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(reason(e)),
+        }
+    }
 }
 
 #[cfg(test)]

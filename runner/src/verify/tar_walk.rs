@@ -25,6 +25,11 @@ pub struct Entry {
     pub mtime: i64,
     /// Where a link points.
     pub link: Option<String>,
+    /// Numeric owner and group.
+    pub uid: u32,
+    pub gid: u32,
+    /// A device node's major and minor numbers.
+    pub device: (u32, u32),
 }
 
 /// Reads every entry of a tar stream up to its end-of-archive block;
@@ -120,7 +125,16 @@ pub fn walk(
             .or_else(|| octal(&header[136..148]).and_then(|t| i64::try_from(t).ok()))
             .unwrap_or(0);
         let mode = octal(&header[100..108]).and_then(|m| u32::try_from(m).ok()).unwrap_or(0);
-        let entry = Entry { name, kind, size, mode, mtime, link };
+        let id = |key: &str, range: std::ops::Range<usize>| {
+            value(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .or_else(|| octal(&header[range]))
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0)
+        };
+        let (uid, gid) = (id("uid", 108..116), id("gid", 116..124));
+        let device = (id("", 329..337), id("", 337..345));
+        let entry = Entry { name, kind, size, mode, mtime, link, uid, gid, device };
         let mut data = reader.take(size);
         seen(&entry, &mut data)?;
         io::copy(&mut data, &mut io::sink()).map_err(|e| format!("tar: {n}: {e}"))?;

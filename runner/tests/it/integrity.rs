@@ -1224,3 +1224,45 @@ fn restore_faults_fail_clearly_and_leave_nothing_under_a_final_name() {
     let ran = offsite(&["restore", s, "www.*.tgz", "--into-database", "x", "--age-identity", id]);
     ran.expect_code(1).expect_stderr("does not say mysqldump or pg_dump made it");
 }
+
+/// Owners, setuid bits, device nodes and FIFOs (an archive GNU tar made
+/// as root): left to the restoring user, dropped and left out by default;
+/// kept, as root, with `--same-owner` and `--preserve-special`.
+#[test]
+fn same_owner_and_preserve_special_keep_what_root_asks_for_and_nothing_by_default() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let site = Site::new();
+    site.arc("2004-03-21T01:48:44").expect_code(0);
+    let src = site.path("special");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("owned.txt"), "owned\n").unwrap();
+    std::fs::write(src.join("setuid"), "#!/bin/sh\n").unwrap();
+    let sh = |cmd: &str| assert!(Command::new("sh").arg("-c").arg(cmd).current_dir(&src).status().unwrap().success());
+    sh("chown 1234:2345 owned.txt && chmod 4755 setuid && mkfifo pipe && mknod null c 1 3");
+    let archive = site.path("special.tgz");
+    sh(&format!("tar czf {} .", archive.display()));
+    let name = "www.20040321-014844.tgz";
+    replace_archive(&site.store(), name, &std::fs::read(&archive).unwrap());
+    let s = site.store();
+    let offsite = |args: &[&str]| Ran::from_output(site.offsite().arg("restore").arg(&s).args(args).output().unwrap());
+
+    let plain = site.path("plain");
+    let ran = offsite(&[name, "--extract", "--to", plain.to_str().unwrap()]);
+    ran.expect_code(0)
+        .expect_stdout("left out (devices, FIFOs, sparse entries): ./pipe")
+        .expect_stdout("lost their setuid");
+    assert!(!plain.join("null").exists() && !plain.join("pipe").exists());
+    assert_eq!(std::fs::metadata(plain.join("setuid")).unwrap().mode() & 0o7777, 0o755);
+    assert_eq!(std::fs::metadata(plain.join("owned.txt")).unwrap().uid(), 0, "the restoring user's");
+
+    let kept = site.path("kept");
+    let ran = offsite(&[name, "--extract", "--same-owner", "--preserve-special", "--to", kept.to_str().unwrap()]);
+    ran.expect_code(0);
+    let owned = std::fs::metadata(kept.join("owned.txt")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1234, 2345));
+    assert_eq!(std::fs::metadata(kept.join("setuid")).unwrap().mode() & 0o7777, 0o4755);
+    assert!(std::fs::symlink_metadata(kept.join("pipe")).unwrap().file_type().is_fifo());
+    let null = std::fs::symlink_metadata(kept.join("null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), std::fs::metadata("/dev/null").unwrap().rdev());
+}

@@ -133,6 +133,10 @@ fn every_reporting_command_prints_json_that_matches_the_schema() {
     let problems = checked(&v, &s.run(&["verify", &site, "--json"]), "verify", 1);
     assert!(problems["problems"][0].as_str().unwrap().contains("stray.txt"), "{problems}");
 
+    // runs: the one run prune kept.
+    let runs = checked(&v, &s.run(&["runs", &site, "--json"]), "runs", 0);
+    assert_eq!((&runs["runs"][0]["status"], &runs["runs"][0]["signature"]), (&"ok".into(), &"none".into()), "{runs}");
+
     // script ls, on an empty script store.
     let ls = checked(&v, &s.run(&["script", "ls", "--json"]), "script ls", 0);
     assert_eq!(ls["scripts"], Value::Array(vec![]));
