@@ -29,6 +29,8 @@ pub struct Target {
     pub verify_key: Option<std::path::PathBuf>,
     /// How many `[[copy]]` stores the site file names (0 without one).
     pub copies: usize,
+    /// Which of them this is (1 for the first), or `None` for the store.
+    pub copy: Option<usize>,
 }
 
 /// Which store a reading command opens, beyond its target: a site's
@@ -60,7 +62,7 @@ pub fn open(target: &Path, choice: &StoreChoice) -> Result<Target, Failure> {
             lock_stale: crate::site::DEFAULT_LOCK_STALE,
         }));
         let root = crate::exit::open_existing(&store, crate::site::Limits::default().call_timeout)?;
-        return Ok(Target { root, shown: store.display(), verify_key: None, copies: 0 });
+        return Ok(Target { root, shown: store.display(), verify_key: None, copies: 0, copy: None });
     }
     if target.is_dir() {
         if from_copy.is_some() {
@@ -68,7 +70,7 @@ pub fn open(target: &Path, choice: &StoreChoice) -> Result<Target, Failure> {
         }
         let store = crate::site::StoreAt::Dir(target.to_path_buf());
         let root = crate::exit::open_existing(&store, crate::site::Limits::default().call_timeout)?;
-        return Ok(Target { root, shown: target.display().to_string(), verify_key: None, copies: 0 });
+        return Ok(Target { root, shown: target.display().to_string(), verify_key: None, copies: 0, copy: None });
     }
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let file = crate::run::site_path(target);
@@ -84,7 +86,13 @@ pub fn open(target: &Path, choice: &StoreChoice) -> Result<Target, Failure> {
         },
     };
     let root = crate::exit::open_existing(&store, site.limits.call_timeout)?;
-    Ok(Target { root, shown: store.display(), verify_key: site.protect.verify_key, copies: site.copies.len() })
+    Ok(Target {
+        root,
+        shown: store.display(),
+        verify_key: site.protect.verify_key,
+        copies: site.copies.len(),
+        copy: from_copy,
+    })
 }
 
 /// A store's runs, as `Root::manifests` reads them.
@@ -141,6 +149,14 @@ fn open_runs(
 pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool) -> Result<(), Failure> {
     let (t, (mut all, bad)) = open_runs(target, choice, &|_| true)?;
     all.reverse();
+    // Reading a site's store: which of its copies hold each run.
+    let copies: Vec<CopyView> = match t.copy {
+        None => (1..=t.copies).map(|n| copy_view(target, choice, n)).collect(),
+        Some(_) => Vec::new(),
+    };
+    let held_by = |m: &Manifest| -> Vec<usize> {
+        copies.iter().filter(|c| c.runs.contains(&m.run.run_id)).map(|c| c.number).collect()
+    };
     let signed_runs =
         t.root.signed_runs().with_context(|| format!("cannot list {}", t.shown)).exit(Exit::BackupFailed)?;
     let key = match key.map(Path::to_path_buf).or(t.verify_key.clone()) {
@@ -168,25 +184,34 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
                 "run_id": m.run.run_id, "site": m.run.site, "started": m.run.started, "status": m.status.as_str(),
                 "files": m.files.len(), "bytes": m.bytes(), "signed": sig != "no",
                 "signature": match sig { "ok" => "verified", "BAD" => "bad", "yes" => "unchecked", _ => "none" },
-                "encrypted": encryption(m),
+                "encrypted": encryption(m), "copies": held_by(m),
             })
         })
         .collect();
     if json {
         let bad: Vec<serde_json::Value> =
             bad.iter().map(|b| serde_json::json!({ "manifest": b.name, "error": b.error })).collect();
-        crate::json::report(serde_json::json!({ "store": t.shown, "runs": rows, "unreadable": bad }));
+        let views: Vec<serde_json::Value> = copies
+            .iter()
+            .map(|c| {
+                serde_json::json!({ "copy": c.number, "store": c.shown, "runs": c.runs.len(),
+                    "only_there": c.runs.iter().filter(|id| !all.iter().any(|m| &m.run.run_id == *id)).count(),
+                    "error": c.error })
+            })
+            .collect();
+        crate::json::report(serde_json::json!({ "store": t.shown, "runs": rows, "unreadable": bad, "copies": views }));
     } else {
         if all.is_empty() {
             crate::outln!("{}: no runs", t.shown);
         } else {
             crate::outln!(
-                "{:<32} {:<25} {:<10} {:>6} {:>12}  signed  encrypted",
+                "{:<32} {:<25} {:<10} {:>6} {:>12}  signed  encrypted{}",
                 "run",
                 "started",
                 "status",
                 "files",
-                "bytes"
+                "bytes",
+                if copies.is_empty() { "" } else { "  copies" }
             );
         }
         for (m, row) in all.iter().zip(&rows) {
@@ -197,16 +222,35 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
                 _ => "no",
             };
             // Run ids and times are the store's text: escaped.
+            let held = match (copies.is_empty(), held_by(m)) {
+                (true, _) => String::new(),
+                (false, h) if h.is_empty() => "  -".into(),
+                (false, h) => format!("  {}", h.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
+            };
             crate::outln!(
-                "{:<32} {:<25} {:<10} {:>6} {:>12}  {:<6}  {}",
+                "{:<32} {:<25} {:<10} {:>6} {:>12}  {:<6}  {:<9}{held}",
                 crate::text::escape(&m.run.run_id),
                 crate::status::local(&m.run.started),
                 m.status.as_str(),
                 m.files.len(),
                 m.bytes(),
                 sig,
-                row["encrypted"].as_str().unwrap_or_default()
+                row["encrypted"].as_str().unwrap_or_default(),
             );
+        }
+        for c in &copies {
+            let only = c.runs.iter().filter(|id| !all.iter().any(|m| &m.run.run_id == *id)).count();
+            match &c.error {
+                Some(e) => crate::outln!("copy {} ({}): cannot be read: {}", c.number, c.shown, crate::text::escape(e)),
+                None if only > 0 => crate::outln!(
+                    "copy {} ({}): {} run(s), {only} of them no longer in the store (`--from-copy {}` reads them)",
+                    c.number,
+                    c.shown,
+                    c.runs.len(),
+                    c.number
+                ),
+                None => crate::outln!("copy {} ({}): {} run(s)", c.number, c.shown, c.runs.len()),
+            }
         }
         for b in &bad {
             crate::outln!("{}: cannot be read: {}", crate::text::escape(&b.name), crate::text::escape(&b.error));
@@ -218,6 +262,32 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
             .exit(Exit::BackupFailed);
     }
     Ok(())
+}
+
+/// What one `[[copy]]` store holds, for `runs`.
+struct CopyView {
+    number: usize,
+    shown: String,
+    runs: std::collections::BTreeSet<String>,
+    error: Option<String>,
+}
+
+fn copy_view(target: &Path, choice: &StoreChoice, number: usize) -> CopyView {
+    let copy = StoreChoice { from_copy: Some(number), ..choice.clone() };
+    match open(target, &copy) {
+        Ok(t) => match t.root.manifests() {
+            Ok((all, _)) => {
+                CopyView { number, shown: t.shown, runs: all.into_iter().map(|m| m.run.run_id).collect(), error: None }
+            }
+            Err(e) => CopyView { number, shown: t.shown, runs: Default::default(), error: Some(e.to_string()) },
+        },
+        Err(f) => CopyView {
+            number,
+            shown: format!("[[copy]] {number}"),
+            runs: Default::default(),
+            error: Some(format!("{:#}", f.error)),
+        },
+    }
 }
 
 /// `yes`, `no`, or `partly` (some files sealed with age).

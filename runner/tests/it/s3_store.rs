@@ -612,11 +612,27 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
     assert!(!status.stdout.contains('\u{1b}'), "{}", status.stdout);
     std::fs::remove_file(local.join(format!(".offsite/manifests/{forged_id}.json"))).unwrap();
 
+    // `runs` shows which copies hold each run: the vault only the newest.
+    let listed = site.command(&["runs"]);
+    listed.expect_code(0);
+    let lines: Vec<&str> = listed.stdout.lines().collect();
+    assert!(
+        lines[0].ends_with("  copies") && lines[1].ends_with("  1,2") && lines[2].ends_with("  1"),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        listed.stdout.contains(&format!("copy 2 ({}): 1 run(s)", server.url("s3://vault/web1"))),
+        "{}",
+        listed.stdout
+    );
+
     // The first store is lost: every object under its prefix goes.
     for key in keys(&first) {
         first.delete(&key).unwrap();
     }
     site.command(&["verify"]).expect_code(1).expect_stderr("runs were lost from it");
+    site.command(&["runs"]).expect_code(0).expect_stdout("2 run(s), 2 of them no longer in the store");
     // The copies restore it: GNU tar reads the directory's and the
     // vault's archive back to the tree.
     let out = tempfile::tempdir().unwrap();
