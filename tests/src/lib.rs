@@ -421,6 +421,25 @@ pub(crate) fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Makes the manifest of directory store `store` that lists `file` (a
+/// file of the store) say another SHA-256 for it, as a tampered or damaged
+/// manifest would: the file itself stays as it is.
+pub fn claim_another_hash(store: &Path, file: &Path) {
+    let out = Command::new("sha256sum").arg(file).output().unwrap();
+    let real = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+    let manifests = store.join(".offsite/manifests");
+    let mut changed = 0;
+    for entry in std::fs::read_dir(&manifests).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if path.extension().is_some_and(|x| x == "json") && text.contains(&real) {
+            std::fs::write(&path, text.replace(&real, &"0".repeat(64))).unwrap();
+            changed += 1;
+        }
+    }
+    assert!(changed > 0, "no manifest in {} lists {}", manifests.display(), file.display());
+}
+
 /// A new passphrase-less ed25519 key `dir/name` (comment `name`): its
 /// path and its public line (`ssh-ed25519 AAAA... name`).
 pub fn ssh_keypair(dir: &Path, name: &str) -> (PathBuf, String) {

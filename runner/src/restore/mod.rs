@@ -163,28 +163,28 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
         Some(k) => Some(protect::verify_key(&k).exit(Exit::Usage)?),
         None => None,
     };
-    // With a key, each signature is checked: "ok" or "bad"; without,
-    // "yes" (signed, unchecked) or "no".
-    let signature = |m: &Manifest| -> &'static str {
+    // With a key, each signature is checked; without, a signed run is
+    // only said to be signed.
+    let signature = |m: &Manifest| -> Signature {
         let id = &m.run.run_id;
         match (&key, signed_runs.contains(id)) {
-            (_, false) => "no",
-            (None, true) => "yes",
+            (_, false) => Signature::None,
+            (None, true) => Signature::Unchecked,
             (Some(key), true) => match t.root.manifest_bytes(id) {
-                Ok((json, Some(sig))) if protect::verify(key, &json, &sig).is_ok() => "ok",
-                _ => "BAD",
+                Ok((json, Some(sig))) if protect::verify(key, &json, &sig).is_ok() => Signature::Verified,
+                _ => Signature::Bad,
             },
         }
     };
+    let sigs: Vec<Signature> = all.iter().map(signature).collect();
     let rows: Vec<serde_json::Value> = all
         .iter()
-        .map(|m| {
-            let sig = signature(m);
+        .zip(&sigs)
+        .map(|(m, sig)| {
             serde_json::json!({
                 "run_id": m.run.run_id, "site": m.run.site, "started": m.run.started, "status": m.status.as_str(),
-                "files": m.files.len(), "bytes": m.bytes(), "signed": sig != "no",
-                "signature": match sig { "ok" => "verified", "BAD" => "bad", "yes" => "unchecked", _ => "none" },
-                "encrypted": encryption(m), "copies": held_by(m),
+                "files": m.files.len(), "bytes": m.bytes(), "signed": *sig != Signature::None,
+                "signature": sig.json(), "encrypted": encryption(m), "copies": held_by(m),
             })
         })
         .collect();
@@ -214,13 +214,7 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
                 if copies.is_empty() { "" } else { "  copies" }
             );
         }
-        for (m, row) in all.iter().zip(&rows) {
-            let sig = match row["signature"].as_str() {
-                Some("verified") => "ok",
-                Some("bad") => "BAD",
-                Some("unchecked") => "yes",
-                _ => "no",
-            };
+        for ((m, row), sig) in all.iter().zip(&rows).zip(&sigs) {
             // Run ids and times are the store's text: escaped.
             let held = match (copies.is_empty(), held_by(m)) {
                 (true, _) => String::new(),
@@ -234,7 +228,7 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
                 m.status.as_str(),
                 m.files.len(),
                 m.bytes(),
-                sig,
+                sig.text(),
                 row["encrypted"].as_str().unwrap_or_default(),
             );
         }
@@ -256,12 +250,43 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
             crate::outln!("{}: cannot be read: {}", crate::text::escape(&b.name), crate::text::escape(&b.error));
         }
     }
-    let forged = rows.iter().filter(|r| r["signature"] == "bad").count();
+    let forged = sigs.iter().filter(|s| **s == Signature::Bad).count();
     if forged > 0 {
         return Err(anyhow!("{forged} run(s) whose manifest signature does not verify: do not trust them"))
             .exit(Exit::BackupFailed);
     }
     Ok(())
+}
+
+/// A run's manifest signature, as `runs` found it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Signature {
+    None,
+    Unchecked,
+    Verified,
+    Bad,
+}
+
+impl Signature {
+    /// The `signed` column.
+    fn text(self) -> &'static str {
+        match self {
+            Signature::None => "no",
+            Signature::Unchecked => "yes",
+            Signature::Verified => "ok",
+            Signature::Bad => "BAD",
+        }
+    }
+
+    /// The JSON `signature`.
+    fn json(self) -> &'static str {
+        match self {
+            Signature::None => "none",
+            Signature::Unchecked => "unchecked",
+            Signature::Verified => "verified",
+            Signature::Bad => "bad",
+        }
+    }
 }
 
 /// What one `[[copy]]` store holds, for `runs`.

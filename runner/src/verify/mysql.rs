@@ -47,6 +47,23 @@ impl Database {
         cmd
     }
 
+    /// How many tables the database holds; `None` when it does not exist.
+    fn tables(&self) -> Result<Option<u64>, String> {
+        let db = &self.database;
+        let exists =
+            self.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
+        if exists.trim() == "0" {
+            return Ok(None);
+        }
+        let tables =
+            self.query(&format!("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{db}'"))?;
+        tables
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("the mysql client answered {:?} for a count", tables.trim()))
+    }
+
     /// Runs one statement; returns its output.
     fn query(&self, sql: &str) -> Result<String, String> {
         let mut client = self.client();
@@ -59,17 +76,14 @@ impl Database {
 /// counts.
 pub fn restore_test(reader: Box<dyn BufRead + '_>, rel: &Path, scratch: &Database) -> Result<String, String> {
     let db = &scratch.database;
-    let existed =
-        scratch.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
-    let existed = existed.trim() != "0";
-    if existed {
-        let tables =
-            scratch.query(&format!("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{db}'"))?;
-        if tables.trim() != "0" {
+    let tables = scratch.tables()?;
+    let existed = tables.is_some();
+    match tables {
+        Some(0) => {}
+        Some(_) => {
             return Err(format!("the scratch database {db} is not empty; refusing to load a dump over its tables"));
         }
-    } else {
-        scratch.query(&format!("CREATE DATABASE `{db}`"))?;
+        None => drop(scratch.query(&format!("CREATE DATABASE `{db}`"))?),
     }
     let result = load_and_count(reader, scratch);
     let cleanup = match (&result, existed) {
@@ -98,17 +112,14 @@ pub fn restore_test(reader: Box<dyn BufRead + '_>, rel: &Path, scratch: &Databas
 /// database that fails says the database may hold part of the dump.
 pub fn load_into(reader: Box<dyn BufRead + '_>, target: &Database, force: bool) -> Result<(usize, u64), String> {
     let db = &target.database;
-    let existed =
-        target.query(&format!("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{db}'"))?;
-    let existed = existed.trim() != "0";
-    if existed {
-        let tables =
-            target.query(&format!("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{db}'"))?;
-        if tables.trim() != "0" && !force {
-            return Err(format!("the database {db} is not empty ({} tables); --force loads over it", tables.trim()));
+    let tables = target.tables()?;
+    let existed = tables.is_some();
+    match tables {
+        Some(n) if n > 0 && !force => {
+            return Err(format!("the database {db} is not empty ({n} tables); --force loads over it"));
         }
-    } else {
-        target.query(&format!("CREATE DATABASE `{db}`"))?;
+        Some(_) => {}
+        None => drop(target.query(&format!("CREATE DATABASE `{db}`"))?),
     }
     match load_and_count(reader, target) {
         Ok(counts) => Ok((counts.len(), counts.values().sum())),

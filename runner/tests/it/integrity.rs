@@ -91,6 +91,18 @@ impl Site {
         names.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
     }
 
+    /// Encrypts to a new age identity and signs manifests with a new key:
+    /// the identity file and the signing key's path.
+    fn protect(&mut self) -> (PathBuf, PathBuf) {
+        let keys = self.path("keys");
+        std::fs::create_dir(&keys).unwrap();
+        let (identity, recipient) = offsite_testkit::age_keypair(&keys);
+        let (signing, _) = offsite_testkit::ssh_keypair(&keys, "manifest_key");
+        self.extra =
+            format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display());
+        (identity, signing)
+    }
+
     fn backups(&self) -> Vec<String> {
         tree(&self.store()).iter().map(|p| p.display().to_string()).collect()
     }
@@ -660,11 +672,7 @@ fn metric(text: &str, name: &str) -> f64 {
 #[test]
 fn encrypted_outputs_open_with_age_and_signed_manifests_verify_with_ssh_keygen() {
     let mut site = Site::new();
-    let keys = site.path("keys");
-    std::fs::create_dir(&keys).unwrap();
-    let (identity, recipient) = offsite_testkit::age_keypair(&keys);
-    let (signing, _) = offsite_testkit::ssh_keypair(&keys, "manifest_key");
-    site.extra = format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display());
+    let (identity, signing) = site.protect();
     site.arc("2004-03-21T01:48:44").expect_code(0);
     assert_eq!(site.backups(), vec!["www.20040321-014844.tgz.age"]);
 
@@ -687,7 +695,7 @@ fn encrypted_outputs_open_with_age_and_signed_manifests_verify_with_ssh_keygen()
         .find(|p| p.extension().is_some_and(|x| x == "json"))
         .unwrap();
     let public = std::fs::read_to_string(signing.with_extension("pub")).unwrap();
-    let allowed = keys.join("allowed_signers");
+    let allowed = site.path("keys/allowed_signers");
     std::fs::write(&allowed, format!("offsite {public}")).unwrap();
     let mut sig = manifest.clone().into_os_string();
     sig.push(".sig");
@@ -1116,11 +1124,7 @@ fn an_empty_required_parameter_or_a_bad_time_pattern_is_a_usage_error() {
 #[test]
 fn restore_faults_fail_clearly_and_leave_nothing_under_a_final_name() {
     let mut site = Site::new();
-    let keys = site.path("keys");
-    std::fs::create_dir(&keys).unwrap();
-    let (identity, recipient) = offsite_testkit::age_keypair(&keys);
-    let (signing, _) = offsite_testkit::ssh_keypair(&keys, "manifest_key");
-    site.extra = format!("[protect]\nage_recipients = [\"{recipient}\"]\nsigning_key = \"{}\"\n", signing.display());
+    let (identity, _) = site.protect();
     // Big enough to fill a small file system.
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     let noise: Vec<u8> = (0..(256 << 10))

@@ -198,20 +198,7 @@ fn one_script_dumps_both_servers_and_every_dump_restores_identically() {
         .expect_stderr("a pg_dumpall dump");
     // A manifest that says another hash: the check at the dump's end
     // fails before psql may commit; the database this created is dropped.
-    let manifests = dir.path().join("backups/.offsite/manifests");
-    let manifest = std::fs::read_dir(&manifests)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "json"))
-        .unwrap();
-    let text = std::fs::read_to_string(&manifest).unwrap();
-    let out = std::process::Command::new("sha256sum")
-        .arg(backups.join("server1/sitedb-20040321-014844.sql.gz"))
-        .output()
-        .unwrap();
-    let real = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
-    assert!(text.contains(&real));
-    std::fs::write(&manifest, text.replace(&real, &"0".repeat(64))).unwrap();
+    offsite_testkit::claim_another_hash(&backups, &backups.join("server1/sitedb-20040321-014844.sql.gz"));
     restore(&[&sitedb[..], &["sitedb_tampered"]].concat())
         .expect_code(1)
         .expect_stderr("the manifest says 0000")
