@@ -1,8 +1,11 @@
-//! Reading backups back: `offsite runs` lists a store's runs, `offsite cat`
-//! streams one stored file to stdout, checked against its manifest as it
-//! goes. Both read any store kind through the same `Root` the runs write
-//! with, and work on a bare store directory without a site file (a new
-//! machine after a disaster).
+//! Reading backups back: `offsite runs` lists a store's runs, `ls` a run's
+//! files or an archive's entries, `cat` streams one stored file to stdout,
+//! and `restore` writes files beneath a directory, unpacks an archive
+//! (`extract`) or loads a dump into a database. Every byte goes through
+//! one [`Verified`] reader, which ends only once the stored file matched
+//! its manifest. They read any store kind through the same `Root` the runs
+//! write with: a site's store or one of its copies, a bare directory, or a
+//! bare `s3://` bucket (a new machine after a disaster).
 
 pub mod extract;
 
@@ -617,14 +620,6 @@ fn list(
     walked.map(|_| ()).map_err(|e| failed(&e))
 }
 
-/// `offsite restore TARGET [RUN] [FILE] --to DIR`: the file (or every
-/// file the run published) written beneath `to` under its path in the
-/// store, decrypted (and named without `.age`) when an identity is given.
-/// Each goes to a temporary name, is checked (size, SHA-256, plaintext's
-/// SHA-256) and synced, and only then renamed into place; a file that
-/// fails a check is removed. An existing file is left alone unless
-/// `overwrite`. Paths a manifest names are checked as a run checks them,
-/// and `to` is entered without following links planted beneath it.
 /// What every reading command takes: the identity that decrypts, the key
 /// that checks manifest signatures, and which copy to read instead of the
 /// first store.
@@ -660,6 +655,16 @@ fn restore_args<'w>(
     }
 }
 
+/// `offsite restore TARGET [RUN] [FILE] --to DIR`: the file (or every
+/// file the run published) written beneath `to` under its path in the
+/// store, decrypted (and named without `.age`) when an identity is given.
+/// Each goes to a temporary name, is checked (size, SHA-256, plaintext's
+/// SHA-256) and synced, and only then renamed into place; a file that
+/// fails a check is removed. An existing file is left alone unless
+/// `overwrite`. Paths a manifest names are checked as a run checks them,
+/// and `to` is entered without following links planted beneath it.
+/// With `--extract`, the archive is unpacked instead (`extract_archive`);
+/// with `--into-database`, the dump is loaded (`into_database`).
 pub fn restore(target: &Path, what: &[String], into: &Into, read: &ReadOptions) -> Result<(), Failure> {
     let ReadOptions { identity, key, ref store } = *read;
     let (to, overwrite, extract, special) = match into {
