@@ -2,7 +2,7 @@
 //! files or an archive's entries, `cat` streams one stored file to stdout,
 //! and `restore` writes files beneath a directory, unpacks an archive
 //! (`extract`) or loads a dump into a database. Every byte goes through
-//! one [`Verified`] reader, which ends only once the stored file matched
+//! one `Verified` reader, which ends only once the stored file matched
 //! its manifest. They read any store kind through the same `Root` the runs
 //! write with: a site's store or one of its copies, a bare directory, or a
 //! bare `s3://` bucket (a new machine after a disaster).
