@@ -76,35 +76,47 @@ pub fn load_lines(
     let errors = capture(child.stderr.take().expect("piped"), CAPTURED_MAX);
     let mut stdin = child.stdin.take().expect("piped");
     let mut number = 0u64;
-    let fed = (|| -> io::Result<()> {
-        stdin.write_all(first)?;
+    let fed = (|| -> Result<(), Fed> {
+        stdin.write_all(first).map_err(Fed::Write)?;
         let mut line = Vec::new();
         loop {
             number += 1;
-            if !read_line(&mut reader, &mut line, LINE_MAX)? {
+            if !read_line(&mut reader, &mut line, LINE_MAX).map_err(Fed::Read)? {
                 return Ok(());
             }
             if feed(&line) {
-                stdin.write_all(&line)?;
+                stdin.write_all(&line).map_err(Fed::Write)?;
             }
         }
     })();
-    drop(stdin);
-    if fed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::InvalidData) {
-        // Stop the client before it commits half a dump.
+    if let Err(Fed::Read(_)) = &fed {
+        // The dump could not be read to its end (cut short, a line too
+        // long, a stored file that failed its check at the end): the client
+        // is stopped while its input is still open, so it never sees an end
+        // of input it could commit (psql --single-transaction commits at
+        // the end of its input).
         let _ = child.kill();
+        let _ = child.wait();
     }
+    drop(stdin);
     let status = child.wait().map_err(|e| e.to_string())?;
     let errors = errors.join().unwrap_or_default();
-    if let Err(e) = &fed
-        && e.kind() == io::ErrorKind::InvalidData
-    {
+    if let Err(Fed::Read(e)) = &fed {
         return Err(format!("line {number} of the dump: {e}"));
     }
     if !status.success() {
         return Err(format!("the load failed ({status}): {}", errors.trim()));
     }
-    fed.map_err(|e| format!("reading the dump: {e}"))
+    match fed {
+        Err(Fed::Write(e)) => Err(format!("writing to {what}: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Where feeding a client failed: reading the dump, or writing to it.
+enum Fed {
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// Reads one line (with its newline) into `line`, at most `max` bytes;
