@@ -122,7 +122,7 @@ fn open_runs(
     };
     let first = read(choice);
     let (why, copies) = match &first {
-        Ok((t, (all, _))) if wanted(all) || t.copies == 0 => return first,
+        Ok((t, (all, _))) if wanted(all) || t.copies == 0 || choice.from_copy.is_some() => return first,
         Ok((t, _)) => (format!("{} has no such run or file", t.shown), t.copies),
         Err(_) if choice.from_copy.is_some() || target.is_dir() => return first,
         Err(e) => {
@@ -198,7 +198,7 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
             .iter()
             .map(|c| {
                 serde_json::json!({ "copy": c.number, "store": c.shown, "runs": c.runs.len(),
-                    "only_there": c.runs.iter().filter(|id| !all.iter().any(|m| &m.run.run_id == *id)).count(),
+                    "only_there": c.only_there(&all),
                     "error": c.error })
             })
             .collect();
@@ -236,7 +236,7 @@ pub fn runs(target: &Path, key: Option<&Path>, choice: &StoreChoice, json: bool)
             );
         }
         for c in &copies {
-            let only = c.runs.iter().filter(|id| !all.iter().any(|m| &m.run.run_id == *id)).count();
+            let only = c.only_there(&all);
             match &c.error {
                 Some(e) => crate::outln!("copy {} ({}): cannot be read: {}", c.number, c.shown, crate::text::escape(e)),
                 None if only > 0 => crate::outln!(
@@ -298,6 +298,14 @@ struct CopyView {
     shown: String,
     runs: std::collections::BTreeSet<String>,
     error: Option<String>,
+}
+
+impl CopyView {
+    /// How many of its runs the store itself (`all`) no longer has.
+    fn only_there(&self, all: &[Manifest]) -> usize {
+        let store: std::collections::BTreeSet<&str> = all.iter().map(|m| m.run.run_id.as_str()).collect();
+        self.runs.iter().filter(|id| !store.contains(id.as_str())).count()
+    }
 }
 
 fn copy_view(target: &Path, choice: &StoreChoice, number: usize) -> CopyView {
@@ -384,15 +392,12 @@ fn chosen<'a>(
 /// names a dump without knowing its time stamp.
 fn find<'a>(m: &'a Manifest, name: &str) -> Result<&'a StoredFile, Failure> {
     let wanted = name.strip_prefix("./").unwrap_or(name);
-    let names = |f: &'a StoredFile| {
-        let plain = f.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| f.plain.is_some());
-        [Some(f.path.as_str()), plain].into_iter().flatten()
-    };
+    let names = |f: &'a StoredFile| [f.path.as_str(), f.plain_path()];
     let pattern = wanted.contains(['*', '?']);
     let found: Vec<&StoredFile> = m
         .files
         .iter()
-        .filter(|f| names(f).any(|n| if pattern { glob(wanted.as_bytes(), n.as_bytes()) } else { n == wanted }))
+        .filter(|f| names(f).iter().any(|n| if pattern { glob(wanted.as_bytes(), n.as_bytes()) } else { *n == wanted }))
         .collect();
     let listed = |files: &mut dyn Iterator<Item = &StoredFile>| {
         let names: Vec<String> = files.take(10).map(|f| crate::text::escape(&f.path).into_owned()).collect();
@@ -466,24 +471,47 @@ fn identities(identity: Option<&Path>) -> Result<Vec<Box<dyn age::Identity>>, Fa
     }
 }
 
-/// Opens `entry` of run `m` and checks its size before anything is read.
-fn open_checked<'a>(t: &'a Target, m: &Manifest, entry: &StoredFile) -> Result<Box<dyn Read + 'a>, Failure> {
-    let location = m.location(entry);
-    let (size, reader) = t
-        .root
-        .open_file(&location)
-        .with_context(|| format!("{}: cannot be read", location.display()))
-        .exit(Exit::BackupFailed)?;
-    if size != entry.bytes {
+/// The identities that decrypt `entry`, which an encrypted file needs
+/// before anything can `verb` it.
+fn identities_for(
+    entry: &StoredFile,
+    identity: Option<&Path>,
+    verb: &str,
+) -> Result<Vec<Box<dyn age::Identity>>, Failure> {
+    if entry.plain.is_some() && identity.is_none() {
+        return Err(anyhow!("{}: encrypted; give --age-identity to {verb} it", crate::text::escape(&entry.path)))
+            .exit(Exit::Usage);
+    }
+    identities(identity)
+}
+
+/// Whether `entry` is a gzipped tar archive (`.tgz`, `.tar.gz`) or a
+/// plain one (`.tar`); anything else is refused.
+fn archive_kind(entry: &StoredFile) -> Result<bool, Failure> {
+    let name = entry.plain_path();
+    let gzipped = [".tgz", ".tar.gz"].iter().any(|s| name.ends_with(s));
+    if !gzipped && !name.ends_with(".tar") {
         return Err(anyhow!(
-            "{}: {size} bytes, but run {}'s manifest says {}: nothing was written",
-            location.display(),
-            m.run.run_id,
-            entry.bytes
+            "{}: not a tar archive (.tar, .tgz, .tar.gz): `offsite cat` writes it",
+            crate::text::escape(name)
         ))
-        .exit(Exit::BackupFailed);
+        .exit(Exit::Usage);
+    }
+    Ok(gzipped)
+}
+
+/// Opens `entry` of run `m` and checks its size before anything is read.
+fn open_sized<'a>(t: &'a Target, m: &Manifest, entry: &StoredFile) -> Result<Box<dyn Read + 'a>, String> {
+    let (size, reader) = t.root.open_file(&m.location(entry)).map_err(|e| format!("cannot be read: {e}"))?;
+    if size != entry.bytes {
+        return Err(format!("{size} bytes, but the manifest says {}: nothing was written", entry.bytes));
     }
     Ok(reader)
+}
+
+/// [`open_sized`] for a command that reads one file.
+fn open_checked<'a>(t: &'a Target, m: &Manifest, entry: &StoredFile) -> Result<Box<dyn Read + 'a>, Failure> {
+    open_sized(t, m, entry).map_err(|e| anyhow!("{}: {e}", m.location(entry).display())).exit(Exit::BackupFailed)
 }
 
 /// `offsite cat TARGET [RUN] FILE`: the file's bytes to stdout, decrypted
@@ -557,21 +585,8 @@ pub fn ls(target: &Path, what: &[String], options: &ReadOptions) -> Result<(), F
         return Ok(());
     };
     let entry = find(m, file)?;
-    let plain_name =
-        entry.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| entry.plain.is_some()).unwrap_or(&entry.path);
-    let gzipped = [".tgz", ".tar.gz"].iter().any(|s| plain_name.ends_with(s));
-    if !gzipped && !plain_name.ends_with(".tar") {
-        return Err(anyhow!(
-            "{}: not a tar archive (.tar, .tgz, .tar.gz): `offsite cat` writes it",
-            crate::text::escape(plain_name)
-        ))
-        .exit(Exit::Usage);
-    }
-    if entry.plain.is_some() && identity.is_none() {
-        return Err(anyhow!("{}: encrypted; give --age-identity to list it", crate::text::escape(&entry.path)))
-            .exit(Exit::Usage);
-    }
-    let identities = identities(identity)?;
+    let gzipped = archive_kind(entry)?;
+    let identities = identities_for(entry, identity, "list")?;
     let reader = open_checked(&t, m, entry)?;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let listed = list(reader, entry, &identities, gzipped, &mut out);
@@ -705,11 +720,7 @@ pub fn restore(target: &Path, what: &[String], into: &Into, read: &ReadOptions) 
         .exit(Exit::Usage)?;
     let (mut written, mut skipped, mut failed) = (0usize, extract::Names::default(), extract::Names::default());
     for entry in entries {
-        let decrypting = entry.plain.is_some() && !identities.is_empty();
-        let name = match decrypting {
-            true => entry.path.strip_suffix(protect::AGE_SUFFIX).unwrap_or(&entry.path),
-            false => &entry.path,
-        };
+        let name = if identities.is_empty() { &entry.path } else { entry.plain_path() };
         let shown = crate::text::escape(name).into_owned();
         let rel = match crate::policy::store_path(name) {
             Ok(rel) => rel,
@@ -750,14 +761,9 @@ fn into_database(
     force: bool,
     identity: Option<&Path>,
 ) -> Result<(), Failure> {
-    if entry.plain.is_some() && identity.is_none() {
-        return Err(anyhow!("{}: encrypted; give --age-identity to load it", crate::text::escape(&entry.path)))
-            .exit(Exit::Usage);
-    }
+    let identities = identities_for(entry, identity, "load")?;
     let engine = crate::verify::Engine::of(entry);
-    let plain_name = entry.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| entry.plain.is_some());
-    let rel = Path::new(plain_name.unwrap_or(&entry.path));
-    let identities = identities(identity)?;
+    let rel = Path::new(entry.plain_path());
     let reader = open_checked(t, m, entry)?;
     let contents = verified(reader, entry, &identities)
         .map_err(|e| anyhow!("{}: {e}", m.location(entry).display()))
@@ -781,18 +787,8 @@ fn extract_archive(
     (to, overwrite, special): (&Path, bool, extract::Special),
     identity: Option<&Path>,
 ) -> Result<(), Failure> {
-    let plain_name =
-        entry.path.strip_suffix(protect::AGE_SUFFIX).filter(|_| entry.plain.is_some()).unwrap_or(&entry.path);
-    let gzipped = [".tgz", ".tar.gz"].iter().any(|s| plain_name.ends_with(s));
-    if !gzipped && !plain_name.ends_with(".tar") {
-        return Err(anyhow!("{}: not a tar archive (.tar, .tgz, .tar.gz)", crate::text::escape(plain_name)))
-            .exit(Exit::Usage);
-    }
-    if entry.plain.is_some() && identity.is_none() {
-        return Err(anyhow!("{}: encrypted; give --age-identity to unpack it", crate::text::escape(&entry.path)))
-            .exit(Exit::Usage);
-    }
-    let identities = identities(identity)?;
+    let gzipped = archive_kind(entry)?;
+    let identities = identities_for(entry, identity, "unpack")?;
     let reader = open_checked(t, m, entry)?;
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display())).exit(Exit::Usage)?;
     let target = cap_std::fs::Dir::open_ambient_dir(to, cap_std::ambient_authority())
@@ -880,11 +876,7 @@ fn restore_one(
     dir: &cap_std::fs::Dir,
     rel: &Path,
 ) -> Result<(), String> {
-    let location = m.location(entry);
-    let (size, reader) = t.root.open_file(&location).map_err(|e| format!("cannot be read: {e}"))?;
-    if size != entry.bytes {
-        return Err(format!("{size} bytes, the manifest says {}", entry.bytes));
-    }
+    let reader = open_sized(t, m, entry)?;
     let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(p) = parent {
         dir.create_dir_all(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;

@@ -493,11 +493,16 @@ impl StoredFile {
     /// Its output name (see [`manifest::output_name`]), without the `.age`
     /// of an encrypted file.
     pub fn output(&self) -> String {
-        let path = match &self.plain {
-            Some(_) => self.path.strip_suffix(".age").unwrap_or(&self.path),
+        manifest::output_name(self.plain_path())
+    }
+
+    /// Its path without the `.age` of an encrypted file: what decrypting
+    /// gives back.
+    pub fn plain_path(&self) -> &str {
+        match &self.plain {
+            Some(_) => self.path.strip_suffix(protect::AGE_SUFFIX).unwrap_or(&self.path),
             None => &self.path,
-        };
-        manifest::output_name(path)
+        }
     }
 }
 

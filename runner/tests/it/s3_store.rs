@@ -671,6 +671,13 @@ fn copies_in_two_more_stores_survive_the_loss_of_the_first() {
     assert_eq!(cat.stdout, std::fs::read(local.join("www.20040322-014844.tgz")).unwrap());
     let said = String::from_utf8_lossy(&cat.stderr);
     assert!(said.contains("has no such run or file; reading [[copy]] 1 ("), "{said}");
+    // --from-copy reads the copy it names and no other: the vault lacks
+    // the older archive, which copy 1 has.
+    let older = ms[0]["run_id"].as_str().unwrap();
+    let args = ["cat", file, older, "www.20040321-014844.tgz", "--from-copy", "2"];
+    let ran = Ran::from_output(site.offsite(&args).output().unwrap());
+    ran.expect_code(2).expect_stderr(&format!("no run {older}"));
+    assert!(!ran.stderr.contains("reading [[copy]]"), "{}", ran.stderr);
     std::fs::rename(&local, local.with_extension("gone")).unwrap();
     let into = out.path().join("from-vault-again");
     let args = ["restore", file, "latest", "www.*.tgz", "--extract", "--to", into.to_str().unwrap()];
