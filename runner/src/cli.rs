@@ -153,7 +153,8 @@ enum Command {
         after_help = "Examples:\n  offsite cat db1 server1/sitedb-20261203-013400.sql.gz | gunzip | mysql sitedb\n  offsite cat /srv/backups/web1 2026-12-03 www.20261203-033400.tgz | tar -tzf -"
     )]
     Cat {
-        /// A site file (or a site name), or a store directory.
+        /// A site file (or a site name), a store directory, or an
+        /// s3://BUCKET/PREFIX store.
         target: PathBuf,
         /// RUN then FILE, or just FILE (the file's path in the store, as
         /// `offsite runs --json` and the manifests list it).
@@ -170,7 +171,8 @@ enum Command {
         after_help = "Examples:\n  offsite ls web1                                  # the latest run's files\n  offsite ls web1 latest www.20261203-033400.tgz   # the archive's entries"
     )]
     Ls {
-        /// A site file (or a site name), or a store directory.
+        /// A site file (or a site name), a store directory, or an
+        /// s3://BUCKET/PREFIX store.
         target: PathBuf,
         /// [RUN] [FILE]: RUN as for `cat`; one argument is a run when it
         /// names one, else a file of the latest run.
@@ -188,7 +190,8 @@ enum Command {
         after_help = "Examples:\n  offsite restore web1 --to /var/restore                    # the latest run, every file\n  offsite restore db1 2026-12-03 server1/sitedb-20261203-013400.sql.gz --to /tmp/r\n  offsite restore web1 www.20261203-033400.tgz var/www/index.html --extract --to /tmp/r\n  offsite restore db1 latest-good 'server1/sitedb-*.sql.gz' --into-database sitedb_restored"
     )]
     Restore {
-        /// A site file (or a site name), or a store directory.
+        /// A site file (or a site name), a store directory, or an
+        /// s3://BUCKET/PREFIX store.
         target: PathBuf,
         /// [RUN] [FILE [PATHS...]]: RUN as for `cat`; one argument is a run
         /// when it names one, else a file of the latest run; PATHS (with
@@ -197,7 +200,8 @@ enum Command {
         what: Vec<String>,
         /// Unpack the archive FILE (or only PATHS of it) into DIR, once the
         /// whole stored file matched its manifest. No entry can land outside
-        /// DIR; devices are left out and setuid bits dropped.
+        /// DIR; devices are left out and setuid bits dropped (unless
+        /// --preserve-special).
         #[arg(long)]
         extract: bool,
         /// The directory to restore into (created if missing).

@@ -125,15 +125,12 @@ pub fn walk(
             .or_else(|| octal(&header[136..148]).and_then(|t| i64::try_from(t).ok()))
             .unwrap_or(0);
         let mode = octal(&header[100..108]).and_then(|m| u32::try_from(m).ok()).unwrap_or(0);
+        let number = |range: std::ops::Range<usize>| octal(&header[range]).and_then(|v| u32::try_from(v).ok());
         let id = |key: &str, range: std::ops::Range<usize>| {
-            value(key)
-                .and_then(|v| v.parse::<u64>().ok())
-                .or_else(|| octal(&header[range]))
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(0)
+            value(key).and_then(|v| v.parse::<u32>().ok()).or_else(|| number(range)).unwrap_or(0)
         };
         let (uid, gid) = (id("uid", 108..116), id("gid", 116..124));
-        let device = (id("", 329..337), id("", 337..345));
+        let device = (number(329..337).unwrap_or(0), number(337..345).unwrap_or(0));
         let entry = Entry { name, kind, size, mode, mtime, link, uid, gid, device };
         let mut data = reader.take(size);
         seen(&entry, &mut data)?;
