@@ -936,12 +936,7 @@ fn verified<'a>(
     let stored = Rc::new(RefCell::new(HashingReader::new(reader)));
     let decrypting = entry.plain.is_some() && !identities.is_empty();
     let contents: Box<dyn Read + 'a> = if decrypting {
-        let decryptor =
-            age::Decryptor::new(io::BufReader::new(Shared(stored.clone()))).map_err(|e| format!("age: {e}"))?;
-        let reader = decryptor
-            .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-            .map_err(|e| format!("age: {e}"))?;
-        Box::new(reader)
+        crate::verify::decrypt(Shared(stored.clone()), identities)?
     } else {
         Box::new(Shared(stored.clone()))
     };

@@ -408,7 +408,11 @@ fn open_plain<'a>(
     decrypt(file, identities)
 }
 
-fn decrypt<'a>(cipher: impl Read + 'a, identities: &[Box<dyn age::Identity>]) -> Result<Box<dyn Read + 'a>, String> {
+/// `cipher` decrypted with the first of `identities` that opens it.
+pub(crate) fn decrypt<'a>(
+    cipher: impl Read + 'a,
+    identities: &[Box<dyn age::Identity>],
+) -> Result<Box<dyn Read + 'a>, String> {
     let decryptor = age::Decryptor::new(io::BufReader::new(cipher)).map_err(|e| format!("age: {e}"))?;
     let reader = decryptor
         .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
