@@ -11,9 +11,9 @@ use clap::{Parser, Subcommand};
 use crate::exit::{EXIT_CODES, Exit, ExitContext, Failure, open_existing, runtime};
 use crate::run::{describe, site_path};
 use crate::site::Site;
-use crate::store::lock::{Holder, LockError};
+use crate::store::Root;
+use crate::store::backend::{Held, LockFailure};
 use crate::store::run::{hostname, new_run_id};
-use crate::store::s3::Root;
 use crate::store::{protect, retention};
 
 /// Examples for `offsite --help` and offsite(1).
@@ -827,48 +827,22 @@ fn status(args: &[PathBuf]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A store's lock held by a command.
-enum CommandLock {
-    Dir(#[allow(dead_code)] crate::store::lock::Lock),
-    S3(#[allow(dead_code)] crate::s3::lock::S3Lock),
-}
-
 /// Takes the store's lock for `what` (prune, forget), as a run would:
 /// exit 4 naming the holder when a run has it.
-fn lock_for(root: &Root, site: &Site, what: &str) -> Result<CommandLock, Failure> {
-    let root = match root {
-        Root::Dir(root) => root,
-        Root::S3(root) => {
-            let started = Local::now();
-            let header = crate::store::run::RunHeader {
-                run_id: format!("{what}-{}", new_run_id(started)),
-                site: site.name.clone(),
-                hostname: hostname(),
-                pid: std::process::id(),
-                script: Default::default(),
-                grants_sha256: String::new(),
-                started: started.to_rfc3339(),
-            };
-            return match root.lock(&header) {
-                Ok(lock) => Ok(CommandLock::S3(lock)),
-                Err(e @ crate::s3::lock::LockError::Busy { .. }) => {
-                    Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked)
-                }
-                Err(e) => Err(anyhow!("{e}")).exit(Exit::BackupFailed),
-            };
-        }
-    };
+fn lock_for(root: &Root, site: &Site, what: &str) -> Result<Box<dyn Held>, Failure> {
     let started = Local::now();
-    let me = Holder {
-        pid: std::process::id(),
-        hostname: hostname(),
-        started: started.to_rfc3339(),
-        site: site.name.clone(),
+    let header = crate::store::run::RunHeader {
         run_id: format!("{what}-{}", new_run_id(started)),
+        site: site.name.clone(),
+        hostname: hostname(),
+        pid: std::process::id(),
+        script: Default::default(),
+        grants_sha256: String::new(),
+        started: started.to_rfc3339(),
     };
-    match root.lock(&me) {
-        Ok((lock, _)) => Ok(CommandLock::Dir(lock)),
-        Err(e @ LockError::Held(_)) => Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
+    match root.lock(&header) {
+        Ok(locked) => Ok(locked.lock),
+        Err(LockFailure::Busy(e)) => Err(anyhow!("site {}: {e}", site.name)).exit(Exit::Locked),
         Err(e) => Err(anyhow!("{e}")).exit(Exit::BackupFailed),
     }
 }
@@ -878,16 +852,9 @@ fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = Site::load(&site_path(site_file), &cwd).exit(Exit::Usage)?;
     let root = open_existing(&site.store, site.limits.call_timeout)?;
-    let Root::Dir(dir) = &root else {
-        return Err(anyhow!(
-            "site {}: forget works on a store in a directory; in an S3 store, a run whose objects were lost is \
-             reported by verify until retention prunes it",
-            site.name
-        ))
-        .exit(Exit::Usage);
-    };
     let _lock = lock_for(&root, &site, "forget")?;
-    for line in dir.forget(run_id).map_err(|e| anyhow!("{e}")).exit(Exit::Usage)? {
+    let forgotten = root.forget(run_id).map_err(|e| anyhow!("site {}: {e}", site.name)).exit(Exit::Usage)?;
+    for line in forgotten {
         crate::outln!("{line}");
     }
     Ok(())

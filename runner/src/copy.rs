@@ -22,12 +22,11 @@ use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 use crate::s3::client::{DeadlineScope, deadline_scope};
-use crate::site::{CopyTo, Site, StoreAt};
-use crate::store::lock::{Holder, LockError};
+use crate::site::{CopyTo, Site};
+use crate::store::backend::{self, Access, Held, LockFailure};
 use crate::store::retention;
 use crate::store::run::{Outcome, RunHeader};
-use crate::store::s3::{Root, S3Root};
-use crate::store::{Budget, Manifest, Status, StoreRoot};
+use crate::store::{Budget, Manifest, Root, Status};
 
 /// How long a copy stopped by the run's deadline has to undo what it
 /// started (abort its uploads, free its lock).
@@ -80,12 +79,7 @@ pub fn copy_all(
 /// A copy's store, opened and locked for this process.
 struct Target {
     root: Root,
-    lock: Locked,
-}
-
-enum Locked {
-    Dir(#[allow(dead_code)] crate::store::lock::Lock),
-    S3(crate::s3::lock::S3Lock),
+    lock: Box<dyn Held>,
 }
 
 /// After a failure, while the guard lives: what is left to undo gets
@@ -101,49 +95,27 @@ fn open(
     signer: Option<&ssh_key::PrivateKey>,
     until: Option<Instant>,
 ) -> io::Result<Target> {
-    match &copy.store {
-        StoreAt::Dir(dir) => {
-            // Never made here: a copy on a disk that is not mounted would
-            // otherwise land on the disk under the mount point.
-            if !dir.is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "{} does not exist (a disk not mounted?); a copy goes only into a directory that is there \
-                         (mkdir -m 700 it once where the copy belongs)",
-                        dir.display()
-                    ),
-                ));
-            }
-            let root = StoreRoot::open(dir)?.with_signer(signer.cloned());
-            let (lock, _) = root.lock(&Holder::from(me)).map_err(|e| match e {
-                LockError::Held(_) => io::Error::new(io::ErrorKind::ResourceBusy, e.to_string()),
-                other => io::Error::other(other.to_string()),
-            })?;
-            for line in root.recover()? {
-                log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
-            }
-            Ok(Target { root: Root::Dir(root), lock: Locked::Dir(lock) })
+    let root = backend::open(&copy.store, Access::Copy, site.limits.call_timeout, signer.cloned()).map_err(|e| {
+        let kind = if e.is_not_found() { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
+        io::Error::new(kind, e.to_string())
+    })?;
+    let lock = match root.lock(me) {
+        Ok(locked) => locked.lock,
+        Err(e @ LockFailure::Busy(_)) => return Err(io::Error::new(io::ErrorKind::ResourceBusy, e.to_string())),
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    };
+    let recovered = match root.recover() {
+        Ok(lines) => lines,
+        Err(e) => {
+            let _grace = cleanup_time(until);
+            drop(lock);
+            return Err(e);
         }
-        StoreAt::S3(spec) => {
-            let root =
-                S3Root::open(spec, site.limits.call_timeout).map_err(io::Error::other)?.with_signer(signer.cloned());
-            root.probe().map_err(io::Error::other)?;
-            let lock = root.lock(me).map_err(|e| io::Error::other(e.to_string()))?;
-            let recovered = match root.recover() {
-                Ok(lines) => lines,
-                Err(e) => {
-                    let _grace = cleanup_time(until);
-                    drop(lock);
-                    return Err(io::Error::other(e));
-                }
-            };
-            for line in recovered {
-                log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
-            }
-            Ok(Target { root: Root::S3(root), lock: Locked::S3(lock) })
-        }
+    };
+    for line in recovered {
+        log::warn!(target: "offsite::copy", "{}: {line}", copy.store.display());
     }
+    Ok(Target { root, lock })
 }
 
 fn copy_to(
@@ -163,9 +135,7 @@ fn copy_to(
             return Err(e);
         }
     };
-    if let Locked::S3(lock) = target.lock
-        && let Err(e) = lock.release()
-    {
+    if let Err(e) = target.lock.release() {
         log::warn!(target: "offsite::copy", "cannot free the lock of {}: {e}", copy.store.display());
     }
     Ok(lines)
@@ -235,10 +205,7 @@ fn copy_runs(
 /// manifest. A copy that fails leaves nothing in the copy's store (no
 /// manifest either), so the next run tries it again.
 fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> io::Result<()> {
-    let store = match &to.root {
-        Root::Dir(r) => r.begin_run(&m.run, Budget::unlimited())?,
-        Root::S3(r) => r.begin_run(&m.run, Budget::unlimited(), Vec::new()).map_err(io::Error::other)?,
-    };
+    let store = to.root.begin_run(&m.run, Budget::unlimited(), Vec::new())?;
     let copied = (|| {
         for f in m.published() {
             // A manifest is data another machine may have written: only a
@@ -248,28 +215,15 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
             })?;
             let mut pending = store.create(&rel)?;
             let mut bounded = Until { inner: &mut pending, until };
-            match from {
-                Root::Dir(r) => {
-                    let mut file = r.dir.open(m.location(f))?;
-                    io::copy(&mut file, &mut bounded)?;
-                }
-                Root::S3(r) => {
-                    r.bucket().download(&f.path, &mut bounded).map_err(|e| match e {
-                        crate::s3::S3Error::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
-                        e => io::Error::other(e),
-                    })?;
-                }
-            }
+            let (_, mut file) = from.open_file(&m.location(f))?;
+            copy_stream(&mut file, &mut bounded)?;
             pending.commit_copy(f)?;
         }
         Ok::<(), io::Error>(())
     })();
     if let Err(e) = copied {
         let _grace = cleanup_time(until);
-        match &to.root {
-            Root::Dir(r) => r.abandon_run(store)?,
-            Root::S3(r) => r.abandon_run(store).map_err(io::Error::other)?,
-        }
+        to.root.abandon_run(store)?;
         return Err(io::Error::new(e.kind(), format!("copying run {}: {e}", m.run.run_id)));
     }
     // A partial run stays partial in the copy, with what it published.
@@ -283,15 +237,28 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
         },
         _ => Outcome { warnings: m.warnings.clone(), ..Outcome::default() },
     };
-    let recorded = match (&to.root, &to.lock) {
-        (Root::Dir(r), _) => r.finish_run(&m.run, &store, &outcome),
-        (Root::S3(r), Locked::S3(lock)) => r.finish_run(&m.run, &store, &outcome, lock).map_err(io::Error::other),
-        (Root::S3(_), Locked::Dir(_)) => unreachable!("an S3 store is locked in S3"),
-    }?;
+    let recorded = to.root.finish_run(&m.run, &store, &outcome, to.lock.as_ref())?;
     if !recorded.status.publishes() {
         return Err(io::Error::other(recorded.error.unwrap_or_else(|| format!("run {} was not copied", m.run.run_id))));
     }
     Ok(())
+}
+
+/// Copies all of `from` into `to` in large pieces (an object arrives in
+/// pieces of about that size; a file is read with as few calls).
+fn copy_stream(from: &mut dyn io::Read, to: &mut dyn Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 /// A writer that fails once `until` has passed.

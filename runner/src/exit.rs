@@ -14,7 +14,7 @@
 use anyhow::anyhow;
 
 use crate::engine::{Runtime, default_cache_dir};
-use crate::store::s3::Root;
+use crate::store::Root;
 
 /// Process exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

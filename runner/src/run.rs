@@ -21,14 +21,12 @@ use crate::engine::{Runtime, SandboxLimits, Script, ScriptFailure};
 use crate::exit::{Exit, ExitContext, Failure, runtime};
 use crate::policy::{ParamGrant, Policy};
 use crate::report::{self, Event, Note};
-use crate::s3::S3Error;
 use crate::share::reference::ScriptSource;
-use crate::site::{Site, StoreAt};
-use crate::store::lock::{Holder, Lock, LockError};
+use crate::site::Site;
+use crate::store::backend::{Access, Held, LockFailure, OpenError};
 use crate::store::manifest::ScriptRef;
-use crate::store::run::{Outcome, RunHeader, Runs, hostname, kept_dir, new_run_id};
-use crate::store::s3::{Root, S3Root};
-use crate::store::{Budget, Manifest, Status, StoreRoot, StoredFile};
+use crate::store::run::{Outcome, RunHeader, hostname, new_run_id};
+use crate::store::{Budget, Manifest, Root, Status, StoredFile};
 use crate::store::{protect, retention};
 use crate::transport::openssh::OpenSsh;
 
@@ -160,15 +158,8 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let mut signer = None;
     if args.dry_run {
         // It still finds what the real run would trip on first.
-        match &site.store {
-            StoreAt::Dir(dir) => store_writable(dir)
-                .with_context(|| format!("the store {} cannot be written", dir.display()))
-                .exit(Exit::Usage)?,
-            StoreAt::S3(spec) => {
-                let root = S3Root::open(spec, site.limits.call_timeout).map_err(s3_failure)?;
-                root.probe().map_err(s3_failure)?;
-            }
-        }
+        crate::store::backend::probe_for_run(&site.store, site.limits.call_timeout)
+            .map_err(|e| store_failure(&site, e, "cannot be written"))?;
     }
     if !args.dry_run {
         let recipients = protect::recipients(&site.protect.recipients, None).exit(Exit::Usage)?;
@@ -182,25 +173,8 @@ pub fn run(args: Request) -> Result<(), Failure> {
             .exit(Exit::Usage)?;
         let (root, lock) = open_locked(&site, &header, signer.clone())?;
         let budget = Budget::new(site.limits.max_bytes, site.limits.max_files);
-        let begun = match &root {
-            Root::Dir(dir) => {
-                claim_store(dir, &site);
-                if site.file.is_none()
-                    && let Err(e) = dir.mark_shared()
-                {
-                    log::warn!(target: "offsite::run", "cannot mark {} as a shared directory: {e}", site.store.display());
-                }
-                dir.begin_encrypted_run(&header, budget, recipients)
-            }
-            Root::S3(s3) => {
-                if site.shared_store
-                    && let Err(e) = s3.mark_sites_shared()
-                {
-                    log::warn!(target: "offsite::run", "cannot mark {} as shared by sites: {e}", site.store.display());
-                }
-                s3.begin_run(&header, budget, recipients).map_err(std::io::Error::other)
-            }
-        };
+        root.claim_for_run(&site);
+        let begun = root.begin_run(&header, budget, recipients);
         let store = begun
             .with_context(|| format!("cannot start the run in the store {}", site.store.display()))
             .exit(Exit::BackupFailed)?;
@@ -223,7 +197,8 @@ pub fn run(args: Request) -> Result<(), Failure> {
     let mut manifest = None;
     if let Some((root, lock)) = &session {
         let store = caps.store.take().expect("a run has a store");
-        let recorded = record(root, lock, signer.as_ref(), &site, &header, &store, &caps, &outputs, failure, aborted);
+        let recorded =
+            record(root, lock.as_ref(), signer.as_ref(), &site, &header, &store, &caps, &outputs, failure, aborted);
         (manifest, failure) = recorded;
     }
     if session.is_some() {
@@ -395,7 +370,7 @@ fn judge(result: Result<Result<(), String>, ScriptFailure>, unseen: &[String], c
 #[allow(clippy::too_many_arguments)]
 fn record(
     root: &Root,
-    lock: &Held,
+    lock: &dyn Held,
     signer: Option<&ssh_key::PrivateKey>,
     site: &Site,
     header: &RunHeader,
@@ -438,11 +413,7 @@ fn record(
         publish_completed: !aborted,
         failed: caps.failed_outputs(),
     };
-    let finished = match (root, lock) {
-        (Root::Dir(dir), _) => dir.finish_run(header, store, &outcome),
-        (Root::S3(s3), Held::S3(lock)) => s3.finish_run(header, store, &outcome, lock).map_err(std::io::Error::other),
-        (Root::S3(_), Held::Dir(_)) => unreachable!("an S3 store is locked in S3"),
-    };
+    let finished = root.finish_run(header, store, &outcome, lock);
     match finished {
         Ok(m) => {
             if failure.is_none() && !m.status.is_good() {
@@ -457,10 +428,7 @@ fn record(
             manifest = Some(m);
         }
         Err(e) => {
-            let left = match root {
-                Root::Dir(_) => format!("its files stay in {} for the next run to recover", kept_dir(&header.run_id)),
-                Root::S3(_) => "the next run recovers what it left (nothing unpublished becomes visible)".into(),
-            };
+            let left = root.left_behind(&header.run_id);
             let error = anyhow!(
                 "{}the run could not be recorded in the store {}: {e}; {left}",
                 failure.as_ref().map(|f| format!("{:#}; and ", f.error)).unwrap_or_else(|| "backup failed: ".into()),
@@ -506,124 +474,46 @@ fn copy(
     }
 }
 
-/// A store's lock, held for the run.
-enum Held {
-    Dir(#[allow(dead_code)] Lock),
-    S3(crate::s3::lock::S3Lock),
-}
-
-/// An S3 store that cannot be used: wrong credentials, a missing bucket
-/// or a bad setting are the site's to fix (exit 2); an unreachable server
-/// fails the backup (exit 1).
-fn s3_failure(e: S3Error) -> Failure {
-    // An outage (nothing answers, or the server says it failed) fails the
-    // backup; settings the server refuses (keys, bucket) are the site's.
-    let exit =
-        if matches!(e, S3Error::Unreachable(_) | S3Error::ServerFailed(_)) { Exit::BackupFailed } else { Exit::Usage };
-    Failure { exit, error: anyhow!("{e}") }
+/// A store that cannot be used, said as the site's fault (exit 2) or as
+/// a failed backup (exit 1: nothing answers, or the server failed).
+fn store_failure(site: &Site, e: OpenError, what: &str) -> Failure {
+    let exit = if e.is_config() { Exit::Usage } else { Exit::BackupFailed };
+    Failure { exit, error: anyhow!("the store {} {what}: {e}", site.store.display()) }
 }
 
 /// Opens the site's store and takes its lock, then finishes whatever an
-/// interrupted run left (see `StoreRoot::recover`, `S3Root::recover`).
-fn open_locked(site: &Site, header: &RunHeader, signer: Option<ssh_key::PrivateKey>) -> Result<(Root, Held), Failure> {
-    let (root, held, recovered) = match &site.store {
-        StoreAt::Dir(dir) => {
-            let (root, lock) = open_locked_dir(site, dir, header, signer)?;
-            let recovered = root
-                .recover()
-                .with_context(|| format!("cannot recover what an interrupted run left in {}", dir.display()))
-                .exit(Exit::BackupFailed)?;
-            (Root::Dir(root), Held::Dir(lock), recovered)
-        }
-        StoreAt::S3(spec) => {
-            let root = S3Root::open(spec, site.limits.call_timeout).map_err(s3_failure)?.with_signer(signer);
-            root.probe().map_err(s3_failure)?;
-            let lock = match root.lock(header) {
-                Ok(lock) => lock,
-                Err(e @ crate::s3::lock::LockError::Busy { .. }) => {
-                    return Err(anyhow!(
-                        "site {}: store {}: {e}; this run did not start (that one goes on)",
-                        site.name,
-                        site.store.display()
-                    ))
-                    .exit(Exit::Locked);
-                }
-                Err(crate::s3::lock::LockError::S3(e)) => return Err(s3_failure(e)),
-            };
-            crate::logging::capture_start();
-            let recovered = root
-                .recover()
-                .map_err(|e| anyhow!("cannot recover what an interrupted run left in {}: {e}", site.store.display()))
-                .exit(Exit::BackupFailed)?;
-            (Root::S3(root), Held::S3(lock), recovered)
-        }
-    };
-    for line in recovered {
-        log::warn!(target: "offsite::run", "{line}");
-    }
-    Ok((root, held))
-}
-
-fn open_locked_dir(
+/// interrupted run left (see `Backend::recover`).
+fn open_locked(
     site: &Site,
-    dir: &Path,
     header: &RunHeader,
     signer: Option<ssh_key::PrivateKey>,
-) -> Result<(StoreRoot, Lock), Failure> {
-    let root = StoreRoot::open(dir)
-        .with_context(|| format!("cannot open the store {}", dir.display()))
-        .exit(Exit::Usage)?
-        .with_signer(signer);
-    let (lock, stale) = match root.lock(&Holder::from(header)) {
-        Ok(taken) => taken,
-        Err(e @ LockError::Held(_)) => {
+) -> Result<(Root, Box<dyn Held>), Failure> {
+    let root = crate::store::backend::open(&site.store, Access::Run, site.limits.call_timeout, signer)
+        .map_err(|e| store_failure(site, e, "cannot be opened"))?;
+    let locked = match root.lock(header) {
+        Ok(locked) => locked,
+        Err(LockFailure::Busy(e)) => {
             return Err(anyhow!(
                 "site {}: store {}: {e}; this run did not start (that one goes on)",
                 site.name,
-                dir.display()
+                site.store.display()
             ))
             .exit(Exit::Locked);
         }
-        Err(e) => return Err(anyhow!("store {}: {e}", dir.display())).exit(Exit::BackupFailed),
+        Err(LockFailure::Failed(e)) => return Err(store_failure(site, e, "cannot be locked")),
     };
     crate::logging::capture_start();
-    if let Some(dead) = stale {
-        log::warn!(target: "offsite::run", "took over the store's lock from {dead}: that run ended without releasing it (killed or crashed)");
+    if let Some(note) = locked.took_over {
+        log::warn!(target: "offsite::run", "{note}");
     }
-    Ok((root, lock))
-}
-
-/// Ties the store to the site. A site's store is dedicated: its runs are
-/// the site's whatever it was called when each ran, so a renamed site file
-/// keeps its history, and the rename is said once (cron mails it). Two site
-/// files on one store take turns owning it and warn on every run, until
-/// they get a store each or both say `shared_store = true`, which tells
-/// their runs apart by name.
-fn claim_store(root: &StoreRoot, site: &Site) {
-    let Some(file) = &site.file else { return };
-    if site.shared_store {
-        if let Err(e) = root.mark_sites_shared() {
-            log::warn!(target: "offsite::run", "cannot mark {} as shared by sites: {e}", site.store.display());
-        }
-        return;
+    let recovered = root
+        .recover()
+        .with_context(|| format!("cannot recover what an interrupted run left in {}", site.store.display()))
+        .exit(Exit::BackupFailed)?;
+    for line in recovered {
+        log::warn!(target: "offsite::run", "{line}");
     }
-    if root.runs_of(&site.name) != Runs::All {
-        return;
-    }
-    match root.claim(&site.name) {
-        Ok(None) => {}
-        Ok(Some((previous, count))) => log::warn!(
-            target: "offsite::run",
-            "the store {} was used by site {previous:?} ({count} run(s) under that name) and now by site {:?} \
-             ({}): a store's runs belong to it, so status and retention count them all as this site's. If the \
-             site was renamed, nothing more is needed; if two site files write here, give each its own store, \
-             or set `shared_store = true` in both",
-            site.store.display(),
-            site.name,
-            file.display()
-        ),
-        Err(e) => log::warn!(target: "offsite::run", "cannot record site {:?} as the store's: {e}", site.name),
-    }
+    Ok((root, locked.lock))
 }
 
 /// What a partial run says: what it published, which outputs it did not
@@ -822,19 +712,6 @@ fn parse_now(text: &str) -> Result<SystemTime> {
         .earliest()
         .ok_or_else(|| anyhow!("--now {text:?} does not exist in the local time zone (a DST gap)"))?;
     Ok(local.into())
-}
-
-/// Whether a run could write into `store` (or create it), asked of the
-/// kernel without writing anything: the store, or its nearest existing
-/// parent, must be a directory this user may write and enter (a read-only
-/// mount says so too).
-fn store_writable(store: &Path) -> std::io::Result<()> {
-    use rustix::fs::{Access, access};
-    let existing = store.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    if !existing.is_dir() {
-        return Err(std::io::Error::other(format!("{} is not a directory", existing.display())));
-    }
-    access(existing, Access::WRITE_OK | Access::EXEC_OK).map_err(std::io::Error::from)
 }
 
 /// Whether a lone `offsite run` argument names a site rather than a

@@ -10,9 +10,9 @@ use chrono::{DateTime, Utc};
 
 use crate::site::Site;
 use crate::store::Manifest;
+use crate::store::Root;
 use crate::store::outputs::OutputState;
 use crate::store::run::Runs;
-use crate::store::s3::Root;
 
 /// One site's state.
 pub struct SiteStatus {

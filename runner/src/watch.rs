@@ -396,7 +396,7 @@ fn load_entry(runtime: &Runtime, file: &Path, options: &Options, now: DateTime<U
 /// When the site last started a run, from its store's manifests.
 fn last_run(store: &crate::site::StoreAt, site: &str) -> Option<DateTime<Utc>> {
     // (Bounded: the watcher waits for it before it schedules the site.)
-    let root = crate::store::s3::Root::open_existing(store, std::time::Duration::from_secs(10)).ok()?;
+    let root = crate::store::Root::open_existing(store, std::time::Duration::from_secs(10)).ok()?;
     let (manifests, _) = root.manifests().ok()?;
     let runs = root.runs_of(site);
     manifests.iter().rev().find(|m| runs.includes(m)).and_then(|m| m.started_at()).map(|t| t.with_timezone(&Utc))

@@ -18,8 +18,8 @@ use anyhow::{Context, anyhow};
 use sha2::Digest;
 
 use crate::exit::{Exit, ExitContext, Failure};
+use crate::store::Root;
 use crate::store::manifest::Manifest;
-use crate::store::s3::Root;
 use crate::store::{StoredFile, protect};
 use crate::verify::HashingReader;
 

@@ -22,9 +22,14 @@
 //! All access goes through `cap_std::fs::Dir` handles opened on the store,
 //! so a symlink planted inside the store cannot redirect a write elsewhere.
 
+#[cfg(feature = "runtime")]
+pub mod backend;
+#[cfg(feature = "runtime")]
+mod dir;
 mod durable;
 pub mod lock;
 pub mod manifest;
+pub mod outlet;
 pub mod outputs;
 pub mod protect;
 pub mod retention;
@@ -41,8 +46,10 @@ use std::sync::{Arc, Mutex};
 use cap_std::fs::{Dir, DirBuilder, File, OpenOptions};
 use sha2::{Digest, Sha256};
 
-use self::durable::DurableFile;
+use self::outlet::{OutFile, Outlet, Unpublished};
 
+#[cfg(feature = "runtime")]
+pub use self::backend::Root;
 pub use self::manifest::{Manifest, Origin, Status};
 pub use self::run::StoreRoot;
 
@@ -57,19 +64,8 @@ pub const META_DIR: &str = ".offsite";
 /// journal of files it has completed, and its budget.
 pub struct Store {
     run_id: String,
-    target: Target,
+    outlet: Box<dyn Outlet>,
     shared: Arc<RunShared>,
-}
-
-/// Where a run's files go while it runs.
-enum Target {
-    /// This run's staging directory in a store on this machine.
-    Staging(Dir),
-    /// Multipart uploads to their final keys, each sealed (every byte on
-    /// the server, nothing visible) when its file is complete; the run's
-    /// end completes them (see `s3`).
-    #[cfg(feature = "runtime")]
-    Bucket { bucket: Arc<crate::s3::Bucket>, part_size: usize },
 }
 
 /// What every pending file of a run updates when it completes.
@@ -79,9 +75,9 @@ struct RunShared {
     recipients: Vec<age::x25519::Recipient>,
     /// The staging directory's journal (a store on this machine).
     journal: Mutex<Option<std::fs::File>>,
-    /// Uploads sealed, waiting for the run's end (an S3 store).
-    #[cfg(feature = "runtime")]
-    sealed: Mutex<Vec<crate::s3::upload::SealedUpload>>,
+    /// Files kept but not yet visible (sealed uploads), for the run's
+    /// end to publish or discard.
+    unpublished: Mutex<Vec<Box<dyn Unpublished>>>,
     /// Paths created in this run (pending or stored): each at most once.
     claimed: Mutex<HashSet<PathBuf>>,
     /// Files completed, in order.
@@ -240,22 +236,21 @@ pub(crate) fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> io::Result<()
 }
 
 impl Store {
-    fn new(
+    pub(crate) fn new(
         run_id: &str,
-        target: Target,
+        outlet: Box<dyn Outlet>,
         budget: Budget,
         recipients: Vec<age::x25519::Recipient>,
         journal: Option<std::fs::File>,
     ) -> Store {
         Store {
             run_id: run_id.to_string(),
-            target,
+            outlet,
             shared: Arc::new(RunShared {
                 budget,
                 recipients,
                 journal: Mutex::new(journal),
-                #[cfg(feature = "runtime")]
-                sealed: Mutex::new(Vec::new()),
+                unpublished: Mutex::new(Vec::new()),
                 claimed: Mutex::new(Default::default()),
                 stored: Mutex::new(Vec::new()),
             }),
@@ -266,11 +261,10 @@ impl Store {
         &self.run_id
     }
 
-    /// The uploads sealed so far (an S3 store), for the run's end to
-    /// complete, or to abort by dropping them.
-    #[cfg(feature = "runtime")]
-    pub(crate) fn take_sealed(&self) -> Vec<crate::s3::upload::SealedUpload> {
-        std::mem::take(&mut *self.shared.sealed.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The files kept but not yet visible (sealed uploads), for the run's
+    /// end to publish, or to discard by dropping them.
+    pub fn take_unpublished(&self) -> Vec<Box<dyn Unpublished>> {
+        std::mem::take(&mut *self.shared.unpublished.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The files completed so far, in order.
@@ -295,21 +289,7 @@ impl Store {
         if !self.shared.recipients.is_empty() {
             final_name.push_str(protect::AGE_SUFFIX);
         }
-        let (place, out) = match &self.target {
-            Target::Staging(staging) => {
-                let parent = make_dirs(staging, rel.parent().unwrap_or(Path::new("")))?;
-                let tmp_name = temp_name(&final_name);
-                let out = Out::File(DurableFile::new(create_new(&parent, &tmp_name)?.into_std()));
-                (Place::Staging { parent, tmp_name }, out)
-            }
-            #[cfg(feature = "runtime")]
-            Target::Bucket { bucket, part_size } => {
-                let key = rel.with_file_name(&final_name).to_string_lossy().into_owned();
-                let writer = crate::s3::upload::ObjectWriter::create(Arc::clone(bucket), &key, *part_size)
-                    .map_err(io::Error::other)?;
-                (Place::Bucket, Out::Object(Box::new(writer)))
-            }
-        };
+        let out = self.outlet.create(rel, &final_name)?;
         let file = HashingWriter::new(out);
         let writer = if self.shared.recipients.is_empty() {
             Sink::Plain(file)
@@ -318,7 +298,7 @@ impl Store {
             let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
             Sink::Age(HashingWriter::new(encryptor.wrap_output(file)?))
         };
-        Ok(PendingFile { place, final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() })
+        Ok(PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() })
     }
 }
 
@@ -333,7 +313,6 @@ struct Claim {
 ///
 /// [`commit`]: PendingFile::commit
 pub struct PendingFile {
-    place: Place,
     final_name: PathBuf,
     writer: Option<Sink>,
     claim: Claim,
@@ -341,102 +320,27 @@ pub struct PendingFile {
     scratch: Vec<u8>,
 }
 
-/// Where a pending file is: a temporary name in the staging directory,
-/// or an upload to its final key.
-enum Place {
-    Staging {
-        parent: Dir,
-        tmp_name: String,
-    },
-    #[cfg(feature = "runtime")]
-    Bucket,
-}
-
-impl Place {
-    /// Removes what an unfinished file left: its temporary file. (An
-    /// upload aborts itself when its writer or sealed upload drops.)
-    fn discard(&self) {
-        match self {
-            Place::Staging { parent, tmp_name } => {
-                let _ = parent.remove_file(tmp_name);
-            }
-            #[cfg(feature = "runtime")]
-            Place::Bucket => {}
-        }
-    }
-}
-
-/// Where the stored bytes end: a file, or an object being uploaded (with
-/// the buffer [`PendingFile::spare`] hands out).
-enum Out {
-    File(DurableFile),
-    #[cfg(feature = "runtime")]
-    Object(Box<crate::s3::upload::ObjectWriter>),
-}
-
-/// A pending file's bytes, all on their way: the file to sync and rename,
-/// or the sealed upload to complete at the run's end.
-enum Finished {
-    File(File),
-    #[cfg(feature = "runtime")]
-    Object(crate::s3::upload::SealedUpload),
-}
-
-impl Out {
-    fn spare(&mut self) -> &mut [u8] {
-        match self {
-            Out::File(f) => f.spare(),
-            #[cfg(feature = "runtime")]
-            Out::Object(w) => w.spare(),
-        }
-    }
-
-    fn filled(&mut self, n: usize) -> io::Result<()> {
-        match self {
-            Out::File(f) => f.filled(n),
-            #[cfg(feature = "runtime")]
-            Out::Object(w) => w.filled(n).map_err(io::Error::other),
-        }
-    }
-
-    fn finish(self) -> io::Result<Finished> {
-        match self {
-            Out::File(f) => Ok(Finished::File(File::from_std(f.finish()?))),
-            #[cfg(feature = "runtime")]
-            Out::Object(w) => Ok(Finished::Object(w.seal().map_err(io::Error::other)?)),
-        }
-    }
-}
-
-impl Write for Out {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Out::File(f) => f.write(buf),
-            #[cfg(feature = "runtime")]
-            Out::Object(w) => w.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Out::File(f) => f.flush(),
-            #[cfg(feature = "runtime")]
-            Out::Object(..) => Ok(()),
-        }
-    }
+/// A file whose every byte was written: its stored size and hash, and the
+/// plaintext's if encrypted.
+struct Written {
+    out: Box<dyn OutFile>,
+    bytes: u64,
+    sha256: String,
+    plain: Option<Plain>,
 }
 
 /// Where a pending file's bytes go: straight to the file, or through age.
 /// Either way the stored bytes are counted and hashed; through age the
 /// plaintext is too.
 enum Sink {
-    Plain(HashingWriter<Out>),
-    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<Out>>>),
+    Plain(HashingWriter<Box<dyn OutFile>>),
+    Age(HashingWriter<age::stream::StreamWriter<HashingWriter<Box<dyn OutFile>>>>),
 }
 
 impl Sink {
-    /// The bytes' end, their stored size and hash, and the plaintext's if
-    /// encrypted.
-    fn finish(self) -> io::Result<(Finished, u64, String, Option<Plain>)> {
+    /// The file, every byte written to it, with the stored size and hash,
+    /// and the plaintext's if encrypted.
+    fn finish(self) -> io::Result<Written> {
         let (file, plain) = match self {
             Sink::Plain(file) => (file, None),
             Sink::Age(plain) => {
@@ -445,7 +349,7 @@ impl Sink {
             }
         };
         let (out, bytes, sha256) = file.finish();
-        Ok((out.finish()?, bytes, sha256, plain))
+        Ok(Written { out, bytes, sha256, plain })
     }
 }
 
@@ -557,31 +461,12 @@ impl PendingFile {
     ) -> io::Result<StoredFile> {
         let writer = self.writer.take().expect("commit called once");
         let path = self.claim.rel.with_file_name(&self.final_name).to_string_lossy().into_owned();
-        let judged = writer
-            .finish()
-            .and_then(|(finished, bytes, sha256, plain)| Ok((finished, record(path, bytes, sha256, plain)?)));
-        let (finished, stored) = match judged {
-            Ok(done) => done,
-            Err(e) => {
-                self.place.discard();
-                return Err(e);
-            }
-        };
+        // Dropped on an error, the file leaves nothing (see `OutFile`).
+        let Written { out, bytes, sha256, plain } = writer.finish()?;
+        let stored = record(path, bytes, sha256, plain)?;
         let shared = Arc::clone(&self.claim.shared);
-        match (finished, &self.place) {
-            (Finished::File(file), Place::Staging { parent, tmp_name }) => {
-                file.sync_all()?;
-                drop(file);
-                if let Err(e) = parent.rename(tmp_name, parent, &self.final_name) {
-                    let _ = parent.remove_file(tmp_name);
-                    return Err(e);
-                }
-                sync_dir(parent)?;
-            }
-            #[cfg(feature = "runtime")]
-            (Finished::Object(sealed), _) => shared.sealed.lock().unwrap_or_else(|e| e.into_inner()).push(sealed),
-            #[cfg(feature = "runtime")]
-            _ => unreachable!("a file's end matches its place"),
+        if let Some(unpublished) = out.keep()? {
+            shared.unpublished.lock().unwrap_or_else(|e| e.into_inner()).push(unpublished);
         }
         if let Some(journal) = shared.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             let mut line = serde_json::to_vec(&stored).expect("a stored file serialises");
@@ -633,14 +518,6 @@ impl Write for PendingFile {
     }
 }
 
-impl Drop for PendingFile {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            self.place.discard();
-        }
-    }
-}
-
 impl Drop for Claim {
     fn drop(&mut self) {
         if !self.rel.as_os_str().is_empty() {
@@ -667,8 +544,8 @@ impl<W: Write> HashingWriter<W> {
     }
 }
 
-impl HashingWriter<Out> {
-    /// [`Out::spare`].
+impl HashingWriter<Box<dyn OutFile>> {
+    /// [`OutFile::spare`].
     fn spare(&mut self) -> &mut [u8] {
         self.inner.spare()
     }

@@ -384,7 +384,8 @@ impl StoreRoot {
         io::Write::write_all(&mut journal, &line)?;
         journal.sync_all()?;
         sync_dir(&self.runs)?;
-        Ok(Store::new(&header.run_id, super::Target::Staging(staging), budget, recipients, Some(journal)))
+        let outlet = Box::new(super::outlet::StagingOutlet(staging));
+        Ok(Store::new(&header.run_id, outlet, budget, recipients, Some(journal)))
     }
 
     /// Gives up a run without recording it: its staged files and journal
@@ -664,6 +665,19 @@ fn remove_temps(dir: &Dir) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a run could write into `store` (or create it), asked of the
+/// kernel without writing anything: the store, or its nearest existing
+/// parent, must be a directory this user may write and enter (a read-only
+/// mount says so too).
+pub fn probe_writable(store: &Path) -> std::io::Result<()> {
+    use rustix::fs::{Access, access};
+    let existing = store.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if !existing.is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory", existing.display())));
+    }
+    access(existing, Access::WRITE_OK | Access::EXEC_OK).map_err(std::io::Error::from)
 }
 
 #[cfg(test)]

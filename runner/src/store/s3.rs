@@ -37,13 +37,17 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use super::backend::{Backend, Held, LockFailure, Locked, OpenError, Unlisted};
 use super::manifest::{Manifest, Status};
+use super::outlet::{OutFile, Outlet, Unpublished};
 use super::run::{BadManifest, Outcome, RunHeader, Runs, manifest_for};
-use super::{Budget, Store, StoredFile, Target, protect};
+use super::{Budget, Store, StoredFile, protect};
 use crate::s3::credentials::{self, Env};
 use crate::s3::lock::{self as s3lock, LockError, S3Lock};
+use crate::s3::upload::{ObjectWriter, SealedUpload};
 use crate::s3::{Bucket, Put, S3Error};
 use crate::site::S3Store;
+use crate::site::Site;
 
 const MANIFESTS: &str = ".offsite/manifests";
 const RUNS: &str = ".offsite/runs";
@@ -280,8 +284,9 @@ impl S3Root {
     ) -> Result<Store, S3Error> {
         let journal = serde_json::to_vec(header).expect("a header serialises");
         self.bucket.put(&format!("{RUNS}/{}.journal", header.run_id), journal, Put::Create)?;
-        let target = Target::Bucket { bucket: Arc::clone(&self.bucket), part_size: self.spec.part_size as usize };
-        Ok(Store::new(&header.run_id, target, budget, recipients, None))
+        let outlet =
+            Box::new(BucketOutlet { bucket: Arc::clone(&self.bucket), part_size: self.spec.part_size as usize });
+        Ok(Store::new(&header.run_id, outlet, budget, recipients, None))
     }
 
     /// Ends a run. A good run is published (see the module documentation),
@@ -292,10 +297,10 @@ impl S3Root {
         header: &RunHeader,
         store: &Store,
         outcome: &Outcome,
-        lock: &S3Lock,
+        lock: &dyn Held,
     ) -> Result<Manifest, S3Error> {
         let files = store.stored();
-        let sealed = store.take_sealed();
+        let sealed = store.take_unpublished();
         let ended = chrono::Local::now().to_rfc3339();
         let mut manifest = manifest_for(header, files, outcome, &ended);
         let run_id = &header.run_id;
@@ -350,7 +355,7 @@ impl S3Root {
         let staged = format!("{RUNS}/{run_id}.manifest");
         self.bucket.put(&staged, json, Put::Overwrite)?;
         for upload in sealed {
-            upload.complete()?;
+            upload.publish().map_err(|e| S3Error::Other(e.to_string()))?;
         }
         self.install_manifest(&manifest)?;
         self.bucket.delete(&staged)?;
@@ -362,7 +367,7 @@ impl S3Root {
     /// its journal goes (a copy that failed, which the next run makes
     /// again).
     pub fn abandon_run(&self, store: Store) -> Result<(), S3Error> {
-        drop(store.take_sealed());
+        drop(store.take_unpublished());
         self.bucket.delete(&format!("{RUNS}/{}.journal", store.run_id()))
     }
 
@@ -581,175 +586,192 @@ pub fn is_run_record(rel: &str) -> bool {
     rel.starts_with(&format!("{RUNS}/"))
 }
 
-/// A site's store, wherever it is: what runs, `status` and retention read
-/// the same way from either.
-pub enum Root {
-    Dir(super::StoreRoot),
-    S3(S3Root),
+/// Each file of a run is uploaded to its final key and sealed when it
+/// ends: every byte on the server, nothing visible until the run's end
+/// completes the upload.
+struct BucketOutlet {
+    bucket: Arc<Bucket>,
+    part_size: usize,
 }
 
-impl Root {
-    /// A stored file (`rel` from the store's root, as a manifest locates
-    /// it): its size, and its bytes as they are read (an object's as it
-    /// downloads). A missing file is `NotFound`; a directory entry that is
-    /// no longer a regular file is `InvalidData`.
-    pub fn open_file(&self, rel: &Path) -> io::Result<(u64, Box<dyn io::Read + '_>)> {
-        match self {
-            Root::Dir(r) => {
-                let meta = r.dir.symlink_metadata(rel)?;
-                if !meta.is_file() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "it is no longer a regular file"));
-                }
-                let file = r.dir.open(rel)?.into_std();
-                Ok((meta.len(), Box::new(file)))
-            }
-            Root::S3(r) => match r.bucket().reader(&rel.to_string_lossy()) {
-                Ok(Some(object)) => Ok((object.size(), Box::new(object))),
-                Ok(None) => Err(io::Error::new(io::ErrorKind::NotFound, "no such object")),
-                Err(e) => Err(io::Error::other(e)),
-            },
+impl Outlet for BucketOutlet {
+    fn create(&self, rel: &Path, final_name: &str) -> io::Result<Box<dyn OutFile>> {
+        let key = rel.with_file_name(final_name).to_string_lossy().into_owned();
+        let writer = ObjectWriter::create(Arc::clone(&self.bucket), &key, self.part_size).map_err(io::Error::other)?;
+        Ok(Box::new(writer))
+    }
+}
+
+impl OutFile for ObjectWriter {
+    fn spare(&mut self) -> &mut [u8] {
+        ObjectWriter::spare(self)
+    }
+
+    fn filled(&mut self, n: usize) -> io::Result<()> {
+        ObjectWriter::filled(self, n).map_err(io::Error::other)
+    }
+
+    fn keep(self: Box<Self>) -> io::Result<Option<Box<dyn Unpublished>>> {
+        Ok(Some(Box::new(self.seal().map_err(io::Error::other)?)))
+    }
+}
+
+impl Unpublished for SealedUpload {
+    fn rel(&self) -> &str {
+        SealedUpload::rel(self)
+    }
+
+    fn publish(self: Box<Self>) -> io::Result<()> {
+        self.complete().map(drop).map_err(io::Error::other)
+    }
+}
+
+impl Held for S3Lock {
+    fn confirm(&self) -> Result<(), String> {
+        S3Lock::confirm(self)
+    }
+
+    fn release(self: Box<Self>) -> Result<(), String> {
+        S3Lock::release(*self).map_err(|e| e.to_string())
+    }
+}
+
+impl Backend for S3Root {
+    fn open_file(&self, rel: &Path) -> io::Result<(u64, Box<dyn io::Read + '_>)> {
+        match self.bucket.reader(&rel.to_string_lossy()) {
+            Ok(Some(object)) => Ok((object.size(), Box::new(object))),
+            Ok(None) => Err(io::Error::new(io::ErrorKind::NotFound, "no such object")),
+            Err(e) => Err(io::Error::other(e)),
         }
     }
 
-    /// Every manifest, oldest run first, and the ones that cannot be read.
-    pub fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
-        match self {
-            Root::Dir(r) => r.manifests(),
-            Root::S3(r) => r.manifests().map_err(io::Error::other),
-        }
+    fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
+        S3Root::manifests(self).map_err(io::Error::other)
     }
 
-    /// The newest good run of `runs`.
-    pub fn last_good(&self, runs: &Runs) -> io::Result<Option<Manifest>> {
-        match self {
-            Root::Dir(r) => r.last_good(runs),
-            Root::S3(r) => r.last_good(runs).map_err(io::Error::other),
-        }
+    fn last_good(&self, runs: &Runs) -> io::Result<Option<Manifest>> {
+        S3Root::last_good(self, runs).map_err(io::Error::other)
     }
 
-    /// Who is running now, and who died holding the lock (see
-    /// [`super::StoreRoot::died_holder`]).
-    pub fn holders(&self) -> (Option<super::lock::Holder>, Option<super::lock::Holder>) {
-        match self {
-            Root::Dir(r) => (r.holder(), r.died_holder()),
-            Root::S3(r) => match r.holder_state() {
-                Ok(Some((h, false))) => (Some(h), None),
-                Ok(Some((h, true))) => (None, Some(h)),
-                _ => (None, None),
-            },
-        }
+    fn manifest_bytes(&self, run_id: &str) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+        S3Root::manifest_bytes(self, run_id).map_err(io::Error::other)
     }
 
-    /// Rewrites a recorded run's manifest (see `StoreRoot::rewrite_manifest`).
-    pub fn rewrite_manifest(&self, manifest: &Manifest) -> io::Result<()> {
-        match self {
-            Root::Dir(r) => r.rewrite_manifest(manifest),
-            Root::S3(r) => r.rewrite_manifest(manifest).map_err(io::Error::other),
-        }
-    }
-
-    /// Which runs in the store are `site`'s.
-    pub fn runs_of(&self, site: &str) -> Runs {
-        match self {
-            Root::Dir(r) => r.runs_of(site),
-            Root::S3(r) => r.runs_of(site),
-        }
-    }
-
-    /// The raw bytes of a manifest and of its signature, if it has one.
-    pub fn manifest_bytes(&self, run_id: &str) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
-        match self {
-            Root::Dir(r) => r.manifest_bytes(run_id),
-            Root::S3(r) => r.manifest_bytes(run_id).map_err(io::Error::other),
-        }
-    }
-
-    /// The runs whose manifest has a signature beside it, from one
-    /// listing (nothing is read).
-    pub fn signed_runs(&self) -> io::Result<BTreeSet<String>> {
+    fn signed_runs(&self) -> io::Result<BTreeSet<String>> {
         let suffix = format!(".json{}", protect::SIG_SUFFIX);
-        let names: Vec<String> = match self {
-            Root::Dir(r) => {
-                let mut names = Vec::new();
-                for entry in r.manifests.entries()? {
-                    names.push(entry?.file_name().to_string_lossy().into_owned());
-                }
-                names
+        let prefix = format!("{MANIFESTS}/");
+        Ok(self
+            .bucket
+            .list(MANIFESTS)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .filter_map(|m| m.rel.strip_prefix(&prefix)?.strip_suffix(&suffix).map(str::to_string))
+            .collect())
+    }
+
+    fn rewrite_manifest(&self, manifest: &Manifest) -> io::Result<()> {
+        S3Root::rewrite_manifest(self, manifest).map_err(io::Error::other)
+    }
+
+    fn runs_of(&self, site: &str) -> Runs {
+        S3Root::runs_of(self, site)
+    }
+
+    fn holders(&self) -> (Option<super::lock::Holder>, Option<super::lock::Holder>) {
+        match self.holder_state() {
+            Ok(Some((h, false))) => (Some(h), None),
+            Ok(Some((h, true))) => (None, Some(h)),
+            _ => (None, None),
+        }
+    }
+
+    /// Objects under the prefix that no manifest lists and that are not
+    /// the store's own: problems, as unlisted files are. A run's record in
+    /// progress (or left by a killed run, which the next run finishes) is
+    /// noted, not counted.
+    fn unlisted(&self, listed: &dyn Fn(&Path) -> bool) -> io::Result<Unlisted> {
+        let mut found = Unlisted::default();
+        for object in self.bucket.list("").map_err(io::Error::other)? {
+            let rel = object.rel.as_str();
+            if listed(Path::new(rel)) || is_bookkeeping(rel) {
+                continue;
             }
-            Root::S3(r) => r
-                .bucket
-                .list(MANIFESTS)
-                .map_err(io::Error::other)?
-                .into_iter()
-                .filter_map(|m| m.rel.strip_prefix(&format!("{MANIFESTS}/")).map(str::to_string))
-                .collect(),
-        };
-        Ok(names.iter().filter_map(|n| n.strip_suffix(&suffix).map(str::to_string)).collect())
-    }
-
-    /// Applies retention: finishes interrupted prunes, then removes the
-    /// runs `verdicts` prune. One line per thing done.
-    pub fn resume_prune(&self) -> io::Result<Vec<String>> {
-        match self {
-            Root::Dir(r) => super::retention::resume(r),
-            Root::S3(r) => r.resume_prune().map_err(io::Error::other),
-        }
-    }
-
-    pub fn prune(&self, verdicts: &[super::retention::Verdict]) -> io::Result<Vec<String>> {
-        match self {
-            Root::Dir(r) => super::retention::apply(r, verdicts),
-            Root::S3(r) => r.prune(verdicts).map_err(io::Error::other),
-        }
-    }
-}
-
-impl Root {
-    /// Opens a store that should exist already (`status`, `verify`,
-    /// `prune`): an S3 store is probed, so wrong credentials or a missing
-    /// bucket are said here.
-    pub fn open_existing(store: &crate::site::StoreAt, timeout: Duration) -> Result<Root, OpenError> {
-        match store {
-            crate::site::StoreAt::Dir(p) => super::StoreRoot::open_existing(p).map(Root::Dir).map_err(OpenError::Dir),
-            crate::site::StoreAt::S3(spec) => {
-                let root = S3Root::open(spec, timeout).map_err(OpenError::S3)?;
-                root.probe().map_err(OpenError::S3)?;
-                Ok(Root::S3(root))
+            let shown = crate::text::escape(rel);
+            if is_run_record(rel) {
+                found.notes.push(format!("{shown}: the record of a run in progress, or of one the next run finishes"));
+            } else if rel.ends_with(".json.pruning") {
+                found.problems.push(format!("{shown}: an interrupted prune (the next prune finishes it)"));
+            } else {
+                found.problems.push(format!("{shown}: unlisted: no manifest lists this object"));
             }
         }
-    }
-}
-
-/// Why a store could not be opened.
-#[derive(Debug)]
-pub enum OpenError {
-    Dir(io::Error),
-    S3(S3Error),
-}
-
-impl OpenError {
-    /// No such directory (a site that never ran).
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, OpenError::Dir(e) if e.kind() == io::ErrorKind::NotFound)
+        found.notes.push(format!(
+            "{}: every object was downloaded and hashed (the server's checksums are not used)",
+            self.bucket.location()
+        ));
+        Ok(found)
     }
 
-    /// Whether the fault is the configuration's (credentials, bucket, a
-    /// directory that is not a store) rather than the network's.
-    pub fn is_config(&self) -> bool {
-        match self {
-            OpenError::Dir(_) => true,
-            OpenError::S3(e) => !matches!(e, S3Error::Unreachable(_) | S3Error::ServerFailed(_)),
+    fn forget(&self, _: &str) -> io::Result<Vec<String>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "forget works on a store in a directory; in an S3 store, a run whose objects were lost is reported by \
+             verify until retention prunes it",
+        ))
+    }
+
+    fn resume_prune(&self) -> io::Result<Vec<String>> {
+        S3Root::resume_prune(self).map_err(io::Error::other)
+    }
+
+    fn prune(&self, verdicts: &[super::retention::Verdict]) -> io::Result<Vec<String>> {
+        S3Root::prune(self, verdicts).map_err(io::Error::other)
+    }
+
+    fn lock(&self, header: &RunHeader) -> Result<Locked, LockFailure> {
+        match S3Root::lock(self, header) {
+            Ok(lock) => Ok(Locked { lock: Box::new(lock), took_over: None }),
+            Err(e @ LockError::Busy { .. }) => Err(LockFailure::Busy(e.to_string())),
+            Err(LockError::S3(e)) => Err(LockFailure::Failed(OpenError::s3(e))),
         }
     }
-}
 
-impl std::fmt::Display for OpenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OpenError::Dir(e) => e.fmt(f),
-            OpenError::S3(e) => e.fmt(f),
+    fn recover(&self) -> io::Result<Vec<String>> {
+        S3Root::recover(self).map_err(io::Error::other)
+    }
+
+    fn claim_for_run(&self, site: &Site) {
+        if site.shared_store
+            && let Err(e) = self.mark_sites_shared()
+        {
+            log::warn!(target: "offsite::run", "cannot mark {} as shared by sites: {e}", site.store.display());
         }
     }
-}
 
-impl std::error::Error for OpenError {}
+    fn begin_run(
+        &self,
+        header: &RunHeader,
+        budget: Budget,
+        recipients: Vec<age::x25519::Recipient>,
+    ) -> io::Result<Store> {
+        S3Root::begin_run(self, header, budget, recipients).map_err(io::Error::other)
+    }
+
+    fn finish_run(
+        &self,
+        header: &RunHeader,
+        store: &Store,
+        outcome: &Outcome,
+        lock: &dyn Held,
+    ) -> io::Result<Manifest> {
+        S3Root::finish_run(self, header, store, outcome, lock).map_err(io::Error::other)
+    }
+
+    fn abandon_run(&self, store: Store) -> io::Result<()> {
+        S3Root::abandon_run(self, store).map_err(io::Error::other)
+    }
+
+    fn left_behind(&self, _: &str) -> String {
+        "the next run recovers what it left (nothing unpublished becomes visible)".into()
+    }
+}

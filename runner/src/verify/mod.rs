@@ -12,15 +12,13 @@ pub mod mysql;
 pub mod postgres;
 pub mod tar_walk;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
 
-use cap_std::fs::Dir;
 use sha2::{Digest, Sha256};
 
-use crate::store::s3::{Root, S3Root};
-use crate::store::{META_DIR, Manifest, StoredFile, TEMP_PREFIX, protect};
+use crate::store::{META_DIR, Manifest, Root, StoredFile, protect};
 
 /// What to check beyond hashes and formats.
 #[derive(Default)]
@@ -112,63 +110,9 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
             }
         }
     }
-    let root = match root {
-        Root::Dir(r) => r,
-        Root::S3(r) => {
-            unlisted_objects(r, &owners, &mut report)?;
-            return Ok(report);
-        }
-    };
-    let active = root.holder().map(|h| h.run_id);
-    let mut found = Vec::new();
-    walk(&root.dir, Path::new(""), &mut |rel| {
-        if !owners.contains_key(rel) && !is_bookkeeping(rel, active.as_deref()) {
-            found.push(rel.to_path_buf());
-        }
-    })?;
-    // A run that was killed or crashed left its journal (and what it had
-    // staged) in `.offsite/runs/`; the next run records it as interrupted.
-    let runs = Path::new(META_DIR).join("runs");
-    let interrupted: BTreeSet<String> = found
-        .iter()
-        .filter_map(|rel| rel.strip_prefix(&runs).ok()?.to_str()?.strip_suffix(".journal").map(str::to_string))
-        .collect();
-    let unlisted: Vec<String> = found
-        .iter()
-        .map(|rel| {
-            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            // `.offsite/runs/RUN.journal`, or a file staged in `.offsite/runs/RUN/`.
-            let top = rel.strip_prefix(&runs).ok().and_then(|r| r.components().next()?.as_os_str().to_str());
-            let of_run = top.map(|t| t.strip_suffix(".journal").map_or((t, false), |run| (run, true)));
-            match of_run {
-                Some((run, true)) if interrupted.contains(run) => format!(
-                    "{}: the journal of run {run}, which was interrupted (killed or crashed); the next run of the \
-                     site records it as interrupted",
-                    rel.display()
-                ),
-                Some((run, false)) if interrupted.contains(run) => format!(
-                    "{}: staged by run {run}, which was interrupted before it finished; the next run of the site \
-                     records that run as interrupted",
-                    rel.display()
-                ),
-                _ if name.starts_with(TEMP_PREFIX) => format!(
-                    "{}: a leftover temporary file of an interrupted run (the next run removes it)",
-                    rel.display()
-                ),
-                _ if name.ends_with(".json.pruning") => {
-                    format!("{}: an interrupted prune (the next prune finishes it)", rel.display())
-                }
-                _ => format!("{}: unlisted: no manifest lists this file", rel.display()),
-            }
-        })
-        .collect();
-    if root.is_shared() {
-        // The current directory of runs without a site: its other files
-        // are the user's, not problems.
-        report.checked.extend(unlisted.into_iter().map(|u| format!("{u} (a shared directory: not a problem)")));
-    } else {
-        report.problems.extend(unlisted);
-    }
+    let found = root.unlisted(&|rel| owners.contains_key(rel))?;
+    report.problems.extend(found.problems);
+    report.checked.extend(found.notes);
     Ok(report)
 }
 
@@ -184,90 +128,6 @@ impl<'a> Source<'a> {
             _ => format!("cannot be read: {e}"),
         })
     }
-}
-
-/// Objects under an S3 store's prefix that no manifest lists and that
-/// are not the store's own: problems, as unlisted files are. A run's
-/// record in progress (or left by a killed run, which the next run
-/// finishes) is noted, not counted.
-fn unlisted_objects(
-    root: &S3Root,
-    owners: &BTreeMap<PathBuf, (&Manifest, &StoredFile)>,
-    report: &mut Report,
-) -> io::Result<()> {
-    for object in root.bucket().list("").map_err(io::Error::other)? {
-        let rel = object.rel.as_str();
-        if owners.contains_key(Path::new(rel)) || crate::store::s3::is_bookkeeping(rel) {
-            continue;
-        }
-        let shown = crate::text::escape(rel);
-        if crate::store::s3::is_run_record(rel) {
-            report.checked.push(format!("{shown}: the record of a run in progress, or of one the next run finishes"));
-        } else if rel.ends_with(".json.pruning") {
-            report.problems.push(format!("{shown}: an interrupted prune (the next prune finishes it)"));
-        } else {
-            report.problems.push(format!("{shown}: unlisted: no manifest lists this object"));
-        }
-    }
-    report.checked.push(format!(
-        "{}: every object was downloaded and hashed (the server's checksums are not used)",
-        root.bucket().location()
-    ));
-    Ok(())
-}
-
-/// The runner's own files, and the files of the run in progress.
-fn is_bookkeeping(rel: &Path, active_run: Option<&str>) -> bool {
-    let Ok(inner) = rel.strip_prefix(META_DIR) else { return false };
-    if inner == Path::new(crate::store::lock::LOCK_FILE)
-        || inner == Path::new(crate::store::run::SHARED_MARK)
-        || inner == Path::new(crate::store::run::SITES_MARK)
-        || inner == Path::new(crate::store::run::OWNER_FILE)
-        || inner.starts_with(crate::store::run::FORGOTTEN_DIR)
-    {
-        return true;
-    }
-    if let Ok(m) = inner.strip_prefix("manifests") {
-        let name = m.to_string_lossy();
-        return !m.as_os_str().is_empty()
-            && (name.ends_with(".json") || name.ends_with(".json.sig"))
-            && !name.starts_with(TEMP_PREFIX);
-    }
-    if let (Ok(r), Some(active)) = (inner.strip_prefix("runs"), active_run) {
-        let first = r.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
-        return first == active || first == format!("{active}.journal") || first == format!("{active}.manifest");
-    }
-    false
-}
-
-/// Calls `found` with every non-directory beneath `dir` (links are not
-/// followed).
-/// Every non-directory beneath `dir`, in sorted order. Iterative, and each
-/// directory is opened from `dir` and closed before the next, so however
-/// deep a store is, the walk holds a few descriptors, not one per level.
-fn walk(dir: &Dir, rel: &Path, found: &mut dyn FnMut(&Path)) -> io::Result<()> {
-    let mut stack = vec![rel.to_path_buf()];
-    while let Some(rel) = stack.pop() {
-        let here = if rel.as_os_str().is_empty() { dir.try_clone()? } else { dir.open_dir(&rel)? };
-        let mut entries = Vec::new();
-        for e in here.entries()? {
-            let e = e?;
-            entries.push((e.file_name(), e.file_type()?.is_dir()));
-        }
-        drop(here);
-        entries.sort();
-        let mut subdirs = Vec::new();
-        for (name, is_dir) in entries {
-            let path = rel.join(&name);
-            if is_dir {
-                subdirs.push(path);
-            } else {
-                found(&path);
-            }
-        }
-        stack.extend(subdirs.into_iter().rev());
-    }
-    Ok(())
 }
 
 fn is_encrypted(path: &Path) -> bool {
