@@ -470,5 +470,6 @@ pub mod registry;
 pub mod seaweed;
 pub mod shared;
 pub mod sshd;
+pub mod wan;
 
 pub use tempfile;

@@ -106,6 +106,15 @@ pub struct Turn {
 
 /// Waits for, and takes, the turn at `name` (see the module's docs).
 pub fn turn(name: &str) -> Turn {
+    take_turn(name, true).expect("a blocking turn is always taken")
+}
+
+/// Takes the turn at `name` if nobody holds it.
+pub fn try_turn(name: &str) -> Option<Turn> {
+    take_turn(name, false)
+}
+
+fn take_turn(name: &str, wait: bool) -> Option<Turn> {
     use std::os::fd::AsRawFd;
     let dir = std::env::temp_dir().join("offsite-test-turns");
     std::fs::create_dir_all(&dir).expect("create the turns directory");
@@ -115,8 +124,12 @@ pub fn turn(name: &str) -> Turn {
         .write(true)
         .open(dir.join(format!("{name}.lock")))
         .expect("open a turn's lock file");
+    let how = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
     // SAFETY: flock on a descriptor this function owns.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock {name}: {}", std::io::Error::last_os_error());
-    Turn { _file: file }
+    if unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "flock {name}: {e}");
+        return None;
+    }
+    Some(Turn { _file: file })
 }

@@ -39,6 +39,16 @@ impl Sshd {
     /// (created if missing), so that two "servers" can have their own home
     /// directories and `~/.my.cnf`.
     pub fn start_as(ip: &str, user: &str) -> Sshd {
+        Sshd::start_in(ip, user, None)
+    }
+
+    /// Like [`start`](Self::start), on the far side of a simulated WAN:
+    /// in the link's network namespace, on its address there, port 22.
+    pub fn start_behind(link: &crate::wan::WanLink) -> Sshd {
+        Sshd::start_in(&link.there.to_string(), LOGIN_USER, Some(link.netns()))
+    }
+
+    fn start_in(ip: &str, user: &str, netns: Option<&str>) -> Sshd {
         let sshd = find_sshd();
         let user = login_user(user);
         let dir = tempfile::tempdir().expect("scratch dir for sshd");
@@ -58,7 +68,8 @@ impl Sshd {
         // sshd does: then sshd says so and we try again with another.
         let mut tries = 0;
         let (child, addr, port) = loop {
-            let port = free_port(ip);
+            // A namespace of its own has every port free.
+            let port = if netns.is_some() { 22 } else { free_port(ip) };
             let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
             let config = format!(
                 "ListenAddress {addr}\n\
@@ -76,7 +87,15 @@ impl Sshd {
             );
             std::fs::write(d.join("sshd_config"), config).unwrap();
             let _ = std::fs::remove_file(d.join("sshd.log"));
-            let mut child = Command::new(&sshd)
+            let mut command = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(&sshd);
+                    c
+                }
+                None => Command::new(&sshd),
+            };
+            let mut child = command
                 .args(["-D", "-f"])
                 .arg(d.join("sshd_config"))
                 .arg("-E")
@@ -92,7 +111,9 @@ impl Sshd {
         };
         let host_pub = std::fs::read_to_string(d.join("host_ed25519.pub")).unwrap();
         let key = host_pub.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        let server = Sshd { child, dir, addr, user, known_hosts_line: format!("[{ip}]:{port} {key}") };
+        // OpenSSH names a host on port 22 without brackets or port.
+        let name = if port == 22 { ip.to_string() } else { format!("[{ip}]:{port}") };
+        let server = Sshd { child, dir, addr, user, known_hosts_line: format!("{name} {key}") };
         std::fs::write(server.dir.path().join("known_hosts"), format!("{}\n", server.known_hosts_line)).unwrap();
         server
     }

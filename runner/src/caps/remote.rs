@@ -558,7 +558,7 @@ impl Pump {
     fn closed_early(&mut self, when: &str) -> String {
         let exit = self.process.finish(Duration::from_secs(5)).map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
         let stderr = self.stderr_text().trim().to_string();
-        let mut s = format!(" {when} ({exit})");
+        let mut s = if when.is_empty() { format!(" ({exit})") } else { format!(" {when} ({exit})") };
         if !stderr.is_empty() {
             s.push_str(&format!("; stderr: {stderr}"));
         }

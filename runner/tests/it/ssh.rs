@@ -82,6 +82,27 @@ impl Site {
         }
     }
 
+    /// Waits until a transfer has written at least `bytes` into its
+    /// temporary file in the run's staging directory.
+    fn wait_for_staged_bytes(&self, bytes: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let staged = || {
+            let runs = self.store().join(".offsite/runs");
+            let files = if runs.exists() { tree(&runs) } else { Vec::new() };
+            files
+                .iter()
+                .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with(".offsite-tmp."))
+                .filter_map(|f| std::fs::metadata(runs.join(f)).ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0)
+        };
+        while staged() < bytes {
+            assert!(Instant::now() < deadline, "the transfer never wrote {bytes} bytes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Files in the store, and any temporary file left in the store's
     /// staging area (so leftovers show).
     fn stored(&self) -> Vec<String> {
@@ -815,4 +836,43 @@ fn passphrase_copy(key: &Path, to: &Path, passphrase: &str) -> PathBuf {
         Command::new("ssh-keygen").args(["-q", "-p", "-P", "", "-N", passphrase, "-f"]).arg(to).status().unwrap();
     assert!(status.success(), "ssh-keygen -p {}", to.display());
     to.to_path_buf()
+}
+
+/// Over a simulated WAN (40 ms, 100 Mbit/s; `offsite_testkit::wan`): a
+/// fetch stores the file whole, and a link that goes dead mid-fetch fails
+/// the run within the host's timeouts, with nothing of that file in the
+/// store and the earlier file untouched.
+#[test]
+fn over_a_wan_a_fetch_is_whole_and_a_dead_link_fails_within_the_timeouts_storing_nothing() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(40), 100);
+    let server = Sshd::start_behind(&link);
+    let mut site = Site::new();
+    site.host("far", &server, &format!("fetch = [\"{}/**\"]", server.files().display()));
+    let (small, big) = (server.files().join("small.bin"), server.files().join("big.bin"));
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&small, pattern.repeat(4)).unwrap();
+    std::fs::write(&big, pattern.repeat(96)).unwrap();
+
+    let started = Instant::now();
+    let ran = site.run(&[("op", "fetch"), ("host", "far"), ("path", small.to_str().unwrap()), ("dest", "small.bin")]);
+    ran.expect_code(0);
+    assert_eq!(sha256sum(&site.store().join("small.bin")), sha256sum(&small));
+    // A round trip is really 40 ms: connecting alone takes several.
+    assert!(started.elapsed() > Duration::from_millis(200), "{:?}", started.elapsed());
+
+    let mut cmd = site.probe(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "big.bin")]);
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    site.wait_for_staged_bytes(8 << 20);
+    link.cut(Duration::from_secs(120));
+    let cut = Instant::now();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    // connect_timeout = 3s: keepalives every second, three missed.
+    assert!(cut.elapsed() < Duration::from_secs(30), "the dead link was noticed after {:?}", cut.elapsed());
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("host far: fetching"), "the error names the host and the call: {stderr}");
+    assert!(stderr.contains("not responding"), "and says why: {stderr}");
+    assert_eq!(site.stored(), ["small.bin"], "{stderr}");
+    assert_eq!(sha256sum(&site.store().join("small.bin")), sha256sum(&small));
 }
