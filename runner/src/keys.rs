@@ -334,6 +334,7 @@ mod tests {
             host_key: None,
             connect_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(1),
+            compression: None,
             commands: commands.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect(),
             fetch: fetch.iter().map(|s| s.to_string()).collect(),
             from: None,

@@ -192,6 +192,10 @@ pub struct HostConfig {
     pub connect_timeout: Duration,
     /// A remote call that sends nothing for this long is abandoned.
     pub idle_timeout: Duration,
+    /// OpenSSH's `Compression` for this host; `None`: ssh_config decides.
+    /// It pays on a slow link for text (dumps), and costs CPU for nothing
+    /// on a fast one or for data that is compressed already.
+    pub compression: Option<bool>,
     /// Allowed commands: each an argv pattern (see `policy`).
     pub commands: Vec<Vec<String>>,
     /// Remote paths `scp.fetch` may copy: glob patterns on absolute paths.
@@ -781,6 +785,7 @@ struct HostSection {
     host_key: Option<String>,
     connect_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
+    compression: Option<bool>,
     #[serde(default)]
     commands: Vec<Vec<String>>,
     #[serde(default)]
@@ -833,6 +838,7 @@ impl HostSection {
             host_key: self.host_key,
             connect_timeout: self.connect_timeout.map_or(Duration::from_secs(15), |d| d.0),
             idle_timeout: self.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
+            compression: self.compression,
             commands: self.commands,
             fetch: self.fetch,
             from: self.from,
@@ -1158,7 +1164,7 @@ mod tests {
     fn hosts_with_grants() {
         let site = parse(
             "store = \"/x\"\n[hosts.server1]\naddress = \"127.0.0.2\"\nport = 2222\nuser = \"backup\"\n\
-             identity = \"keys/id\"\npassphrase_env = \"OFFSITE_PASS\"\nconnect_timeout = \"5s\"\n\
+             identity = \"keys/id\"\npassphrase_env = \"OFFSITE_PASS\"\nconnect_timeout = \"5s\"\ncompression = true\n\
              commands = [[\"mysqldump\", \"--single-transaction\", \"*\"]]\nfetch = [\"/var/backups/*.tgz\"]\n\
              [hosts.web]\n",
         )
@@ -1169,8 +1175,10 @@ mod tests {
         assert_eq!(h.identity.as_deref(), Some(Path::new("/etc/offsite/keys/id")));
         assert_eq!(h.passphrase, Some(SecretSource::Env("OFFSITE_PASS".into())));
         assert_eq!(h.connect_timeout, Duration::from_secs(5));
+        assert_eq!(h.compression, Some(true));
         assert_eq!(h.commands.len(), 1);
         assert_eq!(site.hosts["web"].address, "web", "the name doubles as an ssh_config alias");
+        assert_eq!(site.hosts["web"].compression, None, "unset: ssh_config decides");
     }
 
     #[test]

@@ -155,6 +155,9 @@ impl OpenSsh {
             format!("ControlPath={}", conn.control.display()),
         ];
         opts.push(if cfg.passphrase.is_some() { "BatchMode=no".into() } else { "BatchMode=yes".into() });
+        if let Some(on) = cfg.compression {
+            opts.push(format!("Compression={}", if on { "yes" } else { "no" }));
+        }
         if let Some(kh) = &cfg.known_hosts {
             opts.push(format!("UserKnownHostsFile={}", kh.display()));
         }
