@@ -852,6 +852,7 @@ fn forget(site_file: &Path, run_id: &str) -> Result<(), Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory").exit(Exit::Usage)?;
     let site = Site::load(&site_path(site_file), &cwd).exit(Exit::Usage)?;
     let root = open_existing(&site.store, site.limits.call_timeout)?;
+    root.can_forget().map_err(|e| anyhow!("site {}: {e}", site.name)).exit(Exit::Usage)?;
     let _lock = lock_for(&root, &site, "forget")?;
     let forgotten = root.forget(run_id).map_err(|e| anyhow!("site {}: {e}", site.name)).exit(Exit::Usage)?;
     for line in forgotten {

@@ -58,8 +58,12 @@ pub trait Backend: Send + Sync {
     /// `verify`.
     fn unlisted(&self, listed: &dyn Fn(&Path) -> bool) -> io::Result<Unlisted>;
 
-    /// `offsite forget`: records that a run lost files. Stores that cannot
-    /// say so refuse, saying what to do instead.
+    /// Whether `forget` works on this store: asked before the lock is
+    /// taken, so a store that cannot forget refuses without touching it,
+    /// saying what to do instead.
+    fn can_forget(&self) -> io::Result<()>;
+
+    /// `offsite forget`: records that a run lost files.
     fn forget(&self, run_id: &str) -> io::Result<Vec<String>>;
 
     /// Finishes prunes that were interrupted. One line per thing done.

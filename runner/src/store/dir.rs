@@ -92,6 +92,10 @@ impl Backend for StoreRoot {
         })
     }
 
+    fn can_forget(&self) -> io::Result<()> {
+        Ok(())
+    }
+
     fn forget(&self, run_id: &str) -> io::Result<Vec<String>> {
         StoreRoot::forget(self, run_id)
     }

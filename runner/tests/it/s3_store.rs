@@ -535,6 +535,15 @@ fn retention_prunes_old_runs_and_never_the_last_good_one() {
     let statuses: Vec<String> = manifests(&b).iter().map(|m| m["status"].as_str().unwrap().to_string()).collect();
     assert_eq!(statuses, ["ok", "failed"]);
     site.command(&["verify"]).expect_code(0);
+    // forget is for directory stores: refused before the store's lock is
+    // touched (a run may hold it), saying what to do instead.
+    let lock = String::from_utf8(download(&b, ".offsite/lock")).unwrap();
+    let run_id = manifests(&b)[0]["run_id"].as_str().unwrap().to_string();
+    let file = site.file.to_str().unwrap().to_string();
+    let refused = Ran::from_output(site.offsite(&["forget", &file, &run_id]).output().unwrap());
+    refused.expect_code(2);
+    assert!(refused.stderr.contains("forget works on a store in a directory"), "{}", refused.stderr);
+    assert_eq!(String::from_utf8(download(&b, ".offsite/lock")).unwrap(), lock, "the lock was not taken");
 }
 
 /// `[[copy]]` for S3: the endpoint of `server`.
