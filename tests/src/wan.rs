@@ -59,6 +59,8 @@ struct Shared {
     /// Milliseconds since `epoch` until which every packet is dropped.
     cut_until: AtomicU64,
     epoch: Instant,
+    /// Bytes of IP packets delivered, `a` to `b` and `b` to `a`.
+    carried: [AtomicU64; 2],
 }
 
 impl Shared {
@@ -79,14 +81,19 @@ impl Link {
     /// `delay` later. At most `max_queue` bytes are in flight each way;
     /// beyond that packets are dropped, as by a router's full buffer.
     pub fn join(a: File, b: File, delay: Duration, max_queue: usize) -> std::io::Result<Link> {
-        let shared = Arc::new(Shared { stop: AtomicBool::new(false), cut_until: 0.into(), epoch: Instant::now() });
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            cut_until: 0.into(),
+            epoch: Instant::now(),
+            carried: [0.into(), 0.into()],
+        });
         let mut threads = Vec::new();
-        for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
+        for (way, (from, to)) in [(a.try_clone()?, b.try_clone()?), (b, a)].into_iter().enumerate() {
             let line =
                 Arc::new(Line { queue: Mutex::new(VecDeque::new()), ready: Condvar::new(), queued_bytes: 0.into() });
             let (sending, s1, s2) = (Arc::clone(&line), Arc::clone(&shared), Arc::clone(&shared));
             threads.push(std::thread::spawn(move || send(from, &sending, &s1, delay, max_queue)));
-            threads.push(std::thread::spawn(move || deliver(to, &line, &s2)));
+            threads.push(std::thread::spawn(move || deliver(to, &line, &s2, way)));
         }
         Ok(Link { shared, threads })
     }
@@ -100,6 +107,11 @@ impl Link {
     /// Ends a cut at once.
     pub fn mend(&self) {
         self.shared.cut_until.store(0, Ordering::Relaxed);
+    }
+
+    /// Bytes of IP packets delivered so far from `b` to `a`.
+    pub fn carried_to_a(&self) -> u64 {
+        self.shared.carried[1].load(Ordering::Relaxed)
     }
 }
 
@@ -138,7 +150,7 @@ fn send(mut from: File, line: &Line, shared: &Shared, delay: Duration, max_queue
 }
 
 /// Writes each queued packet into `to` when it is due.
-fn deliver(mut to: File, line: &Line, shared: &Shared) {
+fn deliver(mut to: File, line: &Line, shared: &Shared, way: usize) {
     loop {
         let (due, packet) = {
             let mut queue = line.queue.lock().unwrap();
@@ -161,7 +173,9 @@ fn deliver(mut to: File, line: &Line, shared: &Shared) {
             continue;
         }
         // A device that is down refuses packets: they are lost, as on a line.
-        let _ = to.write(&packet);
+        if to.write(&packet).is_ok() {
+            shared.carried[way].fetch_add(packet.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -225,6 +239,12 @@ impl WanLink {
     /// Ends a cut at once.
     pub fn mend(&self) {
         self.link.as_ref().expect("running").mend();
+    }
+
+    /// Bytes of IP packets (headers included) the link has carried from
+    /// the server side to this one.
+    pub fn carried_here(&self) -> u64 {
+        self.link.as_ref().expect("running").carried_to_a()
     }
 }
 
