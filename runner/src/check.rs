@@ -833,6 +833,8 @@ fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, fi
         run_deadline: None,
         idle_timeout: wait,
         captured_output: 64 << 10,
+        fetch: Default::default(),
+        paces: Vec::new(),
         dry_run: false,
         offline: false,
     };

@@ -322,9 +322,30 @@ fn caps_for(
     if !site.hosts.is_empty() {
         let transport = OpenSsh::new(&site.hosts, site.ssh_config.as_deref())
             .context("cannot create a private directory for SSH control sockets")
-            .exit(Exit::BackupFailed)?;
+            .exit(Exit::BackupFailed)?
+            .until(caps.run_deadline);
         caps.transport = Some(Arc::new(transport));
         caps.idle_timeouts = site.hosts.iter().map(|(n, h)| (n.clone(), h.idle_timeout)).collect();
+        caps.host_paces = site
+            .hosts
+            .iter()
+            .filter_map(|(n, h)| Some((n.clone(), Arc::new(crate::caps::pace::Pace::new(h.bandwidth?)))))
+            .collect();
+        caps.site_pace = site.limits.bandwidth.map(|r| Arc::new(crate::caps::pace::Pace::new(r)));
+        caps.fetch_lanes = site
+            .hosts
+            .iter()
+            .map(|(n, h)| {
+                (
+                    n.clone(),
+                    crate::caps::remote::FetchLanes {
+                        connections: h.connections,
+                        parallel_above: h.parallel_above,
+                        retries: h.retries,
+                    },
+                )
+            })
+            .collect();
     }
     Ok(caps)
 }

@@ -30,6 +30,8 @@ pub struct Limits {
     pub max_bytes: u64,
     /// Most files one run may create in the store.
     pub max_files: u64,
+    /// Bytes per second all of a run's transfers share (`bandwidth`).
+    pub bandwidth: Option<u64>,
 }
 
 /// The least memory a script can start with: a Rust script's stack alone
@@ -77,6 +79,7 @@ impl Default for Limits {
             captured_output: 1 << 20,
             max_bytes: u64::MAX,
             max_files: 100_000,
+            bandwidth: None,
         }
     }
 }
@@ -173,6 +176,9 @@ pub struct Notify {
     pub timeout: Duration,
 }
 
+/// The most connections a host's `connections` may allow.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// One `[hosts.NAME]` section: how to reach the host and what may be done
 /// there. Scripts only ever see `NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +202,15 @@ pub struct HostConfig {
     /// It pays on a slow link for text (dumps), and costs CPU for nothing
     /// on a fast one or for data that is compressed already.
     pub compression: Option<bool>,
+    /// Most SSH connections one fetch of a large file may use (1: one).
+    pub connections: usize,
+    /// A fetch of a file larger than this may spread over connections.
+    pub parallel_above: u64,
+    /// Bytes per second all of a run's transfers from this host share.
+    pub bandwidth: Option<u64>,
+    /// How often a connection that failed in a way that may pass
+    /// (refused, reset, timed out) is tried again.
+    pub retries: u32,
     /// Allowed commands: each an argv pattern (see `policy`).
     pub commands: Vec<Vec<String>>,
     /// Remote paths `scp.fetch` may copy: glob patterns on absolute paths.
@@ -388,6 +403,7 @@ impl Site {
             captured_output: raw.limits.captured_output.map_or(defaults.captured_output, |m| m.0),
             max_bytes: raw.limits.max_bytes.map_or(defaults.max_bytes, |m| m.0),
             max_files: raw.limits.max_files.unwrap_or(defaults.max_files),
+            bandwidth: raw.limits.bandwidth.map(|r| r.0),
         };
         limits.validate().map_err(|(key, why)| anyhow::anyhow!("{}: {why}", at(&format!("limits.{key}"))))?;
         if let Some(name) = &raw.name
@@ -786,6 +802,10 @@ struct HostSection {
     connect_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     compression: Option<bool>,
+    connections: Option<usize>,
+    parallel_above: Option<ByteSize>,
+    bandwidth: Option<Rate>,
+    retries: Option<u32>,
     #[serde(default)]
     commands: Vec<Vec<String>>,
     #[serde(default)]
@@ -821,6 +841,15 @@ impl HostSection {
                 "from {from:?} must be an address list as authorized_keys takes it, like \"192.0.2.7\" or \"192.0.2.0/24,2001:db8::7\""
             ));
         }
+        let connections = self.connections.unwrap_or(4);
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(format!("connections = {connections}: give 1 to {MAX_CONNECTIONS}"));
+        }
+        let parallel_above = self.parallel_above.map_or(64 << 20, |b| b.0);
+        let retries = self.retries.unwrap_or(3);
+        if retries > 10 {
+            return Err(format!("retries = {retries}: give 0 to 10"));
+        }
         for (i, pattern) in self.commands.iter().enumerate() {
             crate::policy::CommandPattern::new(pattern).map_err(|e| format!("commands[{i}]: {e}"))?;
         }
@@ -839,6 +868,10 @@ impl HostSection {
             connect_timeout: self.connect_timeout.map_or(Duration::from_secs(15), |d| d.0),
             idle_timeout: self.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
             compression: self.compression,
+            connections,
+            parallel_above,
+            bandwidth: self.bandwidth.map(|r| r.0),
+            retries,
             commands: self.commands,
             fetch: self.fetch,
             from: self.from,
@@ -876,6 +909,7 @@ struct LimitsSection {
     captured_output: Option<ByteSize>,
     max_bytes: Option<ByteSize>,
     max_files: Option<u64>,
+    bandwidth: Option<Rate>,
 }
 
 /// A duration written as `90s`, `30m`, `6h` or `1h 30m`.
@@ -909,6 +943,38 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Int(n) => Ok(ByteSize(n)),
             Raw::Text(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// Parses a rate as the site file writes it: `20MiB/s`, `500KiB/s`,
+/// `100M/s` (units of 1024, as every size in the site file).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let size = s.trim().strip_suffix("/s").ok_or_else(|| format!("{s:?} is not a rate; write it like \"20MiB/s\""))?;
+    let rate = parse_size(size.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+    if rate < 1024 {
+        return Err(format!("{s:?} is below 1KiB/s; write it like \"20MiB/s\""));
+    }
+    Ok(rate)
+}
+
+/// A rate for messages: `20MiB/s`, `512KiB/s`, `1.5MiB/s`.
+pub fn show_rate(rate: u64) -> String {
+    let (n, unit) = if rate >= 1 << 30 {
+        (rate as f64 / f64::from(1u32 << 30), "GiB")
+    } else if rate >= 1 << 20 {
+        (rate as f64 / f64::from(1u32 << 20), "MiB")
+    } else {
+        (rate as f64 / 1024.0, "KiB")
+    };
+    if n.fract() == 0.0 { format!("{n:.0}{unit}/s") } else { format!("{n:.1}{unit}/s") }
+}
+
+/// A rate as [`parse_rate`] reads it.
+struct Rate(u64);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_rate(&String::deserialize(d)?).map(Rate).map_err(serde::de::Error::custom)
     }
 }
 
@@ -988,13 +1054,25 @@ impl fmt::Display for Limits {
             self.memory >> 20,
             humantime::format_duration(self.call_timeout),
             self.parallel
-        )
+        )?;
+        if let Some(rate) = self.bandwidth {
+            write!(f, ", bandwidth {}", show_rate(rate))?;
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_written_with_a_unit_per_second() {
+        assert_eq!(parse_rate("20MiB/s"), Ok(20 << 20));
+        assert_eq!(parse_rate(" 512KiB/s "), Ok(512 << 10));
+        assert!(parse_rate("20MiB").unwrap_err().contains("not a rate"));
+        assert!(parse_rate("10/s").unwrap_err().contains("below"));
+    }
 
     fn parse(text: &str) -> Result<Site> {
         let dir = std::env::temp_dir();

@@ -5,7 +5,9 @@
 mod archive;
 mod clock;
 mod files;
+mod lanes;
 mod log;
+pub mod pace;
 mod params;
 pub mod remote;
 mod scp;
@@ -74,6 +76,12 @@ pub struct Caps {
     pub transport: Option<Arc<dyn Transport>>,
     /// Per-host idle timeouts.
     pub idle_timeouts: BTreeMap<String, Duration>,
+    /// Per-host spread of large fetches.
+    pub fetch_lanes: BTreeMap<String, remote::FetchLanes>,
+    /// Bandwidth limits: each host's, shared by its transfers.
+    pub host_paces: BTreeMap<String, Arc<pace::Pace>>,
+    /// The site's, shared by every transfer of the run.
+    pub site_pace: Option<Arc<pace::Pace>>,
     /// Where each of the site's secrets comes from.
     pub secret_sources: BTreeMap<String, crate::site::SecretSource>,
     /// What is sent with each deliverable secret (the site's, never the
@@ -113,6 +121,9 @@ impl Caps {
             read_dirs: (0..roots).map(|_| None).collect(),
             transport: None,
             idle_timeouts: BTreeMap::new(),
+            fetch_lanes: BTreeMap::new(),
+            host_paces: BTreeMap::new(),
+            site_pace: None,
             secret_sources: BTreeMap::new(),
             deliveries: BTreeMap::new(),
             slots: Arc::new(Slots::new(4)),
@@ -181,6 +192,8 @@ impl Caps {
             run_deadline: self.run_deadline,
             idle_timeout: self.idle_timeouts.get(host).copied().unwrap_or(Duration::from_secs(600)),
             captured_output: self.captured_output,
+            fetch: self.fetch_lanes.get(host).copied().unwrap_or_default(),
+            paces: self.host_paces.get(host).iter().copied().chain(&self.site_pace).cloned().collect(),
             dry_run: self.dry_run,
             offline: self.offline,
         })

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{StreamRedactor, io_error};
+use super::pace::Pace;
+use super::{StreamRedactor, io_error, lanes};
 use crate::bindings::ssh::StreamOptions;
 use crate::bindings::types::{Error, FileInfo};
 use crate::compress::ParallelGz;
@@ -24,6 +25,22 @@ pub const TAIL_BYTES: usize = 4096;
 const STDERR_KEEP: usize = 16 << 10;
 /// Most background transfers one run may have started.
 pub const MAX_JOBS: usize = 256;
+
+/// A host's `connections` and `parallel_above`: a fetch of a file larger
+/// than `parallel_above` may use up to `connections` connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLanes {
+    pub connections: usize,
+    pub parallel_above: u64,
+    /// Fresh starts of a fetch whose every connection broke.
+    pub retries: u32,
+}
+
+impl Default for FetchLanes {
+    fn default() -> Self {
+        FetchLanes { connections: 4, parallel_above: 64 << 20, retries: 3 }
+    }
+}
 
 /// Everything a remote call needs, cheap to clone into a job thread.
 #[derive(Clone)]
@@ -38,6 +55,11 @@ pub struct Remote {
     pub run_deadline: Option<Instant>,
     pub idle_timeout: Duration,
     pub captured_output: u64,
+    /// How this host's large fetches may spread over connections.
+    pub fetch: FetchLanes,
+    /// Bandwidth limits this host's transfers share (the host's, the
+    /// site's).
+    pub paces: Vec<Arc<Pace>>,
     pub dry_run: bool,
     /// Dry, and without even connecting (see `Caps::offline`).
     pub offline: bool,
@@ -60,11 +82,24 @@ impl Remote {
     }
 
     fn spawn(&self, host: &str, argv: &[String], stdin: bool) -> Result<Pump, Error> {
+        self.spawn_on(host, 0, argv, stdin)
+    }
+
+    /// `argv` with stdin over the host's connection `lane` (see
+    /// `Transport::spawn_lane`).
+    pub(super) fn spawn_lane(&self, host: &str, lane: usize, argv: &[String]) -> Result<Pump, Error> {
+        self.spawn_on(host, lane, argv, true)
+    }
+
+    fn spawn_on(&self, host: &str, lane: usize, argv: &[String], stdin: bool) -> Result<Pump, Error> {
         let line = quote::command_line(argv).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let process =
-            self.transport.spawn(host, &line, stdin).map_err(|e| transport_error(&self.redact(&e.to_string()), &e))?;
+        let process = self
+            .transport
+            .spawn_lane(host, lane, &line, stdin)
+            .map_err(|e| transport_error(&self.redact(&e.to_string()), &e))?;
         let mut pump = Pump::new(process, host, self.idle_timeout, self.call_timeout, self.run_deadline);
         pump.redactor = StreamRedactor::new(&self.secrets);
+        pump.paces = self.paces.clone();
         Ok(pump)
     }
 
@@ -245,7 +280,7 @@ impl Remote {
         let mut pump = self.spawn(host, &argv, true)?;
         let failed = |what: String| Error::RemoteFailed(format!("host {host}: fetching {path}: {what}"));
         let mut lines = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             match pump.read_line()? {
                 Some(line) => lines.push(line),
                 None => {
@@ -264,7 +299,9 @@ impl Remote {
             }
         }
         let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
-        let (Some(resolved), Some(size), Some(kind)) = (text(&lines[0]), text(&lines[1]), text(&lines[2])) else {
+        let (Some(resolved), Some(size), Some(kind), Some(identity)) =
+            (text(&lines[0]), text(&lines[1]), text(&lines[2]), text(&lines[3]))
+        else {
             pump.kill();
             return Err(failed("the server's answer is not UTF-8 text".into()));
         };
@@ -283,35 +320,61 @@ impl Remote {
             return Ok(dry_info(dest));
         }
         let store = store.expect("not a dry run");
-        pump.process.feed_stdin(b"go\n".to_vec());
         let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
         let mut sink = Sink::Plain(pending, shown_dest.clone());
         let mut buf = Vec::new();
         let mut got = 0u64;
         let bar = crate::progress::Bar::new(&format!("{host}:{resolved}"), Some(size));
-        while got < size {
-            let n = sink.receive(&mut buf, |into| {
-                let want = into.len().min((size - got) as usize);
-                pump.read(&mut into[..want])
-            })?;
-            if n == 0 {
-                return Err(failed(format!(
-                    "the transfer stopped after {got} of {size} bytes{}; nothing was stored",
-                    pump.closed_early("")
-                )));
+        let mut connections = 1;
+        if size > self.fetch.parallel_above && self.fetch.connections > 1 {
+            // Several connections, each proving it reads this same file.
+            let opened = lanes::Opened {
+                host: host.to_string(),
+                path: path.to_string(),
+                resolved: resolved.clone(),
+                size,
+                identity,
+            };
+            let mut lanes =
+                lanes::Lanes::start(self.clone(), argv, opened, pump, self.fetch.connections, self.fetch.retries);
+            while got < size {
+                let n = sink.receive(&mut buf, |into| lanes.read(into))?;
+                if n == 0 {
+                    return Err(failed(format!(
+                        "the transfer stopped after {got} of {size} bytes; nothing was stored"
+                    )));
+                }
+                got += n as u64;
+                bar.inc(n as u64);
             }
-            got += n as u64;
-            bar.inc(n as u64);
-        }
-        drop(bar);
-        buf.resize(4096, 0);
-        if pump.read(&mut buf)? != 0 {
-            return Err(failed("unexpected data after the file".into()));
-        }
-        let exit = pump.finish()?;
-        if exit != Exit::Status(0) {
-            let stderr = self.redact(&pump.stderr_text());
-            return Err(failed(format!("{exit}; nothing was stored{}", stderr_suffix(&stderr))));
+            drop(bar);
+            connections = lanes.finish()?;
+        } else {
+            pump.process.feed_stdin(b"go\n".to_vec());
+            while got < size {
+                let n = sink.receive(&mut buf, |into| {
+                    let want = into.len().min((size - got) as usize);
+                    pump.read(&mut into[..want])
+                })?;
+                if n == 0 {
+                    return Err(failed(format!(
+                        "the transfer stopped after {got} of {size} bytes{}; nothing was stored",
+                        pump.closed_early("")
+                    )));
+                }
+                got += n as u64;
+                bar.inc(n as u64);
+            }
+            drop(bar);
+            buf.resize(4096, 0);
+            if pump.read(&mut buf)? != 0 {
+                return Err(failed("unexpected data after the file".into()));
+            }
+            let exit = pump.finish()?;
+            if exit != Exit::Status(0) {
+                let stderr = self.redact(&pump.stderr_text());
+                return Err(failed(format!("{exit}; nothing was stored{}", stderr_suffix(&stderr))));
+            }
         }
         let origin = Origin {
             call: "scp.fetch".into(),
@@ -323,8 +386,9 @@ impl Remote {
         let stored = sink.finish().and_then(|p| p.commit(origin)).map_err(|e| io_error(&shown_dest, e))?;
         ::log::info!(
             target: "offsite::scp",
-            "host {host}: stored {resolved} as {} ({} bytes, sha256 {}) in {:.1?}",
-            stored.path, stored.bytes, stored.sha256, started.elapsed()
+            "host {host}: stored {resolved} as {} ({} bytes, sha256 {}) in {:.1?}{}",
+            stored.path, stored.bytes, stored.sha256, started.elapsed(),
+            if connections > 1 { format!(" over {connections} connections") } else { String::new() }
         );
         Ok(self.record(stored))
     }
@@ -432,8 +496,13 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Reads one remote command's stdout with its idle and call timeouts,
 /// keeping stderr on the side.
-struct Pump {
-    process: Box<dyn RemoteProcess>,
+pub(super) struct Pump {
+    pub(super) process: Box<dyn RemoteProcess>,
+    /// Set by whoever gives up on this command (a fetch's other lanes):
+    /// the next read kills it.
+    pub(super) cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Bandwidth limits every byte of stdout is paid to.
+    paces: Vec<Arc<Pace>>,
     host: String,
     idle: Duration,
     deadline: Instant,
@@ -468,18 +537,24 @@ impl Pump {
             stderr_cap: STDERR_KEEP,
             redactor: StreamRedactor::new(&[]),
             scratch: vec![0u8; 8192],
+            cancel: None,
+            paces: Vec::new(),
         }
     }
 
     /// Reads stdout; 0 means both streams ended. Gives up when nothing
     /// arrived for the idle timeout, at the call's deadline, or when the
     /// process is asked to stop (crate::abort), killing the command.
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+    pub(super) fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
         let mut quiet_since = Instant::now();
         loop {
             if crate::abort::requested() {
                 self.kill();
                 return Err(Error::RemoteFailed(format!("host {}: {}", self.host, crate::abort::message())));
+            }
+            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                self.kill();
+                return Err(Error::RemoteFailed(format!("host {}: the transfer was called off", self.host)));
             }
             let now = Instant::now();
             if now >= self.deadline {
@@ -500,7 +575,10 @@ impl Pump {
                 Error::RemoteFailed(format!("host {}: reading from the remote command: {e}", self.host))
             })?;
             match event {
-                Some(Event::Stdout(n)) => return Ok(n),
+                Some(Event::Stdout(n)) => {
+                    self.pay(n)?;
+                    return Ok(n);
+                }
                 Some(Event::Stderr(n)) => {
                     // Move it out of `buf`, which belongs to stdout.
                     self.scratch.clear();
@@ -521,7 +599,30 @@ impl Pump {
     }
 
     /// Stderr as kept (its end, secrets masked before the cut), as text.
-    fn stderr_text(&mut self) -> String {
+    /// Waits until `n` bytes just read are within every bandwidth limit,
+    /// still honouring a stop, a cancel and the deadline.
+    fn pay(&mut self, n: usize) -> Result<(), Error> {
+        let now = Instant::now();
+        let Some(wait) = self.paces.iter().map(|p| p.take(n as u64, now)).max() else { return Ok(()) };
+        let until = now + wait;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            if crate::abort::requested() || self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Ok(()); // the next read says why
+            }
+            if now >= self.deadline {
+                self.kill();
+                let what = if self.by_run { "the run's deadline" } else { "its call_timeout" };
+                return Err(Error::Timeout(format!("host {}: the call ran past {what}", self.host)));
+            }
+            std::thread::sleep((until - now).min(STOP_POLL));
+        }
+    }
+
+    pub(super) fn stderr_text(&mut self) -> String {
         let rest = self.redactor.finish();
         self.keep_stderr(&rest);
         String::from_utf8_lossy(&self.stderr).into_owned()
@@ -537,7 +638,7 @@ impl Pump {
 
     /// One protocol line (up to `\n`), read a byte at a time so nothing
     /// after it is consumed. `None` at end of stream.
-    fn read_line(&mut self) -> Result<Option<Vec<u8>>, Error> {
+    pub(super) fn read_line(&mut self) -> Result<Option<Vec<u8>>, Error> {
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         loop {
@@ -555,7 +656,7 @@ impl Pump {
     }
 
     /// Why the stream ended early, for a message.
-    fn closed_early(&mut self, when: &str) -> String {
+    pub(super) fn closed_early(&mut self, when: &str) -> String {
         let exit = self.process.finish(Duration::from_secs(5)).map(|e| e.to_string()).unwrap_or_else(|e| e.to_string());
         let stderr = self.stderr_text().trim().to_string();
         let mut s = if when.is_empty() { format!(" ({exit})") } else { format!(" {when} ({exit})") };
@@ -565,7 +666,7 @@ impl Pump {
         s
     }
 
-    fn finish(&mut self) -> Result<Exit, Error> {
+    pub(super) fn finish(&mut self) -> Result<Exit, Error> {
         let left = self.deadline.saturating_duration_since(Instant::now()).min(self.idle);
         self.process.finish(left).map_err(|e| match e {
             TransportError::Timeout { .. } => Error::Timeout(e.to_string()),
@@ -573,7 +674,7 @@ impl Pump {
         })
     }
 
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         self.process.kill();
     }
 }

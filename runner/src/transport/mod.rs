@@ -48,20 +48,36 @@ pub enum Event {
 }
 
 /// What `scp.fetch` runs on the server (POSIX sh, Linux `/proc`, GNU or
-/// busybox coreutils): open the file once as fd 3, print the canonical path
-/// of what fd 3 is, its size and its type, wait for `go`, then send exactly
-/// that many bytes from fd 3. A FIFO is refused before the open (which
-/// would block); the type of what was opened is checked again by the
-/// runner. One line, so that it fits a forced `command=` in authorized_keys.
+/// busybox coreutils): open the file once as fd 3; print the canonical path
+/// of what fd 3 is, its size, its type and its identity (device, inode,
+/// size, modification time); then wait for a word on stdin.
+///
+/// - `go`: send exactly that many bytes from fd 3, and end.
+/// - `ranges`: read requests `FIRST COUNT` (in MiB blocks) and send each
+///   range from the same open file (`/proc/$$/fd/3` opens the file fd 3
+///   is, not whatever the name leads to now), until `end`; then print the
+///   identity again, so the runner sees a file that changed meanwhile.
+///
+/// A FIFO is refused before the open (which would block); the type of what
+/// was opened is checked again by the runner. One line, so that it fits a
+/// forced `command=` in authorized_keys.
 pub const FETCH_SCRIPT: &str = concat!(
     r#"if [ ! -e "$1" ] && [ ! -L "$1" ]; then echo "$1: No such file or directory" >&2; exit 3; fi; "#,
     r#"[ -f "$1" ] || { echo "$1: not a regular file" >&2; exit 3; }; "#,
     r#"exec 3< "$1" || exit 3; f=/proc/$$/fd/3; "#,
-    r#"p=$(readlink -e "$f") && s=$(stat -L -c %s "$f") && t=$(stat -L -c %F "$f") || exit 4; "#,
-    r#"printf '%s\n%s\n%s\n' "$p" "$s" "$t"; "#,
-    r#"IFS= read -r go && [ "$go" = go ] || exit 5; "#,
-    r#"exec head -c "$s" <&3"#
+    r#"p=$(readlink -e "$f") && s=$(stat -L -c %s "$f") && t=$(stat -L -c %F "$f") "#,
+    r#"&& i=$(stat -L -c '%d %i %s %y' "$f") || exit 4; "#,
+    r#"printf '%s\n%s\n%s\n%s\n' "$p" "$s" "$t" "$i"; "#,
+    r#"IFS= read -r go || exit 5; "#,
+    r#"if [ "$go" = go ]; then exec head -c "$s" <&3; fi; "#,
+    r#"[ "$go" = ranges ] || exit 5; "#,
+    r#"while read -r a b && [ "$a" != end ]; do "#,
+    r#"dd if="$f" bs=1048576 skip="$a" count="$b" 2>/dev/null || exit 6; done; "#,
+    r#"stat -L -c '%d %i %s %y' "$f""#
 );
+
+/// The unit of `FETCH_SCRIPT`'s ranges: its `dd` block size.
+pub const FETCH_BLOCK: u64 = 1 << 20;
 
 /// A remote command that is running.
 pub trait RemoteProcess: Send {
@@ -91,6 +107,21 @@ pub trait Transport: Send + Sync {
     /// Starts `command_line` (already quoted for the remote shell) on
     /// `host`, connecting first if this run has not yet.
     fn spawn(&self, host: &str, command_line: &str, stdin: bool) -> Result<Box<dyn RemoteProcess>, TransportError>;
+    /// Like `spawn`, over the host's connection number `lane`: 0 is the
+    /// one `spawn` uses; each other is a TCP connection of its own (its
+    /// own window and socket buffers), made on first use, verified and
+    /// authenticated like the first. A transport with one connection per
+    /// host runs every lane over it.
+    fn spawn_lane(
+        &self,
+        host: &str,
+        lane: usize,
+        command_line: &str,
+        stdin: bool,
+    ) -> Result<Box<dyn RemoteProcess>, TransportError> {
+        let _ = lane;
+        self.spawn(host, command_line, stdin)
+    }
     /// Connects to `host` (if not yet) without running anything: the host
     /// key is verified and authentication done.
     fn connect(&self, host: &str) -> Result<(), TransportError>;

@@ -44,6 +44,9 @@ pub const ASKPASS_ENV: &str = "OFFSITE_ASKPASS_SOURCE";
 /// OpenSSH client connections for the hosts of one run.
 pub struct OpenSsh {
     hosts: BTreeMap<String, Arc<HostConn>>,
+    /// Further connections to a host (lane 1, 2, ...), made on first use
+    /// by a fetch that spreads over several (see `Transport::spawn_lane`).
+    lanes: Mutex<BTreeMap<(String, usize), Arc<HostConn>>>,
     ssh_config: Option<PathBuf>,
     agent: Option<PathBuf>,
     /// Where the agent was looked for, when none was found.
@@ -52,6 +55,8 @@ pub struct OpenSsh {
     dir: tempfile::TempDir,
     /// Starts master connections; see [`Spawner`].
     spawner: Spawner,
+    /// The run's deadline: no retry waits past it.
+    deadline: Option<Instant>,
 }
 
 /// A thread that lives as long as the transport and forks the masters.
@@ -84,6 +89,10 @@ impl Spawner {
 
 struct HostConn {
     cfg: HostConfig,
+    /// 0 for the host's first connection, which every call uses.
+    lane: usize,
+    /// Connection attempts retried so far in this run.
+    retried: std::sync::atomic::AtomicU32,
     control: PathBuf,
     master_log: PathBuf,
     state: Mutex<State>,
@@ -103,6 +112,8 @@ impl OpenSsh {
             .map(|(name, cfg)| {
                 let conn = HostConn {
                     cfg: cfg.clone(),
+                    lane: 0,
+                    retried: Default::default(),
                     control: dir.path().join(format!("{name}.ctl")),
                     master_log: dir.path().join(format!("{name}.log")),
                     state: Mutex::new(State::New),
@@ -118,9 +129,17 @@ impl OpenSsh {
             ssh_config: ssh_config.map(Path::to_path_buf),
             agent,
             agent_looked,
+            lanes: Mutex::new(BTreeMap::new()),
             dir,
             spawner: Spawner::new()?,
+            deadline: None,
         })
+    }
+
+    /// No connection is retried past `deadline`.
+    pub fn until(mut self, deadline: Option<Instant>) -> OpenSsh {
+        self.deadline = deadline;
+        self
     }
 
     fn host(&self, host: &str) -> Result<&Arc<HostConn>, TransportError> {
@@ -128,6 +147,27 @@ impl OpenSsh {
             host: host.to_string(),
             detail: "no such host in the site file".into(),
         })
+    }
+
+    /// The connection `lane` to `host`: the host's own for 0, else one of
+    /// its further connections, set up (not yet connected) on first use.
+    fn lane(&self, host: &str, lane: usize) -> Result<Arc<HostConn>, TransportError> {
+        let first = self.host(host)?;
+        if lane == 0 {
+            return Ok(Arc::clone(first));
+        }
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = lanes.entry((host.to_string(), lane)).or_insert_with(|| {
+            Arc::new(HostConn {
+                cfg: first.cfg.clone(),
+                lane,
+                retried: Default::default(),
+                control: self.dir.path().join(format!("{host}.{lane}.ctl")),
+                master_log: self.dir.path().join(format!("{host}.{lane}.log")),
+                state: Mutex::new(State::New),
+            })
+        });
+        Ok(Arc::clone(conn))
     }
 
     /// An `ssh` command with everything both masters and sessions share.
@@ -210,34 +250,64 @@ impl OpenSsh {
 
     /// Starts the master connection for `conn` unless it is up, and returns
     /// the error that made it fail, every time, if it failed.
+    ///
+    /// A host's first connection retries what may pass (refused, reset,
+    /// timed out: never a host key, a login or a setting that failed) up
+    /// to the host's `retries`, waiting 1 s, 2 s, 4 s... between, each
+    /// logged, and never past the run's deadline. One that was up and got
+    /// lost is made again for the next command; the command that was
+    /// running on it has failed and is not run again.
     fn ensure_master(&self, conn: &HostConn) -> Result<(), TransportError> {
+        let host = &conn.cfg.name;
         let mut state = conn.state.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *state {
             State::Up(child) => match child.try_wait() {
                 Ok(None) => return Ok(()),
                 _ => {
                     let err = TransportError::Unreachable {
-                        host: conn.cfg.name.clone(),
+                        host: host.clone(),
                         detail: format!(
                             "the connection to the server was lost: {}",
                             last_errors(&read_lossy(&conn.master_log))
                         ),
                     };
-                    *state = State::Failed(err.clone());
-                    return Err(err);
+                    if conn.lane != 0 || conn.retried.load(Ordering::Relaxed) >= conn.cfg.retries {
+                        *state = State::Failed(err.clone());
+                        return Err(err);
+                    }
+                    log::warn!(target: "offsite::ssh", "{err}; connecting again for the next command");
                 }
             },
             State::Failed(err) => return Err(err.clone()),
             State::New => {}
         }
-        match self.start_master(conn) {
-            Ok(child) => {
-                *state = State::Up(child);
-                Ok(())
+        loop {
+            let err = match self.start_master(conn) {
+                Ok(child) => {
+                    *state = State::Up(child);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let tried = conn.retried.load(Ordering::Relaxed);
+            let passing = matches!(err, TransportError::Unreachable { .. } | TransportError::Timeout { .. });
+            let wait = Duration::from_secs(1 << tried.min(5));
+            let in_time = self.deadline.is_none_or(|d| Instant::now() + wait < d);
+            if conn.lane != 0 || !passing || tried >= conn.cfg.retries || !in_time || stop_requested() {
+                *state = State::Failed(err.clone());
+                return Err(err);
             }
-            Err(e) => {
-                *state = State::Failed(e.clone());
-                Err(e)
+            conn.retried.store(tried + 1, Ordering::Relaxed);
+            log::warn!(
+                target: "offsite::ssh",
+                "{err}; retry {} of {} in {}",
+                tried + 1,
+                conn.cfg.retries,
+                humantime::format_duration(wait)
+            );
+            let until = Instant::now() + wait;
+            while Instant::now() < until && !stop_requested() {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
             }
         }
     }
@@ -314,9 +384,10 @@ impl OpenSsh {
                 });
             }
         }
+        let which = if conn.lane == 0 { String::new() } else { format!(" (connection {})", conn.lane + 1) };
         log::info!(
             target: "offsite::ssh",
-            "host {host}: connected to {} in {:.0?} (host key {})",
+            "host {host}: connected to {}{which} in {:.0?} (host key {})",
             cfg.address,
             started.elapsed(),
             offered.map(|(t, fp)| format!("{t} {fp}")).unwrap_or_else(|| "verified".into())
@@ -470,7 +541,17 @@ impl Transport for OpenSsh {
     }
 
     fn spawn(&self, host: &str, command_line: &str, stdin: bool) -> Result<Box<dyn RemoteProcess>, TransportError> {
-        let conn = Arc::clone(self.host(host)?);
+        self.spawn_lane(host, 0, command_line, stdin)
+    }
+
+    fn spawn_lane(
+        &self,
+        host: &str,
+        lane: usize,
+        command_line: &str,
+        stdin: bool,
+    ) -> Result<Box<dyn RemoteProcess>, TransportError> {
+        let conn = self.lane(host, lane)?;
         self.ensure_master(&conn)?;
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let log = self.dir.path().join(format!("{host}.{}.session.log", SEQ.fetch_add(1, Ordering::Relaxed)));
@@ -515,7 +596,8 @@ impl Transport for OpenSsh {
 
 impl Drop for OpenSsh {
     fn drop(&mut self) {
-        for conn in self.hosts.values() {
+        let lanes = std::mem::take(&mut *self.lanes.lock().unwrap_or_else(|e| e.into_inner()));
+        for conn in self.hosts.values().chain(lanes.values()) {
             let mut state = conn.state.lock().unwrap_or_else(|e| e.into_inner());
             if let State::Up(child) = &mut *state {
                 let _ = child.kill();
@@ -669,6 +751,14 @@ impl Drop for OpenSshProcess {
             self.kill();
         }
     }
+}
+
+/// Whether the run was asked to stop (then no retry waits).
+fn stop_requested() -> bool {
+    #[cfg(feature = "runtime")]
+    return crate::abort::requested();
+    #[cfg(not(feature = "runtime"))]
+    false
 }
 
 /// Whether the private key file is protected by a passphrase (OpenSSH's

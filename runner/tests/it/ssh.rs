@@ -357,7 +357,8 @@ fn a_silent_port_and_a_closed_port_fail_within_the_timeout() {
     let server = Sshd::start("127.0.0.2");
     let silent = TcpListener::bind("127.0.0.2:0").unwrap();
     let mut site = Site::new();
-    site.host("server1", &server, "commands = [[\"true\"]]");
+    // One attempt: retries have a test of their own.
+    site.host("server1", &server, "retries = 0\ncommands = [[\"true\"]]");
     let text = std::fs::read_to_string(site.write()).unwrap();
     let silent_port = silent.local_addr().unwrap().port();
     std::fs::write(
@@ -907,4 +908,181 @@ fn compression_on_a_slow_link_carries_a_text_dump_faster_than_the_line() {
     ran.expect_code(0);
     assert_eq!(sha256sum(&site.store().join("sitedb.sql")), sha256sum(&dump));
     assert!(took < on_the_line / 2, "took {took:?}; uncompressed the line needs {on_the_line:?}");
+}
+
+/// `len` bytes in which no 8-byte word repeats, so a range stored at the
+/// wrong place, twice or not at all changes the hash.
+fn unrepeating(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Over a long fat link (100 ms, 1 Gbit/s) one SSH channel carries about
+/// 160 Mbit/s: a large fetch spreads over further connections while they
+/// help, through the forced-command gate of `offsite keys authorized-line`
+/// (which admits the ranged reads and nothing more), and the stored file
+/// is the file.
+#[test]
+fn over_a_long_link_a_large_fetch_spreads_over_connections_through_the_gate_and_is_whole() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(100), 1000);
+    let server = Sshd::start_behind(&link);
+    let mut site = Site::new();
+    let big = server.files().join("big.bin");
+    site.host("far", &server, &format!("parallel_above = \"8MiB\"\nfetch = [\"{}\"]", big.display()));
+    std::fs::write(&big, unrepeating((150 << 20) + 12345)).unwrap();
+    let mut keys = offsite(Path::new(BIN));
+    keys.args(["keys", "authorized-line"]).arg(site.write()).arg("far");
+    let line = Ran::from_output(keys.output().unwrap());
+    line.expect_code(0);
+    let line = line.stdout.lines().find(|l| !l.starts_with('#')).unwrap().to_string();
+    assert!(line.contains("command="), "{line}");
+    std::fs::write(server.authorized_keys(), format!("{line}\n")).unwrap();
+    let out = server.ssh().arg("cat").arg(&big).output().unwrap();
+    assert_eq!(out.status.code(), Some(126), "the key can do nothing else");
+
+    let ran = site.run(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "big.bin")]);
+    ran.expect_code(0);
+    assert_eq!(sha256sum(&site.store().join("big.bin")), sha256sum(&big));
+    let used: usize = ran
+        .stderr
+        .split(" over ")
+        .nth(1)
+        .and_then(|r| r.split(" connections").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the fetch used one connection:\n{}", ran.stderr));
+    assert!(used >= 2, "{}", ran.stderr);
+    assert!(server.log().matches("Accepted publickey").count() >= used, "{}", server.log());
+}
+
+/// A file that changes while its ranges are read (written in place, or
+/// grown) fails the fetch with the reason, and nothing is stored; the
+/// next fetch of the settled file stores it whole.
+#[test]
+fn a_file_that_changes_during_a_spread_fetch_fails_it_and_nothing_is_stored() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(40), 200);
+    let server = Sshd::start_behind(&link);
+    let mut site = Site::new();
+    let big = server.files().join("big.bin");
+    site.host("far", &server, &format!("parallel_above = \"1MiB\"\nfetch = [\"{}\"]", big.display()));
+    let data = unrepeating(96 << 20);
+    for change in ["in place", "grown"] {
+        std::fs::write(&big, &data).unwrap();
+        let mut cmd = site.probe(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "b")]);
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        site.wait_for_staged_bytes(8 << 20);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        use std::io::{Seek, Write};
+        match change {
+            "in place" => f.seek(std::io::SeekFrom::Start(50 << 20)).unwrap(),
+            _ => f.seek(std::io::SeekFrom::End(0)).unwrap(),
+        };
+        f.write_all(b"changed").unwrap();
+        drop(f);
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(1), "{change}: {stderr}");
+        assert!(stderr.contains("the file changed while it was fetched"), "{change}: {stderr}");
+        assert!(site.stored().is_empty(), "{change}: {:?}", site.stored());
+    }
+    let ran = site.run(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "b")]);
+    ran.expect_code(0);
+    assert_eq!(sha256sum(&site.store().join("b")), sha256sum(&big));
+}
+
+/// `bandwidth` holds a run's transfers to the rate: a host's own for its
+/// transfers, and `[limits] bandwidth` for every transfer of the run
+/// together (two hosts streaming at once share it). The lower bound is
+/// the point (the limit holds); the upper one only catches a pace far off.
+#[test]
+fn bandwidth_limits_hold_a_hosts_transfers_and_the_whole_runs_to_their_rate() {
+    let server = Sshd::start("127.0.0.2");
+    let grants = "commands = [[\"head\", \"-c\", \"*\", \"/dev/zero\"]]";
+    let mib = 12u64;
+    let argv = format!("argv={}", argv(&["head", "-c", &(mib << 20).to_string(), "/dev/zero"]));
+    let timed = |site: &Site, params: &[(&str, &str)]| {
+        let started = Instant::now();
+        let mut cmd = site.probe(params);
+        cmd.arg("--param").arg(&argv);
+        let ran = Ran::from_output(cmd.output().unwrap());
+        ran.expect_code(0);
+        started.elapsed()
+    };
+    // One host at 4 MiB/s: 12 MiB take 3 s, less the quarter second of burst.
+    let mut one = Site::new();
+    one.host("a", &server, &format!("bandwidth = \"4MiB/s\"\n{grants}"));
+    let took = timed(&one, &[("op", "stream"), ("host", "a"), ("dest", "a.bin")]);
+    assert!(took >= Duration::from_millis(2700), "{took:?}");
+    assert!(took < Duration::from_secs(9), "{took:?}");
+    assert_eq!(std::fs::metadata(one.store().join("a.bin")).unwrap().len(), mib << 20);
+
+    // Two hosts at once under the site's 4 MiB/s: 24 MiB take 6 s.
+    let mut both = Site::new();
+    both.extra = "[limits]\nbandwidth = \"4MiB/s\"\n".into();
+    both.host("a", &server, grants).host("b", &server, grants);
+    let took = timed(&both, &[("op", "parallel-stream"), ("hosts", "a,b"), ("dest", "x.bin")]);
+    assert!(took >= Duration::from_millis(5700), "{took:?}");
+    assert!(took < Duration::from_secs(18), "{took:?}");
+    assert_eq!(both.stored().len(), 2, "{:?}", both.stored());
+}
+
+/// A connection that fails in a way that may pass (here: timed out, the
+/// link is down for eight seconds) is tried again after 1 s, 2 s..., each
+/// retry logged, up to the host's `retries`; `retries = 0` fails at once.
+#[test]
+fn a_connection_that_times_out_is_retried_with_backoff_up_to_the_hosts_retries() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(20), 100);
+    let server = Sshd::start_behind(&link);
+    for (retries, code) in [(0, 1), (3, 0)] {
+        let mut site = Site::new();
+        // connect_timeout = 3s: tries at 0 s, 4 s (after 1 s) and 9 s (after 2 s).
+        site.host("far", &server, &format!("retries = {retries}\ncommands = [[\"true\"]]"));
+        link.cut(Duration::from_secs(8));
+        let ran = site.run(&[("op", "exec"), ("host", "far"), ("argv", "true")]);
+        ran.expect_code(code);
+        if retries == 0 {
+            assert!(ran.stderr.contains("timed out"), "{}", ran.stderr);
+            assert!(!ran.stderr.contains("retry"), "{}", ran.stderr);
+        } else {
+            assert!(ran.stderr.contains("retry 1 of 3 in 1s"), "{}", ran.stderr);
+            assert!(ran.stderr.contains("retry 2 of 3 in 2s"), "{}", ran.stderr);
+            assert!(ran.stderr.contains("status=0"), "{}", ran.stderr);
+        }
+        link.mend();
+    }
+}
+
+/// A fetch whose every connection breaks (the link goes down for eight
+/// seconds halfway) starts again over a new connection, which proves the
+/// file is the same, from the first range not yet received: the stored
+/// file is whole, and the link carried little more than the file once.
+#[test]
+fn a_fetch_whose_connections_break_resumes_where_it_was_and_carries_the_file_about_once() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(40), 100);
+    let server = Sshd::start_behind(&link);
+    let mut site = Site::new();
+    let big = server.files().join("big.bin");
+    let grants = format!("parallel_above = \"1MiB\"\nfetch = [\"{}\"]", big.display());
+    site.host("far", &server, &grants);
+    let size = 128u64 << 20;
+    std::fs::write(&big, unrepeating(size as usize)).unwrap();
+    let before = link.carried_here();
+    let mut cmd = site.probe(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "big.bin")]);
+    let child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    site.wait_for_staged_bytes(size / 2);
+    link.cut(Duration::from_secs(8));
+    let ran = Ran::from_output(child.wait_with_output().unwrap());
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("every connection broke"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("retry 1 of 3"), "{}", ran.stderr);
+    assert_eq!(sha256sum(&site.store().join("big.bin")), sha256sum(&big));
+    let carried = link.carried_here() - before;
+    // IP, TCP and SSH framing add about 5%; a resume may fetch again what
+    // was in flight when the link went down (a few MiB).
+    assert!(carried as f64 <= size as f64 * 1.1, "{carried} bytes carried for a file of {size}");
 }

@@ -1,0 +1,664 @@
+//! A large `scp.fetch` spread over several SSH connections.
+//!
+//! One SSH channel carries at most its window (2 MiB in OpenSSH) per round
+//! trip, and one TCP connection at most its socket buffers: at 100 ms that
+//! is about 160 Mbit/s for one channel, and channels multiplexed on one
+//! connection stop near 220 (docs/BENCHMARKS.md, "wan-channels"). Separate
+//! connections add up. So a fetch of a large file reads it in ranges over
+//! *lanes*: lane 0 is the process that opened the file and passed the grant
+//! check; every further lane is the same fetch script over a connection of
+//! its own ([`Transport::spawn_lane`](crate::transport::Transport)).
+//!
+//! What holds for every lane:
+//! - it proves, before it is sent any request, that it opened the same file
+//!   the grant check approved: the same canonical path and identity
+//!   (device, inode, size, modification time to the nanosecond); and when
+//!   its last range is done it prints the identity again, so a file that
+//!   changed meanwhile fails the fetch;
+//! - ranges arrive in any order and are put back in order in memory, within
+//!   a window of [`WINDOW`] chunks past the one the store takes next, so
+//!   memory stays flat whatever the size, and the store hashes the bytes in
+//!   order as it always does;
+//! - a lane whose connection breaks or stalls hands its unfinished ranges
+//!   back to the others, and the fetch goes on while one lane lives.
+//!
+//! How many lanes: [`Ramp`] starts with one, measures, and adds one while
+//! the rate grows by [`GAIN`], up to the host's `connections`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::remote::{Pump, Remote};
+use crate::bindings::types::Error;
+use crate::transport::{Exit, FETCH_BLOCK};
+
+/// What one request asks for: this many of the script's blocks.
+const CHUNK_BLOCKS: u64 = 2;
+/// Bytes per request.
+pub const CHUNK: u64 = FETCH_BLOCK * CHUNK_BLOCKS;
+/// Requests each lane keeps in flight, so its stream never waits for the
+/// next request to cross the link.
+const AHEAD: usize = 2;
+/// Chunks past the store's next one that may be asked for: the most memory
+/// a fetch holds (`WINDOW` × `CHUNK`, 32 MiB). Twice what four lanes have
+/// in flight, so that one slow lane does not hold the others up at once.
+pub const WINDOW: u64 = 16;
+/// How long a rate is measured before the ramp decides: ten round trips
+/// of a 100 ms link, by when a new connection's slow start is over.
+const MEASURE: Duration = Duration::from_secs(1);
+/// A further lane stays only if the rate grew by this factor.
+const GAIN: f64 = 1.15;
+
+/// The file as lane 0 opened it, which the grant check approved.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub host: String,
+    /// The path as the script named it (each lane opens that name).
+    pub path: String,
+    /// What the server says it resolved to.
+    pub resolved: String,
+    pub size: u64,
+    /// `device inode size mtime`, as the fetch script prints it.
+    pub identity: String,
+}
+
+/// How a lane ended early.
+enum Ending {
+    /// The file changed, or the server answered what it must not: the
+    /// fetch fails.
+    Fatal(Error),
+    /// The connection broke or stalled: others take over its ranges.
+    Broken(Error),
+}
+
+struct State {
+    chunks: u64,
+    /// The next chunk never yet asked for.
+    next: u64,
+    /// Chunks a broken lane gave back.
+    requeued: BTreeSet<u64>,
+    /// The chunk the store takes next.
+    consumed: u64,
+    ready: BTreeMap<u64, Vec<u8>>,
+    delivered: u64,
+    received: u64,
+    failed: Option<Error>,
+    /// Lanes started and not yet ended.
+    live: usize,
+    /// Lanes that ask for nothing more (the ramp retired them).
+    stopped: BTreeSet<usize>,
+    /// When each lane delivered its first chunk.
+    first_chunk: BTreeMap<usize, Instant>,
+    /// Lanes that could not start or broke.
+    gone: BTreeSet<usize>,
+    /// Why each lane that broke did, in order.
+    breaks: Vec<Error>,
+}
+
+struct Shared {
+    /// `host H: fetching PATH`, for messages.
+    what: String,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Set when the fetch is over (done or failed): lanes stop at once.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next chunk `lane` may ask for. With `wait`, blocks until there
+    /// is one or there never will be.
+    fn claim(&self, lane: usize, wait: bool) -> Option<u64> {
+        let mut st = self.lock();
+        loop {
+            if st.failed.is_some() || self.cancel.load(Ordering::Relaxed) || st.stopped.contains(&lane) {
+                return None;
+            }
+            if let Some(k) = st.requeued.pop_first() {
+                return Some(k);
+            }
+            if st.next < st.chunks && st.next < st.consumed + WINDOW {
+                st.next += 1;
+                return Some(st.next - 1);
+            }
+            if !wait || st.delivered == st.chunks {
+                return None;
+            }
+            st = self.changed.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn deliver(&self, lane: usize, chunk: u64, data: Vec<u8>) {
+        let mut st = self.lock();
+        st.received += data.len() as u64;
+        st.delivered += 1;
+        st.ready.insert(chunk, data);
+        st.first_chunk.entry(lane).or_insert_with(Instant::now);
+        self.changed.notify_all();
+    }
+
+    fn end(&self, lane: usize, result: Result<(), Ending>, unfinished: impl IntoIterator<Item = u64>) {
+        let mut st = self.lock();
+        st.live -= 1;
+        match result {
+            Ok(()) => {}
+            Err(Ending::Fatal(e)) => {
+                st.failed.get_or_insert(e);
+            }
+            Err(Ending::Broken(e)) => {
+                st.requeued.extend(unfinished);
+                st.gone.insert(lane);
+                st.breaks.push(e);
+            }
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// The decision of how many lanes: pure, so that it can be tested alone.
+#[derive(Debug)]
+pub struct Ramp {
+    max: usize,
+    lanes: usize,
+    /// How many the last step added.
+    added: usize,
+    base: Option<f64>,
+    mark: Option<(Instant, u64)>,
+    done: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Wait,
+    /// Start this many more lanes.
+    Add(usize),
+    /// Stop this many of the newest lanes; the ramp is done.
+    Retire(usize),
+}
+
+impl Ramp {
+    pub fn new(max: usize) -> Ramp {
+        Ramp { max: max.max(1), lanes: 1, added: 0, base: None, mark: None, done: max <= 1 }
+    }
+
+    #[cfg(test)]
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// Stop adding (a lane could not start).
+    pub fn stop(&mut self) {
+        self.done = true;
+    }
+
+    /// `newest` is when the newest lane delivered its first chunk, if yet;
+    /// `received` every byte delivered so far. Each step doubles the
+    /// lanes (up to the maximum) while the rate grows by [`GAIN`], and
+    /// takes the last ones back when it did not.
+    pub fn step(&mut self, now: Instant, newest: Option<Instant>, received: u64) -> Step {
+        if self.done || newest.is_none() {
+            return Step::Wait;
+        }
+        let (since, from) = *self.mark.get_or_insert((now, received));
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed < MEASURE {
+            return Step::Wait;
+        }
+        let rate = (received - from) as f64 / elapsed.as_secs_f64();
+        self.mark = None;
+        match self.base {
+            Some(base) if rate < base * GAIN => {
+                self.done = true;
+                self.lanes -= self.added;
+                Step::Retire(self.added)
+            }
+            _ => {
+                self.base = Some(rate);
+                if self.lanes < self.max {
+                    self.added = self.lanes.min(self.max - self.lanes);
+                    self.lanes += self.added;
+                    Step::Add(self.added)
+                } else {
+                    self.done = true;
+                    Step::Wait
+                }
+            }
+        }
+    }
+}
+
+/// The reading end: the file's bytes in order, from however many lanes.
+pub struct Lanes {
+    shared: Arc<Shared>,
+    /// The number the next lane gets (each is a connection of its own).
+    next_index: usize,
+    /// The lanes the ramp started, in order.
+    ramped: Vec<usize>,
+    /// Fresh starts after every lane broke: at most `retries`.
+    resumed: u32,
+    retries: u32,
+    remote: Remote,
+    opened: Arc<Opened>,
+    argv: Arc<Vec<String>>,
+    threads: Vec<JoinHandle<()>>,
+    ramp: Ramp,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Lanes {
+    /// Starts with `first`, lane 0, which printed the file's identity and
+    /// waits for its word.
+    pub fn start(
+        remote: Remote,
+        argv: Vec<String>,
+        opened: Opened,
+        first: Pump,
+        max_lanes: usize,
+        retries: u32,
+    ) -> Lanes {
+        let chunks = opened.size.div_ceil(CHUNK);
+        let shared = Arc::new(Shared {
+            what: format!("host {}: fetching {}", opened.host, opened.path),
+            state: Mutex::new(State {
+                chunks,
+                next: 0,
+                requeued: BTreeSet::new(),
+                consumed: 0,
+                ready: BTreeMap::new(),
+                delivered: 0,
+                received: 0,
+                failed: None,
+                live: 0,
+                stopped: BTreeSet::new(),
+                first_chunk: BTreeMap::new(),
+                gone: BTreeSet::new(),
+                breaks: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        });
+        let mut lanes = Lanes {
+            shared,
+            next_index: 0,
+            ramped: Vec::new(),
+            resumed: 0,
+            retries,
+            remote,
+            opened: Arc::new(opened),
+            argv: Arc::new(argv),
+            threads: Vec::new(),
+            ramp: Ramp::new(max_lanes),
+            current: Vec::new(),
+            at: 0,
+        };
+        let lane = lanes.launch(Some(first));
+        lanes.ramped.push(lane);
+        lanes
+    }
+
+    /// Starts a lane (over a new connection, unless given lane 0's
+    /// process); returns its number.
+    fn launch(&mut self, first: Option<Pump>) -> usize {
+        let lane = self.next_index;
+        self.next_index += 1;
+        self.shared.lock().live += 1;
+        let (shared, remote, opened, argv) =
+            (Arc::clone(&self.shared), self.remote.clone(), Arc::clone(&self.opened), Arc::clone(&self.argv));
+        let thread = std::thread::Builder::new().name(format!("fetch-lane-{lane}")).spawn(move || {
+            let mut inflight = VecDeque::new();
+            let prefix = format!("host {}: ", opened.host);
+            let result = run_lane(&shared, &remote, &opened, &argv, lane, first, &mut inflight).map_err(|e| match e {
+                Ending::Broken(e) => Ending::Broken(reword(&e, |m| {
+                    format!("connection {} broke: {}", lane + 1, m.strip_prefix(&prefix).unwrap_or(m))
+                })),
+                fatal => fatal,
+            });
+            let others = {
+                let st = shared.lock();
+                st.failed.is_none() && st.live > 1
+            };
+            if let Err(Ending::Broken(e)) = &result
+                && others
+                && !shared.cancel.load(Ordering::Relaxed)
+            {
+                ::log::warn!(
+                    target: "offsite::scp",
+                    "host {}: fetching {}: {}; the other connections take over its ranges",
+                    opened.host,
+                    opened.path,
+                    error_text(e)
+                );
+            }
+            shared.end(lane, result, inflight);
+        });
+        match thread {
+            Ok(t) => self.threads.push(t),
+            Err(e) => {
+                let e = Error::RemoteFailed(format!("cannot start a thread: {e}"));
+                self.shared.end(lane, Err(Ending::Broken(e)), []);
+            }
+        }
+        lane
+    }
+
+    /// Reads the next bytes of the file; 0 at its end.
+    pub fn read(&mut self, into: &mut [u8]) -> Result<usize, Error> {
+        if self.at == self.current.len() {
+            match self.next_chunk()? {
+                Some(chunk) => (self.current, self.at) = (chunk, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = into.len().min(self.current.len() - self.at);
+        into[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        loop {
+            if crate::abort::requested() {
+                return Err(Error::RemoteFailed(format!("host {}: {}", self.opened.host, crate::abort::message())));
+            }
+            let (step, stopped, all_broke) = {
+                let mut st = self.shared.lock();
+                if let Some(e) = &st.failed {
+                    return Err(e.clone());
+                }
+                if st.consumed == st.chunks {
+                    return Ok(None);
+                }
+                let k = st.consumed;
+                if let Some(chunk) = st.ready.remove(&k) {
+                    st.consumed += 1;
+                    self.shared.changed.notify_all();
+                    return Ok(Some(chunk));
+                }
+                let newest = *self.ramped.last().expect("lane 0");
+                let stopped = st.gone.contains(&newest);
+                let all_broke = st.live == 0;
+                let step = self.ramp.step(Instant::now(), st.first_chunk.get(&newest).copied(), st.received);
+                if step == Step::Wait && !all_broke {
+                    let _ = self.shared.changed.wait_timeout(st, Duration::from_millis(100));
+                }
+                (step, stopped, all_broke)
+            };
+            if stopped || all_broke {
+                self.ramp.stop();
+            }
+            if all_broke {
+                self.resume()?;
+                continue;
+            }
+            match step {
+                Step::Wait => {}
+                Step::Add(n) => {
+                    for _ in 0..n {
+                        let lane = self.launch(None);
+                        self.ramped.push(lane);
+                    }
+                }
+                Step::Retire(n) => {
+                    for _ in 0..n {
+                        let lane = self.ramped.pop().expect("a lane to retire");
+                        self.shared.lock().stopped.insert(lane);
+                        ::log::debug!(target: "offsite::scp", "{}: connection {} did not make it faster; it stops", self.shared.what, lane + 1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every lane broke before the end: start again from the first range
+    /// not yet delivered, over a new connection that proves the file is
+    /// the same, after 1 s, 2 s, 4 s...; or, with the host's `retries`
+    /// used up, fail with every reason.
+    fn resume(&mut self) -> Result<(), Error> {
+        let (from, all) = {
+            let st = self.shared.lock();
+            let from = st.requeued.first().copied().unwrap_or(st.next);
+            (from * CHUNK, st.breaks.iter().map(error_text).collect::<Vec<_>>().join("; "))
+        };
+        let wait = Duration::from_secs(1 << self.resumed.min(5));
+        let deadline = self.remote.run_deadline.is_some_and(|d| Instant::now() + wait >= d);
+        if self.resumed >= self.retries || deadline {
+            let last = self.shared.lock().breaks.last().cloned();
+            let why = match last {
+                Some(e) => reword(&e, |_| format!("{}: {all}; nothing was stored", self.shared.what)),
+                None => {
+                    Error::RemoteFailed(format!("{}: every connection ended; nothing was stored", self.shared.what))
+                }
+            };
+            self.shared.lock().failed = Some(why.clone());
+            return Err(why);
+        }
+        self.resumed += 1;
+        ::log::warn!(
+            target: "offsite::scp",
+            "{}: every connection broke ({all}); retry {} of {} in {}, from byte {from} of {} (the bytes before are kept)",
+            self.shared.what,
+            self.resumed,
+            self.retries,
+            humantime::format_duration(wait),
+            self.opened.size
+        );
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if crate::abort::requested() {
+                return Err(Error::RemoteFailed(format!("host {}: {}", self.opened.host, crate::abort::message())));
+            }
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+        }
+        self.shared.lock().breaks.clear();
+        let lane = self.launch(None);
+        self.ramped = vec![lane];
+        Ok(())
+    }
+
+    /// After the last byte: waits for every lane's closing check.
+    /// Returns how many connections carried some of the file.
+    pub fn finish(mut self) -> Result<usize, Error> {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let st = self.shared.lock();
+        match &st.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(st.first_chunk.len()),
+        }
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        self.shared.cancel.store(true, Ordering::Relaxed);
+        self.shared.changed.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn error_text(e: &Error) -> &str {
+    match e {
+        Error::Denied(s)
+        | Error::NotFound(s)
+        | Error::InvalidArgument(s)
+        | Error::Timeout(s)
+        | Error::RemoteFailed(s)
+        | Error::LimitExceeded(s)
+        | Error::Io(s) => s,
+    }
+}
+
+/// The same kind of error with its message rewritten.
+fn reword(e: &Error, f: impl FnOnce(&str) -> String) -> Error {
+    let m = f(error_text(e));
+    match e {
+        Error::Denied(_) => Error::Denied(m),
+        Error::NotFound(_) => Error::NotFound(m),
+        Error::InvalidArgument(_) => Error::InvalidArgument(m),
+        Error::Timeout(_) => Error::Timeout(m),
+        Error::RemoteFailed(_) => Error::RemoteFailed(m),
+        Error::LimitExceeded(_) => Error::LimitExceeded(m),
+        Error::Io(_) => Error::Io(m),
+    }
+}
+
+/// One lane: open (unless given lane 0's process), prove the file, then
+/// ask for chunks and deliver them until there are none, and check the
+/// file once more. `inflight` is left holding what was asked and not
+/// delivered.
+fn run_lane(
+    shared: &Shared,
+    remote: &Remote,
+    opened: &Opened,
+    argv: &[String],
+    lane: usize,
+    first: Option<Pump>,
+    inflight: &mut VecDeque<u64>,
+) -> Result<(), Ending> {
+    let host = &opened.host;
+    let changed = |what: String| {
+        Ending::Fatal(Error::RemoteFailed(format!(
+            "host {host}: fetching {}: the file changed while it was fetched ({what}); nothing was stored",
+            opened.path
+        )))
+    };
+    let mut pump = match first {
+        Some(pump) => pump,
+        None => {
+            let mut pump = remote.spawn_lane(host, lane, argv).map_err(Ending::Broken)?;
+            let mut lines = Vec::new();
+            for _ in 0..4 {
+                match pump.read_line().map_err(Ending::Broken)? {
+                    Some(line) => lines.push(String::from_utf8_lossy(&line).into_owned()),
+                    None => {
+                        let why = pump.closed_early("before it opened the file");
+                        return Err(Ending::Broken(Error::RemoteFailed(format!("host {host}: {why}"))));
+                    }
+                }
+            }
+            if lines[0] != opened.resolved || lines[3] != opened.identity {
+                pump.kill();
+                return Err(changed(format!(
+                    "connection {} found {:?} ({}), not {:?} ({})",
+                    lane + 1,
+                    lines[0],
+                    lines[3],
+                    opened.resolved,
+                    opened.identity
+                )));
+            }
+            pump
+        }
+    };
+    pump.cancel = Some(Arc::clone(&shared.cancel));
+    let send = |pump: &mut Pump, text: &str| {
+        pump.process
+            .write_stdin(text.as_bytes())
+            .map_err(|e| Ending::Broken(Error::RemoteFailed(format!("host {host}: sending a request: {e}"))))
+    };
+    send(&mut pump, "ranges\n")?;
+    loop {
+        while inflight.len() < AHEAD {
+            let Some(k) = shared.claim(lane, inflight.is_empty()) else { break };
+            inflight.push_back(k);
+            send(&mut pump, &format!("{} {}\n", k * CHUNK_BLOCKS, CHUNK_BLOCKS))?;
+        }
+        let Some(&k) = inflight.front() else { break };
+        let len = (opened.size - k * CHUNK).min(CHUNK) as usize;
+        let mut data = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = pump.read(&mut data[got..]).map_err(Ending::Broken)?;
+            if n == 0 {
+                let why = pump.closed_early("");
+                return Err(Ending::Broken(Error::RemoteFailed(format!(
+                    "host {host}: the connection ended {got} bytes into a range of {len}{why}"
+                ))));
+            }
+            got += n;
+        }
+        inflight.pop_front();
+        shared.deliver(lane, k, data);
+    }
+    if shared.cancel.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    send(&mut pump, "end\n")?;
+    pump.process.close_stdin();
+    let last = pump.read_line().map_err(Ending::Broken)?.map(|l| String::from_utf8_lossy(&l).into_owned());
+    let mut rest = [0u8; 1];
+    let extra = pump.read(&mut rest).map_err(Ending::Broken)?;
+    let exit = pump.finish().map_err(Ending::Broken)?;
+    match last {
+        Some(now) if now == opened.identity && extra == 0 && exit == Exit::Status(0) => Ok(()),
+        Some(now) if now != opened.identity => {
+            Err(changed(format!("it was {} when opened and {now} at the end", opened.identity)))
+        }
+        _ => {
+            let stderr = pump.stderr_text();
+            Err(Ending::Fatal(Error::RemoteFailed(format!(
+                "host {host}: fetching {}: the server did not end its ranges as it must ({exit}{}); nothing was stored",
+                opened.path,
+                if stderr.trim().is_empty() { String::new() } else { format!("; stderr: {}", stderr.trim()) }
+            ))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ramp_doubles_the_lanes_while_they_help_and_takes_back_those_that_did_not() {
+        let t0 = Instant::now();
+        let s = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let mut ramp = Ramp::new(8);
+        // Nothing until the newest lane delivers, then a full measurement.
+        assert_eq!(ramp.step(s(0.5), None, 0), Step::Wait);
+        assert_eq!(ramp.step(s(1.0), Some(s(1.0)), 10), Step::Wait);
+        assert_eq!(ramp.step(s(1.9), Some(s(1.0)), 100), Step::Wait);
+        // 100 MB/s with one lane: a second.
+        assert_eq!(ramp.step(s(2.0), Some(s(1.0)), 100_000_010), Step::Add(1));
+        assert_eq!(ramp.lanes(), 2);
+        // The new lane has not delivered yet: wait for it.
+        assert_eq!(ramp.step(s(3.0), None, 300_000_000), Step::Wait);
+        // It doubles the rate: keep it, try four.
+        assert_eq!(ramp.step(s(3.5), Some(s(3.5)), 300_000_000), Step::Wait);
+        assert_eq!(ramp.step(s(4.5), Some(s(3.5)), 500_000_000), Step::Add(2));
+        assert_eq!(ramp.lanes(), 4);
+        // Four add 5%: both new ones go, and the ramp is done.
+        assert_eq!(ramp.step(s(5.0), Some(s(5.0)), 600_000_000), Step::Wait);
+        assert_eq!(ramp.step(s(6.0), Some(s(5.0)), 810_000_000), Step::Retire(2));
+        assert_eq!(ramp.lanes(), 2);
+        assert_eq!(ramp.step(s(20.0), Some(s(5.0)), 9_000_000_000), Step::Wait);
+    }
+
+    #[test]
+    fn the_ramp_stops_at_the_hosts_maximum_and_one_means_one() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut ramp = Ramp::new(3);
+        assert_eq!(ramp.step(s(0), Some(s(0)), 0), Step::Wait);
+        assert_eq!(ramp.step(s(2), Some(s(0)), 100), Step::Add(1));
+        assert_eq!(ramp.step(s(2), Some(s(2)), 100), Step::Wait);
+        assert_eq!(ramp.step(s(4), Some(s(2)), 1000), Step::Add(1), "two would pass the maximum of three");
+        assert_eq!(ramp.step(s(4), Some(s(4)), 1000), Step::Wait);
+        assert_eq!(ramp.step(s(6), Some(s(4)), 10000), Step::Wait, "at the maximum, nothing more");
+        assert_eq!(ramp.lanes(), 3);
+        let mut one = Ramp::new(1);
+        assert_eq!(one.step(s(0), Some(s(0)), 0), Step::Wait);
+        assert_eq!(one.step(s(9), Some(s(0)), 1 << 30), Step::Wait);
+        assert_eq!(one.lanes(), 1);
+    }
+}
