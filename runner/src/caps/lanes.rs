@@ -4,10 +4,19 @@
 //! trip, and one TCP connection at most its socket buffers: at 100 ms that
 //! is about 160 Mbit/s for one channel, and channels multiplexed on one
 //! connection stop near 220 (docs/BENCHMARKS.md, "wan-channels"). Separate
-//! connections add up. So a fetch of a large file reads it in ranges over
-//! *lanes*: lane 0 is the process that opened the file and passed the grant
-//! check; every further lane is the same fetch script over a connection of
-//! its own ([`Transport::spawn_lane`](crate::transport::Transport)).
+//! connections add up.
+//!
+//! So a fetch starts as one stream (the process that opened the file and
+//! passed the grant check), and a large file goes on in ranges over
+//! *lanes* from the byte that stream reached, when either
+//! - the stream ran slower than [`SPREAD_BELOW`] over its first
+//!   [`MEASURE`]: the link is long, and more connections pay; or
+//! - the stream broke: the fetch resumes, as a retry.
+//!
+//! Lane 0 is a new session on the host's connection; every further lane
+//! is the same fetch script over a connection of its own
+//! ([`Transport::spawn_lane`](crate::transport::Transport)). A short link
+//! never spreads: there, more connections would only cost CPU.
 //!
 //! What holds for every lane:
 //! - it proves, before it is sent any request, that it opened the same file
@@ -22,8 +31,10 @@
 //! - a lane whose connection breaks or stalls hands its unfinished ranges
 //!   back to the others, and the fetch goes on while one lane lives.
 //!
-//! How many lanes: [`Ramp`] starts with one, measures, and adds one while
-//! the rate grows by [`GAIN`], up to the host's `connections`.
+//! How many lanes: [`Ramp`] starts with two, measures, and doubles while
+//! the rate grows by [`GAIN`], up to the host's `connections`; when every
+//! lane broke, one starts again from the first range not received, up to
+//! the host's `retries`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::remote::{Pump, Remote};
+use super::remote::{FetchLanes, Pump, Remote};
 use crate::bindings::types::Error;
 use crate::transport::{Exit, FETCH_BLOCK};
 
@@ -48,11 +59,26 @@ const AHEAD: usize = 2;
 pub const WINDOW: u64 = 16;
 /// How long a rate is measured before the ramp decides: ten round trips
 /// of a 100 ms link, by when a new connection's slow start is over.
-const MEASURE: Duration = Duration::from_secs(1);
+pub const MEASURE: Duration = Duration::from_secs(1);
+/// A fetch that one connection carries faster than this stays on it: the
+/// link is short (one SSH channel's window is not what limits it), and
+/// more connections would only cost CPU on both ends. 64 MiB/s is what one
+/// channel carries at 30 ms; at 100 ms it carries a third of that.
+pub const SPREAD_BELOW: u64 = 64 << 20;
+
+/// Why a fetch goes on in ranges.
+pub enum Start {
+    /// Its one stream ran at this rate (bytes/s), slower than
+    /// [`SPREAD_BELOW`]: start with two lanes and ramp up from there.
+    Spread(f64),
+    /// Its one stream broke: resume with one lane, as a retry.
+    Resume(Error),
+}
 /// A further lane stays only if the rate grew by this factor.
 const GAIN: f64 = 1.15;
 
-/// The file as lane 0 opened it, which the grant check approved.
+/// The file as the fetch's first process opened it, which the grant check
+/// approved.
 #[derive(Debug, Clone)]
 pub struct Opened {
     pub host: String,
@@ -187,7 +213,13 @@ impl Ramp {
         Ramp { max: max.max(1), lanes: 1, added: 0, base: None, mark: None, done: max <= 1 }
     }
 
-    #[cfg(test)]
+    /// A ramp that already measured one lane at `rate`: it starts with
+    /// two and goes on doubling from there.
+    pub fn measured(max: usize, rate: f64) -> Ramp {
+        let lanes = max.clamp(1, 2);
+        Ramp { max: max.max(1), lanes, added: lanes - 1, base: Some(rate), mark: None, done: max <= 1 }
+    }
+
     pub fn lanes(&self) -> usize {
         self.lanes
     }
@@ -250,29 +282,35 @@ pub struct Lanes {
     ramp: Ramp,
     current: Vec<u8>,
     at: usize,
+    /// Bytes of the first chunk the one stream delivered already.
+    skip: usize,
+    /// Bytes of the file handed to the store so far.
+    handed: u64,
 }
 
 impl Lanes {
-    /// Starts with `first`, lane 0, which printed the file's identity and
-    /// waits for its word.
+    /// Goes on with the file from byte `from` (what its one stream
+    /// delivered): lane 0 is a new session on the host's connection, the
+    /// others new connections.
     pub fn start(
         remote: Remote,
         argv: Vec<String>,
         opened: Opened,
-        first: Pump,
-        max_lanes: usize,
-        retries: u32,
+        from: u64,
+        start: Start,
+        host: FetchLanes,
     ) -> Lanes {
         let chunks = opened.size.div_ceil(CHUNK);
+        let first = from / CHUNK;
         let shared = Arc::new(Shared {
             what: format!("host {}: fetching {}", opened.host, opened.path),
             state: Mutex::new(State {
                 chunks,
-                next: 0,
+                next: first,
                 requeued: BTreeSet::new(),
-                consumed: 0,
+                consumed: first,
                 ready: BTreeMap::new(),
-                delivered: 0,
+                delivered: first,
                 received: 0,
                 failed: None,
                 live: 0,
@@ -284,28 +322,52 @@ impl Lanes {
             changed: Condvar::new(),
             cancel: Arc::new(AtomicBool::new(false)),
         });
+        let ramp = match &start {
+            Start::Spread(rate) => Ramp::measured(host.connections, *rate),
+            Start::Resume(_) => Ramp::new(1),
+        };
         let mut lanes = Lanes {
             shared,
             next_index: 0,
             ramped: Vec::new(),
             resumed: 0,
-            retries,
+            retries: host.retries,
             remote,
             opened: Arc::new(opened),
             argv: Arc::new(argv),
             threads: Vec::new(),
-            ramp: Ramp::new(max_lanes),
+            ramp,
             current: Vec::new(),
             at: 0,
+            skip: (from % CHUNK) as usize,
+            handed: from,
         };
-        let lane = lanes.launch(Some(first));
-        lanes.ramped.push(lane);
+        match start {
+            Start::Spread(_) => {
+                for _ in 0..lanes.ramp.lanes() {
+                    let lane = lanes.launch();
+                    lanes.ramped.push(lane);
+                }
+            }
+            // No lane lives: the first read resumes, as after any break.
+            Start::Resume(e) => {
+                let e = reword(&e, |m| {
+                    format!(
+                        "connection 1 broke: {}",
+                        m.strip_prefix(&format!("host {}: ", lanes.opened.host)).unwrap_or(m)
+                    )
+                });
+                lanes.shared.lock().breaks.push(e);
+                lanes.ramped.push(0);
+                lanes.next_index = 1;
+            }
+        }
         lanes
     }
 
-    /// Starts a lane (over a new connection, unless given lane 0's
-    /// process); returns its number.
-    fn launch(&mut self, first: Option<Pump>) -> usize {
+    /// Starts a lane: 0 over the host's connection, the others each over
+    /// a new one. Returns its number.
+    fn launch(&mut self) -> usize {
         let lane = self.next_index;
         self.next_index += 1;
         self.shared.lock().live += 1;
@@ -314,7 +376,7 @@ impl Lanes {
         let thread = std::thread::Builder::new().name(format!("fetch-lane-{lane}")).spawn(move || {
             let mut inflight = VecDeque::new();
             let prefix = format!("host {}: ", opened.host);
-            let result = run_lane(&shared, &remote, &opened, &argv, lane, first, &mut inflight).map_err(|e| match e {
+            let result = run_lane(&shared, &remote, &opened, &argv, lane, &mut inflight).map_err(|e| match e {
                 Ending::Broken(e) => Ending::Broken(reword(&e, |m| {
                     format!("connection {} broke: {}", lane + 1, m.strip_prefix(&prefix).unwrap_or(m))
                 })),
@@ -352,13 +414,14 @@ impl Lanes {
     pub fn read(&mut self, into: &mut [u8]) -> Result<usize, Error> {
         if self.at == self.current.len() {
             match self.next_chunk()? {
-                Some(chunk) => (self.current, self.at) = (chunk, 0),
+                Some(chunk) => (self.current, self.at) = (chunk, std::mem::take(&mut self.skip)),
                 None => return Ok(0),
             }
         }
         let n = into.len().min(self.current.len() - self.at);
         into[..n].copy_from_slice(&self.current[self.at..self.at + n]);
         self.at += n;
+        self.handed += n as u64;
         Ok(n)
     }
 
@@ -401,7 +464,7 @@ impl Lanes {
                 Step::Wait => {}
                 Step::Add(n) => {
                     for _ in 0..n {
-                        let lane = self.launch(None);
+                        let lane = self.launch();
                         self.ramped.push(lane);
                     }
                 }
@@ -421,17 +484,17 @@ impl Lanes {
     /// the same, after 1 s, 2 s, 4 s...; or, with the host's `retries`
     /// used up, fail with every reason.
     fn resume(&mut self) -> Result<(), Error> {
-        let (from, all) = {
-            let st = self.shared.lock();
-            let from = st.requeued.first().copied().unwrap_or(st.next);
-            (from * CHUNK, st.breaks.iter().map(error_text).collect::<Vec<_>>().join("; "))
-        };
+        let all = self.shared.lock().breaks.iter().map(error_text).collect::<Vec<_>>().join("; ");
         let wait = Duration::from_secs(1 << self.resumed.min(5));
         let deadline = self.remote.run_deadline.is_some_and(|d| Instant::now() + wait >= d);
         if self.resumed >= self.retries || deadline {
             let last = self.shared.lock().breaks.last().cloned();
             let why = match last {
-                Some(e) => reword(&e, |_| format!("{}: {all}; nothing was stored", self.shared.what)),
+                Some(e) => reword(&e, |_| {
+                    let tries =
+                        if self.resumed > 0 { format!(" (after {} retries)", self.resumed) } else { String::new() };
+                    format!("{}: {all}{tries}; nothing was stored", self.shared.what)
+                }),
                 None => {
                     Error::RemoteFailed(format!("{}: every connection ended; nothing was stored", self.shared.what))
                 }
@@ -442,11 +505,13 @@ impl Lanes {
         self.resumed += 1;
         ::log::warn!(
             target: "offsite::scp",
-            "{}: every connection broke ({all}); retry {} of {} in {}, from byte {from} of {} (the bytes before are kept)",
+            "{}: every connection broke ({all}); retry {} of {} in {}, going on from byte {} of {} (the bytes \
+             before are stored already)",
             self.shared.what,
             self.resumed,
             self.retries,
             humantime::format_duration(wait),
+            self.handed,
             self.opened.size
         );
         let until = Instant::now() + wait;
@@ -457,7 +522,7 @@ impl Lanes {
             std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
         }
         self.shared.lock().breaks.clear();
-        let lane = self.launch(None);
+        let lane = self.launch();
         self.ramped = vec![lane];
         Ok(())
     }
@@ -512,7 +577,7 @@ fn reword(e: &Error, f: impl FnOnce(&str) -> String) -> Error {
     }
 }
 
-/// One lane: open (unless given lane 0's process), prove the file, then
+/// One lane: open the file, prove it is the same, then
 /// ask for chunks and deliver them until there are none, and check the
 /// file once more. `inflight` is left holding what was asked and not
 /// delivered.
@@ -522,7 +587,6 @@ fn run_lane(
     opened: &Opened,
     argv: &[String],
     lane: usize,
-    first: Option<Pump>,
     inflight: &mut VecDeque<u64>,
 ) -> Result<(), Ending> {
     let host = &opened.host;
@@ -532,34 +596,28 @@ fn run_lane(
             opened.path
         )))
     };
-    let mut pump = match first {
-        Some(pump) => pump,
-        None => {
-            let mut pump = remote.spawn_lane(host, lane, argv).map_err(Ending::Broken)?;
-            let mut lines = Vec::new();
-            for _ in 0..4 {
-                match pump.read_line().map_err(Ending::Broken)? {
-                    Some(line) => lines.push(String::from_utf8_lossy(&line).into_owned()),
-                    None => {
-                        let why = pump.closed_early("before it opened the file");
-                        return Err(Ending::Broken(Error::RemoteFailed(format!("host {host}: {why}"))));
-                    }
-                }
+    let mut pump = remote.spawn_lane(host, lane, argv).map_err(Ending::Broken)?;
+    let mut lines = Vec::new();
+    for _ in 0..4 {
+        match pump.read_line().map_err(Ending::Broken)? {
+            Some(line) => lines.push(String::from_utf8_lossy(&line).into_owned()),
+            None => {
+                let why = pump.closed_early("before it opened the file");
+                return Err(Ending::Broken(Error::RemoteFailed(format!("host {host}: {why}"))));
             }
-            if lines[0] != opened.resolved || lines[3] != opened.identity {
-                pump.kill();
-                return Err(changed(format!(
-                    "connection {} found {:?} ({}), not {:?} ({})",
-                    lane + 1,
-                    lines[0],
-                    lines[3],
-                    opened.resolved,
-                    opened.identity
-                )));
-            }
-            pump
         }
-    };
+    }
+    if lines[0] != opened.resolved || lines[3] != opened.identity {
+        pump.kill();
+        return Err(changed(format!(
+            "connection {} found {:?} ({}), not {:?} ({})",
+            lane + 1,
+            lines[0],
+            lines[3],
+            opened.resolved,
+            opened.identity
+        )));
+    }
     pump.cancel = Some(Arc::clone(&shared.cancel));
     let send = |pump: &mut Pump, text: &str| {
         pump.process

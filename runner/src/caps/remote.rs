@@ -325,9 +325,54 @@ impl Remote {
         let mut buf = Vec::new();
         let mut got = 0u64;
         let bar = crate::progress::Bar::new(&format!("{host}:{resolved}"), Some(size));
+        // One stream first. A large file whose stream runs slower than
+        // one connection carries on a short link, or whose connection
+        // breaks, goes on in ranges over several (see `lanes`), from the
+        // byte it reached.
+        let may_spread = size > self.fetch.parallel_above && self.fetch.connections > 1;
+        pump.process.feed_stdin(b"go\n".to_vec());
+        let (mut streaming, mut decided) = (None::<Instant>, !may_spread);
+        let mut went_on: Option<lanes::Start> = None;
+        while got < size {
+            let mut broke = None;
+            let received = sink.receive(&mut buf, |into| {
+                let want = into.len().min((size - got) as usize);
+                pump.read(&mut into[..want]).inspect_err(|e| broke = Some(e.clone()))
+            });
+            let n = match received {
+                Ok(n) => n,
+                Err(_) if may_spread && broke.is_some() => {
+                    went_on = Some(lanes::Start::Resume(broke.expect("a read error")));
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                let why = pump.closed_early("");
+                if may_spread {
+                    let e = Error::RemoteFailed(format!("the connection ended after {got} of {size} bytes{why}"));
+                    went_on = Some(lanes::Start::Resume(e));
+                    break;
+                }
+                return Err(failed(format!(
+                    "the transfer stopped after {got} of {size} bytes{why}; nothing was stored"
+                )));
+            }
+            got += n as u64;
+            bar.inc(n as u64);
+            let since = *streaming.get_or_insert_with(Instant::now);
+            if !decided && since.elapsed() >= lanes::MEASURE {
+                decided = true;
+                let rate = got as f64 / since.elapsed().as_secs_f64();
+                if rate < lanes::SPREAD_BELOW as f64 {
+                    went_on = Some(lanes::Start::Spread(rate));
+                    break;
+                }
+            }
+        }
         let mut connections = 1;
-        if size > self.fetch.parallel_above && self.fetch.connections > 1 {
-            // Several connections, each proving it reads this same file.
+        if let Some(start) = went_on {
+            pump.kill();
             let opened = lanes::Opened {
                 host: host.to_string(),
                 path: path.to_string(),
@@ -335,8 +380,7 @@ impl Remote {
                 size,
                 identity,
             };
-            let mut lanes =
-                lanes::Lanes::start(self.clone(), argv, opened, pump, self.fetch.connections, self.fetch.retries);
+            let mut lanes = lanes::Lanes::start(self.clone(), argv, opened, got, start, self.fetch);
             while got < size {
                 let n = sink.receive(&mut buf, |into| lanes.read(into))?;
                 if n == 0 {
@@ -350,21 +394,6 @@ impl Remote {
             drop(bar);
             connections = lanes.finish()?;
         } else {
-            pump.process.feed_stdin(b"go\n".to_vec());
-            while got < size {
-                let n = sink.receive(&mut buf, |into| {
-                    let want = into.len().min((size - got) as usize);
-                    pump.read(&mut into[..want])
-                })?;
-                if n == 0 {
-                    return Err(failed(format!(
-                        "the transfer stopped after {got} of {size} bytes{}; nothing was stored",
-                        pump.closed_early("")
-                    )));
-                }
-                got += n as u64;
-                bar.inc(n as u64);
-            }
             drop(bar);
             buf.resize(4096, 0);
             if pump.read(&mut buf)? != 0 {
