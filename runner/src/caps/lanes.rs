@@ -9,8 +9,10 @@
 //! So a fetch starts as one stream (the process that opened the file and
 //! passed the grant check), and a large file goes on in ranges over
 //! *lanes* from the byte that stream reached, when either
-//! - the stream ran slower than [`SPREAD_BELOW`] over its first
-//!   [`MEASURE`]: the link is long, and more connections pay; or
+//! - over a [`MEASURE`] after its [`WARM_UP`] the stream ran slower than
+//!   [`SPREAD_BELOW`] and kept at least [`WINDOW_BOUND`] in flight (its
+//!   rate times the round trip): its channel's window holds it back, not
+//!   the link, and more connections pay; or
 //! - the stream broke: the fetch resumes, as a retry.
 //!
 //! Lane 0 is a new session on the host's connection; every further lane
@@ -60,11 +62,26 @@ pub const WINDOW: u64 = 16;
 /// How long a rate is measured before the ramp decides: ten round trips
 /// of a 100 ms link, by when a new connection's slow start is over.
 pub const MEASURE: Duration = Duration::from_secs(1);
+/// A fetch's one stream is measured from this long after its first byte:
+/// by then its TCP connection's slow start is over even at 100 ms.
+pub const WARM_UP: Duration = Duration::from_millis(500);
 /// A fetch that one connection carries faster than this stays on it: the
 /// link is short (one SSH channel's window is not what limits it), and
 /// more connections would only cost CPU on both ends. 64 MiB/s is what one
 /// channel carries at 30 ms; at 100 ms it carries a third of that.
 pub const SPREAD_BELOW: u64 = 64 << 20;
+
+/// A stream keeping at least this much in flight (its rate times the
+/// round trip) is held by its channel's window (2 MiB in OpenSSH), not by
+/// the link: more connections pay. One that keeps less is held by the
+/// link's rate, and more connections would only share it.
+pub const WINDOW_BOUND: f64 = 1.5 * (1 << 20) as f64;
+
+/// Whether a stream that ran at `rate` (bytes/s) with `in_flight` bytes
+/// (rate × round trip) is worth spreading over several connections.
+pub fn worth_spreading(rate: f64, in_flight: f64) -> bool {
+    rate < SPREAD_BELOW as f64 && in_flight >= WINDOW_BOUND
+}
 
 /// Why a fetch goes on in ranges.
 pub enum Start {
@@ -700,6 +717,17 @@ mod tests {
         assert_eq!(ramp.step(s(6.0), Some(s(5.0)), 810_000_000), Step::Retire(2));
         assert_eq!(ramp.lanes(), 2);
         assert_eq!(ramp.step(s(20.0), Some(s(5.0)), 9_000_000_000), Step::Wait);
+    }
+
+    #[test]
+    fn only_a_stream_held_by_its_window_spreads() {
+        let mib = f64::from(1u32 << 20);
+        // 100 ms, 1 Gbit/s: 19 MiB/s, 1.9 MiB in flight: the window holds it.
+        assert!(worth_spreading(19.0 * mib, 1.9 * mib));
+        // 20 ms, 50 Mbit/s: 6 MiB/s, 0.12 MiB in flight: the link does.
+        assert!(!worth_spreading(6.0 * mib, 0.12 * mib));
+        // Loopback: 500 MiB/s with no latency to speak of.
+        assert!(!worth_spreading(500.0 * mib, 0.5 * mib));
     }
 
     #[test]

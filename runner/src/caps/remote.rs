@@ -331,7 +331,12 @@ impl Remote {
         // byte it reached.
         let may_spread = size > self.fetch.parallel_above && self.fetch.connections > 1;
         pump.process.feed_stdin(b"go\n".to_vec());
-        let (mut streaming, mut decided) = (None::<Instant>, !may_spread);
+        // From `go` to the first byte is one round trip (and a `head`
+        // starting): what the link's latency is.
+        let asked = Instant::now();
+        // The stream's first byte, and where its rate is measured from:
+        // after its slow start (`lanes::WARM_UP`).
+        let (mut streaming, mut mark, mut decided) = (None::<Instant>, None::<(Instant, u64)>, !may_spread);
         let mut went_on: Option<lanes::Start> = None;
         while got < size {
             let mut broke = None;
@@ -360,11 +365,21 @@ impl Remote {
             }
             got += n as u64;
             bar.inc(n as u64);
-            let since = *streaming.get_or_insert_with(Instant::now);
-            if !decided && since.elapsed() >= lanes::MEASURE {
+            let first = *streaming.get_or_insert_with(Instant::now);
+            if !decided && mark.is_none() && first.elapsed() >= lanes::WARM_UP {
+                mark = Some((Instant::now(), got));
+            }
+            if let Some((since, from)) = mark
+                && !decided
+                && since.elapsed() >= lanes::MEASURE
+            {
                 decided = true;
-                let rate = got as f64 / since.elapsed().as_secs_f64();
-                if rate < lanes::SPREAD_BELOW as f64 {
+                let rate = (got - from) as f64 / since.elapsed().as_secs_f64();
+                let in_flight = rate * first.duration_since(asked).as_secs_f64();
+                // Under a bandwidth limit it nearly reaches, the limit is
+                // what holds the stream back: more connections would not help.
+                let limit = self.paces.iter().map(|p| p.rate()).min();
+                if lanes::worth_spreading(rate, in_flight) && limit.is_none_or(|l| rate < 0.8 * l as f64) {
                     went_on = Some(lanes::Start::Spread(rate));
                     break;
                 }
