@@ -178,6 +178,10 @@ pub struct Notify {
 
 /// The most connections a host's `connections` may allow.
 pub const MAX_CONNECTIONS: usize = 16;
+/// A host's `connections`, `parallel_above` and `retries` when unset.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+pub const DEFAULT_PARALLEL_ABOVE: u64 = 64 << 20;
+pub const DEFAULT_RETRIES: u32 = 3;
 
 /// One `[hosts.NAME]` section: how to reach the host and what may be done
 /// there. Scripts only ever see `NAME`.
@@ -841,12 +845,12 @@ impl HostSection {
                 "from {from:?} must be an address list as authorized_keys takes it, like \"192.0.2.7\" or \"192.0.2.0/24,2001:db8::7\""
             ));
         }
-        let connections = self.connections.unwrap_or(4);
+        let connections = self.connections.unwrap_or(DEFAULT_CONNECTIONS);
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
             return Err(format!("connections = {connections}: give 1 to {MAX_CONNECTIONS}"));
         }
-        let parallel_above = self.parallel_above.map_or(64 << 20, |b| b.0);
-        let retries = self.retries.unwrap_or(3);
+        let parallel_above = self.parallel_above.map_or(DEFAULT_PARALLEL_ABOVE, |b| b.0);
+        let retries = self.retries.unwrap_or(DEFAULT_RETRIES);
         if retries > 10 {
             return Err(format!("retries = {retries}: give 0 to 10"));
         }
