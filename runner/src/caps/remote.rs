@@ -38,7 +38,12 @@ pub struct FetchLanes {
 
 impl Default for FetchLanes {
     fn default() -> Self {
-        FetchLanes { connections: 4, parallel_above: 64 << 20, retries: 3 }
+        use crate::site::{DEFAULT_CONNECTIONS, DEFAULT_PARALLEL_ABOVE, DEFAULT_RETRIES};
+        FetchLanes {
+            connections: DEFAULT_CONNECTIONS,
+            parallel_above: DEFAULT_PARALLEL_ABOVE,
+            retries: DEFAULT_RETRIES,
+        }
     }
 }
 
@@ -329,7 +334,9 @@ impl Remote {
         // one connection carries on a short link, or whose connection
         // breaks, goes on in ranges over several (see `lanes`), from the
         // byte it reached.
-        let may_spread = size > self.fetch.parallel_above && self.fetch.connections > 1;
+        // A large file resumes after a break even on one connection.
+        let resumable = size > self.fetch.parallel_above;
+        let may_spread = resumable && self.fetch.connections > 1;
         pump.process.feed_stdin(b"go\n".to_vec());
         // From `go` to the first byte is one round trip (and a `head`
         // starting): what the link's latency is.
@@ -346,7 +353,7 @@ impl Remote {
             });
             let n = match received {
                 Ok(n) => n,
-                Err(_) if may_spread && broke.is_some() => {
+                Err(_) if resumable && broke.is_some() => {
                     went_on = Some(lanes::Start::Resume(broke.expect("a read error")));
                     break;
                 }
@@ -354,7 +361,7 @@ impl Remote {
             };
             if n == 0 {
                 let why = pump.closed_early("");
-                if may_spread {
+                if resumable {
                     let e = Error::RemoteFailed(format!("the connection ended after {got} of {size} bytes{why}"));
                     went_on = Some(lanes::Start::Resume(e));
                     break;

@@ -1068,7 +1068,8 @@ fn a_fetch_whose_connections_break_resumes_where_it_was_and_carries_the_file_abo
     let server = Sshd::start_behind(&link);
     let mut site = Site::new();
     let big = server.files().join("big.bin");
-    let grants = format!("parallel_above = \"1MiB\"\nfetch = [\"{}\"]", big.display());
+    // One connection at a time (`connections = 1`): a resume is not a spread.
+    let grants = format!("connections = 1\nparallel_above = \"1MiB\"\nfetch = [\"{}\"]", big.display());
     site.host("far", &server, &grants);
     let size = 128u64 << 20;
     std::fs::write(&big, unrepeating(size as usize)).unwrap();
