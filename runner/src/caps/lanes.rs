@@ -166,7 +166,8 @@ impl Shared {
             if let Some(k) = st.requeued.pop_first() {
                 return Some(k);
             }
-            if st.next < st.chunks && st.next < st.consumed + WINDOW {
+            // The chunk the store is copying out counts too: WINDOW in all.
+            if st.next < st.chunks && st.next + 1 < st.consumed + WINDOW {
                 st.next += 1;
                 return Some(st.next - 1);
             }
