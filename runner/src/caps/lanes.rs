@@ -90,6 +90,9 @@ pub enum Start {
     Spread(f64),
     /// Its one stream broke: resume with one lane, as a retry.
     Resume(Error),
+    /// An earlier run left the bytes before `from`: start with one lane
+    /// there and ramp up as the rate grows.
+    Continue,
 }
 /// A further lane stays only if the rate grew by this factor.
 const GAIN: f64 = 1.15;
@@ -129,6 +132,9 @@ struct State {
     delivered: u64,
     received: u64,
     failed: Option<Error>,
+    /// `failed` says the file is not the one opened (changed, replaced):
+    /// what was fetched of it is of no use.
+    fatal: bool,
     /// Lanes started and not yet ended.
     live: usize,
     /// Lanes that ask for nothing more (the ramp retired them).
@@ -194,6 +200,7 @@ impl Shared {
             Ok(()) => {}
             Err(Ending::Fatal(e)) => {
                 st.failed.get_or_insert(e);
+                st.fatal = true;
             }
             Err(Ending::Broken(e)) => {
                 st.requeued.extend(unfinished);
@@ -331,6 +338,7 @@ impl Lanes {
                 delivered: first,
                 received: 0,
                 failed: None,
+                fatal: false,
                 live: 0,
                 stopped: BTreeSet::new(),
                 first_chunk: BTreeMap::new(),
@@ -343,6 +351,7 @@ impl Lanes {
         let ramp = match &start {
             Start::Spread(rate) => Ramp::measured(host.connections, *rate),
             Start::Resume(_) => Ramp::new(1),
+            Start::Continue => Ramp::new(host.connections),
         };
         let mut lanes = Lanes {
             shared,
@@ -361,7 +370,7 @@ impl Lanes {
             handed: from,
         };
         match start {
-            Start::Spread(_) => {
+            Start::Spread(_) | Start::Continue => {
                 for _ in 0..lanes.ramp.lanes() {
                     let lane = lanes.launch();
                     lanes.ramped.push(lane);
@@ -545,9 +554,14 @@ impl Lanes {
         Ok(())
     }
 
+    /// Whether the fetch failed because the file is not the one opened.
+    pub fn file_changed(&self) -> bool {
+        self.shared.lock().fatal
+    }
+
     /// After the last byte: waits for every lane's closing check.
     /// Returns how many connections carried some of the file.
-    pub fn finish(mut self) -> Result<usize, Error> {
+    pub fn finish(&mut self) -> Result<usize, Error> {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

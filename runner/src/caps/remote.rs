@@ -16,6 +16,7 @@ use super::{StreamRedactor, io_error, lanes};
 use crate::bindings::ssh::StreamOptions;
 use crate::bindings::types::{Error, FileInfo};
 use crate::compress::ParallelGz;
+use crate::store::outlet::RemoteFile;
 use crate::store::{Origin, PendingFile, Store, StoredFile};
 use crate::transport::{Event, Exit, RemoteProcess, Transport, TransportError, quote};
 
@@ -325,108 +326,48 @@ impl Remote {
             return Ok(dry_info(dest));
         }
         let store = store.expect("not a dry run");
-        let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
+        // A large file resumes after a break even on one connection, and
+        // what a run fetched of it waits for the next run if this one
+        // does not finish (`store::outlet::Partial`).
+        let resumable = size > self.fetch.parallel_above;
+        let (pending, partial) = if resumable {
+            let of = RemoteFile { host: host.to_string(), path: resolved.clone(), identity: identity.clone(), size };
+            store.create_resumable(dest, &of)
+        } else {
+            store.create(dest).map(|p| (p, None))
+        }
+        .map_err(|e| io_error(&shown_dest, e))?;
+        let kept = partial.unwrap_or(0);
         let mut sink = Sink::Plain(pending, shown_dest.clone());
         let mut buf = Vec::new();
-        let mut got = 0u64;
+        let mut got = kept;
         let bar = crate::progress::Bar::new(&format!("{host}:{resolved}"), Some(size));
-        // One stream first. A large file whose stream runs slower than
-        // one connection carries on a short link, or whose connection
-        // breaks, goes on in ranges over several (see `lanes`), from the
-        // byte it reached.
-        // A large file resumes after a break even on one connection.
-        let resumable = size > self.fetch.parallel_above;
-        let may_spread = resumable && self.fetch.connections > 1;
-        pump.process.feed_stdin(b"go\n".to_vec());
-        // From `go` to the first byte is one round trip (and a `head`
-        // starting): what the link's latency is.
-        let asked = Instant::now();
-        // The stream's first byte, and where its rate is measured from:
-        // after its slow start (`lanes::WARM_UP`).
-        let (mut streaming, mut mark, mut decided) = (None::<Instant>, None::<(Instant, u64)>, !may_spread);
-        let mut went_on: Option<lanes::Start> = None;
-        while got < size {
-            let mut broke = None;
-            let received = sink.receive(&mut buf, |into| {
-                let want = into.len().min((size - got) as usize);
-                pump.read(&mut into[..want]).inspect_err(|e| broke = Some(e.clone()))
-            });
-            let n = match received {
-                Ok(n) => n,
-                Err(_) if resumable && broke.is_some() => {
-                    went_on = Some(lanes::Start::Resume(broke.expect("a read error")));
-                    break;
+        bar.inc(kept);
+        let result = self.fetch_into(
+            &mut sink,
+            &mut buf,
+            &mut pump,
+            &bar,
+            (host, path, &resolved, size, identity),
+            argv,
+            &mut got,
+        );
+        drop(bar);
+        let connections = match result {
+            Ok(connections) => connections,
+            Err((e, changed)) => {
+                if changed {
+                    sink.discard_partial();
+                } else if partial.is_some() && got > 0 {
+                    ::log::warn!(
+                        target: "offsite::scp",
+                        "host {host}: {resolved}: the {got} bytes fetched so far are kept; the next run that fetches \
+                         this file, unchanged, goes on from them"
+                    );
                 }
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                let why = pump.closed_early("");
-                if resumable {
-                    let e = Error::RemoteFailed(format!("the connection ended after {got} of {size} bytes{why}"));
-                    went_on = Some(lanes::Start::Resume(e));
-                    break;
-                }
-                return Err(failed(format!(
-                    "the transfer stopped after {got} of {size} bytes{why}; nothing was stored"
-                )));
+                return Err(e);
             }
-            got += n as u64;
-            bar.inc(n as u64);
-            let first = *streaming.get_or_insert_with(Instant::now);
-            if !decided && mark.is_none() && first.elapsed() >= lanes::WARM_UP {
-                mark = Some((Instant::now(), got));
-            }
-            if let Some((since, from)) = mark
-                && !decided
-                && since.elapsed() >= lanes::MEASURE
-            {
-                decided = true;
-                let rate = (got - from) as f64 / since.elapsed().as_secs_f64();
-                let in_flight = rate * first.duration_since(asked).as_secs_f64();
-                // Under a bandwidth limit it nearly reaches, the limit is
-                // what holds the stream back: more connections would not help.
-                let limit = self.paces.iter().map(|p| p.rate()).min();
-                if lanes::worth_spreading(rate, in_flight) && limit.is_none_or(|l| rate < 0.8 * l as f64) {
-                    went_on = Some(lanes::Start::Spread(rate));
-                    break;
-                }
-            }
-        }
-        let mut connections = 1;
-        if let Some(start) = went_on {
-            pump.kill();
-            let opened = lanes::Opened {
-                host: host.to_string(),
-                path: path.to_string(),
-                resolved: resolved.clone(),
-                size,
-                identity,
-            };
-            let mut lanes = lanes::Lanes::start(self.clone(), argv, opened, got, start, self.fetch);
-            while got < size {
-                let n = sink.receive(&mut buf, |into| lanes.read(into))?;
-                if n == 0 {
-                    return Err(failed(format!(
-                        "the transfer stopped after {got} of {size} bytes; nothing was stored"
-                    )));
-                }
-                got += n as u64;
-                bar.inc(n as u64);
-            }
-            drop(bar);
-            connections = lanes.finish()?;
-        } else {
-            drop(bar);
-            buf.resize(4096, 0);
-            if pump.read(&mut buf)? != 0 {
-                return Err(failed("unexpected data after the file".into()));
-            }
-            let exit = pump.finish()?;
-            if exit != Exit::Status(0) {
-                let stderr = self.redact(&pump.stderr_text());
-                return Err(failed(format!("{exit}; nothing was stored{}", stderr_suffix(&stderr))));
-            }
-        }
+        };
         let origin = Origin {
             call: "scp.fetch".into(),
             host: Some(host.to_string()),
@@ -437,11 +378,140 @@ impl Remote {
         let stored = sink.finish().and_then(|p| p.commit(origin)).map_err(|e| io_error(&shown_dest, e))?;
         ::log::info!(
             target: "offsite::scp",
-            "host {host}: stored {resolved} as {} ({} bytes, sha256 {}) in {:.1?}{}",
+            "host {host}: stored {resolved} as {} ({} bytes, sha256 {}) in {:.1?}{}{}",
             stored.path, stored.bytes, stored.sha256, started.elapsed(),
-            if connections > 1 { format!(" over {connections} connections") } else { String::new() }
+            if connections > 1 { format!(" over {connections} connections") } else { String::new() },
+            if kept > 0 { format!(", going on from the {kept} bytes an earlier run fetched") } else { String::new() }
         );
         Ok(self.record(stored))
+    }
+
+    /// The copying half of [`fetch`](Self::fetch): from byte `got` to the
+    /// end, over the stream `pump` opened (or lanes). Returns how many
+    /// connections carried the file; an error says whether the file
+    /// changed, so that its bytes are of no use.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_into(
+        &self,
+        sink: &mut Sink,
+        buf: &mut Vec<u8>,
+        pump: &mut Pump,
+        bar: &crate::progress::Bar,
+        (host, path, resolved, size, identity): (&str, &str, &str, u64, String),
+        argv: Vec<String>,
+        got: &mut u64,
+    ) -> Result<usize, (Error, bool)> {
+        let failed = |what: String| Error::RemoteFailed(format!("host {host}: fetching {path}: {what}"));
+        let plain = |e: Error| (e, false);
+        let resumable = size > self.fetch.parallel_above;
+        // One stream first. A large file whose stream runs slower than
+        // one connection carries on a short link, or whose connection
+        // breaks, goes on in ranges over several (see `lanes`), from the
+        // byte it reached. One an earlier run began goes on in ranges at
+        // once.
+        let may_spread = resumable && self.fetch.connections > 1;
+        let mut checkpointed = (Instant::now(), *got);
+        if *got > 0 {
+            ::log::info!(
+                target: "offsite::scp",
+                "host {host}: {resolved}: going on from byte {got} of {size}, which an earlier run fetched (the file is \
+                 unchanged: same device, inode, size and modification time)"
+            );
+        }
+        let mut went_on: Option<lanes::Start> = (*got > 0).then_some(lanes::Start::Continue);
+        if went_on.is_none() {
+            pump.process.feed_stdin(b"go\n".to_vec());
+        }
+        // From `go` to the first byte is one round trip (and a `head`
+        // starting): what the link's latency is.
+        let asked = Instant::now();
+        // The stream's first byte, and where its rate is measured from:
+        // after its slow start (`lanes::WARM_UP`).
+        let (mut streaming, mut mark, mut decided) = (None::<Instant>, None::<(Instant, u64)>, !may_spread);
+        while *got < size && went_on.is_none() {
+            let mut broke = None;
+            let received = sink.receive(buf, |into| {
+                let want = into.len().min((size - *got) as usize);
+                pump.read(&mut into[..want]).inspect_err(|e| broke = Some(e.clone()))
+            });
+            let n = match received {
+                Ok(n) => n,
+                Err(_) if resumable && broke.is_some() => {
+                    went_on = Some(lanes::Start::Resume(broke.expect("a read error")));
+                    break;
+                }
+                Err(e) => return Err(plain(e)),
+            };
+            if n == 0 {
+                let why = pump.closed_early("");
+                if resumable {
+                    let e = Error::RemoteFailed(format!("the connection ended after {got} of {size} bytes{why}"));
+                    went_on = Some(lanes::Start::Resume(e));
+                    break;
+                }
+                return Err(plain(failed(format!(
+                    "the transfer stopped after {got} of {size} bytes{why}; nothing was stored"
+                ))));
+            }
+            *got += n as u64;
+            bar.inc(n as u64);
+            sink.checkpoint(&mut checkpointed, *got).map_err(plain)?;
+            let first = *streaming.get_or_insert_with(Instant::now);
+            if !decided && mark.is_none() && first.elapsed() >= lanes::WARM_UP {
+                mark = Some((Instant::now(), *got));
+            }
+            if let Some((since, from)) = mark
+                && !decided
+                && since.elapsed() >= lanes::MEASURE
+            {
+                decided = true;
+                let rate = (*got - from) as f64 / since.elapsed().as_secs_f64();
+                let in_flight = rate * first.duration_since(asked).as_secs_f64();
+                // Under a bandwidth limit it nearly reaches, the limit is
+                // what holds the stream back: more connections would not help.
+                let limit = self.paces.iter().map(|p| p.rate()).min();
+                if lanes::worth_spreading(rate, in_flight) && limit.is_none_or(|l| rate < 0.8 * l as f64) {
+                    went_on = Some(lanes::Start::Spread(rate));
+                    break;
+                }
+            }
+        }
+        let Some(start) = went_on else {
+            buf.resize(4096, 0);
+            if pump.read(buf).map_err(plain)? != 0 {
+                return Err(plain(failed("unexpected data after the file".into())));
+            }
+            let exit = pump.finish().map_err(plain)?;
+            if exit != Exit::Status(0) {
+                let stderr = self.redact(&pump.stderr_text());
+                return Err(plain(failed(format!("{exit}; nothing was stored{}", stderr_suffix(&stderr)))));
+            }
+            return Ok(1);
+        };
+        pump.kill();
+        let opened = lanes::Opened {
+            host: host.to_string(),
+            path: path.to_string(),
+            resolved: resolved.to_string(),
+            size,
+            identity,
+        };
+        let mut lanes = lanes::Lanes::start(self.clone(), argv, opened, *got, start, self.fetch);
+        let copied = (|| {
+            while *got < size {
+                let n = sink.receive(buf, |into| lanes.read(into))?;
+                if n == 0 {
+                    return Err(failed(format!(
+                        "the transfer stopped after {got} of {size} bytes; nothing was stored"
+                    )));
+                }
+                *got += n as u64;
+                bar.inc(n as u64);
+                sink.checkpoint(&mut checkpointed, *got)?;
+            }
+            lanes.finish()
+        })();
+        copied.map_err(|e| (e, lanes.file_changed()))
     }
 
     fn connect(&self, host: &str) -> Result<(), Error> {
@@ -519,6 +589,26 @@ impl Sink {
             Sink::Gz(g, _) => g.finish(),
         }
     }
+
+    /// Every [`CHECKPOINT_BYTES`] or [`CHECKPOINT_EVERY`] (whichever
+    /// comes first), makes what was received durable where a later run
+    /// can go on from it; `last` is when, and at which byte, it last did.
+    fn checkpoint(&mut self, last: &mut (Instant, u64), got: u64) -> Result<(), Error> {
+        if got - last.1 < CHECKPOINT_BYTES && last.0.elapsed() < CHECKPOINT_EVERY {
+            return Ok(());
+        }
+        *last = (Instant::now(), got);
+        match self {
+            Sink::Plain(f, dest) => f.checkpoint().map_err(|e| io_error(dest, e)),
+            Sink::Gz(..) => Ok(()),
+        }
+    }
+
+    fn discard_partial(&mut self) {
+        if let Sink::Plain(f, _) = self {
+            f.discard_partial();
+        }
+    }
 }
 
 /// The last [`TAIL_BYTES`] of a stream.
@@ -541,6 +631,12 @@ impl Tail {
         !needle.is_empty() && self.0.windows(needle.len()).any(|w| w == needle)
     }
 }
+
+/// How much a resumable fetch receives, at most, between making its bytes
+/// durable for a later run: what a killed run can lose.
+const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// And how long, at most.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// How often a quiet remote command looks whether the run must stop.
 const STOP_POLL: Duration = Duration::from_millis(100);

@@ -29,6 +29,9 @@ const BLOCK: usize = 1 << 20;
 const BUFFERS: usize = 3;
 /// Scratch buffer for the buffered path's [`DurableFile::spare`].
 const SCRATCH: usize = 256 << 10;
+/// What a resumed file's length is a multiple of, so that the direct
+/// path's blocks stay aligned.
+pub const RESUME_UNIT: u64 = BLOCK as u64;
 /// Write-behind granularity of the buffered path.
 const WINDOW: u64 = 8 << 20;
 
@@ -45,15 +48,46 @@ enum Mode {
 impl DurableFile {
     /// Wraps a newly created, empty file opened for writing.
     pub fn new(file: File) -> DurableFile {
-        match Direct::start(&file) {
-            Some(direct) => DurableFile { mode: Mode::Direct(direct) },
-            None => DurableFile::buffered(file),
+        DurableFile::resume(file, 0).expect("an empty file needs no seek")
+    }
+
+    /// Wraps a file opened for writing whose first `at` bytes stay, to
+    /// be written on from there (`at` is its length, a multiple of
+    /// [`RESUME_UNIT`] for the direct path).
+    pub fn resume(file: File, at: u64) -> io::Result<DurableFile> {
+        let file = match Direct::start(file, at) {
+            Ok(direct) => return Ok(DurableFile { mode: Mode::Direct(direct) }),
+            Err(file) => file,
+        };
+        let mut file = WriteBehind::new(file);
+        if at > 0 {
+            io::Seek::seek(&mut file.file, io::SeekFrom::Start(at))?;
+            (file.written, file.started, file.settled) = (at, at, at);
         }
+        Ok(DurableFile { mode: Mode::Buffered { file, scratch: Vec::new() } })
     }
 
     /// The buffered path only, whatever the file system.
+    #[cfg(test)]
     pub fn buffered(file: File) -> DurableFile {
         DurableFile { mode: Mode::Buffered { file: WriteBehind::new(file), scratch: Vec::new() } }
+    }
+
+    /// Makes the bytes written so far durable, and says how many that
+    /// is: a prefix of what was handed in (the direct path still holds
+    /// the blocks in flight, and the one being filled).
+    pub fn checkpoint(&mut self) -> io::Result<u64> {
+        match &mut self.mode {
+            Mode::Direct(d) => {
+                let n = d.written;
+                d.file.sync_data()?;
+                Ok(n)
+            }
+            Mode::Buffered { file, .. } => {
+                file.file.sync_data()?;
+                Ok(file.written)
+            }
+        }
     }
 
     /// Whether full blocks bypass the page cache.
@@ -159,15 +193,43 @@ struct Direct {
     fill: usize,
     /// File offset of `current`'s first byte.
     offset: u64,
+    /// Every byte before this is written (not yet synced).
+    written: u64,
     full: Option<SyncSender<(Aligned, u64)>>,
-    empty: Receiver<io::Result<Aligned>>,
+    /// Buffers back, with the end of what the writer wrote from them
+    /// (`None` for the ones it was never given).
+    empty: Receiver<io::Result<(Aligned, Option<u64>)>>,
     writer: Option<JoinHandle<File>>,
+    /// The file, for syncing while the writer has its own descriptor.
+    file: File,
 }
 
 impl Direct {
-    /// `None` when the file system does not do direct I/O for this file,
-    /// or needs an alignment our buffers do not have.
-    fn start(file: &File) -> Option<Direct> {
+    /// The file back when the file system does not do direct I/O for
+    /// it, or needs an alignment our buffers (or `at`) do not have.
+    fn start(file: File, at: u64) -> Result<Direct, File> {
+        if !at.is_multiple_of(RESUME_UNIT) {
+            return Err(file);
+        }
+        match Direct::begin(&file) {
+            Some((full, empty, writer)) => Ok(Direct {
+                current: Aligned::new(),
+                fill: 0,
+                offset: at,
+                written: at,
+                full: Some(full),
+                empty,
+                writer: Some(writer),
+                file,
+            }),
+            None => Err(file),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn begin(
+        file: &File,
+    ) -> Option<(SyncSender<(Aligned, u64)>, Receiver<io::Result<(Aligned, Option<u64>)>>, JoinHandle<File>)> {
         use rustix::fs::{AtFlags, StatxFlags, statx};
         let stx = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN).ok()?;
         let (mem, offset) = (stx.stx_dio_mem_align as usize, stx.stx_dio_offset_align as usize);
@@ -179,9 +241,9 @@ impl Direct {
         }
         let writer_file = file.try_clone().ok()?;
         let (full_tx, full_rx) = sync_channel::<(Aligned, u64)>(BUFFERS);
-        let (empty_tx, empty_rx) = sync_channel::<io::Result<Aligned>>(BUFFERS);
+        let (empty_tx, empty_rx) = sync_channel::<io::Result<(Aligned, Option<u64>)>>(BUFFERS);
         for _ in 1..BUFFERS {
-            empty_tx.send(Ok(Aligned::new())).ok()?;
+            empty_tx.send(Ok((Aligned::new(), None))).ok()?;
         }
         // The flag is on the open file description, which both descriptors
         // share; it comes off again for the tail, or if this goes no further.
@@ -193,7 +255,7 @@ impl Direct {
                 // has the error and the file is abandoned.
                 let result = if failed { Ok(()) } else { writer_file.write_all_at(&buf, at) };
                 let reply = match result {
-                    Ok(()) => Ok(buf),
+                    Ok(()) => Ok((buf, Some(at + BLOCK as u64))),
                     Err(e) => {
                         failed = true;
                         Err(e)
@@ -209,14 +271,7 @@ impl Direct {
             let _ = set_direct(file, false);
             return None;
         };
-        Some(Direct {
-            current: Aligned::new(),
-            fill: 0,
-            offset: 0,
-            full: Some(full_tx),
-            empty: empty_rx,
-            writer: Some(writer),
-        })
+        Some((full_tx, empty_rx, writer))
     }
 
     fn spare(&mut self) -> &mut [u8] {
@@ -229,7 +284,11 @@ impl Direct {
         if self.fill < BLOCK {
             return Ok(());
         }
-        let next = self.empty.recv().map_err(|_| io::Error::other("the store's writer thread ended"))??;
+        let (next, end) = self.empty.recv().map_err(|_| io::Error::other("the store's writer thread ended"))??;
+        if let Some(end) = end {
+            // One writer, in order: everything before `end` is written.
+            self.written = self.written.max(end);
+        }
         let full = std::mem::replace(&mut self.current, next);
         self.full
             .as_ref()

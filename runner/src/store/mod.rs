@@ -300,6 +300,56 @@ impl Store {
         };
         Ok(PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() })
     }
+
+    /// Like [`create`](Self::create), for a copy of the remote file `of`
+    /// that a later run may go on from if this one does not finish it
+    /// (see [`outlet::Partial`]). Returns how many of its bytes an
+    /// earlier run left, already counted and hashed: the caller copies
+    /// on from there. `None` for an encrypted site, or a store that keeps
+    /// no partial files: nothing outlives a failure.
+    pub fn create_resumable(&self, rel: &Path, of: &outlet::RemoteFile) -> io::Result<(PendingFile, Option<u64>)> {
+        if !self.shared.recipients.is_empty() {
+            // Its bytes would wait unencrypted.
+            return Ok((self.create(rel)?, None));
+        }
+        let file_name =
+            rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination names no file"))?;
+        let final_name = file_name.to_string_lossy().into_owned();
+        if !self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(rel.to_path_buf()) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} was already written in this run; a run writes each file once", rel.display()),
+            ));
+        }
+        let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
+        self.shared.budget.take_file()?;
+        let Some(resumed) = self.outlet.create_resumable(rel, &final_name, of)? else {
+            let out = self.outlet.create(rel, &final_name)?;
+            let writer = Sink::Plain(HashingWriter::new(out));
+            return Ok((
+                PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() },
+                None,
+            ));
+        };
+        // The bytes kept are hashed once, read back, not fetched again.
+        self.shared.budget.take_bytes(resumed.bytes)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < resumed.bytes {
+            let want = buf.len().min((resumed.bytes - at) as usize);
+            let n = std::os::unix::fs::FileExt::read_at(&resumed.prefix, &mut buf[..want], at)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a partial file is shorter than its note"));
+            }
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        let file = HashingWriter { inner: resumed.out, hasher, bytes: resumed.bytes };
+        let pending =
+            PendingFile { final_name: final_name.into(), writer: Some(Sink::Plain(file)), claim, scratch: Vec::new() };
+        Ok((pending, Some(resumed.bytes)))
+    }
 }
 
 /// A path claimed by a pending file; released if the file is abandoned.
@@ -482,6 +532,22 @@ impl PendingFile {
 }
 
 impl PendingFile {
+    /// Makes the bytes so far durable where a later run may go on from
+    /// them (a file from [`Store::create_resumable`]); otherwise nothing.
+    pub fn checkpoint(&mut self) -> io::Result<()> {
+        match self.writer.as_mut().expect("not committed") {
+            Sink::Plain(w) => w.inner.checkpoint(),
+            Sink::Age(_) => Ok(()),
+        }
+    }
+
+    /// Its bytes are of no use to a later run: dropped, it leaves none.
+    pub fn discard_partial(&mut self) {
+        if let Some(Sink::Plain(w)) = self.writer.as_mut() {
+            w.inner.discard();
+        }
+    }
+
     /// Space to read the next bytes into, so they need not be copied
     /// again on their way to the file; [`filled`](Self::filled) takes
     /// the first `n`. Never empty.
@@ -628,6 +694,78 @@ mod tests {
         let journal = std::fs::read_to_string(dir.path().join(".offsite/runs/r.journal")).unwrap();
         assert_eq!(journal.lines().count(), 2, "a header and one file: {journal}");
         assert!(!dir.path().join("sub").exists(), "nothing at its path until the run ends");
+    }
+
+    /// A resumable copy left by a run that did not finish it: the next
+    /// run with the same file goes on from its durable bytes (whole
+    /// blocks), hashes them once, and stores the whole file; the copy of
+    /// a changed file, or one discarded, is not used again.
+    #[test]
+    fn a_partial_copy_is_taken_up_by_the_next_run_only_for_the_same_file() {
+        // Beside the test binary: the build's own disk (direct I/O), not a tmpfs.
+        let exe = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
+        let data: Vec<u8> = (0..(5u32 << 20) + 12345).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let of = outlet::RemoteFile {
+            host: "db".into(),
+            path: "/var/backups/db.sql".into(),
+            identity: "2049 77 5255225 2026-12-05 10:00:00.000000000 +0000".into(),
+            size: data.len() as u64,
+        };
+        let root = run::StoreRoot::open(dir.path()).unwrap();
+        let run = |id: &str| {
+            let mut h = header();
+            h.run_id = id.into();
+            root.begin_run(&h, Budget::unlimited()).unwrap()
+        };
+        let partial = dir.path().join(".offsite/partial");
+        let data_files = || names(&partial).into_iter().filter(|n| !n.ends_with(".json")).collect::<Vec<_>>();
+
+        // The first run writes 3.5 MiB, makes them durable, and fails.
+        let store = run("r1");
+        let (mut f, kept) = store.create_resumable(Path::new("a.sql"), &of).unwrap();
+        assert_eq!(kept, Some(0));
+        f.write_all(&data[..(7 << 19)]).unwrap();
+        f.checkpoint().unwrap();
+        drop(f);
+        assert_eq!(data_files().len(), 1);
+
+        // The next goes on from 3 MiB (whole blocks), under another name.
+        let store = run("r2");
+        let (mut f, kept) = store.create_resumable(Path::new("b.sql"), &of).unwrap();
+        assert_eq!(kept, Some(3 << 20));
+        f.write_all(&data[3 << 20..]).unwrap();
+        let stored = f.commit(origin()).unwrap();
+        assert_eq!(stored.bytes, data.len() as u64);
+        assert_eq!(stored.sha256, hex::encode(Sha256::digest(&data)));
+        assert_eq!(std::fs::read(dir.path().join(".offsite/runs/r2/b.sql")).unwrap(), data);
+        assert!(data_files().is_empty(), "{:?}", data_files());
+
+        // A copy of a file that changed since is not used; nor is one the
+        // fetch discarded.
+        let store = run("r3");
+        let (mut f, _) = store.create_resumable(Path::new("c.sql"), &of).unwrap();
+        f.write_all(&data[..(2 << 20)]).unwrap();
+        drop(f);
+        let changed = outlet::RemoteFile { identity: of.identity.replace("10:00", "10:01"), ..of.clone() };
+        let store = run("r4");
+        let (mut f, kept) = store.create_resumable(Path::new("d.sql"), &changed).unwrap();
+        assert_eq!(kept, Some(0));
+        f.write_all(&data[..(2 << 20)]).unwrap();
+        f.discard_partial();
+        drop(f);
+        assert!(data_files().is_empty(), "{:?}", data_files());
+
+        // An encrypting run keeps nothing unencrypted.
+        let key = age::x25519::Identity::generate();
+        let mut h = header();
+        h.run_id = "r5".into();
+        let store = root.begin_encrypted_run(&h, Budget::unlimited(), vec![key.to_public()]).unwrap();
+        let (mut f, kept) = store.create_resumable(Path::new("e.sql"), &of).unwrap();
+        assert_eq!(kept, None);
+        f.write_all(&data[..(2 << 20)]).unwrap();
+        drop(f);
+        assert!(data_files().is_empty(), "{:?}", data_files());
     }
 
     #[test]

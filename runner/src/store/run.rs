@@ -60,6 +60,10 @@ pub const SHARED_MARK: &str = "shared";
 /// `shared_store = true`), so runs are told apart by site name.
 pub const SITES_MARK: &str = "sites";
 
+/// In `.offsite`: the partial copies of large fetches (see
+/// [`super::outlet::Partial`]).
+pub const PARTIAL_DIR: &str = "partial";
+
 /// In `.offsite`: the name of the site that last ran into a dedicated store.
 pub const OWNER_FILE: &str = "site";
 
@@ -314,6 +318,23 @@ impl StoreRoot {
                 self.manifests.remove_file(&name)?;
             }
         }
+        if let Ok(partial) = self.meta.open_dir(PARTIAL_DIR) {
+            let keep = std::time::Duration::from_secs(super::outlet::PARTIAL_KEEP_DAYS * 86400);
+            for entry in partial.entries()? {
+                let entry = entry?;
+                let stale = entry.metadata()?.modified()?.into_std().elapsed().is_ok_and(|age| age > keep);
+                if stale && entry.file_type()?.is_file() {
+                    let name = entry.file_name();
+                    partial.remove_file(&name)?;
+                    if !name.to_string_lossy().ends_with(".json") {
+                        done.push(format!(
+                            "removed a partial fetch untouched for {} days",
+                            super::outlet::PARTIAL_KEEP_DAYS
+                        ));
+                    }
+                }
+            }
+        }
         sync_dir(&self.runs)?;
         Ok(done)
     }
@@ -384,7 +405,9 @@ impl StoreRoot {
         io::Write::write_all(&mut journal, &line)?;
         journal.sync_all()?;
         sync_dir(&self.runs)?;
-        let outlet = Box::new(super::outlet::StagingOutlet(staging));
+        let partial =
+            super::outlet::Partial { dir: make_dirs(&self.meta, Path::new(PARTIAL_DIR))?, site: header.site.clone() };
+        let outlet = Box::new(super::outlet::StagingOutlet { staging, partial: Some(partial) });
         Ok(Store::new(&header.run_id, outlet, budget, recipients, Some(journal)))
     }
 

@@ -86,14 +86,18 @@ impl Site {
     /// temporary file in the run's staging directory.
     fn wait_for_staged_bytes(&self, bytes: u64) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        // A large fetch writes in `.offsite/partial`, others in the run's
+        // staging directory.
         let staged = || {
             let runs = self.store().join(".offsite/runs");
             let files = if runs.exists() { tree(&runs) } else { Vec::new() };
+            let partial = self.partial_files().into_iter().map(|(_, len)| len);
             files
                 .iter()
                 .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with(".offsite-tmp."))
                 .filter_map(|f| std::fs::metadata(runs.join(f)).ok())
                 .map(|m| m.len())
+                .chain(partial)
                 .max()
                 .unwrap_or(0)
         };
@@ -101,6 +105,31 @@ impl Site {
             assert!(Instant::now() < deadline, "the transfer never wrote {bytes} bytes");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The partial copies of large fetches (`.offsite/partial`, not their
+    /// notes) and their lengths.
+    fn partial_files(&self) -> Vec<(PathBuf, u64)> {
+        let dir = self.store().join(".offsite/partial");
+        let Ok(rd) = std::fs::read_dir(&dir) else { return Vec::new() };
+        rd.filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_none() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m.len())))
+            .collect()
+    }
+
+    /// How many bytes the notes of partial copies say are durable.
+    fn partial_noted(&self) -> u64 {
+        let dir = self.store().join(".offsite/partial");
+        let Ok(rd) = std::fs::read_dir(&dir) else { return 0 };
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|v| v["bytes"].as_u64())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Files in the store, and any temporary file left in the store's
@@ -990,10 +1019,72 @@ fn a_file_that_changes_during_a_spread_fetch_fails_it_and_nothing_is_stored() {
         assert_eq!(child.wait().unwrap().code(), Some(1), "{change}: {stderr}");
         assert!(stderr.contains("the file changed while it was fetched"), "{change}: {stderr}");
         assert!(site.stored().is_empty(), "{change}: {:?}", site.stored());
+        // What was fetched of it is of no use to a later run either.
+        assert!(site.partial_files().is_empty(), "{change}: {:?}", site.partial_files());
     }
     let ran = site.run(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "b")]);
     ran.expect_code(0);
     assert_eq!(sha256sum(&site.store().join("b")), sha256sum(&big));
+}
+
+/// A run killed in the middle of a large fetch leaves what it fetched in
+/// `.offsite/partial`, durable up to its last note; the next run that
+/// fetches the same, unchanged file goes on from there (hashing those
+/// bytes, not fetching them again), and the file it stores is whole. A
+/// file changed since is fetched from its start.
+#[test]
+fn a_fetch_killed_mid_run_is_taken_up_by_the_next_run_from_its_durable_bytes() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(40), 100);
+    let server = Sshd::start_behind(&link);
+    let mut site = Site::new();
+    let big = server.files().join("big.bin");
+    site.host("far", &server, &format!("parallel_above = \"1MiB\"\nfetch = [\"{}\"]", big.display()));
+    let size = 128u64 << 20;
+    std::fs::write(&big, unrepeating(size as usize)).unwrap();
+    let fetch =
+        |dest: &str| site.probe(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", dest)]);
+    let mut child =
+        fetch("first.bin").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while site.partial_noted() < size / 3 {
+        assert!(Instant::now() < deadline, "no note of durable bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let noted = site.partial_noted();
+    assert!(site.stored().iter().all(|n| n.starts_with(".offsite-tmp")), "{:?}", site.stored());
+
+    // The next run (another name: the script's timestamp moved on).
+    let before = link.carried_here();
+    let ran = Ran::from_output(fetch("second.bin").output().unwrap());
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("was interrupted"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("which an earlier run fetched"), "{}", ran.stderr);
+    assert_eq!(sha256sum(&site.store().join("second.bin")), sha256sum(&big));
+    let carried = link.carried_here() - before;
+    let rest = size - noted / (1 << 20) * (1 << 20);
+    assert!(carried as f64 <= rest as f64 * 1.1, "{carried} bytes carried for the {rest} not yet fetched");
+    assert!(site.partial_files().is_empty(), "{:?}", site.partial_files());
+
+    // Killed again, and the file changes before the next run: it is
+    // fetched whole, from the start.
+    let mut child =
+        fetch("third.bin").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while site.partial_noted() < size / 4 {
+        assert!(Instant::now() < deadline, "no note of durable bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut changed = unrepeating(size as usize);
+    changed[0] ^= 1;
+    std::fs::write(&big, &changed).unwrap();
+    let ran = Ran::from_output(fetch("fourth.bin").output().unwrap());
+    ran.expect_code(0);
+    assert!(!ran.stderr.contains("which an earlier run fetched"), "{}", ran.stderr);
+    assert_eq!(sha256sum(&site.store().join("fourth.bin")), sha256sum(&big));
 }
 
 /// `bandwidth` holds a run's transfers to the rate: a host's own for its
