@@ -339,6 +339,7 @@ mod tests {
             parallel_above: 64 << 20,
             bandwidth: None,
             retries: 3,
+            retry_streams: false,
             commands: commands.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect(),
             fetch: fetch.iter().map(|s| s.to_string()).collect(),
             from: None,

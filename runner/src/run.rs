@@ -342,6 +342,7 @@ fn caps_for(
                         connections: h.connections,
                         parallel_above: h.parallel_above,
                         retries: h.retries,
+                        retry_streams: h.retry_streams,
                     },
                 )
             })

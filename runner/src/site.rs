@@ -215,6 +215,10 @@ pub struct HostConfig {
     /// How often a connection that failed in a way that may pass
     /// (refused, reset, timed out) is tried again.
     pub retries: u32,
+    /// A streamed command whose connection was lost before it produced
+    /// a byte is run again (up to `retries`): for commands that may run
+    /// twice.
+    pub retry_streams: bool,
     /// Allowed commands: each an argv pattern (see `policy`).
     pub commands: Vec<Vec<String>>,
     /// Remote paths `scp.fetch` may copy: glob patterns on absolute paths.
@@ -810,6 +814,7 @@ struct HostSection {
     parallel_above: Option<ByteSize>,
     bandwidth: Option<Rate>,
     retries: Option<u32>,
+    retry_streams: Option<bool>,
     #[serde(default)]
     commands: Vec<Vec<String>>,
     #[serde(default)]
@@ -876,6 +881,7 @@ impl HostSection {
             parallel_above,
             bandwidth: self.bandwidth.map(|r| r.0),
             retries,
+            retry_streams: self.retry_streams.unwrap_or(false),
             commands: self.commands,
             fetch: self.fetch,
             from: self.from,

@@ -111,6 +111,25 @@ pub struct Opened {
     pub identity: String,
 }
 
+/// A lane with ranges asked for that delivers none for this long, or
+/// for [`STALL_TIMES`] times as long as a lane takes for a range (if
+/// longer), while the others delivered [`STALL_OTHERS`] ranges, is
+/// stalled: it is stopped, and the others take over its ranges.
+pub const STALL_MIN: Duration = Duration::from_secs(10);
+const STALL_TIMES: u32 = 5;
+const STALL_OTHERS: u64 = 4;
+
+/// What the watch on stalled lanes knows of one lane.
+struct Watch {
+    /// Ranges it asked for and has not delivered.
+    inflight: usize,
+    /// When it last delivered, or asked with nothing in flight; and how
+    /// many ranges all lanes had delivered then.
+    since: (Instant, u64),
+    /// Set when it is found stalled: its next read stops it.
+    stalled: Arc<AtomicBool>,
+}
+
 /// How a lane ended early.
 enum Ending {
     /// The file changed, or the server answered what it must not: the
@@ -145,6 +164,8 @@ struct State {
     gone: BTreeSet<usize>,
     /// Why each lane that broke did, in order.
     breaks: Vec<Error>,
+    /// The lanes that run, for the watch on stalls.
+    watch: BTreeMap<usize, Watch>,
 }
 
 struct Shared {
@@ -169,13 +190,24 @@ impl Shared {
             if st.failed.is_some() || self.cancel.load(Ordering::Relaxed) || st.stopped.contains(&lane) {
                 return None;
             }
-            if let Some(k) = st.requeued.pop_first() {
-                return Some(k);
-            }
-            // The chunk the store is copying out counts too: WINDOW in all.
-            if st.next < st.chunks && st.next + 1 < st.consumed + WINDOW {
+            let k = if let Some(k) = st.requeued.pop_first() {
+                Some(k)
+            } else if st.next < st.chunks && st.next + 1 < st.consumed + WINDOW {
+                // The chunk the store is copying out counts too: WINDOW in all.
                 st.next += 1;
-                return Some(st.next - 1);
+                Some(st.next - 1)
+            } else {
+                None
+            };
+            if let Some(k) = k {
+                let delivered = st.delivered;
+                if let Some(w) = st.watch.get_mut(&lane) {
+                    if w.inflight == 0 {
+                        w.since = (Instant::now(), delivered);
+                    }
+                    w.inflight += 1;
+                }
+                return Some(k);
             }
             if !wait || st.delivered == st.chunks {
                 return None;
@@ -188,6 +220,11 @@ impl Shared {
         let mut st = self.lock();
         st.received += data.len() as u64;
         st.delivered += 1;
+        let delivered = st.delivered;
+        if let Some(w) = st.watch.get_mut(&lane) {
+            w.inflight = w.inflight.saturating_sub(1);
+            w.since = (Instant::now(), delivered);
+        }
         st.ready.insert(chunk, data);
         st.first_chunk.entry(lane).or_insert_with(Instant::now);
         self.changed.notify_all();
@@ -196,6 +233,7 @@ impl Shared {
     fn end(&self, lane: usize, result: Result<(), Ending>, unfinished: impl IntoIterator<Item = u64>) {
         let mut st = self.lock();
         st.live -= 1;
+        st.watch.remove(&lane);
         match result {
             Ok(()) => {}
             Err(Ending::Fatal(e)) => {
@@ -311,6 +349,8 @@ pub struct Lanes {
     skip: usize,
     /// Bytes of the file handed to the store so far.
     handed: u64,
+    /// When the lanes began, and the ranges delivered before.
+    began: (Instant, u64),
 }
 
 impl Lanes {
@@ -344,6 +384,7 @@ impl Lanes {
                 first_chunk: BTreeMap::new(),
                 gone: BTreeSet::new(),
                 breaks: Vec::new(),
+                watch: BTreeMap::new(),
             }),
             changed: Condvar::new(),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -368,6 +409,7 @@ impl Lanes {
             at: 0,
             skip: (from % CHUNK) as usize,
             handed: from,
+            began: (Instant::now(), first),
         };
         match start {
             Start::Spread(_) | Start::Continue => {
@@ -397,18 +439,25 @@ impl Lanes {
     fn launch(&mut self) -> usize {
         let lane = self.next_index;
         self.next_index += 1;
-        self.shared.lock().live += 1;
+        let stalled = Arc::new(AtomicBool::new(false));
+        {
+            let mut st = self.shared.lock();
+            st.live += 1;
+            let since = (Instant::now(), st.delivered);
+            st.watch.insert(lane, Watch { inflight: 0, since, stalled: Arc::clone(&stalled) });
+        }
         let (shared, remote, opened, argv) =
             (Arc::clone(&self.shared), self.remote.clone(), Arc::clone(&self.opened), Arc::clone(&self.argv));
         let thread = std::thread::Builder::new().name(format!("fetch-lane-{lane}")).spawn(move || {
             let mut inflight = VecDeque::new();
             let prefix = format!("host {}: ", opened.host);
-            let result = run_lane(&shared, &remote, &opened, &argv, lane, &mut inflight).map_err(|e| match e {
-                Ending::Broken(e) => Ending::Broken(reword(&e, |m| {
-                    format!("connection {} broke: {}", lane + 1, m.strip_prefix(&prefix).unwrap_or(m))
-                })),
-                fatal => fatal,
-            });
+            let result =
+                run_lane(&shared, &remote, &opened, &argv, lane, &stalled, &mut inflight).map_err(|e| match e {
+                    Ending::Broken(e) => Ending::Broken(reword(&e, |m| {
+                        format!("connection {} broke: {}", lane + 1, m.strip_prefix(&prefix).unwrap_or(m))
+                    })),
+                    fatal => fatal,
+                });
             let others = {
                 let st = shared.lock();
                 st.failed.is_none() && st.live > 1
@@ -483,6 +532,7 @@ impl Lanes {
             if stopped || all_broke {
                 self.ramp.stop();
             }
+            self.watch_for_stalls();
             if all_broke {
                 self.resume()?;
                 continue;
@@ -502,6 +552,39 @@ impl Lanes {
                         ::log::debug!(target: "offsite::scp", "{}: connection {} did not make it faster; it stops", self.shared.what, lane + 1);
                     }
                 }
+            }
+        }
+    }
+
+    /// Stops each lane that holds ranges and delivers none while the
+    /// others deliver (a server or a path that stalls one connection):
+    /// see [`STALL_MIN`]. The idle timeout would wait far longer, with
+    /// the whole fetch held up behind the one range.
+    fn watch_for_stalls(&self) {
+        let st = self.shared.lock();
+        let now = Instant::now();
+        let done = st.delivered - self.began.1;
+        // How long one lane takes for a range, as they went so far.
+        let typical = match u32::try_from(done) {
+            Ok(d) if d > 0 => now.duration_since(self.began.0) * st.live.max(1) as u32 / d,
+            _ => STALL_MIN,
+        };
+        let limit = STALL_MIN.max(typical * STALL_TIMES);
+        for (lane, w) in &st.watch {
+            let (since, then) = w.since;
+            if w.inflight > 0
+                && now.duration_since(since) >= limit
+                && st.delivered - then >= STALL_OTHERS
+                && !w.stalled.swap(true, Ordering::Relaxed)
+            {
+                ::log::warn!(
+                    target: "offsite::scp",
+                    "{}: connection {} stalled: no range for {} while the others delivered {}; they take over its ranges",
+                    self.shared.what,
+                    lane + 1,
+                    humantime::format_duration(Duration::from_secs(now.duration_since(since).as_secs())),
+                    st.delivered - then
+                );
             }
         }
     }
@@ -583,7 +666,7 @@ impl Drop for Lanes {
     }
 }
 
-fn error_text(e: &Error) -> &str {
+pub(super) fn error_text(e: &Error) -> &str {
     match e {
         Error::Denied(s)
         | Error::NotFound(s)
@@ -619,6 +702,7 @@ fn run_lane(
     opened: &Opened,
     argv: &[String],
     lane: usize,
+    stalled: &Arc<AtomicBool>,
     inflight: &mut VecDeque<u64>,
 ) -> Result<(), Ending> {
     let host = &opened.host;
@@ -650,7 +734,14 @@ fn run_lane(
             opened.identity
         )));
     }
-    pump.cancel = Some(Arc::clone(&shared.cancel));
+    pump.cancel = vec![Arc::clone(&shared.cancel), Arc::clone(stalled)];
+    let broke = |e: Error| {
+        if stalled.load(Ordering::Relaxed) {
+            Ending::Broken(Error::RemoteFailed(format!("host {host}: it stalled")))
+        } else {
+            Ending::Broken(e)
+        }
+    };
     let send = |pump: &mut Pump, text: &str| {
         pump.process
             .write_stdin(text.as_bytes())
@@ -668,7 +759,7 @@ fn run_lane(
         let mut data = vec![0u8; len];
         let mut got = 0;
         while got < len {
-            let n = pump.read(&mut data[got..]).map_err(Ending::Broken)?;
+            let n = pump.read(&mut data[got..]).map_err(broke)?;
             if n == 0 {
                 let why = pump.closed_early("");
                 return Err(Ending::Broken(Error::RemoteFailed(format!(
@@ -676,6 +767,32 @@ fn run_lane(
                 ))));
             }
             got += n;
+        }
+        // Each range is followed by `=FIRST`: one that was longer or
+        // shorter than asked shows, and is never taken for the file.
+        let marker = format!("={}\n", k * CHUNK_BLOCKS);
+        let mut said = Vec::with_capacity(marker.len());
+        let mut byte = [0u8; 1];
+        while said.len() < marker.len() && !said.ends_with(b"\n") {
+            if pump.read(&mut byte).map_err(broke)? == 0 {
+                break;
+            }
+            said.push(byte[0]);
+        }
+        if said.len() < marker.len() && !said.ends_with(b"\n") {
+            let why = pump.closed_early("");
+            return Err(Ending::Broken(Error::RemoteFailed(format!(
+                "host {host}: the connection ended after a range, before its end mark{why}"
+            ))));
+        }
+        if said != marker.as_bytes() {
+            pump.kill();
+            return Err(Ending::Fatal(Error::RemoteFailed(format!(
+                "host {host}: fetching {}: the server's answer to the range at byte {} was not the {len} bytes asked \
+                 for (the file changed, or the server is not sending what it must); nothing was stored",
+                opened.path,
+                k * CHUNK
+            ))));
         }
         inflight.pop_front();
         shared.deliver(lane, k, data);

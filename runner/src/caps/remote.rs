@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lanes::error_text;
 use super::pace::Pace;
 use super::{StreamRedactor, io_error, lanes};
 use crate::bindings::ssh::StreamOptions;
@@ -33,8 +34,11 @@ pub const MAX_JOBS: usize = 256;
 pub struct FetchLanes {
     pub connections: usize,
     pub parallel_above: u64,
-    /// Fresh starts of a fetch whose every connection broke.
+    /// Fresh starts of a fetch whose every connection broke; runs again
+    /// of a stream whose connection was lost before its first byte.
     pub retries: u32,
+    /// Whether a stream may run again at all (the host's `retry_streams`).
+    pub retry_streams: bool,
 }
 
 impl Default for FetchLanes {
@@ -44,6 +48,7 @@ impl Default for FetchLanes {
             connections: DEFAULT_CONNECTIONS,
             parallel_above: DEFAULT_PARALLEL_ABOVE,
             retries: DEFAULT_RETRIES,
+            retry_streams: false,
         }
     }
 }
@@ -170,6 +175,52 @@ impl Remote {
         }
         let store = self.store.as_ref().ok_or_else(|| Error::Denied("no store is open".into()))?;
         let _slot = self.slots.acquire();
+        let mut tries = 0;
+        loop {
+            let mut lost_before_output = false;
+            let result = self.stream_once(host, argv, dest, options, stdin, store, &mut lost_before_output);
+            let Err(e) = result else { return result };
+            // Run again only what produced nothing, lost with its
+            // connection, on a host that allows it; never past the
+            // run's deadline.
+            let wait = Duration::from_secs(1 << tries.min(5));
+            let in_time = self.run_deadline.is_none_or(|d| Instant::now() + wait < d);
+            if !(lost_before_output && self.fetch.retry_streams && tries < self.fetch.retries && in_time) {
+                return Err(e);
+            }
+            tries += 1;
+            ::log::warn!(
+                target: "offsite::ssh",
+                "{}; it produced nothing, so it runs again (retry_streams): retry {tries} of {} in {}",
+                error_text(&e),
+                self.fetch.retries,
+                humantime::format_duration(wait)
+            );
+            let until = Instant::now() + wait;
+            while Instant::now() < until {
+                if crate::abort::requested() {
+                    return Err(e);
+                }
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+            }
+        }
+    }
+
+    /// One try of [`exec_to_file`](Self::exec_to_file). Sets
+    /// `lost_before_output` when it failed because the connection was
+    /// lost (no exit status) before the command wrote a byte.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_once(
+        &self,
+        host: &str,
+        argv: &[String],
+        dest: &Path,
+        options: &StreamOptions,
+        stdin: Option<&[u8]>,
+        store: &Store,
+        lost_before_output: &mut bool,
+    ) -> Result<FileInfo, Error> {
+        let shown_dest = dest.display().to_string();
         let started = Instant::now();
         let mut pump = self.spawn(host, argv, stdin.is_some())?;
         if let Some(input) = stdin {
@@ -213,6 +264,7 @@ impl Remote {
             log_stderr(host, &stderr);
         }
         if exit != Exit::Status(0) {
+            *lost_before_output = bytes == 0 && matches!(exit, Exit::Missing(_));
             let said = if withheld {
                 "; its stderr is in the run log, not shown to the script (the call carried a secret)".to_string()
             } else {
@@ -283,12 +335,22 @@ impl Remote {
         let started = Instant::now();
         let argv: Vec<String> =
             ["sh", "-c", crate::transport::FETCH_SCRIPT, "offsite-fetch", path].iter().map(|s| s.to_string()).collect();
+        let spawned = Instant::now();
         let mut pump = self.spawn(host, &argv, true)?;
         let failed = |what: String| Error::RemoteFailed(format!("host {host}: fetching {path}: {what}"));
         let mut lines = Vec::new();
+        // From asking for the session to its first line is at least two
+        // round trips (the channel opens, then the command's answer), so
+        // half of it bounds the round trip from above (see `fetch_into`).
+        let mut round_trip = Duration::MAX;
         for _ in 0..4 {
             match pump.read_line()? {
-                Some(line) => lines.push(line),
+                Some(line) => {
+                    if lines.is_empty() {
+                        round_trip = spawned.elapsed() / 2;
+                    }
+                    lines.push(line)
+                }
                 None => {
                     let exit = pump.finish()?;
                     let stderr = self.redact(&pump.stderr_text()).trim().to_string();
@@ -349,6 +411,7 @@ impl Remote {
             &mut pump,
             &bar,
             (host, path, &resolved, size, identity),
+            round_trip,
             argv,
             &mut got,
         );
@@ -398,6 +461,7 @@ impl Remote {
         pump: &mut Pump,
         bar: &crate::progress::Bar,
         (host, path, resolved, size, identity): (&str, &str, &str, u64, String),
+        round_trip: Duration,
         argv: Vec<String>,
         got: &mut u64,
     ) -> Result<usize, (Error, bool)> {
@@ -466,7 +530,11 @@ impl Remote {
             {
                 decided = true;
                 let rate = (*got - from) as f64 / since.elapsed().as_secs_f64();
-                let in_flight = rate * first.duration_since(asked).as_secs_f64();
+                // Two bounds from above of the round trip: the smaller is
+                // nearer. `go` alone can read high by a delayed ACK's
+                // 40 ms (it is a small write behind others).
+                let rtt = first.duration_since(asked).min(round_trip);
+                let in_flight = rate * rtt.as_secs_f64();
                 // Under a bandwidth limit it nearly reaches, the limit is
                 // what holds the stream back: more connections would not help.
                 let limit = self.paces.iter().map(|p| p.rate()).min();
@@ -645,9 +713,9 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 /// keeping stderr on the side.
 pub(super) struct Pump {
     pub(super) process: Box<dyn RemoteProcess>,
-    /// Set by whoever gives up on this command (a fetch's other lanes):
-    /// the next read kills it.
-    pub(super) cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Set by whoever gives up on this command (a fetch that ended, or
+    /// found this lane stalled): the next read kills it.
+    pub(super) cancel: Vec<Arc<std::sync::atomic::AtomicBool>>,
     /// Bandwidth limits every byte of stdout is paid to.
     paces: Vec<Arc<Pace>>,
     host: String,
@@ -684,7 +752,7 @@ impl Pump {
             stderr_cap: STDERR_KEEP,
             redactor: StreamRedactor::new(&[]),
             scratch: vec![0u8; 8192],
-            cancel: None,
+            cancel: Vec::new(),
             paces: Vec::new(),
         }
     }
@@ -699,7 +767,7 @@ impl Pump {
                 self.kill();
                 return Err(Error::RemoteFailed(format!("host {}: {}", self.host, crate::abort::message())));
             }
-            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            if self.cancel.iter().any(|c| c.load(Ordering::Relaxed)) {
                 self.kill();
                 return Err(Error::RemoteFailed(format!("host {}: the transfer was called off", self.host)));
             }
@@ -757,7 +825,7 @@ impl Pump {
             if now >= until {
                 return Ok(());
             }
-            if crate::abort::requested() || self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            if crate::abort::requested() || self.cancel.iter().any(|c| c.load(Ordering::Relaxed)) {
                 return Ok(()); // the next read says why
             }
             if now >= self.deadline {

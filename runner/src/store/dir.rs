@@ -199,6 +199,9 @@ fn is_bookkeeping(rel: &Path, active_run: Option<&str>) -> bool {
         || inner == Path::new(run::SITES_MARK)
         || inner == Path::new(run::OWNER_FILE)
         || inner.starts_with(run::FORGOTTEN_DIR)
+        // Large fetches kept for the next run (`outlet::Partial`): never
+        // a backup, and removed after a week.
+        || inner.starts_with(run::PARTIAL_DIR)
     {
         return true;
     }

@@ -10,6 +10,8 @@
 //!   .offsite/runs/<run>/           files of a run in progress, or kept
 //!                                  from a run that did not succeed
 //!   .offsite/runs/<run>.journal    the files a run has completed so far
+//!   .offsite/partial/<key>[.json]  large fetches, kept for the next run
+//!                                  if this one does not finish them
 //! ```
 //!
 //! A run writes each file under a temporary name inside its own staging

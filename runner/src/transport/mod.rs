@@ -72,7 +72,7 @@ pub const FETCH_SCRIPT: &str = concat!(
     r#"if [ "$go" = go ]; then exec head -c "$s" <&3; fi; "#,
     r#"[ "$go" = ranges ] || exit 5; "#,
     r#"while read -r a b && [ "$a" != end ]; do "#,
-    r#"dd if="$f" bs=1048576 skip="$a" count="$b" 2>/dev/null || exit 6; done; "#,
+    r#"dd if="$f" bs=1048576 skip="$a" count="$b" 2>/dev/null || exit 6; echo "=$a"; done; "#,
     r#"stat -L -c '%d %i %s %y' "$f""#
 );
 

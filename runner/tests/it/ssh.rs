@@ -452,22 +452,24 @@ fn a_runner_killed_mid_fetch_leaves_only_complete_files_and_the_next_run_cleans_
     let big = format!("{}/big.bin", files.display());
     let mut cmd = site.probe(&[("op", "fetch"), ("dest", "big.bin"), ("path", &big)]);
     let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    site.wait_for_temporary_file();
+    // A large fetch writes in `.offsite/partial`, never where a backup is.
+    site.wait_for_staged_bytes(1);
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let stored = site.stored();
-    assert!(stored.contains(&"good.bin".to_string()) && !stored.contains(&"big.bin".to_string()), "{stored:?}");
-    assert!(stored.iter().any(|n| n.starts_with(".offsite-tmp")), "killed: its temporary file is still there");
+    assert_eq!(stored, vec!["good.bin"]);
+    assert_eq!(site.partial_files().len(), 1, "killed: what it fetched waits for the next run");
 
-    // The next run takes over, records the killed run and removes its
-    // temporary file; the good backup is untouched.
+    // The next run takes over and records the killed run; the good backup
+    // is untouched, and the partial copy waits for a fetch of big.bin.
     let ran = site.run(&[("op", "fetch"), ("path", &small), ("dest", "again.bin")]);
     ran.expect_code(0);
     assert!(ran.stderr.contains("took over the store's lock"), "{}", ran.stderr);
     assert!(ran.stderr.contains("was interrupted before storing anything"), "{}", ran.stderr);
     assert_eq!(site.stored(), vec!["again.bin", "good.bin"]);
     assert!(tree(&site.store().join(".offsite/runs")).is_empty());
+    assert_eq!(site.partial_files().len(), 1);
     assert_eq!(std::fs::read(site.store().join("good.bin")).unwrap(), b"small and complete");
     let verify = offsite(Path::new(BIN)).arg("verify").arg(site.write()).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
@@ -1025,6 +1027,146 @@ fn a_file_that_changes_during_a_spread_fetch_fails_it_and_nothing_is_stored() {
     let ran = site.run(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "b")]);
     ran.expect_code(0);
     assert_eq!(sha256sum(&site.store().join("b")), sha256sum(&big));
+}
+
+/// Puts a fault in the server's `dd` (the ranged reads) and `head` (the
+/// one stream): the account's key gets a forced command that runs what it
+/// was asked with a PATH where both are shell scripts. `dd` misbehaves
+/// with `fault` (shell) on its `nth` call, otherwise reads as usual.
+/// `head` sends only `head_bytes` of the file (`None`: all of it), so
+/// that a fetch goes on in ranges even over loopback.
+fn fault_in_ranges(server: &Sshd, nth: u32, fault: &str, head_bytes: Option<u64>) {
+    let bin = server.files().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // The login account counts the calls in it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let count = bin.join("count");
+    let dd = format!(
+        "#!/bin/sh\nn=$(( $(cat {c} 2>/dev/null || echo 0) + 1 )); echo $n > {c}\n\
+         if [ $n -eq {nth} ]; then {fault}; fi\nexec /bin/dd \"$@\"\n",
+        c = count.display()
+    );
+    let head = match head_bytes {
+        Some(n) => format!("#!/bin/sh\nexec /usr/bin/head -c {n}\n"),
+        None => "#!/bin/sh\nexec /usr/bin/head \"$@\"\n".to_string(),
+    };
+    for (name, text) in [("dd", dd), ("head", head)] {
+        std::fs::write(bin.join(name), text).unwrap();
+        std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let key = std::fs::read_to_string(server.client_key().with_extension("pub")).unwrap();
+    let line = format!(
+        "command=\"PATH={}:/usr/bin:/bin; export PATH; eval \\\"$SSH_ORIGINAL_COMMAND\\\"\" {}",
+        bin.display(),
+        key.trim()
+    );
+    std::fs::write(server.authorized_keys(), format!("{line}\n")).unwrap();
+}
+
+/// A streamed command whose connection is lost before it wrote a byte
+/// runs again only on a host with `retry_streams = true`, and never one
+/// that had written something: a dump that began is not started twice.
+#[test]
+fn a_stream_lost_before_its_first_byte_runs_again_only_where_the_host_allows() {
+    let server = Sshd::start("127.0.0.2");
+    let flaky = server.files().join("flaky.sh");
+    let count = server.files().join("flaky.count");
+    // Its first run kills the server's sshd process of its own connection,
+    // `early` before writing anything, `late` after a line.
+    let text = format!(
+        "#!/bin/sh\nn=$(( $(cat {c} 2>/dev/null || echo 0) + 1 )); echo $n > {c}\n\
+         if [ $n -eq 1 ]; then\n  [ \"$1\" = late ] && echo 'first line' && sleep 0.5\n\
+         p=$$; while [ \"$p\" -gt 1 ]; do p=$(cut -d' ' -f4 /proc/$p/stat)\n\
+         case \"$(cat /proc/$p/comm)\" in sshd*) kill -9 $p; sleep 5; exit 1;; esac; done\nfi\n\
+         echo \"dump of run $n\"\n",
+        c = count.display()
+    );
+    std::fs::write(&flaky, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&flaky, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = |allow: bool, when: &str| {
+        let _ = std::fs::remove_file(&count);
+        let mut site = Site::new();
+        let grants = format!("retry_streams = {allow}\ncommands = [[\"{}\", \"*\"]]", flaky.display());
+        site.host("a", &server, &grants);
+        let mut cmd = site.probe(&[("op", "stream"), ("host", "a"), ("dest", "d.sql")]);
+        cmd.arg("--param").arg(format!("argv={}", argv(&[flaky.to_str().unwrap(), when])));
+        let ran = Ran::from_output(cmd.output().unwrap());
+        let runs = std::fs::read_to_string(&count).unwrap().trim().to_string();
+        (ran, runs, site)
+    };
+    let (ran, runs, _) = run(false, "early");
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("no exit status received"), "{}", ran.stderr);
+    assert_eq!(runs, "1");
+
+    let (ran, runs, site) = run(true, "early");
+    ran.expect_code(0);
+    assert!(
+        ran.stderr.contains("it produced nothing, so it runs again (retry_streams): retry 1 of 3"),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(runs, "2");
+    assert_eq!(std::fs::read_to_string(site.store().join("d.sql")).unwrap(), "dump of run 2\n");
+
+    let (ran, runs, site) = run(true, "late");
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("no exit status received"), "{}", ran.stderr);
+    assert_eq!(runs, "1", "{}", ran.stderr);
+    assert!(site.stored().is_empty(), "{:?}", site.stored());
+}
+
+/// A server that answers one range with a byte too few, or too many,
+/// fails the fetch with the reason; nothing is stored, and nothing is kept
+/// for a later run.
+#[test]
+fn a_range_answered_with_the_wrong_length_fails_the_fetch_and_nothing_is_kept() {
+    let server = Sshd::start("127.0.0.2");
+    let mut site = Site::new();
+    let big = server.files().join("big.bin");
+    site.host("a", &server, &format!("parallel_above = \"1MiB\"\nretries = 1\nfetch = [\"{}\"]", big.display()));
+    std::fs::write(&big, unrepeating(24 << 20)).unwrap();
+    for (how, fault) in
+        [("short", "/bin/dd \"$@\" | /usr/bin/head -c -1; exit 0"), ("long", "/bin/dd \"$@\"; printf x; exit 0")]
+    {
+        let _ = std::fs::remove_file(server.files().join("fakebin/count"));
+        fault_in_ranges(&server, 3, fault, Some(5 << 20));
+        let ran = site.run(&[("op", "fetch"), ("host", "a"), ("path", big.to_str().unwrap()), ("dest", how)]);
+        ran.expect_code(1);
+        assert!(ran.stderr.contains("was not the 2097152 bytes asked for"), "{how}: {}", ran.stderr);
+        assert!(site.stored().is_empty(), "{how}: {:?}", site.stored());
+        assert!(site.partial_files().is_empty(), "{how}: {:?}", site.partial_files());
+    }
+    // The same through the well-behaved `dd`: whole.
+    fault_in_ranges(&server, 0, ":", Some(5 << 20));
+    let ran = site.run(&[("op", "fetch"), ("host", "a"), ("path", big.to_str().unwrap()), ("dest", "whole")]);
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("going on from byte 5242880"), "{}", ran.stderr);
+    assert_eq!(sha256sum(&site.store().join("whole")), sha256sum(&big));
+}
+
+/// One connection of a spread fetch that stalls (its server-side read
+/// hangs) is stopped once the others have gone on without it, and they
+/// take over its ranges: the fetch completes, whole, long before the
+/// host's idle timeout.
+#[test]
+fn a_stalled_connection_of_a_spread_fetch_is_stopped_and_the_others_take_over() {
+    let link = offsite_testkit::wan::WanLink::start(Duration::from_millis(100), 1000);
+    let server = Sshd::start_behind(&link);
+    let mut site = Site::new();
+    let big = server.files().join("big.bin");
+    let grants = format!("parallel_above = \"1MiB\"\nidle_timeout = \"10m\"\nfetch = [\"{}\"]", big.display());
+    site.host("far", &server, &grants);
+    std::fs::write(&big, unrepeating(96 << 20)).unwrap();
+    fault_in_ranges(&server, 4, "exec sleep 120", None);
+    let started = Instant::now();
+    let ran = site.run(&[("op", "fetch"), ("host", "far"), ("path", big.to_str().unwrap()), ("dest", "big.bin")]);
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("stalled: no range for"), "{}", ran.stderr);
+    assert_eq!(sha256sum(&site.store().join("big.bin")), sha256sum(&big));
+    assert!(started.elapsed() < Duration::from_secs(90), "{:?}", started.elapsed());
 }
 
 /// A run killed in the middle of a large fetch leaves what it fetched in
