@@ -811,7 +811,11 @@ fn s3_report(
 }
 
 fn connect_report(out: &mut String, problems: &mut Vec<Problem>, site: &Site, file: &str, text: &str) {
-    let transport: Arc<dyn Transport> = match OpenSsh::new(&site.hosts, site.ssh_config.as_deref()) {
+    // A check says how each host answers now: a host that is down is
+    // reported at once, not tried again as a run would.
+    let hosts =
+        site.hosts.iter().map(|(n, h)| (n.clone(), crate::site::HostConfig { retries: 0, ..h.clone() })).collect();
+    let transport: Arc<dyn Transport> = match OpenSsh::new(&hosts, site.ssh_config.as_deref()) {
         Ok(t) => Arc::new(t),
         Err(e) => {
             problems.push(Problem {

@@ -88,7 +88,8 @@ pub enum Start {
     /// Its one stream ran at this rate (bytes/s), slower than
     /// [`SPREAD_BELOW`]: start with two lanes and ramp up from there.
     Spread(f64),
-    /// Its one stream broke: resume with one lane, as a retry.
+    /// Its one stream broke: resume with one lane, as a retry, and ramp
+    /// up from there.
     Resume(Error),
     /// An earlier run left the bytes before `from`: start with one lane
     /// there and ramp up as the rate grows.
@@ -338,6 +339,8 @@ pub struct Lanes {
     /// Fresh starts after every lane broke: at most `retries`.
     resumed: u32,
     retries: u32,
+    /// The host's most connections, for the ramp after a fresh start.
+    connections: usize,
     remote: Remote,
     opened: Arc<Opened>,
     argv: Arc<Vec<String>>,
@@ -391,7 +394,7 @@ impl Lanes {
         });
         let ramp = match &start {
             Start::Spread(rate) => Ramp::measured(host.connections, *rate),
-            Start::Resume(_) => Ramp::new(1),
+            Start::Resume(_) => Ramp::new(host.connections),
             Start::Continue => Ramp::new(host.connections),
         };
         let mut lanes = Lanes {
@@ -400,6 +403,7 @@ impl Lanes {
             ramped: Vec::new(),
             resumed: 0,
             retries: host.retries,
+            connections: host.connections,
             remote,
             opened: Arc::new(opened),
             argv: Arc::new(argv),
@@ -632,6 +636,10 @@ impl Lanes {
             std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
         }
         self.shared.lock().breaks.clear();
+        // From one connection, adding more while they help, as at the
+        // start: a link that needed several before the break needs them
+        // again, and a short one keeps the one.
+        self.ramp = Ramp::new(self.connections);
         let lane = self.launch();
         self.ramped = vec![lane];
         Ok(())

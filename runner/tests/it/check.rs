@@ -204,6 +204,19 @@ fn connect_logs_in_and_looks_up_every_granted_program() {
     ran.expect_code(2);
     assert!(ran.stderr.contains(&server.known_hosts_line), "{}", ran.stderr);
     assert!(ran.stderr.contains("check the fingerprint"), "{}", ran.stderr);
+
+    // A host that refuses is reported at once, not tried again as a run
+    // would (its `retries`, 3 by default, would wait 1 + 2 + 4 s).
+    let closed = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&site).unwrap();
+    std::fs::write(&site, text.replace(&format!("port = {}", server.addr.port()), &format!("port = {closed}")))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let ran = check(&site, &["--connect"]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("Connection refused"), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("retry"), "{}", ran.stderr);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
 fn authorized_line(site: &Path, host: &str) -> String {
