@@ -743,6 +743,22 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join(".offsite/runs/r2/b.sql")).unwrap(), data);
         assert!(data_files().is_empty(), "{:?}", data_files());
 
+        // A second copy of the same file at once is a plain staged file:
+        // the two never write into one partial file.
+        let store = run("r2b");
+        let (mut first, kept) = store.create_resumable(Path::new("x.sql"), &of).unwrap();
+        assert_eq!(kept, Some(0));
+        let (mut second, kept) = store.create_resumable(Path::new("y.sql"), &of).unwrap();
+        assert_eq!(kept, None);
+        first.write_all(&data).unwrap();
+        second.write_all(&data[..(1 << 20)]).unwrap();
+        drop(second);
+        first.commit(origin()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(".offsite/runs/r2b/x.sql")).unwrap(), data);
+        let (again, kept) = store.create_resumable(Path::new("z.sql"), &of).unwrap();
+        assert_eq!(kept, Some(0), "free again once the first is done");
+        drop(again);
+
         // A copy of a file that changed since is not used; nor is one the
         // fetch discarded.
         let store = run("r3");

@@ -113,7 +113,7 @@ impl Outlet for StagingOutlet {
     fn create_resumable(&self, rel: &Path, final_name: &str, of: &RemoteFile) -> io::Result<Option<Resumed>> {
         let Some(partial) = &self.partial else { return Ok(None) };
         let parent = make_dirs(&self.staging, rel.parent().unwrap_or(Path::new("")))?;
-        partial.open(parent, final_name, of).map(Some)
+        partial.open(parent, final_name, of)
     }
 }
 
@@ -130,6 +130,9 @@ impl Outlet for StagingOutlet {
 pub struct Partial {
     pub dir: Dir,
     pub site: String,
+    /// Keys a file of this run is writing: a second fetch of the same
+    /// file at once (another destination) writes a staged file of its own.
+    pub busy: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// How long a partial file waits for the run that would use it.
@@ -158,8 +161,12 @@ impl Partial {
 
     /// The durable bytes of an earlier copy of `of`, if a note says there
     /// are some; else a new, empty file.
-    fn open(&self, parent: Dir, final_name: &str, of: &RemoteFile) -> io::Result<Resumed> {
+    fn open(&self, parent: Dir, final_name: &str, of: &RemoteFile) -> io::Result<Option<Resumed>> {
         let key = self.key(of);
+        if !self.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+            return Ok(None);
+        }
+        let busy = Busy { set: std::sync::Arc::clone(&self.busy), key: key.clone() };
         let note_name = format!("{key}.json");
         let usable = self
             .dir
@@ -187,6 +194,7 @@ impl Partial {
         super::write_atomic(&self.dir, &note_name, &serde_json::to_vec(&note).expect("a note serialises"))?;
         let file = DurableFile::resume(file, bytes)?;
         let out = ResumableFile {
+            _busy: busy,
             partial: self.dir.try_clone()?,
             key,
             note,
@@ -196,13 +204,27 @@ impl Partial {
             done: false,
             discard: false,
         };
-        Ok(Resumed { out: Box::new(out), bytes, prefix })
+        Ok(Some(Resumed { out: Box::new(out), bytes, prefix }))
+    }
+}
+
+/// A key of [`Partial::busy`], given back when its file is done with.
+struct Busy {
+    set: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
     }
 }
 
 /// A file written in [`Partial`]: kept there, with a note of its durable
 /// length, when it is dropped before it is whole.
 struct ResumableFile {
+    /// Dropped last (after `Drop` below has synced or removed the file).
+    _busy: Busy,
     partial: Dir,
     key: String,
     note: Note,

@@ -405,8 +405,11 @@ impl StoreRoot {
         io::Write::write_all(&mut journal, &line)?;
         journal.sync_all()?;
         sync_dir(&self.runs)?;
-        let partial =
-            super::outlet::Partial { dir: make_dirs(&self.meta, Path::new(PARTIAL_DIR))?, site: header.site.clone() };
+        let partial = super::outlet::Partial {
+            dir: make_dirs(&self.meta, Path::new(PARTIAL_DIR))?,
+            site: header.site.clone(),
+            busy: Default::default(),
+        };
         let outlet = Box::new(super::outlet::StagingOutlet { staging, partial: Some(partial) });
         Ok(Store::new(&header.run_id, outlet, budget, recipients, Some(journal)))
     }
