@@ -277,17 +277,7 @@ impl Store {
     /// Starts writing `rel` (already validated by the policy) in this run's
     /// staging directory. A run may write each path once.
     pub fn create(&self, rel: &Path) -> io::Result<PendingFile> {
-        let file_name =
-            rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination names no file"))?;
-        if !self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(rel.to_path_buf()) {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} was already written in this run; a run writes each file once", rel.display()),
-            ));
-        }
-        let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
-        self.shared.budget.take_file()?;
-        let mut final_name = file_name.to_string_lossy().into_owned();
+        let (claim, mut final_name) = self.claim(rel)?;
         if !self.shared.recipients.is_empty() {
             final_name.push_str(protect::AGE_SUFFIX);
         }
@@ -303,6 +293,22 @@ impl Store {
         Ok(PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() })
     }
 
+    /// Claims `rel` for this run (each path once) and one file of the
+    /// budget; returns the claim and the file's name.
+    fn claim(&self, rel: &Path) -> io::Result<(Claim, String)> {
+        let file_name =
+            rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination names no file"))?;
+        if !self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(rel.to_path_buf()) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} was already written in this run; a run writes each file once", rel.display()),
+            ));
+        }
+        let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
+        self.shared.budget.take_file()?;
+        Ok((claim, file_name.to_string_lossy().into_owned()))
+    }
+
     /// Like [`create`](Self::create), for a copy of the remote file `of`
     /// that a later run may go on from if this one does not finish it
     /// (see [`outlet::Partial`]). Returns how many of its bytes an
@@ -314,17 +320,7 @@ impl Store {
             // Its bytes would wait unencrypted.
             return Ok((self.create(rel)?, None));
         }
-        let file_name =
-            rel.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination names no file"))?;
-        let final_name = file_name.to_string_lossy().into_owned();
-        if !self.shared.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(rel.to_path_buf()) {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} was already written in this run; a run writes each file once", rel.display()),
-            ));
-        }
-        let claim = Claim { shared: Arc::clone(&self.shared), rel: rel.to_path_buf() };
-        self.shared.budget.take_file()?;
+        let (claim, final_name) = self.claim(rel)?;
         let Some(resumed) = self.outlet.create_resumable(rel, &final_name, of)? else {
             let out = self.outlet.create(rel, &final_name)?;
             let writer = Sink::Plain(HashingWriter::new(out));

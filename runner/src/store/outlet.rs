@@ -92,6 +92,16 @@ pub trait Unpublished: Send {
     fn publish(self: Box<Self>) -> io::Result<()>;
 }
 
+/// Writes what is left of `file`, syncs it, renames it from `from` to
+/// `to` and syncs `to`'s directory: whole and durable under its name.
+fn settle(file: DurableFile, from: (&Dir, &str), to: (&Dir, &str)) -> io::Result<()> {
+    let file = file.finish()?;
+    file.sync_all()?;
+    drop(file);
+    from.0.rename(from.1, to.0, to.1)?;
+    sync_dir(to.0)
+}
+
 /// A directory store: each file is written under a temporary name in the
 /// run's staging directory, then synced and renamed there; the run's end
 /// moves the staged files into place. Large fetches are written in the
@@ -268,12 +278,9 @@ impl OutFile for ResumableFile {
     }
 
     fn keep(mut self: Box<Self>) -> io::Result<Option<Box<dyn Unpublished>>> {
-        let file = self.file.take().expect("kept once").finish()?;
-        file.sync_all()?;
-        drop(file);
-        self.partial.rename(&self.key, &self.parent, &self.final_name)?;
+        let file = self.file.take().expect("kept once");
+        settle(file, (&self.partial, &self.key), (&self.parent, &self.final_name))?;
         self.done = true;
-        sync_dir(&self.parent)?;
         let _ = self.partial.remove_file(format!("{}.json", self.key));
         sync_dir(&self.partial)?;
         Ok(None)
@@ -346,12 +353,9 @@ impl OutFile for StagedFile {
     }
 
     fn keep(mut self: Box<Self>) -> io::Result<Option<Box<dyn Unpublished>>> {
-        let file = self.file.take().expect("kept once").finish()?;
-        file.sync_all()?;
-        drop(file);
-        self.parent.rename(&self.tmp_name, &self.parent, &self.final_name)?;
+        let file = self.file.take().expect("kept once");
+        settle(file, (&self.parent, &self.tmp_name), (&self.parent, &self.final_name))?;
         self.kept = true;
-        sync_dir(&self.parent)?;
         Ok(None)
     }
 }
