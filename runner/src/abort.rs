@@ -35,6 +35,20 @@ pub fn reason() -> Option<&'static str> {
     if requested() { REASON.get().map(String::as_str) } else { None }
 }
 
+/// Waits `wait` (a retry's back-off), or less if a stop is asked for
+/// meanwhile (noticed within 100 ms). Returns whether it waited it out.
+pub fn nap(wait: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + wait;
+    while !requested() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+    }
+    false
+}
+
 /// The error message of whatever stopped because of it.
 pub fn message() -> String {
     format!("aborted: {}", reason().unwrap_or("stop requested"))

@@ -628,12 +628,8 @@ impl Lanes {
             self.handed,
             self.opened.size
         );
-        let until = Instant::now() + wait;
-        while Instant::now() < until {
-            if crate::abort::requested() {
-                return Err(Error::RemoteFailed(format!("host {}: {}", self.opened.host, crate::abort::message())));
-            }
-            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+        if !crate::abort::nap(wait) {
+            return Err(Error::RemoteFailed(format!("host {}: {}", self.opened.host, crate::abort::message())));
         }
         self.shared.lock().breaks.clear();
         // From one connection, adding more while they help, as at the

@@ -196,12 +196,8 @@ impl Remote {
                 self.fetch.retries,
                 humantime::format_duration(wait)
             );
-            let until = Instant::now() + wait;
-            while Instant::now() < until {
-                if crate::abort::requested() {
-                    return Err(e);
-                }
-                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+            if !crate::abort::nap(wait) {
+                return Err(e);
             }
         }
     }

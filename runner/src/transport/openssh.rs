@@ -305,10 +305,7 @@ impl OpenSsh {
                 conn.cfg.retries,
                 humantime::format_duration(wait)
             );
-            let until = Instant::now() + wait;
-            while Instant::now() < until && !stop_requested() {
-                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
-            }
+            nap(wait);
         }
     }
 
@@ -754,6 +751,14 @@ impl Drop for OpenSshProcess {
 }
 
 /// Whether the run was asked to stop (then no retry waits).
+/// A retry's back-off: `crate::abort::nap` where there is a run to stop.
+fn nap(wait: Duration) {
+    #[cfg(feature = "runtime")]
+    crate::abort::nap(wait);
+    #[cfg(not(feature = "runtime"))]
+    std::thread::sleep(wait);
+}
+
 fn stop_requested() -> bool {
     #[cfg(feature = "runtime")]
     return crate::abort::requested();
