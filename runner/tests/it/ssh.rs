@@ -1206,7 +1206,14 @@ fn a_fetch_killed_mid_run_is_taken_up_by_the_next_run_from_its_durable_bytes() {
     assert_eq!(sha256sum(&site.store().join("second.bin")), sha256sum(&big));
     let carried = link.carried_here() - before;
     let rest = size - noted / (1 << 20) * (1 << 20);
-    assert!(carried as f64 <= rest as f64 * 1.1, "{carried} bytes carried for the {rest} not yet fetched");
+    // A connection starved of CPU on a loaded machine may be stopped as
+    // stalled: the ranges it held (at most the window) are fetched again.
+    let again = if ran.stderr.contains("stalled") { 32 << 20 } else { 0 };
+    assert!(
+        carried as f64 <= rest as f64 * 1.1 + again as f64,
+        "{carried} bytes carried for the {rest} not yet fetched: {}",
+        ran.stderr
+    );
     assert!(site.partial_files().is_empty(), "{:?}", site.partial_files());
 
     // Killed again, and the file changes before the next run: it is
