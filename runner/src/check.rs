@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::bindings::meta::ScriptInfo;
@@ -86,6 +86,10 @@ pub fn check(
             let _ = writeln!(out, "  writes objects only beneath {}", spec.location);
             s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_key, connect);
         }
+        crate::site::StoreAt::Repo(spec) => {
+            let _ = writeln!(out, "  writes snapshots only into the restic repository {}", spec.path.display());
+            repo_report(&mut out, &mut problems, spec, &at_key("", "store"));
+        }
     }
     for (i, copy) in site.copies.iter().enumerate() {
         let n = i + 1;
@@ -107,6 +111,14 @@ pub fn check(
                 let _ = writeln!(out, "  copies each run's objects to {} (copy {n})", spec.location);
                 let at_copy = |_: &str, _: &str| format!("{file}: [[copy]] {n}");
                 s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_copy, connect);
+            }
+            crate::site::StoreAt::Repo(spec) => {
+                let _ = writeln!(
+                    out,
+                    "  copies each good run into the restic repository {} (copy {n})",
+                    spec.path.display()
+                );
+                repo_report(&mut out, &mut problems, spec, &format!("{file}: [[copy]] {n}"));
             }
         }
     }
@@ -1018,6 +1030,65 @@ fn similar(a: &str, b: &str) -> bool {
 }
 
 pub use crate::site::key_line;
+
+/// A restic repository store: whether it is there, and where its password
+/// comes from (the password is never read or shown here).
+fn repo_report(out: &mut String, problems: &mut Vec<Problem>, spec: &crate::site::RepoStore, at: &str) {
+    use crate::site::PasswordFrom;
+    if spec.path.join("config").is_file() {
+        let _ = writeln!(out, "    (a restic repository is there)");
+    } else if spec.path.exists() {
+        let empty = std::fs::read_dir(&spec.path).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty {
+            problems.push(Problem {
+                at: at.to_string(),
+                what: format!("{} is neither a restic repository nor empty", spec.path.display()),
+                fix: "point `store` at a repository, or at a directory of its own".into(),
+            });
+        } else {
+            let _ = writeln!(out, "    (it is empty; the first run creates the repository there)");
+        }
+    } else {
+        let _ = writeln!(out, "    (it does not exist yet; the first run creates the repository there)");
+    }
+    let file = match &spec.password {
+        PasswordFrom::File(path) => {
+            let _ = writeln!(out, "    its password is read from {}", path.display());
+            Some(path.clone())
+        }
+        PasswordFrom::Command(_) => {
+            let _ = writeln!(out, "    its password is what [repository] password_command prints (not run by check)");
+            None
+        }
+        PasswordFrom::EnvFile => match std::env::var_os("RESTIC_PASSWORD_FILE") {
+            Some(path) => {
+                let _ = writeln!(
+                    out,
+                    "    its password is read from RESTIC_PASSWORD_FILE ({})",
+                    Path::new(&path).display()
+                );
+                Some(PathBuf::from(path))
+            }
+            None => {
+                problems.push(Problem {
+                    at: at.to_string(),
+                    what: "the restic repository has no password source".into(),
+                    fix: "set [repository] password_file or password_command, or RESTIC_PASSWORD_FILE".into(),
+                });
+                None
+            }
+        },
+    };
+    if let Some(path) = file
+        && let Err(e) = check_key_file("repository", &path)
+    {
+        problems.push(Problem {
+            at: at.to_string(),
+            what: e.to_string().replace("identity file", "password file").replace("private key", "password file"),
+            fix: format!("chmod 600 {}", path.display()),
+        });
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -333,13 +333,13 @@ impl Site {
             }
         };
 
-        let store =
-            store_at(&raw.store, raw.s3, &file_dir).map_err(|(key, why)| anyhow::anyhow!("{}: {why}", at(key)))?;
+        let store = store_at(&raw.store, raw.s3, raw.repository, &file_dir)
+            .map_err(|(key, why)| anyhow::anyhow!("{}: {why}", at(key)))?;
         let mut copies: Vec<CopyTo> = Vec::new();
         for (i, copy) in raw.copy.into_iter().enumerate() {
             let n = i + 1;
             let fail = |key: &str, why: String| anyhow::anyhow!("{}: (copy {n}) {why}", at(&format!("copy.{key}")));
-            let to = store_at(&copy.store, copy.s3, &file_dir).map_err(|(key, why)| fail(key, why))?;
+            let to = store_at(&copy.store, copy.s3, copy.repository, &file_dir).map_err(|(key, why)| fail(key, why))?;
             if to == store || copies.iter().any(|c| c.store == to) {
                 return Err(fail(
                     "store",
@@ -475,6 +475,13 @@ impl Site {
                 PathBuf::from(pub_key)
             })
         });
+        if !recipients.is_empty() && matches!(store, StoreAt::Repo(_)) {
+            bail!(
+                "{}: a restic repository encrypts everything with its own key; age recipients are for a store in a \
+                 directory or a bucket",
+                at("protect.age_recipients")
+            );
+        }
         let protect = Protect { recipients, signing_key, verify_key };
         if let Some(tz) = &raw.timezone
             && tz.parse::<chrono_tz::Tz>().is_err()
@@ -614,6 +621,7 @@ struct SiteFile {
     #[serde(default)]
     protect: ProtectSection,
     s3: Option<S3Section>,
+    repository: Option<RepositorySection>,
     #[serde(default)]
     copy: Vec<CopySection>,
 }
@@ -625,6 +633,7 @@ struct SiteFile {
 struct CopySection {
     store: PathBuf,
     s3: Option<S3Section>,
+    repository: Option<RepositorySection>,
     #[serde(default)]
     retention: RetentionSection,
 }
@@ -650,6 +659,15 @@ struct S3Section {
     lock_stale: Option<HumanDuration>,
 }
 
+/// `[repository]`: where the password of a `restic:` store comes from.
+/// The password itself is never here.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepositorySection {
+    password_file: Option<PathBuf>,
+    password_command: Option<String>,
+}
+
 /// Where a site's backups go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreAt {
@@ -657,7 +675,31 @@ pub enum StoreAt {
     Dir(PathBuf),
     /// A bucket and prefix on S3-compatible storage.
     S3(Box<S3Store>),
+    /// A restic repository (`restic:PATH`).
+    Repo(Box<RepoStore>),
 }
+
+/// A `restic:` store: a restic repository (format 2) in a directory, and
+/// where its password comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoStore {
+    pub path: PathBuf,
+    pub password: PasswordFrom,
+}
+
+/// Where a repository's password comes from, as restic users keep it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordFrom {
+    /// `[repository] password_file`: a file only its owner can read.
+    File(PathBuf),
+    /// `[repository] password_command`: run with `sh -c`; its output.
+    Command(String),
+    /// Neither: `RESTIC_PASSWORD_FILE` in the environment of the run.
+    EnvFile,
+}
+
+/// The prefix of a repository store.
+pub const RESTIC_PREFIX: &str = "restic:";
 
 /// An `s3://` store and the `[s3]` settings that reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -681,7 +723,7 @@ impl StoreAt {
     pub fn dir(&self) -> Option<&Path> {
         match self {
             StoreAt::Dir(p) => Some(p),
-            StoreAt::S3(_) => None,
+            StoreAt::S3(_) | StoreAt::Repo(_) => None,
         }
     }
 
@@ -690,18 +732,33 @@ impl StoreAt {
         match self {
             StoreAt::Dir(p) => p.display().to_string(),
             StoreAt::S3(s) => s.location.to_string(),
+            StoreAt::Repo(r) => format!("{RESTIC_PREFIX}{}", r.path.display()),
         }
     }
 }
 
 /// The site file's `store` (and `[s3]`), or the key at fault and why.
-fn store_at(raw: &Path, s3: Option<S3Section>, file_dir: &Path) -> Result<StoreAt, (&'static str, String)> {
+fn store_at(
+    raw: &Path,
+    s3: Option<S3Section>,
+    repository: Option<RepositorySection>,
+    file_dir: &Path,
+) -> Result<StoreAt, (&'static str, String)> {
     let text = raw.to_string_lossy();
     if text.is_empty() {
         return Err(("store", "name the directory backups go into, like \"/srv/offsite/web1\"".into()));
     }
     if text.chars().any(char::is_control) {
         return Err(("store", format!("{} holds a control character", crate::text::escape(&text))));
+    }
+    if let Some(rest) = text.strip_prefix(RESTIC_PREFIX) {
+        return repo_at(rest, s3, repository, file_dir);
+    }
+    if repository.is_some() {
+        return Err((
+            "repository",
+            format!("a [repository] table is for a store = \"{RESTIC_PREFIX}PATH\" (a restic repository)"),
+        ));
     }
     if !text.starts_with("s3://") {
         if s3.is_some() {
@@ -737,6 +794,38 @@ fn store_at(raw: &Path, s3: Option<S3Section>, file_dir: &Path) -> Result<StoreA
         return Err(("s3.lock_stale", "must be at least 10s (the lock is renewed every tenth of it)".into()));
     }
     Ok(StoreAt::S3(Box::new(S3Store { location, settings, part_size, lock_stale })))
+}
+
+/// A `restic:` store, and the `[repository]` table that says where its
+/// password comes from.
+fn repo_at(
+    rest: &str,
+    s3: Option<S3Section>,
+    repository: Option<RepositorySection>,
+    file_dir: &Path,
+) -> Result<StoreAt, (&'static str, String)> {
+    if rest.starts_with("s3:") || rest.starts_with("s3://") {
+        return Err(("store", "a restic repository in a bucket is not supported yet; name a directory".into()));
+    }
+    if s3.is_some() {
+        return Err(("s3", "an [s3] table is for a bucket; this store is a restic repository in a directory".into()));
+    }
+    if rest.is_empty() {
+        return Err(("store", format!("name the repository's directory, like \"{RESTIC_PREFIX}/srv/offsite/repo\"")));
+    }
+    let section = repository.unwrap_or(RepositorySection { password_file: None, password_command: None });
+    let password = match (section.password_file, section.password_command) {
+        (Some(_), Some(_)) => {
+            return Err(("repository", "give password_file or password_command, not both".into()));
+        }
+        (Some(file), None) => PasswordFrom::File(expand_home(&file, file_dir)),
+        (None, Some(command)) if command.trim().is_empty() => {
+            return Err(("repository.password_command", "is empty".into()));
+        }
+        (None, Some(command)) => PasswordFrom::Command(command),
+        (None, None) => PasswordFrom::EnvFile,
+    };
+    Ok(StoreAt::Repo(Box::new(RepoStore { path: file_dir.join(rest), password })))
 }
 
 #[derive(Deserialize, Default)]

@@ -216,6 +216,7 @@ pub fn open(
             root.probe().map_err(OpenError::s3)?;
             Ok(Root::new(root))
         }
+        StoreAt::Repo(spec) => Ok(Root::new(super::repo::RepoRoot::open(spec, access, signer)?)),
     }
 }
 
@@ -225,6 +226,7 @@ pub fn probe_for_run(store: &StoreAt, timeout: Duration) -> Result<(), OpenError
     match store {
         StoreAt::Dir(dir) => super::run::probe_writable(dir).map_err(|e| OpenError::dir(e, Access::Run)),
         StoreAt::S3(_) => open(store, Access::Existing, timeout, None).map(drop),
+        StoreAt::Repo(spec) => super::run::probe_writable(&spec.path).map_err(|e| OpenError::dir(e, Access::Run)),
     }
 }
 

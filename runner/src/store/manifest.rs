@@ -150,6 +150,10 @@ pub struct Manifest {
     /// The outputs the run's calls failed to make (see [`FailedOutput`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<FailedOutput>,
+    /// In a restic repository store: the id of the run's snapshot, which
+    /// holds its files (not in the manifest, which the snapshot holds).
+    #[serde(skip)]
+    pub snapshot: Option<String>,
 }
 
 /// An output a call failed to make: where the script asked for it, what
@@ -220,6 +224,9 @@ pub const FORMAT: u32 = 1;
 impl Manifest {
     /// Where `entry` is, relative to the store root.
     pub fn location(&self, entry: &StoredFile) -> PathBuf {
+        if let Some(snapshot) = &self.snapshot {
+            return Path::new(&format!("@{snapshot}")).join(&entry.path);
+        }
         match &self.kept_in {
             Some(dir) if self.status != Status::Partial || entry.kept => Path::new(dir).join(&entry.path),
             _ => PathBuf::from(&entry.path),

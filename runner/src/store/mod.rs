@@ -34,6 +34,8 @@ pub mod manifest;
 pub mod outlet;
 pub mod outputs;
 pub mod protect;
+#[cfg(feature = "runtime")]
+pub mod repo;
 pub mod retention;
 pub mod run;
 #[cfg(feature = "runtime")]

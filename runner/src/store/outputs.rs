@@ -128,6 +128,7 @@ mod tests {
                     error: format!("{p} refused"),
                 })
                 .collect(),
+            snapshot: None,
         }
     }
 

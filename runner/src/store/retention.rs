@@ -324,6 +324,7 @@ mod tests {
                 })
                 .collect(),
             failed: vec![],
+            snapshot: None,
         }
     }
 

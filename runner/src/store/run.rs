@@ -671,6 +671,7 @@ pub fn manifest_for(header: &RunHeader, files: Vec<StoredFile>, outcome: &Outcom
         kept_in: None,
         files,
         failed: outcome.failed.clone(),
+        snapshot: None,
     }
 }
 

@@ -1,0 +1,333 @@
+//! restic's lock files, so a `restic prune` by hand and an Offsite run
+//! never work on one repository at once.
+//!
+//! restic writes `locks/ID`: a small JSON file (time, exclusive, host,
+//! user, pid), encrypted with the repository's master key and named by
+//! the SHA-256 of what is stored. A backup takes a shared lock; `prune`,
+//! `check` and `forget` an exclusive one, which nobody else may hold at
+//! the same time. A lock is stale after 30 minutes without renewal, or at
+//! once if it names a process on this host that is gone; restic renews
+//! its locks every 5 minutes. Offsite does the same, and adds `run` and
+//! `site` to its locks (restic ignores fields it does not know), so that
+//! two Offsite runs of one site still take turns, as with every store.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aes256ctr_poly1305aes::Aes256CtrPoly1305Aes;
+use aes256ctr_poly1305aes::aead::Aead;
+use rustic_core::Id;
+use rustic_core::repofile::MasterKey;
+use sha2::{Digest, Sha256};
+
+use super::local::LocalRepo;
+
+/// A lock not renewed for this long is stale (restic's `staleTimeout`).
+pub const STALE: Duration = Duration::from_secs(30 * 60);
+/// How often a held lock is renewed (restic's refresh interval).
+const RENEW: Duration = Duration::from_secs(5 * 60);
+
+/// The lock file's JSON: restic's fields, then Offsite's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LockFile {
+    pub time: String,
+    pub exclusive: bool,
+    pub hostname: String,
+    pub username: String,
+    pub pid: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uid: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gid: u32,
+    /// The Offsite run (or command) holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offsite_run: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offsite_site: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl LockFile {
+    fn age(&self) -> Option<Duration> {
+        let at = chrono::DateTime::parse_from_rfc3339(&self.time).ok()?;
+        (chrono::Utc::now() - at.with_timezone(&chrono::Utc)).to_std().ok().or(Some(Duration::ZERO))
+    }
+
+    /// Stale as restic judges it: old, or its process on this host gone.
+    pub fn is_stale(&self) -> bool {
+        if self.age().is_none_or(|age| age > STALE) {
+            return true;
+        }
+        if self.hostname == crate::store::run::hostname() && self.pid > 0 {
+            let gone = rustix::process::test_kill_process(
+                rustix::process::Pid::from_raw(self.pid as i32).expect("a positive pid"),
+            )
+            .is_err_and(|e| e == rustix::io::Errno::SRCH);
+            return gone;
+        }
+        false
+    }
+
+    /// For messages: who holds it.
+    pub fn describe(&self) -> String {
+        let who = match (&self.offsite_run, &self.offsite_site) {
+            (Some(run), Some(site)) => format!("offsite run {run} of site {site}"),
+            (Some(run), None) => format!("offsite {run}"),
+            _ => "restic".to_string(),
+        };
+        let kind = if self.exclusive { "an exclusive lock" } else { "a lock" };
+        crate::text::escape(&format!(
+            "{who} (pid {} on {} as {}) holds {kind} since {}",
+            self.pid, self.hostname, self.username, self.time
+        ))
+        .to_string()
+    }
+}
+
+/// The master key as restic's AEAD takes it: AES key, then Poly1305's k and r.
+fn key_bytes(key: &MasterKey) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.extend_from_slice(&key.encrypt);
+    bytes.extend_from_slice(&key.mac.k);
+    bytes.extend_from_slice(&key.mac.r);
+    bytes
+}
+
+fn cipher(key: &[u8]) -> Option<Aes256CtrPoly1305Aes> {
+    (key.len() == 64).then(|| Aes256CtrPoly1305Aes::new(aes256ctr_poly1305aes::Key::from_slice(key)))
+}
+
+/// Encrypts `plain` as restic stores an unpacked file: nonce, ciphertext, MAC.
+pub fn encrypt(key: &MasterKey, plain: &[u8]) -> std::io::Result<Vec<u8>> {
+    seal(&key_bytes(key), plain)
+}
+
+/// [`encrypt`] with the key's 64 bytes (AES key, k, r).
+pub fn seal(key: &[u8], plain: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(format!("no random nonce: {e}")))?;
+    let sealed = cipher(key)
+        .ok_or_else(|| std::io::Error::other("the repository's key has the wrong length"))?
+        .encrypt((&nonce).into(), plain)
+        .map_err(|_| std::io::Error::other("cannot encrypt"))?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Decrypts an unpacked file; `None` if its MAC does not hold.
+pub fn decrypt(key: &MasterKey, data: &[u8]) -> Option<Vec<u8>> {
+    if data.len() < 32 {
+        return None;
+    }
+    cipher(&key_bytes(key))?.decrypt(data[..16].into(), &data[16..]).ok()
+}
+
+/// Every lock file that can be read, with its id. A lock that does not
+/// decrypt is restic's business (another key's, or damaged): skipped, as
+/// restic skips it.
+pub fn locks(repo: &LocalRepo, key: &MasterKey) -> std::io::Result<Vec<(Id, LockFile)>> {
+    let ids = match std::fs::read_dir(repo.root().join("locks")) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().filter(|n| n.len() == 64).and_then(|n| n.parse::<Id>().ok()))
+            .collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for id in ids {
+        let Ok(data) = std::fs::read(lock_path(repo, &id)) else { continue };
+        // Bounded: a lock is a few hundred bytes.
+        if data.len() > 64 << 10 {
+            continue;
+        }
+        let Some(plain) = decrypt(key, &data) else { continue };
+        let json = match plain.first() {
+            Some(b'{') => plain,
+            // A compressed file (repository version 2): restic writes
+            // locks uncompressed, so this is not one of its locks.
+            _ => continue,
+        };
+        if let Ok(lock) = serde_json::from_slice::<LockFile>(&json) {
+            found.push((id, lock));
+        }
+    }
+    Ok(found)
+}
+
+fn lock_path(repo: &LocalRepo, id: &Id) -> std::path::PathBuf {
+    repo.root().join("locks").join(id.to_hex().as_str())
+}
+
+/// Writes `lock`, returning its id.
+fn write(repo: &LocalRepo, key: &MasterKey, lock: &LockFile) -> std::io::Result<Id> {
+    let data = encrypt(key, &serde_json::to_vec(lock).expect("a lock serialises"))?;
+    let id = hex::encode(Sha256::digest(&data)).parse::<Id>().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let dir = repo.root().join("locks");
+    std::fs::DirBuilder::new().recursive(true).create(&dir)?;
+    LocalRepo::write_whole(&dir, id.to_hex().as_str(), &data)?;
+    Ok(id)
+}
+
+/// Why a lock was not taken.
+#[derive(Debug)]
+pub enum Refused {
+    Busy(String),
+    Failed(std::io::Error),
+}
+
+/// A lock held in a repository: renewed every 5 minutes by a thread,
+/// removed when released or dropped.
+pub struct RepoLock {
+    state: Arc<Shared>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    repo: LocalRepo,
+    key: MasterKey,
+    lock: LockFile,
+    id: Mutex<Option<Id>>,
+    stop: (Mutex<bool>, std::sync::Condvar),
+    /// A renewal failed: the lock may have been judged stale by others.
+    lost: AtomicBool,
+}
+
+impl RepoLock {
+    /// Takes a lock: exclusive (prune, forget) or shared (a run), refused
+    /// while another holds an exclusive one, or any one if this is
+    /// exclusive; a shared Offsite lock of the same site also refuses a
+    /// run. Stale locks are left for restic's `unlock` (and ignored).
+    pub fn take(
+        repo: &LocalRepo,
+        key: &MasterKey,
+        exclusive: bool,
+        run: &str,
+        site: Option<&str>,
+    ) -> Result<RepoLock, Refused> {
+        let conflicts = |mine: Option<&Id>| -> Result<(), Refused> {
+            for (id, other) in locks(repo, key).map_err(Refused::Failed)? {
+                if Some(&id) == mine || other.is_stale() {
+                    continue;
+                }
+                let same_site = other.offsite_site.is_some() && other.offsite_site.as_deref() == site;
+                if exclusive || other.exclusive || same_site {
+                    return Err(Refused::Busy(other.describe()));
+                }
+            }
+            Ok(())
+        };
+        conflicts(None)?;
+        let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+        let lock = LockFile {
+            time: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, false),
+            exclusive,
+            hostname: crate::store::run::hostname(),
+            username: std::env::var("USER").unwrap_or_else(|_| uid.to_string()),
+            pid: i64::from(std::process::id()),
+            uid,
+            gid,
+            offsite_run: Some(run.to_string()),
+            offsite_site: site.map(str::to_string),
+        };
+        let id = write(repo, key, &lock).map_err(Refused::Failed)?;
+        // Two takers at once both see the other now, and both give way.
+        if let Err(e) = conflicts(Some(&id)) {
+            let _ = std::fs::remove_file(lock_path(repo, &id));
+            return Err(e);
+        }
+        let state = Arc::new(Shared {
+            repo: repo.clone(),
+            key: key.clone(),
+            lock,
+            id: Mutex::new(Some(id)),
+            stop: (Mutex::new(false), std::sync::Condvar::new()),
+            lost: AtomicBool::new(false),
+        });
+        let renewer = {
+            let state = Arc::clone(&state);
+            std::thread::Builder::new()
+                .name("offsite-repo-lock".into())
+                .spawn(move || renew(&state))
+                .map_err(Refused::Failed)?
+        };
+        Ok(RepoLock { state, renewer: Some(renewer) })
+    }
+
+    /// Whether the lock is still ours: its file is there and every
+    /// renewal worked.
+    pub fn confirm(&self) -> Result<(), String> {
+        if self.state.lost.load(Ordering::SeqCst) {
+            return Err("the repository lock could not be renewed, so others may have taken it as stale".into());
+        }
+        let id = self.state.id.lock().unwrap_or_else(|e| e.into_inner());
+        match id.as_ref() {
+            Some(id) if lock_path(&self.state.repo, id).is_file() => Ok(()),
+            _ => Err("the repository lock was removed (restic unlock?)".into()),
+        }
+    }
+
+    /// Removes the lock file.
+    pub fn release(mut self) -> Result<(), String> {
+        self.stop_renewing();
+        let id = self.state.id.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match id {
+            Some(id) => match std::fs::remove_file(lock_path(&self.state.repo, &id)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("cannot remove the repository lock: {e}")),
+            },
+            None => Ok(()),
+        }
+    }
+
+    fn stop_renewing(&mut self) {
+        *self.state.stop.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.state.stop.1.notify_all();
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        self.stop_renewing();
+        if let Some(id) = self.state.id.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = std::fs::remove_file(lock_path(&self.state.repo, &id));
+        }
+    }
+}
+
+/// Every [`RENEW`], writes the lock again with the time now, then removes
+/// the old file (restic's refresh).
+fn renew(state: &Shared) {
+    let (stop, wake) = &state.stop;
+    let mut stopped = stop.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let (guard, _) = wake.wait_timeout(stopped, RENEW).unwrap_or_else(|e| e.into_inner());
+        stopped = guard;
+        if *stopped {
+            return;
+        }
+        let mut lock = state.lock.clone();
+        lock.time = chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, false);
+        match write(&state.repo, &state.key, &lock) {
+            Ok(new) => {
+                let old = state.id.lock().unwrap_or_else(|e| e.into_inner()).replace(new);
+                if let Some(old) = old {
+                    let _ = std::fs::remove_file(lock_path(&state.repo, &old));
+                }
+            }
+            Err(e) => {
+                log::warn!(target: "offsite::store", "cannot renew the repository lock: {e}");
+                state.lost.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}

@@ -1,0 +1,731 @@
+//! A restic repository as a site's store: `store = "restic:PATH"`.
+//!
+//! A run streams each output into the repository as it is written
+//! (`outlet.rs`: rustic_core chunks, compresses, encrypts and packs it),
+//! and its end saves **one snapshot** holding every output at the path
+//! the script chose, plus the run's manifest at `.offsite/manifest.json`
+//! (and its signature beside it). The snapshot is tagged `offsite`,
+//! `site=NAME`, `run=ID` and `status=STATUS`.
+//!
+//! - A good run (ok, warning) and a partial one (its complete outputs)
+//!   make a snapshot; `status=partial` marks the latter, and Offsite's
+//!   retention and restore take only good ones.
+//! - A failed or interrupted run makes none. What it packed is data that
+//!   no snapshot references, which `restic check` accepts and a prune
+//!   removes. The run's failure is in its log, its exit code, its
+//!   notifications and its metrics, as for every store.
+//!
+//! restic's own tools read the repository as theirs: `restic snapshots`,
+//! `restic dump`, `restic restore`, `restic check --read-data`. Locks are
+//! restic's (`lock.rs`). The password comes from `[repository]
+//! password_file` or `password_command`, or from `RESTIC_PASSWORD_FILE`,
+//! and is never in argv or a log.
+
+mod local;
+mod lock;
+mod outlet;
+mod trees;
+
+use std::collections::BTreeSet;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustic_core::repofile::{MasterKey, Metadata, NodeType, SnapshotFile, StringList};
+use rustic_core::{
+    ConfigOptions, Credentials, FileType, Id, IndexedFullStatus, IndexedIdsStatus, KeyOptions, OpenStatus, ReadBackend,
+    Repository, RepositoryBackends, RepositoryOptions, RusticError, RusticResult, SnapshotOptions, WriteBackend,
+};
+
+use super::backend::{Access, Backend, Fault, Held, LockFailure, Locked, OpenError, Unlisted};
+use super::lock::Holder;
+use super::run::{BadManifest, Outcome, RunHeader, Runs, manifest_for};
+use super::{Budget, Manifest, Status, Store, protect};
+use crate::site::{PasswordFrom, RepoStore, Site};
+
+use self::local::LocalRepo;
+use self::lock::{Refused, RepoLock};
+use self::outlet::{Archived, ArchivedFile, RepoOutlet};
+
+/// Where a snapshot keeps the run's manifest.
+pub const MANIFEST_PATH: &str = ".offsite/manifest.json";
+/// The tag every snapshot Offsite makes carries.
+pub const TAG: &str = "offsite";
+/// Data packs of 4 MiB: rustic's default grows them toward 32 MiB, and
+/// the packer's buffer with them (see docs/BENCHMARKS.md).
+const PACK_SIZE: u64 = 4 << 20;
+/// How long a `password_command` may take.
+const PASSWORD_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A rustic error as one line: its message with its context filled in.
+pub(crate) fn rustic_text(e: &RusticError) -> String {
+    let text = e.display_log();
+    text.strip_prefix("Error: ").unwrap_or(&text).to_string()
+}
+
+/// The repository's backend for rustic_core: the directory, with the
+/// snapshot of each file's archive held back (see `outlet.rs`) while
+/// `hold` is set.
+#[derive(Debug)]
+struct Holding {
+    inner: LocalRepo,
+    hold: AtomicBool,
+}
+
+impl ReadBackend for Holding {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        self.inner.list_with_size(tpe)
+    }
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
+        self.inner.read_full(tpe, id)
+    }
+    fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+        self.inner.read_partial(tpe, id, cacheable, offset, length)
+    }
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+}
+
+impl WriteBackend for Holding {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, buf: Bytes) -> RusticResult<()> {
+        if tpe == FileType::Snapshot && self.hold.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.write_bytes(tpe, id, cacheable, buf)
+    }
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
+}
+
+/// A site's repository, opened with its password.
+pub struct RepoRoot {
+    spec: RepoStore,
+    local: LocalRepo,
+    be: Arc<Holding>,
+    backends: RepositoryBackends,
+    key: MasterKey,
+    signer: Option<ssh_key::PrivateKey>,
+    /// The index, read once, for reading files and manifests.
+    indexed: OnceLock<Result<Repository<IndexedFullStatus>, String>>,
+    /// The run in progress: what its files made.
+    run: Mutex<Option<Arc<Archived>>>,
+    /// The site whose run or command holds the lock, for its lock file.
+    site: Mutex<Option<String>>,
+}
+
+impl RepoRoot {
+    /// Opens the repository at `spec`; for a run (or a copy into a
+    /// directory that is there), creates it first if there is none.
+    pub fn open(spec: &RepoStore, access: Access, signer: Option<ssh_key::PrivateKey>) -> Result<RepoRoot, OpenError> {
+        let local = LocalRepo::new(&spec.path);
+        let shown = spec.path.display();
+        let exists = local.exists();
+        if !exists {
+            let missing = |why: String| Err(OpenError::new(why, Fault::Missing));
+            match access {
+                Access::Existing => {
+                    return missing(format!("{shown} holds no restic repository yet (the first run creates it)"));
+                }
+                Access::Copy if !spec.path.is_dir() => {
+                    return Err(OpenError::new(
+                        format!(
+                            "{shown} does not exist (a disk not mounted?); a copy goes only into a directory that \
+                             is there (mkdir -m 700 it once where the copy belongs)"
+                        ),
+                        Fault::Config,
+                    ));
+                }
+                _ => {}
+            }
+            if let Ok(mut entries) = std::fs::read_dir(&spec.path)
+                && entries.next().is_some()
+            {
+                return Err(OpenError::new(
+                    format!(
+                        "{shown} is neither a restic repository (it has no config file) nor empty; a repository \
+                         store needs a directory of its own"
+                    ),
+                    Fault::Config,
+                ));
+            }
+        }
+        let password = read_password(&spec.password).map_err(|e| OpenError::new(e, Fault::Config))?;
+        let be = Arc::new(Holding { inner: local.clone(), hold: AtomicBool::new(false) });
+        let backends = RepositoryBackends::new(Arc::clone(&be) as Arc<dyn WriteBackend>, None);
+        let options = RepositoryOptions::default().no_cache(true);
+        let fail = |what: &str, e: Box<RusticError>| {
+            let fault = if e.is_incorrect_password() { Fault::Config } else { Fault::Outage };
+            let why = if e.is_incorrect_password() {
+                "the password does not open the restic repository (no key matches it)".to_string()
+            } else {
+                format!("cannot {what} the restic repository: {}", rustic_text(&e))
+            };
+            OpenError::new(why, fault)
+        };
+        let repo = Repository::new(&options, &backends).map_err(|e| fail("reach", e))?;
+        let credentials = Credentials::password(&password);
+        let repo = if exists {
+            repo.open(&credentials).map_err(|e| fail("open", e))?
+        } else {
+            let config = ConfigOptions::default()
+                .set_datapack_size(bytesize::ByteSize::b(PACK_SIZE))
+                .set_datapack_growfactor(0u32)
+                .set_datapack_size_limit(bytesize::ByteSize::b(PACK_SIZE));
+            // The key first, then the config: a repository is never
+            // there without a way in.
+            let master = MasterKey::new();
+            local.create().map_err(|e| fail("create", e))?;
+            write_key(&local, &password, &master)
+                .map_err(|e| OpenError::new(format!("cannot write the repository's key: {e}"), Fault::Config))?;
+            let repo = repo
+                .init(&Credentials::Masterkey(master), &KeyOptions::default(), &config)
+                .map_err(|e| fail("create", e))?;
+            log::info!(target: "offsite::store", "created a restic repository at {shown}");
+            repo
+        };
+        let key = repo.key();
+        Ok(RepoRoot {
+            spec: spec.clone(),
+            local,
+            be,
+            backends,
+            key,
+            signer,
+            indexed: OnceLock::new(),
+            run: Mutex::new(None),
+            site: Mutex::new(None),
+        })
+    }
+
+    /// The repository opened again with its master key (no key
+    /// derivation): rustic_core's states are not shared, but made anew.
+    fn fresh(&self) -> io::Result<Repository<OpenStatus>> {
+        let options = RepositoryOptions::default().no_cache(true);
+        Repository::new(&options, &self.backends)
+            .and_then(|r| r.open(&Credentials::Masterkey(self.key.clone())))
+            .map_err(|e| io::Error::other(rustic_text(&e)))
+    }
+
+    /// A fresh repository with its index read (ids and places of blobs).
+    fn with_ids(&self) -> io::Result<Repository<IndexedIdsStatus>> {
+        self.fresh()?.to_indexed_ids().map_err(|e| io::Error::other(rustic_text(&e)))
+    }
+
+    fn indexed(&self) -> io::Result<&Repository<IndexedFullStatus>> {
+        self.indexed
+            .get_or_init(|| self.fresh().map_err(|e| e.to_string())?.to_indexed().map_err(|e| rustic_text(&e)))
+            .as_ref()
+            .map_err(|e| io::Error::other(format!("cannot read the repository's index: {e}")))
+    }
+
+    /// The snapshots Offsite made, oldest first.
+    fn snapshots(&self) -> io::Result<Vec<SnapshotFile>> {
+        let mut snaps: Vec<SnapshotFile> = self
+            .fresh()?
+            .get_all_snapshots()
+            .map_err(|e| io::Error::other(rustic_text(&e)))?
+            .into_iter()
+            .filter(|s| s.tags.contains(TAG))
+            .collect();
+        snaps.sort_by(|a, b| a.time.cmp(&b.time));
+        Ok(snaps)
+    }
+
+    /// The whole of a small file in a snapshot (a manifest, a signature).
+    fn read_small(&self, snap: &SnapshotFile, path: &str) -> io::Result<Vec<u8>> {
+        let repo = self.indexed()?;
+        let node = repo.node_from_snapshot_and_path(snap, path).map_err(|e| not_found(&e))?;
+        if node.meta.size > 16 << 20 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{path} is too large for a manifest")));
+        }
+        let mut out = Vec::new();
+        FileReader::new(repo, &node)?.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn manifest_of(&self, snap: &SnapshotFile) -> Result<Manifest, String> {
+        let bytes = self.read_small(snap, MANIFEST_PATH).map_err(|e| e.to_string())?;
+        let mut m: Manifest = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        if !snap.tags.contains(&format!("run={}", tag_text(&m.run.run_id))) {
+            return Err(format!("its manifest names run {}, which its tags do not", m.run.run_id));
+        }
+        m.snapshot = Some(snap.id.to_hex().as_str().to_string());
+        Ok(m)
+    }
+
+    fn snapshot_of_run(&self, run_id: &str) -> io::Result<SnapshotFile> {
+        let tag = format!("run={}", tag_text(run_id));
+        self.snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.tags.contains(&tag))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no snapshot of run {run_id}")))
+    }
+
+    /// The run's end: the snapshot of `manifest`'s files, which the run
+    /// archived, with the manifest (and its signature) beside them.
+    fn save_snapshot(&self, header: &RunHeader, manifest: &Manifest, archived: &Archived) -> io::Result<()> {
+        let json = manifest.to_json();
+        let run_repo = Arc::new(self.with_ids()?);
+        let mut small = vec![(MANIFEST_PATH.to_string(), json.clone())];
+        if let Some(key) = &self.signer {
+            small.push((format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX), protect::sign(key, &json)?));
+        }
+        for (path, bytes) in small {
+            let mut file =
+                Box::new(ArchivedFile::start(&run_repo, PathBuf::from(&path), Arc::new(Archived::default()))?);
+            std::io::Write::write_all(&mut *file, &bytes)?;
+            let tree = file.finish()?;
+            archived.trees.lock().unwrap_or_else(|e| e.into_inner()).push((path, tree, bytes.len() as u64));
+        }
+        // The index again: now with the trees of this run's archives.
+        let repo = self.with_ids()?;
+        let published: BTreeSet<&str> = manifest.published().map(|f| f.path.as_str()).collect();
+        let now = jiff_now();
+        let meta = Metadata {
+            mode: Some(0o600),
+            mtime: Some(now),
+            uid: Some(rustix::process::getuid().as_raw()),
+            gid: Some(rustix::process::getgid().as_raw()),
+            ..Default::default()
+        };
+        let mut root = trees::Dir::default();
+        for (path, tree, bytes) in archived.trees.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if !path.starts_with(".offsite/") && !published.contains(path.as_str()) {
+                continue;
+            }
+            let file = Path::new(path);
+            let name = file.file_name().ok_or_else(|| io::Error::other("a file without a name"))?;
+            let archived_tree = walk_to(&repo, *tree, file)?;
+            let mut node = archived_tree
+                .nodes
+                .into_iter()
+                .find(|n| std::ffi::OsStr::new(&n.name) == name && n.node_type == NodeType::File)
+                .ok_or_else(|| io::Error::other(format!("the repository has no file {path} from this run")))?;
+            node.meta = Metadata { size: *bytes, ..meta.clone() };
+            root.insert(file, node).map_err(io::Error::other)?;
+        }
+        let mut pack = trees::TreePack::new();
+        let root_id = pack.add_dir(root, &meta).map_err(io::Error::other)?;
+        pack.save(&*self.be, &self.key)?;
+        let mut snap = SnapshotOptions::default()
+            .host(header.hostname.clone())
+            .to_snapshot()
+            .map_err(|e| io::Error::other(rustic_text(&e)))?;
+        snap.tree = root_id;
+        snap.paths = StringList::default();
+        snap.paths.add(header.site.clone());
+        for tag in [
+            TAG.to_string(),
+            format!("site={}", tag_text(&header.site)),
+            format!("run={}", tag_text(&header.run_id)),
+            format!("status={}", manifest.status.as_str()),
+        ] {
+            snap.tags.add(tag);
+        }
+        if let Ok(started) = header.started.parse::<rustic_core::jiff::Timestamp>() {
+            snap.time = started.to_zoned(rustic_core::jiff::tz::TimeZone::system());
+        }
+        self.be.hold.store(false, Ordering::SeqCst);
+        let saved = repo.save_snapshots(vec![snap]).map_err(|e| io::Error::other(rustic_text(&e)));
+        self.be.hold.store(true, Ordering::SeqCst);
+        saved
+    }
+}
+
+/// The tree of `tree`'s directory that holds `file` (a path relative to it).
+fn walk_to(
+    repo: &Repository<IndexedIdsStatus>,
+    tree: rustic_core::TreeId,
+    file: &Path,
+) -> io::Result<rustic_core::repofile::Tree> {
+    let mut here = repo.get_tree(&tree).map_err(|e| io::Error::other(rustic_text(&e)))?;
+    if let Some(parent) = file.parent() {
+        for part in parent.iter() {
+            let sub = here
+                .nodes
+                .iter()
+                .find(|n| std::ffi::OsStr::new(&n.name) == part && n.node_type == NodeType::Dir)
+                .and_then(|n| n.subtree)
+                .ok_or_else(|| io::Error::other(format!("the repository has no directory for {}", file.display())))?;
+            here = repo.get_tree(&sub).map_err(|e| io::Error::other(rustic_text(&e)))?;
+        }
+    }
+    Ok(here)
+}
+
+fn jiff_now() -> rustic_core::jiff::Timestamp {
+    rustic_core::jiff::Timestamp::now()
+}
+
+/// A tag holds no comma (restic splits tag lists on it).
+fn tag_text(s: &str) -> String {
+    s.replace(',', "_")
+}
+
+fn not_found(e: &RusticError) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, rustic_text(e))
+}
+
+/// A file of a snapshot, read in pieces as it is asked for.
+struct FileReader<'a> {
+    repo: &'a Repository<IndexedFullStatus>,
+    file: rustic_core::vfs::OpenFile,
+    size: u64,
+    at: u64,
+    piece: Bytes,
+}
+
+impl<'a> FileReader<'a> {
+    fn new(repo: &'a Repository<IndexedFullStatus>, node: &rustic_core::repofile::Node) -> io::Result<Self> {
+        let file = repo.open_file(node).map_err(|e| io::Error::other(rustic_text(&e)))?;
+        Ok(FileReader { repo, file, size: node.meta.size, at: 0, piece: Bytes::new() })
+    }
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.piece.is_empty() {
+            if self.at >= self.size {
+                return Ok(0);
+            }
+            let want = (self.size - self.at).min(1 << 20) as usize;
+            self.piece = self
+                .repo
+                .read_file_at(&self.file, self.at as usize, want)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, rustic_text(&e)))?;
+            if self.piece.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file's content ends before its size"));
+            }
+        }
+        let n = out.len().min(self.piece.len());
+        out[..n].copy_from_slice(&self.piece[..n]);
+        self.piece = self.piece.slice(n..);
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// Writes a key file for `master`, opened by `password`. rustic_core's
+/// own key derives with scrypt N = 2^17 (128 MiB each time the repository
+/// is opened); restic's take N = 2^15, r = 8 and a p it calibrates (32
+/// MiB), and so does this one (p = 8).
+fn write_key(local: &LocalRepo, password: &str, master: &MasterKey) -> io::Result<()> {
+    use rustic_core::repofile::KeyFile;
+    let mut salt = vec![0u8; 64];
+    getrandom::fill(&mut salt).map_err(|e| io::Error::other(format!("no random salt: {e}")))?;
+    let mut file = KeyFile {
+        hostname: Some(super::run::hostname()),
+        username: std::env::var("USER").ok(),
+        created: Some(rustic_core::jiff::Zoned::now()),
+        kdf: "scrypt".into(),
+        n: 1 << 15,
+        r: 8,
+        p: 8,
+        data: Vec::new(),
+        salt,
+    };
+    let (encrypt, k, r) = file.kdf_key(&password).map_err(|e| io::Error::other(rustic_text(&e)))?.to_keys();
+    let wrapping = [encrypt, k, r].concat();
+    file.data = lock::seal(&wrapping, &serde_json::to_vec(master).map_err(io::Error::other)?)?;
+    let json = serde_json::to_vec(&file).map_err(io::Error::other)?;
+    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&json));
+    LocalRepo::write_whole(&local.root().join("keys"), &id, &json)
+}
+
+/// Reads the repository's password from where the site says.
+fn read_password(from: &PasswordFrom) -> Result<String, String> {
+    let from_file = |path: &Path, what: &str| -> Result<String, String> {
+        if let Err(crate::transport::TransportError::Config { detail, .. }) =
+            crate::transport::check_key_file("repository", path)
+        {
+            return Err(detail.replace("identity file", what).replace("private key", what));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+        Ok(text.trim().to_string())
+    };
+    let password = match from {
+        PasswordFrom::File(path) => from_file(path, "the repository's password file")?,
+        PasswordFrom::EnvFile => match std::env::var_os("RESTIC_PASSWORD_FILE") {
+            Some(path) => from_file(Path::new(&path), "RESTIC_PASSWORD_FILE")?,
+            None => {
+                return Err("no password for the restic repository: set [repository] password_file or \
+                            password_command in the site file, or RESTIC_PASSWORD_FILE"
+                    .into());
+            }
+        },
+        PasswordFrom::Command(command) => run_password_command(command)?,
+    };
+    if password.is_empty() {
+        return Err("the restic repository's password is empty".into());
+    }
+    Ok(password)
+}
+
+/// `sh -c COMMAND`, its output the password; bounded in time and size.
+fn run_password_command(command: &str) -> Result<String, String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the repository's password_command: {e}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = (&mut stdout).take(64 << 10).read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = (&mut stderr).take(4 << 10).read_to_end(&mut buf);
+        buf
+    });
+    let deadline = std::time::Instant::now() + PASSWORD_COMMAND_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the repository's password_command did not finish within {}s",
+                    PASSWORD_COMMAND_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        let err = String::from_utf8_lossy(&err);
+        let said = crate::text::escape(err.trim());
+        return Err(format!("the repository's password_command failed ({status}): {said}"));
+    }
+    String::from_utf8(out)
+        .map(|s| s.trim().to_string())
+        .map_err(|_| "the repository's password_command printed something that is not UTF-8".into())
+}
+
+/// The lock a run or command holds.
+struct HeldLock(RepoLock);
+
+impl Held for HeldLock {
+    fn confirm(&self) -> Result<(), String> {
+        self.0.confirm()
+    }
+    fn release(self: Box<Self>) -> Result<(), String> {
+        self.0.release()
+    }
+}
+
+fn unsupported(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, format!("{what} does not work on a restic repository store yet"))
+}
+
+impl Backend for RepoRoot {
+    /// `rel` is where [`Manifest::location`] puts a file of a repository's
+    /// run: `@SNAPSHOT/PATH`.
+    fn open_file(&self, rel: &Path) -> io::Result<(u64, Box<dyn Read + '_>)> {
+        let mut parts = rel.iter();
+        let snap_id = parts
+            .next()
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.strip_prefix('@'))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not a file of a snapshot"))?;
+        let path: PathBuf = parts.collect();
+        let repo = self.indexed()?;
+        let snap = repo.get_snapshot_from_str(snap_id, |_| true).map_err(|e| not_found(&e))?;
+        let node = repo.node_from_snapshot_and_path(&snap, &path.to_string_lossy()).map_err(|e| not_found(&e))?;
+        if node.node_type != NodeType::File {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
+        }
+        let size = node.meta.size;
+        Ok((size, Box::new(FileReader::new(repo, &node)?)))
+    }
+
+    fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for snap in self.snapshots()? {
+            match self.manifest_of(&snap) {
+                Ok(m) => good.push(m),
+                Err(error) => bad.push(BadManifest { name: format!("snapshot {}", snap.id.to_hex().as_str()), error }),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    fn last_good(&self, runs: &Runs) -> io::Result<Option<Manifest>> {
+        for snap in self.snapshots()?.iter().rev() {
+            if let Ok(m) = self.manifest_of(snap)
+                && runs.includes(&m)
+                && m.status.is_good()
+            {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    fn manifest_bytes(&self, run_id: &str) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+        let snap = self.snapshot_of_run(run_id)?;
+        let json = self.read_small(&snap, MANIFEST_PATH)?;
+        let sig = self.read_small(&snap, &format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX)).ok();
+        Ok((json, sig))
+    }
+
+    fn signed_runs(&self) -> io::Result<BTreeSet<String>> {
+        let mut runs = BTreeSet::new();
+        for snap in self.snapshots()? {
+            if let Ok(m) = self.manifest_of(&snap)
+                && self.read_small(&snap, &format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX)).is_ok()
+            {
+                runs.insert(m.run.run_id);
+            }
+        }
+        Ok(runs)
+    }
+
+    fn rewrite_manifest(&self, _: &Manifest) -> io::Result<()> {
+        Err(unsupported("recording a failed copy in a run's manifest"))
+    }
+
+    fn runs_of(&self, site: &str) -> Runs {
+        Runs::Named(site.to_string())
+    }
+
+    fn holders(&self) -> (Option<Holder>, Option<Holder>) {
+        let Ok(found) = lock::locks(&self.local, &self.key) else { return (None, None) };
+        let holder = |l: &lock::LockFile| Holder {
+            pid: u32::try_from(l.pid).unwrap_or(0),
+            hostname: l.hostname.clone(),
+            started: l.time.clone(),
+            site: l.offsite_site.clone().unwrap_or_default(),
+            run_id: l.offsite_run.clone().unwrap_or_else(|| "restic".into()),
+        };
+        let live = found.iter().find(|(_, l)| !l.is_stale()).map(|(_, l)| holder(l));
+        let dead = found.iter().find(|(_, l)| l.is_stale()).map(|(_, l)| holder(l));
+        (live, dead)
+    }
+
+    fn unlisted(&self, _: &dyn Fn(&Path) -> bool) -> io::Result<Unlisted> {
+        Ok(Unlisted {
+            problems: Vec::new(),
+            notes: vec![format!(
+                "{}: a restic repository holds only what its snapshots reference, and data a prune removes",
+                self.spec.path.display()
+            )],
+        })
+    }
+
+    fn can_forget(&self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "forget works on a store in a directory; in a restic repository, `restic check` finds lost data and \
+             `restic forget SNAPSHOT` removes a run",
+        ))
+    }
+
+    fn forget(&self, _: &str) -> io::Result<Vec<String>> {
+        self.can_forget().map(|()| Vec::new())
+    }
+
+    fn resume_prune(&self) -> io::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn prune(&self, verdicts: &[super::retention::Verdict]) -> io::Result<Vec<String>> {
+        if verdicts.iter().any(|v| v.pruned_because.is_some()) {
+            return Err(unsupported("retention"));
+        }
+        Ok(Vec::new())
+    }
+
+    fn lock(&self, header: &RunHeader) -> Result<Locked, LockFailure> {
+        let exclusive = ["prune-", "forget-"].iter().any(|p| header.run_id.starts_with(p));
+        let site = (!header.site.is_empty()).then_some(header.site.as_str());
+        match RepoLock::take(&self.local, &self.key, exclusive, &header.run_id, site) {
+            Ok(lock) => {
+                *self.site.lock().unwrap_or_else(|e| e.into_inner()) = site.map(str::to_string);
+                Ok(Locked { lock: Box::new(HeldLock(lock)), took_over: None })
+            }
+            Err(Refused::Busy(who)) => Err(LockFailure::Busy(format!("the restic repository is locked: {who}"))),
+            Err(Refused::Failed(e)) => Err(LockFailure::Failed(OpenError::new(
+                format!("{}: cannot lock the restic repository: {e}", self.spec.path.display()),
+                Fault::Outage,
+            ))),
+        }
+    }
+
+    /// Nothing to finish: an interrupted run left at most data that no
+    /// snapshot references, which a prune removes.
+    fn recover(&self) -> io::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn claim_for_run(&self, _: &Site) {}
+
+    fn begin_run(
+        &self,
+        header: &RunHeader,
+        budget: Budget,
+        recipients: Vec<age::x25519::Recipient>,
+    ) -> io::Result<Store> {
+        if !recipients.is_empty() {
+            return Err(io::Error::other("a restic repository encrypts with its own key; age recipients do not apply"));
+        }
+        let repo = Arc::new(self.with_ids()?);
+        let archived = Arc::new(Archived::default());
+        *self.run.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&archived));
+        self.be.hold.store(true, Ordering::SeqCst);
+        Ok(Store::new(&header.run_id, Box::new(RepoOutlet { repo, archived }), budget, Vec::new(), None))
+    }
+
+    fn finish_run(
+        &self,
+        header: &RunHeader,
+        store: &Store,
+        outcome: &Outcome,
+        lock: &dyn Held,
+    ) -> io::Result<Manifest> {
+        let ended = chrono::Local::now().to_rfc3339();
+        let mut manifest = manifest_for(header, store.stored(), outcome, &ended);
+        let archived = self.run.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        if manifest.status == Status::Partial && manifest.published().next().is_none() {
+            manifest.status = Status::Incomplete;
+        }
+        if !manifest.status.publishes() {
+            return Ok(manifest);
+        }
+        lock.confirm().map_err(io::Error::other)?;
+        self.save_snapshot(header, &manifest, &archived)?;
+        Ok(manifest)
+    }
+
+    fn abandon_run(&self, store: Store) -> io::Result<()> {
+        drop(store);
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(())
+    }
+
+    fn left_behind(&self, _: &str) -> String {
+        "no snapshot was made; what it packed is data no snapshot references, which a prune removes".into()
+    }
+}
