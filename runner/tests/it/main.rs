@@ -25,6 +25,7 @@ mod postgres;
 mod python;
 mod registry;
 mod remote_quoting;
+mod repo;
 mod restore_hostile;
 mod s3;
 mod s3_store;

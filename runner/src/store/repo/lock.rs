@@ -45,6 +45,9 @@ pub struct LockFile {
     pub offsite_run: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offsite_site: Option<String>,
+    /// Set for a lock file that could not be read: its name.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -62,18 +65,24 @@ impl LockFile {
         if self.age().is_none_or(|age| age > STALE) {
             return true;
         }
-        if self.hostname == crate::store::run::hostname() && self.pid > 0 {
-            let gone = rustix::process::test_kill_process(
-                rustix::process::Pid::from_raw(self.pid as i32).expect("a positive pid"),
-            )
-            .is_err_and(|e| e == rustix::io::Errno::SRCH);
-            return gone;
+        let pid = i32::try_from(self.pid).ok().and_then(rustix::process::Pid::from_raw);
+        match pid {
+            Some(pid) if self.hostname == crate::store::run::hostname() => {
+                rustix::process::test_kill_process(pid).is_err_and(|e| e == rustix::io::Errno::SRCH)
+            }
+            _ => false,
         }
-        false
     }
 
     /// For messages: who holds it.
     pub fn describe(&self) -> String {
+        if let Some(name) = &self.unreadable {
+            return format!(
+                "{name} is a lock file that cannot be read (damaged?), written {}; it is taken as an exclusive \
+                 lock until it is 30 minutes old (restic unlock removes it then)",
+                self.time
+            );
+        }
         let who = match (&self.offsite_run, &self.offsite_site) {
             (Some(run), Some(site)) => format!("offsite run {run} of site {site}"),
             (Some(run), None) => format!("offsite {run}"),
@@ -127,9 +136,7 @@ pub fn decrypt(key: &MasterKey, data: &[u8]) -> Option<Vec<u8>> {
     cipher(&key_bytes(key))?.decrypt(data[..16].into(), &data[16..]).ok()
 }
 
-/// Every lock file that can be read, with its id. A lock that does not
-/// decrypt is restic's business (another key's, or damaged): skipped, as
-/// restic skips it.
+/// Every lock file, with its id.
 pub fn locks(repo: &LocalRepo, key: &MasterKey) -> std::io::Result<Vec<(Id, LockFile)>> {
     let ids = match std::fs::read_dir(repo.root().join("locks")) {
         Ok(entries) => entries
@@ -141,23 +148,52 @@ pub fn locks(repo: &LocalRepo, key: &MasterKey) -> std::io::Result<Vec<(Id, Lock
     };
     let mut found = Vec::new();
     for id in ids {
-        let Ok(data) = std::fs::read(lock_path(repo, &id)) else { continue };
-        // Bounded: a lock is a few hundred bytes.
-        if data.len() > 64 << 10 {
-            continue;
-        }
-        let Some(plain) = decrypt(key, &data) else { continue };
-        let json = match plain.first() {
-            Some(b'{') => plain,
-            // A compressed file (repository version 2): restic writes
-            // locks uncompressed, so this is not one of its locks.
-            _ => continue,
-        };
-        if let Ok(lock) = serde_json::from_slice::<LockFile>(&json) {
-            found.push((id, lock));
+        let path = lock_path(repo, &id);
+        let Ok(data) = std::fs::read(&path) else { continue };
+        match read_lock(key, &data) {
+            Some(lock) => found.push((id, lock)),
+            // Damaged, or not a lock: taken as an exclusive lock, stale
+            // by its age as any other, so that nothing is run beside
+            // what cannot be read.
+            None => {
+                let time = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .map(|t| chrono::DateTime::<chrono::Local>::from(t).to_rfc3339())
+                    .unwrap_or_default();
+                let lock = LockFile {
+                    time,
+                    exclusive: true,
+                    hostname: String::new(),
+                    username: String::new(),
+                    pid: 0,
+                    uid: 0,
+                    gid: 0,
+                    offsite_run: None,
+                    offsite_site: None,
+                    unreadable: Some(format!("locks/{}", id.to_hex().as_str())),
+                };
+                found.push((id, lock));
+            }
         }
     }
     Ok(found)
+}
+
+/// A lock file's JSON, if it decrypts and parses (bounded: a lock is a
+/// few hundred bytes).
+fn read_lock(key: &MasterKey, data: &[u8]) -> Option<LockFile> {
+    if data.len() > 64 << 10 {
+        return None;
+    }
+    let plain = decrypt(key, data)?;
+    let json = match plain.first() {
+        Some(b'{') => plain,
+        // Repository version 2: a version byte, then zstd (restic writes
+        // its locks so).
+        Some(2) => zstd::bulk::decompress(&plain[1..], 64 << 10).ok()?,
+        _ => return None,
+    };
+    serde_json::from_slice(&json).ok()
 }
 
 fn lock_path(repo: &LocalRepo, id: &Id) -> std::path::PathBuf {
@@ -234,6 +270,7 @@ impl RepoLock {
             gid,
             offsite_run: Some(run.to_string()),
             offsite_site: site.map(str::to_string),
+            unreadable: None,
         };
         let id = write(repo, key, &lock).map_err(Refused::Failed)?;
         // Two takers at once both see the other now, and both give way.

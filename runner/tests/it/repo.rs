@@ -1,0 +1,388 @@
+//! Sites whose store is a restic repository (`store = "restic:PATH"`), end
+//! to end: the real runner binary, the arc and fixture scripts, and
+//! Debian's `restic` reading what the runs made (`snapshots`, `check
+//! --read-data`, `dump`, `restore`), and making repositories and locks of
+//! its own that the runs must respect.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use offsite_testkit::{Ran, assert_same_tree, offsite, script, tempfile};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offsite");
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A site archiving `www` into a restic repository at `repo`, whose
+/// password is in `pass` (mode 0600).
+struct RepoSite {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl RepoSite {
+    fn new(repository: &str) -> RepoSite {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www");
+        std::fs::create_dir_all(www.join("img")).unwrap();
+        std::fs::write(www.join("index.html"), "<html>hello</html>\n").unwrap();
+        std::fs::write(www.join("img/big.bin"), noise(3 << 20, 7)).unwrap();
+        write_secret(&dir.path().join("pass"), PASSWORD);
+        let site = RepoSite { file: dir.path().join("web1.toml"), dir };
+        site.write(repository);
+        site
+    }
+
+    fn write(&self, repository: &str) {
+        let www = self.dir.path().join("www");
+        let text =
+            format!("store = \"restic:repo\"\n[read]\nroots = [\"{}\"]\n[repository]\n{repository}\n", www.display());
+        std::fs::write(&self.file, text).unwrap();
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    fn offsite(&self, args: &[&str]) -> Command {
+        let mut cmd = offsite(Path::new(BIN));
+        cmd.current_dir(self.dir.path()).env_remove("RESTIC_PASSWORD_FILE").args(args);
+        cmd
+    }
+
+    /// `offsite run SCRIPT --site FILE ARGS` (arc archives `www`).
+    fn run(&self, name: &str, args: &[&str]) -> Ran {
+        let s = script(name);
+        let path = format!("path={}", self.dir.path().join("www").display());
+        let mut all = vec!["run", s.to_str().unwrap(), "--site", self.file.to_str().unwrap()];
+        if name == "arc" {
+            all.extend(["--param", &path]);
+        }
+        all.extend_from_slice(args);
+        Ran::from_output(self.offsite(&all).output().unwrap())
+    }
+
+    fn command(&self, args: &[&str]) -> Ran {
+        let mut all = args.to_vec();
+        all.push(self.file.to_str().unwrap());
+        Ran::from_output(self.offsite(&all).output().unwrap())
+    }
+
+    /// Debian's `restic` on the repository, with the site's password.
+    fn restic(&self) -> Command {
+        restic(&self.repo(), &self.dir.path().join("pass"))
+    }
+
+    fn restic_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.restic().args(args).output().unwrap();
+        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    fn snapshots(&self) -> Vec<serde_json::Value> {
+        serde_json::from_slice(&self.restic_ok(&["snapshots", "--json"])).unwrap()
+    }
+}
+
+fn restic(repo: &Path, pass: &Path) -> Command {
+    let mut cmd = Command::new("restic");
+    cmd.arg("-r").arg(repo).arg("--no-cache").env("RESTIC_PASSWORD_FILE", pass).env_remove("RESTIC_PASSWORD");
+    cmd
+}
+
+fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{text}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Bytes that do not compress or repeat.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn tags(snap: &serde_json::Value) -> Vec<String> {
+    snap["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
+    }
+    total
+}
+
+#[test]
+fn restic_reads_each_run_as_one_snapshot_and_gives_every_output_back_byte_for_byte() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    assert!(!site.repo().exists());
+    let ran = site.run("arc", &["--now", "2004-03-21T01:48:44Z"]);
+    ran.expect_code(0);
+    assert_eq!((ran.stdout.as_str(), ran.stderr.as_str()), ("", ""), "quiet on success");
+    let first = dir_size(&site.repo());
+    // Unchanged: the second run's archive is the same stream, and adds
+    // almost nothing to the repository.
+    site.run("arc", &["--now", "2004-03-21T13:48:44Z"]).expect_code(0);
+    let second = dir_size(&site.repo());
+    assert!(second - first < first / 10, "the second run grew the repository from {first} to {second} bytes");
+
+    let snaps = site.snapshots();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    let mut runs = Vec::new();
+    for snap in &snaps {
+        let tags = tags(snap);
+        for want in ["offsite", "site=web1", "status=ok"] {
+            assert!(tags.iter().any(|t| t == want), "{want} in {tags:?}");
+        }
+        runs.push(tags.iter().find_map(|t| t.strip_prefix("run=")).unwrap().to_string());
+    }
+    assert_ne!(runs[0], runs[1]);
+    site.restic_ok(&["check", "--read-data"]);
+
+    // Each snapshot holds its run's manifest, and each output the
+    // manifest lists is, through `restic dump`, the bytes it recorded.
+    let mut outputs = Vec::new();
+    for (snap, run) in snaps.iter().zip(&runs) {
+        let id = snap["id"].as_str().unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&site.restic_ok(&["dump", id, "/.offsite/manifest.json"])).unwrap();
+        assert_eq!(manifest["run_id"].as_str(), Some(run.as_str()));
+        assert_eq!(manifest["status"], "ok");
+        let files = manifest["files"].as_array().unwrap();
+        assert_eq!(files.len(), 1, "{manifest}");
+        let path = files[0]["path"].as_str().unwrap();
+        let bytes = site.restic_ok(&["dump", id, &format!("/{path}")]);
+        assert_eq!(bytes.len() as u64, files[0]["bytes"].as_u64().unwrap());
+        assert_eq!(sha256(&bytes), files[0]["sha256"].as_str().unwrap());
+        outputs.push((path.to_string(), bytes));
+    }
+    assert_eq!(outputs[0].0, "www.20040321-014844.tgz");
+    assert_eq!(outputs[1].0, "www.20040321-134844.tgz");
+
+    // `restic restore` gives the same file (sizes in the trees are true),
+    // and GNU tar extracts the site's tree from it.
+    let out = tempfile::tempdir().unwrap();
+    site.restic_ok(&["restore", "latest", "--target", out.path().to_str().unwrap()]);
+    let restored = std::fs::read(out.path().join(&outputs[1].0)).unwrap();
+    assert_eq!(sha256(&restored), sha256(&outputs[1].1));
+    let x = tempfile::tempdir().unwrap();
+    let tar =
+        Command::new("tar").arg("-xzf").arg(out.path().join(&outputs[1].0)).arg("-C").arg(x.path()).output().unwrap();
+    assert!(tar.status.success(), "{}", String::from_utf8_lossy(&tar.stderr));
+    // (The site names the source by its absolute path; tar keeps it
+    // without the leading `/`.)
+    let www = site.dir.path().join("www");
+    assert_same_tree(&www, &x.path().join(www.strip_prefix("/").unwrap()));
+
+    // Offsite's own commands read it too.
+    let verify = site.command(&["verify"]);
+    verify.expect_code(0);
+    let status = site.command(&["status"]);
+    status.expect_code(0);
+    assert!(status.stdout.contains("ok"), "{}", status.stdout);
+    assert!(std::fs::read_dir(site.repo().join("locks")).unwrap().next().is_none(), "a lock was left");
+}
+
+#[test]
+fn a_repository_restic_made_takes_runs_and_a_wrong_or_readable_password_is_one_clear_line() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let init = site.restic().arg("init").output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    site.run("arc", &[]).expect_code(0);
+    assert_eq!(site.snapshots().len(), 1);
+    site.restic_ok(&["check", "--read-data"]);
+
+    // A wrong password: one line, exit 2, nothing written.
+    write_secret(&site.dir.path().join("wrong"), "not the password");
+    site.write("password_file = \"wrong\"");
+    let ran = site.run("arc", &[]);
+    ran.expect_code(2);
+    assert_eq!(ran.stderr.lines().count(), 1, "{}", ran.stderr);
+    assert!(ran.stderr.contains("the password does not open the restic repository"), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("not the password"), "{}", ran.stderr);
+
+    // A password file others can read is refused, like a private key.
+    write_secret(&site.dir.path().join("open"), PASSWORD);
+    std::fs::set_permissions(site.dir.path().join("open"), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap();
+    site.write("password_file = \"open\"");
+    let ran = site.run("arc", &[]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("others can read it"), "{}", ran.stderr);
+    assert!(!ran.stderr.contains(PASSWORD), "{}", ran.stderr);
+
+    // A password command, as restic takes it; one that fails says so.
+    site.write("password_command = \"cat pass\"");
+    site.run("arc", &[]).expect_code(0);
+    site.write("password_command = \"echo no vault here >&2; exit 3\"");
+    let ran = site.run("arc", &[]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("password_command failed") && ran.stderr.contains("no vault here"), "{}", ran.stderr);
+
+    // Nothing in the site file: RESTIC_PASSWORD_FILE, as restic reads it.
+    site.write("");
+    let s = script("arc");
+    let path = format!("path={}", site.dir.path().join("www").display());
+    let ran = Ran::from_output(
+        site.offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", &path])
+            .env("RESTIC_PASSWORD_FILE", site.dir.path().join("pass"))
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(0);
+    let ran = site.run("arc", &[]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("RESTIC_PASSWORD_FILE"), "{}", ran.stderr);
+    assert_eq!(site.snapshots().len(), 3, "only the three good runs made snapshots");
+    site.restic_ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_failed_or_stopped_run_makes_no_snapshot_and_a_partial_one_is_tagged_partial() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let www = site.dir.path().join("www");
+    let arg = format!("arg={}", www.display());
+    site.run("fixture", &["--param", "case=tar", "--param", &arg]).expect_code(0);
+    assert_eq!(site.snapshots().len(), 1);
+
+    // Failed, storing nothing: no snapshot.
+    site.run("fixture", &["--param", "case=fail"]).expect_code(1);
+    assert_eq!(site.snapshots().len(), 1, "a failed run made a snapshot");
+
+    // Stopped in the middle of an output, with data already packed: no
+    // snapshot, and what it packed is data no snapshot references, which
+    // restic's check accepts.
+    std::fs::write(www.join("img/more.bin"), noise(64 << 20, 5)).unwrap();
+    let packs = |site: &RepoSite| -> usize {
+        std::fs::read_dir(site.repo().join("data"))
+            .unwrap()
+            .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum()
+    };
+    let before = packs(&site);
+    let s = script("arc");
+    let path = format!("path={}", www.display());
+    let mut child = site
+        .offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", &path])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while packs(&site) < before + 2 {
+        assert!(Instant::now() < deadline, "no data was packed");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(!child.wait().unwrap().success(), "a stopped run succeeded");
+    assert_eq!(site.snapshots().len(), 1, "a stopped run made a snapshot");
+    site.restic_ok(&["check", "--read-data"]);
+    std::fs::remove_file(www.join("img/more.bin")).unwrap();
+
+    // The script failed after complete archives: a partial run. In a
+    // repository nothing is replaced, so its snapshot holds them all,
+    // tagged `status=partial`, each whole.
+    let ran = site.run("fixture", &["--param", "case=tar-twice-then-fail", "--param", &arg]);
+    ran.expect_code(1);
+    let snaps = site.snapshots();
+    assert_eq!(snaps.len(), 2);
+    let partial = snaps.iter().find(|s| tags(s).iter().any(|t| t == "status=partial")).expect("a partial snapshot");
+    let id = partial["id"].as_str().unwrap();
+    let listing = String::from_utf8(site.restic_ok(&["ls", id])).unwrap();
+    assert!(listing.contains("/fixture.tgz") && listing.contains("/second.tgz"), "{listing}");
+    let gz = site.restic_ok(&["dump", id, "/second.tgz"]);
+    let mut test = Command::new("gzip").arg("-t").stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(test.stdin.as_mut().unwrap(), &gz).unwrap();
+    assert!(test.wait().unwrap().success());
+    // Offsite's status says the last run was partial; its last good run
+    // is the first.
+    let status = site.command(&["status"]);
+    assert!(status.stdout.contains("partial"), "{}", status.stdout);
+    site.restic_ok(&["check", "--read-data"]);
+}
+
+/// Runs and restic's own commands never work on one repository at once:
+/// a `restic prune` is refused while a run holds its lock, and a run is
+/// refused while restic holds an exclusive lock (a check here), naming it.
+#[test]
+fn a_run_and_restics_exclusive_commands_take_turns_through_restics_locks() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    site.run("arc", &[]).expect_code(0);
+
+    // A run holds a lock for as long as it runs.
+    let s = script("fixture");
+    let mut child = site
+        .offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", "case=sleep"])
+        .args(["--param", "arg=4000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let locks = site.repo().join("locks");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&locks).unwrap().next().is_none() {
+        assert!(Instant::now() < deadline, "the run took no lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let prune = site.restic().arg("prune").output().unwrap();
+    assert!(!prune.status.success(), "restic pruned beside a run");
+    assert!(String::from_utf8_lossy(&prune.stderr).contains("locked"), "{}", String::from_utf8_lossy(&prune.stderr));
+    // A second run of the same site waits its turn, as with every store.
+    let second = site.run("fixture", &["--param", "case=ok"]);
+    second.expect_code(4);
+    assert!(child.wait().unwrap().success());
+    assert!(std::fs::read_dir(&locks).unwrap().next().is_none(), "the run left its lock");
+
+    // restic holds an exclusive lock (a check, stopped while it holds
+    // it): the run is refused, naming restic, and writes nothing.
+    std::fs::write(site.dir.path().join("www/img/more.bin"), noise(48 << 20, 3)).unwrap();
+    site.run("arc", &[]).expect_code(0);
+    let before = site.snapshots().len();
+    let mut caught = false;
+    for _ in 0..10 {
+        let mut check = site.restic().args(["check", "--read-data"]).stdout(Stdio::null()).spawn().unwrap();
+        // A lock file under its name (restic may write it in place, or
+        // under a temporary name first).
+        let held = || {
+            std::fs::read_dir(&locks).unwrap().any(|e| {
+                let e = e.unwrap();
+                e.file_name().len() == 64 && e.metadata().unwrap().len() > 0
+            })
+        };
+        while check.try_wait().unwrap().is_none() && !held() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = check.id().to_string();
+        let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap().success() && held();
+        if stopped {
+            let ran = site.run("arc", &[]);
+            Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+            assert!(check.wait().unwrap().success());
+            ran.expect_code(4);
+            assert!(ran.stderr.contains("restic") && ran.stderr.contains("exclusive lock"), "{}", ran.stderr);
+            caught = true;
+            break;
+        }
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = check.wait();
+    }
+    assert!(caught, "restic's check never held its lock long enough to be caught");
+    assert_eq!(site.snapshots().len(), before, "a run wrote beside restic's exclusive lock");
+}
