@@ -213,6 +213,38 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, level: Compressio
     }
 }
 
+/// Bytes on their way to `W`: gzipped, or as they are (a store that
+/// compresses what it stores, such as a restic repository).
+pub enum MaybeGz<W: Write> {
+    Gz(ParallelGz<W>),
+    Plain(W),
+}
+
+impl<W: Write + Send + 'static> MaybeGz<W> {
+    /// Every byte written (and compressed), `W` back.
+    pub fn finish(self) -> io::Result<W> {
+        match self {
+            MaybeGz::Gz(g) => g.finish(),
+            MaybeGz::Plain(w) => Ok(w),
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Write for MaybeGz<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            MaybeGz::Gz(g) => g.write(buf),
+            MaybeGz::Plain(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            MaybeGz::Gz(g) => g.flush(),
+            MaybeGz::Plain(w) => w.flush(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use tar::{EntryType, Header};
 use super::{Caps, io_error};
 use crate::bindings::archive::Host;
 use crate::bindings::types::{Error, FileInfo};
-use crate::compress::ParallelGz;
+use crate::compress::{MaybeGz, ParallelGz};
 use crate::policy::{Call, Grant};
 use crate::store::Origin;
 
@@ -44,8 +44,11 @@ impl Host for Caps {
             let mut builder = if self.dry_run {
                 None
             } else {
-                let pending = self.store()?.create(&rel_dest).map_err(|e| io_error(&dest, e))?;
-                Some(tar::Builder::new(ParallelGz::new(pending, GZIP_LEVEL, 0)))
+                let (pending, gzip) = self.store()?.create_gzipped(&rel_dest).map_err(|e| io_error(&dest, e))?;
+                Some(tar::Builder::new(match gzip {
+                    true => MaybeGz::Gz(ParallelGz::new(pending, GZIP_LEVEL, 0)),
+                    false => MaybeGz::Plain(pending),
+                }))
             };
             let mut entries = 0u64;
             let mut skipped = Skipped { fatal: self.unreadable_fatal, names: Vec::new() };

@@ -229,8 +229,12 @@ impl Remote {
         // back to the script (the run log has it, masked): a script must
         // not be able to make the server echo the value back to it.
         let withheld = stdin.is_some();
-        let pending = store.create(dest).map_err(|e| io_error(&shown_dest, e))?;
-        let mut sink = if options.gzip {
+        let (pending, gzip) = match options.gzip {
+            true => store.create_gzipped(dest),
+            false => store.create(dest).map(|p| (p, false)),
+        }
+        .map_err(|e| io_error(&shown_dest, e))?;
+        let mut sink = if gzip {
             Sink::Gz(ParallelGz::new(pending, 6, 0), shown_dest.clone())
         } else {
             Sink::Plain(pending, shown_dest.clone())

@@ -292,7 +292,23 @@ impl Store {
             let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
             Sink::Age(HashingWriter::new(encryptor.wrap_output(file)?))
         };
-        Ok(PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() })
+        Ok(PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new(), asked: None })
+    }
+
+    /// Starts a file the script asked for gzipped. Returns whether the
+    /// caller gzips it: not for a store that compresses what it stores (a
+    /// restic repository), which gets the bytes as they are, under the
+    /// name without its gzip suffix (`db.sql.gz` is `db.sql`, `www.tgz`
+    /// is `www.tar`); the record keeps the name asked for.
+    pub fn create_gzipped(&self, rel: &Path) -> io::Result<(PendingFile, bool)> {
+        if !self.outlet.compresses() {
+            return Ok((self.create(rel)?, true));
+        }
+        let asked = rel.to_string_lossy().into_owned();
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut pending = self.create(&rel.with_file_name(uncompressed_name(&name)))?;
+        pending.asked = Some(asked);
+        Ok((pending, false))
     }
 
     /// Claims `rel` for this run (each path once) and one file of the
@@ -327,7 +343,13 @@ impl Store {
             let out = self.outlet.create(rel, &final_name)?;
             let writer = Sink::Plain(HashingWriter::new(out));
             return Ok((
-                PendingFile { final_name: final_name.into(), writer: Some(writer), claim, scratch: Vec::new() },
+                PendingFile {
+                    final_name: final_name.into(),
+                    writer: Some(writer),
+                    claim,
+                    scratch: Vec::new(),
+                    asked: None,
+                },
                 None,
             ));
         };
@@ -346,10 +368,25 @@ impl Store {
             at += n as u64;
         }
         let file = HashingWriter { inner: resumed.out, hasher, bytes: resumed.bytes };
-        let pending =
-            PendingFile { final_name: final_name.into(), writer: Some(Sink::Plain(file)), claim, scratch: Vec::new() };
+        let pending = PendingFile {
+            final_name: final_name.into(),
+            writer: Some(Sink::Plain(file)),
+            claim,
+            scratch: Vec::new(),
+            asked: None,
+        };
         Ok((pending, Some(resumed.bytes)))
     }
+}
+
+/// A gzip file's name without its gzip suffix: what it holds.
+pub fn uncompressed_name(name: &str) -> String {
+    for (suffix, instead) in [(".tar.gz", ".tar"), (".tgz", ".tar"), (".gz", "")] {
+        if let Some(stem) = name.strip_suffix(suffix).filter(|s| !s.is_empty()) {
+            return format!("{stem}{instead}");
+        }
+    }
+    name.to_string()
 }
 
 /// A path claimed by a pending file; released if the file is abandoned.
@@ -368,6 +405,8 @@ pub struct PendingFile {
     claim: Claim,
     /// Where [`PendingFile::spare`] puts bytes that go through age.
     scratch: Vec<u8>,
+    /// See [`StoredFile::asked`].
+    asked: Option<String>,
 }
 
 /// A file whose every byte was written: its stored size and hash, and the
@@ -441,6 +480,11 @@ pub struct StoredFile {
     /// run's `kept_in` directory.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kept: bool,
+    /// In a store that compresses what it stores (a restic repository):
+    /// the name the script asked for, a gzip file, which is stored
+    /// uncompressed at `path` instead (gzip it to have that file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<String>,
 }
 
 impl StoredFile {
@@ -478,9 +522,10 @@ impl PendingFile {
     /// Syncs the data, renames it into place in the staging directory,
     /// syncs the directory and notes the file in the run's journal. (An
     /// upload is sealed instead, and completed at the run's end.)
-    pub fn commit(self, origin: Origin) -> io::Result<StoredFile> {
+    pub fn commit(mut self, origin: Origin) -> io::Result<StoredFile> {
+        let asked = self.asked.take();
         self.commit_as(|path, bytes, sha256, plain| {
-            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None, kept: false })
+            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None, kept: false, asked })
         })
     }
 

@@ -32,6 +32,13 @@ pub trait Outlet: Send + Sync {
         let _ = (rel, final_name, of);
         Ok(None)
     }
+
+    /// Whether the outlet compresses what it stores (a restic
+    /// repository): then a file asked for gzipped is stored as it is, so
+    /// that what changes little between runs is stored once.
+    fn compresses(&self) -> bool {
+        false
+    }
 }
 
 /// A file on a server, as a fetch opened it: what a partial copy of it

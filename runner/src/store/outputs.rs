@@ -117,6 +117,7 @@ mod tests {
                     origin: Default::default(),
                     replaces: None,
                     kept: false,
+                    asked: None,
                 })
                 .collect(),
             failed: failed

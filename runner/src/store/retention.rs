@@ -321,6 +321,7 @@ mod tests {
                     origin: Default::default(),
                     replaces: None,
                     kept: false,
+                    asked: None,
                 })
                 .collect(),
             failed: vec![],

@@ -47,6 +47,10 @@ impl Outlet for RepoOutlet {
         let path = rel.with_file_name(final_name);
         Ok(Box::new(ArchivedFile::start(&self.repo, path, Arc::clone(&self.archived))?))
     }
+
+    fn compresses(&self) -> bool {
+        true
+    }
 }
 
 enum Piece {
