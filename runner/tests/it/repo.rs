@@ -390,3 +390,42 @@ fn a_run_and_restics_exclusive_commands_take_turns_through_restics_locks() {
     assert!(caught, "restic's check never held its lock long enough to be caught");
     assert_eq!(site.snapshots().len(), before, "a run wrote beside restic's exclusive lock");
 }
+
+/// `[retention]` forgets the snapshots of the runs it prunes and removes
+/// the data only they referenced (under restic's exclusive lock), after a
+/// good run and with `offsite prune`; what stays reads back whole.
+#[test]
+fn retention_forgets_old_runs_and_prune_frees_their_data() {
+    let site = RepoSite::new("password_file = \"pass\"\n[retention]\nkeep_last = 2");
+    let big = site.dir.path().join("www/img/big.bin");
+    let mut sizes = Vec::new();
+    for i in 0..4u64 {
+        // Each run's archive is new data: 3 MiB that no other run has.
+        std::fs::write(&big, noise(3 << 20, 100 + i)).unwrap();
+        let ran = site.run("arc", &["--now", &format!("2004-03-2{}T01:48:44Z", i + 1)]);
+        ran.expect_code(0);
+        sizes.push(dir_size(&site.repo()));
+    }
+    let snaps = site.snapshots();
+    assert_eq!(snaps.len(), 2, "keep_last = 2: {snaps:?}");
+    // Two runs' data (about 6 MiB), not four.
+    let last = *sizes.last().unwrap();
+    assert!(last < 9 << 20, "the repository holds {last} bytes after pruning: {sizes:?}");
+    site.restic_ok(&["check", "--read-data"]);
+    for snap in &snaps {
+        let id = snap["id"].as_str().unwrap();
+        let listing = String::from_utf8(site.restic_ok(&["ls", id])).unwrap();
+        let tar = listing.lines().find(|l| l.ends_with(".tar")).unwrap().to_string();
+        let bytes = site.restic_ok(&["dump", id, &tar]);
+        assert!(bytes.len() > 3 << 20, "{tar}: {} bytes", bytes.len());
+    }
+    assert!(std::fs::read_dir(site.repo().join("locks")).unwrap().next().is_none(), "a lock was left");
+
+    // `offsite prune` with a stricter rule, by hand: the newest good run
+    // stays, whatever the rule.
+    site.write("password_file = \"pass\"\n[retention]\nkeep_daily = 1");
+    let pruned = site.command(&["prune"]);
+    pruned.expect_code(0);
+    assert_eq!(site.snapshots().len(), 1, "{}", pruned.stdout);
+    site.restic_ok(&["check", "--read-data"]);
+}

@@ -251,6 +251,14 @@ impl RepoLock {
                 if Some(&id) == mine || other.is_stale() {
                     continue;
                 }
+                // This process's own lock (the run whose retention takes
+                // an exclusive one) is no conflict.
+                let ours = other.hostname == crate::store::run::hostname()
+                    && other.pid == i64::from(std::process::id())
+                    && other.offsite_run.is_some();
+                if ours {
+                    continue;
+                }
                 let same_site = other.offsite_site.is_some() && other.offsite_site.as_deref() == site;
                 if exclusive || other.exclusive || same_site {
                     return Err(Refused::Busy(other.describe()));

@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -116,8 +116,9 @@ pub struct RepoRoot {
     backends: RepositoryBackends,
     key: MasterKey,
     signer: Option<ssh_key::PrivateKey>,
-    /// The index, read once, for reading files and manifests.
-    indexed: OnceLock<Result<Repository<IndexedFullStatus>, String>>,
+    /// The index, for reading files and manifests: read when first
+    /// needed, and again after this process changed the repository.
+    indexed: Mutex<Option<Arc<Repository<IndexedFullStatus>>>>,
     /// The run in progress: what its files made.
     run: Mutex<Option<Arc<Archived>>>,
     /// The site whose run or command holds the lock, for its lock file.
@@ -202,7 +203,7 @@ impl RepoRoot {
             backends,
             key,
             signer,
-            indexed: OnceLock::new(),
+            indexed: Mutex::new(None),
             run: Mutex::new(None),
             site: Mutex::new(None),
         })
@@ -222,11 +223,23 @@ impl RepoRoot {
         self.fresh()?.to_indexed_ids().map_err(|e| io::Error::other(rustic_text(&e)))
     }
 
-    fn indexed(&self) -> io::Result<&Repository<IndexedFullStatus>> {
-        self.indexed
-            .get_or_init(|| self.fresh().map_err(|e| e.to_string())?.to_indexed().map_err(|e| rustic_text(&e)))
-            .as_ref()
-            .map_err(|e| io::Error::other(format!("cannot read the repository's index: {e}")))
+    fn indexed(&self) -> io::Result<Arc<Repository<IndexedFullStatus>>> {
+        let mut cached = self.indexed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(repo) = &*cached {
+            return Ok(Arc::clone(repo));
+        }
+        let repo = self
+            .fresh()?
+            .to_indexed()
+            .map_err(|e| io::Error::other(format!("cannot read the repository's index: {}", rustic_text(&e))))?;
+        let repo = Arc::new(repo);
+        *cached = Some(Arc::clone(&repo));
+        Ok(repo)
+    }
+
+    /// The repository changed: the index is read again when next needed.
+    fn forget_index(&self) {
+        self.indexed.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// The snapshots Offsite made, oldest first.
@@ -340,6 +353,7 @@ impl RepoRoot {
         self.be.hold.store(false, Ordering::SeqCst);
         let saved = repo.save_snapshots(vec![snap]).map_err(|e| io::Error::other(rustic_text(&e)));
         self.be.hold.store(true, Ordering::SeqCst);
+        self.forget_index();
         saved
     }
 }
@@ -379,22 +393,22 @@ fn not_found(e: &RusticError) -> io::Error {
 }
 
 /// A file of a snapshot, read in pieces as it is asked for.
-struct FileReader<'a> {
-    repo: &'a Repository<IndexedFullStatus>,
+struct FileReader {
+    repo: Arc<Repository<IndexedFullStatus>>,
     file: rustic_core::vfs::OpenFile,
     size: u64,
     at: u64,
     piece: Bytes,
 }
 
-impl<'a> FileReader<'a> {
-    fn new(repo: &'a Repository<IndexedFullStatus>, node: &rustic_core::repofile::Node) -> io::Result<Self> {
+impl FileReader {
+    fn new(repo: Arc<Repository<IndexedFullStatus>>, node: &rustic_core::repofile::Node) -> io::Result<Self> {
         let file = repo.open_file(node).map_err(|e| io::Error::other(rustic_text(&e)))?;
         Ok(FileReader { repo, file, size: node.meta.size, at: 0, piece: Bytes::new() })
     }
 }
 
-impl Read for FileReader<'_> {
+impl Read for FileReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.piece.is_empty() {
             if self.at >= self.size {
@@ -651,11 +665,48 @@ impl Backend for RepoRoot {
         Ok(Vec::new())
     }
 
+    /// Forgets the snapshots of the runs `verdicts` prune, then prunes
+    /// the data no snapshot references any more (repacking packs that are
+    /// partly unused), all under an exclusive restic lock: no restic and
+    /// no other Offsite process works on the repository meanwhile (this
+    /// process's own run, whose retention this may be, excepted).
     fn prune(&self, verdicts: &[super::retention::Verdict]) -> io::Result<Vec<String>> {
-        if verdicts.iter().any(|v| v.pruned_because.is_some()) {
-            return Err(unsupported("retention"));
+        let gone: Vec<_> = verdicts.iter().filter(|v| !v.keep()).collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(Vec::new())
+        let site = self.site.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let run = format!("prune-{}", super::run::new_run_id(chrono::Local::now()));
+        let lock = match RepoLock::take(&self.local, &self.key, true, &run, site.as_deref()) {
+            Ok(lock) => lock,
+            Err(Refused::Busy(who)) => return Err(io::Error::other(format!("the repository is in use: {who}"))),
+            Err(Refused::Failed(e)) => return Err(e),
+        };
+        let snaps = self.snapshots()?;
+        let mut lines = Vec::new();
+        for v in gone {
+            let tag = format!("run={}", tag_text(&v.run_id));
+            for snap in snaps.iter().filter(|s| s.tags.contains(&tag)) {
+                let id = snap.id.into_inner();
+                self.be.remove(FileType::Snapshot, &id, true).map_err(|e| io::Error::other(rustic_text(&e)))?;
+            }
+            lines.push(format!("pruned run {} ({})", v.run_id, v.pruned_because.as_deref().unwrap_or_default()));
+        }
+        self.forget_index();
+        let repo = self.fresh()?;
+        let options = rustic_core::PruneOptions::default()
+            .instant_delete(true)
+            .max_unused(rustic_core::LimitOption::Percentage(0))
+            .max_repack(rustic_core::LimitOption::Unlimited);
+        let plan = repo.prune_plan(&options).map_err(|e| io::Error::other(rustic_text(&e)))?;
+        let (unused, repack) = (plan.stats.packs.unused, plan.stats.packs.repack);
+        lock.confirm().map_err(io::Error::other)?;
+        let pruned = repo.prune(&options, plan).map_err(|e| io::Error::other(rustic_text(&e)));
+        self.forget_index();
+        pruned?;
+        lines.push(format!("pruned the repository: {unused} pack(s) removed, {repack} repacked"));
+        lock.release().map_err(io::Error::other)?;
+        Ok(lines)
     }
 
     fn lock(&self, header: &RunHeader) -> Result<Locked, LockFailure> {
