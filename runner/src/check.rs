@@ -87,7 +87,7 @@ pub fn check(
             s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_key, connect);
         }
         crate::site::StoreAt::Repo(spec) => {
-            let _ = writeln!(out, "  writes snapshots only into the restic repository {}", spec.path.display());
+            let _ = writeln!(out, "  writes snapshots only into the restic repository {}", spec.display());
             repo_report(&mut out, &mut problems, spec, &at_key("", "store"));
         }
     }
@@ -113,11 +113,8 @@ pub fn check(
                 s3_report(&mut out, &mut problems, spec, site.limits.call_timeout, &at_copy, connect);
             }
             crate::site::StoreAt::Repo(spec) => {
-                let _ = writeln!(
-                    out,
-                    "  copies each good run into the restic repository {} (copy {n})",
-                    spec.path.display()
-                );
+                let _ =
+                    writeln!(out, "  copies each good run into the restic repository {} (copy {n})", spec.display());
                 repo_report(&mut out, &mut problems, spec, &format!("{file}: [[copy]] {n}"));
             }
         }
@@ -1035,21 +1032,31 @@ pub use crate::site::key_line;
 /// comes from (the password is never read or shown here).
 fn repo_report(out: &mut String, problems: &mut Vec<Problem>, spec: &crate::site::RepoStore, at: &str) {
     use crate::site::PasswordFrom;
-    if spec.path.join("config").is_file() {
-        let _ = writeln!(out, "    (a restic repository is there)");
-    } else if spec.path.exists() {
-        let empty = std::fs::read_dir(&spec.path).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !empty {
-            problems.push(Problem {
-                at: at.to_string(),
-                what: format!("{} is neither a restic repository nor empty", spec.path.display()),
-                fix: "point `store` at a repository, or at a directory of its own".into(),
-            });
-        } else {
-            let _ = writeln!(out, "    (it is empty; the first run creates the repository there)");
+    match &spec.at {
+        crate::site::RepoAt::Dir(path) if path.join("config").is_file() => {
+            let _ = writeln!(out, "    (a restic repository is there)");
         }
-    } else {
-        let _ = writeln!(out, "    (it does not exist yet; the first run creates the repository there)");
+        crate::site::RepoAt::Dir(path) if path.exists() => {
+            let empty = std::fs::read_dir(path).map(|mut d| d.next().is_none()).unwrap_or(false);
+            if !empty {
+                problems.push(Problem {
+                    at: at.to_string(),
+                    what: format!("{} is neither a restic repository nor empty", path.display()),
+                    fix: "point `store` at a repository, or at a directory of its own".into(),
+                });
+            } else {
+                let _ = writeln!(out, "    (it is empty; the first run creates the repository there)");
+            }
+        }
+        crate::site::RepoAt::Dir(_) => {
+            let _ = writeln!(out, "    (it does not exist yet; the first run creates the repository there)");
+        }
+        crate::site::RepoAt::S3(_) => {
+            let _ = writeln!(
+                out,
+                "    (in a bucket: the first run creates the repository if the prefix is empty; no server contacted)"
+            );
+        }
     }
     let file = match &spec.password {
         PasswordFrom::File(path) => {

@@ -340,6 +340,12 @@ impl Site {
             let n = i + 1;
             let fail = |key: &str, why: String| anyhow::anyhow!("{}: (copy {n}) {why}", at(&format!("copy.{key}")));
             let to = store_at(&copy.store, copy.s3, copy.repository, &file_dir).map_err(|(key, why)| fail(key, why))?;
+            if matches!(to, StoreAt::Repo(_)) || matches!(store, StoreAt::Repo(_)) {
+                return Err(fail(
+                    "store",
+                    "a [[copy]] to or from a restic repository is not supported yet; restic copy does it".into(),
+                ));
+            }
             if to == store || copies.iter().any(|c| c.store == to) {
                 return Err(fail(
                     "store",
@@ -679,12 +685,29 @@ pub enum StoreAt {
     Repo(Box<RepoStore>),
 }
 
-/// A `restic:` store: a restic repository (format 2) in a directory, and
-/// where its password comes from.
+/// A `restic:` store: a restic repository (format 2) in a directory or a
+/// bucket, and where its password comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoStore {
-    pub path: PathBuf,
+    pub at: RepoAt,
     pub password: PasswordFrom,
+}
+
+/// Where a repository is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoAt {
+    Dir(PathBuf),
+    S3(Box<S3Store>),
+}
+
+impl RepoStore {
+    /// For messages: `restic:PATH` or `restic:s3://BUCKET/PREFIX`.
+    pub fn display(&self) -> String {
+        match &self.at {
+            RepoAt::Dir(p) => format!("{RESTIC_PREFIX}{}", p.display()),
+            RepoAt::S3(s) => format!("{RESTIC_PREFIX}{}", s.location),
+        }
+    }
 }
 
 /// Where a repository's password comes from, as restic users keep it.
@@ -732,7 +755,7 @@ impl StoreAt {
         match self {
             StoreAt::Dir(p) => p.display().to_string(),
             StoreAt::S3(s) => s.location.to_string(),
-            StoreAt::Repo(r) => format!("{RESTIC_PREFIX}{}", r.path.display()),
+            StoreAt::Repo(r) => r.display(),
         }
     }
 }
@@ -769,7 +792,12 @@ fn store_at(
         }
         return Ok(StoreAt::Dir(file_dir.join(raw)));
     }
-    let location = crate::s3::S3Location::parse(&text).map_err(|e| ("store", e))?;
+    Ok(StoreAt::S3(Box::new(s3_at(&text, s3)?)))
+}
+
+/// An `s3://` location and the `[s3]` settings that reach it.
+fn s3_at(text: &str, s3: Option<S3Section>) -> Result<S3Store, (&'static str, String)> {
+    let location = crate::s3::S3Location::parse(text).map_err(|e| ("store", e))?;
     let s3 = s3.unwrap_or(S3Section {
         endpoint: None,
         region: None,
@@ -793,7 +821,7 @@ fn store_at(
     if lock_stale < Duration::from_secs(10) {
         return Err(("s3.lock_stale", "must be at least 10s (the lock is renewed every tenth of it)".into()));
     }
-    Ok(StoreAt::S3(Box::new(S3Store { location, settings, part_size, lock_stale })))
+    Ok(S3Store { location, settings, part_size, lock_stale })
 }
 
 /// A `restic:` store, and the `[repository]` table that says where its
@@ -804,12 +832,15 @@ fn repo_at(
     repository: Option<RepositorySection>,
     file_dir: &Path,
 ) -> Result<StoreAt, (&'static str, String)> {
-    if rest.starts_with("s3:") || rest.starts_with("s3://") {
-        return Err(("store", "a restic repository in a bucket is not supported yet; name a directory".into()));
-    }
-    if s3.is_some() {
-        return Err(("s3", "an [s3] table is for a bucket; this store is a restic repository in a directory".into()));
-    }
+    let at = if rest.starts_with("s3://") {
+        RepoAt::S3(Box::new(s3_at(rest, s3)?))
+    } else if rest.starts_with("s3:") {
+        return Err(("store", format!("a repository in a bucket is {RESTIC_PREFIX}s3://BUCKET/PREFIX")));
+    } else if s3.is_some() {
+        return Err(("s3", "an [s3] table is for a bucket; this repository is in a directory".into()));
+    } else {
+        RepoAt::Dir(file_dir.join(rest))
+    };
     if rest.is_empty() {
         return Err(("store", format!("name the repository's directory, like \"{RESTIC_PREFIX}/srv/offsite/repo\"")));
     }
@@ -825,7 +856,7 @@ fn repo_at(
         (None, Some(command)) => PasswordFrom::Command(command),
         (None, None) => PasswordFrom::EnvFile,
     };
-    Ok(StoreAt::Repo(Box::new(RepoStore { path: file_dir.join(rest), password })))
+    Ok(StoreAt::Repo(Box::new(RepoStore { at, password })))
 }
 
 #[derive(Deserialize, Default)]

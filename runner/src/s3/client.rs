@@ -276,6 +276,20 @@ impl Bucket {
         Ok(Some((bytes.to_vec(), etag)))
     }
 
+    /// `len` bytes of `rel` from `offset`: exactly those, or an error.
+    pub fn get_range(&self, rel: &str, offset: u64, len: u64) -> Result<bytes::Bytes, S3Error> {
+        let key = self.key(rel);
+        let got = self.call(rel, self.s3.get_range(&key, offset..offset + len))?;
+        if got.len() as u64 != len {
+            return Err(S3Error::Other(format!(
+                "{}: asked for {len} bytes at {offset}, the server sent {}",
+                self.shown(rel),
+                got.len()
+            )));
+        }
+        Ok(got)
+    }
+
     /// Size and ETag of `rel`; `None` if there is no such object.
     pub fn head(&self, rel: &str) -> Result<Option<Meta>, S3Error> {
         let key = self.key(rel);

@@ -216,7 +216,7 @@ pub fn open(
             root.probe().map_err(OpenError::s3)?;
             Ok(Root::new(root))
         }
-        StoreAt::Repo(spec) => Ok(Root::new(super::repo::RepoRoot::open(spec, access, signer)?)),
+        StoreAt::Repo(spec) => Ok(Root::new(super::repo::RepoRoot::open(spec, access, timeout, signer)?)),
     }
 }
 
@@ -226,7 +226,12 @@ pub fn probe_for_run(store: &StoreAt, timeout: Duration) -> Result<(), OpenError
     match store {
         StoreAt::Dir(dir) => super::run::probe_writable(dir).map_err(|e| OpenError::dir(e, Access::Run)),
         StoreAt::S3(_) => open(store, Access::Existing, timeout, None).map(drop),
-        StoreAt::Repo(spec) => super::run::probe_writable(&spec.path).map_err(|e| OpenError::dir(e, Access::Run)),
+        StoreAt::Repo(spec) => match &spec.at {
+            crate::site::RepoAt::Dir(path) => {
+                super::run::probe_writable(path).map_err(|e| OpenError::dir(e, Access::Run))
+            }
+            crate::site::RepoAt::S3(_) => Ok(()),
+        },
     }
 }
 

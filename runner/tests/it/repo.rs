@@ -429,3 +429,63 @@ fn retention_forgets_old_runs_and_prune_frees_their_data() {
     assert_eq!(site.snapshots().len(), 1, "{}", pruned.stdout);
     site.restic_ok(&["check", "--read-data"]);
 }
+
+/// The same repository in a bucket (`restic:s3://BUCKET/PREFIX`) on a
+/// real S3 server (SeaweedFS): restic reads it with its own S3 backend.
+#[test]
+fn a_repository_in_a_bucket_is_one_restic_reads_from_the_bucket() {
+    use offsite_testkit::seaweed::{ACCESS_KEY, S3Space, SECRET_KEY};
+    let server = S3Space::shared();
+    server.create_bucket("repos");
+    let url = server.url("s3://repos/web1");
+    let site = RepoSite::new("password_file = \"pass\"");
+    let text = std::fs::read_to_string(&site.file).unwrap().replace("restic:repo", &format!("restic:{url}"));
+    std::fs::write(&site.file, format!("{text}[s3]\nendpoint = \"{}\"\npath_style = true\n", server.endpoint()))
+        .unwrap();
+    let run = || {
+        let s = script("arc");
+        let path = format!("path={}", site.dir.path().join("www").display());
+        Ran::from_output(
+            site.offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", &path])
+                .env("HOME", site.dir.path())
+                .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+                .env_remove("AWS_PROFILE")
+                .output()
+                .unwrap(),
+        )
+    };
+    let ran = run();
+    ran.expect_code(0);
+    assert_eq!((ran.stdout.as_str(), ran.stderr.as_str()), ("", ""), "quiet on success");
+    run().expect_code(0);
+
+    let restic = |args: &[&str]| {
+        let bucket_url = url.strip_prefix("s3://").unwrap();
+        let out = Command::new("restic")
+            .arg("-r")
+            .arg(format!("s3:{}/{bucket_url}", server.endpoint()))
+            .arg("--no-cache")
+            .args(args)
+            .env("RESTIC_PASSWORD_FILE", site.dir.path().join("pass"))
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&restic(&["snapshots", "--json"])).unwrap();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    restic(&["check", "--read-data"]);
+    let id = snaps[1]["id"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&restic(&["dump", id, "/.offsite/manifest.json"])).unwrap();
+    let file = &manifest["files"][0];
+    let bytes = restic(&["dump", id, &format!("/{}", file["path"].as_str().unwrap())]);
+    assert_eq!(sha256(&bytes), file["sha256"].as_str().unwrap());
+    assert!(
+        !std::fs::read_dir(site.dir.path()).unwrap().any(|e| e.unwrap().file_name() == "repo"),
+        "nothing was written locally"
+    );
+}

@@ -27,15 +27,6 @@ impl LocalRepo {
         LocalRepo { root: root.to_path_buf() }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Whether a repository is there (its `config` file).
-    pub fn exists(&self) -> bool {
-        self.root.join("config").is_file()
-    }
-
     fn dir_of(&self, tpe: FileType, id: &Id) -> PathBuf {
         match tpe {
             FileType::Config => self.root.clone(),
@@ -53,7 +44,7 @@ impl LocalRepo {
 
     /// Writes `name` in `dir` whole: a temporary file, synced, renamed,
     /// and the directory synced.
-    pub(crate) fn write_whole(dir: &Path, name: &str, buf: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_file(dir: &Path, name: &str, buf: &[u8]) -> io::Result<()> {
         let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
         let result = (|| {
             let mut f = fs::OpenOptions::new()
@@ -173,7 +164,7 @@ impl WriteBackend for LocalRepo {
                 .create(&dir)
                 .map_err(|e| io_error("Cannot create the repository directory `{path}`", &dir, e))?;
         }
-        LocalRepo::write_whole(&dir, &name, &buf).map_err(|e| io_error("Cannot write `{path}`", &path, e))
+        LocalRepo::write_file(&dir, &name, &buf).map_err(|e| io_error("Cannot write `{path}`", &path, e))
     }
 
     fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
@@ -183,5 +174,65 @@ impl WriteBackend for LocalRepo {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_error("Cannot remove `{path}`", &path, e)),
         }
+    }
+}
+
+impl super::Storage for LocalRepo {
+    fn exists(&self) -> io::Result<bool> {
+        Ok(self.root.join("config").is_file())
+    }
+
+    fn is_empty(&self) -> io::Result<bool> {
+        match fs::read_dir(&self.root) {
+            Ok(mut entries) => Ok(entries.next().is_none()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn names(&self, dir: &str) -> io::Result<Vec<String>> {
+        match fs::read_dir(self.root.join(dir)) {
+            Ok(entries) => {
+                Ok(entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_small(
+        &self,
+        dir: &str,
+        name: &str,
+        max: u64,
+    ) -> io::Result<Option<(Vec<u8>, Option<std::time::SystemTime>)>> {
+        let path = self.root.join(dir).join(name);
+        let file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        let modified = meta.modified().ok();
+        if meta.len() > max {
+            return Ok(Some((Vec::new(), modified)));
+        }
+        let mut out = Vec::new();
+        file.take(max).read_to_end(&mut out)?;
+        Ok(Some((out, modified)))
+    }
+
+    fn write_whole(&self, dir: &str, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let dir = self.root.join(dir);
+        fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
+        LocalRepo::write_file(&dir, name, bytes)
+    }
+
+    fn remove_file(&self, dir: &str, name: &str) -> io::Result<()> {
+        fs::remove_file(self.root.join(dir).join(name))
+    }
+
+    fn shown(&self) -> String {
+        format!("restic:{}", self.root.display())
     }
 }

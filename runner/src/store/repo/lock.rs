@@ -21,7 +21,7 @@ use rustic_core::Id;
 use rustic_core::repofile::MasterKey;
 use sha2::{Digest, Sha256};
 
-use super::local::LocalRepo;
+use super::Storage;
 
 /// A lock not renewed for this long is stale (restic's `staleTimeout`).
 pub const STALE: Duration = Duration::from_secs(30 * 60);
@@ -137,29 +137,20 @@ pub fn decrypt(key: &MasterKey, data: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Every lock file, with its id.
-pub fn locks(repo: &LocalRepo, key: &MasterKey) -> std::io::Result<Vec<(Id, LockFile)>> {
-    let ids = match std::fs::read_dir(repo.root().join("locks")) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str().filter(|n| n.len() == 64).and_then(|n| n.parse::<Id>().ok()))
-            .collect::<Vec<_>>(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
-    };
+pub fn locks(repo: &dyn Storage, key: &MasterKey) -> std::io::Result<Vec<(Id, LockFile)>> {
     let mut found = Vec::new();
-    for id in ids {
-        let path = lock_path(repo, &id);
-        let Ok(data) = std::fs::read(&path) else { continue };
+    for name in repo.names(LOCKS)? {
+        let Some(id) = name.parse::<Id>().ok().filter(|_| name.len() == 64) else { continue };
+        // Bounded: a lock is a few hundred bytes.
+        let Some((data, modified)) = repo.read_small(LOCKS, &name, 64 << 10)? else { continue };
         match read_lock(key, &data) {
             Some(lock) => found.push((id, lock)),
             // Damaged, or not a lock: taken as an exclusive lock, stale
             // by its age as any other, so that nothing is run beside
             // what cannot be read.
             None => {
-                let time = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .map(|t| chrono::DateTime::<chrono::Local>::from(t).to_rfc3339())
-                    .unwrap_or_default();
+                let time =
+                    modified.map(|t| chrono::DateTime::<chrono::Local>::from(t).to_rfc3339()).unwrap_or_default();
                 let lock = LockFile {
                     time,
                     exclusive: true,
@@ -170,7 +161,7 @@ pub fn locks(repo: &LocalRepo, key: &MasterKey) -> std::io::Result<Vec<(Id, Lock
                     gid: 0,
                     offsite_run: None,
                     offsite_site: None,
-                    unreadable: Some(format!("locks/{}", id.to_hex().as_str())),
+                    unreadable: Some(format!("{LOCKS}/{name}")),
                 };
                 found.push((id, lock));
             }
@@ -182,9 +173,6 @@ pub fn locks(repo: &LocalRepo, key: &MasterKey) -> std::io::Result<Vec<(Id, Lock
 /// A lock file's JSON, if it decrypts and parses (bounded: a lock is a
 /// few hundred bytes).
 fn read_lock(key: &MasterKey, data: &[u8]) -> Option<LockFile> {
-    if data.len() > 64 << 10 {
-        return None;
-    }
     let plain = decrypt(key, data)?;
     let json = match plain.first() {
         Some(b'{') => plain,
@@ -196,18 +184,22 @@ fn read_lock(key: &MasterKey, data: &[u8]) -> Option<LockFile> {
     serde_json::from_slice(&json).ok()
 }
 
-fn lock_path(repo: &LocalRepo, id: &Id) -> std::path::PathBuf {
-    repo.root().join("locks").join(id.to_hex().as_str())
-}
+/// The directory of lock files.
+const LOCKS: &str = "locks";
 
 /// Writes `lock`, returning its id.
-fn write(repo: &LocalRepo, key: &MasterKey, lock: &LockFile) -> std::io::Result<Id> {
+fn write(repo: &dyn Storage, key: &MasterKey, lock: &LockFile) -> std::io::Result<Id> {
     let data = encrypt(key, &serde_json::to_vec(lock).expect("a lock serialises"))?;
     let id = hex::encode(Sha256::digest(&data)).parse::<Id>().map_err(|e| std::io::Error::other(e.to_string()))?;
-    let dir = repo.root().join("locks");
-    std::fs::DirBuilder::new().recursive(true).create(&dir)?;
-    LocalRepo::write_whole(&dir, id.to_hex().as_str(), &data)?;
+    repo.write_whole(LOCKS, id.to_hex().as_str(), &data)?;
     Ok(id)
+}
+
+fn remove(repo: &dyn Storage, id: &Id) -> std::io::Result<()> {
+    match repo.remove_file(LOCKS, id.to_hex().as_str()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Why a lock was not taken.
@@ -225,7 +217,7 @@ pub struct RepoLock {
 }
 
 struct Shared {
-    repo: LocalRepo,
+    repo: Arc<dyn Storage>,
     key: MasterKey,
     lock: LockFile,
     id: Mutex<Option<Id>>,
@@ -240,14 +232,14 @@ impl RepoLock {
     /// exclusive; a shared Offsite lock of the same site also refuses a
     /// run. Stale locks are left for restic's `unlock` (and ignored).
     pub fn take(
-        repo: &LocalRepo,
+        repo: &Arc<dyn Storage>,
         key: &MasterKey,
         exclusive: bool,
         run: &str,
         site: Option<&str>,
     ) -> Result<RepoLock, Refused> {
         let conflicts = |mine: Option<&Id>| -> Result<(), Refused> {
-            for (id, other) in locks(repo, key).map_err(Refused::Failed)? {
+            for (id, other) in locks(&**repo, key).map_err(Refused::Failed)? {
                 if Some(&id) == mine || other.is_stale() {
                     continue;
                 }
@@ -280,14 +272,14 @@ impl RepoLock {
             offsite_site: site.map(str::to_string),
             unreadable: None,
         };
-        let id = write(repo, key, &lock).map_err(Refused::Failed)?;
+        let id = write(&**repo, key, &lock).map_err(Refused::Failed)?;
         // Two takers at once both see the other now, and both give way.
         if let Err(e) = conflicts(Some(&id)) {
-            let _ = std::fs::remove_file(lock_path(repo, &id));
+            let _ = remove(&**repo, &id);
             return Err(e);
         }
         let state = Arc::new(Shared {
-            repo: repo.clone(),
+            repo: Arc::clone(repo),
             key: key.clone(),
             lock,
             id: Mutex::new(Some(id)),
@@ -312,7 +304,9 @@ impl RepoLock {
         }
         let id = self.state.id.lock().unwrap_or_else(|e| e.into_inner());
         match id.as_ref() {
-            Some(id) if lock_path(&self.state.repo, id).is_file() => Ok(()),
+            Some(id) if self.state.repo.names(LOCKS).is_ok_and(|n| n.iter().any(|n| n == id.to_hex().as_str())) => {
+                Ok(())
+            }
             _ => Err("the repository lock was removed (restic unlock?)".into()),
         }
     }
@@ -322,11 +316,7 @@ impl RepoLock {
         self.stop_renewing();
         let id = self.state.id.lock().unwrap_or_else(|e| e.into_inner()).take();
         match id {
-            Some(id) => match std::fs::remove_file(lock_path(&self.state.repo, &id)) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("cannot remove the repository lock: {e}")),
-            },
+            Some(id) => remove(&*self.state.repo, &id).map_err(|e| format!("cannot remove the repository lock: {e}")),
             None => Ok(()),
         }
     }
@@ -344,7 +334,7 @@ impl Drop for RepoLock {
     fn drop(&mut self) {
         self.stop_renewing();
         if let Some(id) = self.state.id.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = std::fs::remove_file(lock_path(&self.state.repo, &id));
+            let _ = remove(&*self.state.repo, &id);
         }
     }
 }
@@ -362,11 +352,11 @@ fn renew(state: &Shared) {
         }
         let mut lock = state.lock.clone();
         lock.time = chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, false);
-        match write(&state.repo, &state.key, &lock) {
+        match write(&*state.repo, &state.key, &lock) {
             Ok(new) => {
                 let old = state.id.lock().unwrap_or_else(|e| e.into_inner()).replace(new);
                 if let Some(old) = old {
-                    let _ = std::fs::remove_file(lock_path(&state.repo, &old));
+                    let _ = remove(&*state.repo, &old);
                 }
             }
             Err(e) => {

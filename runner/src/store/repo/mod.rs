@@ -21,6 +21,7 @@
 //! password_file` or `password_command`, or from `RESTIC_PASSWORD_FILE`,
 //! and is never in argv or a log.
 
+mod bucket;
 mod local;
 mod lock;
 mod outlet;
@@ -44,7 +45,7 @@ use super::backend::{Access, Backend, Fault, Held, LockFailure, Locked, OpenErro
 use super::lock::Holder;
 use super::run::{BadManifest, Outcome, RunHeader, Runs, manifest_for};
 use super::{Budget, Manifest, Status, Store, protect};
-use crate::site::{PasswordFrom, RepoStore, Site};
+use crate::site::{PasswordFrom, RepoAt, RepoStore, Site};
 
 use self::local::LocalRepo;
 use self::lock::{Refused, RepoLock};
@@ -60,6 +61,31 @@ const PACK_SIZE: u64 = 4 << 20;
 /// How long a `password_command` may take.
 const PASSWORD_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where a repository's files are (a directory, a bucket): rustic_core's
+/// backend, and the few files it has no type for (locks).
+pub(crate) trait Storage: WriteBackend + std::fmt::Debug {
+    /// Whether a repository is there (its `config`).
+    fn exists(&self) -> io::Result<bool>;
+    /// Whether nothing at all is there.
+    fn is_empty(&self) -> io::Result<bool>;
+    /// The names of the files in `dir` (`locks`).
+    fn names(&self, dir: &str) -> io::Result<Vec<String>>;
+    /// A small file and when it was written; an empty one if it is
+    /// larger than `max`; `None` if it is gone.
+    #[allow(clippy::type_complexity)]
+    fn read_small(
+        &self,
+        dir: &str,
+        name: &str,
+        max: u64,
+    ) -> io::Result<Option<(Vec<u8>, Option<std::time::SystemTime>)>>;
+    /// Writes a file whole (or not at all).
+    fn write_whole(&self, dir: &str, name: &str, bytes: &[u8]) -> io::Result<()>;
+    fn remove_file(&self, dir: &str, name: &str) -> io::Result<()>;
+    /// For messages: `restic:WHERE`.
+    fn shown(&self) -> String;
+}
+
 /// A rustic error as one line: its message with its context filled in.
 pub(crate) fn rustic_text(e: &RusticError) -> String {
     let text = e.display_log();
@@ -71,7 +97,7 @@ pub(crate) fn rustic_text(e: &RusticError) -> String {
 /// `hold` is set.
 #[derive(Debug)]
 struct Holding {
-    inner: LocalRepo,
+    inner: Arc<dyn Storage>,
     hold: AtomicBool,
 }
 
@@ -110,8 +136,7 @@ impl WriteBackend for Holding {
 
 /// A site's repository, opened with its password.
 pub struct RepoRoot {
-    spec: RepoStore,
-    local: LocalRepo,
+    storage: Arc<dyn Storage>,
     be: Arc<Holding>,
     backends: RepositoryBackends,
     key: MasterKey,
@@ -128,41 +153,54 @@ pub struct RepoRoot {
 impl RepoRoot {
     /// Opens the repository at `spec`; for a run (or a copy into a
     /// directory that is there), creates it first if there is none.
-    pub fn open(spec: &RepoStore, access: Access, signer: Option<ssh_key::PrivateKey>) -> Result<RepoRoot, OpenError> {
-        let local = LocalRepo::new(&spec.path);
-        let shown = spec.path.display();
-        let exists = local.exists();
-        if !exists {
-            let missing = |why: String| Err(OpenError::new(why, Fault::Missing));
-            match access {
-                Access::Existing => {
-                    return missing(format!("{shown} holds no restic repository yet (the first run creates it)"));
-                }
-                Access::Copy if !spec.path.is_dir() => {
+    pub fn open(
+        spec: &RepoStore,
+        access: Access,
+        timeout: Duration,
+        signer: Option<ssh_key::PrivateKey>,
+    ) -> Result<RepoRoot, OpenError> {
+        let shown = spec.display();
+        let storage: Arc<dyn Storage> = match &spec.at {
+            RepoAt::Dir(path) => {
+                if access == Access::Copy && !path.is_dir() {
                     return Err(OpenError::new(
                         format!(
-                            "{shown} does not exist (a disk not mounted?); a copy goes only into a directory that \
-                             is there (mkdir -m 700 it once where the copy belongs)"
+                            "{} does not exist (a disk not mounted?); a copy goes only into a directory that is \
+                             there (mkdir -m 700 it once where the copy belongs)",
+                            path.display()
                         ),
                         Fault::Config,
                     ));
                 }
-                _ => {}
+                Arc::new(LocalRepo::new(path))
             }
-            if let Ok(mut entries) = std::fs::read_dir(&spec.path)
-                && entries.next().is_some()
-            {
+            RepoAt::S3(s3) => {
+                let root = super::s3::S3Root::open(s3, timeout).map_err(OpenError::s3)?;
+                root.probe().map_err(OpenError::s3)?;
+                Arc::new(bucket::BucketRepo::new(Arc::clone(root.bucket())))
+            }
+        };
+        let unreachable = |e: io::Error| OpenError::new(format!("cannot reach {shown}: {e}"), Fault::Outage);
+        let exists = storage.exists().map_err(unreachable)?;
+        if !exists {
+            if access == Access::Existing {
+                return Err(OpenError::new(
+                    format!("{shown} holds no restic repository yet (the first run creates it)"),
+                    Fault::Missing,
+                ));
+            }
+            if !storage.is_empty().map_err(unreachable)? {
                 return Err(OpenError::new(
                     format!(
                         "{shown} is neither a restic repository (it has no config file) nor empty; a repository \
-                         store needs a directory of its own"
+                         store needs a place of its own"
                     ),
                     Fault::Config,
                 ));
             }
         }
         let password = read_password(&spec.password).map_err(|e| OpenError::new(e, Fault::Config))?;
-        let be = Arc::new(Holding { inner: local.clone(), hold: AtomicBool::new(false) });
+        let be = Arc::new(Holding { inner: Arc::clone(&storage), hold: AtomicBool::new(false) });
         let backends = RepositoryBackends::new(Arc::clone(&be) as Arc<dyn WriteBackend>, None);
         let options = RepositoryOptions::default().no_cache(true);
         let fail = |what: &str, e: Box<RusticError>| {
@@ -186,8 +224,8 @@ impl RepoRoot {
             // The key first, then the config: a repository is never
             // there without a way in.
             let master = MasterKey::new();
-            local.create().map_err(|e| fail("create", e))?;
-            write_key(&local, &password, &master)
+            storage.create().map_err(|e| fail("create", e))?;
+            write_key(&*storage, &password, &master)
                 .map_err(|e| OpenError::new(format!("cannot write the repository's key: {e}"), Fault::Config))?;
             let repo = repo
                 .init(&Credentials::Masterkey(master), &KeyOptions::default(), &config)
@@ -197,8 +235,7 @@ impl RepoRoot {
         };
         let key = repo.key();
         Ok(RepoRoot {
-            spec: spec.clone(),
-            local,
+            storage,
             be,
             backends,
             key,
@@ -435,7 +472,7 @@ impl Read for FileReader {
 /// own key derives with scrypt N = 2^17 (128 MiB each time the repository
 /// is opened); restic's take N = 2^15, r = 8 and a p it calibrates (32
 /// MiB), and so does this one (p = 8).
-fn write_key(local: &LocalRepo, password: &str, master: &MasterKey) -> io::Result<()> {
+fn write_key(storage: &dyn Storage, password: &str, master: &MasterKey) -> io::Result<()> {
     use rustic_core::repofile::KeyFile;
     let mut salt = vec![0u8; 64];
     getrandom::fill(&mut salt).map_err(|e| io::Error::other(format!("no random salt: {e}")))?;
@@ -455,7 +492,7 @@ fn write_key(local: &LocalRepo, password: &str, master: &MasterKey) -> io::Resul
     file.data = lock::seal(&wrapping, &serde_json::to_vec(master).map_err(io::Error::other)?)?;
     let json = serde_json::to_vec(&file).map_err(io::Error::other)?;
     let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&json));
-    LocalRepo::write_whole(&local.root().join("keys"), &id, &json)
+    storage.write_whole("keys", &id, &json)
 }
 
 /// Reads the repository's password from where the site says.
@@ -626,7 +663,7 @@ impl Backend for RepoRoot {
     }
 
     fn holders(&self) -> (Option<Holder>, Option<Holder>) {
-        let Ok(found) = lock::locks(&self.local, &self.key) else { return (None, None) };
+        let Ok(found) = lock::locks(&*self.storage, &self.key) else { return (None, None) };
         let holder = |l: &lock::LockFile| Holder {
             pid: u32::try_from(l.pid).unwrap_or(0),
             hostname: l.hostname.clone(),
@@ -644,7 +681,7 @@ impl Backend for RepoRoot {
             problems: Vec::new(),
             notes: vec![format!(
                 "{}: a restic repository holds only what its snapshots reference, and data a prune removes",
-                self.spec.path.display()
+                self.storage.shown()
             )],
         })
     }
@@ -677,7 +714,7 @@ impl Backend for RepoRoot {
         }
         let site = self.site.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let run = format!("prune-{}", super::run::new_run_id(chrono::Local::now()));
-        let lock = match RepoLock::take(&self.local, &self.key, true, &run, site.as_deref()) {
+        let lock = match RepoLock::take(&self.storage, &self.key, true, &run, site.as_deref()) {
             Ok(lock) => lock,
             Err(Refused::Busy(who)) => return Err(io::Error::other(format!("the repository is in use: {who}"))),
             Err(Refused::Failed(e)) => return Err(e),
@@ -712,14 +749,14 @@ impl Backend for RepoRoot {
     fn lock(&self, header: &RunHeader) -> Result<Locked, LockFailure> {
         let exclusive = ["prune-", "forget-"].iter().any(|p| header.run_id.starts_with(p));
         let site = (!header.site.is_empty()).then_some(header.site.as_str());
-        match RepoLock::take(&self.local, &self.key, exclusive, &header.run_id, site) {
+        match RepoLock::take(&self.storage, &self.key, exclusive, &header.run_id, site) {
             Ok(lock) => {
                 *self.site.lock().unwrap_or_else(|e| e.into_inner()) = site.map(str::to_string);
                 Ok(Locked { lock: Box::new(HeldLock(lock)), took_over: None })
             }
             Err(Refused::Busy(who)) => Err(LockFailure::Busy(format!("the restic repository is locked: {who}"))),
             Err(Refused::Failed(e)) => Err(LockFailure::Failed(OpenError::new(
-                format!("{}: cannot lock the restic repository: {e}", self.spec.path.display()),
+                format!("{}: cannot lock the restic repository: {e}", self.storage.shown()),
                 Fault::Outage,
             ))),
         }
