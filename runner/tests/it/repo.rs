@@ -489,3 +489,68 @@ fn a_repository_in_a_bucket_is_one_restic_reads_from_the_bucket() {
         "nothing was written locally"
     );
 }
+
+/// The repository is data: a pack cut short, an index or a snapshot file
+/// that is not what it claims, each gives a clear error (never a crash, a
+/// panic's exit 101) and never a good-looking result.
+#[test]
+fn a_repository_that_lies_is_an_error_never_a_crash() {
+    let fresh = || {
+        let site = RepoSite::new("password_file = \"pass\"");
+        site.run("arc", &[]).expect_code(0);
+        site
+    };
+    let files = |site: &RepoSite, dir: &str| -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(site.repo().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                out.push(p);
+            }
+        }
+        out.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+        out
+    };
+    let no_crash = |ran: &Ran, what: &str| {
+        assert_ne!(ran.code, 101, "{what}: a panic\n{}", ran.stderr);
+        assert!(!ran.stderr.contains("panicked"), "{what}: {}", ran.stderr);
+        // One line per error, not rustic's page with a backtrace.
+        assert!(!ran.stderr.contains("Backtrace") && ran.stderr.lines().count() < 6, "{what}: {}", ran.stderr);
+    };
+
+    // The largest data pack cut in half: verify finds the output it held
+    // broken, and says so.
+    let site = fresh();
+    let pack = files(&site, "data").pop().unwrap();
+    let len = std::fs::metadata(&pack).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&pack).unwrap().set_len(len / 2).unwrap();
+    let ran = site.command(&["verify"]);
+    no_crash(&ran, "truncated pack");
+    assert_ne!(ran.code, 0, "verify passed a truncated pack: {}", ran.stdout);
+
+    // Every index file replaced by garbage: a run fails with an error,
+    // and no snapshot is made.
+    let site = fresh();
+    for index in files(&site, "index") {
+        std::fs::write(&index, noise(4096, 9)).unwrap();
+    }
+    let ran = site.run("arc", &[]);
+    no_crash(&ran, "garbage index");
+    assert_ne!(ran.code, 0, "a run over a garbage index succeeded");
+    let ran = site.command(&["status"]);
+    no_crash(&ran, "status over a garbage index");
+
+    // A snapshot file replaced by garbage: status and verify say so.
+    let site = fresh();
+    for snap in files(&site, "snapshots") {
+        std::fs::write(&snap, noise(600, 11)).unwrap();
+    }
+    let ran = site.command(&["status"]);
+    no_crash(&ran, "garbage snapshot");
+    assert_ne!(ran.code, 0, "status over a garbage snapshot: {}", ran.stdout);
+    let ran = site.command(&["verify"]);
+    no_crash(&ran, "verify over a garbage snapshot");
+    assert_ne!(ran.code, 0);
+}

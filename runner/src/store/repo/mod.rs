@@ -86,10 +86,36 @@ pub(crate) trait Storage: WriteBackend + std::fmt::Debug {
     fn shown(&self) -> String;
 }
 
-/// A rustic error as one line: its message with its context filled in.
+/// A rustic error as one line: its message with its context filled in,
+/// then each of its causes the same way (rustic's own `Display` is a
+/// page with a backtrace), bounded.
 pub(crate) fn rustic_text(e: &RusticError) -> String {
-    let text = e.display_log();
-    text.strip_prefix("Error: ").unwrap_or(&text).to_string()
+    fn head(e: &RusticError) -> String {
+        let log = e.display_log();
+        let log = log.strip_prefix("Error: ").unwrap_or(&log);
+        log.split(" (kind: related to").next().unwrap_or(log).to_string()
+    }
+    let mut text = head(e);
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let rustic = c.downcast_ref::<RusticError>().or_else(|| c.downcast_ref::<Box<RusticError>>().map(|b| &**b));
+        let said = match rustic {
+            Some(r) => head(r),
+            None => c.to_string(),
+        };
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    let mut one = text.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    if one.len() > 600 {
+        let cut = (0..=600).rev().find(|&i| one.is_char_boundary(i)).unwrap_or(0);
+        one.truncate(cut);
+        one.push('…');
+    }
+    one
 }
 
 /// The repository's backend for rustic_core: the directory, with the
@@ -676,14 +702,32 @@ impl Backend for RepoRoot {
         (live, dead)
     }
 
+    /// restic's structure check, as `restic check` does it without
+    /// `--read-data`: every pack the index names is there with its size,
+    /// every snapshot's trees are readable, every blob they name is in
+    /// the index. (The outputs' bytes are read and hashed by `verify`
+    /// itself, run by run.) Data no snapshot references is a note: a
+    /// prune removes it.
     fn unlisted(&self, _: &dyn Fn(&Path) -> bool) -> io::Result<Unlisted> {
-        Ok(Unlisted {
-            problems: Vec::new(),
-            notes: vec![format!(
-                "{}: a restic repository holds only what its snapshots reference, and data a prune removes",
-                self.storage.shown()
-            )],
-        })
+        let results = self
+            .fresh()?
+            .check(rustic_core::CheckOptions::default())
+            .map_err(|e| io::Error::other(format!("the repository's check failed: {}", rustic_text(&e))))?;
+        let mut found = Unlisted::default();
+        for (level, finding) in &results.0 {
+            let line = format!("{}: {}", self.storage.shown(), crate::text::escape(&finding.to_string()));
+            // The level's type is not exported: its name says which.
+            if format!("{level:?}") == "Error" {
+                found.problems.push(line);
+            } else {
+                found.notes.push(line);
+            }
+        }
+        found.notes.push(format!(
+            "{}: the repository's structure was checked (packs, index, trees), as restic check does",
+            self.storage.shown()
+        ));
+        Ok(found)
     }
 
     fn can_forget(&self) -> io::Result<()> {
