@@ -54,7 +54,8 @@ impl Outlet for RepoOutlet {
 }
 
 enum Piece {
-    Bytes(Vec<u8>),
+    /// A buffer, and how many of its first bytes are the file's.
+    Bytes(Vec<u8>, usize),
     /// Every byte was sent: the reader ends here, not at a hang-up.
     End,
 }
@@ -66,6 +67,9 @@ pub struct ArchivedFile {
     used: usize,
     sent: u64,
     tx: Option<SyncSender<Piece>>,
+    /// Buffers the reader is done with, to fill again (no allocation,
+    /// zeroing or page faults per MiB).
+    free: Receiver<Vec<u8>>,
     archiver: Option<std::thread::JoinHandle<RusticResult<SnapshotFile>>>,
     archived: Arc<Archived>,
 }
@@ -73,7 +77,8 @@ pub struct ArchivedFile {
 impl ArchivedFile {
     pub fn start(repo: &Arc<Repository<IndexedIdsStatus>>, path: PathBuf, archived: Arc<Archived>) -> io::Result<Self> {
         let (tx, rx) = sync_channel(IN_FLIGHT);
-        let source = ChannelSource { path: path.clone(), rx: Mutex::new(Some(rx)) };
+        let (back, free) = sync_channel(IN_FLIGHT + 2);
+        let source = ChannelSource { path: path.clone(), rx: Mutex::new(Some((rx, back))) };
         let repo = Arc::clone(repo);
         let archiver = std::thread::Builder::new().name("offsite-archive".into()).spawn(move || {
             // No parent: every byte is read and chunked, never taken from
@@ -89,6 +94,7 @@ impl ArchivedFile {
             used: 0,
             sent: 0,
             tx: Some(tx),
+            free,
             archiver: Some(archiver),
             archived,
         })
@@ -98,12 +104,12 @@ impl ArchivedFile {
         if self.used == 0 {
             return Ok(());
         }
-        let mut piece = std::mem::replace(&mut self.buf, vec![0; PIECE]);
-        piece.truncate(self.used);
-        self.sent += self.used as u64;
-        self.used = 0;
+        let next = self.free.try_recv().unwrap_or_else(|_| vec![0; PIECE]);
+        let piece = std::mem::replace(&mut self.buf, next);
+        let used = std::mem::take(&mut self.used);
+        self.sent += used as u64;
         let tx = self.tx.as_ref().expect("not kept");
-        tx.send(Piece::Bytes(piece)).map_err(|_| self.archiver_gone())
+        tx.send(Piece::Bytes(piece, used)).map_err(|_| self.archiver_gone())
     }
 
     /// The archiver stopped reading: its error, if it has one yet.
@@ -194,7 +200,7 @@ impl Drop for ArchivedFile {
 /// One file whose bytes come through a channel.
 struct ChannelSource {
     path: PathBuf,
-    rx: Mutex<Option<Receiver<Piece>>>,
+    rx: Mutex<Option<(Receiver<Piece>, SyncSender<Vec<u8>>)>>,
 }
 
 impl ReadSource for ChannelSource {
@@ -208,39 +214,55 @@ impl ReadSource for ChannelSource {
     fn entries(&self) -> Self::Iter {
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let name = self.path.file_name().unwrap_or_default();
-        let meta =
-            Metadata { mode: Some(0o600), mtime: Some(rustic_core::jiff::Timestamp::now()), ..Default::default() };
+        // The size is unknown until the end (the run's end writes the
+        // true one into the snapshot's trees). rustic's chunker takes it
+        // as a hint of how much to read at once: 0 would make it grow
+        // each chunk's buffer from nothing, in small reads.
+        let meta = Metadata {
+            mode: Some(0o600),
+            mtime: Some(rustic_core::jiff::Timestamp::now()),
+            size: 1 << 40,
+            ..Default::default()
+        };
         let node = Node::new_node(name, NodeType::File, meta);
         std::iter::once(Ok(ReadSourceEntry { path: self.path.clone(), node, open: rx.map(ChannelOpen) }))
     }
 }
 
-struct ChannelOpen(Receiver<Piece>);
+struct ChannelOpen((Receiver<Piece>, SyncSender<Vec<u8>>));
 
 impl ReadSourceOpen for ChannelOpen {
     type Reader = ChannelReader;
 
     fn open(self) -> RusticResult<ChannelReader> {
-        Ok(ChannelReader { rx: self.0, piece: Vec::new(), at: 0, ended: false })
+        let (rx, back) = self.0;
+        Ok(ChannelReader { rx, back, piece: Vec::new(), len: 0, at: 0, ended: false })
     }
 }
 
 struct ChannelReader {
     rx: Receiver<Piece>,
+    /// Where read buffers go back to the writer.
+    back: SyncSender<Vec<u8>>,
     piece: Vec<u8>,
+    len: usize,
     at: usize,
     ended: bool,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.piece.len() {
+        while self.at == self.len {
             if self.ended {
                 return Ok(0);
             }
             match self.rx.recv() {
-                Ok(Piece::Bytes(p)) => {
-                    self.piece = p;
+                Ok(Piece::Bytes(p, len)) => {
+                    let done = std::mem::replace(&mut self.piece, p);
+                    if done.len() == PIECE {
+                        let _ = self.back.try_send(done);
+                    }
+                    self.len = len.min(self.piece.len());
                     self.at = 0;
                 }
                 Ok(Piece::End) => self.ended = true,
@@ -249,7 +271,7 @@ impl Read for ChannelReader {
                 }
             }
         }
-        let n = out.len().min(self.piece.len() - self.at);
+        let n = out.len().min(self.len - self.at);
         out[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
         self.at += n;
         Ok(n)
