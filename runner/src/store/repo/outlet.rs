@@ -200,8 +200,11 @@ impl Drop for ArchivedFile {
 /// One file whose bytes come through a channel.
 struct ChannelSource {
     path: PathBuf,
-    rx: Mutex<Option<(Receiver<Piece>, SyncSender<Vec<u8>>)>>,
+    rx: Mutex<Option<Pipe>>,
 }
+
+/// The pieces coming, and the way buffers go back.
+type Pipe = (Receiver<Piece>, SyncSender<Vec<u8>>);
 
 impl ReadSource for ChannelSource {
     type Open = ChannelOpen;
@@ -229,7 +232,7 @@ impl ReadSource for ChannelSource {
     }
 }
 
-struct ChannelOpen((Receiver<Piece>, SyncSender<Vec<u8>>));
+struct ChannelOpen(Pipe);
 
 impl ReadSourceOpen for ChannelOpen {
     type Reader = ChannelReader;
