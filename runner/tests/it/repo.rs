@@ -554,3 +554,45 @@ fn a_repository_that_lies_is_an_error_never_a_crash() {
     no_crash(&ran, "verify over a garbage snapshot");
     assert_ne!(ran.code, 0);
 }
+
+/// `[protect] signing_key`: each snapshot holds the manifest's SSHSIG
+/// signature beside it, which `offsite verify` and `ssh-keygen -Y verify`
+/// both accept.
+#[test]
+fn a_signed_site_keeps_each_manifests_signature_in_its_snapshot() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let (key, _) = offsite_testkit::ssh_keypair(site.dir.path(), "sign");
+    let text = std::fs::read_to_string(&site.file).unwrap();
+    std::fs::write(&site.file, format!("{text}[protect]\nsigning_key = \"{}\"\n", key.display())).unwrap();
+    site.run("arc", &[]).expect_code(0);
+    let id = site.snapshots()[0]["id"].as_str().unwrap().to_string();
+    let manifest = site.restic_ok(&["dump", &id, "/.offsite/manifest.json"]);
+    let sig = site.restic_ok(&["dump", &id, "/.offsite/manifest.json.sig"]);
+    let verify = site.command(&["verify", "-v"]);
+    verify.expect_code(0);
+    assert!(
+        verify.stdout.contains("signature ok") || verify.stderr.contains("signature ok"),
+        "{}\n{}",
+        verify.stdout,
+        verify.stderr
+    );
+
+    // OpenSSH's own check of the same bytes.
+    let pubkey = std::fs::read_to_string(format!("{}.pub", key.display())).unwrap();
+    let signers = site.dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("offsite {pubkey}")).unwrap();
+    let sig_file = site.dir.path().join("manifest.sig");
+    std::fs::write(&sig_file, &sig).unwrap();
+    let mut check = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-n", "offsite-manifest", "-I", "offsite", "-f"])
+        .arg(&signers)
+        .arg("-s")
+        .arg(&sig_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), &manifest).unwrap();
+    drop(check.stdin.take());
+    assert!(check.wait().unwrap().success(), "ssh-keygen -Y verify refused the snapshot's signature");
+}
