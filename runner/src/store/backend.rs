@@ -226,12 +226,17 @@ pub fn probe_for_run(store: &StoreAt, timeout: Duration) -> Result<(), OpenError
     match store {
         StoreAt::Dir(dir) => super::run::probe_writable(dir).map_err(|e| OpenError::dir(e, Access::Run)),
         StoreAt::S3(_) => open(store, Access::Existing, timeout, None).map(drop),
-        StoreAt::Repo(spec) => match &spec.at {
-            crate::site::RepoAt::Dir(path) => {
-                super::run::probe_writable(path).map_err(|e| OpenError::dir(e, Access::Run))
+        StoreAt::Repo(spec) => {
+            match &spec.at {
+                crate::site::RepoAt::Dir(path) => {
+                    super::run::probe_writable(path).map_err(|e| OpenError::dir(e, Access::Run))?
+                }
+                crate::site::RepoAt::S3(s3) => {
+                    super::s3::S3Root::open(s3, timeout).and_then(|root| root.probe()).map_err(OpenError::s3)?
+                }
             }
-            crate::site::RepoAt::S3(_) => Ok(()),
-        },
+            super::repo::probe_password(&spec.password).map_err(|e| OpenError::new(e, Fault::Config))
+        }
     }
 }
 

@@ -230,6 +230,10 @@ fn a_repository_restic_made_takes_runs_and_a_wrong_or_readable_password_is_one_c
     ran.expect_code(2);
     assert!(ran.stderr.contains("others can read it"), "{}", ran.stderr);
     assert!(!ran.stderr.contains(PASSWORD), "{}", ran.stderr);
+    // A dry run finds it too, writing nothing.
+    let ran = site.run("arc", &["--dry-run"]);
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("others can read it"), "{}", ran.stderr);
 
     // A password command, as restic takes it; one that fails says so.
     site.write("password_command = \"cat pass\"");

@@ -521,6 +521,15 @@ fn write_key(storage: &dyn Storage, password: &str, master: &MasterKey) -> io::R
     storage.write_whole("keys", &id, &json)
 }
 
+/// What a dry run checks of the password: that its file is there and
+/// only its owner's (a `password_command` is not run).
+pub fn probe_password(from: &PasswordFrom) -> Result<(), String> {
+    match from {
+        PasswordFrom::Command(_) => Ok(()),
+        PasswordFrom::File(_) | PasswordFrom::EnvFile => read_password(from).map(drop),
+    }
+}
+
 /// Reads the repository's password from where the site says.
 fn read_password(from: &PasswordFrom) -> Result<String, String> {
     let from_file = |path: &Path, what: &str| -> Result<String, String> {
