@@ -89,10 +89,16 @@ impl ReadBackend for BucketRepo {
             return Err(RusticError::new(ErrorKind::Backend, "`{path}` is larger than a repository file may be")
                 .attach_context("path", rel));
         }
-        let mut out = Vec::with_capacity(reader.size() as usize);
-        io::Read::read_to_end(&mut reader, &mut out).map_err(|e| {
-            RusticError::with_source(ErrorKind::Backend, "Cannot read `{path}`", e).attach_context("path", rel)
+        let size = reader.size();
+        let mut out = Vec::with_capacity(size as usize);
+        // Never more than the server said it would send.
+        io::Read::read_to_end(&mut io::Read::take(&mut reader, size + 1), &mut out).map_err(|e| {
+            RusticError::with_source(ErrorKind::Backend, "Cannot read `{path}`", e).attach_context("path", rel.clone())
         })?;
+        if out.len() as u64 != size {
+            return Err(RusticError::new(ErrorKind::Backend, "`{path}` is not the size the server said it is")
+                .attach_context("path", rel));
+        }
         Ok(out.into())
     }
 
