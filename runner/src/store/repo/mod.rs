@@ -44,7 +44,7 @@ use rustic_core::{
 use super::backend::{Access, Backend, Fault, Held, LockFailure, Locked, OpenError, Unlisted};
 use super::lock::Holder;
 use super::run::{BadManifest, Outcome, RunHeader, Runs, manifest_for};
-use super::{Budget, Manifest, Status, Store, protect};
+use super::{Budget, Manifest, Store, protect};
 use crate::site::{PasswordFrom, RepoAt, RepoStore, Site};
 
 use self::local::LocalRepo;
@@ -171,7 +171,7 @@ pub struct RepoRoot {
     /// needed, and again after this process changed the repository.
     indexed: Mutex<Option<Arc<Repository<IndexedFullStatus>>>>,
     /// The run in progress: what its files made.
-    run: Mutex<Option<Arc<Archived>>>,
+    run: Mutex<Option<RunState>>,
     /// The site whose run or command holds the lock, for its lock file.
     site: Mutex<Option<String>>,
 }
@@ -351,16 +351,23 @@ impl RepoRoot {
 
     /// The run's end: the snapshot of `manifest`'s files, which the run
     /// archived, with the manifest (and its signature) beside them.
-    fn save_snapshot(&self, header: &RunHeader, manifest: &Manifest, archived: &Archived) -> io::Result<()> {
+    /// `run_repo` is the run's own, whose index its files were archived
+    /// against: the manifest is too.
+    fn save_snapshot(
+        &self,
+        header: &RunHeader,
+        manifest: &Manifest,
+        run_repo: &Arc<Repository<IndexedIdsStatus>>,
+        archived: &Archived,
+    ) -> io::Result<()> {
         let json = manifest.to_json();
-        let run_repo = Arc::new(self.with_ids()?);
         let mut small = vec![(MANIFEST_PATH.to_string(), json.clone())];
         if let Some(key) = &self.signer {
             small.push((format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX), protect::sign(key, &json)?));
         }
         for (path, bytes) in small {
             let mut file =
-                Box::new(ArchivedFile::start(&run_repo, PathBuf::from(&path), Arc::new(Archived::default()))?);
+                Box::new(ArchivedFile::start(run_repo, PathBuf::from(&path), Arc::new(Archived::default()))?);
             std::io::Write::write_all(&mut *file, &bytes)?;
             let tree = file.finish()?;
             archived.trees.lock().unwrap_or_else(|e| e.into_inner()).push((path, tree, bytes.len() as u64));
@@ -609,6 +616,10 @@ fn run_password_command(command: &str) -> Result<String, String> {
         .map_err(|_| "the repository's password_command printed something that is not UTF-8".into())
 }
 
+/// A run in progress: its repository (with the index as the run began)
+/// and what its files made.
+type RunState = (Arc<Repository<IndexedIdsStatus>>, Arc<Archived>);
+
 /// The lock a run or command holds.
 struct HeldLock(RepoLock);
 
@@ -834,7 +845,7 @@ impl Backend for RepoRoot {
         }
         let repo = Arc::new(self.with_ids()?);
         let archived = Arc::new(Archived::default());
-        *self.run.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&archived));
+        *self.run.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::clone(&repo), Arc::clone(&archived)));
         self.be.hold.store(true, Ordering::SeqCst);
         Ok(Store::new(&header.run_id, Box::new(RepoOutlet { repo, archived }), budget, Vec::new(), None))
     }
@@ -847,16 +858,15 @@ impl Backend for RepoRoot {
         lock: &dyn Held,
     ) -> io::Result<Manifest> {
         let ended = chrono::Local::now().to_rfc3339();
-        let mut manifest = manifest_for(header, store.stored(), outcome, &ended);
-        let archived = self.run.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-        if manifest.status == Status::Partial && manifest.published().next().is_none() {
-            manifest.status = Status::Incomplete;
-        }
+        let manifest = manifest_for(header, store.stored(), outcome, &ended);
+        let Some((run_repo, archived)) = self.run.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Err(io::Error::other("the run was not begun in this repository"));
+        };
         if !manifest.status.publishes() {
             return Ok(manifest);
         }
         lock.confirm().map_err(io::Error::other)?;
-        self.save_snapshot(header, &manifest, &archived)?;
+        self.save_snapshot(header, &manifest, &run_repo, &archived)?;
         Ok(manifest)
     }
 
