@@ -79,7 +79,7 @@ impl LockFile {
         if let Some(name) = &self.unreadable {
             return format!(
                 "{name} is a lock file that cannot be read (damaged?), written {}; it is taken as an exclusive \
-                 lock until it is 30 minutes old (restic unlock removes it then)",
+                 lock until it is 30 minutes old, then ignored (restic unlock --remove-all removes it)",
                 self.time
             );
         }
