@@ -199,6 +199,27 @@ fn restic_reads_each_run_as_one_snapshot_and_gives_every_output_back_byte_for_by
     let www = site.dir.path().join("www");
     assert_same_tree(&www, &x.path().join(www.strip_prefix("/").unwrap()));
 
+    // Offsite cuts chunks where restic does: restic storing the same
+    // 16 MiB archive adds not one data blob.
+    let mut backup = site
+        .restic()
+        .args(["backup", "--json", "--stdin", "--stdin-filename", "again.tar"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(backup.stdin.as_mut().unwrap(), &outputs[1].1).unwrap();
+    drop(backup.stdin.take());
+    let out = backup.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message_type"] == "summary")
+        .expect("restic's summary");
+    assert_eq!(summary["data_blobs"], 0, "{summary}");
+    assert!(summary["total_bytes_processed"].as_u64().unwrap() > 16 << 20, "{summary}");
+
     // Offsite's own commands read it too.
     let verify = site.command(&["verify"]);
     verify.expect_code(0);

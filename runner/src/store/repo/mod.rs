@@ -1,7 +1,8 @@
 //! A restic repository as a site's store: `store = "restic:PATH"`.
 //!
 //! A run streams each output into the repository as it is written
-//! (`outlet.rs`: rustic_core chunks, compresses, encrypts and packs it),
+//! (`outlet.rs`, `packer.rs`: chunked at restic's boundaries, compressed,
+//! encrypted and packed; rustic_core opens, indexes, checks and prunes),
 //! and its end saves **one snapshot** holding every output at the path
 //! the script chose, plus the run's manifest at `.offsite/manifest.json`
 //! (and its signature beside it). The snapshot is tagged `offsite`,
@@ -22,23 +23,24 @@
 //! and is never in argv or a log.
 
 mod bucket;
+mod chunker;
 mod local;
 mod lock;
 mod outlet;
+mod packer;
 mod trees;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustic_core::repofile::{MasterKey, Metadata, NodeType, SnapshotFile, StringList};
+use rustic_core::repofile::{MasterKey, Metadata, Node, NodeType, SnapshotFile, StringList};
 use rustic_core::{
-    ConfigOptions, Credentials, FileType, Id, IndexedFullStatus, IndexedIdsStatus, KeyOptions, OpenStatus, ReadBackend,
-    Repository, RepositoryBackends, RepositoryOptions, RusticError, RusticResult, SnapshotOptions, WriteBackend,
+    ConfigOptions, Credentials, FileType, IndexedFullStatus, KeyOptions, OpenStatus, Repository, RepositoryBackends,
+    RepositoryOptions, RusticError, SnapshotOptions, WriteBackend,
 };
 
 use super::backend::{Access, Backend, Fault, Held, LockFailure, Locked, OpenError, Unlisted};
@@ -49,15 +51,16 @@ use crate::site::{PasswordFrom, RepoAt, RepoStore, Site};
 
 use self::local::LocalRepo;
 use self::lock::{Refused, RepoLock};
-use self::outlet::{Archived, ArchivedFile, RepoOutlet};
+use self::outlet::{Archived, ArchivedFile, RepoOutlet, Target};
+use self::packer::{Known, Sink};
 
 /// Where a snapshot keeps the run's manifest.
 pub const MANIFEST_PATH: &str = ".offsite/manifest.json";
 /// The tag every snapshot Offsite makes carries.
 pub const TAG: &str = "offsite";
 /// Data packs of 4 MiB: rustic's default grows them toward 32 MiB, and
-/// the packer's buffer with them (see docs/BENCHMARKS.md).
-const PACK_SIZE: u64 = 4 << 20;
+/// the packer's buffers with them (see docs/BENCHMARKS.md).
+const PACK_SIZE: usize = 4 << 20;
 /// How long a `password_command` may take.
 const PASSWORD_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -118,52 +121,10 @@ pub(crate) fn rustic_text(e: &RusticError) -> String {
     one
 }
 
-/// The repository's backend for rustic_core: the directory, with the
-/// snapshot of each file's archive held back (see `outlet.rs`) while
-/// `hold` is set.
-#[derive(Debug)]
-struct Holding {
-    inner: Arc<dyn Storage>,
-    hold: AtomicBool,
-}
-
-impl ReadBackend for Holding {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        self.inner.list_with_size(tpe)
-    }
-    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
-        self.inner.read_full(tpe, id)
-    }
-    fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
-        self.inner.read_partial(tpe, id, cacheable, offset, length)
-    }
-    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
-        self.inner.warmup_path(tpe, id)
-    }
-}
-
-impl WriteBackend for Holding {
-    fn create(&self) -> RusticResult<()> {
-        self.inner.create()
-    }
-    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, buf: Bytes) -> RusticResult<()> {
-        if tpe == FileType::Snapshot && self.hold.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.inner.write_bytes(tpe, id, cacheable, buf)
-    }
-    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
-        self.inner.remove(tpe, id, cacheable)
-    }
-}
-
 /// A site's repository, opened with its password.
 pub struct RepoRoot {
     storage: Arc<dyn Storage>,
-    be: Arc<Holding>,
+    be: Arc<dyn WriteBackend>,
     backends: RepositoryBackends,
     key: MasterKey,
     signer: Option<ssh_key::PrivateKey>,
@@ -226,8 +187,8 @@ impl RepoRoot {
             }
         }
         let password = read_password(&spec.password).map_err(|e| OpenError::new(e, Fault::Config))?;
-        let be = Arc::new(Holding { inner: Arc::clone(&storage), hold: AtomicBool::new(false) });
-        let backends = RepositoryBackends::new(Arc::clone(&be) as Arc<dyn WriteBackend>, None);
+        let be: Arc<dyn WriteBackend> = Arc::clone(&storage) as Arc<dyn WriteBackend>;
+        let backends = RepositoryBackends::new(Arc::clone(&be), None);
         let options = RepositoryOptions::default().no_cache(true);
         let fail = |what: &str, e: Box<RusticError>| {
             let fault = if e.is_incorrect_password() { Fault::Config } else { Fault::Outage };
@@ -244,9 +205,9 @@ impl RepoRoot {
             repo.open(&credentials).map_err(|e| fail("open", e))?
         } else {
             let config = ConfigOptions::default()
-                .set_datapack_size(bytesize::ByteSize::b(PACK_SIZE))
+                .set_datapack_size(bytesize::ByteSize::b(PACK_SIZE as u64))
                 .set_datapack_growfactor(0u32)
-                .set_datapack_size_limit(bytesize::ByteSize::b(PACK_SIZE));
+                .set_datapack_size_limit(bytesize::ByteSize::b(PACK_SIZE as u64));
             // The key first, then the config: a repository is never
             // there without a way in.
             let master = MasterKey::new();
@@ -279,11 +240,6 @@ impl RepoRoot {
         Repository::new(&options, &self.backends)
             .and_then(|r| r.open(&Credentials::Masterkey(self.key.clone())))
             .map_err(|e| io::Error::other(rustic_text(&e)))
-    }
-
-    /// A fresh repository with its index read (ids and places of blobs).
-    fn with_ids(&self) -> io::Result<Repository<IndexedIdsStatus>> {
-        self.fresh()?.to_indexed_ids().map_err(|e| io::Error::other(rustic_text(&e)))
     }
 
     fn indexed(&self) -> io::Result<Arc<Repository<IndexedFullStatus>>> {
@@ -350,14 +306,12 @@ impl RepoRoot {
     }
 
     /// The run's end: the snapshot of `manifest`'s files, which the run
-    /// archived, with the manifest (and its signature) beside them.
-    /// `run_repo` is the run's own, whose index its files were archived
-    /// against: the manifest is too.
+    /// stored, with the manifest (and its signature) beside them.
     fn save_snapshot(
         &self,
         header: &RunHeader,
         manifest: &Manifest,
-        run_repo: &Arc<Repository<IndexedIdsStatus>>,
+        target: &Target,
         archived: &Archived,
     ) -> io::Result<()> {
         let json = manifest.to_json();
@@ -366,14 +320,11 @@ impl RepoRoot {
             small.push((format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX), protect::sign(key, &json)?));
         }
         for (path, bytes) in small {
-            let mut file =
-                Box::new(ArchivedFile::start(run_repo, PathBuf::from(&path), Arc::new(Archived::default()))?);
+            let mut file = Box::new(ArchivedFile::start(target, PathBuf::from(&path), Arc::new(Archived::default()))?);
             std::io::Write::write_all(&mut *file, &bytes)?;
-            let tree = file.finish()?;
-            archived.trees.lock().unwrap_or_else(|e| e.into_inner()).push((path, tree, bytes.len() as u64));
+            let content = file.finish()?;
+            archived.files.lock().unwrap_or_else(|e| e.into_inner()).push((path, content, bytes.len() as u64));
         }
-        // The index again: now with the trees of this run's archives.
-        let repo = self.with_ids()?;
         let published: BTreeSet<&str> = manifest.published().map(|f| f.path.as_str()).collect();
         let now = jiff_now();
         let meta = Metadata {
@@ -384,19 +335,14 @@ impl RepoRoot {
             ..Default::default()
         };
         let mut root = trees::Dir::default();
-        for (path, tree, bytes) in archived.trees.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (path, content, bytes) in archived.files.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if !path.starts_with(".offsite/") && !published.contains(path.as_str()) {
                 continue;
             }
             let file = Path::new(path);
             let name = file.file_name().ok_or_else(|| io::Error::other("a file without a name"))?;
-            let archived_tree = walk_to(&repo, *tree, file)?;
-            let mut node = archived_tree
-                .nodes
-                .into_iter()
-                .find(|n| std::ffi::OsStr::new(&n.name) == name && n.node_type == NodeType::File)
-                .ok_or_else(|| io::Error::other(format!("the repository has no file {path} from this run")))?;
-            node.meta = Metadata { size: *bytes, ..meta.clone() };
+            let mut node = Node::new_node(name, NodeType::File, Metadata { size: *bytes, ..meta.clone() });
+            node.content = Some(content.clone());
             root.insert(file, node).map_err(io::Error::other)?;
         }
         let mut pack = trees::TreePack::new();
@@ -420,33 +366,10 @@ impl RepoRoot {
         if let Ok(started) = header.started.parse::<rustic_core::jiff::Timestamp>() {
             snap.time = started.to_zoned(rustic_core::jiff::tz::TimeZone::system());
         }
-        self.be.hold.store(false, Ordering::SeqCst);
-        let saved = repo.save_snapshots(vec![snap]).map_err(|e| io::Error::other(rustic_text(&e)));
-        self.be.hold.store(true, Ordering::SeqCst);
+        let saved = self.fresh()?.save_snapshots(vec![snap]).map_err(|e| io::Error::other(rustic_text(&e)));
         self.forget_index();
         saved
     }
-}
-
-/// The tree of `tree`'s directory that holds `file` (a path relative to it).
-fn walk_to(
-    repo: &Repository<IndexedIdsStatus>,
-    tree: rustic_core::TreeId,
-    file: &Path,
-) -> io::Result<rustic_core::repofile::Tree> {
-    let mut here = repo.get_tree(&tree).map_err(|e| io::Error::other(rustic_text(&e)))?;
-    if let Some(parent) = file.parent() {
-        for part in parent.iter() {
-            let sub = here
-                .nodes
-                .iter()
-                .find(|n| std::ffi::OsStr::new(&n.name) == part && n.node_type == NodeType::Dir)
-                .and_then(|n| n.subtree)
-                .ok_or_else(|| io::Error::other(format!("the repository has no directory for {}", file.display())))?;
-            here = repo.get_tree(&sub).map_err(|e| io::Error::other(rustic_text(&e)))?;
-        }
-    }
-    Ok(here)
 }
 
 fn jiff_now() -> rustic_core::jiff::Timestamp {
@@ -618,7 +541,7 @@ fn run_password_command(command: &str) -> Result<String, String> {
 
 /// A run in progress: its repository (with the index as the run began)
 /// and what its files made.
-type RunState = (Arc<Repository<IndexedIdsStatus>>, Arc<Archived>);
+type RunState = (Target, Arc<Archived>);
 
 /// The lock a run or command holds.
 struct HeldLock(RepoLock);
@@ -843,11 +766,19 @@ impl Backend for RepoRoot {
         if !recipients.is_empty() {
             return Err(io::Error::other("a restic repository encrypts with its own key; age recipients do not apply"));
         }
-        let repo = Arc::new(self.with_ids()?);
+        // The index as the run begins, fresh: what its files need not
+        // store again.
+        let repo = self
+            .fresh()?
+            .to_indexed()
+            .map_err(|e| io::Error::other(format!("cannot read the repository's index: {}", rustic_text(&e))))?;
+        let level = repo.config().zstd().map_err(|e| io::Error::other(rustic_text(&e)))?;
+        let known = Arc::new(Known { repo: Arc::new(repo), stored: Mutex::new(HashSet::new()) });
+        let sink = Sink { be: Arc::clone(&self.be), key: self.key.clone(), level, pack_size: PACK_SIZE };
+        let target = Target { known, sink };
         let archived = Arc::new(Archived::default());
-        *self.run.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::clone(&repo), Arc::clone(&archived)));
-        self.be.hold.store(true, Ordering::SeqCst);
-        Ok(Store::new(&header.run_id, Box::new(RepoOutlet { repo, archived }), budget, Vec::new(), None))
+        *self.run.lock().unwrap_or_else(|e| e.into_inner()) = Some((target.clone(), Arc::clone(&archived)));
+        Ok(Store::new(&header.run_id, Box::new(RepoOutlet { target, archived }), budget, Vec::new(), None))
     }
 
     fn finish_run(
@@ -859,14 +790,14 @@ impl Backend for RepoRoot {
     ) -> io::Result<Manifest> {
         let ended = chrono::Local::now().to_rfc3339();
         let manifest = manifest_for(header, store.stored(), outcome, &ended);
-        let Some((run_repo, archived)) = self.run.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let Some((target, archived)) = self.run.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Err(io::Error::other("the run was not begun in this repository"));
         };
         if !manifest.status.publishes() {
             return Ok(manifest);
         }
         lock.confirm().map_err(io::Error::other)?;
-        self.save_snapshot(header, &manifest, &run_repo, &archived)?;
+        self.save_snapshot(header, &manifest, &target, &archived)?;
         Ok(manifest)
     }
 

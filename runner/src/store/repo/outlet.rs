@@ -1,51 +1,55 @@
 //! A run's files, streamed into a restic repository as they are written.
 //!
-//! Each file is archived by rustic_core on a thread of its own, reading
+//! Each file is stored by `packer.rs` on a thread of its own, reading
 //! the bytes the run writes through a bounded channel (a few MiB in
-//! flight, whatever the file's size): rustic chunks them (content-defined,
+//! flight, whatever the file's size): it chunks them (content-defined,
 //! so a dump that changes a little stores only the changed chunks),
-//! compresses, encrypts and packs them. What it makes is one tree per
-//! file. The snapshot it would save for that tree is held back (see
-//! [`super::Holding`]): only the run's end saves a snapshot, one for the
-//! whole run, when the run is recorded. A file dropped before it is kept
-//! makes its archive fail; the chunks already packed stay as data no
-//! snapshot references, which a prune removes.
+//! compresses, encrypts and packs them, and writes an index file for its
+//! packs. What a kept file leaves is its list of chunks and its size,
+//! for the snapshot the run's end writes (see `trees.rs`). A file dropped
+//! before it is kept stops its thread; the packs already written are
+//! data that no index or snapshot names, which a prune removes.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use rustic_core::repofile::{Metadata, Node, NodeType, SnapshotFile};
-use rustic_core::{
-    BackupOptions, IndexedIdsStatus, ParentOptions, ReadSource, ReadSourceEntry, ReadSourceOpen, Repository,
-    RusticResult, SnapshotOptions, TreeId,
-};
+use rustic_core::DataId;
 
+use super::packer::{self, Known, Sink, Stored};
 use crate::store::outlet::{OutFile, Outlet, Unpublished};
 
 /// How many bytes go to the archiver at a time.
 const PIECE: usize = 1 << 20;
 /// How many pieces may wait for it.
 const IN_FLIGHT: usize = 4;
+/// At most this many threads compress and seal a file's chunks.
+const MAX_WORKERS: usize = 4;
 
-/// What a run has archived: each kept file's path and tree.
+/// What a run has stored: each kept file's path, chunks and size.
 #[derive(Default)]
 pub struct Archived {
-    /// Path, tree and size of each.
-    pub trees: Mutex<Vec<(String, TreeId, u64)>>,
+    pub files: Mutex<Vec<(String, Vec<DataId>, u64)>>,
+}
+
+/// Where a run's files go: what the repository has, and how to add to it.
+#[derive(Clone)]
+pub struct Target {
+    pub known: Arc<Known>,
+    pub sink: Sink,
 }
 
 /// The outlet of a run into a repository.
 pub struct RepoOutlet {
-    pub repo: Arc<Repository<IndexedIdsStatus>>,
+    pub target: Target,
     pub archived: Arc<Archived>,
 }
 
 impl Outlet for RepoOutlet {
     fn create(&self, rel: &Path, final_name: &str) -> io::Result<Box<dyn OutFile>> {
         let path = rel.with_file_name(final_name);
-        Ok(Box::new(ArchivedFile::start(&self.repo, path, Arc::clone(&self.archived))?))
+        Ok(Box::new(ArchivedFile::start(&self.target, path, Arc::clone(&self.archived))?))
     }
 
     fn compresses(&self) -> bool {
@@ -70,24 +74,22 @@ pub struct ArchivedFile {
     /// Buffers the reader is done with, to fill again (no allocation,
     /// zeroing or page faults per MiB).
     free: Receiver<Vec<u8>>,
-    archiver: Option<std::thread::JoinHandle<RusticResult<SnapshotFile>>>,
+    archiver: Option<std::thread::JoinHandle<io::Result<Stored>>>,
     archived: Arc<Archived>,
+    known: Arc<Known>,
 }
 
 impl ArchivedFile {
-    pub fn start(repo: &Arc<Repository<IndexedIdsStatus>>, path: PathBuf, archived: Arc<Archived>) -> io::Result<Self> {
+    pub fn start(target: &Target, path: PathBuf, archived: Arc<Archived>) -> io::Result<Self> {
         let (tx, rx) = sync_channel(IN_FLIGHT);
         let (back, free) = sync_channel(IN_FLIGHT + 2);
-        let source = ChannelSource { path: path.clone(), rx: Mutex::new(Some((rx, back))) };
-        let repo = Arc::clone(repo);
-        let archiver = std::thread::Builder::new().name("offsite-archive".into()).spawn(move || {
-            // No parent: every byte is read and chunked, never taken from
-            // an earlier snapshot by its metadata.
-            let opts = BackupOptions::default().parent_opts(ParentOptions::default().force(true)).no_scan(true);
-            let snap = SnapshotOptions::default().to_snapshot()?;
-            let paths = [source.path.clone()];
-            repo.archive(&opts, &source, snap, &paths)
-        })?;
+        let mut reader = ChannelReader { rx, back, piece: Vec::new(), len: 0, at: 0, ended: false };
+        let target = target.clone();
+        let known = Arc::clone(&target.known);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS));
+        let archiver = std::thread::Builder::new()
+            .name("offsite-chunk".into())
+            .spawn(move || packer::store(&mut reader, &target.known, &target.sink, workers))?;
         Ok(ArchivedFile {
             path,
             buf: vec![0; PIECE],
@@ -97,6 +99,7 @@ impl ArchivedFile {
             free,
             archiver: Some(archiver),
             archived,
+            known,
         })
     }
 
@@ -115,34 +118,34 @@ impl ArchivedFile {
     /// The archiver stopped reading: its error, if it has one yet.
     fn archiver_gone(&mut self) -> io::Error {
         match self.archiver.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(Err(e))) => {
-                io::Error::other(format!("the repository refused the file: {}", super::rustic_text(&e)))
-            }
+            Some(Ok(Err(e))) => io::Error::other(format!("the repository refused the file: {e}")),
             _ => io::Error::other("the repository's archiver stopped"),
         }
     }
 
-    /// Sends the end, waits for the archiver and checks what it made.
-    pub fn finish(&mut self) -> io::Result<TreeId> {
+    /// Sends the end, waits for the archiver and checks what it stored:
+    /// the file's chunks, once its packs and their index are written.
+    pub fn finish(&mut self) -> io::Result<Vec<DataId>> {
         self.send_buffer()?;
         let tx = self.tx.take().expect("finished once");
         tx.send(Piece::End).map_err(|_| self.archiver_gone())?;
         drop(tx);
-        let snap = match self.archiver.take().expect("finished once").join() {
-            Ok(Ok(snap)) => snap,
-            Ok(Err(e)) => return Err(io::Error::other(super::rustic_text(&e))),
+        let stored = match self.archiver.take().expect("finished once").join() {
+            Ok(Ok(stored)) => stored,
+            Ok(Err(e)) => return Err(io::Error::other(format!("the repository refused the file: {e}"))),
             Err(_) => return Err(io::Error::other("the repository's archiver panicked")),
         };
-        // Evidence: rustic archived exactly one file of exactly the bytes
-        // sent. (It skips a file whose reading failed, with a warning.)
-        let summary = snap.summary.unwrap_or_default();
-        if summary.total_files_processed != 1 || summary.total_bytes_processed != self.sent {
+        // Evidence: the chunks hold exactly the bytes sent.
+        if stored.bytes != self.sent {
             return Err(io::Error::other(format!(
-                "the repository archived {} file(s) of {} bytes, but {} bytes were written",
-                summary.total_files_processed, summary.total_bytes_processed, self.sent
+                "the repository stored {} bytes, but {} bytes were written",
+                stored.bytes, self.sent
             )));
         }
-        Ok(snap.tree)
+        // Its chunks are in an index now: later files of the run may
+        // name them.
+        self.known.stored.lock().unwrap_or_else(|e| e.into_inner()).extend(stored.new);
+        Ok(stored.content)
     }
 }
 
@@ -177,10 +180,10 @@ impl OutFile for ArchivedFile {
     }
 
     fn keep(mut self: Box<Self>) -> io::Result<Option<Box<dyn Unpublished>>> {
-        let tree = self.finish()?;
+        let content = self.finish()?;
         let path = self.path.to_string_lossy().into_owned();
         let bytes = self.sent;
-        self.archived.trees.lock().unwrap_or_else(|e| e.into_inner()).push((path, tree, bytes));
+        self.archived.files.lock().unwrap_or_else(|e| e.into_inner()).push((path, content, bytes));
         Ok(None)
     }
 }
@@ -197,52 +200,7 @@ impl Drop for ArchivedFile {
     }
 }
 
-/// One file whose bytes come through a channel.
-struct ChannelSource {
-    path: PathBuf,
-    rx: Mutex<Option<Pipe>>,
-}
-
-/// The pieces coming, and the way buffers go back.
-type Pipe = (Receiver<Piece>, SyncSender<Vec<u8>>);
-
-impl ReadSource for ChannelSource {
-    type Open = ChannelOpen;
-    type Iter = std::iter::Once<RusticResult<ReadSourceEntry<ChannelOpen>>>;
-
-    fn size(&self) -> RusticResult<Option<u64>> {
-        Ok(None)
-    }
-
-    fn entries(&self) -> Self::Iter {
-        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let name = self.path.file_name().unwrap_or_default();
-        // The size is unknown until the end (the run's end writes the
-        // true one into the snapshot's trees). rustic's chunker takes it
-        // as a hint of how much to read at once: 0 would make it grow
-        // each chunk's buffer from nothing, in small reads.
-        let meta = Metadata {
-            mode: Some(0o600),
-            mtime: Some(rustic_core::jiff::Timestamp::now()),
-            size: 1 << 40,
-            ..Default::default()
-        };
-        let node = Node::new_node(name, NodeType::File, meta);
-        std::iter::once(Ok(ReadSourceEntry { path: self.path.clone(), node, open: rx.map(ChannelOpen) }))
-    }
-}
-
-struct ChannelOpen(Pipe);
-
-impl ReadSourceOpen for ChannelOpen {
-    type Reader = ChannelReader;
-
-    fn open(self) -> RusticResult<ChannelReader> {
-        let (rx, back) = self.0;
-        Ok(ChannelReader { rx, back, piece: Vec::new(), len: 0, at: 0, ended: false })
-    }
-}
-
+/// The bytes of one file, as they come through the channel.
 struct ChannelReader {
     rx: Receiver<Piece>,
     /// Where read buffers go back to the writer.

@@ -1,0 +1,265 @@
+//! A file's bytes into a repository's packs, as restic stores them.
+//!
+//! The bytes are cut into chunks (`chunker.rs`) on the thread that reads
+//! them, and each chunk is named by the SHA-256 of its bytes. A chunk the
+//! repository has (in its index when the run began, or stored by a file
+//! of this run that was kept) is only named again. A new one goes to a
+//! few workers, which compress it (zstd), encrypt it (nonce, AES-256-CTR,
+//! Poly1305-AES) and add it to the file's current pack; a full pack is
+//! written (header encrypted, then its length; named by its SHA-256). At
+//! the file's end, the last pack is written, then one index file for
+//! them all: a pack is always written before any index names it, and an
+//! index before any snapshot uses it.
+//!
+//! Memory is bounded by the chunk size (8 MiB at most) times the chunks
+//! in flight, and the pack size times the workers, whatever the file's
+//! size.
+
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use rustic_core::repofile::MasterKey;
+use rustic_core::{DataId, FileType, Id, IndexedFullStatus, Repository, WriteBackend};
+use sha2::{Digest, Sha256};
+
+use super::chunker::Chunker;
+use super::lock::encrypt;
+
+/// What the repository has: its index as the run began, and the chunks
+/// of this run's kept files.
+pub struct Known {
+    pub repo: Arc<Repository<IndexedFullStatus>>,
+    pub stored: Mutex<HashSet<Id>>,
+}
+
+impl Known {
+    fn has(&self, id: &Id) -> bool {
+        self.stored.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+            || self.repo.get_index_entry(&DataId::from(*id)).is_ok()
+    }
+}
+
+/// Where packs go, and how they are sealed.
+#[derive(Clone)]
+pub struct Sink {
+    pub be: Arc<dyn WriteBackend>,
+    pub key: MasterKey,
+    /// zstd's level (0: its default); `None` in a version 1 repository,
+    /// which stores chunks uncompressed.
+    pub level: Option<i32>,
+    /// A pack is written once it holds this many bytes.
+    pub pack_size: usize,
+}
+
+/// A file as stored: its chunks in order, and its size.
+pub struct Stored {
+    pub content: Vec<DataId>,
+    pub bytes: u64,
+    /// The chunks that were new, and so stored by this file.
+    pub new: Vec<Id>,
+}
+
+/// Reads `from` to its end and stores it; `workers` compress and seal.
+pub fn store(from: &mut dyn Read, known: &Known, sink: &Sink, workers: usize) -> io::Result<Stored> {
+    let config = known.repo.config();
+    if config.chunker() != rustic_core::repofile::Chunker::Rabin {
+        return Err(io::Error::other("the repository chunks at fixed sizes; Offsite writes only restic's chunks"));
+    }
+    let poly = config.poly().map_err(|e| io::Error::other(super::rustic_text(&e)))?;
+    let mut chunker = Chunker::new(poly, config.chunk_size(), config.chunk_min_size(), config.chunk_max_size())
+        .map_err(io::Error::other)?;
+    let packs = Arc::new(Packs::default());
+    let (tx, rx) = sync_channel::<([u8; 32], Vec<u8>)>(workers);
+    let rx = Arc::new(Mutex::new(rx));
+    let handles = (0..workers.max(1))
+        .map(|_| {
+            let (rx, packs, sink) = (Arc::clone(&rx), Arc::clone(&packs), sink.clone());
+            std::thread::Builder::new().name("offsite-pack".into()).spawn(move || work(&rx, &packs, &sink))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let chunked = chunk_all(from, &mut chunker, known, &tx, &packs.broken);
+    drop(tx);
+    let mut failed = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(_) => failed = failed.or(Some(io::Error::other("a packing thread panicked"))),
+        }
+    }
+    // A worker's error explains why the chunks stopped flowing.
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let (content, bytes, new) = chunked?;
+    let mut packs = Arc::try_unwrap(packs).map_err(|_| io::Error::other("a packing thread is still running"))?;
+    let open = std::mem::take(packs.open.get_mut().unwrap_or_else(|e| e.into_inner()));
+    if !open.blobs.is_empty() {
+        write_pack(open, &packs, sink)?;
+    }
+    write_index(packs.done.into_inner().unwrap_or_else(|e| e.into_inner()), sink)?;
+    Ok(Stored { content, bytes, new })
+}
+
+type Chunked = (Vec<DataId>, u64, Vec<Id>);
+
+fn chunk_all(
+    from: &mut dyn Read,
+    chunker: &mut Chunker,
+    known: &Known,
+    tx: &SyncSender<([u8; 32], Vec<u8>)>,
+    broken: &AtomicBool,
+) -> io::Result<Chunked> {
+    let mut content = Vec::new();
+    let mut new = Vec::new();
+    let mut mine = HashSet::new();
+    let mut bytes = 0u64;
+    let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut emit = |chunk: &mut Vec<u8>, hasher: &mut Sha256| -> io::Result<()> {
+        let raw: [u8; 32] = hasher.finalize_reset().into();
+        let id = Id::new(raw);
+        content.push(DataId::from(id));
+        if mine.contains(&id) || known.has(&id) {
+            chunk.clear();
+            return Ok(());
+        }
+        mine.insert(id);
+        new.push(id);
+        if broken.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the packing threads stopped"));
+        }
+        let full = std::mem::replace(chunk, Vec::with_capacity(1 << 20));
+        tx.send((raw, full)).map_err(|_| io::Error::other("the packing threads stopped"))
+    };
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        bytes += n as u64;
+        let mut rest = &buf[..n];
+        while let Some(cut) = chunker.cut(rest) {
+            chunk.extend_from_slice(&rest[..cut]);
+            hasher.update(&rest[..cut]);
+            emit(&mut chunk, &mut hasher)?;
+            rest = &rest[cut..];
+        }
+        chunk.extend_from_slice(rest);
+        hasher.update(rest);
+    }
+    if !chunk.is_empty() {
+        emit(&mut chunk, &mut hasher)?;
+    }
+    Ok((content, bytes, new))
+}
+
+/// A blob in a pack, as the index will name it.
+struct Placed {
+    id: [u8; 32],
+    offset: usize,
+    length: u32,
+    plain: u32,
+}
+
+#[derive(Default)]
+struct Pack {
+    body: Vec<u8>,
+    blobs: Vec<Placed>,
+}
+
+#[derive(Default)]
+struct Packs {
+    /// The pack being filled.
+    open: Mutex<Pack>,
+    /// Packs written: their ids and blobs.
+    done: Mutex<Vec<(Id, Vec<Placed>)>>,
+    /// A worker failed: reading stops.
+    broken: AtomicBool,
+}
+
+fn work(rx: &Mutex<Receiver<([u8; 32], Vec<u8>)>>, packs: &Packs, sink: &Sink) -> io::Result<()> {
+    loop {
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok((id, plain)) = next else { return Ok(()) };
+        let sealed = match sink.level {
+            Some(level) => encrypt(&sink.key, &zstd::bulk::compress(&plain, level)?),
+            None => encrypt(&sink.key, &plain),
+        };
+        let sealed = sealed.inspect_err(|_| packs.broken.store(true, Ordering::SeqCst))?;
+        let too_large = || io::Error::other("a chunk is too large for a pack");
+        let length = u32::try_from(sealed.len()).map_err(|_| too_large())?;
+        let plain = u32::try_from(plain.len()).map_err(|_| too_large())?;
+        let full = {
+            let mut open = packs.open.lock().unwrap_or_else(|e| e.into_inner());
+            let offset = open.body.len();
+            open.body.extend_from_slice(&sealed);
+            open.blobs.push(Placed { id, offset, length, plain });
+            (open.body.len() >= sink.pack_size).then(|| std::mem::take(&mut *open))
+        };
+        if let Some(pack) = full {
+            write_pack(pack, packs, sink).inspect_err(|_| packs.broken.store(true, Ordering::SeqCst))?;
+        }
+    }
+}
+
+/// Seals the header, writes the pack, and records it for the index.
+fn write_pack(mut pack: Pack, packs: &Packs, sink: &Sink) -> io::Result<()> {
+    let mut header = Vec::with_capacity(pack.blobs.len() * 41);
+    for blob in &pack.blobs {
+        // A data blob, compressed (2) or not (0).
+        header.push(if sink.level.is_some() { 2 } else { 0 });
+        header.extend_from_slice(&blob.length.to_le_bytes());
+        if sink.level.is_some() {
+            header.extend_from_slice(&blob.plain.to_le_bytes());
+        }
+        header.extend_from_slice(&blob.id);
+    }
+    let sealed = encrypt(&sink.key, &header)?;
+    pack.body.extend_from_slice(&sealed);
+    pack.body.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+    let id = Id::new(Sha256::digest(&pack.body).into());
+    sink.be
+        .write_bytes(FileType::Pack, &id, false, pack.body.into())
+        .map_err(|e| io::Error::other(super::rustic_text(&e)))?;
+    packs.done.lock().unwrap_or_else(|e| e.into_inner()).push((id, pack.blobs));
+    Ok(())
+}
+
+/// One index file naming every blob of `packs`.
+fn write_index(packs: Vec<(Id, Vec<Placed>)>, sink: &Sink) -> io::Result<()> {
+    if packs.is_empty() {
+        return Ok(());
+    }
+    let packs: Vec<serde_json::Value> = packs
+        .iter()
+        .map(|(id, blobs)| {
+            let blobs: Vec<serde_json::Value> = blobs
+                .iter()
+                .map(|b| {
+                    let mut blob = serde_json::json!({
+                        "id": hex::encode(b.id),
+                        "type": "data",
+                        "offset": b.offset,
+                        "length": b.length,
+                    });
+                    if sink.level.is_some() {
+                        blob["uncompressed_length"] = b.plain.into();
+                    }
+                    blob
+                })
+                .collect();
+            serde_json::json!({ "id": id.to_hex().as_str(), "blobs": blobs })
+        })
+        .collect();
+    let json = serde_json::to_vec(&serde_json::json!({ "packs": packs })).expect("an index serialises");
+    let sealed = encrypt(&sink.key, &json)?;
+    let id = Id::new(Sha256::digest(&sealed).into());
+    sink.be.write_bytes(FileType::Index, &id, true, sealed.into()).map_err(|e| io::Error::other(super::rustic_text(&e)))
+}
