@@ -88,7 +88,7 @@ pub fn check(
         }
         crate::site::StoreAt::Repo(spec) => {
             let _ = writeln!(out, "  writes snapshots only into the restic repository {}", spec.display());
-            repo_report(&mut out, &mut problems, spec, &at_key("", "store"));
+            repo_report(&mut out, &mut problems, site, spec, &at_key("", "store"), connect);
         }
     }
     for (i, copy) in site.copies.iter().enumerate() {
@@ -115,7 +115,7 @@ pub fn check(
             crate::site::StoreAt::Repo(spec) => {
                 let _ =
                     writeln!(out, "  copies each good run into the restic repository {} (copy {n})", spec.display());
-                repo_report(&mut out, &mut problems, spec, &format!("{file}: [[copy]] {n}"));
+                repo_report(&mut out, &mut problems, site, spec, &format!("{file}: [[copy]] {n}"), connect);
             }
         }
     }
@@ -1029,8 +1029,17 @@ fn similar(a: &str, b: &str) -> bool {
 pub use crate::site::key_line;
 
 /// A restic repository store: whether it is there, and where its password
-/// comes from (the password is never read or shown here).
-fn repo_report(out: &mut String, problems: &mut Vec<Problem>, spec: &crate::site::RepoStore, at: &str) {
+/// comes from (never shown). With `--connect`, the password is read (a
+/// `password_command` run) and the repository opened with it: what it
+/// holds, and who holds its locks.
+fn repo_report(
+    out: &mut String,
+    problems: &mut Vec<Problem>,
+    site: &Site,
+    spec: &crate::site::RepoStore,
+    at: &str,
+    connect: bool,
+) {
     use crate::site::PasswordFrom;
     match &spec.at {
         crate::site::RepoAt::Dir(path) if path.join("config").is_file() => {
@@ -1051,11 +1060,24 @@ fn repo_report(out: &mut String, problems: &mut Vec<Problem>, spec: &crate::site
         crate::site::RepoAt::Dir(_) => {
             let _ = writeln!(out, "    (it does not exist yet; the first run creates the repository there)");
         }
-        crate::site::RepoAt::S3(_) => {
+        crate::site::RepoAt::S3(s3) => {
+            let contacted = if connect { "" } else { "; no server contacted" };
             let _ = writeln!(
                 out,
-                "    (in a bucket: the first run creates the repository if the prefix is empty; no server contacted)"
+                "    (in a bucket: the first run creates the repository if the prefix is empty{contacted})"
             );
+            match crate::store::s3::S3Root::open(s3, site.limits.call_timeout) {
+                Ok(root) => {
+                    let _ = writeln!(out, "    credentials from {}", root.credentials_source());
+                }
+                Err(e) => problems.push(Problem {
+                    at: at.to_string(),
+                    what: e.to_string(),
+                    fix: "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials \
+                          ([s3] profile or AWS_PROFILE)"
+                        .into(),
+                }),
+            }
         }
     }
     let file = match &spec.password {
@@ -1064,7 +1086,8 @@ fn repo_report(out: &mut String, problems: &mut Vec<Problem>, spec: &crate::site
             Some(path.clone())
         }
         PasswordFrom::Command(_) => {
-            let _ = writeln!(out, "    its password is what [repository] password_command prints (not run by check)");
+            let run = if connect { "run to connect" } else { "not run without --connect" };
+            let _ = writeln!(out, "    its password is what [repository] password_command prints ({run})");
             None
         }
         PasswordFrom::EnvFile => match std::env::var_os("RESTIC_PASSWORD_FILE") {
@@ -1094,6 +1117,38 @@ fn repo_report(out: &mut String, problems: &mut Vec<Problem>, spec: &crate::site
             what: e.to_string().replace("identity file", "password file").replace("private key", "password file"),
             fix: format!("chmod 600 {}", path.display()),
         });
+        return;
+    }
+    if !connect {
+        return;
+    }
+    use crate::store::backend::Access;
+    use crate::store::repo::RepoRoot;
+    match RepoRoot::open(spec, Access::Existing, site.limits.call_timeout, None) {
+        Ok(root) => match root.survey(&site.name) {
+            Ok(lines) => {
+                for line in lines {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
+            Err(e) => problems.push(Problem {
+                at: at.to_string(),
+                what: format!("cannot read the restic repository's snapshots: {e}"),
+                fix: "run `restic check` on it".into(),
+            }),
+        },
+        Err(e) if e.is_not_found() => {
+            let _ = writeln!(out, "    connected: no repository there yet (the first run creates it)");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "    cannot open the repository");
+            let fix = if e.is_config() {
+                "check the password source and `store`"
+            } else {
+                "check that the storage (and the server in front of it) is up"
+            };
+            problems.push(Problem { at: at.to_string(), what: e.to_string(), fix: fix.into() });
+        }
     }
 }
 

@@ -483,7 +483,7 @@ fn a_lock_left_by_a_killed_run_is_taken_over_and_logged() {
 }
 
 /// Unmounts its directory when dropped.
-struct Unmount(PathBuf);
+pub(crate) struct Unmount(PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
@@ -493,7 +493,7 @@ impl Drop for Unmount {
 
 /// A tmpfs mounted at `dir` (created) with `options`, unmounted when the
 /// returned guard drops. Needs root, as CI has.
-fn mount_tmpfs(dir: &Path, options: &str) -> Unmount {
+pub(crate) fn mount_tmpfs(dir: &Path, options: &str) -> Unmount {
     std::fs::create_dir(dir).unwrap();
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", options, "offsite-test"]).arg(dir).status().unwrap();
     assert!(mounted.success(), "this test mounts a tmpfs ({options}) and needs root");

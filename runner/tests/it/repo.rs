@@ -626,3 +626,97 @@ fn a_signed_site_keeps_each_manifests_signature_in_its_snapshot() {
     drop(check.stdin.take());
     assert!(check.wait().unwrap().success(), "ssh-keygen -Y verify refused the snapshot's signature");
 }
+
+/// A disk that fills in the middle of a run: the run fails with the
+/// system's own words, makes no snapshot, and the last good snapshot stays
+/// whole; once there is room, restic's check accepts the repository and
+/// the next run goes ahead.
+#[test]
+fn a_full_disk_fails_the_run_and_keeps_the_last_good_snapshot() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let repo = site.repo();
+    let _unmount = crate::integrity::mount_tmpfs(&repo, "size=8m,mode=0700");
+    site.run("arc", &[]).expect_code(0);
+    let snaps = site.snapshots();
+    assert_eq!(snaps.len(), 1);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&site.restic_ok(&["dump", "latest", "/.offsite/manifest.json"])).unwrap();
+    let file = &manifest["files"][0];
+    let path = format!("/{}", file["path"].as_str().unwrap());
+
+    std::fs::write(site.dir.path().join("www/img/more.bin"), noise(12 << 20, 9)).unwrap();
+    let ran = site.run("arc", &["--now", "2004-03-21T13:48:44Z"]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("No space left on device"), "{}", ran.stderr);
+    assert_eq!(ran.stderr.lines().count(), 1, "one clear line: {}", ran.stderr);
+
+    let grown = Command::new("mount").args(["-o", "remount,size=64m"]).arg(&repo).status().unwrap();
+    assert!(grown.success());
+    assert_eq!(site.snapshots().len(), 1, "the failed run made a snapshot");
+    let bytes = site.restic_ok(&["dump", snaps[0]["id"].as_str().unwrap(), &path]);
+    assert_eq!(sha256(&bytes), file["sha256"].as_str().unwrap(), "the good snapshot changed");
+    site.restic_ok(&["check", "--read-data"]);
+    site.run("arc", &["--now", "2004-03-21T13:48:44Z"]).expect_code(0);
+    assert_eq!(site.snapshots().len(), 2);
+    site.restic_ok(&["check", "--read-data"]);
+}
+
+/// `offsite check`: without `--connect` nothing is opened or created; with
+/// it the password is tried on the repository, and the report says what
+/// the repository holds and who holds its lock.
+#[test]
+fn check_connect_opens_the_repository_and_says_who_holds_its_lock() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    for args in [&["check"][..], &["check", "--connect"]] {
+        let ran = site.command(args);
+        ran.expect_code(0);
+        assert!(ran.stdout.contains("the first run creates"), "{args:?}: {}", ran.stdout);
+        assert!(!site.repo().exists(), "{args:?} created the repository");
+    }
+    site.run("arc", &[]).expect_code(0);
+    let ran = site.command(&["check", "--connect"]);
+    ran.expect_code(0);
+    assert!(
+        ran.stdout.contains("connected: the password opens it; 1 snapshot(s), 1 of them this site's runs"),
+        "{}",
+        ran.stdout
+    );
+    assert!(ran.stdout.contains("(ok)") && ran.stdout.contains("not locked"), "{}", ran.stdout);
+    assert!(!ran.stdout.contains(PASSWORD), "{}", ran.stdout);
+
+    // A run in progress holds the lock.
+    let s = script("fixture");
+    let mut child = site
+        .offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", "case=sleep"])
+        .args(["--param", "arg=3000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let locks = site.repo().join("locks");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&locks).unwrap().next().is_none() {
+        assert!(Instant::now() < deadline, "the run took no lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ran = site.command(&["check", "--connect"]);
+    assert!(child.wait().unwrap().success());
+    ran.expect_code(0);
+    assert!(ran.stdout.contains("locked by site \"web1\" on"), "{}", ran.stdout);
+    assert!(ran.stdout.contains(&format!("(pid {})", child.id())), "{}", ran.stdout);
+
+    // A wrong password: a problem, with the same line a run gives.
+    write_secret(&site.dir.path().join("wrong"), "not the password");
+    site.write("password_file = \"wrong\"");
+    let ran = site.command(&["check", "--connect"]);
+    assert_ne!(ran.code, 0);
+    assert!(
+        ran.stderr.contains("the password does not open the restic repository")
+            || ran.stdout.contains("the password does not open the restic repository"),
+        "{} {}",
+        ran.stdout,
+        ran.stderr
+    );
+    // Without --connect the password is not tried.
+    site.command(&["check"]).expect_code(0);
+}

@@ -274,6 +274,36 @@ impl RepoRoot {
         Ok(snaps)
     }
 
+    /// For `offsite check --connect`: what the repository holds and who
+    /// holds its locks, as lines of the report (text from lock files
+    /// escaped).
+    pub fn survey(&self, site: &str) -> io::Result<Vec<String>> {
+        let all = self.fresh()?.get_all_snapshots().map_err(|e| io::Error::other(rustic_text(&e)))?;
+        let site_tag = format!("site={}", tag_text(site));
+        let ours: Vec<&SnapshotFile> =
+            all.iter().filter(|s| s.tags.contains(TAG) && s.tags.contains(&site_tag)).collect();
+        let mut lines = vec![format!(
+            "connected: the password opens it; {} snapshot(s), {} of them this site's runs",
+            all.len(),
+            ours.len()
+        )];
+        if let Some(last) = ours.iter().max_by_key(|s| s.time.timestamp()) {
+            let status = last.tags.iter().find_map(|t| t.strip_prefix("status=")).unwrap_or("?");
+            lines.push(format!("last run of this site: {} ({})", last.time.strftime("%Y-%m-%d %H:%M:%S %Z"), status));
+        }
+        let escape = crate::text::escape;
+        let who = |h: &Holder| {
+            let what = if h.site.is_empty() { "restic".to_string() } else { format!("site {:?}", escape(&h.site)) };
+            format!("{what} on {} (pid {}), since {}", escape(&h.hostname), h.pid, escape(&h.started))
+        };
+        lines.push(match self.holders() {
+            (Some(h), _) => format!("locked by {}", who(&h)),
+            (None, Some(h)) => format!("a stale lock of {} (the next run or `restic unlock` removes it)", who(&h)),
+            (None, None) => "not locked: no run or restic command is using it".into(),
+        });
+        Ok(lines)
+    }
+
     /// The whole of a small file in a snapshot (a manifest, a signature).
     fn read_small(&self, snap: &SnapshotFile, path: &str) -> io::Result<Vec<u8>> {
         let repo = self.indexed()?;
