@@ -125,6 +125,13 @@ enum Command {
         /// contents too (gzip, tar, restore test, plaintext hash).
         #[arg(long, value_name = "FILE")]
         age_identity: Option<PathBuf>,
+        /// Read only part of the stored files whole, for a big store: n/t
+        /// (part n of t, by each file's path; t runs with n = 1..t read
+        /// everything) or a percentage chosen at random (10%). The newest
+        /// run's files are always read; of the others, verify checks that
+        /// they are there with their size.
+        #[arg(long, value_name = "n/t|P%")]
+        read_data_subset: Option<crate::verify::Subset>,
     },
     /// List the runs in a store, newest first: id, start time, status,
     /// files, bytes, and whether its manifest is signed and its files
@@ -488,9 +495,9 @@ pub fn main() -> ExitCode {
         }
         Command::Inspect { script } => inspect(&script),
         Command::Check { site, script, connect } => check(&site, script.as_deref(), connect),
-        Command::Verify { target, restore_test, mysql_defaults, key, age_identity } => {
+        Command::Verify { target, restore_test, mysql_defaults, key, age_identity, read_data_subset } => {
             let keys = VerifyKeys { key, age_identity };
-            verify(&target, restore_test.as_deref(), mysql_defaults, keys, cli.verbose > 0)
+            verify(&target, restore_test.as_deref(), mysql_defaults, keys, read_data_subset, cli.verbose > 0)
         }
         Command::Prune { site, dry_run } => prune(&site, dry_run, cli.verbose > 0),
         Command::Forget { site, run } => forget(&site, &run),
@@ -654,6 +661,14 @@ fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Fa
 }
 
 /// `verify`'s keys: for signatures, and for decrypting.
+/// The summary's note of files a `--read-data-subset` did not read.
+fn not_read(report: &crate::verify::Report) -> String {
+    if report.not_read == 0 {
+        return String::new();
+    }
+    format!(" ({} of them only for presence and size: --read-data-subset)", report.not_read)
+}
+
 struct VerifyKeys {
     key: Option<PathBuf>,
     age_identity: Option<PathBuf>,
@@ -664,6 +679,7 @@ fn verify(
     restore_test: Option<&str>,
     mysql_defaults: Option<PathBuf>,
     keys: VerifyKeys,
+    subset: Option<crate::verify::Subset>,
     verbose: bool,
 ) -> Result<(), Failure> {
     let (store, copies, site_key, timeout) = if target.is_dir() {
@@ -691,16 +707,18 @@ fn verify(
             .exit(Exit::Usage)?,
         verify_key: keys.key.or(site_key).as_deref().map(protect::verify_key).transpose().exit(Exit::Usage)?,
         identities,
+        subset,
     };
     let root = open_existing(&store, timeout)?;
     let mut report = crate::verify::verify(&root, &options)
         .with_context(|| format!("cannot read the store {}", store.display()))
         .exit(Exit::BackupFailed)?;
     let mut summary = format!(
-        "{}: {} file(s) in {} run(s) checked, {} problem(s)",
+        "{}: {} file(s) in {} run(s) checked{}, {} problem(s)",
         store.display(),
         report.files,
         report.runs,
+        not_read(&report),
         report.problems.len()
     );
     // Each `[[copy]]` store is checked the same way; its lines say which.
@@ -716,9 +734,10 @@ fn verify(
             ..Default::default()
         });
         summary.push_str(&format!(
-            "\n{name}: {} file(s) in {} run(s) checked, {} problem(s)",
+            "\n{name}: {} file(s) in {} run(s) checked{}, {} problem(s)",
             r.files,
             r.runs,
+            not_read(&r),
             r.problems.len()
         ));
         // A copy that has a run the first store has no record of: the
@@ -737,9 +756,12 @@ fn verify(
         copy_reports.push(serde_json::json!({
             "store": copy.display(), "runs": r.runs, "files": r.files, "problems": r.problems.len(),
         }));
+        if options.subset.is_some() {
+            copy_reports.last_mut().expect("pushed")["not_read"] = r.not_read.into();
+        }
     }
     if crate::json::on() {
-        crate::json::report(serde_json::json!({
+        let mut json = serde_json::json!({
             "status": if report.problems.is_empty() { "ok" } else { "problems" },
             "store": store.display().to_string(),
             "runs": report.runs,
@@ -747,7 +769,11 @@ fn verify(
             "problems": report.problems,
             "checked": report.checked,
             "copies": copy_reports,
-        }));
+        });
+        if options.subset.is_some() {
+            json["not_read"] = report.not_read.into();
+        }
+        crate::json::report(json);
         if report.problems.is_empty() {
             return Ok(());
         }

@@ -29,6 +29,67 @@ pub struct Options {
     pub verify_key: Option<ssh_key::PublicKey>,
     /// Decrypt `.age` files with these, to check their contents too.
     pub identities: Vec<Box<dyn age::Identity>>,
+    /// Read only these files whole (and every file of the newest run);
+    /// of the others, only that they are there with their size.
+    pub subset: Option<Subset>,
+}
+
+/// Which stored files a `verify --read-data-subset` reads whole.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Subset {
+    /// Part `n` of `of` (from 1), by a hash of each file's path: the
+    /// parts of `1/of` to `of/of` together are every file, whatever
+    /// runs were added in between.
+    Part { n: u64, of: u64 },
+    /// About this percentage, chosen anew each time.
+    Percent(f64),
+}
+
+impl std::str::FromStr for Subset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Subset, String> {
+        let bad = || format!("{s:?}: give n/t (part n of t, as 1/5) or a percentage (as 10%)");
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            return if p > 0.0 && p <= 100.0 { Ok(Subset::Percent(p)) } else { Err(bad()) };
+        }
+        let (n, of) = s.split_once('/').ok_or_else(bad)?;
+        let (n, of): (u64, u64) = (n.trim().parse().map_err(|_| bad())?, of.trim().parse().map_err(|_| bad())?);
+        if n == 0 || n > of {
+            return Err(bad());
+        }
+        Ok(Subset::Part { n, of })
+    }
+}
+
+impl std::fmt::Display for Subset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subset::Part { n, of } => write!(f, "{n}/{of}"),
+            Subset::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Subset {
+    /// Whether the file at `location` is read whole.
+    fn takes(&self, location: &Path) -> bool {
+        match *self {
+            Subset::Part { n, of } => {
+                let digest = Sha256::digest(location.as_os_str().as_encoded_bytes());
+                let h = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+                h % of == n - 1
+            }
+            Subset::Percent(p) => {
+                let mut r = [0u8; 8];
+                if getrandom::fill(&mut r).is_err() {
+                    return true;
+                }
+                (u64::from_le_bytes(r) % 1_000_000) as f64 / 10_000.0 < p
+            }
+        }
+    }
 }
 
 /// The outcome: problems make `verify` exit non-zero.
@@ -38,6 +99,8 @@ pub struct Report {
     /// One line per file checked, for `-v`.
     pub checked: Vec<String>,
     pub files: usize,
+    /// Of those, how many were not read whole (`--read-data-subset`).
+    pub not_read: usize,
     pub runs: usize,
     /// The newest run the store has a manifest of.
     pub newest: Option<String>,
@@ -88,6 +151,33 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
             ));
         }
         report.files += 1;
+        let newest = report.newest.as_deref() == Some(m.run.run_id.as_str());
+        if let Some(subset) = options.subset
+            && !newest
+            && !subset.takes(location)
+        {
+            report.not_read += 1;
+            match source.open(location) {
+                Ok((size, _)) if size == f.bytes => report.checked.push(format!(
+                    "{}: there, {size} bytes (not read: --read-data-subset {subset})",
+                    location.display()
+                )),
+                Ok((size, _)) => report.problems.push(format!(
+                    "{}: corrupt: {size} bytes, the manifest says {} (run {}, status {})",
+                    location.display(),
+                    f.bytes,
+                    m.run.run_id,
+                    m.status
+                )),
+                Err(e) => report.problems.push(format!(
+                    "{}: {e} (run {}, status {})",
+                    location.display(),
+                    m.run.run_id,
+                    m.status
+                )),
+            }
+            continue;
+        }
         match check_file(&source, location, f, &options.identities) {
             Ok(line) => {
                 report.checked.push(line);
@@ -395,5 +485,30 @@ impl<R: Read> Read for HashingReader<R> {
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod subset_tests {
+    use super::*;
+
+    #[test]
+    fn subsets_parse_and_parts_split_every_path_once() {
+        assert_eq!("2/5".parse::<Subset>(), Ok(Subset::Part { n: 2, of: 5 }));
+        assert_eq!("12.5%".parse::<Subset>(), Ok(Subset::Percent(12.5)));
+        for bad in ["0/5", "6/5", "5", "/5", "0%", "150%", "x%"] {
+            assert!(bad.parse::<Subset>().is_err(), "{bad}");
+        }
+        let paths: Vec<PathBuf> = (0..300).map(|i| PathBuf::from(format!("db/dump.{i}.sql"))).collect();
+        let mut counts = [0usize; 3];
+        for p in &paths {
+            let parts: Vec<u64> = (1..=3).filter(|&n| Subset::Part { n, of: 3 }.takes(p)).collect();
+            assert_eq!(parts.len(), 1, "{}", p.display());
+            counts[parts[0] as usize - 1] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 60), "parts of very different sizes: {counts:?}");
+        assert!(paths.iter().all(|p| Subset::Percent(100.0).takes(p)));
+        let some = paths.iter().filter(|p| Subset::Percent(10.0).takes(p)).count();
+        assert!((5..=80).contains(&some), "10% of 300 took {some}");
     }
 }

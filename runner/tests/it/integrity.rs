@@ -166,6 +166,62 @@ fn verify_finds_a_flipped_byte_a_missing_file_and_an_unlisted_one() {
         .expect_stderr("stray.txt: unlisted");
 }
 
+/// `verify --read-data-subset`: part n of t reads the files of its part
+/// (and the newest run's, always) whole, and of the others checks that
+/// they are there with their size; parts 1/t to t/t together read all.
+#[test]
+fn verify_reads_a_subset_and_its_parts_together_read_everything() {
+    let site = Site::new();
+    let stamps = ["01", "02", "03", "04", "05", "06"];
+    for hour in stamps {
+        site.arc(&format!("2004-03-21T{hour}:00:00")).expect_code(0);
+    }
+    let flip = |name: &str| {
+        let path = site.store().join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    flip("www.20040321-010000.tgz");
+    let mut found = 0;
+    for part in ["1/3", "2/3", "3/3"] {
+        let ran = site.verify(&["--read-data-subset", part]);
+        if ran.code == 1 {
+            ran.expect_stderr("www.20040321-010000.tgz: corrupt: sha256");
+            found += 1;
+        } else {
+            ran.expect_code(0);
+        }
+        ran.expect_stdout(&format!("not read: --read-data-subset {part}"))
+            .expect_stdout("only for presence and size: --read-data-subset");
+        assert!(
+            !ran.stdout.contains("www.20040321-060000.tgz: there"),
+            "the newest run is always read: {}",
+            ran.stdout
+        );
+    }
+    assert_eq!(found, 1, "exactly one part holds the flipped file");
+    site.verify(&["--read-data-subset", "100%"]).expect_code(1).expect_stderr("010000.tgz: corrupt: sha256");
+
+    // The newest run's files are read whatever the subset; a file cut
+    // short is found by its size.
+    flip("www.20040321-060000.tgz");
+    let cut = site.store().join("www.20040321-020000.tgz");
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    for part in ["1/3", "2/3", "3/3"] {
+        site.verify(&["--read-data-subset", part])
+            .expect_code(1)
+            .expect_stderr("060000.tgz: corrupt: sha256")
+            .expect_stderr("020000.tgz: corrupt:");
+    }
+    for bad in ["0/3", "4/3", "0%", "101%", "half"] {
+        let ran = site.verify(&["--read-data-subset", bad]);
+        ran.expect_code(2).expect_stderr("give n/t");
+    }
+}
+
 #[test]
 fn a_run_that_fails_after_storing_a_file_is_incomplete_and_replaces_nothing() {
     let site = Site::new();

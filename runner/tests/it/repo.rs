@@ -223,6 +223,7 @@ fn restic_reads_each_run_as_one_snapshot_and_gives_every_output_back_byte_for_by
     // Offsite's own commands read it too.
     let verify = site.command(&["verify"]);
     verify.expect_code(0);
+    site.command(&["verify", "--read-data-subset", "1/2"]).expect_code(0);
     let status = site.command(&["status"]);
     status.expect_code(0);
     assert!(status.stdout.contains("ok"), "{}", status.stdout);
