@@ -340,12 +340,6 @@ impl Site {
             let n = i + 1;
             let fail = |key: &str, why: String| anyhow::anyhow!("{}: (copy {n}) {why}", at(&format!("copy.{key}")));
             let to = store_at(&copy.store, copy.s3, copy.repository, &file_dir).map_err(|(key, why)| fail(key, why))?;
-            if matches!(to, StoreAt::Repo(_)) || matches!(store, StoreAt::Repo(_)) {
-                return Err(fail(
-                    "store",
-                    "a [[copy]] to or from a restic repository is not supported yet; restic copy does it".into(),
-                ));
-            }
             if to == store || copies.iter().any(|c| c.store == to) {
                 return Err(fail(
                     "store",

@@ -308,8 +308,11 @@ fn site_dropins(file: &Path, instance: &str, out: &Path) -> Result<Vec<String>> 
                     crate::text::escape(s)
                 )
             }
-            Some(toml::Value::String(s)) if s.starts_with("s3://") => {}
+            Some(toml::Value::String(s))
+                if s.strip_prefix(crate::site::RESTIC_PREFIX).unwrap_or(s).starts_with("s3://") => {}
             Some(toml::Value::String(s)) => {
+                // A repository copy's place is its directory, as for the store.
+                let s = s.strip_prefix(crate::site::RESTIC_PREFIX).unwrap_or(s);
                 let dir = crate::site::expand_home(Path::new(s), file.parent().unwrap_or(Path::new(SITES_DIR)));
                 paths.push(format!("ReadWritePaths=-{}", unit_quote(&dir.display().to_string())));
             }
@@ -487,7 +490,8 @@ mod tests {
         std::fs::write(
             sites.path().join("adhoc.toml"),
             "store = \"/srv/off site/$HOME%n\"\n[[copy]]\nstore = \"/mnt/usb/adhoc\"\n[[copy]]\nstore = \
-             \"s3://bucket/adhoc\"\n[[copy]]\nstore = \"copies/adhoc\"\n",
+             \"s3://bucket/adhoc\"\n[[copy]]\nstore = \"copies/adhoc\"\n[[copy]]\nstore = \"restic:/mnt/usb/repo\"\n\
+             [[copy]]\nstore = \"restic:s3://bucket/repo\"\n",
         )
         .unwrap();
         std::fs::write(sites.path().join("broken.toml"), "store = \n").unwrap();
@@ -512,8 +516,10 @@ mod tests {
         assert!(adhoc.contains("ReadWritePaths=-\"/srv/off site/$HOME%%n\"\n"), "{adhoc}");
         // Copy directories are writable too (relative ones beside the site
         // file), never created; a bucket needs no path.
-        let copies =
-            format!("ReadWritePaths=-/mnt/usb/adhoc\nReadWritePaths=-{}/copies/adhoc\n", sites.path().display());
+        let copies = format!(
+            "ReadWritePaths=-/mnt/usb/adhoc\nReadWritePaths=-{}/copies/adhoc\nReadWritePaths=-/mnt/usb/repo\n",
+            sites.path().display()
+        );
         assert!(adhoc.ends_with(&copies), "{adhoc}");
         assert_eq!(adhoc.matches("ExecStartPre").count(), 1, "{adhoc}");
         assert!(!out.path().join("offsite@adhoc.timer.d").exists(), "no schedule: the template's calendar");

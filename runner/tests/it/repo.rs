@@ -721,3 +721,62 @@ fn check_connect_opens_the_repository_and_says_who_holds_its_lock() {
     // Without --connect the password is not tried.
     site.command(&["check"]).expect_code(0);
 }
+
+/// `[[copy]]` into a repository and out of one. A directory store's runs
+/// are copied into a repository (a snapshot per run, with the run's id,
+/// the bytes restic gives back the same), and a repository store's runs
+/// into a directory; verify checks the copies too.
+#[test]
+fn runs_are_copied_into_a_repository_and_out_of_one() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let dir = site.dir.path();
+    std::fs::create_dir(dir.join("copyrepo")).unwrap();
+    let www = dir.join("www");
+    std::fs::write(
+        &site.file,
+        format!(
+            "store = \"backups\"\n[read]\nroots = [\"{}\"]\n[[copy]]\nstore = \"restic:copyrepo\"\n\
+             [copy.repository]\npassword_file = \"pass\"\n",
+            www.display()
+        ),
+    )
+    .unwrap();
+    for now in ["2004-03-21T01:48:44Z", "2004-03-21T13:48:44Z"] {
+        let ran = site.run("arc", &["--now", now]);
+        ran.expect_code(0);
+        assert_eq!((ran.stdout.as_str(), ran.stderr.as_str()), ("", ""), "quiet on success");
+    }
+    let copy = |args: &[&str]| {
+        let out = restic(&dir.join("copyrepo"), &dir.join("pass")).args(args).output().unwrap();
+        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&copy(&["snapshots", "--json"])).unwrap();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(dir.join("backups/.offsite/manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    manifests.sort();
+    assert_eq!(manifests.len(), 2);
+    for (snap, manifest) in snaps.iter().zip(&manifests) {
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+        let run = m["run_id"].as_str().unwrap();
+        assert!(tags(snap).contains(&format!("run={run}")), "{snap} {run}");
+        let path = m["files"][0]["path"].as_str().unwrap();
+        let copied = copy(&["dump", snap["id"].as_str().unwrap(), &format!("/{path}")]);
+        assert_eq!(copied, std::fs::read(dir.join("backups").join(path)).unwrap(), "{path}");
+    }
+    copy(&["check", "--read-data"]);
+    site.command(&["verify"]).expect_code(0);
+
+    // The other way: a repository store, copied into a directory.
+    std::fs::create_dir(dir.join("copydir")).unwrap();
+    site.write("password_file = \"pass\"\n[[copy]]\nstore = \"copydir\"");
+    site.run("arc", &["--now", "2004-03-22T01:48:44Z"]).expect_code(0);
+    let stored = site.restic_ok(&["dump", "latest", "/www.20040322-014844.tar"]);
+    assert_eq!(std::fs::read(dir.join("copydir/www.20040322-014844.tar")).unwrap(), stored);
+    let verify = site.command(&["verify"]);
+    verify.expect_code(0);
+}
