@@ -18,6 +18,8 @@ struct Site {
     dir: tempfile::TempDir,
     hosts: Vec<String>,
     extra: String,
+    /// The store is a restic repository (`restic:STORE`, password in `pass`).
+    repo: bool,
 }
 
 impl Site {
@@ -25,7 +27,7 @@ impl Site {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("home")).unwrap();
         std::fs::write(dir.path().join("ssh_config"), "").unwrap();
-        Site { dir, hosts: Vec::new(), extra: String::new() }
+        Site { dir, hosts: Vec::new(), extra: String::new(), repo: false }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -44,8 +46,13 @@ impl Site {
     }
 
     fn write(&self) -> PathBuf {
+        let (restic, repository) = if self.repo {
+            ("restic:", format!("[repository]\npassword_file = \"{}\"\n", self.path("pass").display()))
+        } else {
+            ("", String::new())
+        };
         let text = format!(
-            "name = \"test\"\nstore = \"{}\"\nssh_config = \"{}\"\n{}\n{}",
+            "name = \"test\"\nstore = \"{restic}{}\"\nssh_config = \"{}\"\n{repository}{}\n{}",
             self.store().display(),
             self.path("ssh_config").display(),
             self.extra,
@@ -220,6 +227,54 @@ fn exec_to_file_streams_stdout_only_through_gzip() {
     let reported = ran.stderr.lines().find_map(|l| l.split("sha256=").nth(1)).unwrap().trim().to_string();
     assert_eq!(reported, sha256sum(&site.store().join("seq.txt.gz")));
     assert_eq!(site.stored(), ["seq.txt.gz"]);
+}
+
+/// Into a restic repository store: a stream and a fetch over real sshd go
+/// into the repository (the gzip asked for stored as plain text, which the
+/// repository compresses), and restic gives back the bytes; a command that
+/// fails half way makes no snapshot, and the repository stays sound.
+#[test]
+fn streams_and_fetches_go_into_a_repository_store() {
+    let server = Sshd::start("127.0.0.2");
+    let files = server.files();
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(files.join("db.tgz"), &data).unwrap();
+    let mut site = Site::new();
+    site.repo = true;
+    std::fs::write(site.path("pass"), "sshd repo password\n").unwrap();
+    std::fs::set_permissions(site.path("pass"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    site.host(
+        "server1",
+        &server,
+        &format!("commands = [[\"sh\", \"-c\", \"**\"]]\nfetch = [\"{}/*.tgz\"]", files.display()),
+    );
+    let restic = |args: &[&str]| {
+        let out = Command::new("restic")
+            .arg("-r")
+            .arg(site.store())
+            .arg("--no-cache")
+            .args(args)
+            .env("RESTIC_PASSWORD_FILE", site.path("pass"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let seq = &argv(&["sh", "-c", "seq 1 200000"]);
+    site.run(&[("op", "stream"), ("argv", seq), ("dest", "seq.txt.gz"), ("gzip", "true")]).expect_code(0);
+    let expected: String = (1..=200000).map(|i| format!("{i}\n")).collect();
+    assert!(restic(&["dump", "latest", "/seq.txt"]) == expected.as_bytes(), "the stream, stored as plain text");
+    let remote = format!("{}/db.tgz", files.display());
+    site.run(&[("op", "fetch"), ("path", &remote), ("dest", "server1/db.tgz")]).expect_code(0);
+    assert!(restic(&["dump", "latest", "/server1/db.tgz"]) == data, "the fetched file");
+
+    let failing = &argv(&["sh", "-c", "seq 1 100000; exit 3"]);
+    let ran = site.run(&[("op", "stream"), ("argv", failing), ("dest", "dump.sql")]);
+    ran.expect_code(1);
+    assert!(ran.stderr.contains("exit status 3"), "{}", ran.stderr);
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&restic(&["snapshots", "--json"])).unwrap();
+    assert_eq!(snaps.len(), 2, "the failed run made a snapshot: {snaps:?}");
+    restic(&["check", "--read-data"]);
 }
 
 #[test]
