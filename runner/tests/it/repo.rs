@@ -780,3 +780,101 @@ fn runs_are_copied_into_a_repository_and_out_of_one() {
     let verify = site.command(&["verify"]);
     verify.expect_code(0);
 }
+
+/// The bucket stops answering in the middle of a run into a repository in
+/// it: the run fails within its call timeout, makes no snapshot, and once
+/// the server is back the last good snapshot is whole, restic's check
+/// accepts the repository, and the next run goes ahead.
+#[test]
+fn a_bucket_that_stops_answering_mid_run_leaves_the_last_good_snapshot() {
+    use offsite_testkit::seaweed::{ACCESS_KEY, S3Space, SECRET_KEY};
+    // It stops the server: one of its own.
+    let mut server = S3Space::own();
+    server.create_bucket("repos");
+    let url = server.url("s3://repos/web1");
+    let site = RepoSite::new("password_file = \"pass\"");
+    let text = std::fs::read_to_string(&site.file).unwrap().replace("restic:repo", &format!("restic:{url}"));
+    std::fs::write(
+        &site.file,
+        format!(
+            "{text}[s3]\nendpoint = \"{}\"\npath_style = true\n[limits]\ncall_timeout = \"15s\"\n",
+            server.endpoint()
+        ),
+    )
+    .unwrap();
+    let s = script("arc");
+    let path = format!("path={}", site.dir.path().join("www").display());
+    let run = || {
+        let mut cmd =
+            site.offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", &path]);
+        cmd.env("HOME", site.dir.path())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env_remove("AWS_PROFILE");
+        cmd
+    };
+    let restic_at = |endpoint: String| {
+        let bucket_url = url.strip_prefix("s3://").unwrap().to_string();
+        let pass = site.dir.path().join("pass");
+        move |args: &[&str]| {
+            Command::new("restic")
+                .arg("-r")
+                .arg(format!("s3:{endpoint}/{bucket_url}"))
+                .arg("--no-cache")
+                .args(args)
+                .env("RESTIC_PASSWORD_FILE", &pass)
+                .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+                .output()
+                .unwrap()
+        }
+    };
+    let restic = restic_at(server.endpoint());
+    let ok = |args: &[&str]| {
+        let out = restic(args);
+        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    Ran::from_output(run().output().unwrap()).expect_code(0);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&ok(&["dump", "latest", "/.offsite/manifest.json"])).unwrap();
+    let file = manifest["files"][0].clone();
+    let stored = format!("/{}", file["path"].as_str().unwrap());
+    let packs = || String::from_utf8_lossy(&ok(&["list", "packs", "--no-lock"])).lines().count();
+    let before = packs();
+
+    std::fs::write(site.dir.path().join("www/img/more.bin"), noise(96 << 20, 11)).unwrap();
+    let child = run().stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while packs() < before + 3 {
+        assert!(Instant::now() < deadline, "no data reached the bucket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+    let started = Instant::now();
+    let ran = Ran::from_output(child.wait_with_output().unwrap());
+    ran.expect_code(1);
+    assert!(started.elapsed() < Duration::from_secs(60), "the run hung for {:?}", started.elapsed());
+    assert_eq!(ran.stderr.lines().count(), 1, "one clear line: {}", ran.stderr);
+
+    server.restart();
+    // (Its volumes take a moment to be served again.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !restic(&["snapshots", "--json", "--no-lock"]).status.success() {
+        assert!(Instant::now() < deadline, "the server did not come back");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(snaps.len(), 1, "the failed run made a snapshot");
+    let bytes = ok(&["dump", snaps[0]["id"].as_str().unwrap(), &stored]);
+    assert_eq!(sha256(&bytes), file["sha256"].as_str().unwrap(), "the good snapshot changed");
+    // The failed run could not remove its lock. It is stale (its process
+    // is gone): the next run removes it, saying so, and restic's check
+    // (which would refuse to start beside any lock) runs after it.
+    std::fs::remove_file(site.dir.path().join("www/img/more.bin")).unwrap();
+    let ran = Ran::from_output(run().output().unwrap());
+    ran.expect_code(0);
+    assert!(ran.stderr.contains("removed a stale repository lock"), "{}", ran.stderr);
+    assert_eq!(serde_json::from_slice::<Vec<serde_json::Value>>(&ok(&["snapshots", "--json"])).unwrap().len(), 2);
+    ok(&["check", "--read-data"]);
+}

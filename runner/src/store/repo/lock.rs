@@ -230,7 +230,10 @@ impl RepoLock {
     /// Takes a lock: exclusive (prune, forget) or shared (a run), refused
     /// while another holds an exclusive one, or any one if this is
     /// exclusive; a shared Offsite lock of the same site also refuses a
-    /// run. Stale locks are left for restic's `unlock` (and ignored).
+    /// run. Stale locks are ignored; those an Offsite run left (killed, or
+    /// cut off from the storage before it could remove its lock) are
+    /// removed, as `restic unlock` would: restic's exclusive commands
+    /// refuse to start while any lock file is there, stale or not.
     pub fn take(
         repo: &Arc<dyn Storage>,
         key: &MasterKey,
@@ -258,6 +261,11 @@ impl RepoLock {
             }
             Ok(())
         };
+        for (id, other) in locks(&**repo, key).map_err(Refused::Failed)? {
+            if other.is_stale() && other.offsite_run.is_some() && remove(&**repo, &id).is_ok() {
+                log::warn!(target: "offsite::store", "removed a stale repository lock: {}", other.describe());
+            }
+        }
         conflicts(None)?;
         let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
         let lock = LockFile {

@@ -80,6 +80,9 @@ pub fn store(from: &mut dyn Read, known: &Known, sink: &Sink, workers: usize) ->
             std::thread::Builder::new().name("offsite-pack".into()).spawn(move || work(&rx, &packs, &sink))
         })
         .collect::<io::Result<Vec<_>>>()?;
+    // Only the workers hold the receiver: when they all stop (a write
+    // failed), sending fails instead of waiting for room forever.
+    drop(rx);
     let chunked = chunk_all(from, &mut chunker, known, &tx, &packs.broken);
     drop(tx);
     let mut failed = None;
