@@ -80,6 +80,26 @@ impl RepoSite {
         out.stdout
     }
 
+    /// A run (the fixture sleeping `ms` milliseconds) holding its lock,
+    /// once its lock file is there.
+    fn hold_lock(&self, ms: u32) -> std::process::Child {
+        let s = script("fixture");
+        let child = self
+            .offsite(&["run", s.to_str().unwrap(), "--site", self.file.to_str().unwrap(), "--param", "case=sleep"])
+            .args(["--param", &format!("arg={ms}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let locks = self.repo().join("locks");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_dir(&locks).unwrap().next().is_none() {
+            assert!(Instant::now() < deadline, "the run took no lock");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
     fn snapshots(&self) -> Vec<serde_json::Value> {
         serde_json::from_slice(&self.restic_ok(&["snapshots", "--json"])).unwrap()
     }
@@ -362,20 +382,8 @@ fn a_run_and_restics_exclusive_commands_take_turns_through_restics_locks() {
     site.run("arc", &[]).expect_code(0);
 
     // A run holds a lock for as long as it runs.
-    let s = script("fixture");
-    let mut child = site
-        .offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", "case=sleep"])
-        .args(["--param", "arg=4000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = site.hold_lock(4000);
     let locks = site.repo().join("locks");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_dir(&locks).unwrap().next().is_none() {
-        assert!(Instant::now() < deadline, "the run took no lock");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let prune = site.restic().arg("prune").output().unwrap();
     assert!(!prune.status.success(), "restic pruned beside a run");
     assert!(String::from_utf8_lossy(&prune.stderr).contains("locked"), "{}", String::from_utf8_lossy(&prune.stderr));
@@ -686,20 +694,7 @@ fn check_connect_opens_the_repository_and_says_who_holds_its_lock() {
     assert!(!ran.stdout.contains(PASSWORD), "{}", ran.stdout);
 
     // A run in progress holds the lock.
-    let s = script("fixture");
-    let mut child = site
-        .offsite(&["run", s.to_str().unwrap(), "--site", site.file.to_str().unwrap(), "--param", "case=sleep"])
-        .args(["--param", "arg=3000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let locks = site.repo().join("locks");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_dir(&locks).unwrap().next().is_none() {
-        assert!(Instant::now() < deadline, "the run took no lock");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = site.hold_lock(3000);
     let ran = site.command(&["check", "--connect"]);
     assert!(child.wait().unwrap().success());
     ran.expect_code(0);
