@@ -720,7 +720,7 @@ fn notifications_ping_a_url_healthchecks_style() {
     assert!(seen[3].1.contains("failing on request: boom"), "{}", seen[3].1);
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {text}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }

@@ -873,3 +873,29 @@ fn a_bucket_that_stops_answering_mid_run_leaves_the_last_good_snapshot() {
     assert_eq!(serde_json::from_slice::<Vec<serde_json::Value>>(&ok(&["snapshots", "--json"])).unwrap().len(), 2);
     ok(&["check", "--read-data"]);
 }
+
+/// The Prometheus textfile and notifications report runs into a
+/// repository as for every store: after a failed run, the last success is
+/// still the good run's (read from its snapshot).
+#[test]
+fn prometheus_and_notifications_report_runs_into_a_repository() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let prom = site.dir.path().join("web1.prom");
+    let events = site.dir.path().join("events");
+    site.write(&format!(
+        "password_file = \"pass\"\n[report]\nprometheus = \"{}\"\n[notify]\ncommand = [\"sh\", \"-c\", \"echo \
+         $OFFSITE_EVENT $OFFSITE_STATUS >> {}\"]",
+        prom.display(),
+        events.display()
+    ));
+    site.run("arc", &[]).expect_code(0);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("offsite_last_run_status{site=\"web1\",status=\"ok\"} 1"), "{text}");
+    let success = crate::integrity::metric(&text, "offsite_last_success_timestamp_seconds");
+    assert!(success > 1.7e9, "{text}");
+    site.run("fixture", &["--param", "case=fail"]).expect_code(1);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("offsite_last_run_status{site=\"web1\",status=\"failed\"} 1"), "{text}");
+    assert_eq!(crate::integrity::metric(&text, "offsite_last_success_timestamp_seconds"), success, "{text}");
+    assert_eq!(std::fs::read_to_string(&events).unwrap(), "start running\nsuccess ok\nstart running\nfailure failed\n");
+}
