@@ -59,7 +59,7 @@ pub struct Stored {
     pub content: Vec<DataId>,
     pub bytes: u64,
     /// The chunks that were new, and so stored by this file.
-    pub new: Vec<Id>,
+    pub new: HashSet<Id>,
 }
 
 /// Reads `from` to its end and stores it; `workers` compress and seal.
@@ -101,13 +101,13 @@ pub fn store(from: &mut dyn Read, known: &Known, sink: &Sink, workers: usize) ->
     let mut packs = Arc::try_unwrap(packs).map_err(|_| io::Error::other("a packing thread is still running"))?;
     let open = std::mem::take(packs.open.get_mut().unwrap_or_else(|e| e.into_inner()));
     if !open.blobs.is_empty() {
-        write_pack(open, &packs, sink)?;
+        flush(open, &packs, sink)?;
     }
-    write_index(packs.done.into_inner().unwrap_or_else(|e| e.into_inner()), sink)?;
+    write_index(&*sink.be, &sink.key, &packs.done.into_inner().unwrap_or_else(|e| e.into_inner()))?;
     Ok(Stored { content, bytes, new })
 }
 
-type Chunked = (Vec<DataId>, u64, Vec<Id>);
+type Chunked = (Vec<DataId>, u64, HashSet<Id>);
 
 fn chunk_all(
     from: &mut dyn Read,
@@ -117,8 +117,8 @@ fn chunk_all(
     broken: &AtomicBool,
 ) -> io::Result<Chunked> {
     let mut content = Vec::new();
-    let mut new = Vec::new();
-    let mut mine = HashSet::new();
+    // The chunks this file stores (sent to the workers).
+    let mut new = HashSet::new();
     let mut bytes = 0u64;
     let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut hasher = Sha256::new();
@@ -127,12 +127,11 @@ fn chunk_all(
         let raw: [u8; 32] = hasher.finalize_reset().into();
         let id = Id::new(raw);
         content.push(DataId::from(id));
-        if mine.contains(&id) || known.has(&id) {
+        if new.contains(&id) || known.has(&id) {
             chunk.clear();
             return Ok(());
         }
-        mine.insert(id);
-        new.push(id);
+        new.insert(id);
         if broken.load(Ordering::SeqCst) {
             return Err(io::Error::other("the packing threads stopped"));
         }
@@ -163,12 +162,16 @@ fn chunk_all(
     Ok((content, bytes, new))
 }
 
-/// A blob in a pack, as the index will name it.
-struct Placed {
-    id: [u8; 32],
-    offset: usize,
-    length: u32,
-    plain: u32,
+/// A blob in a pack, as the pack's header and the index name it.
+pub struct Placed {
+    pub id: [u8; 32],
+    /// A tree blob; else a data blob.
+    pub tree: bool,
+    pub offset: usize,
+    /// Its sealed length in the pack.
+    pub length: u32,
+    /// Its length before compression; `None`: stored uncompressed.
+    pub plain: Option<u32>,
 }
 
 #[derive(Default)]
@@ -203,40 +206,45 @@ fn work(rx: &Mutex<Receiver<([u8; 32], Vec<u8>)>>, packs: &Packs, sink: &Sink) -
             let mut open = packs.open.lock().unwrap_or_else(|e| e.into_inner());
             let offset = open.body.len();
             open.body.extend_from_slice(&sealed);
-            open.blobs.push(Placed { id, offset, length, plain });
+            open.blobs.push(Placed { id, tree: false, offset, length, plain: sink.level.map(|_| plain) });
             (open.body.len() >= sink.pack_size).then(|| std::mem::take(&mut *open))
         };
         if let Some(pack) = full {
-            write_pack(pack, packs, sink).inspect_err(|_| packs.broken.store(true, Ordering::SeqCst))?;
+            flush(pack, packs, sink).inspect_err(|_| packs.broken.store(true, Ordering::SeqCst))?;
         }
     }
 }
 
-/// Seals the header, writes the pack, and records it for the index.
-fn write_pack(mut pack: Pack, packs: &Packs, sink: &Sink) -> io::Result<()> {
-    let mut header = Vec::with_capacity(pack.blobs.len() * 41);
-    for blob in &pack.blobs {
-        // A data blob, compressed (2) or not (0).
-        header.push(if sink.level.is_some() { 2 } else { 0 });
-        header.extend_from_slice(&blob.length.to_le_bytes());
-        if sink.level.is_some() {
-            header.extend_from_slice(&blob.plain.to_le_bytes());
-        }
-        header.extend_from_slice(&blob.id);
-    }
-    let sealed = encrypt(&sink.key, &header)?;
-    pack.body.extend_from_slice(&sealed);
-    pack.body.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-    let id = Id::new(Sha256::digest(&pack.body).into());
-    sink.be
-        .write_bytes(FileType::Pack, &id, false, pack.body.into())
-        .map_err(|e| io::Error::other(super::rustic_text(&e)))?;
+/// Writes a full pack and records it for the index.
+fn flush(pack: Pack, packs: &Packs, sink: &Sink) -> io::Result<()> {
+    let id = write_pack(&*sink.be, &sink.key, pack.body, &pack.blobs)?;
     packs.done.lock().unwrap_or_else(|e| e.into_inner()).push((id, pack.blobs));
     Ok(())
 }
 
+/// Writes `body` (the sealed `blobs` at their offsets) as a pack: then
+/// its header, sealed, and the header's length. Returns the pack's id.
+pub fn write_pack(be: &dyn WriteBackend, key: &MasterKey, mut body: Vec<u8>, blobs: &[Placed]) -> io::Result<Id> {
+    let mut header = Vec::with_capacity(blobs.len() * 41);
+    for blob in blobs {
+        // Data 0, tree 1; compressed, 2 more (with the length before).
+        header.push(u8::from(blob.tree) | if blob.plain.is_some() { 2 } else { 0 });
+        header.extend_from_slice(&blob.length.to_le_bytes());
+        if let Some(plain) = blob.plain {
+            header.extend_from_slice(&plain.to_le_bytes());
+        }
+        header.extend_from_slice(&blob.id);
+    }
+    let sealed = encrypt(key, &header)?;
+    body.extend_from_slice(&sealed);
+    body.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+    let id = Id::new(Sha256::digest(&body).into());
+    be.write_bytes(FileType::Pack, &id, false, body.into()).map_err(|e| io::Error::other(super::rustic_text(&e)))?;
+    Ok(id)
+}
+
 /// One index file naming every blob of `packs`.
-fn write_index(packs: Vec<(Id, Vec<Placed>)>, sink: &Sink) -> io::Result<()> {
+pub fn write_index(be: &dyn WriteBackend, key: &MasterKey, packs: &[(Id, Vec<Placed>)]) -> io::Result<()> {
     if packs.is_empty() {
         return Ok(());
     }
@@ -248,12 +256,12 @@ fn write_index(packs: Vec<(Id, Vec<Placed>)>, sink: &Sink) -> io::Result<()> {
                 .map(|b| {
                     let mut blob = serde_json::json!({
                         "id": hex::encode(b.id),
-                        "type": "data",
+                        "type": if b.tree { "tree" } else { "data" },
                         "offset": b.offset,
                         "length": b.length,
                     });
-                    if sink.level.is_some() {
-                        blob["uncompressed_length"] = b.plain.into();
+                    if let Some(plain) = b.plain {
+                        blob["uncompressed_length"] = plain.into();
                     }
                     blob
                 })
@@ -262,7 +270,7 @@ fn write_index(packs: Vec<(Id, Vec<Placed>)>, sink: &Sink) -> io::Result<()> {
         })
         .collect();
     let json = serde_json::to_vec(&serde_json::json!({ "packs": packs })).expect("an index serialises");
-    let sealed = encrypt(&sink.key, &json)?;
+    let sealed = encrypt(key, &json)?;
     let id = Id::new(Sha256::digest(&sealed).into());
-    sink.be.write_bytes(FileType::Index, &id, true, sealed.into()).map_err(|e| io::Error::other(super::rustic_text(&e)))
+    be.write_bytes(FileType::Index, &id, true, sealed.into()).map_err(|e| io::Error::other(super::rustic_text(&e)))
 }

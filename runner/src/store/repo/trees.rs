@@ -7,19 +7,19 @@
 //! file's node as rustic made it (its content, the chunks), with the
 //! size the run counted, in directories built from the files' paths.
 //!
-//! The trees go into one pack, and the pack into one index file, in
-//! restic's format: each blob encrypted (nonce, AES-256-CTR, Poly1305-AES
-//! MAC, as `lock.rs` does it) and stored uncompressed (a pack header
-//! entry of type 1), the header encrypted and followed by its length.
+//! The trees go into one pack, and the pack into one index file, written
+//! as `packer.rs` writes data packs: each blob encrypted (nonce,
+//! AES-256-CTR, Poly1305-AES MAC, as `lock.rs` does it) and stored
+//! uncompressed (a pack header entry of type 1).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 
 use rustic_core::repofile::{MasterKey, Metadata, Node, NodeType, Tree};
-use rustic_core::{FileType, Id, TreeId, WriteBackend};
-use sha2::{Digest, Sha256};
+use rustic_core::{Id, TreeId, WriteBackend};
 
 use super::lock::encrypt;
+use super::packer::{Placed, write_index, write_pack};
 
 /// A directory of the snapshot being built.
 #[derive(Default)]
@@ -83,39 +83,17 @@ impl TreePack {
         if self.blobs.is_empty() {
             return Ok(());
         }
-        let mut pack = Vec::new();
-        let mut header = Vec::new();
-        let mut index_blobs = Vec::new();
+        let mut body = Vec::new();
+        let mut blobs = Vec::new();
         for (id, plain) in &self.blobs {
             let sealed = encrypt(key, plain)?;
             let length = u32::try_from(sealed.len()).map_err(|_| std::io::Error::other("a tree is too large"))?;
-            index_blobs.push(serde_json::json!({
-                "id": id.to_hex().as_str(),
-                "type": "tree",
-                "offset": pack.len(),
-                "length": length,
-            }));
-            header.push(1u8); // a tree blob, uncompressed
-            header.extend_from_slice(&length.to_le_bytes());
-            header.extend_from_slice(&hex::decode(id.to_hex().as_str()).expect("an id is hex"));
-            pack.extend_from_slice(&sealed);
+            let mut raw = [0u8; 32];
+            hex::decode_to_slice(id.to_hex().as_str(), &mut raw).expect("an id is 32 bytes of hex");
+            blobs.push(Placed { id: raw, tree: true, offset: body.len(), length, plain: None });
+            body.extend_from_slice(&sealed);
         }
-        let sealed_header = encrypt(key, &header)?;
-        pack.extend_from_slice(&sealed_header);
-        pack.extend_from_slice(&(sealed_header.len() as u32).to_le_bytes());
-        let pack_id = id_of(&pack)?;
-        be.write_bytes(FileType::Pack, &pack_id, false, pack.into())
-            .map_err(|e| std::io::Error::other(super::rustic_text(&e)))?;
-        let index = serde_json::json!({
-            "packs": [{ "id": pack_id.to_hex().as_str(), "blobs": index_blobs }],
-        });
-        let sealed_index = encrypt(key, &serde_json::to_vec(&index).expect("an index serialises"))?;
-        let index_id = id_of(&sealed_index)?;
-        be.write_bytes(FileType::Index, &index_id, true, sealed_index.into())
-            .map_err(|e| std::io::Error::other(super::rustic_text(&e)))
+        let pack_id = write_pack(be, key, body, &blobs)?;
+        write_index(be, key, &[(pack_id, blobs)])
     }
-}
-
-fn id_of(bytes: &[u8]) -> std::io::Result<Id> {
-    hex::encode(Sha256::digest(bytes)).parse::<Id>().map_err(|e| std::io::Error::other(e.to_string()))
 }
