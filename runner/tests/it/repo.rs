@@ -698,8 +698,8 @@ fn check_connect_opens_the_repository_and_says_who_holds_its_lock() {
     let ran = site.command(&["check", "--connect"]);
     assert!(child.wait().unwrap().success());
     ran.expect_code(0);
-    assert!(ran.stdout.contains("locked by site \"web1\" on"), "{}", ran.stdout);
-    assert!(ran.stdout.contains(&format!("(pid {})", child.id())), "{}", ran.stdout);
+    assert!(ran.stdout.contains("locked: offsite run "), "{}", ran.stdout);
+    assert!(ran.stdout.contains(&format!(" of site web1 (pid {} on ", child.id())), "{}", ran.stdout);
 
     // A wrong password: a problem, with the same line a run gives.
     write_secret(&site.dir.path().join("wrong"), "not the password");

@@ -243,6 +243,10 @@ impl RepoLock {
     ) -> Result<RepoLock, Refused> {
         let conflicts = |mine: Option<&Id>| -> Result<(), Refused> {
             for (id, other) in locks(&**repo, key).map_err(Refused::Failed)? {
+                // Before taking: a stale lock an Offsite run left goes.
+                if mine.is_none() && other.is_stale() && other.offsite_run.is_some() && remove(&**repo, &id).is_ok() {
+                    log::warn!(target: "offsite::store", "removed a stale repository lock: {}", other.describe());
+                }
                 if Some(&id) == mine || other.is_stale() {
                     continue;
                 }
@@ -261,11 +265,6 @@ impl RepoLock {
             }
             Ok(())
         };
-        for (id, other) in locks(&**repo, key).map_err(Refused::Failed)? {
-            if other.is_stale() && other.offsite_run.is_some() && remove(&**repo, &id).is_ok() {
-                log::warn!(target: "offsite::store", "removed a stale repository lock: {}", other.describe());
-            }
-        }
         conflicts(None)?;
         let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
         let lock = LockFile {

@@ -288,17 +288,23 @@ impl RepoRoot {
             ours.len()
         )];
         if let Some(last) = ours.iter().max_by_key(|s| s.time.timestamp()) {
+            // Tags are the repository's data, which others may write.
             let status = last.tags.iter().find_map(|t| t.strip_prefix("status=")).unwrap_or("?");
-            lines.push(format!("last run of this site: {} ({})", last.time.strftime("%Y-%m-%d %H:%M:%S %Z"), status));
+            lines.push(format!(
+                "last run of this site: {} ({})",
+                last.time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                crate::text::escape(status)
+            ));
         }
-        let escape = crate::text::escape;
-        let who = |h: &Holder| {
-            let what = if h.site.is_empty() { "restic".to_string() } else { format!("site {:?}", escape(&h.site)) };
-            format!("{what} on {} (pid {}), since {}", escape(&h.hostname), h.pid, escape(&h.started))
-        };
-        lines.push(match self.holders() {
-            (Some(h), _) => format!("locked by {}", who(&h)),
-            (None, Some(h)) => format!("a stale lock of {} (the next run or `restic unlock` removes it)", who(&h)),
+        // Who holds a lock, in the words of the lock's own description
+        // (escaped there); a stale one says what removes it.
+        let found = lock::locks(&*self.storage, &self.key)?;
+        lines.push(match (found.iter().find(|(_, l)| !l.is_stale()), found.iter().find(|(_, l)| l.is_stale())) {
+            (Some((_, l)), _) => format!("locked: {}", l.describe()),
+            (None, Some((_, l))) if l.offsite_run.is_some() => {
+                format!("a stale lock (the next run removes it): {}", l.describe())
+            }
+            (None, Some((_, l))) => format!("a stale lock (`restic unlock` removes it): {}", l.describe()),
             (None, None) => "not locked: no run or restic command is using it".into(),
         });
         Ok(lines)
