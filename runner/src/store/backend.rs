@@ -30,6 +30,11 @@ pub trait Backend: Send + Sync {
     /// `NotFound`; one that is no longer a regular file, `InvalidData`.
     fn open_file(&self, rel: &Path) -> io::Result<(u64, Box<dyn Read + '_>)>;
 
+    /// A stored file's size, without reading it (errors as `open_file`'s).
+    fn file_size(&self, rel: &Path) -> io::Result<u64> {
+        self.open_file(rel).map(|(size, _)| size)
+    }
+
     /// Every manifest, oldest run first, and the ones that cannot be read.
     fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)>;
 

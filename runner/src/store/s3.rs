@@ -645,6 +645,15 @@ impl Backend for S3Root {
         }
     }
 
+    /// A HEAD, not a GET begun and dropped.
+    fn file_size(&self, rel: &Path) -> io::Result<u64> {
+        match self.bucket.head(&rel.to_string_lossy()) {
+            Ok(Some(meta)) => Ok(meta.size),
+            Ok(None) => Err(io::Error::new(io::ErrorKind::NotFound, "no such object")),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
     fn manifests(&self) -> io::Result<(Vec<Manifest>, Vec<BadManifest>)> {
         S3Root::manifests(self).map_err(io::Error::other)
     }

@@ -29,7 +29,8 @@ pub struct Options {
     pub verify_key: Option<ssh_key::PublicKey>,
     /// Decrypt `.age` files with these, to check their contents too.
     pub identities: Vec<Box<dyn age::Identity>>,
-    /// Read only these files whole (and every file of the newest run);
+    /// Read only these files whole (and every file of the newest run
+    /// that has files);
     /// of the others, only that they are there with their size.
     pub subset: Option<Subset>,
 }
@@ -140,6 +141,8 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
         }
     }
     let source = Source(root);
+    // A subset always reads the newest run that stored files.
+    let newest_with_files = owners.values().map(|(m, _)| m.run.run_id.as_str()).max();
     for (location, (m, f)) in &owners {
         if let Some(r) = &f.replaces {
             report.checked.push(format!(
@@ -151,18 +154,17 @@ pub fn verify(root: &Root, options: &Options) -> io::Result<Report> {
             ));
         }
         report.files += 1;
-        let newest = report.newest.as_deref() == Some(m.run.run_id.as_str());
         if let Some(subset) = options.subset
-            && !newest
+            && newest_with_files != Some(m.run.run_id.as_str())
             && !subset.takes(location)
         {
             report.not_read += 1;
-            match source.open(location) {
-                Ok((size, _)) if size == f.bytes => report.checked.push(format!(
+            match source.size(location) {
+                Ok(size) if size == f.bytes => report.checked.push(format!(
                     "{}: there, {size} bytes (not read: --read-data-subset {subset})",
                     location.display()
                 )),
-                Ok((size, _)) => report.problems.push(format!(
+                Ok(size) => report.problems.push(format!(
                     "{}: corrupt: {size} bytes, the manifest says {} (run {}, status {})",
                     location.display(),
                     f.bytes,
@@ -212,11 +214,19 @@ struct Source<'a>(&'a Root);
 
 impl<'a> Source<'a> {
     fn open(&self, rel: &Path) -> Result<(u64, Box<dyn Read + 'a>), String> {
-        self.0.open_file(rel).map_err(|e| match e.kind() {
+        self.0.open_file(rel).map_err(|e| Self::why(&e))
+    }
+
+    fn size(&self, rel: &Path) -> Result<u64, String> {
+        self.0.file_size(rel).map_err(|e| Self::why(&e))
+    }
+
+    fn why(e: &io::Error) -> String {
+        match e.kind() {
             io::ErrorKind::NotFound => "missing".to_string(),
             io::ErrorKind::InvalidData => format!("corrupt: {e}"),
             _ => format!("cannot be read: {e}"),
-        })
+        }
     }
 }
 

@@ -508,9 +508,24 @@ fn verify_catches_a_flipped_byte_in_an_object() {
     let mut bytes = download(&b, ARCHIVE);
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
+    let bytes_len = bytes.len();
     b.put(ARCHIVE, bytes, Put::Overwrite).unwrap();
     let ran = site.command(&["verify"]);
     ran.expect_code(1).expect_stderr("corrupt: sha256");
+    // A subset reads the newest run whole and asks of the older object
+    // only its size (a HEAD): exactly one of two parts finds the flip.
+    site.run(&["--now", "2004-03-21T13:48:44Z"]).expect_code(0);
+    let mut found = 0;
+    for part in ["1/2", "2/2"] {
+        let ran = site.command(&["verify", "-v", "--read-data-subset", part]);
+        if ran.code == 1 {
+            ran.expect_stderr(&format!("{ARCHIVE}: corrupt: sha256"));
+            found += 1;
+        } else {
+            ran.expect_code(0).expect_stdout(&format!("{ARCHIVE}: there, {} bytes (not read", bytes_len));
+        }
+    }
+    assert_eq!(found, 1, "exactly one part reads the older object");
     // An object no manifest lists is a problem too.
     b.put("stray.txt", b"?".to_vec(), Put::Create).unwrap();
     site.command(&["verify"]).expect_code(1).expect_stderr("stray.txt: unlisted");
