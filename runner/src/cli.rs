@@ -660,7 +660,6 @@ fn check(site_file: &Path, script: Option<&str>, connect: bool) -> Result<(), Fa
     Err(anyhow!("{}: {} problem(s) found", site_file.display(), report.problems.len())).exit(Exit::Usage)
 }
 
-/// `verify`'s keys: for signatures, and for decrypting.
 /// The summary's note of files a `--read-data-subset` did not read.
 fn not_read(report: &crate::verify::Report) -> String {
     if report.not_read == 0 {
@@ -669,6 +668,7 @@ fn not_read(report: &crate::verify::Report) -> String {
     format!(" ({} of them only for presence and size: --read-data-subset)", report.not_read)
 }
 
+/// `verify`'s keys: for signatures, and for decrypting.
 struct VerifyKeys {
     key: Option<PathBuf>,
     age_identity: Option<PathBuf>,
