@@ -997,8 +997,18 @@ fn remote_has(remote: &Remote, host: &str, program: &str) -> Result<bool, String
     Ok(status == 0)
 }
 
-/// Creates and removes a file in `dir` to see that it is writable.
+/// Sees that `dir` is writable by creating a file there. The file has no
+/// name (O_TMPFILE), so nobody listing the store ever sees it, not even
+/// while `offsite watch` checks a reloaded site; only where the file
+/// system cannot do that is a named probe created and removed.
 fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let unnamed = std::fs::OpenOptions::new().write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir);
+    match unnamed {
+        Ok(_) => return Ok(()),
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => return Err(e),
+        Err(_) => {}
+    }
     let probe = dir.join(format!("{}check.{}", crate::store::TEMP_PREFIX, std::process::id()));
     std::fs::write(&probe, b"")?;
     std::fs::remove_file(&probe)
@@ -1176,6 +1186,19 @@ mod tests {
         assert!(notes.is_empty() && undeclared.is_empty(), "{notes:?} {undeclared:?}");
     }
     use super::*;
+
+    #[test]
+    fn the_writability_probe_leaves_no_name_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kept"), b"x").unwrap();
+        for _ in 0..3 {
+            probe_writable(dir.path()).unwrap();
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["kept"]);
+        assert!(probe_writable(&dir.path().join("kept")).is_err(), "a file is not a writable directory");
+        assert!(probe_writable(&dir.path().join("absent")).is_err());
+    }
 
     #[test]
     fn key_lines_are_found_per_section() {
