@@ -18,15 +18,17 @@
 //! copied stops at it. What a stopped copy must undo (its uploads, its
 //! lock) gets [`CLEANUP`] more.
 
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 use std::time::{Duration, Instant};
+
+use sha2::Digest;
 
 use crate::s3::client::{DeadlineScope, deadline_scope};
 use crate::site::{CopyTo, Site};
 use crate::store::backend::{self, Access, Held, LockFailure};
 use crate::store::retention;
 use crate::store::run::{Outcome, RunHeader};
-use crate::store::{Budget, Manifest, Root, Status};
+use crate::store::{Budget, Manifest, Root, Status, StoredFile};
 
 /// How long a copy stopped by the run's deadline has to undo what it
 /// started (abort its uploads, free its lock).
@@ -213,11 +215,7 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
             let rel = crate::policy::store_path(&f.path).map_err(|d| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("its manifest names a file the copy refuses: {d}"))
             })?;
-            let mut pending = store.create(&rel)?;
-            let mut bounded = Until { inner: &mut pending, until };
-            let (_, mut file) = from.open_file(&m.location(f))?;
-            copy_stream(&mut file, &mut bounded)?;
-            pending.commit_copy(f)?;
+            copy_file(from, &store, m, f, &rel, until)?;
         }
         Ok::<(), io::Error>(())
     })();
@@ -241,6 +239,57 @@ fn copy_run(from: &Root, to: &Target, m: &Manifest, until: Option<Instant>) -> i
     if !recorded.status.publishes() {
         return Err(io::Error::other(recorded.error.unwrap_or_else(|| format!("run {} was not copied", m.run.run_id))));
     }
+    Ok(())
+}
+
+/// One file of `m` into the copy's run. A gzip file goes into a store that
+/// compresses what it stores (a restic repository) as its plaintext, as a
+/// run's own gzip outputs do there, so that a dump that changes a little
+/// stores only the changed chunks; the gzip bytes read must still be the
+/// manifest's. Anything else is copied byte for byte.
+fn copy_file(
+    from: &Root,
+    store: &crate::store::Store,
+    m: &Manifest,
+    f: &StoredFile,
+    rel: &std::path::Path,
+    until: Option<Instant>,
+) -> io::Result<()> {
+    let gzip_name = crate::store::uncompressed_name(&f.path) != f.path;
+    if gzip_name && f.plain.is_none() && f.asked.is_none() {
+        let (_, file) = from.open_file(&m.location(f))?;
+        let mut file = io::BufReader::with_capacity(256 << 10, file);
+        if file.fill_buf()?.starts_with(&[0x1f, 0x8b]) {
+            let (mut pending, caller_gzips) = store.create_gzipped(rel)?;
+            if caller_gzips {
+                copy_stream(&mut file, &mut Until { inner: &mut pending, until })?;
+                pending.commit_copy(f)?;
+                return Ok(());
+            }
+            let mut read = crate::verify::HashingReader::new(file);
+            let unzipped = (|| {
+                let mut gz = flate2::read::MultiGzDecoder::new(&mut read);
+                copy_stream(&mut gz, &mut Until { inner: &mut pending, until })?;
+                // Whatever follows the last member counts too.
+                io::copy(&mut read, &mut io::sink())
+            })();
+            match unzipped {
+                Ok(_) => {
+                    let sha256 = hex::encode(read.hasher.finalize_reset());
+                    pending.commit_gunzipped_copy(f, read.bytes, &sha256)?;
+                    return Ok(());
+                }
+                // Not gzip after all (a name and two bytes can lie): the
+                // file is copied as it is, and its hash judges it.
+                Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData) => drop(pending),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut pending = store.create(rel)?;
+    let (_, mut file) = from.open_file(&m.location(f))?;
+    copy_stream(&mut file, &mut Until { inner: &mut pending, until })?;
+    pending.commit_copy(f)?;
     Ok(())
 }
 

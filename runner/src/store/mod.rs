@@ -548,6 +548,42 @@ impl PendingFile {
         })
     }
 
+    /// Commits the plaintext of `original`, a gzip file of another store
+    /// of the site, into a store that compresses what it stores (started by
+    /// [`Store::create_gzipped`]): the gzip bytes read (`read`, `read_sha256`)
+    /// must be `original`'s, and the record is the plaintext's, under the
+    /// name without the gzip suffix, keeping the name asked for and the
+    /// origin.
+    pub fn commit_gunzipped_copy(
+        mut self,
+        original: &StoredFile,
+        read: u64,
+        read_sha256: &str,
+    ) -> io::Result<StoredFile> {
+        if (read, read_sha256) != (original.bytes, original.sha256.as_str()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: read {read} bytes with sha256 {read_sha256}, but its manifest says {} bytes with sha256 {}",
+                    original.path, original.bytes, original.sha256
+                ),
+            ));
+        }
+        let asked = self.asked.take();
+        self.commit_as(|path, bytes, sha256, plain| {
+            Ok(StoredFile {
+                path,
+                bytes,
+                sha256,
+                plain,
+                origin: original.origin.clone(),
+                replaces: None,
+                kept: false,
+                asked,
+            })
+        })
+    }
+
     /// Finishes the bytes, lets `record` judge them (path, size, hash and
     /// plaintext) and make their record, then stores them.
     fn commit_as(

@@ -736,10 +736,21 @@ fn runs_are_copied_into_a_repository_and_out_of_one() {
         ),
     )
     .unwrap();
-    for now in ["2004-03-21T01:48:44Z", "2004-03-21T13:48:44Z"] {
+    // A text file that gzip shrinks, a line of which changes between the
+    // runs: each run's .tgz is new bytes after that line, its tar is not.
+    let rows = |changed: &str| -> String {
+        (0..60_000)
+            .map(|i| if i == 30_000 { format!("{changed}\n") } else { format!("row {i} value {}\n", i * 7) })
+            .collect()
+    };
+    let mut grew = Vec::new();
+    for (now, row) in [("2004-03-21T01:48:44Z", "first"), ("2004-03-21T13:48:44Z", "second")] {
+        std::fs::write(www.join("rows.txt"), rows(row)).unwrap();
+        let before = dir_size(&dir.join("copyrepo"));
         let ran = site.run("arc", &["--now", now]);
         ran.expect_code(0);
         assert_eq!((ran.stdout.as_str(), ran.stderr.as_str()), ("", ""), "quiet on success");
+        grew.push(dir_size(&dir.join("copyrepo")) - before);
     }
     let copy = |args: &[&str]| {
         let out = restic(&dir.join("copyrepo"), &dir.join("pass")).args(args).output().unwrap();
@@ -759,10 +770,24 @@ fn runs_are_copied_into_a_repository_and_out_of_one() {
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
         let run = m["run_id"].as_str().unwrap();
         assert!(tags(snap).contains(&format!("run={run}")), "{snap} {run}");
+        // The .tgz went in as its tar, under the name without `.gz`;
+        // the copy's manifest names what was asked for.
         let path = m["files"][0]["path"].as_str().unwrap();
-        let copied = copy(&["dump", snap["id"].as_str().unwrap(), &format!("/{path}")]);
-        assert_eq!(copied, std::fs::read(dir.join("backups").join(path)).unwrap(), "{path}");
+        let tar = path.strip_suffix(".tgz").map(|stem| format!("{stem}.tar")).unwrap();
+        let copied = copy(&["dump", snap["id"].as_str().unwrap(), &format!("/{tar}")]);
+        assert_eq!(copied, offsite_testkit::gunzip(&dir.join("backups").join(path)), "{path}");
+        let there = copy(&["dump", snap["id"].as_str().unwrap(), "/.offsite/manifest.json"]);
+        let there: serde_json::Value = serde_json::from_slice(&there).unwrap();
+        assert_eq!(
+            (there["files"][0]["path"].as_str(), there["files"][0]["asked"].as_str()),
+            (Some(&*tar), Some(path))
+        );
+        assert_eq!(there["files"][0]["sha256"].as_str().unwrap(), sha256(&copied));
     }
+    // The second copy stored the chunks around the changed line, not the
+    // rest of the tar, nor a second gzip stream.
+    let tgz = std::fs::metadata(dir.join("backups").join(manifests_path(&manifests[1]))).unwrap().len();
+    assert!(grew[1] * 4 < tgz, "the second copy added {} bytes for a .tgz of {tgz} ({grew:?})", grew[1]);
     copy(&["check", "--read-data"]);
     site.command(&["verify"]).expect_code(0);
 
@@ -774,6 +799,53 @@ fn runs_are_copied_into_a_repository_and_out_of_one() {
     assert_eq!(std::fs::read(dir.join("copydir/www.20040322-014844.tar")).unwrap(), stored);
     let verify = site.command(&["verify"]);
     verify.expect_code(0);
+}
+
+/// A .tgz that rotted in the first store, still starting as gzip does, is
+/// not copied into a repository as good: it does not decompress, so it is
+/// copied as it is, its hash is judged against its manifest, and the run
+/// is left out with a warning that says so; the next good run is copied.
+#[test]
+fn a_rotted_gzip_file_is_judged_by_its_hash_not_copied_into_a_repository() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    let dir = site.dir.path();
+    std::fs::write(
+        &site.file,
+        format!(
+            "store = \"backups\"\n[read]\nroots = [\"{}\"]\n[[copy]]\nstore = \"restic:copyrepo\"\n\
+             [copy.repository]\npassword_file = \"pass\"\n",
+            dir.join("www").display()
+        ),
+    )
+    .unwrap();
+    // The copy's directory is not there yet: run 1 is not copied.
+    let first = site.run("arc", &["--now", "2004-03-21T01:48:44Z"]);
+    first.expect_code(0);
+    assert!(first.stderr.contains("copy"), "{}", first.stderr);
+    let tgz = dir.join("backups/www.20040321-014844.tgz");
+    let mut bytes = std::fs::read(&tgz).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at..].fill(0x55);
+    std::fs::write(&tgz, &bytes).unwrap();
+    std::fs::create_dir(dir.join("copyrepo")).unwrap();
+    let second = site.run("arc", &["--now", "2004-03-21T13:48:44Z"]);
+    second.expect_code(0);
+    assert!(
+        second.stderr.contains("left out run") && second.stderr.contains("but its manifest says"),
+        "{}",
+        second.stderr
+    );
+    let snaps: Vec<serde_json::Value> = serde_json::from_slice(
+        &restic(&dir.join("copyrepo"), &dir.join("pass")).args(["snapshots", "--json"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    assert_eq!(snaps.len(), 1, "only the second run is in the copy: {snaps:?}");
+}
+
+/// The path of the first file a manifest (a file in a directory store) names.
+fn manifests_path(manifest: &Path) -> String {
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    m["files"][0]["path"].as_str().unwrap().to_string()
 }
 
 /// The bucket stops answering in the middle of a run into a repository in
