@@ -84,7 +84,9 @@ impl Chunker {
         Ok(chunker)
     }
 
-    fn reset(&mut self) {
+    /// Forgets the bytes taken so far: the next begins a new chunk (and,
+    /// for a packing session, a new file).
+    pub fn reset(&mut self) {
         self.window = [0; WINDOW];
         self.at = 0;
         self.digest = 0;

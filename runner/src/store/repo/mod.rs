@@ -51,7 +51,7 @@ use crate::site::{PasswordFrom, RepoAt, RepoStore, Site};
 
 use self::local::LocalRepo;
 use self::lock::{Refused, RepoLock};
-use self::outlet::{Archived, ArchivedFile, RepoOutlet, Target};
+use self::outlet::{Archived, RepoOutlet, Target};
 use self::packer::{Known, Sink};
 
 /// Where a snapshot keeps the run's manifest.
@@ -355,12 +355,16 @@ impl RepoRoot {
         if let Some(key) = &self.signer {
             small.push((format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX), protect::sign(key, &json)?));
         }
+        // The manifest and its signature share a pack and an index, which
+        // is written before the snapshot names them.
+        let mut session = packer::Session::new(Arc::clone(&target.known), &target.sink, 1)?;
+        let mut stored = Vec::new();
         for (path, bytes) in small {
-            let mut file = Box::new(ArchivedFile::start(target, PathBuf::from(&path), Arc::new(Archived::default()))?);
-            std::io::Write::write_all(&mut *file, &bytes)?;
-            let content = file.finish()?;
-            archived.files.lock().unwrap_or_else(|e| e.into_inner()).push((path, content, bytes.len() as u64));
+            let (content, n) = session.file(&mut &bytes[..])?;
+            stored.push((path, content, n));
         }
+        session.finish()?;
+        archived.files.lock().unwrap_or_else(|e| e.into_inner()).extend(stored);
         let published: BTreeSet<&str> = manifest.published().map(|f| f.path.as_str()).collect();
         let now = jiff_now();
         let meta = Metadata {

@@ -63,51 +63,102 @@ pub struct Stored {
 }
 
 /// Reads `from` to its end and stores it; `workers` compress and seal.
-pub fn store(from: &mut dyn Read, known: &Known, sink: &Sink, workers: usize) -> io::Result<Stored> {
-    let config = known.repo.config();
-    if config.chunker() != rustic_core::repofile::Chunker::Rabin {
-        return Err(io::Error::other("the repository chunks at fixed sizes; Offsite writes only restic's chunks"));
-    }
-    let poly = config.poly().map_err(|e| io::Error::other(super::rustic_text(&e)))?;
-    let mut chunker = Chunker::new(poly, config.chunk_size(), config.chunk_min_size(), config.chunk_max_size())
-        .map_err(io::Error::other)?;
-    let packs = Arc::new(Packs::default());
-    let (tx, rx) = sync_channel::<([u8; 32], Vec<u8>)>(workers);
-    let rx = Arc::new(Mutex::new(rx));
-    let handles = (0..workers.max(1))
-        .map(|_| {
-            let (rx, packs, sink) = (Arc::clone(&rx), Arc::clone(&packs), sink.clone());
-            std::thread::Builder::new().name("offsite-pack".into()).spawn(move || work(&rx, &packs, &sink))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    // Only the workers hold the receiver: when they all stop (a write
-    // failed), sending fails instead of waiting for room forever.
-    drop(rx);
-    let chunked = chunk_all(from, &mut chunker, known, &tx, &packs.broken);
-    drop(tx);
-    let mut failed = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failed = failed.or(Some(e)),
-            Err(_) => failed = failed.or(Some(io::Error::other("a packing thread panicked"))),
-        }
-    }
-    // A worker's error explains why the chunks stopped flowing.
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    let (content, bytes, new) = chunked?;
-    let mut packs = Arc::try_unwrap(packs).map_err(|_| io::Error::other("a packing thread is still running"))?;
-    let open = std::mem::take(packs.open.get_mut().unwrap_or_else(|e| e.into_inner()));
-    if !open.blobs.is_empty() {
-        flush(open, &packs, sink)?;
-    }
-    write_index(&*sink.be, &sink.key, &packs.done.into_inner().unwrap_or_else(|e| e.into_inner()))?;
+pub fn store(from: &mut dyn Read, known: &Arc<Known>, sink: &Sink, workers: usize) -> io::Result<Stored> {
+    let mut session = Session::new(Arc::clone(known), sink, workers)?;
+    let (content, bytes) = session.file(from)?;
+    let new = session.finish()?;
     Ok(Stored { content, bytes, new })
 }
 
-type Chunked = (Vec<DataId>, u64, HashSet<Id>);
+/// Files into packs through one set of workers: their new chunks share
+/// packs, and one index file names them all once the session finishes.
+/// Until then no chunk it stored is in an index, so nothing outside the
+/// session may name one (a snapshot waits for [`Session::finish`]).
+pub struct Session {
+    known: Arc<Known>,
+    sink: Sink,
+    chunker: Chunker,
+    tx: Option<SyncSender<([u8; 32], Vec<u8>)>>,
+    handles: Vec<std::thread::JoinHandle<io::Result<()>>>,
+    packs: Arc<Packs>,
+    /// The chunks this session stores (sent to the workers).
+    new: HashSet<Id>,
+}
+
+impl Session {
+    pub fn new(known: Arc<Known>, sink: &Sink, workers: usize) -> io::Result<Session> {
+        let config = known.repo.config();
+        if config.chunker() != rustic_core::repofile::Chunker::Rabin {
+            return Err(io::Error::other("the repository chunks at fixed sizes; Offsite writes only restic's chunks"));
+        }
+        let poly = config.poly().map_err(|e| io::Error::other(super::rustic_text(&e)))?;
+        let chunker = Chunker::new(poly, config.chunk_size(), config.chunk_min_size(), config.chunk_max_size())
+            .map_err(io::Error::other)?;
+        let packs = Arc::new(Packs::default());
+        let (tx, rx) = sync_channel::<([u8; 32], Vec<u8>)>(workers);
+        let rx = Arc::new(Mutex::new(rx));
+        let handles = (0..workers.max(1))
+            .map(|_| {
+                let (rx, packs, sink) = (Arc::clone(&rx), Arc::clone(&packs), sink.clone());
+                std::thread::Builder::new().name("offsite-pack".into()).spawn(move || work(&rx, &packs, &sink))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        // Only the workers hold the receiver: when they all stop (a write
+        // failed), sending fails instead of waiting for room forever.
+        drop(rx);
+        Ok(Session { known, sink: sink.clone(), chunker, tx: Some(tx), handles, packs, new: HashSet::new() })
+    }
+
+    /// Reads `from` to its end as one file: returns its chunks and size.
+    /// An error ends the session: the workers are waited for, and the
+    /// error is theirs if they stopped first (why the chunks stopped
+    /// flowing).
+    pub fn file(&mut self, from: &mut dyn Read) -> io::Result<(Vec<DataId>, u64)> {
+        self.chunker.reset();
+        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("the packing session has ended"))?;
+        match chunk_all(from, &mut self.chunker, &self.known, tx, &self.packs.broken, &mut self.new) {
+            Ok(stored) => Ok(stored),
+            Err(e) => Err(self.stop().err().unwrap_or(e)),
+        }
+    }
+
+    /// Stops the workers once they have packed what was sent; their error
+    /// if one failed.
+    fn stop(&mut self) -> io::Result<()> {
+        self.tx.take();
+        let mut failed = None;
+        for h in self.handles.drain(..) {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => failed = failed.or(Some(io::Error::other("a packing thread panicked"))),
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Writes the last pack, then one index file for all the session's
+    /// packs; returns the chunks it stored.
+    pub fn finish(mut self) -> io::Result<HashSet<Id>> {
+        self.stop()?;
+        let packs = &self.packs;
+        let open = std::mem::take(&mut *packs.open.lock().unwrap_or_else(|e| e.into_inner()));
+        if !open.blobs.is_empty() {
+            flush(open, packs, &self.sink)?;
+        }
+        let done = std::mem::take(&mut *packs.done.lock().unwrap_or_else(|e| e.into_inner()));
+        write_index(&*self.sink.be, &self.sink.key, &done)?;
+        Ok(std::mem::take(&mut self.new))
+    }
+}
+
+impl Drop for Session {
+    /// Not finished: the workers stop; what they wrote is data no index
+    /// names, which a prune removes.
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
 
 fn chunk_all(
     from: &mut dyn Read,
@@ -115,10 +166,9 @@ fn chunk_all(
     known: &Known,
     tx: &SyncSender<([u8; 32], Vec<u8>)>,
     broken: &AtomicBool,
-) -> io::Result<Chunked> {
+    new: &mut HashSet<Id>,
+) -> io::Result<(Vec<DataId>, u64)> {
     let mut content = Vec::new();
-    // The chunks this file stores (sent to the workers).
-    let mut new = HashSet::new();
     let mut bytes = 0u64;
     let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut hasher = Sha256::new();
@@ -159,7 +209,7 @@ fn chunk_all(
     if !chunk.is_empty() {
         emit(&mut chunk, &mut hasher)?;
     }
-    Ok((content, bytes, new))
+    Ok((content, bytes))
 }
 
 /// A blob in a pack, as the pack's header and the index name it.
