@@ -1,15 +1,16 @@
-//! A file's bytes into a repository's packs, as restic stores them.
+//! Files' bytes into a repository's packs, as restic stores them.
 //!
 //! The bytes are cut into chunks (`chunker.rs`) on the thread that reads
 //! them, and each chunk is named by the SHA-256 of its bytes. A chunk the
 //! repository has (in its index when the run began, or stored by a file
 //! of this run that was kept) is only named again. A new one goes to a
 //! few workers, which compress it (zstd), encrypt it (nonce, AES-256-CTR,
-//! Poly1305-AES) and add it to the file's current pack; a full pack is
-//! written (header encrypted, then its length; named by its SHA-256). At
-//! the file's end, the last pack is written, then one index file for
-//! them all: a pack is always written before any index names it, and an
-//! index before any snapshot uses it.
+//! Poly1305-AES) and add it to the session's current pack; a full pack is
+//! written (header encrypted, then its length; named by its SHA-256). A
+//! session is one output's file, or a run's manifest and signature; when
+//! it finishes, the last pack is written, then one index file for them
+//! all: a pack is always written before any index names it, and an index
+//! before any snapshot uses it.
 //!
 //! Memory is bounded by the chunk size (8 MiB at most) times the chunks
 //! in flight, and the pack size times the workers, whatever the file's
