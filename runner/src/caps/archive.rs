@@ -1,19 +1,19 @@
 //! `archive.tar-gz`: a streamed, parallel-gzipped tar of read-root sources.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::{Dir, MetadataExt, OpenOptions};
-use tar::{EntryType, Header};
 
 use super::{Caps, io_error};
 use crate::bindings::archive::Host;
 use crate::bindings::types::{Error, FileInfo};
 use crate::compress::{MaybeGz, ParallelGz};
 use crate::policy::{Call, Grant};
-use crate::store::Origin;
+use crate::store::tree::{self, Entry, EntryMeta};
+use crate::store::{Origin, PendingFile, PendingTree};
 
 /// gzip's default level, the one `tar czf` uses.
 const GZIP_LEVEL: u32 = 6;
@@ -41,20 +41,34 @@ impl Host for Caps {
             let started = Instant::now();
 
             // A dry run walks and opens the same entries, writing nothing.
-            let mut builder = if self.dry_run {
+            // A store that keeps trees (a restic repository) takes each
+            // entry as a node, unless two sources overlap (a tar may hold
+            // a path twice, a tree may not).
+            let members: Vec<&PathBuf> = reads.iter().map(|(_, _, m)| m).collect();
+            let overlap = members
+                .iter()
+                .enumerate()
+                .any(|(i, a)| members[i + 1..].iter().any(|b| a.starts_with(b) || b.starts_with(a)));
+            let mut out = if self.dry_run {
                 None
+            } else if let Some(tree) = (!overlap)
+                .then(|| self.store()?.create_tree(&rel_dest).map_err(|e| io_error(&dest, e)))
+                .transpose()?
+                .flatten()
+            {
+                Some(Out::Tree(tree))
             } else {
                 let (pending, gzip) = self.store()?.create_gzipped(&rel_dest).map_err(|e| io_error(&dest, e))?;
-                Some(tar::Builder::new(match gzip {
+                Some(Out::Tar(Box::new(match gzip {
                     true => MaybeGz::Gz(ParallelGz::new(pending, GZIP_LEVEL, 0)),
                     false => MaybeGz::Plain(pending),
-                }))
+                })))
             };
             let mut entries = 0u64;
             let mut skipped = Skipped { fatal: self.unreadable_fatal, names: Vec::new() };
             // On a terminal: a line with the total known up front (one
             // more walk of the sources, stat only; nothing of it otherwise).
-            let bar = match builder.is_some() && crate::progress::shown() {
+            let bar = match out.is_some() && crate::progress::shown() {
                 true => {
                     let mut total = 0u64;
                     for (root, rel, _) in &reads {
@@ -66,32 +80,47 @@ impl Host for Caps {
             };
             for (root, rel, member) in &reads {
                 let dir = self.read_dir(*root)?;
-                entries += walk(dir, rel, member, &deadline, builder.as_mut(), &mut skipped, &bar)?;
+                if let Some(Out::Tree(tree)) = out.as_mut() {
+                    tree.member(member).map_err(|e| io_error(&dest, e))?;
+                }
+                entries += walk(dir, rel, member, &deadline, out.as_mut(), &mut skipped, &bar)?;
             }
             drop(bar);
-            let Some(builder) = builder else {
+            let Some(out) = out else {
                 ::log::info!(target: "offsite::archive", "dry run: would write {dest} from {entries} entries");
                 return Ok(FileInfo { path: rel_dest.to_string_lossy().into_owned(), bytes: 0, sha256: String::new() });
             };
-            let gz = builder.into_inner().map_err(|e| io_error(&dest, e))?;
-            let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
             let origin = Origin {
                 call: "archive.tar-gz".into(),
                 sources: sources.clone(),
                 skipped: skipped.names,
                 ..Origin::default()
             };
-            let stored = pending.commit(origin).map_err(|e| io_error(&dest, e))?;
+            let stored = match out {
+                Out::Tar(mut gz) => {
+                    gz.write_all(&[0; tree::END]).map_err(|e| io_error(&dest, e))?;
+                    let pending = gz.finish().map_err(|e| io_error(&dest, e))?;
+                    pending.commit(origin)
+                }
+                Out::Tree(tree) => tree.commit(origin),
+            }
+            .map_err(|e| io_error(&dest, e))?;
             ::log::info!(
                 target: "offsite::archive",
-                "stored {} ({} entries, {} bytes, sha256 {}) in {:.1?}",
+                "stored {} ({} entries, {} bytes, {}) in {:.1?}",
                 stored.path,
                 entries,
                 stored.bytes,
-                stored.sha256,
+                match &stored.tree {
+                    Some(tree) => format!("as a tree, id {}", tree.id),
+                    None => format!("sha256 {}", stored.sha256),
+                },
                 started.elapsed()
             );
-            let info = FileInfo { path: stored.path.clone(), bytes: stored.bytes, sha256: stored.sha256.clone() };
+            // An archive stored as a tree: its root tree's id, the SHA-256 of
+            // the tree that names all it holds by their SHA-256.
+            let sha256 = stored.tree.as_ref().map_or(&stored.sha256, |t| &t.id).clone();
+            let info = FileInfo { path: stored.path.clone(), bytes: stored.bytes, sha256 };
             self.outputs.lock().unwrap_or_else(|e| e.into_inner()).push(stored);
             Ok(info)
         })();
@@ -145,12 +174,41 @@ impl Skipped {
     }
 }
 
-fn walk<W: io::Write>(
+/// Where the walk's entries go: a tar stream (gzipped or not), or a
+/// store's tree.
+enum Out {
+    Tar(Box<MaybeGz<PendingFile>>),
+    Tree(PendingTree),
+}
+
+impl Out {
+    /// One entry: in a tar, its header (see [`tree::tar_header`]), its
+    /// data and the padding to the next block.
+    fn add(&mut self, path: &Path, meta: &EntryMeta, entry: Entry<'_>) -> io::Result<()> {
+        match self {
+            Out::Tree(tree) => tree.add(path, meta, entry),
+            Out::Tar(w) => {
+                let link = match &entry {
+                    Entry::Symlink(target) => Some(*target),
+                    _ => None,
+                };
+                w.write_all(&tree::tar_header(path, meta, link)?)?;
+                if let Entry::File(reader) = entry {
+                    io::copy(reader, w)?;
+                    w.write_all(&[0; 512][..tree::padding(meta.size)])?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn walk(
     dir: &Dir,
     rel: &Path,
     member: &Path,
     deadline: &Deadline,
-    mut tar: Option<&mut tar::Builder<W>>,
+    mut out: Option<&mut Out>,
     skipped: &mut Skipped,
     bar: &crate::progress::Bar,
 ) -> Result<u64, Error> {
@@ -161,15 +219,9 @@ fn walk<W: io::Write>(
         let shown = member.display().to_string();
         let meta = dir.symlink_metadata(&rel).map_err(|e| io_error(&shown, e))?;
         let file_type = meta.file_type();
-        let mut header = Header::new_gnu();
-        header.set_mode(meta.mode() & 0o7777);
-        header.set_uid(meta.uid().into());
-        header.set_gid(meta.gid().into());
-        header.set_mtime(meta.mtime().max(0) as u64);
-        header.set_size(0);
+        let mut em = EntryMeta::of(&meta);
         entries += 1;
         if file_type.is_dir() {
-            header.set_entry_type(EntryType::Directory);
             let listed = dir.read_dir(&rel).and_then(|d| d.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>());
             let mut names: Vec<_> = match listed {
                 Ok(names) => names,
@@ -183,14 +235,13 @@ fn walk<W: io::Write>(
             for name in names.into_iter().rev() {
                 stack.push((rel.join(&name), member.join(&name)));
             }
-            if let Some(b) = tar.as_deref_mut() {
-                b.append_data(&mut header, &member, io::empty()).map_err(|e| io_error(&shown, e))?;
+            if let Some(o) = out.as_deref_mut() {
+                o.add(&member, &em, Entry::Dir).map_err(|e| io_error(&shown, e))?;
             }
         } else if file_type.is_symlink() {
             let target = dir.read_link_contents(&rel).map_err(|e| io_error(&shown, e))?;
-            header.set_entry_type(EntryType::Symlink);
-            if let Some(b) = tar.as_deref_mut() {
-                b.append_link(&mut header, &member, &target).map_err(|e| io_error(&shown, e))?;
+            if let Some(o) = out.as_deref_mut() {
+                o.add(&member, &em, Entry::Symlink(&target)).map_err(|e| io_error(&shown, e))?;
             }
         } else if file_type.is_file() {
             // Non-blocking: a name swapped for a FIFO between the stat
@@ -218,40 +269,28 @@ fn walk<W: io::Write>(
                      opened); archive it again"
                 )));
             }
-            if let Some(b) = tar.as_deref_mut() {
+            if let Some(o) = out.as_deref_mut() {
                 // Size from the open file, so header and data agree.
                 let size = opened.len();
-                header.set_entry_type(EntryType::Regular);
-                header.set_size(size);
+                em.size = size;
                 bar.set_message(|| shown.clone());
                 let mut reader = ExactReader { inner: file, remaining: size, member: &member, deadline, bar };
-                b.append_data(&mut header, &member, &mut reader).map_err(|e| map_read_error(&shown, e))?;
+                o.add(&member, &em, Entry::File(&mut reader)).map_err(|e| map_read_error(&shown, e))?;
+                // A file a tree took unread (unchanged since the last good
+                // run) still counts on the progress line.
+                bar.inc(reader.remaining);
                 if reader.inner.metadata().map(|m| m.len()).unwrap_or(size) > size {
                     ::log::warn!(target: "offsite::archive", "{shown}: file grew while being archived; stored its first {size} bytes");
                 }
             }
         } else {
-            use cap_std::fs::FileTypeExt;
-            let kind = if file_type.is_fifo() {
-                EntryType::Fifo
-            } else if file_type.is_char_device() {
-                EntryType::Char
-            } else if file_type.is_block_device() {
-                EntryType::Block
-            } else {
+            if em.entry_type().is_none() {
                 ::log::info!(target: "offsite::archive", "{shown}: socket ignored");
                 entries -= 1;
                 continue;
-            };
-            header.set_entry_type(kind);
-            if kind != EntryType::Fifo {
-                let rdev = meta.rdev();
-                let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
-                header.set_device_major(major).map_err(|e| io_error(&shown, e))?;
-                header.set_device_minor(minor).map_err(|e| io_error(&shown, e))?;
             }
-            if let Some(b) = tar.as_deref_mut() {
-                b.append_data(&mut header, &member, io::empty()).map_err(|e| io_error(&shown, e))?;
+            if let Some(o) = out.as_deref_mut() {
+                o.add(&member, &em, Entry::Special).map_err(|e| io_error(&shown, e))?;
             }
         }
     }
@@ -322,7 +361,9 @@ impl Read for ExactReader<'_> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
     use std::sync::Arc;
+    use tar::EntryType;
 
     use super::*;
     use crate::caps::Clock;

@@ -40,6 +40,7 @@ pub mod retention;
 pub mod run;
 #[cfg(feature = "runtime")]
 pub mod s3;
+pub mod tree;
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -311,6 +312,24 @@ impl Store {
         Ok((pending, false))
     }
 
+    /// Starts an archive the script asked for as `rel` (a `.tgz`) as a
+    /// tree of nodes, in a store that keeps trees (a restic repository):
+    /// under the name without its gzip suffix, as [`create_gzipped`]
+    /// names it. `None` where the store keeps only files.
+    ///
+    /// [`create_gzipped`]: Store::create_gzipped
+    pub fn create_tree(&self, rel: &Path) -> io::Result<Option<PendingTree>> {
+        if !self.shared.recipients.is_empty() || !self.outlet.keeps_trees() {
+            return Ok(None);
+        }
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let plain = rel.with_file_name(uncompressed_name(&name));
+        let (claim, final_name) = self.claim(&plain)?;
+        let Some(out) = self.outlet.create_tree(&plain, &final_name)? else { return Ok(None) };
+        let asked = (plain != rel).then(|| rel.to_string_lossy().into_owned());
+        Ok(Some(PendingTree { out: Some(out), claim, final_name, asked, members: Vec::new() }))
+    }
+
     /// Claims `rel` for this run (each path once) and one file of the
     /// budget; returns the claim and the file's name.
     fn claim(&self, rel: &Path) -> io::Result<(Claim, String)> {
@@ -485,6 +504,31 @@ pub struct StoredFile {
     /// uncompressed at `path` instead (gzip it to have that file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked: Option<String>,
+    /// An archive stored as a tree of nodes (see [`tree`]): its evidence.
+    /// Its `sha256` is then empty, and `bytes` is the length of the tar
+    /// that reading it gives back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeRecord>,
+}
+
+/// See [`StoredFile::tree`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TreeRecord {
+    /// The id of its root tree (the SHA-256 of that tree, which names
+    /// everything beneath it by SHA-256).
+    pub id: String,
+    /// The tar's entries.
+    pub entries: u64,
+    /// The archive's sources, as their paths in the tar, in order.
+    pub members: Vec<String>,
+    /// Regular files that were not read: the site's last good run has
+    /// the same file (size, times, inode), whose chunks it names again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unread: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl StoredFile {
@@ -525,7 +569,7 @@ impl PendingFile {
     pub fn commit(mut self, origin: Origin) -> io::Result<StoredFile> {
         let asked = self.asked.take();
         self.commit_as(|path, bytes, sha256, plain| {
-            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None, kept: false, asked })
+            Ok(StoredFile { path, bytes, sha256, plain, origin, replaces: None, kept: false, asked, tree: None })
         })
     }
 
@@ -534,6 +578,12 @@ impl PendingFile {
     /// the record keeps its plaintext's size and hash and its origin.
     pub fn commit_copy(self, original: &StoredFile) -> io::Result<StoredFile> {
         self.commit_as(|path, bytes, sha256, _| {
+            // An archive stored as a tree has no stream hash: its reader
+            // checked its blobs, and the copy is a tar file, with the hash
+            // of its bytes as they were copied.
+            if original.tree.is_some() && (path.as_str(), bytes) == (original.path.as_str(), original.bytes) {
+                return Ok(StoredFile { sha256, tree: None, replaces: None, kept: false, ..original.clone() });
+            }
             if (path.as_str(), bytes, sha256.as_str()) != (original.path.as_str(), original.bytes, original.sha256.as_str())
             {
                 return Err(io::Error::new(
@@ -580,6 +630,7 @@ impl PendingFile {
                 replaces: None,
                 kept: false,
                 asked,
+                tree: None,
             })
         })
     }
@@ -599,17 +650,75 @@ impl PendingFile {
         if let Some(unpublished) = out.keep()? {
             shared.unpublished.lock().unwrap_or_else(|e| e.into_inner()).push(unpublished);
         }
-        if let Some(journal) = shared.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let mut line = serde_json::to_vec(&stored).expect("a stored file serialises");
-            line.push(b'\n');
-            journal.write_all(&line)?;
-            journal.sync_data()?;
-        }
-        shared.stored.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
+        note_stored(&shared, &stored)?;
         // Stored: the claim stays.
         self.claim.rel = PathBuf::new();
         Ok(stored)
     }
+}
+
+/// An archive being stored as a tree (see [`tree`]). Dropped without
+/// [`commit`](PendingTree::commit), it leaves nothing a reader sees.
+pub struct PendingTree {
+    out: Option<Box<dyn tree::TreeOut>>,
+    claim: Claim,
+    final_name: String,
+    asked: Option<String>,
+    members: Vec<String>,
+}
+
+impl PendingTree {
+    /// See [`tree::TreeOut::member`].
+    pub fn member(&mut self, member: &Path) -> io::Result<()> {
+        self.members.push(member.to_string_lossy().into_owned());
+        self.out.as_mut().expect("not committed").member(member)
+    }
+
+    /// See [`tree::TreeOut::add`]; a file's bytes count against the
+    /// run's budget, read or not.
+    pub fn add(&mut self, path: &Path, meta: &tree::EntryMeta, entry: tree::Entry<'_>) -> io::Result<()> {
+        if matches!(entry, tree::Entry::File(_)) {
+            self.claim.shared.budget.take_bytes(meta.size)?;
+        }
+        self.out.as_mut().expect("not committed").add(path, meta, entry)
+    }
+
+    /// Stores the tree and records it.
+    pub fn commit(mut self, origin: Origin) -> io::Result<StoredFile> {
+        let done = self.out.take().expect("committed once").finish()?;
+        let stored = StoredFile {
+            path: self.claim.rel.with_file_name(&self.final_name).to_string_lossy().into_owned(),
+            bytes: done.bytes,
+            sha256: String::new(),
+            plain: None,
+            origin,
+            replaces: None,
+            kept: false,
+            asked: self.asked.take(),
+            tree: Some(TreeRecord {
+                id: done.id,
+                entries: done.entries,
+                members: std::mem::take(&mut self.members),
+                unread: done.unread,
+            }),
+        };
+        note_stored(&self.claim.shared, &stored)?;
+        // Stored: the claim stays.
+        self.claim.rel = PathBuf::new();
+        Ok(stored)
+    }
+}
+
+/// Notes a stored file in the run's journal and its list.
+fn note_stored(shared: &RunShared, stored: &StoredFile) -> io::Result<()> {
+    if let Some(journal) = shared.journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let mut line = serde_json::to_vec(stored).expect("a stored file serialises");
+        line.push(b'\n');
+        journal.write_all(&line)?;
+        journal.sync_data()?;
+    }
+    shared.stored.lock().unwrap_or_else(|e| e.into_inner()).push(stored.clone());
+    Ok(())
 }
 
 impl PendingFile {

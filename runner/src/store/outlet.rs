@@ -39,6 +39,18 @@ pub trait Outlet: Send + Sync {
     fn compresses(&self) -> bool {
         false
     }
+
+    /// Whether an archive may go in as a tree of nodes (see
+    /// [`super::tree`]) rather than as a tar file.
+    fn keeps_trees(&self) -> bool {
+        false
+    }
+
+    /// Starts the archive at `rel`, stored as `final_name`, as a tree.
+    fn create_tree(&self, rel: &Path, final_name: &str) -> io::Result<Option<Box<dyn super::tree::TreeOut>>> {
+        let _ = (rel, final_name);
+        Ok(None)
+    }
 }
 
 /// A file on a server, as a fetch opened it: what a partial copy of it

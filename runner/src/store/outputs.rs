@@ -118,6 +118,7 @@ mod tests {
                     replaces: None,
                     kept: false,
                     asked: None,
+                    tree: None,
                 })
                 .collect(),
             failed: failed

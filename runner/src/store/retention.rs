@@ -322,6 +322,7 @@ mod tests {
                     replaces: None,
                     kept: false,
                     asked: None,
+                    tree: None,
                 })
                 .collect(),
             failed: vec![],

@@ -404,6 +404,23 @@ fn check_file(
     // Whatever the checks read, hash the rest too.
     io::copy(&mut reader, &mut io::sink()).map_err(|e| format!("cannot be read: {e}"))?;
     let sha256 = hex::encode(reader.hasher.finalize());
+    if let Some(tree) = &entry.tree {
+        // Its evidence is the tree the reader checked as it went: every
+        // tree and chunk against its id, the root against the manifest's,
+        // the tar's length against its bytes.
+        if reader.bytes != entry.bytes {
+            return Err(format!("corrupt: {} bytes, the manifest says {}", reader.bytes, entry.bytes));
+        }
+        let what = checked.map_err(|e| format!("corrupt: {e}, although every blob matches its id"))?;
+        return Ok(format!(
+            "{}: ok ({} bytes as a tree of {} entries, id {}: every tree and chunk matches its hash; the tar's sha256 \
+             {sha256}{what})",
+            rel.display(),
+            entry.bytes,
+            tree.entries,
+            tree.id
+        ));
+    }
     if sha256 != entry.sha256 {
         let detail = checked.err().map(|e| format!("; {e}")).unwrap_or_default();
         return Err(format!("corrupt: sha256 {sha256}, the manifest says {}{detail}", entry.sha256));

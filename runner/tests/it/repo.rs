@@ -100,6 +100,21 @@ impl RepoSite {
         child
     }
 
+    /// `offsite cat SITE RUN FILE`: a file as Offsite reads it back
+    /// (an archive kept as a tree: its tar, every blob checked).
+    fn cat(&self, run: &str, file: &str) -> Vec<u8> {
+        let out = self.offsite(&["cat", self.file.to_str().unwrap(), run, file]).output().unwrap();
+        assert!(out.status.success(), "offsite cat {run} {file}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// Where a file of `www` is in a snapshot whose archive `tar` is a
+    /// tree: beneath the archive's directory, at its path in the tar.
+    fn in_tree(&self, tar: &str, file: &str) -> String {
+        let www = self.dir.path().join("www");
+        format!("/{tar}/{}/{file}", www.strip_prefix("/").unwrap().display())
+    }
+
     fn snapshots(&self) -> Vec<serde_json::Value> {
         serde_json::from_slice(&self.restic_ok(&["snapshots", "--json"])).unwrap()
     }
@@ -182,8 +197,10 @@ fn restic_reads_each_run_as_one_snapshot_and_gives_every_output_back_byte_for_by
     assert_ne!(runs[0], runs[1]);
     site.restic_ok(&["check", "--read-data"]);
 
-    // Each snapshot holds its run's manifest, and each output the
-    // manifest lists is, through `restic dump`, the bytes it recorded.
+    // Each snapshot holds its run's manifest. The archive is a tree, one
+    // node per entry as `restic backup DIR` makes, whose root the
+    // manifest records; Offsite reads it back as a tar of the size the
+    // manifest says.
     let mut outputs = Vec::new();
     for (snap, run) in snaps.iter().zip(&runs) {
         let id = snap["id"].as_str().unwrap();
@@ -194,51 +211,59 @@ fn restic_reads_each_run_as_one_snapshot_and_gives_every_output_back_byte_for_by
         let files = manifest["files"].as_array().unwrap();
         assert_eq!(files.len(), 1, "{manifest}");
         let path = files[0]["path"].as_str().unwrap();
-        let bytes = site.restic_ok(&["dump", id, &format!("/{path}")]);
+        let tree = &files[0]["tree"];
+        assert_eq!(tree["id"].as_str().unwrap().len(), 64, "{manifest}");
+        assert_eq!(tree["entries"], 4, "www, index.html, img, img/big.bin: {manifest}");
+        let bytes = site.cat(run, path);
         assert_eq!(bytes.len() as u64, files[0]["bytes"].as_u64().unwrap());
-        assert_eq!(sha256(&bytes), files[0]["sha256"].as_str().unwrap());
         let asked = files[0]["asked"].as_str().unwrap();
         assert_eq!(asked, path.replace(".tar", ".tgz"), "the name the script asked for");
-        outputs.push((path.to_string(), bytes));
+        // restic sees a directory of that name holding the tree.
+        let listed = String::from_utf8(site.restic_ok(&["ls", "--json", id])).unwrap();
+        let index = format!("\"path\":\"{}\"", site.in_tree(path, "index.html"));
+        assert!(listed.contains(&index), "{index} in {listed}");
+        outputs.push((path.to_string(), bytes, tree.clone()));
     }
     assert_eq!(outputs[0].0, "www.20040321-014844.tar");
     assert_eq!(outputs[1].0, "www.20040321-134844.tar");
+    // The second run read only the file that changed: the 16 MiB file
+    // was the same (size, times, inode), and its chunks were named again.
+    assert_eq!(outputs[0].2.get("unread"), None, "{:?}", outputs[0].2);
+    assert_eq!(outputs[1].2["unread"], 1, "{:?}", outputs[1].2);
 
-    // `restic restore` gives the same file (sizes in the trees are true),
-    // and GNU tar extracts the site's tree from it.
-    let out = tempfile::tempdir().unwrap();
-    site.restic_ok(&["restore", "latest", "--target", out.path().to_str().unwrap()]);
-    let restored = std::fs::read(out.path().join(&outputs[1].0)).unwrap();
-    assert_eq!(sha256(&restored), sha256(&outputs[1].1));
-    let x = tempfile::tempdir().unwrap();
-    let tar =
-        Command::new("tar").arg("-xf").arg(out.path().join(&outputs[1].0)).arg("-C").arg(x.path()).output().unwrap();
-    assert!(tar.status.success(), "{}", String::from_utf8_lossy(&tar.stderr));
+    // GNU tar extracts the site's tree from Offsite's tar; `restic
+    // restore` gives the same tree, and one file alone with --include.
     // (The site names the source by its absolute path; tar keeps it
     // without the leading `/`.)
     let www = site.dir.path().join("www");
+    let x = tempfile::tempdir().unwrap();
+    let mut tar =
+        Command::new("tar").arg("-xf").arg("-").arg("-C").arg(x.path()).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &outputs[1].1).unwrap();
+    drop(tar.stdin.take());
+    assert!(tar.wait().unwrap().success());
     assert_same_tree(&www, &x.path().join(www.strip_prefix("/").unwrap()));
+    let out = tempfile::tempdir().unwrap();
+    site.restic_ok(&["restore", "latest", "--target", out.path().to_str().unwrap()]);
+    assert_same_tree(&www, &out.path().join(&outputs[1].0).join(www.strip_prefix("/").unwrap()));
+    let one = tempfile::tempdir().unwrap();
+    let big = site.in_tree(&outputs[1].0, "img/big.bin");
+    site.restic_ok(&["restore", "latest", "--include", &big, "--target", one.path().to_str().unwrap()]);
+    let restored = std::fs::read(one.path().join(big.trim_start_matches('/'))).unwrap();
+    assert_eq!(sha256(&restored), sha256(&std::fs::read(www.join("img/big.bin")).unwrap()));
+    assert!(!one.path().join(&outputs[1].0).join(www.strip_prefix("/").unwrap()).join("index.html").exists());
 
-    // Offsite cuts chunks where restic does: restic storing the same
-    // 16 MiB archive adds not one data blob.
-    let mut backup = site
-        .restic()
-        .args(["backup", "--json", "--stdin", "--stdin-filename", "again.tar"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(backup.stdin.as_mut().unwrap(), &outputs[1].1).unwrap();
-    drop(backup.stdin.take());
-    let out = backup.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+    // Offsite cuts each file's chunks where restic does: `restic backup`
+    // of the same tree adds not one data blob.
+    let backup = site.restic().args(["backup", "--json"]).arg(&www).output().unwrap();
+    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
+    let summary: serde_json::Value = String::from_utf8_lossy(&backup.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["message_type"] == "summary")
         .expect("restic's summary");
     assert_eq!(summary["data_blobs"], 0, "{summary}");
-    assert!(summary["total_bytes_processed"].as_u64().unwrap() > 16 << 20, "{summary}");
+    assert!(summary["total_bytes_processed"].as_u64().unwrap() >= 16 << 20, "{summary}");
 
     // Offsite's own commands read it too.
     let verify = site.command(&["verify"]);
@@ -371,6 +396,105 @@ fn a_failed_or_stopped_run_makes_no_snapshot_and_a_partial_one_is_tagged_partial
     let status = site.command(&["status"]);
     assert!(status.stdout.contains("partial"), "{}", status.stdout);
     site.restic_ok(&["check", "--read-data"]);
+}
+
+/// An archive into a repository is kept as a tree (one node per entry),
+/// yet `offsite cat` gives back the very tar a directory store keeps
+/// (gunzipped), byte for byte, entries a tar header must get right
+/// included. A second run reads only the files that changed: one whose
+/// bytes changed behind an unchanged size and modification time is read
+/// (its change time moved). A pack that rots is an error of every read.
+#[test]
+fn an_archive_kept_as_a_tree_reads_back_as_the_tar_a_directory_store_keeps() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let site = RepoSite::new("password_file = \"pass\"");
+    let dir = site.dir.path();
+    let www = dir.join("www");
+    let deep = www.join("d".repeat(60)).join("e".repeat(60));
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("a name past the hundred bytes of a tar header.txt"), "deep\n").unwrap();
+    std::os::unix::fs::symlink("t".repeat(150), www.join("long-link")).unwrap();
+    std::fs::write(www.join("empty"), "").unwrap();
+    std::fs::create_dir(www.join("empty-dir")).unwrap();
+    std::fs::write(www.join("two-blocks"), [1u8; 1024]).unwrap();
+    std::fs::write(www.join(std::ffi::OsStr::from_bytes(b"caf\xe9 latin-1")), "not UTF-8\n").unwrap();
+    std::fs::set_permissions(www.join("index.html"), std::fs::Permissions::from_mode(0o4750)).unwrap();
+    assert!(Command::new("mkfifo").arg(www.join("pipe")).status().unwrap().success());
+    std::fs::create_dir(dir.join("backups")).unwrap();
+    let plain = dir.join("plain.toml");
+    std::fs::write(&plain, format!("store = \"backups\"\n[read]\nroots = [\"{}\"]\n", www.display())).unwrap();
+    let plain_run = |now: &str| {
+        let s = script("arc");
+        let path = format!("path={}", www.display());
+        let args = ["run", s.to_str().unwrap(), "--site", plain.to_str().unwrap(), "--param", &path, "--now", now];
+        Ran::from_output(site.offsite(&args).output().unwrap()).expect_code(0);
+    };
+    let manifest = |id: &str| -> serde_json::Value {
+        serde_json::from_slice(&site.restic_ok(&["dump", id, "/.offsite/manifest.json"])).unwrap()
+    };
+
+    let mut trees = Vec::new();
+    for (now, name) in
+        [("2004-03-21T01:48:44Z", "www.20040321-014844"), ("2004-03-21T13:48:44Z", "www.20040321-134844")]
+    {
+        if trees.len() == 1 {
+            // Other bytes, the same size and modification time.
+            let big = www.join("img/big.bin");
+            let before = std::fs::metadata(&big).unwrap().modified().unwrap();
+            std::fs::write(&big, noise(3 << 20, 8)).unwrap();
+            std::fs::File::options().write(true).open(&big).unwrap().set_modified(before).unwrap();
+            std::fs::write(www.join("new.txt"), "new\n").unwrap();
+        }
+        site.run("arc", &["--now", now]).expect_code(0);
+        plain_run(now);
+        let snap = site.snapshots().last().unwrap()["id"].as_str().unwrap().to_string();
+        let m = manifest(&snap);
+        let file = &m["files"][0];
+        assert_eq!(file["path"], format!("{name}.tar"));
+        let tar = site.cat(m["run_id"].as_str().unwrap(), &format!("{name}.tar"));
+        let expected = offsite_testkit::gunzip(&dir.join(format!("backups/{name}.tgz")));
+        assert_eq!(tar.len(), expected.len(), "{name}: the tar's length");
+        assert!(tar == expected, "{name}: the tar read back is not the one a directory store keeps");
+        assert_eq!(file["bytes"].as_u64().unwrap(), tar.len() as u64);
+        trees.push(file["tree"].clone());
+    }
+    // Six regular files in the first run, all read; in the second, the
+    // six that were there before, but the one whose bytes changed.
+    assert_eq!(trees[0].get("unread"), None, "{:?}", trees[0]);
+    assert_eq!(trees[1]["unread"], 5, "{:?}", trees[1]);
+    site.restic_ok(&["check", "--read-data"]);
+    let verify = site.command(&["verify", "-v"]);
+    verify.expect_code(0);
+    let said = format!("{}{}", verify.stdout, verify.stderr);
+    assert!(said.contains("as a tree of 14 entries") && said.contains("matches its hash"), "{said}");
+
+    // The packs of img/big.bin's chunks (the only ones of over a MiB)
+    // rotted by a byte: reading the archive back fails, with one clear
+    // line, and verify says so.
+    let m = manifest(site.snapshots().last().unwrap()["id"].as_str().unwrap());
+    let mut rotted = 0;
+    for d in std::fs::read_dir(site.repo().join("data")).unwrap() {
+        for pack in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let pack = pack.unwrap().path();
+            let mut bytes = std::fs::read(&pack).unwrap();
+            if bytes.len() > 1 << 20 {
+                bytes[40] ^= 1;
+                std::fs::write(&pack, bytes).unwrap();
+                rotted += 1;
+            }
+        }
+    }
+    assert!(rotted >= 2, "{rotted} packs");
+    let cat = site
+        .offsite(&["cat", site.file.to_str().unwrap(), m["run_id"].as_str().unwrap(), "www.20040321-134844.tar"])
+        .output()
+        .unwrap();
+    let ran = Ran::from_output(cat);
+    assert_ne!(ran.code, 0, "a rotted archive was read back");
+    assert_ne!(ran.code, 101, "{}", ran.stderr);
+    assert!(ran.stderr.lines().count() < 4, "{}", ran.stderr);
+    assert_ne!(site.command(&["verify"]).code, 0, "verify passed rotted packs");
 }
 
 /// Runs and restic's own commands never work on one repository at once:
@@ -521,8 +645,9 @@ fn a_repository_in_a_bucket_is_one_restic_reads_from_the_bucket() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&restic(&["dump", id, "/.offsite/manifest.json"])).unwrap();
     let file = &manifest["files"][0];
-    let bytes = restic(&["dump", id, &format!("/{}", file["path"].as_str().unwrap())]);
-    assert_eq!(sha256(&bytes), file["sha256"].as_str().unwrap());
+    let big = site.in_tree(file["path"].as_str().unwrap(), "img/big.bin");
+    let bytes = restic(&["dump", id, &big]);
+    assert_eq!(sha256(&bytes), sha256(&std::fs::read(site.dir.path().join("www/img/big.bin")).unwrap()));
     assert!(
         !std::fs::read_dir(site.dir.path()).unwrap().any(|e| e.unwrap().file_name() == "repo"),
         "nothing was written locally"
@@ -650,8 +775,8 @@ fn a_full_disk_fails_the_run_and_keeps_the_last_good_snapshot() {
     assert_eq!(snaps.len(), 1);
     let manifest: serde_json::Value =
         serde_json::from_slice(&site.restic_ok(&["dump", "latest", "/.offsite/manifest.json"])).unwrap();
-    let file = &manifest["files"][0];
-    let path = format!("/{}", file["path"].as_str().unwrap());
+    let (run, path) = (manifest["run_id"].as_str().unwrap(), manifest["files"][0]["path"].as_str().unwrap());
+    let tar = site.cat(run, path);
 
     std::fs::write(site.dir.path().join("www/img/more.bin"), noise(12 << 20, 9)).unwrap();
     let ran = site.run("arc", &["--now", "2004-03-21T13:48:44Z"]);
@@ -662,8 +787,8 @@ fn a_full_disk_fails_the_run_and_keeps_the_last_good_snapshot() {
     let grown = Command::new("mount").args(["-o", "remount,size=64m"]).arg(&repo).status().unwrap();
     assert!(grown.success());
     assert_eq!(site.snapshots().len(), 1, "the failed run made a snapshot");
-    let bytes = site.restic_ok(&["dump", snaps[0]["id"].as_str().unwrap(), &path]);
-    assert_eq!(sha256(&bytes), file["sha256"].as_str().unwrap(), "the good snapshot changed");
+    assert_eq!(site.snapshots()[0]["id"], snaps[0]["id"]);
+    assert!(site.cat(run, path) == tar, "the good snapshot changed");
     site.restic_ok(&["check", "--read-data"]);
     site.run("arc", &["--now", "2004-03-21T13:48:44Z"]).expect_code(0);
     assert_eq!(site.snapshots().len(), 2);
@@ -795,7 +920,9 @@ fn runs_are_copied_into_a_repository_and_out_of_one() {
     std::fs::create_dir(dir.join("copydir")).unwrap();
     site.write("password_file = \"pass\"\n[[copy]]\nstore = \"copydir\"");
     site.run("arc", &["--now", "2004-03-22T01:48:44Z"]).expect_code(0);
-    let stored = site.restic_ok(&["dump", "latest", "/www.20040322-014844.tar"]);
+    let run: serde_json::Value =
+        serde_json::from_slice(&site.restic_ok(&["dump", "latest", "/.offsite/manifest.json"])).unwrap();
+    let stored = site.cat(run["run_id"].as_str().unwrap(), "www.20040322-014844.tar");
     assert_eq!(std::fs::read(dir.join("copydir/www.20040322-014844.tar")).unwrap(), stored);
     let verify = site.command(&["verify"]);
     verify.expect_code(0);
@@ -905,8 +1032,7 @@ fn a_bucket_that_stops_answering_mid_run_leaves_the_last_good_snapshot() {
     Ran::from_output(run().output().unwrap()).expect_code(0);
     let manifest: serde_json::Value =
         serde_json::from_slice(&ok(&["dump", "latest", "/.offsite/manifest.json"])).unwrap();
-    let file = manifest["files"][0].clone();
-    let stored = format!("/{}", file["path"].as_str().unwrap());
+    let big = site.in_tree(manifest["files"][0]["path"].as_str().unwrap(), "img/big.bin");
     let packs = || String::from_utf8_lossy(&ok(&["list", "packs", "--no-lock"])).lines().count();
     let before = packs();
 
@@ -933,8 +1059,8 @@ fn a_bucket_that_stops_answering_mid_run_leaves_the_last_good_snapshot() {
     }
     let snaps: Vec<serde_json::Value> = serde_json::from_slice(&ok(&["snapshots", "--json"])).unwrap();
     assert_eq!(snaps.len(), 1, "the failed run made a snapshot");
-    let bytes = ok(&["dump", snaps[0]["id"].as_str().unwrap(), &stored]);
-    assert_eq!(sha256(&bytes), file["sha256"].as_str().unwrap(), "the good snapshot changed");
+    let bytes = ok(&["dump", snaps[0]["id"].as_str().unwrap(), &big]);
+    assert_eq!(sha256(&bytes), sha256(&std::fs::read(site.dir.path().join("www/img/big.bin")).unwrap()));
     // The failed run could not remove its lock. It is stale (its process
     // is gone): the next run removes it, saying so, and restic's check
     // (which would refuse to start beside any lock) runs after it.

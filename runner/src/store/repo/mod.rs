@@ -28,9 +28,11 @@ mod local;
 mod lock;
 mod outlet;
 mod packer;
+mod render;
+mod tree_out;
 mod trees;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,8 +41,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use rustic_core::repofile::{MasterKey, Metadata, Node, NodeType, SnapshotFile, StringList};
 use rustic_core::{
-    ConfigOptions, Credentials, FileType, IndexedFullStatus, KeyOptions, OpenStatus, Repository, RepositoryBackends,
-    RepositoryOptions, RusticError, SnapshotOptions, WriteBackend,
+    ConfigOptions, Credentials, FileType, Id, IndexedFullStatus, KeyOptions, OpenStatus, Repository,
+    RepositoryBackends, RepositoryOptions, RusticError, SnapshotOptions, TreeId, WriteBackend,
 };
 
 use super::backend::{Access, Backend, Fault, Held, LockFailure, Locked, OpenError, Unlisted};
@@ -61,6 +63,9 @@ pub const TAG: &str = "offsite";
 /// Data packs of 4 MiB: rustic's default grows them toward 32 MiB, and
 /// the packer's buffers with them (see docs/BENCHMARKS.md).
 const PACK_SIZE: usize = 4 << 20;
+/// How many of a site's last snapshots are looked at for the archives a
+/// run's may take unchanged files from.
+const PARENT_RUNS: usize = 10;
 /// How long a `password_command` may take.
 const PASSWORD_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -341,6 +346,32 @@ impl RepoRoot {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no snapshot of run {run_id}")))
     }
 
+    /// The archives stored as trees in the site's last runs, by output
+    /// name (time stamps set aside, see [`super::manifest::output_name`]):
+    /// each the newest of its name among the last [`PARENT_RUNS`]
+    /// snapshots. A run that cannot be read is passed over (an archive
+    /// without a parent is read whole).
+    fn parents(&self, site: &str) -> HashMap<String, TreeId> {
+        let tag = format!("site={}", tag_text(site));
+        let mut parents = HashMap::new();
+        let snaps = match self.snapshots() {
+            Ok(all) => all,
+            Err(e) => {
+                log::info!(target: "offsite::store", "the last runs cannot be listed ({e}); archives are read whole");
+                return parents;
+            }
+        };
+        for snap in snaps.iter().rev().filter(|s| s.tags.contains(&tag)).take(PARENT_RUNS) {
+            let Ok(m) = self.manifest_of(snap) else { continue };
+            for f in &m.files {
+                if let Some(id) = f.tree.as_ref().and_then(|t| t.id.parse::<Id>().ok()) {
+                    parents.entry(super::manifest::output_name(&f.path)).or_insert(TreeId::from(id));
+                }
+            }
+        }
+        parents
+    }
+
     /// The run's end: the snapshot of `manifest`'s files, which the run
     /// stored, with the manifest (and its signature) beside them.
     fn save_snapshot(
@@ -383,6 +414,17 @@ impl RepoRoot {
             let name = file.file_name().ok_or_else(|| io::Error::other("a file without a name"))?;
             let mut node = Node::new_node(name, NodeType::File, Metadata { size: *bytes, ..meta.clone() });
             node.content = Some(content.clone());
+            root.insert(file, node).map_err(io::Error::other)?;
+        }
+        // Archives stored as trees: a directory of that name.
+        for (path, id) in archived.trees.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if !published.contains(path.as_str()) {
+                continue;
+            }
+            let file = Path::new(path);
+            let name = file.file_name().ok_or_else(|| io::Error::other("an archive without a name"))?;
+            let mut node = Node::new_node(name, NodeType::Dir, Metadata { mode: Some(0o700), ..meta.clone() });
+            node.subtree = Some(*id);
             root.insert(file, node).map_err(io::Error::other)?;
         }
         let mut pack = trees::TreePack::new();
@@ -613,6 +655,31 @@ impl Backend for RepoRoot {
         let repo = self.indexed()?;
         let snap = repo.get_snapshot_from_str(snap_id, |_| true).map_err(|e| not_found(&e))?;
         let node = repo.node_from_snapshot_and_path(&snap, &path.to_string_lossy()).map_err(|e| not_found(&e))?;
+        if node.node_type == NodeType::Dir {
+            // An archive stored as a tree: the tar, checked against the
+            // run's manifest as it is read.
+            let m = self.manifest_of(&snap).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let entry = m.files.iter().find(|f| Path::new(&f.path) == path);
+            let Some((entry, tree)) = entry.and_then(|f| Some((f, f.tree.as_ref()?))) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a directory the run's manifest does not record as an archive",
+                ));
+            };
+            let root = tree
+                .id
+                .parse::<rustic_core::Id>()
+                .map(TreeId::from)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, rustic_text(&e)))?;
+            if node.subtree != Some(root) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the snapshot's tree is not the one its manifest records",
+                ));
+            }
+            let tar = render::TreeTar::new(repo, root, &tree.members, entry.bytes)?;
+            return Ok((entry.bytes, Box::new(tar)));
+        }
         if node.node_type != NodeType::File {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
         }
@@ -808,17 +875,16 @@ impl Backend for RepoRoot {
         }
         // The index as the run begins, fresh: what its files need not
         // store again.
-        let repo = self
-            .fresh()?
-            .to_indexed()
-            .map_err(|e| io::Error::other(format!("cannot read the repository's index: {}", rustic_text(&e))))?;
+        self.forget_index();
+        let repo = self.indexed()?;
         let level = repo.config().zstd().map_err(|e| io::Error::other(rustic_text(&e)))?;
-        let known = Arc::new(Known { repo: Arc::new(repo), stored: Mutex::new(HashSet::new()) });
+        let parents = self.parents(&header.site);
+        let known = Arc::new(Known::new(repo));
         let sink = Sink { be: Arc::clone(&self.be), key: self.key.clone(), level, pack_size: PACK_SIZE };
         let target = Target { known, sink };
         let archived = Arc::new(Archived::default());
         *self.run.lock().unwrap_or_else(|e| e.into_inner()) = Some((target.clone(), Arc::clone(&archived)));
-        Ok(Store::new(&header.run_id, Box::new(RepoOutlet { target, archived }), budget, Vec::new(), None))
+        Ok(Store::new(&header.run_id, Box::new(RepoOutlet { target, archived, parents }), budget, Vec::new(), None))
     }
 
     fn finish_run(

@@ -15,10 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use rustic_core::DataId;
+use std::collections::HashMap;
+
+use rustic_core::{DataId, TreeId};
 
 use super::packer::{self, Known, Sink, Stored};
+use super::tree_out::RepoTree;
 use crate::store::outlet::{OutFile, Outlet, Unpublished};
+use crate::store::tree::TreeOut;
 
 /// How many bytes go to the archiver at a time.
 const PIECE: usize = 1 << 20;
@@ -27,10 +31,12 @@ const IN_FLIGHT: usize = 4;
 /// At most this many threads compress and seal a file's chunks.
 const MAX_WORKERS: usize = 4;
 
-/// What a run has stored: each kept file's path, chunks and size.
+/// What a run has stored: each kept file's path, chunks and size, and
+/// each archive stored as a tree, by path and root tree.
 #[derive(Default)]
 pub struct Archived {
     pub files: Mutex<Vec<(String, Vec<DataId>, u64)>>,
+    pub trees: Mutex<Vec<(String, TreeId)>>,
 }
 
 /// Where a run's files go: what the repository has, and how to add to it.
@@ -44,6 +50,9 @@ pub struct Target {
 pub struct RepoOutlet {
     pub target: Target,
     pub archived: Arc<Archived>,
+    /// The archives of the site's last runs, by output name: the parents
+    /// of this run's archives of the same output.
+    pub parents: HashMap<String, TreeId>,
 }
 
 impl Outlet for RepoOutlet {
@@ -54,6 +63,16 @@ impl Outlet for RepoOutlet {
 
     fn compresses(&self) -> bool {
         true
+    }
+
+    fn keeps_trees(&self) -> bool {
+        true
+    }
+
+    fn create_tree(&self, rel: &Path, final_name: &str) -> io::Result<Option<Box<dyn TreeOut>>> {
+        let path = rel.with_file_name(final_name).to_string_lossy().into_owned();
+        let parent = self.parents.get(&crate::store::manifest::output_name(&path)).copied();
+        Ok(Some(Box::new(RepoTree::start(&self.target, Arc::clone(&self.archived), path, parent)?)))
     }
 }
 
@@ -144,7 +163,7 @@ impl ArchivedFile {
         }
         // Its chunks are in an index now: later files of the run may
         // name them.
-        self.known.stored.lock().unwrap_or_else(|e| e.into_inner()).extend(stored.new);
+        self.known.add(stored.new);
         Ok(stored.content)
     }
 }

@@ -33,14 +33,41 @@ use super::lock::encrypt;
 /// of this run's kept files.
 pub struct Known {
     pub repo: Arc<Repository<IndexedFullStatus>>,
+    /// Data blobs.
     pub stored: Mutex<HashSet<Id>>,
+    /// Tree blobs (a type of their own: a file's chunk that happens to
+    /// hold a tree's bytes never stands for that tree).
+    pub trees: Mutex<HashSet<Id>>,
 }
 
 impl Known {
-    fn has(&self, id: &Id) -> bool {
+    pub fn new(repo: Arc<Repository<IndexedFullStatus>>) -> Known {
+        Known { repo, stored: Mutex::default(), trees: Mutex::default() }
+    }
+
+    pub fn has(&self, id: &Id) -> bool {
         self.stored.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
             || self.repo.get_index_entry(&DataId::from(*id)).is_ok()
     }
+
+    pub fn has_tree(&self, id: &Id) -> bool {
+        self.trees.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+            || self.repo.get_index_entry(&rustic_core::TreeId::from(*id)).is_ok()
+    }
+
+    /// What a finished session stored is in an index now: later files of
+    /// the run may name it.
+    pub fn add(&self, new: New) {
+        self.stored.lock().unwrap_or_else(|e| e.into_inner()).extend(new.data);
+        self.trees.lock().unwrap_or_else(|e| e.into_inner()).extend(new.trees);
+    }
+}
+
+/// The blobs a session stored.
+#[derive(Default)]
+pub struct New {
+    pub data: HashSet<Id>,
+    pub trees: HashSet<Id>,
 }
 
 /// Where packs go, and how they are sealed.
@@ -60,7 +87,7 @@ pub struct Stored {
     pub content: Vec<DataId>,
     pub bytes: u64,
     /// The chunks that were new, and so stored by this file.
-    pub new: HashSet<Id>,
+    pub new: New,
 }
 
 /// Reads `from` to its end and stores it; `workers` compress and seal.
@@ -79,12 +106,17 @@ pub struct Session {
     known: Arc<Known>,
     sink: Sink,
     chunker: Chunker,
-    tx: Option<SyncSender<([u8; 32], Vec<u8>)>>,
+    tx: Option<SyncSender<Blob>>,
     handles: Vec<std::thread::JoinHandle<io::Result<()>>>,
     packs: Arc<Packs>,
-    /// The chunks this session stores (sent to the workers).
-    new: HashSet<Id>,
+    /// The blobs this session stores (sent to the workers).
+    new: New,
+    /// What a file is read into, kept from one file to the next.
+    buf: Vec<u8>,
 }
+
+/// A blob for the workers: its id, whether it is a tree, its bytes.
+type Blob = ([u8; 32], bool, Vec<u8>);
 
 impl Session {
     pub fn new(known: Arc<Known>, sink: &Sink, workers: usize) -> io::Result<Session> {
@@ -96,7 +128,7 @@ impl Session {
         let chunker = Chunker::new(poly, config.chunk_size(), config.chunk_min_size(), config.chunk_max_size())
             .map_err(io::Error::other)?;
         let packs = Arc::new(Packs::default());
-        let (tx, rx) = sync_channel::<([u8; 32], Vec<u8>)>(workers);
+        let (tx, rx) = sync_channel::<Blob>(workers);
         let rx = Arc::new(Mutex::new(rx));
         let handles = (0..workers.max(1))
             .map(|_| {
@@ -107,7 +139,16 @@ impl Session {
         // Only the workers hold the receiver: when they all stop (a write
         // failed), sending fails instead of waiting for room forever.
         drop(rx);
-        Ok(Session { known, sink: sink.clone(), chunker, tx: Some(tx), handles, packs, new: HashSet::new() })
+        Ok(Session {
+            known,
+            sink: sink.clone(),
+            chunker,
+            tx: Some(tx),
+            handles,
+            packs,
+            new: New::default(),
+            buf: vec![0; 256 << 10],
+        })
     }
 
     /// Reads `from` to its end as one file: returns its chunks and size.
@@ -115,12 +156,42 @@ impl Session {
     /// error is theirs if they stopped first (why the chunks stopped
     /// flowing).
     pub fn file(&mut self, from: &mut dyn Read) -> io::Result<(Vec<DataId>, u64)> {
+        self.file_sized(from, 1 << 20)
+    }
+
+    /// [`file`](Self::file) for a file of about `size` bytes: a small
+    /// one takes no more memory than it needs on its way to the workers.
+    pub fn file_sized(&mut self, from: &mut dyn Read, size: u64) -> io::Result<(Vec<DataId>, u64)> {
         self.chunker.reset();
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("the packing session has ended"))?;
-        match chunk_all(from, &mut self.chunker, &self.known, tx, &self.packs.broken, &mut self.new) {
+        let first = usize::try_from(size).unwrap_or(usize::MAX).min(1 << 20);
+        let read = (&mut *self.buf, first);
+        match chunk_all(from, read, &mut self.chunker, &self.known, tx, &self.packs.broken, &mut self.new.data) {
             Ok(stored) => Ok(stored),
             Err(e) => Err(self.stop().err().unwrap_or(e)),
         }
+    }
+
+    /// A chunk that is already stored (its id checked by the caller as the
+    /// repository's or this session's): named only.
+    pub fn has(&self, id: &Id) -> bool {
+        self.new.data.contains(id) || self.known.has(id)
+    }
+
+    /// Stores a tree blob, serialised, unless the repository or this
+    /// session has it; returns its id (the SHA-256 of `bytes`).
+    pub fn tree(&mut self, bytes: Vec<u8>) -> io::Result<Id> {
+        let raw: [u8; 32] = Sha256::digest(&bytes).into();
+        let id = Id::new(raw);
+        if self.new.trees.contains(&id) || self.known.has_tree(&id) {
+            return Ok(id);
+        }
+        self.new.trees.insert(id);
+        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("the packing session has ended"))?;
+        if tx.send((raw, true, bytes)).is_err() {
+            return Err(self.stop().err().unwrap_or_else(|| io::Error::other("the packing threads stopped")));
+        }
+        Ok(id)
     }
 
     /// Stops the workers once they have packed what was sent; their error
@@ -139,13 +210,15 @@ impl Session {
     }
 
     /// Writes the last pack, then one index file for all the session's
-    /// packs; returns the chunks it stored.
-    pub fn finish(mut self) -> io::Result<HashSet<Id>> {
+    /// packs; returns the blobs it stored.
+    pub fn finish(mut self) -> io::Result<New> {
         self.stop()?;
         let packs = &self.packs;
-        let open = std::mem::take(&mut *packs.open.lock().unwrap_or_else(|e| e.into_inner()));
-        if !open.blobs.is_empty() {
-            flush(open, packs, &self.sink)?;
+        for open in [&packs.open, &packs.open_trees] {
+            let open = std::mem::take(&mut *open.lock().unwrap_or_else(|e| e.into_inner()));
+            if !open.blobs.is_empty() {
+                flush(open, packs, &self.sink)?;
+            }
         }
         let done = std::mem::take(&mut *packs.done.lock().unwrap_or_else(|e| e.into_inner()));
         write_index(&*self.sink.be, &self.sink.key, &done)?;
@@ -161,19 +234,21 @@ impl Drop for Session {
     }
 }
 
+/// Cuts `from` into chunks (read through `buf`, the first chunk given
+/// `first` bytes of room) and sends the new ones to the workers.
 fn chunk_all(
     from: &mut dyn Read,
+    (buf, first): (&mut [u8], usize),
     chunker: &mut Chunker,
     known: &Known,
-    tx: &SyncSender<([u8; 32], Vec<u8>)>,
+    tx: &SyncSender<Blob>,
     broken: &AtomicBool,
     new: &mut HashSet<Id>,
 ) -> io::Result<(Vec<DataId>, u64)> {
     let mut content = Vec::new();
     let mut bytes = 0u64;
-    let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut chunk: Vec<u8> = Vec::with_capacity(first);
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
     let mut emit = |chunk: &mut Vec<u8>, hasher: &mut Sha256| -> io::Result<()> {
         let raw: [u8; 32] = hasher.finalize_reset().into();
         let id = Id::new(raw);
@@ -187,10 +262,10 @@ fn chunk_all(
             return Err(io::Error::other("the packing threads stopped"));
         }
         let full = std::mem::replace(chunk, Vec::with_capacity(1 << 20));
-        tx.send((raw, full)).map_err(|_| io::Error::other("the packing threads stopped"))
+        tx.send((raw, false, full)).map_err(|_| io::Error::other("the packing threads stopped"))
     };
     loop {
-        let n = match from.read(&mut buf) {
+        let n = match from.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -233,18 +308,20 @@ struct Pack {
 
 #[derive(Default)]
 struct Packs {
-    /// The pack being filled.
+    /// The pack being filled, of data blobs.
     open: Mutex<Pack>,
+    /// Tree blobs, in packs of their own as restic keeps them.
+    open_trees: Mutex<Pack>,
     /// Packs written: their ids and blobs.
     done: Mutex<Vec<(Id, Vec<Placed>)>>,
     /// A worker failed: reading stops.
     broken: AtomicBool,
 }
 
-fn work(rx: &Mutex<Receiver<([u8; 32], Vec<u8>)>>, packs: &Packs, sink: &Sink) -> io::Result<()> {
+fn work(rx: &Mutex<Receiver<Blob>>, packs: &Packs, sink: &Sink) -> io::Result<()> {
     loop {
         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok((id, plain)) = next else { return Ok(()) };
+        let Ok((id, tree, plain)) = next else { return Ok(()) };
         let sealed = match sink.level {
             Some(level) => encrypt(&sink.key, &zstd::bulk::compress(&plain, level)?),
             None => encrypt(&sink.key, &plain),
@@ -254,10 +331,14 @@ fn work(rx: &Mutex<Receiver<([u8; 32], Vec<u8>)>>, packs: &Packs, sink: &Sink) -
         let length = u32::try_from(sealed.len()).map_err(|_| too_large())?;
         let plain = u32::try_from(plain.len()).map_err(|_| too_large())?;
         let full = {
-            let mut open = packs.open.lock().unwrap_or_else(|e| e.into_inner());
+            let mut open = match tree {
+                true => packs.open_trees.lock(),
+                false => packs.open.lock(),
+            }
+            .unwrap_or_else(|e| e.into_inner());
             let offset = open.body.len();
             open.body.extend_from_slice(&sealed);
-            open.blobs.push(Placed { id, tree: false, offset, length, plain: sink.level.map(|_| plain) });
+            open.blobs.push(Placed { id, tree, offset, length, plain: sink.level.map(|_| plain) });
             (open.body.len() >= sink.pack_size).then(|| std::mem::take(&mut *open))
         };
         if let Some(pack) = full {
