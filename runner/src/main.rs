@@ -4,7 +4,21 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     fixed_mmap_threshold();
+    no_library_backtraces();
     offsite::cli::main()
+}
+
+/// rustic_core makes an error, with `Backtrace::capture()`, for each
+/// chunk its index does not hold: with `RUST_BACKTRACE=1` in the
+/// environment that unwinds the stack for every new chunk of a run. Our
+/// messages never show those backtraces, so they are off unless
+/// `RUST_LIB_BACKTRACE` asks for them; a panic's backtrace still
+/// follows `RUST_BACKTRACE`.
+fn no_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called before any other thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
 }
 
 /// Large blocks (S3 part buffers, HTTP and wasm buffers) come straight from

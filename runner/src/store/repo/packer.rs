@@ -156,7 +156,7 @@ impl Session {
     /// error is theirs if they stopped first (why the chunks stopped
     /// flowing).
     pub fn file(&mut self, from: &mut dyn Read) -> io::Result<(Vec<DataId>, u64)> {
-        self.file_sized(from, 1 << 20)
+        self.file_sized(from, u64::MAX)
     }
 
     /// [`file`](Self::file) for a file of about `size` bytes: a small
@@ -164,8 +164,7 @@ impl Session {
     pub fn file_sized(&mut self, from: &mut dyn Read, size: u64) -> io::Result<(Vec<DataId>, u64)> {
         self.chunker.reset();
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("the packing session has ended"))?;
-        let first = usize::try_from(size).unwrap_or(usize::MAX).min(1 << 20);
-        let read = (&mut *self.buf, first);
+        let read = (&mut *self.buf, size);
         match chunk_all(from, read, &mut self.chunker, &self.known, tx, &self.packs.broken, &mut self.new.data) {
             Ok(stored) => Ok(stored),
             Err(e) => Err(self.stop().err().unwrap_or(e)),
@@ -234,11 +233,12 @@ impl Drop for Session {
     }
 }
 
-/// Cuts `from` into chunks (read through `buf`, the first chunk given
-/// `first` bytes of room) and sends the new ones to the workers.
+/// Cuts `from` into chunks (read through `buf`; `size`, about how many
+/// bytes it holds, sets the room each chunk starts with) and sends the
+/// new ones to the workers.
 fn chunk_all(
     from: &mut dyn Read,
-    (buf, first): (&mut [u8], usize),
+    (buf, size): (&mut [u8], u64),
     chunker: &mut Chunker,
     known: &Known,
     tx: &SyncSender<Blob>,
@@ -247,9 +247,15 @@ fn chunk_all(
 ) -> io::Result<(Vec<DataId>, u64)> {
     let mut content = Vec::new();
     let mut bytes = 0u64;
-    let mut chunk: Vec<u8> = Vec::with_capacity(first);
+    // Room for a chunk of 1 MiB (the average), or for what is left of a
+    // smaller file: a small file's chunk takes no more (at 1 MiB, the
+    // allocator maps and unmaps pages for each).
+    let room = |emitted: u64| usize::try_from(size.saturating_sub(emitted).min(1 << 20)).unwrap_or(1 << 20);
+    let mut emitted = 0u64;
+    let mut chunk: Vec<u8> = Vec::with_capacity(room(0));
     let mut hasher = Sha256::new();
     let mut emit = |chunk: &mut Vec<u8>, hasher: &mut Sha256| -> io::Result<()> {
+        emitted += chunk.len() as u64;
         let raw: [u8; 32] = hasher.finalize_reset().into();
         let id = Id::new(raw);
         content.push(DataId::from(id));
@@ -261,7 +267,7 @@ fn chunk_all(
         if broken.load(Ordering::SeqCst) {
             return Err(io::Error::other("the packing threads stopped"));
         }
-        let full = std::mem::replace(chunk, Vec::with_capacity(1 << 20));
+        let full = std::mem::replace(chunk, Vec::with_capacity(room(emitted)));
         tx.send((raw, false, full)).map_err(|_| io::Error::other("the packing threads stopped"))
     };
     loop {
@@ -319,11 +325,14 @@ struct Packs {
 }
 
 fn work(rx: &Mutex<Receiver<Blob>>, packs: &Packs, sink: &Sink) -> io::Result<()> {
+    // One compression context for all the worker's chunks: making one
+    // per chunk costs more than compressing a small file's chunk.
+    let mut zstd = sink.level.map(zstd::bulk::Compressor::new).transpose()?;
     loop {
         let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
         let Ok((id, tree, plain)) = next else { return Ok(()) };
-        let sealed = match sink.level {
-            Some(level) => encrypt(&sink.key, &zstd::bulk::compress(&plain, level)?),
+        let sealed = match zstd.as_mut() {
+            Some(zstd) => encrypt(&sink.key, &zstd.compress(&plain)?),
             None => encrypt(&sink.key, &plain),
         };
         let sealed = sealed.inspect_err(|_| packs.broken.store(true, Ordering::SeqCst))?;
