@@ -310,6 +310,13 @@ impl Bucket {
 
     /// Every object beneath `rel_dir` (recursively), at most [`LIST_MAX`].
     pub fn list(&self, rel_dir: &str) -> Result<Vec<Meta>, S3Error> {
+        self.list_at_most(rel_dir)?
+            .ok_or_else(|| S3Error::Other(format!("{}: more than {LIST_MAX} objects", self.shown(rel_dir))))
+    }
+
+    /// [`list`](Self::list), with `None` for more than [`LIST_MAX`]
+    /// objects, for a caller that can list them a part at a time.
+    pub fn list_at_most(&self, rel_dir: &str) -> Result<Option<Vec<Meta>>, S3Error> {
         let prefix = self.key(rel_dir);
         let s3 = Arc::clone(&self.s3);
         let listed = self.call(rel_dir, async move {
@@ -337,9 +344,9 @@ impl Bucket {
             Ok(out)
         })?;
         if listed.len() > LIST_MAX {
-            return Err(S3Error::Other(format!("{}: more than {LIST_MAX} objects", self.shown(rel_dir))));
+            return Ok(None);
         }
-        Ok(listed.into_iter().map(|m| self.meta(m)).collect())
+        Ok(Some(listed.into_iter().map(|m| self.meta(m)).collect()))
     }
 
     /// Opens the object `rel` for reading as it downloads; `None` if there

@@ -21,7 +21,7 @@ pub mod lock;
 pub mod upload;
 
 #[cfg(feature = "runtime")]
-pub use self::client::{Bucket, Put, S3Error};
+pub use self::client::{Bucket, LIST_MAX, Meta, Put, S3Error};
 pub use self::location::{S3Location, S3Settings};
 
 /// The runner's own keys under a store's prefix (as in a local store).

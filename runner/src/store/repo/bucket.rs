@@ -11,7 +11,7 @@ use bytes::Bytes;
 use rustic_core::{ErrorKind, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend};
 
 use super::Storage;
-use crate::s3::{Bucket, Put, S3Error};
+use crate::s3::{Bucket, LIST_MAX, Meta, Put, S3Error};
 
 /// The largest whole file read at once (an index or a pack).
 const READ_MAX: u64 = 256 << 20;
@@ -65,7 +65,8 @@ impl ReadBackend for BucketRepo {
             }
             _ => tpe.dirname(),
         };
-        let listed = self.bucket.list(dir).map_err(|e| error("Cannot list `{path}`", dir, e))?;
+        let listed = listed_in_parts(dir, &|d: &str| self.bucket.list_at_most(d))
+            .map_err(|e| error("Cannot list `{path}`", dir, e))?;
         Ok(listed
             .into_iter()
             .filter_map(|m| {
@@ -174,5 +175,63 @@ impl Storage for BucketRepo {
 
     fn shown(&self) -> String {
         format!("restic:{}", self.bucket.location())
+    }
+}
+
+/// Lists what is beneath a directory: `None` above the listing's limit.
+type Lister<'a> = dyn Fn(&str) -> Result<Option<Vec<Meta>>, S3Error> + 'a;
+
+/// Everything beneath `dir`, listed whole if `list` can (it says `None`
+/// above its limit), else one of restic's 256 subdirectories (`data/00`
+/// to `data/ff`) at a time: each listing under its own limit and its own
+/// call timeout, so a repository of many packs (over a hundred thousand,
+/// 400 GiB in 4 MiB packs) is still checked and pruned.
+fn listed_in_parts(dir: &str, list: &Lister<'_>) -> Result<Vec<Meta>, S3Error> {
+    if let Some(all) = list(dir)? {
+        return Ok(all);
+    }
+    let mut all = Vec::new();
+    for sub in 0..=255u8 {
+        let part = format!("{dir}/{sub:02x}");
+        let listed = list(&part)?.ok_or_else(|| S3Error::Other(format!("{part}: more than {LIST_MAX} objects")))?;
+        all.extend(listed);
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listing over its limit is taken again a subdirectory at a time;
+    /// a subdirectory over the limit, or an error, fails the whole.
+    #[test]
+    fn a_listing_too_long_for_one_call_is_taken_a_subdirectory_at_a_time() {
+        let meta = |rel: &str| Meta { rel: rel.into(), size: 1, etag: None, modified: chrono::Utc::now() };
+        let calls = std::cell::RefCell::new(Vec::new());
+        let list = |d: &str| -> Result<Option<Vec<Meta>>, S3Error> {
+            calls.borrow_mut().push(d.to_string());
+            Ok(match d {
+                "data" => None,
+                "data/00" | "data/ff" => Some(vec![meta(&format!("{d}/x"))]),
+                _ => Some(Vec::new()),
+            })
+        };
+        let all = listed_in_parts("data", &list).unwrap();
+        assert_eq!(all.iter().map(|m| m.rel.as_str()).collect::<Vec<_>>(), ["data/00/x", "data/ff/x"]);
+        assert_eq!(calls.borrow().len(), 257);
+        assert_eq!(calls.borrow()[1], "data/00");
+
+        let whole = |_: &str| -> Result<Option<Vec<Meta>>, S3Error> { Ok(Some(vec![meta("data/ab/y")])) };
+        assert_eq!(listed_in_parts("data", &whole).unwrap().len(), 1);
+
+        let too_many = |d: &str| -> Result<Option<Vec<Meta>>, S3Error> {
+            Ok(match d {
+                "data" | "data/00" => None,
+                _ => Some(Vec::new()),
+            })
+        };
+        let err = listed_in_parts("data", &too_many).unwrap_err();
+        assert!(matches!(&err, S3Error::Other(m) if m.contains("data/00: more than")), "{err:?}");
     }
 }
