@@ -761,6 +761,28 @@ fn a_signed_site_keeps_each_manifests_signature_in_its_snapshot() {
     assert!(check.wait().unwrap().success(), "ssh-keygen -Y verify refused the snapshot's signature");
 }
 
+/// A site that signs its manifests takes files unread only from runs it
+/// signed: a run before it signed (or one someone else put into the
+/// repository) never gets its chunks named in a manifest this key signs.
+#[test]
+fn a_signing_site_takes_files_unread_only_from_runs_it_signed() {
+    let site = RepoSite::new("password_file = \"pass\"");
+    site.run("arc", &["--now", "2004-03-20T01:48:44Z"]).expect_code(0);
+    let (key, _) = offsite_testkit::ssh_keypair(site.dir.path(), "sign");
+    let text = std::fs::read_to_string(&site.file).unwrap();
+    std::fs::write(&site.file, format!("{text}[protect]\nsigning_key = \"{}\"\n", key.display())).unwrap();
+    let unread = |site: &RepoSite| {
+        let m: serde_json::Value =
+            serde_json::from_slice(&site.restic_ok(&["dump", "latest", "/.offsite/manifest.json"])).unwrap();
+        m["files"][0]["tree"]["unread"].as_u64().unwrap_or(0)
+    };
+    site.run("arc", &["--now", "2004-03-20T13:48:44Z"]).expect_code(0);
+    assert_eq!(unread(&site), 0, "a signed run took files unread from an unsigned one");
+    site.run("arc", &["--now", "2004-03-21T01:48:44Z"]).expect_code(0);
+    assert_eq!(unread(&site), 2, "index.html and img/big.bin, unchanged since the signed run");
+    site.restic_ok(&["check", "--read-data"]);
+}
+
 /// A disk that fills in the middle of a run: the run fails with the
 /// system's own words, makes no snapshot, and the last good snapshot stays
 /// whole; once there is room, restic's check accepts the repository and

@@ -362,6 +362,15 @@ impl RepoRoot {
             }
         };
         for snap in snaps.iter().rev().filter(|s| s.tags.contains(&tag)).take(PARENT_RUNS) {
+            // A site that signs takes files unread only from runs it
+            // signed: a run someone else put into the repository never
+            // gets its chunks into a manifest this key signs.
+            if let Some(key) = &self.signer
+                && let Err(e) = self.signed_by(snap, key)
+            {
+                log::info!(target: "offsite::store", "snapshot {} is not taken as a parent: {e}", snap.id);
+                continue;
+            }
             let Ok(m) = self.manifest_of(snap) else { continue };
             for f in &m.files {
                 if let Some(id) = f.tree.as_ref().and_then(|t| t.id.parse::<Id>().ok()) {
@@ -370,6 +379,15 @@ impl RepoRoot {
             }
         }
         parents
+    }
+
+    /// Whether the manifest in `snap` carries a good signature by `key`.
+    fn signed_by(&self, snap: &SnapshotFile, key: &ssh_key::PrivateKey) -> Result<(), String> {
+        let json = self.read_small(snap, MANIFEST_PATH).map_err(|e| e.to_string())?;
+        let sig = self
+            .read_small(snap, &format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX))
+            .map_err(|_| "its manifest is not signed".to_string())?;
+        protect::verify(key.public_key(), &json, &sig)
     }
 
     /// The run's end: the snapshot of `manifest`'s files, which the run
