@@ -329,14 +329,21 @@ impl RepoRoot {
 
     fn manifest_of(&self, snap: &SnapshotFile) -> Result<Manifest, String> {
         let bytes = self.read_small(snap, MANIFEST_PATH).map_err(|e| e.to_string())?;
-        let mut m: Manifest = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        if !snap.tags.contains(&format!("run={}", tag_text(&m.run.run_id))) {
-            return Err(format!("its manifest names run {}, which its tags do not", m.run.run_id));
-        }
-        m.snapshot = Some(snap.id.to_hex().as_str().to_string());
-        Ok(m)
+        manifest_from(snap, &bytes)
     }
+}
 
+/// The manifest `bytes` of `snap`, which must name the run its tags name.
+fn manifest_from(snap: &SnapshotFile, bytes: &[u8]) -> Result<Manifest, String> {
+    let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if !snap.tags.contains(&format!("run={}", tag_text(&m.run.run_id))) {
+        return Err(format!("its manifest names run {}, which its tags do not", m.run.run_id));
+    }
+    m.snapshot = Some(snap.id.to_hex().as_str().to_string());
+    Ok(m)
+}
+
+impl RepoRoot {
     fn snapshot_of_run(&self, run_id: &str) -> io::Result<SnapshotFile> {
         let tag = format!("run={}", tag_text(run_id));
         self.snapshots()?
@@ -365,13 +372,17 @@ impl RepoRoot {
             // A site that signs takes files unread only from runs it
             // signed: a run someone else put into the repository never
             // gets its chunks into a manifest this key signs.
-            if let Some(key) = &self.signer
-                && let Err(e) = self.signed_by(snap, key)
-            {
-                log::info!(target: "offsite::store", "snapshot {} is not taken as a parent: {e}", snap.id);
-                continue;
-            }
-            let Ok(m) = self.manifest_of(snap) else { continue };
+            let manifest = match &self.signer {
+                Some(key) => self.signed_by(snap, key).and_then(|json| manifest_from(snap, &json)),
+                None => self.manifest_of(snap),
+            };
+            let m = match manifest {
+                Ok(m) => m,
+                Err(e) => {
+                    log::info!(target: "offsite::store", "snapshot {} is not taken as a parent: {e}", snap.id);
+                    continue;
+                }
+            };
             for f in &m.files {
                 if let Some(id) = f.tree.as_ref().and_then(|t| t.id.parse::<Id>().ok()) {
                     parents.entry(super::manifest::output_name(&f.path)).or_insert(TreeId::from(id));
@@ -381,13 +392,14 @@ impl RepoRoot {
         parents
     }
 
-    /// Whether the manifest in `snap` carries a good signature by `key`.
-    fn signed_by(&self, snap: &SnapshotFile, key: &ssh_key::PrivateKey) -> Result<(), String> {
+    /// The manifest in `snap`, if it carries a good signature by `key`.
+    fn signed_by(&self, snap: &SnapshotFile, key: &ssh_key::PrivateKey) -> Result<Vec<u8>, String> {
         let json = self.read_small(snap, MANIFEST_PATH).map_err(|e| e.to_string())?;
         let sig = self
             .read_small(snap, &format!("{MANIFEST_PATH}{}", protect::SIG_SUFFIX))
             .map_err(|_| "its manifest is not signed".to_string())?;
-        protect::verify(key.public_key(), &json, &sig)
+        protect::verify(key.public_key(), &json, &sig)?;
+        Ok(json)
     }
 
     /// The run's end: the snapshot of `manifest`'s files, which the run

@@ -97,7 +97,7 @@ impl TreeTar {
                             .ok_or_else(|| corrupt(format!("{}: a directory without a tree", path.display())))?;
                         let mut children = read_tree(&self.repo, &id)?.nodes;
                         // The walk's order: by name, byte for byte.
-                        children.sort_by(|a, b| a.name().cmp(&b.name()));
+                        children.sort_by_cached_key(|n| n.name().into_owned());
                         for child in children.into_iter().rev() {
                             self.todo.push(Item::Node(path.join(child.name()), Box::new(child)));
                         }
