@@ -178,3 +178,33 @@ fn a_locked_site_says_so_in_json() {
     assert_eq!(locked["exit"], 4);
     assert!(locked["error"].as_str().unwrap().contains("pid"), "{locked}");
 }
+
+/// A run into a restic repository: its archive is a tree, whose file has
+/// `tree` and an empty `sha256`, which the schema allows there and only
+/// there.
+#[test]
+fn a_run_into_a_repository_reports_its_archive_as_a_tree() {
+    use std::os::unix::fs::PermissionsExt;
+    let v = validator();
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    std::fs::write(dir.join("pass"), "a repository password\n").unwrap();
+    std::fs::set_permissions(dir.join("pass"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file = dir.join("repo.toml");
+    std::fs::write(
+        &file,
+        "store = \"restic:repo\"\n[read]\nroots = [\"www\"]\n[repository]\npassword_file = \"pass\"\n",
+    )
+    .unwrap();
+    let s = script("arc");
+    let mut cmd = offsite(Path::new(BIN));
+    cmd.current_dir(dir).env_remove("RESTIC_PASSWORD_FILE");
+    cmd.args(["run", s.to_str().unwrap(), "--site", file.to_str().unwrap(), "--param", "path=www", "--json"]);
+    let value = checked(&v, &Ran::from_output(cmd.output().unwrap()), "run", 0);
+    let f = &value["files"][0];
+    assert_eq!((f["sha256"].as_str(), f["tree"]["entries"].as_u64()), (Some(""), Some(2)), "{value}");
+    // Without `tree`, an empty sha256 does not pass.
+    let mut plain = value.clone();
+    plain["files"][0].as_object_mut().unwrap().remove("tree");
+    assert!(!v.is_valid(&plain), "an empty sha256 passed on a file that is not a tree");
+}
