@@ -14,9 +14,11 @@
 /// servers starting, on timeouts and stalls they provoke, on simulated
 /// links with their delay, on `watch`'s polls. So unless told otherwise
 /// (`--test-threads N` or `RUST_TEST_THREADS`, which win), the program runs
-/// twice as many tests at once as the machine has cores. On two cores
-/// that took the module's wall time from 389 s to 228 s, the CPU busy
-/// 73% of it (docs/TESTING.md).
+/// twice as many tests at once as the machine has cores. On two cores,
+/// with the guests already built and compiled, that took the program's
+/// wall time from 389 s to 228 s, the CPU busy 73% of it. A first run
+/// (guests to build and compile) is CPU-bound and gains little
+/// (docs/TESTING.md).
 ///
 /// libtest reads `RUST_TEST_THREADS` when it starts, so the default is
 /// set before `main`, from the program's initialisers.
