@@ -331,19 +331,7 @@ impl RepoRoot {
         let bytes = self.read_small(snap, MANIFEST_PATH).map_err(|e| e.to_string())?;
         manifest_from(snap, &bytes)
     }
-}
 
-/// The manifest `bytes` of `snap`, which must name the run its tags name.
-fn manifest_from(snap: &SnapshotFile, bytes: &[u8]) -> Result<Manifest, String> {
-    let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    if !snap.tags.contains(&format!("run={}", tag_text(&m.run.run_id))) {
-        return Err(format!("its manifest names run {}, which its tags do not", m.run.run_id));
-    }
-    m.snapshot = Some(snap.id.to_hex().as_str().to_string());
-    Ok(m)
-}
-
-impl RepoRoot {
     fn snapshot_of_run(&self, run_id: &str) -> io::Result<SnapshotFile> {
         let tag = format!("run={}", tag_text(run_id));
         self.snapshots()?
@@ -482,6 +470,16 @@ impl RepoRoot {
         self.forget_index();
         saved
     }
+}
+
+/// The manifest `bytes` of `snap`, which must name the run its tags name.
+fn manifest_from(snap: &SnapshotFile, bytes: &[u8]) -> Result<Manifest, String> {
+    let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if !snap.tags.contains(&format!("run={}", tag_text(&m.run.run_id))) {
+        return Err(format!("its manifest names run {}, which its tags do not", m.run.run_id));
+    }
+    m.snapshot = Some(snap.id.to_hex().as_str().to_string());
+    Ok(m)
 }
 
 fn jiff_now() -> rustic_core::jiff::Timestamp {
