@@ -217,6 +217,21 @@ impl Runtime {
             Ok(None) => {}
             Err(why) => log::info!(target: "offsite::engine", "ignoring cache entry {}: {why}", file.display()),
         }
+        // Runs that start together (a timer's and `offsite check`'s, or
+        // `watch`'s sites sharing a script) compile it once: the others
+        // wait for the entry and load it.
+        let compiling = CompileLock::take(dir, &file);
+        if compiling.is_some()
+            && let Ok(Some(entry)) = open_cache_entry(&file, sha256, self.verify_cache)
+        {
+            // SAFETY: as above: the entry another run of ours has just
+            // written, opened and checked the same way.
+            if let Ok(c) = unsafe { entry.load(&self.engine) } {
+                return Ok(c);
+            }
+        }
+        #[cfg(test)]
+        COMPILED.lock().unwrap().push(sha256.to_string());
         let compiled = self.engine.precompile_component(bytes)?;
         if let Err(e) = write_cache_entry(dir, &file, sha256, &compiled) {
             log::info!(target: "offsite::engine", "cannot write compile cache {}: {e:#}", file.display());
@@ -434,6 +449,37 @@ fn cache_dir_is_safe(dir: &Path) -> bool {
     }
 }
 
+/// The scripts this process has compiled for a cache (for the test of the
+/// cache's lock).
+#[cfg(test)]
+static COMPILED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A hold on the compile of one cache entry (`NAME.lock` beside
+/// `NAME.cwasm`), released when dropped. Taking it waits for a run that
+/// holds it, which is compiling the same script for the same engine.
+struct CompileLock {
+    _file: std::fs::File,
+}
+
+impl CompileLock {
+    /// `None` when the lock cannot be had (the run then compiles without
+    /// it: the entry is still written whole, only maybe twice).
+    fn take(dir: &Path, entry: &Path) -> Option<CompileLock> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(entry.with_extension("lock"))
+            .ok()?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).ok()?;
+        Some(CompileLock { _file: file })
+    }
+}
+
 /// The first line of an entry's record (`NAME.sum` beside `NAME.cwasm`).
 const RECORD_MAGIC: &str = "offsite-cwasm-2";
 
@@ -587,8 +633,8 @@ pub fn cache_limit() -> u64 {
 
 /// Removes the least recently used entries of the compile cache `dir`
 /// (each with its record) until it holds at most `limit` bytes; `keep`
-/// (just written) stays. Records without an entry and temporary files
-/// left by a killed writer over an hour ago go too.
+/// (just written) stays. Records without an entry, and temporary files
+/// and compile locks left over an hour ago, go too.
 pub fn evict(dir: &Path, keep: &Path, limit: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     let now = std::time::SystemTime::now();
@@ -604,6 +650,7 @@ pub fn evict(dir: &Path, keep: &Path, limit: u64) {
             files.push((modified, m.len(), path));
         } else if (path.extension().is_some_and(|x| x == "sum") && !path.with_extension("cwasm").exists())
             || (name.as_encoded_bytes().starts_with(b".tmp.") && stale)
+            || (path.extension().is_some_and(|x| x == "lock") && !path.with_extension("cwasm").exists() && stale)
         {
             let _ = std::fs::remove_file(&path);
         }
@@ -727,6 +774,10 @@ mod tests {
             std::fs::File::create(dir.path().join(name)).unwrap().set_modified(now - day * age_days).unwrap();
         }
         std::fs::write(dir.path().join("orphan.sum"), "record").unwrap();
+        // Compile locks: kept while their entry is there or they are new.
+        for (name, age_days) in [("new.lock", 1), ("gone.lock", 1), ("compiling.lock", 0)] {
+            std::fs::File::create(dir.path().join(name)).unwrap().set_modified(now - day * age_days).unwrap();
+        }
         // The entry just written stays even when it is the oldest.
         evict(dir.path(), &dir.path().join("old.cwasm"), 250);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
@@ -734,7 +785,45 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, vec![".tmp.2.busy.cwasm", "new.cwasm", "new.sum", "not-an-entry.txt", "old.cwasm", "old.sum"]);
+        assert_eq!(
+            left,
+            vec![
+                ".tmp.2.busy.cwasm",
+                "compiling.lock",
+                "new.cwasm",
+                "new.lock",
+                "new.sum",
+                "not-an-entry.txt",
+                "old.cwasm",
+                "old.sum"
+            ]
+        );
+    }
+
+    /// Runs that load one script at the same time compile it once: the
+    /// others wait for the entry and load it.
+    #[test]
+    fn runs_that_load_a_script_together_compile_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        // Enough functions that the compile takes a while.
+        let funcs: String = (0..3000).map(|i| format!("(func (export \"f{i}\") (result i32) i32.const {i})")).collect();
+        let bytes = offsite_testkit::wat(&format!("(component (core module {funcs}))"));
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let start = std::sync::Barrier::new(3);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let runtime = Runtime::new(Some(cache.clone())).unwrap();
+                    start.wait();
+                    runtime.compile_cached(&bytes, &sha256).unwrap();
+                });
+            }
+        });
+        let compiled = COMPILED.lock().unwrap().iter().filter(|s| **s == sha256).count();
+        assert_eq!(compiled, 1, "three runs at once compiled the script {compiled} times");
+        let runtime = Runtime::new(Some(cache.clone())).unwrap();
+        assert!(runtime.is_compiled(&sha256).is_some());
     }
 
     #[test]
