@@ -349,14 +349,7 @@ impl Drop for RepoLock {
 /// Every [`RENEW`], writes the lock again with the time now, then removes
 /// the old file (restic's refresh).
 fn renew(state: &Shared) {
-    let (stop, wake) = &state.stop;
-    let mut stopped = stop.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let (guard, _) = wake.wait_timeout(stopped, RENEW).unwrap_or_else(|e| e.into_inner());
-        stopped = guard;
-        if *stopped {
-            return;
-        }
+    while !stopped_within(&state.stop, RENEW) {
         let mut lock = state.lock.clone();
         lock.time = chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, false);
         match write(&*state.repo, &state.key, &lock) {
@@ -371,5 +364,39 @@ fn renew(state: &Shared) {
                 state.lost.store(true, Ordering::SeqCst);
             }
         }
+    }
+}
+
+/// Waits up to `period` for `stop` to be set, and says whether it is. A
+/// stop set before the wait begins (the lock released right after it was
+/// taken, before its renewer ran) ends it at once.
+fn stopped_within(stop: &(Mutex<bool>, std::sync::Condvar), period: Duration) -> bool {
+    let (flag, wake) = stop;
+    let stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
+    let (stopped, _) = wake.wait_timeout_while(stopped, period, |s| !*s).unwrap_or_else(|e| e.into_inner());
+    *stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_before_the_renewer_waits_ends_its_wait_at_once() {
+        let stop = (Mutex::new(true), std::sync::Condvar::new());
+        let started = std::time::Instant::now();
+        assert!(stopped_within(&stop, Duration::from_secs(60)));
+        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        assert!(!stopped_within(&stop, Duration::from_millis(10)), "nothing stopped it");
+        let waiter = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || stopped_within(&stop, Duration::from_secs(60))
+        });
+        *stop.0.lock().unwrap() = true;
+        stop.1.notify_all();
+        assert!(waiter.join().unwrap());
+        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
     }
 }
