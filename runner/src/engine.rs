@@ -458,7 +458,23 @@ static COMPILED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new(
 /// `NAME.cwasm`), released when dropped. Taking it waits for a run that
 /// holds it, which is compiling the same script for the same engine.
 struct CompileLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for CompileLock {
+    /// Removes the lock file before letting go of it, so the cache holds
+    /// only entries and their records. A run that arrives later finds the
+    /// entry; one that was waiting checks for the entry again once it has
+    /// the (removed) lock. At worst, when the entry could not be written,
+    /// two runs compile the script at once, as without a lock.
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = |m: &std::fs::Metadata| self.file.metadata().is_ok_and(|f| (f.dev(), f.ino()) == (m.dev(), m.ino()));
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| ours(&m)) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl CompileLock {
@@ -467,16 +483,17 @@ impl CompileLock {
     fn take(dir: &Path, entry: &Path) -> Option<CompileLock> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).ok()?;
+        let path = entry.with_extension("lock");
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(entry.with_extension("lock"))
+            .open(&path)
             .ok()?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).ok()?;
-        Some(CompileLock { _file: file })
+        Some(CompileLock { file, path })
     }
 }
 
@@ -824,6 +841,12 @@ mod tests {
         assert_eq!(compiled, 1, "three runs at once compiled the script {compiled} times");
         let runtime = Runtime::new(Some(cache.clone())).unwrap();
         assert!(runtime.is_compiled(&sha256).is_some());
+        let mut left: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path().extension().unwrap().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["cwasm", "sum"], "the entry and its record, no lock left");
     }
 
     #[test]
