@@ -2,11 +2,15 @@
 //!
 //! Each instance gets a fresh data directory (`mariadb-install-db`), listens
 //! on a free port of its address and on a Unix socket that the sshd login
-//! user can reach, and disappears with its scratch directory. It has a
-//! `backup` account with the privileges mysqldump needs, whose password
-//! lives only in an option file owned by the login user.
+//! user can reach. It has a `backup` account with the privileges mysqldump
+//! needs, whose password lives only in an option file owned by the login
+//! user. A test either starts a server of its own ([`MariaDb::start`],
+//! which disappears with its scratch directory) or, during its turn at the
+//! login accounts, takes this process's server on the address, emptied for
+//! it ([`MariaDb::shared`]).
 
 use crate::set_mode;
+use crate::shared::{PerAddress, Turn};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +19,11 @@ use std::time::{Duration, Instant};
 /// A running `mariadbd`; stopped when dropped.
 pub struct MariaDb {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The scratch directory of a server of one test's own, removed with it.
+    _own: Option<tempfile::TempDir>,
+    /// The accounts the server had when it was ready, `backup` included.
+    accounts: Vec<String>,
     pub addr: SocketAddr,
 }
 
@@ -29,12 +37,48 @@ const SMALL: &[&str] = &[
     "--collation-server=utf8mb4_general_ci",
 ];
 
+/// The databases of a new server, which a reset keeps.
+const SYSTEM_DATABASES: &str = "'information_schema', 'mysql', 'performance_schema', 'sys'";
+
+const BACKUP_PASSWORD: &str = "Sup3r-S3cret-PW";
+const BACKUP_ACCOUNT: &str = "CREATE USER 'backup'@'localhost' IDENTIFIED BY 'Sup3r-S3cret-PW';\n\
+     GRANT SELECT, LOCK TABLES, SHOW VIEW, TRIGGER, EVENT, RELOAD ON *.* TO 'backup'@'localhost';";
+
 impl MariaDb {
-    /// Initialises a data directory and starts the server on `ip`.
+    /// Initialises a data directory and starts a server of the caller's
+    /// own on `ip`: for a test that stops the server or needs one nobody
+    /// else has used.
     pub fn start(ip: &str) -> MariaDb {
         let dir = tempfile::tempdir().expect("scratch dir for mariadb");
-        let d = dir.path();
-        set_mode(d, 0o755);
+        let path = dir.path().to_path_buf();
+        MariaDb::launch(ip, path, Some(dir), |mut cmd| cmd.spawn())
+    }
+
+    /// This test process's server on `ip`, started on first use, emptied
+    /// for the caller: every database and account a test made is dropped,
+    /// and `backup` has its password and privileges as new. The caller
+    /// holds the turn at the login accounts (`mysql-accounts`), which every
+    /// test that uses the shared server takes, so no other test uses it
+    /// until that turn ends. It lives as long as the process.
+    pub fn shared(ip: &str, _turn: &Turn) -> &'static MariaDb {
+        static SERVERS: PerAddress<MariaDb> = PerAddress::new();
+        let (db, new) = SERVERS.get(ip, || {
+            let dir = crate::shared::shared_scratch(&format!("mariadb-{ip}"));
+            MariaDb::launch(ip, dir, None, crate::shared::spawn_for_process)
+        });
+        if !new {
+            db.reset();
+        }
+        db
+    }
+
+    fn launch(
+        ip: &str,
+        d: PathBuf,
+        own: Option<tempfile::TempDir>,
+        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
+    ) -> MariaDb {
+        set_mode(&d, 0o755);
         // Its own tmpdir: servers bootstrapping side by side in one shared
         // /tmp trip over each other's temporary tables.
         std::fs::create_dir(d.join("tmp")).unwrap();
@@ -50,8 +94,8 @@ impl MariaDb {
         assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let child = Command::new(find("mariadbd"))
-            .arg("--no-defaults")
+        let mut cmd = Command::new(find("mariadbd"));
+        cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", d.join("mysql.sock").display()))
             .arg(format!("--pid-file={}", d.join("mariadb.pid").display()))
@@ -63,16 +107,40 @@ impl MariaDb {
             .arg(&tmpdir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mariadbd");
-        let mut db = MariaDb { child, dir, addr };
+            .stderr(Stdio::null());
+        let child = spawn(cmd).expect("start mariadbd");
+        let mut db = MariaDb { child, dir: d, _own: own, accounts: Vec::new(), addr };
         db.wait_ready();
-        db.sql(
-            "CREATE USER 'backup'@'localhost' IDENTIFIED BY 'Sup3r-S3cret-PW';\n\
-             GRANT SELECT, LOCK TABLES, SHOW VIEW, TRIGGER, EVENT, RELOAD ON *.* TO 'backup'@'localhost';",
-        );
+        db.sql(BACKUP_ACCOUNT);
+        db.accounts = db.account_list();
         db
+    }
+
+    /// Every account, as `'user'@'host'`.
+    fn account_list(&self) -> Vec<String> {
+        self.sql("SELECT CONCAT(QUOTE(user), '@', QUOTE(host)) FROM mysql.user ORDER BY 1")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Back to the state [`MariaDb::launch`] left: only the system
+    /// databases, the accounts it had, and `backup` as it was made.
+    fn reset(&self) {
+        let databases = self.sql(&format!(
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name NOT IN ({SYSTEM_DATABASES})"
+        ));
+        let mut sql: String =
+            databases.lines().map(|db| format!("DROP DATABASE `{}`;\n", db.replace('`', "``"))).collect();
+        for account in self.account_list() {
+            if !self.accounts.contains(&account) {
+                sql.push_str(&format!("DROP USER {account};\n"));
+            }
+        }
+        sql.push_str("DROP USER 'backup'@'localhost';\n");
+        sql.push_str(BACKUP_ACCOUNT);
+        self.sql(&sql);
+        assert_eq!(self.account_list(), self.accounts, "the shared MariaDB's accounts after a reset");
     }
 
     fn wait_ready(&mut self) {
@@ -100,17 +168,17 @@ impl MariaDb {
 
     /// The server's Unix socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("mysql.sock")
+        self.dir.join("mysql.sock")
     }
 
     /// The error log, for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
     /// The `backup` account's password (only tests see it).
     pub fn backup_password(&self) -> &'static str {
-        "Sup3r-S3cret-PW"
+        BACKUP_PASSWORD
     }
 
     /// Writes a client option file for the `backup` account at `path`,

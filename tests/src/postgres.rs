@@ -7,9 +7,13 @@
 //! administer it without one. It has a `backup` role that may read every
 //! table (`pg_read_all_data`); that role's password lives only in a
 //! `~/.pgpass` owned by the sshd login user, next to a `~/.pg_service.conf`
-//! saying where the server is.
+//! saying where the server is. A test either starts a server of its own
+//! ([`Postgres::start`], which disappears with its scratch directory) or,
+//! during its turn at the login accounts, takes this process's server on
+//! the address, emptied for it ([`Postgres::shared`]).
 
 use crate::set_mode;
+use crate::shared::{PerAddress, Turn};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -19,20 +23,52 @@ use std::time::{Duration, Instant};
 /// A running `postgres`; stopped when dropped.
 pub struct Postgres {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The scratch directory of a server of one test's own, removed with it.
+    _own: Option<tempfile::TempDir>,
     pub addr: SocketAddr,
 }
 
 const BACKUP_PASSWORD: &str = "pg-B4ckup-S3cret";
+const BACKUP_ROLE: &str = "CREATE ROLE backup LOGIN PASSWORD 'pg-B4ckup-S3cret';\nGRANT pg_read_all_data TO backup;";
 
 impl Postgres {
-    /// Initialises a cluster and starts the server on `ip`.
+    /// Initialises a cluster and starts a server of the caller's own on
+    /// `ip`: for a test that stops the server or needs one nobody else has
+    /// used.
     pub fn start(ip: &str) -> Postgres {
-        let (uid, gid) = account("postgres");
         let dir = tempfile::tempdir().expect("scratch dir for postgres");
-        let d = dir.path();
-        chown(d, uid, gid);
-        set_mode(d, 0o700);
+        let path = dir.path().to_path_buf();
+        Postgres::launch(ip, path, Some(dir), |mut cmd| cmd.spawn())
+    }
+
+    /// This test process's server on `ip`, started on first use, emptied
+    /// for the caller: every database and role a test made is dropped, and
+    /// `backup` has its password and membership as new. The caller holds
+    /// the turn at the login accounts (`postgres-accounts`), which every
+    /// test that uses the shared server takes, so no other test uses it
+    /// until that turn ends. It lives as long as the process.
+    pub fn shared(ip: &str, _turn: &Turn) -> &'static Postgres {
+        static SERVERS: PerAddress<Postgres> = PerAddress::new();
+        let (db, new) = SERVERS.get(ip, || {
+            let dir = crate::shared::shared_scratch(&format!("postgres-{ip}"));
+            Postgres::launch(ip, dir, None, crate::shared::spawn_for_process)
+        });
+        if !new {
+            db.reset();
+        }
+        db
+    }
+
+    fn launch(
+        ip: &str,
+        d: PathBuf,
+        own: Option<tempfile::TempDir>,
+        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
+    ) -> Postgres {
+        let (uid, gid) = account("postgres");
+        chown(&d, uid, gid);
+        set_mode(&d, 0o700);
         let out = Command::new(bin("initdb"))
             .arg("-D")
             .arg(d.join("data"))
@@ -45,8 +81,8 @@ impl Postgres {
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let child = Command::new(bin("postgres"))
-            .arg("-D")
+        let mut cmd = Command::new(bin("postgres"));
+        cmd.arg("-D")
             .arg(d.join("data"))
             .args(["-c", &format!("listen_addresses={ip}"), "-c", &format!("port={port}")])
             .args(["-c", &format!("unix_socket_directories={}", d.display())])
@@ -56,13 +92,31 @@ impl Postgres {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("server.log")).unwrap())
             .uid(uid)
-            .gid(gid)
-            .spawn()
-            .expect("start postgres");
-        let mut db = Postgres { child, dir, addr };
+            .gid(gid);
+        let child = spawn(cmd).expect("start postgres");
+        let mut db = Postgres { child, dir: d, _own: own, addr };
         db.wait_ready();
-        db.sql(&format!("CREATE ROLE backup LOGIN PASSWORD '{BACKUP_PASSWORD}';\nGRANT pg_read_all_data TO backup;"));
+        db.sql(BACKUP_ROLE);
         db
+    }
+
+    /// Back to the state [`Postgres::launch`] left: only the databases
+    /// and roles `initdb` made, and `backup` as it was made.
+    fn reset(&self) {
+        let databases =
+            self.sql("SELECT datname FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')");
+        for db in databases.lines() {
+            self.sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", db.replace('"', "\"\"")));
+        }
+        let roles = self.sql("SELECT rolname FROM pg_roles WHERE rolname <> 'postgres' AND rolname NOT LIKE 'pg\\_%'");
+        for role in roles.lines() {
+            let role = role.replace('"', "\"\"");
+            self.sql(&format!("DROP OWNED BY \"{role}\";\nDROP ROLE \"{role}\";"));
+        }
+        self.sql(BACKUP_ROLE);
+        let left =
+            self.sql("SELECT count(*) FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')");
+        assert_eq!(left.trim(), "0", "the shared PostgreSQL's databases after a reset");
     }
 
     fn wait_ready(&mut self) {
@@ -74,7 +128,7 @@ impl Postgres {
             let ok = Command::new(bin("pg_isready"))
                 .arg("-q")
                 .arg("-h")
-                .arg(self.dir.path())
+                .arg(&self.dir)
                 .arg("-p")
                 .arg(self.addr.port().to_string())
                 .status()
@@ -91,12 +145,12 @@ impl Postgres {
     /// The directory of the server's Unix socket (`PGHOST` for a client
     /// that logs in as `postgres` without a password).
     pub fn socket_dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     /// The server's log, for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
     /// The `backup` role's password (only tests see it).
@@ -145,7 +199,7 @@ impl Postgres {
     fn psql(&self, db: &str) -> Command {
         let mut cmd = Command::new(bin("psql"));
         cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
-            .arg(self.dir.path())
+            .arg(&self.dir)
             .arg("-p")
             .arg(self.addr.port().to_string())
             .arg("-d")

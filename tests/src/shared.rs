@@ -15,11 +15,22 @@
 //! it when that thread's process goes ([`spawn_for_process`]), and its
 //! scratch directory is removed by the next test process that starts one.
 //!
-//! `sshd`, MariaDB and PostgreSQL stay one per test: an `sshd` starts in
-//! tens of milliseconds and its configuration (host key, authorized keys,
-//! forced commands, login shell) is what the tests vary; the database
-//! tests need their login accounts' `~/.my.cnf` and `~/.pgpass` to name
-//! their own server, so they take turns ([`turn`]).
+//! **Databases.** MariaDB and PostgreSQL are shared too, one of each per
+//! test process and loopback address ([`crate::mariadb::MariaDb::shared`],
+//! [`crate::postgres::Postgres::shared`]), but differently: the tests that
+//! use them log in as the same fixed accounts on the test "servers", whose
+//! `~/.my.cnf` and `~/.pgpass` name the server, so those tests take turns
+//! anyway ([`turn`]), and a test takes the shared server only under its
+//! turn, which it holds to its end. Taking it empties it: every database
+//! and account a test made is dropped, and the `backup` account is made
+//! again with its password and privileges. So a test sees what a new
+//! server has, and no other test uses the server meanwhile. A test that
+//! stops a server, or needs one nobody has used (the restore drill's new
+//! machine, the hostile-restore tests), starts one of its own.
+//!
+//! `sshd` stays one per test: it starts in tens of milliseconds, and its
+//! configuration (host key, authorized keys, forced commands, login shell)
+//! is what the tests vary.
 //!
 //! **Turns.** Tests that use one fixed resource of the machine (a login
 //! account's home directory on the test "servers") take turns through a
@@ -29,8 +40,8 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::OnceLock;
 use std::sync::mpsc::{Sender, channel};
+use std::sync::{Mutex, OnceLock};
 
 type Spawn = (Command, Sender<std::io::Result<Child>>);
 
@@ -77,6 +88,9 @@ pub(crate) fn spawn_for_process(cmd: Command) -> std::io::Result<Child> {
 pub(crate) fn shared_scratch(kind: &str) -> PathBuf {
     let base = std::env::temp_dir().join("offsite-test-shared");
     std::fs::create_dir_all(&base).expect("create the shared servers' scratch directory");
+    // Login users of the test servers reach a shared database's socket
+    // through it.
+    crate::set_mode(&base, 0o755);
     if let Ok(entries) = std::fs::read_dir(&base) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -90,6 +104,38 @@ pub(crate) fn shared_scratch(kind: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a shared server's scratch directory");
     dir
+}
+
+/// Servers of one kind that this process's tests share, one per address,
+/// each started on first use (see the module's docs).
+pub(crate) struct PerAddress<T: 'static>(Mutex<Vec<(String, &'static OnceLock<T>)>>);
+
+impl<T: Send + Sync> PerAddress<T> {
+    pub(crate) const fn new() -> Self {
+        PerAddress(Mutex::new(Vec::new()))
+    }
+
+    /// The server on `ip`, and whether it is new: `start` starts it on
+    /// first use. Servers on other addresses start side by side.
+    pub(crate) fn get(&self, ip: &str, start: impl FnOnce() -> T) -> (&'static T, bool) {
+        let cell = {
+            let mut servers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            match servers.iter().find(|(at, _)| at == ip) {
+                Some((_, cell)) => *cell,
+                None => {
+                    let cell: &'static OnceLock<T> = Box::leak(Box::default());
+                    servers.push((ip.to_string(), cell));
+                    cell
+                }
+            }
+        };
+        let mut new = false;
+        let server = cell.get_or_init(|| {
+            new = true;
+            start()
+        });
+        (server, new)
+    }
 }
 
 /// A tag no other space of this process has, for names on shared servers.

@@ -77,9 +77,9 @@ fn assert_same_tree_and_times(expected: &Path, actual: &Path) {
 
 #[test]
 fn the_storage_box_is_lost_and_the_readmes_commands_bring_everything_back() {
-    let _turn = offsite_testkit::shared::turn("mysql-accounts");
-    let db1 = crate::mysql::start("127.0.0.2", "offsite-srv1", true).join().unwrap();
-    crate::mysql::populate_sitedb(&db1.db);
+    let turn = offsite_testkit::shared::turn("mysql-accounts");
+    let db1 = crate::mysql::start(&turn, "127.0.0.2", "offsite-srv1", true);
+    crate::mysql::populate_sitedb(db1.db);
     let s3 = S3Space::shared();
     s3.create_bucket("backups");
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use offsite_testkit::mariadb::MariaDb;
+use offsite_testkit::shared::Turn;
 use offsite_testkit::sshd::Sshd;
 use offsite_testkit::{Ran, gunzip, offsite, run_script, script};
 
@@ -16,34 +17,38 @@ pub(crate) const SITEDB_TABLES: [&str; 4] = ["tbl_ccode", "tbl_machine", "tbl_se
 /// One simulated server: sshd and MariaDB on the same loopback address.
 pub(crate) struct Server {
     pub(crate) ssh: Sshd,
-    pub(crate) db: MariaDb,
+    pub(crate) db: &'static MariaDb,
 }
 
-pub(crate) fn start(ip: &'static str, user: &'static str, password_in_file: bool) -> std::thread::JoinHandle<Server> {
-    std::thread::spawn(move || {
-        let ssh = Sshd::start_as(ip, user);
-        let db = MariaDb::start(ip);
-        // Credentials where mysqldump looks by default: the login user's
-        // ~/.my.cnf, mode 0600.
-        db.write_defaults_file(&ssh.home().join(".my.cnf"), &ssh.user, password_in_file);
-        Server { ssh, db }
-    })
+/// The server on `ip`, logging in as `user`: its own sshd, and this test
+/// process's MariaDB on the address, emptied for this test (`turn` is the
+/// turn at the login accounts).
+pub(crate) fn start(turn: &Turn, ip: &'static str, user: &'static str, password_in_file: bool) -> Server {
+    let ssh = Sshd::start_as(ip, user);
+    let db = MariaDb::shared(ip, turn);
+    // Credentials where mysqldump looks by default: the login user's
+    // ~/.my.cnf, mode 0600.
+    db.write_defaults_file(&ssh.home().join(".my.cnf"), &ssh.user, password_in_file);
+    Server { ssh, db }
 }
 
 /// The two servers. They log in as the same two accounts in every test,
-/// whose `~/.my.cnf` names this test's MariaDB sockets, so the tests here
-/// take turns: the guard is held for the whole test.
-fn two_servers() -> (Server, Server, offsite_testkit::shared::Turn) {
+/// whose `~/.my.cnf` names the MariaDB sockets, and they share this
+/// process's MariaDB servers, so the tests here take turns: the guard is
+/// held for the whole test.
+fn two_servers() -> (Server, Server, Turn) {
     servers(true)
 }
 
-fn servers(password_in_file: bool) -> (Server, Server, offsite_testkit::shared::Turn) {
+fn servers(password_in_file: bool) -> (Server, Server, Turn) {
     let turn = offsite_testkit::shared::turn("mysql-accounts");
-    let (a, b) =
-        (start("127.0.0.2", "offsite-srv1", password_in_file), start("127.0.0.3", "offsite-srv2", password_in_file));
-    let (server1, server2) = (a.join().unwrap(), b.join().unwrap());
-    populate_sitedb(&server1.db);
-    populate_transdb(&server2.db);
+    let (server1, server2) = std::thread::scope(|s| {
+        let a = s.spawn(|| start(&turn, "127.0.0.2", "offsite-srv1", password_in_file));
+        let b = s.spawn(|| start(&turn, "127.0.0.3", "offsite-srv2", password_in_file));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    populate_sitedb(server1.db);
+    populate_transdb(server2.db);
     (server1, server2, turn)
 }
 

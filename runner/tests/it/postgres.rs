@@ -17,26 +17,28 @@ const ODD_DB: &str = "it's=odd";
 
 struct Server {
     ssh: Sshd,
-    db: Postgres,
+    db: &'static Postgres,
 }
 
-/// The two servers. Their login users' `~/.pgpass` and
-/// `~/.pg_service.conf` name this test's servers, so the tests here take
+/// The two servers: each its own sshd, and this test process's PostgreSQL
+/// on the address, emptied for this test. Their login users' `~/.pgpass`
+/// and `~/.pg_service.conf` name those servers, so the tests here take
 /// turns: the guard is held for the whole test.
 fn two_servers() -> (Server, Server, offsite_testkit::shared::Turn) {
     let turn = offsite_testkit::shared::turn("postgres-accounts");
     let start = |ip: &'static str, user: &'static str| {
-        std::thread::spawn(move || {
-            let ssh = Sshd::start_as(ip, user);
-            let db = Postgres::start(ip);
-            db.write_client_files(&ssh.home(), &ssh.user, "offsite", true);
-            Server { ssh, db }
-        })
+        let ssh = Sshd::start_as(ip, user);
+        let db = Postgres::shared(ip, &turn);
+        db.write_client_files(&ssh.home(), &ssh.user, "offsite", true);
+        Server { ssh, db }
     };
-    let (a, b) = (start("127.0.0.2", "offsite-pg1"), start("127.0.0.3", "offsite-pg2"));
-    let (server1, server2) = (a.join().unwrap(), b.join().unwrap());
-    populate_sitedb(&server1.db);
-    populate_transdb(&server2.db);
+    let (server1, server2) = std::thread::scope(|s| {
+        let a = s.spawn(|| start("127.0.0.2", "offsite-pg1"));
+        let b = s.spawn(|| start("127.0.0.3", "offsite-pg2"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    populate_sitedb(server1.db);
+    populate_transdb(server2.db);
     (server1, server2, turn)
 }
 
