@@ -10,7 +10,7 @@
 //! it ([`MariaDb::shared`]).
 
 use crate::set_mode;
-use crate::shared::{PerAddress, Turn};
+use crate::shared::{DbServer, PerAddress, Turn};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,9 +49,7 @@ impl MariaDb {
     /// own on `ip`: for a test that stops the server or needs one nobody
     /// else has used.
     pub fn start(ip: &str) -> MariaDb {
-        let dir = tempfile::tempdir().expect("scratch dir for mariadb");
-        let path = dir.path().to_path_buf();
-        MariaDb::launch(ip, path, Some(dir), |mut cmd| cmd.spawn())
+        crate::shared::own_server(ip)
     }
 
     /// This test process's server on `ip`, started on first use, emptied
@@ -62,58 +60,7 @@ impl MariaDb {
     /// until that turn ends. It lives as long as the process.
     pub fn shared(ip: &str, _turn: &Turn) -> &'static MariaDb {
         static SERVERS: PerAddress<MariaDb> = PerAddress::new();
-        let (db, new) = SERVERS.get(ip, || {
-            let dir = crate::shared::shared_scratch(&format!("mariadb-{ip}"));
-            MariaDb::launch(ip, dir, None, crate::shared::spawn_for_process)
-        });
-        if !new {
-            db.reset();
-        }
-        db
-    }
-
-    fn launch(
-        ip: &str,
-        d: PathBuf,
-        own: Option<tempfile::TempDir>,
-        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
-    ) -> MariaDb {
-        set_mode(&d, 0o755);
-        // Its own tmpdir: servers bootstrapping side by side in one shared
-        // /tmp trip over each other's temporary tables.
-        std::fs::create_dir(d.join("tmp")).unwrap();
-        let tmpdir = format!("--tmpdir={}", d.join("tmp").display());
-        let out = Command::new(find("mariadb-install-db"))
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", d.join("data").display()))
-            .args(["--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
-            .args(SMALL)
-            .arg(&tmpdir)
-            .output()
-            .expect("run mariadb-install-db");
-        assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let mut cmd = Command::new(find("mariadbd"));
-        cmd.arg("--no-defaults")
-            .arg(format!("--datadir={}", d.join("data").display()))
-            .arg(format!("--socket={}", d.join("mysql.sock").display()))
-            .arg(format!("--pid-file={}", d.join("mariadb.pid").display()))
-            .arg(format!("--log-error={}", d.join("error.log").display()))
-            .arg(format!("--bind-address={ip}"))
-            .arg(format!("--port={port}"))
-            .arg("--user=root")
-            .args(SMALL)
-            .arg(&tmpdir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = spawn(cmd).expect("start mariadbd");
-        let mut db = MariaDb { child, dir: d, _own: own, accounts: Vec::new(), addr };
-        db.wait_ready();
-        db.sql(BACKUP_ACCOUNT);
-        db.accounts = db.account_list();
-        db
+        crate::shared::shared_server(&SERVERS, ip)
     }
 
     /// Every account, as `'user'@'host'`.
@@ -122,25 +69,6 @@ impl MariaDb {
             .lines()
             .map(str::to_string)
             .collect()
-    }
-
-    /// Back to the state [`MariaDb::launch`] left: only the system
-    /// databases, the accounts it had, and `backup` as it was made.
-    fn reset(&self) {
-        let databases = self.sql(&format!(
-            "SELECT schema_name FROM information_schema.schemata WHERE schema_name NOT IN ({SYSTEM_DATABASES})"
-        ));
-        let mut sql: String =
-            databases.lines().map(|db| format!("DROP DATABASE `{}`;\n", db.replace('`', "``"))).collect();
-        for account in self.account_list() {
-            if !self.accounts.contains(&account) {
-                sql.push_str(&format!("DROP USER {account};\n"));
-            }
-        }
-        sql.push_str("DROP USER 'backup'@'localhost';\n");
-        sql.push_str(BACKUP_ACCOUNT);
-        self.sql(&sql);
-        assert_eq!(self.account_list(), self.accounts, "the shared MariaDB's accounts after a reset");
     }
 
     fn wait_ready(&mut self) {
@@ -241,6 +169,73 @@ impl MariaDb {
                 (t.to_string(), rows, sum)
             })
             .collect()
+    }
+}
+
+impl DbServer for MariaDb {
+    const KIND: &'static str = "mariadb";
+
+    fn launch(
+        ip: &str,
+        d: PathBuf,
+        own: Option<tempfile::TempDir>,
+        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
+    ) -> MariaDb {
+        set_mode(&d, 0o755);
+        // Its own tmpdir: servers bootstrapping side by side in one shared
+        // /tmp trip over each other's temporary tables.
+        std::fs::create_dir(d.join("tmp")).unwrap();
+        let tmpdir = format!("--tmpdir={}", d.join("tmp").display());
+        let out = Command::new(find("mariadb-install-db"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .args(["--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
+            .args(SMALL)
+            .arg(&tmpdir)
+            .output()
+            .expect("run mariadb-install-db");
+        assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let mut cmd = Command::new(find("mariadbd"));
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", d.join("mysql.sock").display()))
+            .arg(format!("--pid-file={}", d.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", d.join("error.log").display()))
+            .arg(format!("--bind-address={ip}"))
+            .arg(format!("--port={port}"))
+            .arg("--user=root")
+            .args(SMALL)
+            .arg(&tmpdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = spawn(cmd).expect("start mariadbd");
+        let mut db = MariaDb { child, dir: d, _own: own, accounts: Vec::new(), addr };
+        db.wait_ready();
+        db.sql(BACKUP_ACCOUNT);
+        db.accounts = db.account_list();
+        db
+    }
+
+    /// Back to the state `launch` left: only the system
+    /// databases, the accounts it had, and `backup` as it was made.
+    fn reset(&self) {
+        let databases = self.sql(&format!(
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name NOT IN ({SYSTEM_DATABASES})"
+        ));
+        let mut sql: String =
+            databases.lines().map(|db| format!("DROP DATABASE `{}`;\n", db.replace('`', "``"))).collect();
+        for account in self.account_list() {
+            if !self.accounts.contains(&account) {
+                sql.push_str(&format!("DROP USER {account};\n"));
+            }
+        }
+        sql.push_str("DROP USER 'backup'@'localhost';\n");
+        sql.push_str(BACKUP_ACCOUNT);
+        self.sql(&sql);
+        assert_eq!(self.account_list(), self.accounts, "the shared MariaDB's accounts after a reset");
     }
 }
 

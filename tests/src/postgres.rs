@@ -13,7 +13,7 @@
 //! the address, emptied for it ([`Postgres::shared`]).
 
 use crate::set_mode;
-use crate::shared::{PerAddress, Turn};
+use crate::shared::{DbServer, PerAddress, Turn};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,9 +37,7 @@ impl Postgres {
     /// `ip`: for a test that stops the server or needs one nobody else has
     /// used.
     pub fn start(ip: &str) -> Postgres {
-        let dir = tempfile::tempdir().expect("scratch dir for postgres");
-        let path = dir.path().to_path_buf();
-        Postgres::launch(ip, path, Some(dir), |mut cmd| cmd.spawn())
+        crate::shared::own_server(ip)
     }
 
     /// This test process's server on `ip`, started on first use, emptied
@@ -50,73 +48,7 @@ impl Postgres {
     /// until that turn ends. It lives as long as the process.
     pub fn shared(ip: &str, _turn: &Turn) -> &'static Postgres {
         static SERVERS: PerAddress<Postgres> = PerAddress::new();
-        let (db, new) = SERVERS.get(ip, || {
-            let dir = crate::shared::shared_scratch(&format!("postgres-{ip}"));
-            Postgres::launch(ip, dir, None, crate::shared::spawn_for_process)
-        });
-        if !new {
-            db.reset();
-        }
-        db
-    }
-
-    fn launch(
-        ip: &str,
-        d: PathBuf,
-        own: Option<tempfile::TempDir>,
-        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
-    ) -> Postgres {
-        let (uid, gid) = account("postgres");
-        chown(&d, uid, gid);
-        set_mode(&d, 0o700);
-        let out = Command::new(bin("initdb"))
-            .arg("-D")
-            .arg(d.join("data"))
-            .args(["--username=postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8"])
-            .args(["--locale=C", "--no-sync"])
-            .uid(uid)
-            .gid(gid)
-            .output()
-            .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let mut cmd = Command::new(bin("postgres"));
-        cmd.arg("-D")
-            .arg(d.join("data"))
-            .args(["-c", &format!("listen_addresses={ip}"), "-c", &format!("port={port}")])
-            .args(["-c", &format!("unix_socket_directories={}", d.display())])
-            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB", "-c", "max_connections=20"])
-            .args(["-c", "logging_collector=off", "-c", "log_destination=stderr"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("server.log")).unwrap())
-            .uid(uid)
-            .gid(gid);
-        let child = spawn(cmd).expect("start postgres");
-        let mut db = Postgres { child, dir: d, _own: own, addr };
-        db.wait_ready();
-        db.sql(BACKUP_ROLE);
-        db
-    }
-
-    /// Back to the state [`Postgres::launch`] left: only the databases
-    /// and roles `initdb` made, and `backup` as it was made.
-    fn reset(&self) {
-        let databases =
-            self.sql("SELECT datname FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')");
-        for db in databases.lines() {
-            self.sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", db.replace('"', "\"\"")));
-        }
-        let roles = self.sql("SELECT rolname FROM pg_roles WHERE rolname <> 'postgres' AND rolname NOT LIKE 'pg\\_%'");
-        for role in roles.lines() {
-            let role = role.replace('"', "\"\"");
-            self.sql(&format!("DROP OWNED BY \"{role}\";\nDROP ROLE \"{role}\";"));
-        }
-        self.sql(BACKUP_ROLE);
-        let left =
-            self.sql("SELECT count(*) FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')");
-        assert_eq!(left.trim(), "0", "the shared PostgreSQL's databases after a reset");
+        crate::shared::shared_server(&SERVERS, ip)
     }
 
     fn wait_ready(&mut self) {
@@ -235,6 +167,69 @@ impl Postgres {
                 (t.to_string(), rows.parse().unwrap(), sum.to_string())
             })
             .collect()
+    }
+}
+
+impl DbServer for Postgres {
+    const KIND: &'static str = "postgres";
+
+    fn launch(
+        ip: &str,
+        d: PathBuf,
+        own: Option<tempfile::TempDir>,
+        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
+    ) -> Postgres {
+        let (uid, gid) = account("postgres");
+        chown(&d, uid, gid);
+        set_mode(&d, 0o700);
+        let out = Command::new(bin("initdb"))
+            .arg("-D")
+            .arg(d.join("data"))
+            .args(["--username=postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8"])
+            .args(["--locale=C", "--no-sync"])
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let mut cmd = Command::new(bin("postgres"));
+        cmd.arg("-D")
+            .arg(d.join("data"))
+            .args(["-c", &format!("listen_addresses={ip}"), "-c", &format!("port={port}")])
+            .args(["-c", &format!("unix_socket_directories={}", d.display())])
+            .args(["-c", "fsync=off", "-c", "shared_buffers=16MB", "-c", "max_connections=20"])
+            .args(["-c", "logging_collector=off", "-c", "log_destination=stderr"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("server.log")).unwrap())
+            .uid(uid)
+            .gid(gid);
+        let child = spawn(cmd).expect("start postgres");
+        let mut db = Postgres { child, dir: d, _own: own, addr };
+        db.wait_ready();
+        db.sql(BACKUP_ROLE);
+        db
+    }
+
+    /// Back to the state `launch` left: only the databases
+    /// and roles `initdb` made, and `backup` as it was made.
+    fn reset(&self) {
+        let databases =
+            self.sql("SELECT datname FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')");
+        for db in databases.lines() {
+            self.sql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", db.replace('"', "\"\"")));
+        }
+        let roles = self.sql("SELECT rolname FROM pg_roles WHERE rolname <> 'postgres' AND rolname NOT LIKE 'pg\\_%'");
+        for role in roles.lines() {
+            let role = role.replace('"', "\"\"");
+            self.sql(&format!("DROP OWNED BY \"{role}\";\nDROP ROLE \"{role}\";"));
+        }
+        self.sql(BACKUP_ROLE);
+        let left =
+            self.sql("SELECT count(*) FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')");
+        assert_eq!(left.trim(), "0", "the shared PostgreSQL's databases after a reset");
     }
 }
 

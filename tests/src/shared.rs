@@ -138,6 +138,43 @@ impl<T: Send + Sync> PerAddress<T> {
     }
 }
 
+/// A database server the tests start on a loopback address: one of a
+/// test's own ([`own_server`]) or this process's shared one
+/// ([`shared_server`]; see the module's docs).
+pub(crate) trait DbServer: Sized + Send + Sync + 'static {
+    /// Names its scratch directories.
+    const KIND: &'static str;
+    /// Makes a data directory in `dir` (removed with `own`, if any) and
+    /// starts the server on `ip` through `spawn`.
+    fn launch(
+        ip: &str,
+        dir: PathBuf,
+        own: Option<tempfile::TempDir>,
+        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
+    ) -> Self;
+    /// Empties the server for the next test.
+    fn reset(&self);
+}
+
+/// A server of the caller's own on `ip`, gone with its scratch directory
+/// when dropped.
+pub(crate) fn own_server<T: DbServer>(ip: &str) -> T {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("a scratch directory for {}: {e}", T::KIND));
+    let path = dir.path().to_path_buf();
+    T::launch(ip, path, Some(dir), |mut cmd| cmd.spawn())
+}
+
+/// This process's server on `ip` among `servers`, started on first use and
+/// emptied for every later caller.
+pub(crate) fn shared_server<T: DbServer>(servers: &'static PerAddress<T>, ip: &str) -> &'static T {
+    let (server, new) =
+        servers.get(ip, || T::launch(ip, shared_scratch(&format!("{}-{ip}", T::KIND)), None, spawn_for_process));
+    if !new {
+        server.reset();
+    }
+    server
+}
+
 /// A tag no other space of this process has, for names on shared servers.
 pub(crate) fn unique_tag() -> String {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
