@@ -220,7 +220,7 @@ impl Runtime {
         // Runs that start together (a timer's and `offsite check`'s, or
         // `watch`'s sites sharing a script) compile it once: the others
         // wait for the entry and load it.
-        let compiling = CompileLock::take(dir, &file);
+        let compiling = CompileLock::take(dir, &file, COMPILE_LOCK_WAIT);
         if compiling.is_some()
             && let Ok(Some(entry)) = open_cache_entry(&file, sha256, self.verify_cache)
         {
@@ -454,9 +454,13 @@ fn cache_dir_is_safe(dir: &Path) -> bool {
 #[cfg(test)]
 static COMPILED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// The longest a run waits for another run's compile of the same script.
+const COMPILE_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 /// A hold on the compile of one cache entry (`NAME.lock` beside
 /// `NAME.cwasm`), released when dropped. Taking it waits for a run that
-/// holds it, which is compiling the same script for the same engine.
+/// holds it, which is compiling the same script for the same engine, for
+/// at most [`COMPILE_LOCK_WAIT`].
 struct CompileLock {
     file: std::fs::File,
     path: PathBuf,
@@ -478,9 +482,10 @@ impl Drop for CompileLock {
 }
 
 impl CompileLock {
-    /// `None` when the lock cannot be had (the run then compiles without
-    /// it: the entry is still written whole, only maybe twice).
-    fn take(dir: &Path, entry: &Path) -> Option<CompileLock> {
+    /// `None` when the lock cannot be had within `wait` (the
+    /// run then compiles without it: the entry is still written whole, only
+    /// maybe twice).
+    fn take(dir: &Path, entry: &Path, wait: Duration) -> Option<CompileLock> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).ok()?;
         let path = entry.with_extension("lock");
@@ -492,8 +497,19 @@ impl CompileLock {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .ok()?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).ok()?;
-        Some(CompileLock { file, path })
+        // Bounded: a run stuck while holding it (stopped, or compiling a
+        // huge script) must not stall every later run; past the bound this
+        // run compiles for itself, as without a lock.
+        let deadline = Instant::now() + wait;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Some(CompileLock { file, path }),
+                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return None,
+            }
+        }
     }
 }
 
@@ -847,6 +863,20 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["cwasm", "sum"], "the entry and its record, no lock left");
+    }
+
+    /// A run stuck holding the compile lock stalls others only up to the
+    /// bound; then they compile for themselves.
+    #[test]
+    fn a_held_compile_lock_is_waited_for_only_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("x.cwasm");
+        let held = CompileLock::take(dir.path(), &entry, Duration::ZERO).expect("a free lock");
+        let started = Instant::now();
+        assert!(CompileLock::take(dir.path(), &entry, Duration::from_millis(200)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(200) && started.elapsed() < Duration::from_secs(5));
+        drop(held);
+        assert!(CompileLock::take(dir.path(), &entry, Duration::ZERO).is_some(), "free again");
     }
 
     #[test]
