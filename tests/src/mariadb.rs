@@ -11,7 +11,7 @@
 
 use crate::set_mode;
 use crate::shared::{DbServer, PerAddress, Turn};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,7 +195,7 @@ impl DbServer for MariaDb {
             .output()
             .expect("run mariadb-install-db");
         assert!(out.status.success(), "mariadb-install-db failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let port = crate::shared::free_port(ip);
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         let mut cmd = Command::new(find("mariadbd"));
         cmd.arg("--no-defaults")

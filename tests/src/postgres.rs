@@ -14,7 +14,7 @@
 
 use crate::set_mode;
 use crate::shared::{DbServer, PerAddress, Turn};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -192,7 +192,7 @@ impl DbServer for Postgres {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let port = crate::shared::free_port(ip);
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         let mut cmd = Command::new(bin("postgres"));
         cmd.arg("-D")

@@ -10,7 +10,7 @@
 //! ([`Registry::shared`]); a test that stops the server or corrupts a blob
 //! starts its own ([`Registry::start`]).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -154,7 +154,7 @@ impl Server {
             Scratch::Temp(tempfile::tempdir().expect("scratch dir for the registry"))
         };
         let d = dir.path();
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let port = crate::shared::free_port(ip);
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         // A CA, and a server certificate for the address signed by it.
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];

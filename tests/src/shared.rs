@@ -175,6 +175,12 @@ pub(crate) fn shared_server<T: DbServer>(servers: &'static PerAddress<T>, ip: &s
     server
 }
 
+/// A port on `ip` that nothing listens on now, for a server to take.
+pub(crate) fn free_port(ip: &str) -> u16 {
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}"));
+    listener.local_addr().unwrap().port()
+}
+
 /// A tag no other space of this process has, for names on shared servers.
 pub(crate) fn unique_tag() -> String {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);

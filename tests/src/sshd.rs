@@ -8,7 +8,7 @@
 //! address it is given (127.0.0.2, 127.0.0.3, ...), so tests run in parallel.
 
 use crate::set_mode;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,7 +69,7 @@ impl Sshd {
         let mut tries = 0;
         let (child, addr, port) = loop {
             // A namespace of its own has every port free.
-            let port = if netns.is_some() { 22 } else { free_port(ip) };
+            let port = if netns.is_some() { 22 } else { crate::shared::free_port(ip) };
             let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
             let config = format!(
                 "ListenAddress {addr}\n\
@@ -265,11 +265,6 @@ fn wait_ready(child: &mut Child, addr: SocketAddr, log: &Path) -> Result<(), Str
     let _ = child.kill();
     let _ = child.wait();
     Err(format!("sshd did not listen on {addr} within 15 s:\n{}", read_log()))
-}
-
-fn free_port(ip: &str) -> u16 {
-    let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}"));
-    listener.local_addr().unwrap().port()
 }
 
 /// Direct children of `pid`, from /proc.
